@@ -1,0 +1,54 @@
+"""Windows in, timeline events out: speech check, batched model call, smoothing, sinks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .stream import Window, speech_activity
+from .timeline import Smoother, Timeline, make_event
+
+
+@dataclass(frozen=True)
+class AnalyzerConfig:
+    """How windows become events."""
+
+    smooth: float = 1.0           # EMA weight of the newest window (1 = no smoothing)
+    silence_db: float = -50.0     # windows with < 0.1 s above this level are silence (not classified)
+    max_batch: int = 32
+
+
+class Analyzer:
+    """Classifies windows of one stream in batches and fans events out to sinks."""
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], stream: str, channels: tuple[str, ...],
+                 config: AnalyzerConfig = AnalyzerConfig(), hop_seconds: float = 1.0,
+                 sinks: Iterable[Callable[[dict], None]] = ()):
+        self.predict = predict
+        self.stream = stream
+        self.config = config
+        self.smoother = Smoother(config.smooth)
+        self.timeline = Timeline(stream, tuple(channels), hop_seconds)
+        self.sinks = list(sinks)
+
+    def process(self, windows: list[Window]) -> list[dict]:
+        """Classify ``windows`` (any channels, in time order) and emit one event each."""
+        if not windows:
+            return []
+        speech = [speech_activity(w.samples[: w.end - w.start], self.config.silence_db) for w in windows]
+        probs: dict[int, np.ndarray] = {}
+        idx = [i for i, s in enumerate(speech) if s]
+        for b in range(0, len(idx), self.config.max_batch):
+            chunk = idx[b:b + self.config.max_batch]
+            out = self.predict(np.stack([windows[i].samples for i in chunk]))
+            probs.update(zip(chunk, out))
+        events = []
+        for i, w in enumerate(windows):
+            p = self.smoother(w.channel, probs.get(i))
+            event = make_event(self.stream, w.channel, w.t_start, w.t_end, p)
+            self.timeline.add(event)
+            for sink in self.sinks:
+                sink(event)
+            events.append(event)
+        return events

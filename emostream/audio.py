@@ -1,0 +1,150 @@
+"""Audio constants, file reading, resampling and telephony codecs.
+
+Everything downstream works on float32 samples in [-1, 1] at ``SAMPLE_RATE``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+WINDOW_SECONDS = 6
+WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
+TELEPHONE_RATE = 8000
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+class AudioError(ValueError):
+    """Raised for audio that cannot be read or used (one-line message)."""
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read an audio file keeping its channels.
+
+    Returns ``(samples, sample_rate)`` with samples float32 shaped ``(channels, frames)``.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"no such file: {path}")
+    if path.is_dir():
+        raise AudioError(f"is a directory, not an audio file: {path}")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises several types; all mean unreadable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AudioError(f"cannot read audio from {path}: {first}") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file is empty: {path}")
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample along the last axis with torchaudio's band-limited sinc interpolation."""
+    if orig_rate == new_rate:
+        return np.asarray(samples, dtype=np.float32)
+    import torch
+    import torchaudio.functional as AF
+
+    tensor = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    return AF.resample(tensor, orig_rate, new_rate).numpy()
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read a file, resample to ``sample_rate``; float32 ``(channels, frames)``."""
+    samples, rate = read_audio(path)
+    return resample(samples, rate, sample_rate)
+
+
+def load_mono(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read a file as mono (channel mean), resampled; float32 ``(frames,)``."""
+    return load_audio(path, sample_rate).mean(axis=0)
+
+
+# --- sample formats -------------------------------------------------------------------------
+
+def int16_to_float32(pcm: np.ndarray | bytes) -> np.ndarray:
+    """int16 PCM (array or little-endian bytes) to float32 in [-1, 1)."""
+    if isinstance(pcm, (bytes, bytearray, memoryview)):
+        pcm = np.frombuffer(pcm, dtype="<i2")
+    return pcm.astype(np.float32) / 32768.0
+
+
+def float32_to_int16(samples: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] to int16 with clipping and rounding."""
+    return np.clip(np.round(np.asarray(samples) * 32768.0), -32768, 32767).astype(np.int16)
+
+
+# --- G.711 μ-law and A-law (ITU-T G.711 decoding tables, built once with numpy) --------------
+
+def _mulaw_table() -> np.ndarray:
+    codes = ~np.arange(256, dtype=np.int32) & 0xFF
+    sign = codes & 0x80
+    exponent = (codes >> 4) & 0x07
+    mantissa = codes & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return np.where(sign != 0, -magnitude, magnitude).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    codes = np.arange(256, dtype=np.int32) ^ 0x55
+    sign = codes & 0x80
+    exponent = (codes >> 4) & 0x07
+    mantissa = codes & 0x0F
+    magnitude = np.where(
+        exponent == 0,
+        (mantissa << 4) + 8,
+        ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0),
+    )
+    return np.where(sign != 0, magnitude, -magnitude).astype(np.int16)
+
+
+MULAW_TO_INT16 = _mulaw_table()
+ALAW_TO_INT16 = _alaw_table()
+
+
+def _codes(data: bytes | np.ndarray) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        return data.astype(np.uint8, copy=False)
+    return np.frombuffer(bytes(data), dtype=np.uint8)
+
+
+def mulaw_decode(data: bytes | np.ndarray) -> np.ndarray:
+    """G.711 μ-law bytes to int16 PCM."""
+    return MULAW_TO_INT16[_codes(data)]
+
+
+def alaw_decode(data: bytes | np.ndarray) -> np.ndarray:
+    """G.711 A-law bytes to int16 PCM."""
+    return ALAW_TO_INT16[_codes(data)]
+
+
+def mulaw_encode(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM to G.711 μ-law codes (uint8): nearest code by the decoding table."""
+    order = np.argsort(MULAW_TO_INT16, kind="stable")
+    return _nearest_code(np.asarray(pcm, dtype=np.int16), MULAW_TO_INT16, order)
+
+
+def alaw_encode(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM to G.711 A-law codes (uint8): nearest code by the decoding table."""
+    order = np.argsort(ALAW_TO_INT16, kind="stable")
+    return _nearest_code(np.asarray(pcm, dtype=np.int16), ALAW_TO_INT16, order)
+
+
+def _nearest_code(pcm: np.ndarray, table: np.ndarray, order: np.ndarray) -> np.ndarray:
+    values = table[order].astype(np.int32)
+    x = pcm.astype(np.int32)
+    idx = np.clip(np.searchsorted(values, x), 1, len(values) - 1)
+    left, right = values[idx - 1], values[idx]
+    idx = np.where(np.abs(x - left) <= np.abs(right - x), idx - 1, idx)
+    return order[idx].astype(np.uint8)
+
+
+def telephone_channel(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Simulate a narrowband phone line: resample to 8 kHz, μ-law round trip, back to ``sample_rate``."""
+    narrow = resample(samples, sample_rate, TELEPHONE_RATE)
+    coded = mulaw_decode(mulaw_encode(float32_to_int16(narrow)))
+    return resample(int16_to_float32(coded), TELEPHONE_RATE, sample_rate)

@@ -1,0 +1,192 @@
+"""ResNet50 emotion classifier: mel front end + timm backbone, checkpoint I/O and batched predict."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
+from .features import FeatureConfig, MelFrontEnd
+
+CLASSES = ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
+NUM_CLASSES = len(CLASSES)
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "emostream-resnet50"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not match this code."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone choice; the recipe's ``architecture`` section."""
+
+    backbone: str = "resnet50"
+    dropout: float = 0.0
+    pool: str = "avg"
+    temperature: float = 1.0  # softmax temperature from calibration (1.0 = none)
+
+
+class EmotionNet(nn.Module):
+    """Waveform windows ``(batch, samples)`` → class logits ``(batch, 7)``."""
+
+    def __init__(self, model_config: ModelConfig = ModelConfig(), feature_config: FeatureConfig = FeatureConfig()):
+        super().__init__()
+        import timm
+
+        self.model_config = model_config
+        self.feature_config = feature_config
+        self.frontend = MelFrontEnd(feature_config)
+        self.backbone = timm.create_model(
+            model_config.backbone,
+            pretrained=False,
+            in_chans=1,
+            num_classes=NUM_CLASSES,
+            global_pool=model_config.pool,
+            drop_rate=model_config.dropout,
+        )
+
+    def forward(self, waveform: torch.Tensor, spec_augment=None) -> torch.Tensor:
+        """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch."""
+        spec = self.frontend(waveform)
+        if spec_augment is not None:
+            spec = spec_augment(spec)
+        if spec.device.type == "cpu":
+            spec = spec.contiguous(memory_format=torch.channels_last)
+        return self.backbone(spec).float()
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """``cuda`` when present, otherwise ``cpu``; ``requested`` overrides."""
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CPU, fp16 on CUDA; a no-op context when disabled."""
+    if not enabled:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def load_pretrained_backbone(model: EmotionNet, path: str | Path) -> list[str]:
+    """Load a local timm-format ResNet state_dict: conv1 summed to one channel, head dropped."""
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if "conv1.weight" in state and state["conv1.weight"].shape[1] != 1:
+        state["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        raise CheckpointError(f"pretrained weights do not fit {model.model_config.backbone}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return missing
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def save_checkpoint(model: EmotionNet, directory: str | Path, metadata: dict[str, Any] | None = None,
+                    half: bool = True) -> Path:
+    """Write ``model.safetensors`` (fp16 by default) and ``model.json`` metadata into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("frontend."):
+            continue  # the mel filterbank is derived from the config, never stored
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value.contiguous()
+    save_file(state, str(directory / WEIGHTS_FILE))
+    meta = {
+        "format": "emostream-checkpoint/1",
+        "classes": list(CLASSES),
+        "audio": {"sample_rate": SAMPLE_RATE, "window_seconds": WINDOW_SECONDS},
+        "features": model.feature_config.to_dict(),
+        "model": model.model_config.__dict__,
+        "code_version": __version__,
+    }
+    meta.update(metadata or {})
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: torch.device | str | None = None) -> EmotionNet:
+    """Load a checkpoint directory written by :func:`save_checkpoint` (weights in fp32)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
+    if not weights.exists() or not meta_path.exists():
+        raise CheckpointError(f"no checkpoint at {directory} (expected {WEIGHTS_FILE} and {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint metadata {meta_path} is not JSON: {exc}") from None
+    if tuple(meta.get("classes", ())) != CLASSES:
+        raise CheckpointError(f"checkpoint classes {meta.get('classes')} differ from {list(CLASSES)}")
+    if meta.get("audio", {}).get("sample_rate") != SAMPLE_RATE:
+        raise CheckpointError("checkpoint sample rate differs from 16 kHz")
+    features = FeatureConfig(**meta["features"])
+    model_cfg = ModelConfig(**meta["model"])
+    model = EmotionNet(model_cfg, features)
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("frontend.")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.metadata = meta
+    model.eval()
+    return model.to(select_device(device) if not isinstance(device, torch.device) else device)
+
+
+@dataclass
+class Predictor:
+    """One batched entry point used by every source: windows in, class probabilities out."""
+
+    model: EmotionNet
+    device: torch.device = field(default_factory=select_device)
+    mixed_precision: bool = True
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path = DEFAULT_CHECKPOINT, device: str | None = None,
+                        mixed_precision: bool = True) -> "Predictor":
+        dev = select_device(device)
+        model = load_checkpoint(directory, dev)
+        if dev.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model=model, device=dev, mixed_precision=mixed_precision)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.model.model_config.temperature)
+
+    @torch.inference_mode()
+    def logits(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, 7)`` for float32 windows ``(batch, samples)``."""
+        x = torch.as_tensor(np.asarray(windows, dtype=np.float32) if not torch.is_tensor(windows) else windows)
+        if x.ndim == 1:
+            x = x[None]
+        x = x.to(self.device, non_blocking=True)
+        with autocast_for(self.device, self.mixed_precision):
+            return self.model(x).float()
+
+    def predict(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Class probabilities ``(batch, 7)`` (softmax of calibrated logits), rows sum to 1."""
+        logits = self.logits(windows)
+        return torch.softmax(logits / self.temperature, dim=-1).cpu().numpy()

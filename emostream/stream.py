@@ -1,0 +1,231 @@
+"""Per-channel ring buffers and the sliding 6 s window schedule.
+
+Time is samples: every channel keeps an absolute sample counter, and window times are derived from
+it, never from the wall clock, so replay, live and batch give the same windows for the same audio.
+
+Schedule (``hop`` and ``min_seconds`` from :class:`StreamConfig`): a window ends at every multiple
+of the hop, ``t = k * hop``, and covers ``[max(0, t - 6 s), t)``. No window is emitted before
+``min_seconds`` of audio has arrived; a window shorter than 6 s (the first seconds of a stream) is
+zero-padded at the end, as the recipe pads short clips. At end of stream, :meth:`flush` emits one
+final window ending at the last sample if any audio arrived after the last window's end (or if the
+stream was shorter than ``min_seconds``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Window schedule of a stream."""
+
+    hop_seconds: float = 1.0
+    min_seconds: float = 1.0
+    sample_rate: int = SAMPLE_RATE
+    window_seconds: float = WINDOW_SECONDS
+
+    def __post_init__(self):
+        if not self.hop_seconds > 0:
+            raise ValueError(f"hop must be > 0 seconds, got {self.hop_seconds}")
+        if not 0 < self.min_seconds <= self.window_seconds:
+            raise ValueError(f"min-seconds must be in (0, {self.window_seconds}], got {self.min_seconds}")
+        if round(self.hop_seconds * self.sample_rate) < 1:
+            raise ValueError(f"hop {self.hop_seconds} s is shorter than one sample")
+
+    @property
+    def hop_samples(self) -> int:
+        return int(round(self.hop_seconds * self.sample_rate))
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_seconds * self.sample_rate))
+
+    @property
+    def min_samples(self) -> int:
+        return int(round(self.min_seconds * self.sample_rate))
+
+
+class RingBuffer:
+    """Fixed-capacity float32 ring with an absolute sample clock.
+
+    ``append`` copies each chunk in at most two slices (O(chunk), O(1) per call otherwise);
+    ``read(start, end)`` returns absolute samples ``[start, end)`` still held.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self._data = np.zeros(capacity, dtype=np.float32)
+        self.total = 0  # absolute number of samples ever appended
+
+    def append(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        n = len(samples)
+        if n == 0:
+            return
+        if n >= self.capacity:  # only the newest `capacity` samples can be kept
+            self.total += n - self.capacity
+            samples, n = samples[-self.capacity:], self.capacity
+        pos = self.total % self.capacity
+        first = min(n, self.capacity - pos)
+        self._data[pos:pos + first] = samples[:first]
+        if first < n:
+            self._data[: n - first] = samples[first:]
+        self.total += n
+
+    @property
+    def oldest(self) -> int:
+        """Absolute index of the oldest sample still held."""
+        return max(0, self.total - self.capacity)
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Copy of absolute samples ``[start, end)``."""
+        if start < self.oldest or end > self.total or start > end:
+            raise IndexError(f"samples [{start}, {end}) not held (held [{self.oldest}, {self.total}))")
+        n = end - start
+        pos = start % self.capacity
+        first = min(n, self.capacity - pos)
+        out = np.empty(n, dtype=np.float32)
+        out[:first] = self._data[pos:pos + first]
+        if first < n:
+            out[first:] = self._data[: n - first]
+        return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """One analysis window of one channel: absolute sample range and its padded samples."""
+
+    channel: str
+    start: int
+    end: int
+    samples: np.ndarray  # float32, exactly the model's window length (zero-padded at the end)
+    final: bool = False
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def t_start(self) -> float:
+        return self.start / self.sample_rate
+
+    @property
+    def t_end(self) -> float:
+        return self.end / self.sample_rate
+
+
+class ChannelWindower:
+    """Ring buffer + window schedule for one channel."""
+
+    def __init__(self, channel: str, config: StreamConfig = StreamConfig()):
+        self.channel = channel
+        self.config = config
+        self.buffer = RingBuffer(config.window_samples + config.hop_samples + config.sample_rate)
+        self.next_end = max(config.hop_samples, _ceil_to(config.min_samples, config.hop_samples))
+        self.last_end = 0
+
+    @property
+    def samples_seen(self) -> int:
+        return self.buffer.total
+
+    def _window(self, end: int, final: bool) -> Window:
+        start = max(0, end - self.config.window_samples)
+        out = np.zeros(self.config.window_samples, dtype=np.float32)
+        piece = self.buffer.read(start, end)
+        out[: len(piece)] = piece
+        self.last_end = end
+        return Window(self.channel, start, end, out, final, self.config.sample_rate)
+
+    def push(self, samples: np.ndarray) -> list[Window]:
+        """Append samples; return every window that became complete."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        windows = []
+        # Feed in pieces so no window's samples are overwritten before it is cut.
+        step = self.config.hop_samples
+        pos = 0
+        while pos < len(samples):
+            take = min(len(samples) - pos, max(1, self.next_end - self.buffer.total))
+            self.buffer.append(samples[pos:pos + take])
+            pos += take
+            while self.buffer.total >= self.next_end:
+                windows.append(self._window(self.next_end, final=False))
+                self.next_end += step
+        return windows
+
+    def flush(self) -> list[Window]:
+        """End of stream: the final partial window, if audio arrived after the last window."""
+        total = self.buffer.total
+        if total == 0 or total == self.last_end:
+            return []
+        return [self._window(total, final=True)]
+
+
+class StreamWindower:
+    """All channels of one stream (a call): ``(channel, samples)`` in, windows out."""
+
+    def __init__(self, stream: str, channels: tuple[str, ...] | list[str], config: StreamConfig = StreamConfig()):
+        if len(set(channels)) != len(channels) or not channels:
+            raise ValueError(f"channel names must be unique and non-empty: {list(channels)}")
+        self.stream = stream
+        self.config = config
+        self.channels = tuple(channels)
+        self.windowers = {name: ChannelWindower(name, config) for name in self.channels}
+
+    def push(self, channel: str | int, samples: np.ndarray) -> list[Window]:
+        """Samples for one channel (by name or index)."""
+        name = self.channels[channel] if isinstance(channel, int) else channel
+        return self.windowers[name].push(samples)
+
+    def push_frames(self, frames: np.ndarray) -> list[Window]:
+        """Multi-channel samples shaped ``(channels, n)`` (or ``(n,)`` for mono)."""
+        frames = np.atleast_2d(frames)
+        if frames.shape[0] != len(self.channels):
+            raise ValueError(f"got {frames.shape[0]} channels, stream has {len(self.channels)}")
+        out = []
+        for name, samples in zip(self.channels, frames):
+            out += self.windowers[name].push(samples)
+        return sorted(out, key=lambda w: (w.end, self.channels.index(w.channel)))
+
+    def flush(self) -> list[Window]:
+        out = []
+        for name in self.channels:
+            out += self.windowers[name].flush()
+        return out
+
+    @property
+    def seconds(self) -> float:
+        """Audio time received (the longest channel)."""
+        return max(w.samples_seen for w in self.windowers.values()) / self.config.sample_rate
+
+
+def fixed_chunks(samples: np.ndarray, max_seconds: float = 600.0, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The recipe's fixed-chunk inference: consecutive 6 s chunks ``(n, WINDOW_SAMPLES)``, the last
+    one zero-padded; at most ``max_seconds`` of audio."""
+    x = np.asarray(samples, dtype=np.float32)[: int(max_seconds * sample_rate)]
+    n = max(1, -(-len(x) // WINDOW_SAMPLES))
+    out = np.zeros((n, WINDOW_SAMPLES), dtype=np.float32)
+    for k in range(n):
+        piece = x[k * WINDOW_SAMPLES:(k + 1) * WINDOW_SAMPLES]
+        out[k, : len(piece)] = piece
+    return out
+
+
+def _ceil_to(x: int, step: int) -> int:
+    return -(-x // step) * step
+
+
+def speech_activity(samples: np.ndarray, threshold_db: float = -50.0, frame: int = 512,
+                    min_active_seconds: float = 0.1, sample_rate: int = SAMPLE_RATE) -> bool:
+    """Energy check: at least ``min_active_seconds`` of 32 ms frames above ``threshold_db`` dBFS.
+
+    This only separates near-silence (line hiss, pauses) from sound; it is not a voice detector.
+    """
+    n = len(samples) // frame
+    if n == 0:
+        return False
+    frames = np.asarray(samples[: n * frame], dtype=np.float32).reshape(n, frame)
+    rms_db = 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-12)
+    return bool((rms_db > threshold_db).sum() * frame >= min_active_seconds * sample_rate)

@@ -1,0 +1,157 @@
+"""Emotion events, per-channel timelines, smoothing, JSON lines output and call summaries."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable
+
+import numpy as np
+
+CLASSES = ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
+
+
+def make_event(stream: str, channel: str, t_start: float, t_end: float,
+               probabilities: np.ndarray | None) -> dict:
+    """One timeline event (the stable shape of DESIGN.md). ``None`` probabilities = no speech."""
+    event = {"stream": stream, "channel": channel, "t_start": round(float(t_start), 6),
+             "t_end": round(float(t_end), 6), "speech": probabilities is not None}
+    if probabilities is None:
+        event.update(label=None, confidence=None, probabilities=None)
+    else:
+        p = np.asarray(probabilities, dtype=np.float64)
+        k = int(p.argmax())
+        event.update(label=CLASSES[k], confidence=round(float(p[k]), 4),
+                     probabilities={c: round(float(v), 4) for c, v in zip(CLASSES, p)})
+    return event
+
+
+class Smoother:
+    """Exponential moving average of probabilities per channel (``alpha`` = weight of the new window).
+
+    ``alpha = 1`` disables smoothing. Silence windows pass through and do not reset the average.
+    """
+
+    def __init__(self, alpha: float = 1.0):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"smoothing alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._state: dict[str, np.ndarray] = {}
+
+    def __call__(self, channel: str, probabilities: np.ndarray | None) -> np.ndarray | None:
+        if probabilities is None or self.alpha == 1:
+            return probabilities
+        prev = self._state.get(channel)
+        cur = np.asarray(probabilities, dtype=np.float64)
+        new = cur if prev is None else self.alpha * cur + (1 - self.alpha) * prev
+        self._state[channel] = new
+        return new
+
+
+@dataclass
+class Timeline:
+    """All events of one stream, per channel, and the end-of-stream summary."""
+
+    stream: str
+    channels: tuple[str, ...]
+    hop_seconds: float = 1.0
+    events: dict[str, list[dict]] = field(default_factory=dict)
+
+    def add(self, event: dict) -> None:
+        self.events.setdefault(event["channel"], []).append(event)
+
+    def summary(self, peaks: int = 3) -> dict:
+        """Per channel: windows, speech time, share of speech time per emotion, dominant emotion and
+        the most confident non-neutral moments. Each window stands for the ``hop`` of new audio it
+        adds (its last hop), so shares add up to speech time without double counting overlaps."""
+        channels = {}
+        duration = 0.0
+        for name in self.channels:
+            evs = self.events.get(name, [])
+            duration = max(duration, max((e["t_end"] for e in evs), default=0.0))
+            time_by_label = dict.fromkeys(CLASSES, 0.0)
+            speech_seconds, prev_end = 0.0, 0.0
+            for e in evs:
+                new = max(0.0, e["t_end"] - max(prev_end, e["t_start"]))
+                prev_end = e["t_end"]
+                if e["speech"]:
+                    speech_seconds += new
+                    time_by_label[e["label"]] += new
+            shares = {c: (round(t / speech_seconds, 4) if speech_seconds else 0.0) for c, t in time_by_label.items()}
+            ranked = sorted((e for e in evs if e["speech"] and e["label"] != "Neutral"),
+                            key=lambda e: e["confidence"], reverse=True)[:peaks]
+            channels[name] = {
+                "windows": len(evs),
+                "speech_windows": sum(1 for e in evs if e["speech"]),
+                "speech_seconds": round(speech_seconds, 3),
+                "shares": shares,
+                "dominant": max(shares, key=shares.get) if speech_seconds else None,
+                "peaks": [{k: e[k] for k in ("label", "confidence", "t_start", "t_end")} for e in ranked],
+            }
+        return {"type": "summary", "stream": self.stream, "duration": round(duration, 3), "channels": channels}
+
+
+class JsonlWriter:
+    """Writes one JSON object per line and flushes after each, so nothing is lost on a crash."""
+
+    def __init__(self, target: str | Path | IO[str]):
+        if isinstance(target, (str, Path)):
+            path = Path(target)
+            if path.parent and not path.parent.exists():
+                raise FileNotFoundError(f"directory for events does not exist: {path.parent}")
+            self._file: IO[str] = open(path, "w", encoding="utf-8")
+            self._owned = True
+        else:
+            self._file, self._owned = target, False
+
+    def write(self, obj: dict) -> None:
+        self._file.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """Events of a JSONL timeline (summary lines skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            if obj.get("type", "event") == "event" or "t_start" in obj:
+                out.append(obj)
+    return out
+
+
+def agreement(events: Iterable[dict], segments: list[dict]) -> dict:
+    """Agreement of window labels with ground-truth segments, over speech time.
+
+    Each classified window is compared with the ground truth it covers: of the speech time inside
+    ``[t_start, t_end)``, the share whose segment label equals the window's label counts as agreeing.
+    Windows weigh by their speech time; returns agreement and scored seconds per channel and overall.
+    """
+    per_channel: dict[str, list[float]] = {}
+    for e in events:
+        if not e.get("speech") or e.get("label") is None:
+            continue
+        acc = per_channel.setdefault(e["channel"], [0.0, 0.0])
+        for s in segments:
+            if s["channel"] != e["channel"]:
+                continue
+            overlap = min(e["t_end"], float(s["t_end"])) - max(e["t_start"], float(s["t_start"]))
+            if overlap > 0:
+                acc[1] += overlap
+                if s["label"] == e["label"]:
+                    acc[0] += overlap
+    out = {ch: {"agreement": (a / t if t else float("nan")), "seconds": round(t, 3)} for ch, (a, t) in per_channel.items()}
+    total_a = sum(a for a, _ in per_channel.values())
+    total_t = sum(t for _, t in per_channel.values())
+    out["overall"] = {"agreement": total_a / total_t if total_t else float("nan"), "seconds": round(total_t, 3)}
+    return out

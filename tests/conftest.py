@@ -1,0 +1,59 @@
+"""Shared fixtures: paths, the shipped checkpoint, small generated audio."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data" / "emotion-speech"
+EXAMPLES = ROOT / "examples"
+
+
+def speechlike(seconds: float, sr: int = 16000, f0: float = 150.0, seed: int = 0) -> np.ndarray:
+    """A voiced, amplitude-modulated harmonic signal: cheap stand-in for speech in tests."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    pitch = f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / sr
+    x = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t))
+    return (0.1 * x * envelope + 0.002 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint() -> Path:
+    from emostream.model import DEFAULT_CHECKPOINT
+
+    if not (DEFAULT_CHECKPOINT / "model.safetensors").exists():
+        pytest.skip(f"no shipped checkpoint at {DEFAULT_CHECKPOINT}")
+    return DEFAULT_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def predictor(shipped_checkpoint):
+    from emostream.model import Predictor
+
+    return Predictor.from_checkpoint(shipped_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def wav_file(tmp_path) -> Path:
+    path = tmp_path / "speech.wav"
+    sf.write(path, speechlike(8.5), 16000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+def stereo_file(tmp_path) -> Path:
+    path = tmp_path / "stereo.flac"
+    left, right = speechlike(7.3, seed=1), speechlike(7.3, f0=220, seed=2)
+    sf.write(path, np.stack([left, right], axis=1), 16000)
+    return path
+
+
+def requires_shared():
+    return pytest.mark.skipif(not (SHARED_DATA / "manifest.csv").exists(),
+                              reason=f"shared data not found at {SHARED_DATA}")

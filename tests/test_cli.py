@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from emostream.cli import main
+from emostream.model import CLASSES
+from emostream.timeline import read_events
+
+from .conftest import ROOT, speechlike
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emostream", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_classify_json_shape(shipped_checkpoint, wav_file, stereo_file, capsys):
+    assert main(["classify", str(wav_file), str(stereo_file), "--json", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, path in zip(lines, (wav_file, stereo_file)):
+        rec = json.loads(line)
+        assert rec["path"] == str(path)
+        assert rec["label"] in CLASSES
+        assert list(rec["probabilities"]) == list(CLASSES)
+        assert abs(sum(rec["probabilities"].values()) - 1) < 1e-3
+        assert rec["label"] == max(rec["probabilities"], key=rec["probabilities"].get)
+
+
+def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):
+    assert main(["classify", str(wav_file)]) == 0
+    path, label, conf = capsys.readouterr().out.strip().split("\t")
+    assert path == str(wav_file) and label in CLASSES and 0 < float(conf) <= 1
+
+
+def test_replay_events_stereo(shipped_checkpoint, stereo_file, tmp_path, capsys):
+    out = tmp_path / "e.jsonl"
+    rc = main(["replay", str(stereo_file), "--fast", "--no-dashboard", "--events", str(out),
+               "--channel-names", "agent,customer", "--stream", "call-1"])
+    assert rc == 0
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    events, summary = lines[:-1], lines[-1]
+    assert summary["type"] == "summary" and set(summary["channels"]) == {"agent", "customer"}
+    # 7.3 s of audio, hop 1 s: windows end at 1..7 s plus a final one at 7.3 s, per channel
+    for ch in ("agent", "customer"):
+        evs = [e for e in events if e["channel"] == ch]
+        assert [e["t_end"] for e in evs] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.3]
+        assert [e["t_start"] for e in evs] == [0.0] * 6 + [1.0, 1.3]
+        assert all(e["stream"] == "call-1" and e["speech"] and e["label"] in CLASSES for e in evs)
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 16
+
+
+def test_replay_half_second_hop_and_realtime_pacing(shipped_checkpoint, tmp_path):
+    path = tmp_path / "short.wav"
+    sf.write(path, speechlike(2.0), 16000)
+    out = tmp_path / "e.jsonl"
+    import time
+    t0 = time.monotonic()
+    assert main(["replay", str(path), "--speed", "2", "--hop", "0.5", "--no-dashboard", "--events", str(out)]) == 0
+    assert time.monotonic() - t0 >= 0.9  # 2 s of audio at double speed
+    assert [e["t_end"] for e in read_events(out)] == [1.0, 1.5, 2.0]
+
+
+def test_replay_silence_is_not_classified(shipped_checkpoint, tmp_path):
+    path = tmp_path / "gap.wav"
+    x = np.concatenate([speechlike(2.0), np.full(9 * 16000, 1e-4, np.float32)])
+    sf.write(path, x, 16000)
+    out = tmp_path / "e.jsonl"
+    assert main(["replay", str(path), "--fast", "--no-dashboard", "--events", str(out)]) == 0
+    events = read_events(out)
+    assert events[0]["speech"] and not events[-1]["speech"] and events[-1]["label"] is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["replay", "missing.wav"], "no such file"),
+    (["replay", "examples"], "directory"),
+    (["replay", "{bad}", "--hop", "0"], "must be > 0"),
+    (["replay", "{bad}", "--hop", "abc"], "not a number"),
+    (["replay", "{wav}", "--smooth", "2"], "--smooth"),
+    (["replay", "{wav}", "--min-seconds", "7"], "min-seconds"),
+    (["replay", "{wav}", "--channel-names", "a,b"], "--channel-names"),
+    (["replay", "{bad}"], "cannot read audio"),
+    (["replay", "{empty}"], "empty"),
+    (["replay", "{wav}", "--checkpoint", "/nonexistent/ck"], "no checkpoint"),
+    (["replay", "{wav}", "--events", "/nonexistent/dir/e.jsonl"], "does not exist"),
+    (["classify", "{bad}"], "cannot read audio"),
+    (["classify", "{wav}", "--checkpoint", "/nonexistent/ck"], "no checkpoint"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_errors_are_one_line_exit_2(args, message, tmp_path, wav_file, capsys):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF nonsense")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 1)), 16000)
+    args = [a.format(bad=bad, wav=wav_file, empty=empty) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_error_in_subprocess_has_no_traceback(tmp_path):
+    r = run_cli("classify", str(tmp_path / "nope.flac"))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("emostream: error:") and "Traceback" not in r.stderr
+
+
+def test_silent_file_is_an_error(tmp_path, capsys):
+    path = tmp_path / "zeros.wav"
+    sf.write(path, np.zeros(16000), 16000)
+    assert main(["replay", str(path), "--fast", "--no-dashboard"]) == 2
+    assert "silent" in capsys.readouterr().err

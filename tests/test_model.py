@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emostream.audio import WINDOW_SAMPLES
+from emostream.features import FeatureConfig, MelFrontEnd
+from emostream.model import (CLASSES, CheckpointError, EmotionNet, Predictor, load_checkpoint,
+                             load_pretrained_backbone, save_checkpoint, select_device)
+
+from .conftest import speechlike
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return EmotionNet().eval()
+
+
+def test_frontend_shape_and_recipe_parameters():
+    fe = MelFrontEnd()
+    cfg = fe.config
+    assert (cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.f_min, cfg.f_max) == (16000, 2048, 512, 128, 50, 8000)
+    spec = fe(torch.zeros(2, WINDOW_SAMPLES) + 0.01)
+    assert spec.shape == (2, 1, 128, cfg.frames()) == (2, 1, 128, 188)
+
+
+def test_frontend_matches_torchaudio_reference():
+    import torchaudio
+    x = torch.from_numpy(speechlike(2.0))[None]
+    ref = torchaudio.transforms.AmplitudeToDB()(torchaudio.transforms.MelSpectrogram(
+        16000, n_fft=2048, hop_length=512, n_mels=128, f_min=50, f_max=8000)(x))
+    assert torch.allclose(MelFrontEnd()(x)[:, 0], ref, atol=1e-4)
+
+
+def test_model_outputs_seven_logits(net):
+    with torch.inference_mode():
+        out = net(torch.zeros(3, WINDOW_SAMPLES))
+    assert out.shape == (3, len(CLASSES)) and out.dtype == torch.float32
+    assert CLASSES == ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
+
+
+def test_checkpoint_roundtrip_fp32_exact(net, tmp_path):
+    save_checkpoint(net, tmp_path / "ck", {"metrics": {"ua": 0.5}}, half=False)
+    meta = json.loads((tmp_path / "ck" / "model.json").read_text())
+    assert meta["classes"] == list(CLASSES) and meta["features"]["f_max"] == 8000 and meta["metrics"]["ua"] == 0.5
+    assert "code_version" in meta
+    loaded = load_checkpoint(tmp_path / "ck", "cpu")
+    x = torch.from_numpy(np.stack([speechlike(6.0, seed=s) for s in range(2)]))
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_checkpoint_fp16_is_compact_and_close(net, tmp_path):
+    save_checkpoint(net, tmp_path / "ck")
+    size_mb = (tmp_path / "ck" / "model.safetensors").stat().st_size / 1e6
+    assert 40 < size_mb < 55
+    p = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=False)
+    x = np.stack([speechlike(6.0, seed=3)])
+    with torch.inference_mode():
+        ref = torch.softmax(net(torch.from_numpy(x)), -1).numpy()
+    assert np.abs(p.predict(x) - ref).max() < 0.02
+    probs = p.predict(np.zeros((4, WINDOW_SAMPLES), np.float32))
+    assert probs.shape == (4, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_bf16_autocast_predict_close_to_fp32(net, tmp_path):
+    save_checkpoint(net, tmp_path / "ck", half=False)
+    x = np.stack([speechlike(6.0, seed=s) for s in range(2)])
+    fp32 = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=False).logits(x)
+    bf16 = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=True).logits(x)
+    assert torch.allclose(fp32, bf16, atol=0.25 * fp32.abs().max().item() + 0.05)
+
+
+def test_checkpoint_errors(tmp_path, net):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nothing")
+    save_checkpoint(net, tmp_path / "ck")
+    meta_path = tmp_path / "ck" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["classes"] = ["a", "b"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="classes"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_pretrained_loader_adapts_conv1_and_drops_head(tmp_path):
+    import timm
+    rgb = timm.create_model("resnet50", pretrained=False, num_classes=1000)
+    torch.save(rgb.state_dict(), tmp_path / "resnet50.pth")
+    net = EmotionNet()
+    load_pretrained_backbone(net, tmp_path / "resnet50.pth")
+    assert torch.allclose(net.backbone.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
+    assert net.backbone.fc.out_features == 7
+    torch.save({"bogus.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError):
+        load_pretrained_backbone(EmotionNet(), tmp_path / "bad.pth")
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device().type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+
+from emostream.timeline import (CLASSES, JsonlWriter, Smoother, Timeline, agreement, make_event,
+                                read_events)
+
+
+def onehot(label: str, p: float = 0.9) -> np.ndarray:
+    v = np.full(len(CLASSES), (1 - p) / (len(CLASSES) - 1))
+    v[CLASSES.index(label)] = p
+    return v
+
+
+def test_event_shape_matches_design():
+    e = make_event("call-42", "customer", 12.0, 18.0, onehot("Angry", 0.81))
+    assert list(e) == ["stream", "channel", "t_start", "t_end", "speech", "label", "confidence", "probabilities"]
+    assert e["label"] == "Angry" and e["confidence"] == 0.81 and e["speech"] is True
+    assert list(e["probabilities"]) == list(CLASSES)
+    assert abs(sum(e["probabilities"].values()) - 1) < 1e-3
+    silent = make_event("c", "agent", 0.0, 1.0, None)
+    assert silent["speech"] is False and silent["label"] is None and silent["probabilities"] is None
+    json.dumps(e)
+
+
+def test_smoother_ema():
+    s = Smoother(0.5)
+    a = s("x", onehot("Angry", 1.0 - 1e-9))
+    b = s("x", onehot("Sad", 1.0 - 1e-9))
+    assert np.isclose(b[CLASSES.index("Angry")], 0.5, atol=1e-6)
+    assert s("x", None) is None           # silence passes through
+    assert s("y", onehot("Happy"))[3] == pytest.approx(0.9)  # channels independent
+    assert Smoother(1.0)("x", a) is a
+    with pytest.raises(ValueError):
+        Smoother(0)
+
+
+def test_summary_shares_count_new_audio_once():
+    tl = Timeline("s", ("a",), hop_seconds=1.0)
+    # windows end at 1..6 (start 0) then 7, 8 (start 1, 2): each adds 1 s of new audio
+    labels = ["Neutral"] * 4 + ["Angry"] * 4
+    for k, lab in enumerate(labels, start=1):
+        tl.add(make_event("s", "a", max(0, k - 6), k, onehot(lab, 0.6 + 0.01 * k)))
+    tl.add(make_event("s", "a", 3.0, 9.0, None))
+    s = tl.summary()["channels"]["a"]
+    assert s["windows"] == 9 and s["speech_windows"] == 8 and s["speech_seconds"] == 8.0
+    assert s["shares"]["Angry"] == 0.5 and s["shares"]["Neutral"] == 0.5
+    assert s["peaks"][0]["label"] == "Angry" and s["peaks"][0]["t_end"] == 8
+    assert all(p["label"] != "Neutral" for p in s["peaks"])
+
+
+def test_summary_without_speech():
+    tl = Timeline("s", ("a", "b"))
+    tl.add(make_event("s", "a", 0, 1, None))
+    summary = tl.summary()
+    assert summary["type"] == "summary" and summary["channels"]["a"]["dominant"] is None
+    assert summary["channels"]["b"]["windows"] == 0
+
+
+def test_jsonl_writer_flushes_each_event(tmp_path):
+    path = tmp_path / "e.jsonl"
+    w = JsonlWriter(path)
+    w.write(make_event("s", "a", 0, 1, onehot("Sad")))
+    assert len(path.read_text().splitlines()) == 1  # visible before close
+    w.write({"type": "summary"})
+    w.close()
+    assert len(read_events(path)) == 1
+    with pytest.raises(FileNotFoundError):
+        JsonlWriter(tmp_path / "missing" / "e.jsonl")
+
+
+def test_agreement_over_speech_time():
+    segs = [{"channel": "a", "t_start": 0.0, "t_end": 4.0, "label": "Angry"},
+            {"channel": "a", "t_start": 6.0, "t_end": 10.0, "label": "Sad"}]
+    events = [make_event("s", "a", 0, 6, onehot("Angry")),   # 4 s speech, all agree
+              make_event("s", "a", 4, 10, onehot("Angry")),  # 4 s speech, none agree
+              make_event("s", "a", 4, 6, None)]              # silence: not scored
+    r = agreement(events, segs)
+    assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0

@@ -1,0 +1,226 @@
+"""Training pipeline: config loading, datasets, folds, metrics, tiny end-to-end fit and resume."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from emostream.model import CLASSES, Predictor
+from train.config import ConfigError, load_config
+from train.data import DataError, build_cache, canonical_label, load_dataset, make_folds
+from train.engine import cross_validate, fit
+from train.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
+
+from .conftest import ROOT, SHARED_DATA, requires_shared, speechlike
+
+RECIPE = ROOT / "train" / "configs" / "recipe.yaml"
+CONFIGS = ROOT / "train" / "configs"
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+def test_seed_recipe_loads_as_is_with_pretrained_weights(tmp_path):
+    cfg = load_config(RECIPE, pretrained_path=str(tmp_path / "w.pth"))
+    assert (cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.optimizer, cfg.schedule, cfg.loss) == \
+        (32, 1e-3, 5, "AdamW", "Cosine", "BCE")
+    assert (cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.f_min) == (2048, 512, 128, 50)
+    assert cfg.f_max == 8000 and any("Nyquist" in n for n in cfg.notes)
+    assert cfg.group_by == "audio" and any("leaks" not in n and "overstate" in n for n in cfg.notes)
+    assert cfg.folds == 4 and cfg.drop_last and cfg.gradient_clip == 0 and cfg.warmup_epochs == 0
+
+
+def test_seed_recipe_pretrained_without_weights_is_a_clear_error():
+    with pytest.raises(ConfigError, match="--pretrained PATH"):
+        load_config(RECIPE)
+    assert load_config(RECIPE, pretrained=False).pretrained is False
+
+
+@pytest.mark.parametrize("name", ["speaker_cv.yaml", "shipped.yaml"])
+def test_project_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.group_by == "speaker" and not cfg.pretrained and cfg.seed == 42
+    assert set(cfg.exclude_speakers) == set((ROOT / "examples" / "reserved_speakers.txt").read_text().split())
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"training": {"warp_speed": 1}}, "training.warp_speed"),
+    ({"training": {"optimizer": "Lion"}}, "training.optimizer"),
+    ({"audio": {"sample_rate": 8000}}, "audio.sample_rate"),
+    ({"logging": {"logger": "Neptune"}}, "logging.logger"),
+    ({"dataset": {"test_dataframe": "x.pq"}}, "dataset.test_dataframe"),
+    ({"emostream": {"augment": {"wobble": 1}}}, "emostream.augment.wobble"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
+    import yaml
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"base": str(RECIPE), "architecture": {"pretrained": False}, **patch}))
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(path)
+
+
+# --- datasets ----------------------------------------------------------------------------------------
+
+def write_clip(path: Path, seconds: float, seed: int, sr: int = 16000) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, speechlike(seconds, sr=sr, f0=100 + 20 * (seed % 7), seed=seed), sr)
+
+
+def test_label_spellings():
+    assert canonical_label("Suprised") == "Surprised" and canonical_label("anger") == "Angry"
+    with pytest.raises(DataError):
+        canonical_label("bored")
+
+
+def test_folder_tree_layout(tmp_path):
+    for k, cls in enumerate(["Angry", "Suprised", "Neutral"]):
+        write_clip(tmp_path / "Emotions" / cls / f"10{k}1_IEO_{cls[:3].upper()}_HI.wav", 1.0, k)
+    clips = load_dataset(tmp_path)
+    assert sorted(c.label for c in clips) == ["Angry", "Neutral", "Surprised"]
+    assert clips[0].speaker.startswith("crema_")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_hydrogen_torch_dataframe(tmp_path, fmt):
+    import pandas as pd
+    write_clip(tmp_path / "audio" / "a.wav", 1.0, 0, sr=22050)
+    write_clip(tmp_path / "audio" / "b.wav", 1.0, 1)
+    df = pd.DataFrame({"audio": ["a.wav", "b.wav"], "class": ["Happy", "Sad"]})
+    table = tmp_path / f"train.{fmt}"
+    df.to_csv(table, index=False) if fmt == "csv" else df.to_parquet(table)
+    clips = load_dataset(table, data_folder=tmp_path / "audio")
+    assert [c.label for c in clips] == ["Happy", "Sad"]
+    cache = build_cache(clips, tmp_path / "cache")
+    assert len(cache) == 2 and len(cache.clip(0)) == 16000  # resampled from 22.05 kHz
+    with pytest.raises(DataError, match="missing column"):
+        load_dataset(table, audio_column="file")
+
+
+@requires_shared()
+def test_shared_manifest_and_speaker_folds_never_share_a_speaker():
+    clips = load_dataset(SHARED_DATA)
+    assert len(clips) == 1782 and {c.corpus for c in clips} == {"ravdess", "emodb", "emovo"}
+    folds = make_folds(clips, 4, "speaker", 42)
+    speakers = [{c.speaker for c, f in zip(clips, folds) if f == k} for k in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not speakers[a] & speakers[b]
+    # stratified: every fold holds every class
+    for k in range(4):
+        assert {c.label for c, f in zip(clips, folds) if f == k} == set(CLASSES)
+    by_file = make_folds(clips, 4, "audio", 42)
+    leaked = [{c.speaker for c, f in zip(clips, by_file) if f == k} for k in range(2)]
+    assert leaked[0] & leaked[1]  # the recipe's per-file grouping puts the same voices on both sides
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.full((6, 7), 0.01)
+    pred = [0, 1, 1, 1, 2, 0]
+    for i, p in enumerate(pred):
+        probs[i, p] = 0.94
+    m = classification_metrics(probs / probs.sum(1, keepdims=True), y)
+    # recalls: class0 1/2, class1 2/2, class2 1/2 -> UA = 2/3; accuracy 4/6
+    assert m["ua"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(4 / 6)
+    # F1: c0 P=1/2 R=1/2 -> .5; c1 P=2/3 R=1 -> .8; c2 P=1 R=.5 -> 2/3
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["per_class_recall"] == {"Angry": 0.5, "Disgusted": 1.0, "Fearful": 0.5}
+    assert m["confusion"][0][:3] == [1, 1, 0]
+
+
+def test_ece_and_temperature():
+    probs = np.array([[0.9, 0.1] + [0] * 5, [0.6, 0.4] + [0] * 5])
+    # bin of 0.9: correct (acc 1) gap .1; bin of 0.6: wrong (acc 0) gap .6 -> (0.1 + 0.6) / 2
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.35)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=2.0, size=(4000, 7))
+    p = softmax(logits)
+    y = np.array([rng.choice(7, p=row) for row in p])  # labels drawn from softmax(logits): T = 1 is calibrated
+    assert fit_temperature(logits, y) == pytest.approx(1.0, abs=0.15)
+    assert fit_temperature(logits * 3, y) == pytest.approx(3.0, rel=0.15)  # over-confident logits need T ~ 3
+    assert np.allclose(softmax(logits).sum(1), 1)
+
+
+# --- tiny end-to-end ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import pandas as pd
+    root = tmp_path_factory.mktemp("tiny")
+    rows = []
+    for spk in range(4):
+        for k, label in enumerate(["Angry", "Sad"]):
+            for rep in range(2):
+                name = f"s{spk}_{label}_{rep}.wav"
+                write_clip(root / name, 1.5 + rep * 5.5, seed=spk * 10 + k * 3 + rep)
+                rows.append({"path": name, "label": label, "speaker": f"spk{spk}", "corpus": "tiny"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    clips = load_dataset(root)
+    cache = build_cache(clips, root / "cache")
+    cfg = replace(load_config(CONFIGS / "shipped.yaml"), epochs=2, batch_size=4, exclude_speakers=())
+    return root, clips, cache, cfg
+
+
+def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path, capsys):
+    root, clips, cache, cfg = tiny
+    folds = make_folds(clips, 2, "speaker", 0)
+    train_idx, val_idx = np.where(folds == 1)[0], np.where(folds == 0)[0]
+    res = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "run", show_progress=False)
+    assert len(res.history) == 2 and "ua" in res.history[-1]
+    assert (tmp_path / "run" / "curves.png").exists()
+    # the same weights, loaded the way `emostream` loads them, give the training model's logits
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    from train.engine import build_model, predict_logits
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    train_logits = predict_logits(model.eval(), [cache.clip(i) for i in val_idx], torch.device("cpu"), False)
+    predictor = Predictor.from_checkpoint(res.checkpoint, device="cpu", mixed_precision=False)
+    from emostream.stream import fixed_chunks
+    served = np.stack([predictor.logits(fixed_chunks(cache.clip(i))).mean(0).numpy() for i in val_idx])
+    assert np.abs(served - train_logits).max() < 0.05 * max(1.0, np.abs(train_logits).max())
+    from emostream.cli import main
+    assert main(["classify", clips[val_idx[0]].path, "--json", "--checkpoint", str(res.checkpoint)]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in CLASSES
+
+
+def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
+    root, clips, cache, cfg = tiny
+    idx = np.arange(len(clips))
+    fit(cfg, clips, cache, idx, None, tmp_path / "full", show_progress=False)
+    part = fit(cfg, clips, cache, idx, None, tmp_path / "part", show_progress=False, stop_after=1)
+    assert part.stopped and not (tmp_path / "part" / "checkpoint").exists()
+    state = torch.load(tmp_path / "part" / "state.pt", weights_only=False)
+    assert state["epoch"] == 1
+    fit(cfg, clips, cache, idx, None, tmp_path / "part", resume=True, show_progress=False)
+    a = torch.load(tmp_path / "full" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "state.pt", weights_only=False)
+    assert b["epoch"] == 2
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_cv_report_and_cli(tiny, tmp_path):
+    root, clips, cache, cfg = tiny
+    cfg = replace(cfg, epochs=1, folds=2)
+    folds = make_folds(clips, 2, "speaker", 0)
+    report = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False)
+    assert report["protocol"].startswith("2-fold CV grouped by speaker")
+    assert set(report["summary"]["overall"]) >= {"ua", "macro_f1", "accuracy", "roc_auc", "ece"}
+    assert (tmp_path / "cv" / "cv_report.md").exists() and (tmp_path / "cv" / "confusion.png").exists()
+    # resume reuses finished folds
+    again = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", resume=True, show_progress=False)
+    assert again["pooled"]["overall"]["ua"] == report["pooled"]["overall"]["ua"]
+
+
+def test_train_cli_errors(tmp_path, capsys):
+    from train.__main__ import main
+    assert main(["fit", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "config not found" in capsys.readouterr().err
+    assert main(["fit", "--config", str(RECIPE)]) == 2
+    assert "--pretrained PATH" in capsys.readouterr().err

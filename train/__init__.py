@@ -1,0 +1,1 @@
+"""Training and evaluation for emostream (``python -m train fit|cv|evaluate``)."""

@@ -1,0 +1,179 @@
+"""Labelled datasets (manifest, Hydrogen Torch dataframe, folder-per-class), decode cache, folds."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emostream.audio import SAMPLE_RATE, AudioError, float32_to_int16, load_mono
+from emostream.model import CLASSES
+
+log = logging.getLogger("train")
+
+LABEL_ALIASES = {
+    "angry": "Angry", "anger": "Angry", "ang": "Angry",
+    "disgusted": "Disgusted", "disgust": "Disgusted", "dis": "Disgusted",
+    "fearful": "Fearful", "fear": "Fearful", "fea": "Fearful",
+    "happy": "Happy", "happiness": "Happy", "joy": "Happy", "hap": "Happy",
+    "neutral": "Neutral", "neu": "Neutral",
+    "sad": "Sad", "sadness": "Sad",
+    "surprised": "Surprised", "surprise": "Surprised", "suprised": "Surprised", "sur": "Surprised",
+}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded (message names the file or column)."""
+
+
+def canonical_label(label: str) -> str:
+    """Map a label spelling (incl. the seed's ``Suprised``) to one of :data:`CLASSES`."""
+    key = str(label).strip().lower()
+    if key not in LABEL_ALIASES:
+        raise DataError(f"unknown label {label!r} (expected one of {', '.join(CLASSES)})")
+    return LABEL_ALIASES[key]
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str          # absolute path
+    label: str
+    speaker: str       # falls back to the file path when unknown
+    corpus: str = ""
+
+
+def _speaker_from_name(path: Path) -> str | None:
+    # CREMA-D (1001_DFA_ANG_XX), RAVDESS (03-01-05-01-02-01-12), SAVEE (DC_a01), TESS (OAF_back_angry)
+    name = path.stem
+    if m := re.match(r"^(\d{4})_", name):
+        return f"crema_{m.group(1)}"
+    if m := re.match(r"^\d\d-\d\d-\d\d-\d\d-\d\d-\d\d-(\d\d)$", name):
+        return f"ravdess_{m.group(1)}"
+    if m := re.match(r"^(DC|JE|JK|KL)_", name):
+        return f"savee_{m.group(1)}"
+    if m := re.match(r"^(OAF|YAF)_", name, re.IGNORECASE):
+        return f"tess_{m.group(1).upper()}"
+    return None
+
+
+def load_dataset(source: str | Path, data_folder: str | Path | None = None,
+                 audio_column: str = "audio", label_column: str = "class") -> list[Clip]:
+    """Load clips from a manifest CSV / folder with ``manifest.csv``, a Hydrogen Torch dataframe
+    (parquet or CSV with ``audio``/``class`` columns) or a folder-per-class tree."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"dataset not found: {source}")
+    if source.is_dir():
+        if (source / "manifest.csv").exists():
+            return _load_table(source / "manifest.csv", source, "path", "label")
+        return _load_tree(source)
+    base = Path(data_folder) if data_folder else source.parent
+    import pandas as pd
+
+    head = pd.read_parquet(source) if source.suffix == ".parquet" or source.suffix == ".pq" else pd.read_csv(source)
+    if "path" in head.columns and "label" in head.columns:
+        return _load_table(source, base, "path", "label", frame=head)
+    return _load_table(source, base, audio_column, label_column, frame=head)
+
+
+def _load_table(table: Path, base: Path, path_col: str, label_col: str, frame=None) -> list[Clip]:
+    import pandas as pd
+
+    if frame is None:
+        frame = pd.read_csv(table)
+    for col in (path_col, label_col):
+        if col not in frame.columns:
+            raise DataError(f"{table}: missing column {col!r} (columns: {', '.join(map(str, frame.columns))})")
+    clips = []
+    for row in frame.to_dict("records"):
+        path = Path(str(row[path_col]))
+        path = path if path.is_absolute() else base / path
+        speaker = row.get("speaker")
+        speaker = str(speaker) if speaker is not None and str(speaker) != "nan" else (_speaker_from_name(path) or str(path))
+        clips.append(Clip(str(path), canonical_label(row[label_col]), speaker, str(row.get("corpus", "") or "")))
+    if not clips:
+        raise DataError(f"{table}: no rows")
+    return clips
+
+
+def _load_tree(root: Path) -> list[Clip]:
+    if (root / "Emotions").is_dir():
+        root = root / "Emotions"
+    clips = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = canonical_label(class_dir.name)
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"):
+                clips.append(Clip(str(path), label, _speaker_from_name(path) or str(path), ""))
+    if not clips:
+        raise DataError(f"{root}: no class folders with audio (expected <Class>/*.wav)")
+    return clips
+
+
+# --- decode cache --------------------------------------------------------------------------------
+
+@dataclass
+class AudioCache:
+    """All clips decoded once to 16 kHz mono int16, concatenated in one (memmapped) array."""
+
+    samples: np.ndarray   # int16, all clips back to back
+    offsets: np.ndarray   # int64, len = clips + 1
+
+    def clip(self, i: int) -> np.ndarray:
+        """Float32 samples of clip ``i``."""
+        return self.samples[self.offsets[i]:self.offsets[i + 1]].astype(np.float32) / 32768.0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def build_cache(clips: list[Clip], cache_dir: str | Path, max_seconds: float = 600.0) -> AudioCache:
+    """Decode every clip (resampled to 16 kHz, mono, capped at ``max_seconds``) once; reuse later."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key_src = json.dumps([(c.path, Path(c.path).stat().st_mtime_ns if Path(c.path).exists() else 0) for c in clips])
+    key = hashlib.sha1(f"{SAMPLE_RATE}:{max_seconds}:{key_src}".encode()).hexdigest()[:16]
+    data_path, index_path = cache_dir / f"audio-{key}.npy", cache_dir / f"audio-{key}.offsets.npy"
+    if data_path.exists() and index_path.exists():
+        return AudioCache(np.load(data_path, mmap_mode="r"), np.load(index_path))
+    limit = int(max_seconds * SAMPLE_RATE)
+    pieces, offsets = [], [0]
+    for clip in clips:
+        try:
+            audio = load_mono(clip.path)[:limit]
+        except AudioError as exc:
+            raise DataError(str(exc)) from None
+        pieces.append(float32_to_int16(audio))
+        offsets.append(offsets[-1] + len(audio))
+    tmp = data_path.with_suffix(".tmp.npy")
+    np.save(tmp, np.concatenate(pieces) if pieces else np.zeros(0, np.int16))
+    np.save(index_path, np.asarray(offsets, dtype=np.int64))
+    tmp.rename(data_path)
+    return AudioCache(np.load(data_path, mmap_mode="r"), np.asarray(offsets, dtype=np.int64))
+
+
+# --- folds ---------------------------------------------------------------------------------------
+
+def make_folds(clips: list[Clip], n_folds: int = 4, group_by: str = "speaker", seed: int = 42) -> np.ndarray:
+    """Fold index per clip. ``speaker``: grouped by speaker and stratified by label
+    (scikit-learn StratifiedGroupKFold); ``audio``: the recipe's per-file grouping (leaks speakers)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    labels = np.array([CLASSES.index(c.label) for c in clips])
+    folds = np.full(len(clips), -1, dtype=np.int64)
+    if group_by == "speaker":
+        groups = np.array([c.speaker for c in clips])
+        if len(set(groups)) < n_folds:
+            raise DataError(f"only {len(set(groups))} speakers: cannot make {n_folds} speaker-grouped folds")
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(len(clips)), labels, groups)
+    else:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(len(clips)), labels)
+    for k, (_, val_idx) in enumerate(splits):
+        folds[val_idx] = k
+    return folds
