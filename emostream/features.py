@@ -10,6 +10,10 @@ import torchaudio
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES
 
 
+NORMALIZATIONS = ("none", "utterance")
+UTTERANCE_FLOOR_DB = 80.0
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """Mel spectrogram parameters (the Hydrogen Torch recipe, f_max clamped to Nyquist)."""
@@ -21,6 +25,13 @@ class FeatureConfig:
     f_min: float = 50.0
     f_max: float = SAMPLE_RATE / 2
     top_db: float | None = None
+    # "none" (the recipe) or "utterance": per window, floor at ``UTTERANCE_FLOOR_DB`` below its peak,
+    # then zero mean / unit variance, which makes the model blind to recording level
+    normalize: str = "none"
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,4 +62,16 @@ class MelFrontEnd(nn.Module):
         # The STFT runs in float32 even under autocast: bf16/fp16 power spectra lose the quiet bins.
         with torch.autocast(device_type=waveform.device.type, enabled=False):
             spec = self.to_db(self.mel(waveform.float()))
+            if self.config.normalize == "utterance":
+                spec = normalize_utterance(spec)
         return spec.unsqueeze(1)
+
+
+def normalize_utterance(spec: torch.Tensor) -> torch.Tensor:
+    """Per item of a ``(batch, mels, frames)`` dB spectrogram: floor at 80 dB below its own peak, then
+    zero mean and unit variance. Each item is normalised alone (no batch statistics)."""
+    peak = spec.amax(dim=(-2, -1), keepdim=True)
+    spec = torch.maximum(spec, peak - UTTERANCE_FLOOR_DB)
+    mean = spec.mean(dim=(-2, -1), keepdim=True)
+    std = spec.std(dim=(-2, -1), keepdim=True)
+    return (spec - mean) / (std + 1e-5)

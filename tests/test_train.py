@@ -38,11 +38,19 @@ def test_seed_recipe_pretrained_without_weights_is_a_clear_error():
     assert load_config(RECIPE, pretrained=False).pretrained is False
 
 
-@pytest.mark.parametrize("name", ["speaker_cv.yaml", "shipped.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "recipe.yaml"))
 def test_project_configs_load(name):
     cfg = load_config(CONFIGS / name)
-    assert cfg.group_by == "speaker" and not cfg.pretrained and cfg.seed == 42
+    assert cfg.group_by == ("audio" if name == "recipe_file_folds.yaml" else "speaker")
+    assert not cfg.pretrained and cfg.seed == 42
     assert set(cfg.exclude_speakers) == set((ROOT / "examples" / "reserved_speakers.txt").read_text().split())
+
+
+def test_utterance_norm_config_reaches_the_model():
+    from train.engine import build_model
+    cfg = load_config(CONFIGS / "utterance_norm.yaml")
+    assert cfg.normalize == "utterance" and cfg.epochs == 12
+    assert build_model(cfg).frontend.config.normalize == "utterance"
 
 
 @pytest.mark.parametrize("patch,message", [
@@ -53,6 +61,7 @@ def test_project_configs_load(name):
     ({"dataset": {"test_dataframe": "x.pq"}}, "dataset.test_dataframe"),
     ({"emostream": {"augment": {"wobble": 1}}}, "emostream.augment.wobble"),
     ({"bogus": 1}, "bogus"),
+    ({"emostream": {"normalize": "global"}}, "emostream.normalize"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml

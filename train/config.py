@@ -55,6 +55,7 @@ class TrainConfig:
     n_mels: int = 128
     f_min: float = 50.0
     f_max: float = SAMPLE_RATE / 2
+    normalize: str = "none"           # spectrogram normalisation: "none" (recipe) or "utterance"
     chunk_seconds: float = WINDOW_SECONDS
     # mixing (recipe augmentation.mix_*)
     mix_audio: str = "Disabled"
@@ -439,7 +440,8 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
     return TrainConfig(**u)
 
 
-_EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs"}
+_EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
+                   "normalize"}
 
 
 def _extensions(body: dict, u: dict) -> None:
@@ -455,6 +457,8 @@ def _extensions(body: dict, u: dict) -> None:
             u["augment"] = Augment(**value)
         elif key == "group_by":
             u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})
+        elif key == "normalize":
+            u["normalize"] = _choice("emostream.normalize", value, {"none": "none", "utterance": "utterance"})
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
         else:

@@ -30,7 +30,7 @@ STATE_FILE = "state.pt"
 def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> EmotionNet:
     """The streaming model for a config (the same class `emostream` loads)."""
     features = FeatureConfig(n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
-                             f_min=cfg.f_min, f_max=cfg.f_max)
+                             f_min=cfg.f_min, f_max=cfg.f_max, normalize=cfg.normalize)
     model = EmotionNet(ModelConfig(backbone=cfg.backbone, dropout=cfg.dropout, pool=cfg.pool), features)
     if pretrained_path:
         load_pretrained_backbone(model, pretrained_path)

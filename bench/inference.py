@@ -1,0 +1,104 @@
+"""Model throughput: windows per second against batch size, and how close that is to the machine's peak.
+
+Times the full inference path of :class:`emostream.model.Predictor` (mel front end + ResNet50 +
+softmax) on random 6 s windows, for fp32 and for mixed precision (bf16 autocast + channels_last on
+CPU, fp16 autocast on CUDA). The work per window is counted with ``torch.utils.flop_counter``
+(multiply-accumulates = FLOPs / 2), and the machine's matmul peak is measured with a large GEMM in
+the same precision, so the table shows the fraction of peak the model reaches.
+
+    python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from emostream.audio import WINDOW_SAMPLES
+from emostream.model import DEFAULT_CHECKPOINT, Predictor
+
+
+def gmac_per_window(predictor: Predictor) -> float:
+    """Multiply-accumulates of one window through front end + backbone, in units of 1e9."""
+    x = torch.zeros(1, WINDOW_SAMPLES, device=predictor.device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        predictor.model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def matmul_peak_gflops(device: torch.device, mixed: bool, seconds: float = 3.0) -> float:
+    """Measured dense-matmul throughput (GFLOP/s) in the precision the model runs in."""
+    n = 2048
+    dtype = torch.float32
+    if mixed:
+        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    (a @ b).sum().item()
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        (a @ b).sum().item()
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - t0) / 1e9
+
+
+def windows_per_second(predictor: Predictor, batch: int, seconds: float) -> tuple[float, float]:
+    """(windows/s, ms per batch) for ``predict`` at one batch size; one warm-up call first."""
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.standard_normal((batch, WINDOW_SAMPLES))).astype(np.float32)
+    predictor.predict(x)
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or calls < 3:
+        predictor.predict(x)
+        calls += 1
+    elapsed = time.perf_counter() - t0
+    return batch * calls / elapsed, 1000 * elapsed / calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--batches", default="1,4,8,16,32")
+    p.add_argument("--seconds", type=float, default=10.0, help="timing budget per batch size")
+    p.add_argument("--json", dest="json_out", default=None)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for mixed in (False, True):
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, mixed_precision=mixed)
+        gmac = gmac_per_window(predictor)
+        peak = matmul_peak_gflops(predictor.device, mixed)
+        for batch in batches:
+            wps, ms = windows_per_second(predictor, batch, args.seconds)
+            achieved = 2 * gmac * wps  # GFLOP/s
+            rows.append({"precision": "fp32" if not mixed else ("bf16" if predictor.device.type == "cpu" else "fp16"),
+                         "batch": batch, "windows_per_s": round(wps, 2), "ms_per_batch": round(ms, 1),
+                         "gmac_per_window": round(gmac, 3), "achieved_gflops": round(achieved, 1),
+                         "matmul_peak_gflops": round(peak, 1), "fraction_of_peak": round(achieved / peak, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    device = str(predictor.device)
+    machine = (torch.cuda.get_device_name() if device.startswith("cuda")
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"\nmachine: {machine}; torch {torch.__version__}\n")
+    print("| precision | batch | windows/s | ms/batch | GMAC/window | achieved GFLOP/s | matmul peak GFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['batch']} | {r['windows_per_s']:.1f} | {r['ms_per_batch']:.1f} | "
+              f"{r['gmac_per_window']:.2f} | {r['achieved_gflops']:.0f} | {r['matmul_peak_gflops']:.0f} | "
+              f"{100 * r['fraction_of_peak']:.0f}% |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": machine, "device": device, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
