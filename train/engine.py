@@ -322,10 +322,11 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.array([CLASSES.index(c.label) for c in clips])
     corpora = [c.corpus for c in clips]
-    per_fold, per_fold_tel, temps = [], [], []
     oof = np.zeros((len(clips), len(CLASSES)))
     oof_tel = np.zeros_like(oof)
-    run_folds = [only_fold] if only_fold is not None else range(cfg.folds)
+    raw_logits = np.zeros_like(oof)
+    run_folds = [only_fold] if only_fold is not None else list(range(cfg.folds))
+    fold_data, train_seconds = [], 0.0
     for k in run_folds:
         fold_dir = out_dir / f"fold{k}"
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
@@ -336,13 +337,29 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
             log.info("fold %d already finished: reusing", k)
             vl = np.load(fold_dir / "val_logits.npy")
             vt = np.load(fold_dir / "val_telephone_logits.npy")
+            history = json.loads(done.read_text()).get("history", [])
         else:
             log.info("fold %d: %d train / %d validation clips", k, len(train_idx), len(val_idx))
             res = fit(cfg, clips, cache, train_idx, val_idx, fold_dir, resume=resume, pretrained_path=pretrained_path,
                       metadata={"fold": k}, device=device, show_progress=show_progress)
-            vl, vt = res.val_logits, res.val_telephone_logits
-            write_json(done, {"fold": k, "history": res.history})
-        t = fit_temperature(vl, labels[val_idx]) if cfg.calibrate else 1.0
+            vl, vt, history = res.val_logits, res.val_telephone_logits, res.history
+            write_json(done, {"fold": k, "history": history})
+        train_seconds += sum(h.get("seconds", 0.0) for h in history)
+        raw_logits[val_idx] = vl
+        fold_data.append((k, val_idx, vl, vt))
+
+    # Temperatures are cross-fitted: fold k's is fitted on the other folds' validation logits, so the
+    # calibration (ECE) reported for fold k is measured on data its temperature never saw.
+    evaluated = np.isin(folds, run_folds)
+    per_fold, per_fold_tel, temps = [], [], []
+    for k, val_idx, vl, vt in fold_data:
+        others = evaluated & (folds != k)
+        if not cfg.calibrate:
+            t = 1.0
+        elif others.any():
+            t = fit_temperature(raw_logits[others], labels[others])
+        else:
+            t = fit_temperature(vl, labels[val_idx])
         temps.append(t)
         oof[val_idx], oof_tel[val_idx] = softmax(vl, t), softmax(vt, t)
         m = grouped_metrics(softmax(vl, t), labels[val_idx], [corpora[i] for i in val_idx])
@@ -351,15 +368,17 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         per_fold_tel.append(grouped_metrics(softmax(vt, t), labels[val_idx], [corpora[i] for i in val_idx]))
     from .metrics import summarize_folds
 
-    evaluated = np.isin(folds, list(run_folds))
+    temperature = fit_temperature(raw_logits[evaluated], labels[evaluated]) if cfg.calibrate else 1.0
     report = {
         "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else ""),
         "config": cfg.to_dict(),
         "temperatures": temps,
-        "temperature": float(np.mean(temps)),
+        "temperature": float(temperature),  # fitted on all out-of-fold logits: the shipped model's
+        "train_seconds": round(train_seconds, 1),
         "summary": summarize_folds(per_fold),
         "summary_telephone": summarize_folds(per_fold_tel),
         "pooled": grouped_metrics(oof[evaluated], labels[evaluated], [c for c, e in zip(corpora, evaluated) if e]),
+        "pooled_telephone": grouped_metrics(oof_tel[evaluated], labels[evaluated], [c for c, e in zip(corpora, evaluated) if e]),
         "folds": per_fold,
     }
     write_json(out_dir / "cv_report.json", report)
@@ -377,5 +396,7 @@ def cv_markdown(report: dict) -> str:
             lines.append(f"| {group}{name} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"
                                                           for k in ("ua", "macro_f1", "accuracy", "roc_auc", "ece")) + " |")
     lines += ["", markdown_table(report["pooled"], "Pooled out-of-fold predictions"),
-              f"Temperatures per fold: {', '.join(f'{t:.2f}' for t in report['temperatures'])}", ""]
+              f"Temperatures per fold (cross-fitted on the other folds): {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
+              f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
+              f"Training time, all folds: {report.get('train_seconds', 0) / 60:.1f} min.", ""]
     return "\n".join(lines)
