@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import numpy as np
 
@@ -36,13 +36,34 @@ class Analyzer:
         """Classify ``windows`` (any channels, in time order) and emit one event each."""
         if not windows:
             return []
-        speech = [speech_activity(w.samples[: w.end - w.start], self.config.silence_db) for w in windows]
+        idx = self.speech_indices(windows)
         probs: dict[int, np.ndarray] = {}
-        idx = [i for i, s in enumerate(speech) if s]
         for b in range(0, len(idx), self.config.max_batch):
             chunk = idx[b:b + self.config.max_batch]
             out = self.predict(np.stack([windows[i].samples for i in chunk]))
             probs.update(zip(chunk, out))
+        return self.emit(windows, probs)
+
+    async def process_async(self, windows: list[Window],
+                            infer: Callable[[np.ndarray], Awaitable[np.ndarray]]) -> list[dict]:
+        """:meth:`process` with an awaitable model call (the server's shared inference worker)."""
+        if not windows:
+            return []
+        idx = self.speech_indices(windows)
+        probs: dict[int, np.ndarray] = {}
+        if idx:
+            out = await infer(np.stack([windows[i].samples for i in idx]))
+            probs.update(zip(idx, out))
+        return self.emit(windows, probs)
+
+    def speech_indices(self, windows: list[Window]) -> list[int]:
+        """Indices of the windows that hold sound (the ones the model classifies)."""
+        return [i for i, w in enumerate(windows)
+                if speech_activity(w.samples[: w.end - w.start], self.config.silence_db)]
+
+    def emit(self, windows: list[Window], probs: dict[int, np.ndarray]) -> list[dict]:
+        """Smooth, build one event per window (``probs`` by window index; missing = silence),
+        add them to the timeline and hand them to the sinks."""
         events = []
         for i, w in enumerate(windows):
             p = self.smoother(w.channel, probs.get(i))

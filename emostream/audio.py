@@ -148,3 +148,89 @@ def telephone_channel(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np
     narrow = resample(samples, sample_rate, TELEPHONE_RATE)
     coded = mulaw_decode(mulaw_encode(float32_to_int16(narrow)))
     return resample(int16_to_float32(coded), TELEPHONE_RATE, sample_rate)
+
+
+def sinc_resample_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 0.99) -> tuple[np.ndarray, int]:
+    """The windowed-sinc (Hann) polyphase kernel of ``torchaudio.functional.resample`` for
+    gcd-reduced rates: ``(new, 2 * width + orig)`` float32 and ``width``."""
+    import math
+
+    base = min(orig, new) * rolloff
+    width = math.ceil(zero_crossings * orig / base)
+    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig
+    t = (np.arange(0, -new, -1, dtype=np.float64)[:, None] / new + idx) * base
+    t = np.clip(t, -zero_crossings, zero_crossings)
+    window = np.cos(t * math.pi / zero_crossings / 2) ** 2
+    t = t * math.pi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kernel = np.where(t == 0, 1.0, np.sin(t) / np.where(t == 0, 1.0, t))
+    return (kernel * window * base / orig).astype(np.float32), width
+
+
+class StreamResampler:
+    """Chunk-by-chunk resampling of one channel that matches resampling the whole signal.
+
+    Input is collected until ``block`` samples are pending; each block is resampled together with
+    ``context`` samples of history and look-ahead on both sides, and only its own part of the
+    output is kept, so block edges leave no clicks. Latency: one block plus the look-ahead.
+    """
+
+    def __init__(self, orig_rate: int, new_rate: int = SAMPLE_RATE, block_seconds: float = 0.1,
+                 context: int = 256):
+        from math import gcd
+
+        if orig_rate <= 0 or new_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
+        self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
+        g = gcd(self.orig_rate, self.new_rate)
+        self._up, self._down = self.new_rate // g, self.orig_rate // g
+        step = self._down  # blocks and context are whole multiples of this: output stays aligned
+        self._context = -(-context // step) * step
+        self._block = max(step, -(-int(block_seconds * orig_rate) // step) * step)
+        self._pending = np.zeros(self._context, dtype=np.float32)  # history (zeros before the start)
+        self._kernel, self._width = sinc_resample_kernel(self._down, self._up)
+
+    def _resample(self, x: np.ndarray) -> np.ndarray:
+        """torchaudio's ``resample`` of ``x`` (same kernel), as one numpy matrix product."""
+        w, down = self._width, self._down
+        padded = np.concatenate([np.zeros(w, np.float32), x, np.zeros(w + down, np.float32)])
+        frames = np.lib.stride_tricks.sliding_window_view(padded, self._kernel.shape[1])[::down]
+        out = (frames @ self._kernel.T).reshape(-1)
+        return out[: -(-self._up * len(x) // down)]
+
+    @property
+    def passthrough(self) -> bool:
+        return self.orig_rate == self.new_rate
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Add input samples; return the output samples that became final."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self.passthrough:
+            return samples
+        self._pending = np.concatenate([self._pending, samples])
+        ready = len(self._pending) - 2 * self._context  # samples with full look-ahead
+        if ready < self._block:
+            return np.zeros(0, dtype=np.float32)
+        n = ready // self._down * self._down
+        return self._run(n)
+
+    def flush(self) -> np.ndarray:
+        """End of stream: the remaining output (the signal is taken as zero after its end)."""
+        if self.passthrough:
+            return np.zeros(0, dtype=np.float32)
+        n = len(self._pending) - self._context
+        if n <= 0:
+            return np.zeros(0, dtype=np.float32)
+        total_out = -(-n * self._up // self._down)  # as torchaudio: ceil
+        self._pending = np.concatenate([self._pending, np.zeros(self._context + self._down, np.float32)])
+        out = self._run(-(-n // self._down) * self._down)
+        return out[:total_out]
+
+    def _run(self, n: int) -> np.ndarray:
+        c = self._context
+        piece = self._pending[: c + n + c]
+        out = self._resample(piece)
+        first = c * self._up // self._down
+        kept = out[first:first + n * self._up // self._down]
+        self._pending = self._pending[n:]  # the last `c` samples of this block become history
+        return np.ascontiguousarray(kept, dtype=np.float32)
