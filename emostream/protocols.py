@@ -443,6 +443,7 @@ class AudioHookSession(Session):
         self.position = 0  # samples per channel at AUDIOHOOK_RATE, including filled gaps
         self.media: dict | None = None
         self.probe = False
+        self.errored = False
         self.language: str | None = None
         self.client_errors: list[dict] = []
         self.sample_rate = AUDIOHOOK_RATE
@@ -468,7 +469,7 @@ class AudioHookSession(Session):
 
     def summary_messages(self, summary: dict | None) -> list[dict]:
         out = []
-        if summary and not self.probe and self.state == "CLOSING":
+        if summary and not self.probe and self.state == "CLOSING" and not self.errored:
             out.append(self.message("event", {"entities": [{"type": "emostream.summary", "data": summary}]}))
         out.append(self.message("closed", {}))
         self.state = "CLOSED"
@@ -478,6 +479,7 @@ class AudioHookSession(Session):
         if self.state in ("CLOSED", "ERROR"):
             return []
         self.state = "ERROR"
+        self.errored = True
         return [self.message("disconnect", {"reason": "error", "info": f"Client Error: {error}"})]
 
     # -- client messages
@@ -491,6 +493,9 @@ class AudioHookSession(Session):
             raise ProtocolError("Text message not valid JSON") from None
         if not self._well_formed(msg):
             raise ProtocolError("Message not a well-formed client message")
+        if self.state == "ERROR":  # after a signalled error only close matters (whatever its seq)
+            self.clientseq = msg["seq"]
+            return self._close() if msg["type"] == "close" else []
         if msg["seq"] != self.clientseq + 1:
             raise ProtocolError("Invalid seq value (not monotonically increasing)")
         self.clientseq = msg["seq"]
@@ -502,8 +507,6 @@ class AudioHookSession(Session):
             else:
                 raise ProtocolError("Session identifier mismatch")
         kind, params = msg["type"], msg["parameters"]
-        if self.state == "ERROR":  # after a signalled error only close matters
-            return self._close() if kind == "close" else []
         handler = {"open": self._open, "ping": self._ping, "close": lambda p: self._close(),
                    "update": self._update, "paused": self._paused, "resumed": self._resumed,
                    "discarded": self._discarded, "error": self._error}.get(kind)
