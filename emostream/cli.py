@@ -1,4 +1,4 @@
-"""``emostream`` command line: replay, classify (and the live sources of later modules)."""
+"""``emostream`` command line: replay, classify and the live sources (serve, send, watch, mic)."""
 from __future__ import annotations
 
 import argparse
@@ -68,7 +68,79 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="PATH")
     c.add_argument("--json", action="store_true", help="one JSON line per file")
     model_args(c)
+    add_live_commands(sub, model_args, stream_args)
     return p
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535: {text!r}")
+    return value
+
+
+def add_live_commands(sub, model_args, stream_args) -> None:
+    """The live sources of issue #4: serve, send, watch, mic."""
+    sv = sub.add_parser("serve", help="websocket server for live calls (raw PCM, Twilio, AudioHook)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    sv.add_argument("--port", type=_port, default=8765, help="port (default 8765; 0 = any free port)")
+    sv.add_argument("--token", default=None,
+                    help="required token (Bearer, X-API-KEY or ?token=); default: $EMOSTREAM_TOKEN, else none")
+    sv.add_argument("--max-calls", type=_positive(int), default=100, help="concurrent calls (default 100)")
+    sv.add_argument("--events-dir", metavar="DIR", help="append each call's timeline to DIR/<call_id>.jsonl")
+    sv.add_argument("--dashboard", action="store_true", help="show the supervisor dashboard of all calls")
+    sv.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
+    sv.add_argument("--min-seconds", type=_positive(float), default=1.0, help="audio before the first window (default 1.0)")
+    sv.add_argument("--smooth", type=float, default=1.0, help="EMA weight of the newest window in (0, 1] (default 1)")
+    sv.add_argument("--idle-timeout", type=_positive(float), default=60.0, help="close calls silent this long (s, default 60)")
+    sv.add_argument("--max-message-kb", type=_positive(int), default=256, help="largest websocket message in KiB (default 256)")
+    sv.add_argument("--max-batch", type=_positive(int), default=32, help="windows per model call (default 32)")
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a window waits for a fuller batch (default 10)")
+    sv.add_argument("--twilio-auth-token", default=None,
+                    help="validate X-Twilio-Signature with this auth token (default: $TWILIO_AUTH_TOKEN)")
+    sv.add_argument("--public-url", default=None,
+                    help="the wss://host[:port] Twilio connects to, when behind a proxy (for signatures)")
+    sv.add_argument("--audiohook-key", action="append", default=[], metavar="KEY:SECRET",
+                    help="AudioHook API key and base64 client secret; requests must be signed (repeatable)")
+    sv.add_argument("--no-model", action="store_true",
+                    help="answer every window with a fixed Neutral distribution (bridge and load tests, no model)")
+    sv.add_argument("--verbose", action="store_true", help="log every connection")
+    model_args(sv)
+
+    sd = sub.add_parser("send", help="stream a recorded call to a server as a bridge would and print the events")
+    sd.add_argument("file")
+    sd.add_argument("url", help="server, e.g. ws://127.0.0.1:8765")
+    sd.add_argument("--protocol", choices=("pcm", "twilio", "audiohook"), default="pcm")
+    sd.add_argument("--fast", action="store_true", help="send as fast as the server takes it (default: real time)")
+    sd.add_argument("--token", default=None, help="server token (default: $EMOSTREAM_TOKEN)")
+    sd.add_argument("--call-id", default=None, help="call id (default: file name for pcm, random for the others)")
+    sd.add_argument("--encoding", choices=("pcm_s16le", "mulaw", "alaw"), default="pcm_s16le", help="pcm only")
+    sd.add_argument("--rate", type=int, choices=(8000, 16000), default=None,
+                    help="pcm only: sample rate (default 16000 for pcm_s16le, 8000 for mulaw/alaw)")
+    sd.add_argument("--channel-names", help="pcm only: comma-separated names (e.g. agent,customer)")
+    sd.add_argument("--audiohook-key", default=None, metavar="KEY:SECRET", help="audiohook only: sign the request")
+    sd.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    w = sub.add_parser("watch", help="supervisor dashboard of every live call on a server")
+    w.add_argument("url", help="server, e.g. ws://127.0.0.1:8765")
+    w.add_argument("--token", default=None, help="server token (default: $EMOSTREAM_TOKEN)")
+    w.add_argument("--call-id", default=None, help="only this call")
+    w.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the dashboard")
+
+    m = sub.add_parser("mic", help="analyse a microphone (or any audio input) live")
+    m.add_argument("--device", dest="input_device", default=None, metavar="N|NAME",
+                   help="input device index or (part of its) name; default: the system default input")
+    m.add_argument("--list-devices", action="store_true", help="list input devices and exit")
+    m.add_argument("--rate", type=_positive(int), default=None, help="capture rate (default: the device's)")
+    m.add_argument("--channels", type=int, choices=(1, 2), default=1, help="channels to capture (default 1)")
+    m.add_argument("--seconds", type=_positive(float), default=None, help="stop after this much audio")
+    stream_args(m)
+    m.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
+    m.add_argument("--model-device", dest="device", default="auto", help="auto (cuda when present), cpu or cuda")
+    m.add_argument("--fp32", action="store_true", help="disable bf16/fp16 autocast")
 
 
 def _load_predictor(args):
@@ -167,7 +239,146 @@ def cmd_replay(args) -> int:
     return 130 if interrupted else 0
 
 
-COMMANDS = {"replay": cmd_replay, "classify": cmd_classify}
+def _env_default(value: str | None, name: str) -> str | None:
+    import os
+
+    return value if value is not None else (os.environ.get(name) or None)
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from .auth import AudioHookKey
+    from .server import EmoServer, ServerConfig
+    from .worker import WorkerConfig, constant_predictor
+
+    try:
+        keys = tuple(AudioHookKey.parse(k) for k in args.audiohook_key)
+        config = ServerConfig(
+            host=args.host, port=args.port, token=_env_default(args.token, "EMOSTREAM_TOKEN"),
+            max_calls=args.max_calls, events_dir=Path(args.events_dir) if args.events_dir else None,
+            hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth,
+            idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_kb * 1024,
+            twilio_auth_token=_env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
+            public_url=args.public_url, audiohook_keys=keys,
+            worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                max_pending=max(4096, args.max_batch)))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if config.events_dir is not None and config.events_dir.exists() and not config.events_dir.is_dir():
+        raise UsageError(f"--events-dir is not a directory: {config.events_dir}")
+    if args.no_model:
+        predict, device = constant_predictor(), "none (--no-model)"
+    else:
+        predictor = _load_predictor(args)
+        predict, device = predictor.predict, str(predictor.device)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    server = EmoServer(config, predict, device=device)
+
+    async def run() -> None:
+        try:
+            port = await server.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        auth = "token required" if config.token else "no token (set --token or EMOSTREAM_TOKEN)"
+        print(f"emostream serve: listening on ws://{config.host}:{port} (/v1/pcm /v1/twilio /v1/audiohook "
+              f"/v1/events); model on {device}; {auth}", file=sys.stderr, flush=True)
+        view = None
+        if args.dashboard:
+            from .watch import SupervisorView
+
+            view = SupervisorView(f"serve :{port}")
+            server.hub.listeners.append(view.update)
+            view.__enter__()
+        try:
+            await asyncio.Future()
+        finally:
+            await server.stop()
+            if view is not None:
+                view.__exit__(None, None, None)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        print("emostream serve: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_send(args) -> int:
+    import asyncio
+
+    from .auth import AudioHookKey
+    from .client import SendError, SendOptions, endpoint_url, send_file
+
+    try:
+        endpoint_url(args.url, args.protocol)
+        key = AudioHookKey.parse(args.audiohook_key) if args.audiohook_key else None
+    except (SendError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
+    if names is not None and (len(set(names)) != len(names) or not all(names)):
+        raise UsageError(f"--channel-names must be distinct non-empty names, got {args.channel_names!r}")
+    if not Path(args.file).exists():
+        raise UsageError(f"no such file: {args.file}")
+    options = SendOptions(protocol=args.protocol, fast=args.fast, token=_env_default(args.token, "EMOSTREAM_TOKEN"),
+                          call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
+                          channel_names=names, audiohook_key=key)
+
+    def show(message: dict) -> None:
+        if not args.quiet or message.get("type") == "summary":
+            print(json.dumps(message), flush=True)
+
+    try:
+        result = asyncio.run(send_file(args.file, args.url, options, show))
+    except SendError as exc:
+        raise UsageError(str(exc)) from None
+    if result.summary is None:
+        reason = result.close_reason or "connection closed"
+        errors = [m.get("message") for m in result.messages if m.get("type") == "error"]
+        print(f"emostream: error: call ended without a summary (close {result.close_code}: "
+              f"{errors[0] if errors else reason})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_watch(args) -> int:
+    import asyncio
+
+    from websockets.exceptions import InvalidStatus
+
+    from .watch import PlainWatcher, SupervisorView, events_url, watch
+
+    try:
+        events_url(args.url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from rich.console import Console
+
+    console = Console()
+    view = SupervisorView(args.url, console) if (not args.no_dashboard and console.is_terminal) else PlainWatcher()
+    try:
+        with view:
+            asyncio.run(watch(args.url, view.update, _env_default(args.token, "EMOSTREAM_TOKEN"), args.call_id))
+    except InvalidStatus as exc:
+        raise UsageError(f"server refused the connection: HTTP {exc.response.status_code}") from None
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise UsageError(f"cannot connect to {args.url}: {exc or type(exc).__name__}") from None
+    return 0
+
+
+def cmd_mic(args) -> int:
+    from .mic import MicError, run_mic_command
+
+    try:
+        return run_mic_command(args, _load_predictor)
+    except MicError as exc:
+        raise UsageError(str(exc)) from None
+
+
+COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "serve": cmd_serve, "send": cmd_send,
+            "watch": cmd_watch, "mic": cmd_mic}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -317,8 +317,11 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
                               "t_end": float(data["offset"][2:-1]) + float(data["duration"][2:-1])})
                 elif entity.get("type") == "emostream.summary":
                     received(data)
-        elif kind in ("closed", "disconnect"):
-            received(message)
+        elif kind == "disconnect":
+            info = params.get("info") or params.get("reason")
+            received({"type": "error", "message": f"disconnect: {info}"})
+            closed.set()
+        elif kind == "closed":
             closed.set()
 
     async def reader(ws) -> None:

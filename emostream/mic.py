@@ -1,0 +1,245 @@
+"""``emostream mic``: live analysis of an audio input device through ``sounddevice`` (PortAudio).
+
+The PortAudio callback only copies each block into a bounded queue; the main thread resamples from
+the device rate to 16 kHz, cuts windows and runs the model, so a slow model never blocks capture.
+If the model falls behind by more than ``max_queue_seconds`` of audio, blocks are dropped and
+counted (reported in the dashboard log and at the end), never silently. ``sounddevice`` is imported
+only inside functions of this module.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, StreamResampler
+
+MIC_BLOCK_SECONDS = 0.1
+MAX_QUEUE_SECONDS = 10.0
+READ_TIMEOUT = 0.5     # seconds the consumer waits for a block before checking for stop
+STALL_TIMEOUT = 5.0    # no block for this long: the device stopped delivering audio
+
+
+class MicError(Exception):
+    """The microphone cannot be used (one-line message: what to install or which devices exist)."""
+
+
+def import_sounddevice():
+    """``sounddevice``, or a :class:`MicError` saying what to install."""
+    try:
+        import sounddevice
+    except ImportError:
+        raise MicError("the mic command needs the sounddevice package: pip install 'emostream[mic]'") from None
+    except OSError:
+        raise MicError("PortAudio library not found: install it (Debian/Ubuntu: apt-get install libportaudio2; "
+                       "macOS: brew install portaudio)") from None
+    return sounddevice
+
+
+def input_devices(sd) -> list[dict]:
+    """Input devices: ``index``, ``name``, ``channels``, ``rate`` (default sample rate)."""
+    try:
+        devices = sd.query_devices()
+    except Exception as exc:
+        raise MicError(f"cannot list audio devices: {exc}") from None
+    return [{"index": i, "name": d["name"], "channels": int(d["max_input_channels"]),
+             "rate": int(d["default_samplerate"])}
+            for i, d in enumerate(devices) if int(d["max_input_channels"]) > 0]
+
+
+def describe_devices(devices: list[dict]) -> str:
+    return "; ".join(f"{d['index']}: {d['name']} ({d['channels']} ch, {d['rate']} Hz)" for d in devices)
+
+
+def resolve_device(sd, spec: str | None) -> dict:
+    """The input device for ``--device`` (index or part of the name; ``None`` = system default)."""
+    devices = input_devices(sd)
+    if not devices:
+        raise MicError("no audio input device found (check the microphone, or the ALSA/PulseAudio setup)")
+    if spec is None:
+        try:
+            default = sd.default.device[0]
+        except Exception:
+            default = -1
+        match = [d for d in devices if d["index"] == default]
+        return match[0] if match else devices[0]
+    if spec.strip().isdigit():
+        match = [d for d in devices if d["index"] == int(spec)]
+    else:
+        match = [d for d in devices if spec.lower() in d["name"].lower()]
+    if len(match) != 1:
+        what = "no" if not match else "more than one"
+        raise MicError(f"{what} input device matches {spec!r}; input devices: {describe_devices(devices)}")
+    return match[0]
+
+
+@dataclass(frozen=True)
+class MicConfig:
+    """What to open."""
+
+    device: int | str | None = None
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 1
+    block_seconds: float = MIC_BLOCK_SECONDS
+    max_queue_seconds: float = MAX_QUEUE_SECONDS
+
+
+class MicCapture:
+    """An input stream whose callback feeds a bounded queue.
+
+    ``open_stream`` is ``sounddevice.InputStream`` (or anything with that signature whose result
+    has ``start``/``stop``/``close``: tests pass a fake).
+    """
+
+    def __init__(self, open_stream: Callable[..., Any], config: MicConfig):
+        self.config = config
+        self.open_stream = open_stream
+        self.blocksize = max(1, int(config.block_seconds * config.sample_rate))
+        self._queue: queue.Queue[np.ndarray] = queue.Queue(
+            max(1, round(config.max_queue_seconds / config.block_seconds)))
+        self.dropped_blocks = 0
+        self.status_flags: list[str] = []
+        self._stream = None
+
+    def callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        """PortAudio callback (its own thread): copy the block, never block."""
+        if status:
+            self.status_flags.append(str(status))
+        try:
+            self._queue.put_nowait(np.array(indata, dtype=np.float32, copy=True).reshape(frames, -1))
+        except queue.Full:
+            self.dropped_blocks += 1
+
+    def __enter__(self) -> "MicCapture":
+        try:
+            self._stream = self.open_stream(device=self.config.device, channels=self.config.channels,
+                                            samplerate=self.config.sample_rate, dtype="float32",
+                                            blocksize=self.blocksize, callback=self.callback)
+            self._stream.start()
+        except MicError:
+            raise
+        except Exception as exc:
+            raise MicError(f"cannot open input device {self.config.device!r}: {str(exc).splitlines()[0]}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.stop()
+            finally:
+                self._stream.close()
+                self._stream = None
+
+    def read(self, timeout: float = READ_TIMEOUT) -> np.ndarray | None:
+        """The next block ``(frames, channels)``, or ``None`` after ``timeout`` seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+def run_capture(capture: MicCapture, analyzer, windower, display=None, max_seconds: float | None = None,
+                stop: Callable[[], bool] = lambda: False) -> dict:
+    """Consume ``capture`` until ``max_seconds`` of audio, ``stop()`` or a stalled device; returns the
+    summary. Blocks are resampled per channel to 16 kHz and windowed; windows go to ``analyzer``."""
+    resamplers = [StreamResampler(capture.config.sample_rate, SAMPLE_RATE) for _ in windower.channels]
+    received, dropped_seen = 0, 0
+    t0 = last = time.monotonic()
+    limit = None if max_seconds is None else int(max_seconds * capture.config.sample_rate)
+    while not stop() and (limit is None or received < limit):
+        block = capture.read()
+        now = time.monotonic()
+        if block is None:
+            if now - last > STALL_TIMEOUT:
+                if display is not None:
+                    display.log(f"no audio from the device for {STALL_TIMEOUT:g} s: stopping")
+                break
+            continue
+        last = now
+        if limit is not None:
+            block = block[: limit - received]
+        received += len(block)
+        windows = []
+        for ch, resampler in enumerate(resamplers):
+            x = resampler.push(block[:, ch] if block.shape[1] > ch else block[:, 0])
+            windows += windower.push(ch, x) if len(x) else []
+        analyzer.process(sorted(windows, key=lambda w: (w.end, windower.channels.index(w.channel))))
+        if display is not None:
+            display.set_clock(windower.seconds, now - t0)
+            if capture.dropped_blocks > dropped_seen:
+                dropped_seen = capture.dropped_blocks
+                display.log(f"model behind real time: {dropped_seen} audio blocks dropped")
+    windows = []
+    for ch, resampler in enumerate(resamplers):
+        x = resampler.flush()
+        windows += windower.push(ch, x) if len(x) else []
+    analyzer.process(windows + windower.flush())
+    summary = analyzer.timeline.summary()
+    summary["dropped_seconds"] = round(capture.dropped_blocks * capture.config.block_seconds, 3)
+    return summary
+
+
+def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Callable[..., Any] | None = None) -> int:
+    """``emostream mic``: list devices, or capture and show the dashboard until Ctrl-C."""
+    import sys
+
+    from .analyzer import Analyzer, AnalyzerConfig
+    from .dashboard import DashboardInfo, make_display
+    from .stream import StreamConfig, StreamWindower
+    from .timeline import JsonlWriter
+
+    sd = import_sounddevice() if open_stream is None or args.list_devices else None
+    if args.list_devices:
+        devices = input_devices(sd)
+        if not devices:
+            raise MicError("no audio input device found (check the microphone, or the ALSA/PulseAudio setup)")
+        for d in devices:
+            print(f"{d['index']}\t{d['name']}\t{d['channels']} ch\t{d['rate']} Hz")
+        return 0
+    if not 0 < args.smooth <= 1:
+        raise MicError(f"--smooth must be in (0, 1], got {args.smooth}")
+    try:
+        stream_cfg = StreamConfig(hop_seconds=args.hop, min_seconds=args.min_seconds)
+    except ValueError as exc:
+        raise MicError(str(exc)) from None
+    if sd is not None:
+        device = resolve_device(sd, args.input_device)
+        if args.channels > device["channels"]:
+            raise MicError(f"device {device['name']!r} has {device['channels']} input channel(s), asked for {args.channels}")
+        config = MicConfig(device["index"], args.rate or device["rate"], args.channels)
+        open_stream, source = sd.InputStream, f"mic: {device['name']}"
+    else:
+        config = MicConfig(args.input_device, args.rate or SAMPLE_RATE, args.channels)
+        source = f"mic: {args.input_device or 'default'}"
+    predictor = load_predictor(args)
+    names = ("mic",) if args.channels == 1 else ("left", "right")
+    writer = JsonlWriter(args.events) if args.events else None
+    info = DashboardInfo(source=source, stream="mic", channels=names, device=str(predictor.device),
+                         hop_seconds=args.hop)
+    display = make_display(info, enabled=not args.no_dashboard)
+    sinks = [display.update] + ([writer.write] if writer else [])
+    analyzer = Analyzer(predictor.predict, "mic", names, AnalyzerConfig(smooth=args.smooth), args.hop, sinks)
+    windower = StreamWindower("mic", names, stream_cfg)
+    interrupted = False
+    with display:
+        try:
+            with MicCapture(open_stream, config) as capture:
+                try:
+                    summary = run_capture(capture, analyzer, windower, display, args.seconds)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    summary = analyzer.timeline.summary()
+        except KeyboardInterrupt:
+            interrupted = True
+            summary = analyzer.timeline.summary()
+        if writer:
+            writer.write(summary)
+            writer.close()
+        display.finish(summary)
+    if summary.get("dropped_seconds"):
+        print(f"emostream: warning: {summary['dropped_seconds']} s of audio dropped (model slower than real time)",
+              file=sys.stderr)
+    return 130 if interrupted else 0
