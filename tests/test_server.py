@@ -347,7 +347,7 @@ def test_bad_input_closes_only_that_call(tmp_path):
         assert [e["t_end"] for e in result.events] == expected_ends(6.0)
         ok = asyncio.run(send_file(good, srv.url, SendOptions(protocol="pcm", fast=True, call_id="after")))
         assert ok.summary is not None
-        assert srv.server.errors >= len(BAD_INPUTS)
+        assert srv.server.errors >= sum(1 for b in BAD_INPUTS if b[2] == 1007)  # 1009 is closed by websockets itself
 
 
 def test_resampled_rates_and_g711(tmp_path):
