@@ -287,9 +287,12 @@ def cmd_serve(args) -> int:
               f"/v1/events); model on {device}; {auth}", file=sys.stderr, flush=True)
         view = None
         if args.dashboard:
-            from .watch import SupervisorView
+            from rich.console import Console
 
-            view = SupervisorView(f"serve :{port}")
+            from .watch import PlainWatcher, SupervisorView
+
+            console = Console()
+            view = SupervisorView(f"serve :{port}", console) if console.is_terminal else PlainWatcher()
             server.hub.listeners.append(view.update)
             view.__enter__()
         try:

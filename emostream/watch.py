@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Callable
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from rich import box
@@ -101,7 +101,7 @@ class SupervisorView:
         with self._lock:
             live = sum(1 for c in self.calls.values() if c.ended is None)
             table = Table(box=box.SIMPLE_HEAD, expand=True,
-                          title=f"emostream watch · {self.source} · {live} live call(s)", title_justify="left")
+                          title=f"emostream · {self.source} · {live} live call(s)", title_justify="left")
             table.add_column("Call", no_wrap=True, style="bold")
             table.add_column("Channel", no_wrap=True)
             table.add_column("Now", no_wrap=True)

@@ -74,19 +74,26 @@ def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
 
 
 def test_example_call_with_the_real_model(predictor, tmp_path):
-    """The shipped model behind the server: a short stretch of the stereo example over /v1/pcm."""
+    """The shipped model behind the server: a short stretch of the stereo example, sent over all three
+    protocols at once (their windows share the worker's batches)."""
     import soundfile as sf
 
     data, sr = sf.read(ROOT / "examples" / "call_stereo.flac", dtype="float32")
     sf.write(tmp_path / "short.wav", data[: int(3.5 * sr)], sr)
     with ServerThread(port=0, predict=predictor.predict) as srv:
-        result = asyncio.run(send_file(tmp_path / "short.wav", srv.url, SendOptions(
-            protocol="pcm", fast=True, channel_names=("agent", "customer"))))
-    assert result.summary is not None and set(result.summary["channels"]) == {"agent", "customer"}
-    for e in result.events:
-        assert e["t_end"] in (1.0, 2.0, 3.0, 3.5)
-        if e["speech"]:
-            assert e["label"] in CLASSES and abs(sum(e["probabilities"].values()) - 1) < 1e-3
+        async def calls():
+            return await asyncio.gather(*[send_file(tmp_path / "short.wav", srv.url, SendOptions(protocol=p, fast=True))
+                                          for p in ("pcm", "twilio", "audiohook")])
+
+        results = asyncio.run(calls())
+        stats = srv.server.worker.stats
+    for result in results:
+        assert result.summary is not None and len(result.summary["channels"]) == 2
+        assert sorted({e["t_end"] for e in result.events}) == pytest.approx([1.0, 2.0, 3.0, 3.5], abs=2e-3)
+        for e in result.events:
+            if e["speech"]:
+                assert e["label"] in CLASSES and abs(sum(e["probabilities"].values()) - 1) < 1e-3
+    assert stats.windows == sum(sum(e["speech"] for e in r.events) for r in results)
 
 
 # --- Twilio ----------------------------------------------------------------------------------
