@@ -58,6 +58,7 @@ class ServerConfig:
     min_seconds: float = 1.0
     smooth: float = 1.0
     idle_timeout: float = 60.0           # seconds without a frame before a call is closed
+    max_call_seconds: float = 4 * 3600.0  # audio (gaps included) one call may stream
     max_message_bytes: int = 256 * 1024  # larger frames close the connection (1009)
     max_subscribers: int = 64
     twilio_auth_token: str | None = None
@@ -69,6 +70,8 @@ class ServerConfig:
     def __post_init__(self):
         if self.max_calls < 1:
             raise ValueError(f"max calls must be >= 1, got {self.max_calls}")
+        if not self.max_call_seconds > 0:
+            raise ValueError(f"max call length must be > 0 s, got {self.max_call_seconds}")
         if not self.idle_timeout > 0:
             raise ValueError(f"idle timeout must be > 0 s, got {self.idle_timeout}")
         if self.max_message_bytes < 1024:
@@ -144,6 +147,7 @@ class LiveCall:
         self.hub = hub
         self.started_at = time.time()
         self.finished = False
+        self.max_seconds = config.max_call_seconds
         self.summary: dict | None = None
         self.tail_events: list[dict] = []  # events of the final windows (sent before the summary)
         self._file: IO[str] | None = None
@@ -171,6 +175,8 @@ class LiveCall:
     async def push(self, audio: list[tuple[int, np.ndarray]]) -> list[dict]:
         """``(channel, samples)`` pieces at the protocol's rate (one frame of every channel);
         the windows they complete are classified in one request. Returns their events."""
+        rate = self.resamplers[0].orig_rate
+        self._check_length(max(len(samples) for _, samples in audio) / rate)
         windows = []
         for channel, samples in audio:
             x = self.resamplers[channel].push(samples)
@@ -184,6 +190,7 @@ class LiveCall:
         """A gap of ``samples`` (protocol rate) on one or every channel, fed in short pieces."""
         channels = range(len(self.channels)) if channel is None else [channel]
         rate = self.resamplers[0].orig_rate
+        self._check_length(samples / rate)
         piece = int(SILENCE_CHUNK_SECONDS * rate)
         events: list[dict] = []
         for pos in range(0, samples, piece):
@@ -195,6 +202,10 @@ class LiveCall:
             windows.sort(key=lambda w: (w.end, self.channels.index(w.channel)))
             events += await self.analyzer.process_async(windows, self.worker.infer)
         return events
+
+    def _check_length(self, more_seconds: float) -> None:
+        if self.windower.seconds + more_seconds > self.max_seconds:
+            raise ProtocolError(f"call longer than the limit of {self.max_seconds:g} s", CLOSE_POLICY)
 
     async def finish(self, reason: str) -> dict:
         """End of the call: last windows, summary to the file and the hub; idempotent."""

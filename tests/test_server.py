@@ -357,6 +357,22 @@ def test_bad_input_closes_only_that_call(tmp_path):
         assert srv.server.errors >= sum(1 for b in BAD_INPUTS if b[2] == 1007)  # 1009 is closed by websockets itself
 
 
+def test_call_length_is_bounded_gaps_included(tmp_path):
+    """A Twilio timestamp far in the future cannot make the server chew through hours of silence."""
+    with ServerThread(ServerConfig(port=0, max_call_seconds=30, events_dir=tmp_path)) as srv:
+        with connect(srv.url + "/v1/twilio") as ws:
+            messages = list(twilio_messages(gap_ms=3_600_000, seconds=1.0))
+            try:
+                for m in messages:
+                    ws.send(json.dumps(m))
+            except ConnectionClosed:
+                pass
+            _, code, reason = recv_all(ws)
+        assert code == 1008 and "longer than the limit of 30 s" in reason
+    lines = [json.loads(line) for line in (tmp_path / ("CA" + "1" * 32 + ".jsonl")).read_text().splitlines()]
+    assert lines[-1]["type"] == "summary" and lines[-1]["duration"] < 1
+
+
 def test_resampled_rates_and_g711(tmp_path):
     with ServerThread(port=0) as srv:
         for rate, encoding in ((8000, "pcm_s16le"), (44100, "pcm_s16le"), (8000, "mulaw"), (8000, "alaw")):
