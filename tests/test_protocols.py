@@ -403,3 +403,60 @@ def test_worker_batches_across_callers_and_reports_failures():
         await worker.stop()
 
     asyncio.run(main())
+
+
+# --- robustness: whatever a peer sends, a session answers with actions or a ProtocolError ------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEYS = ["type", "event", "call_id", "sample_rate", "channels", "encoding", "channel_names", "start", "media",
+        "streamSid", "track", "payload", "timestamp", "mediaFormat", "tracks", "customParameters", "version",
+        "id", "seq", "serverseq", "position", "parameters", "organizationId", "conversationId", "participant",
+        "format", "rate", "discarded", "language", "supportedLanguages"]
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["start", "stop", "media", "open", "ping", "close", "paused", "resumed", "discarded",
+                       "inbound", "outbound", "PCMU", "L16", "external", "internal", "audio", "PT1S", "2",
+                       "pcm_s16le", "mulaw", SID, NULL_UUID, "audio/x-mulaw", "AAAA"]) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+    max_leaves=12)
+FRAMES = st.one_of(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6).map(json.dumps),
+                   st.text(max_size=30), st.binary(max_size=64))
+
+OPENERS = {
+    PcmSession: [pcm_start()],
+    TwilioSession: [twilio_start()],
+    AudioHookSession: [Client().msg("open", **open_params())],
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(FRAMES, max_size=6), opened=st.booleans())
+def test_sessions_raise_only_protocol_errors(frames, opened):
+    for cls, openers in OPENERS.items():
+        session = cls(SID) if cls is AudioHookSession else cls()
+        for frame in (openers if opened else []) + frames:
+            try:
+                actions = session.on_text(frame) if isinstance(frame, str) else session.on_binary(frame)
+            except ProtocolError as err:
+                assert 1000 <= err.code < 5000 and str(err)
+                session.error_messages(err)
+                if not session.graceful_errors:
+                    break
+                continue
+            assert all(isinstance(a, (Start, Audio, Silence, Send, End)) or type(a).__name__ == "Note" for a in actions)
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_pcm_frames_split_anywhere_on_sample_frames(cuts):
+    """However a bridge chunks the stream (on whole stereo sample frames), the decoded audio is the same."""
+    pcm = float32_to_int16(speechlike(0.1, 8000)).astype("<i2")
+    stereo = np.stack([pcm, pcm[::-1]], axis=1).reshape(-1).tobytes()
+    s = PcmSession()
+    s.on_text(pcm_start(sample_rate=8000))
+    bounds = sorted({min(4 * c, len(stereo)) for c in cuts} | {0, len(stereo)})
+    left = np.concatenate([a.samples for lo, hi in zip(bounds, bounds[1:]) for a in s.on_binary(stereo[lo:hi])
+                           if a.channel == 0])
+    np.testing.assert_array_equal(left, pcm / 32768.0)
