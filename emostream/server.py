@@ -253,7 +253,6 @@ class EmoServer:
         self.completed = 0
         self.errors = 0
         self._server = None
-        self._auth: dict[int, bool] = {}
         self._audiohook_keys = {k.key: k.secret for k in config.audiohook_keys}
         if config.events_dir is not None:
             Path(config.events_dir).mkdir(parents=True, exist_ok=True)
@@ -316,14 +315,14 @@ class EmoServer:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its call limit\n")
         if path == EVENTS_PATH and self.hub.subscribers >= cfg.max_subscribers:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many event subscribers\n")
-        self._auth[id(connection)] = authenticated
+        connection.emostream_authenticated = authenticated  # read by _handle
         return None
 
     # -- websocket stage
 
     async def _handle(self, ws: ServerConnection) -> None:
         path = urlsplit(ws.request.path).path.rstrip("/")
-        authenticated = self._auth.pop(id(ws), False)
+        authenticated = getattr(ws, "emostream_authenticated", False)
         self.connections += 1
         try:
             if path == EVENTS_PATH:
