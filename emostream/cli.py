@@ -281,6 +281,14 @@ def cmd_serve(args) -> int:
     server = EmoServer(config, predict, device=device)
 
     async def run() -> None:
+        import signal
+
+        # A service manager stops the server with SIGTERM: finish like Ctrl-C (calls get their summaries).
+        main_task = asyncio.current_task()
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+        except (NotImplementedError, RuntimeError):  # not the main thread / no signal support
+            pass
         try:
             port = await server.start()
         except OSError as exc:
@@ -307,7 +315,7 @@ def cmd_serve(args) -> int:
 
     try:
         asyncio.run(run())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("emostream serve: stopped", file=sys.stderr)
     return 0
 

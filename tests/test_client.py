@@ -92,9 +92,12 @@ def test_watch_errors_are_one_line(capsys):
 def test_serve_send_watch_processes(tmp_path):
     """The real commands as a user runs them: serve (no model), watch, send; Ctrl-C stops serve."""
     env = {**os.environ, "EMOSTREAM_TOKEN": "tok"}
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit
+    # that: give the server the default disposition, as a terminal would.
     serve = subprocess.Popen([sys.executable, "-m", "emostream", "serve", "--port", "0", "--no-model",
                               "--events-dir", str(tmp_path / "ev")], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = serve.stderr.readline()
         match = re.search(r"listening on (ws://127\.0\.0\.1:\d+)", line)
@@ -123,6 +126,22 @@ def test_serve_send_watch_processes(tmp_path):
         for proc in (serve,):
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path):
+    """A service manager's SIGTERM ends the server like Ctrl-C: exit 0, open calls get a summary."""
+    serve = subprocess.Popen([sys.executable, "-m", "emostream", "serve", "--port", "0", "--no-model",
+                              "--events-dir", str(tmp_path / "ev")], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = serve.stderr.readline()
+        assert "listening on" in line, line
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(20) == 0
+        assert "stopped" in serve.stderr.read()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
 
 
 def test_supervisor_view_renders_calls():
