@@ -113,3 +113,29 @@ def test_silent_file_is_an_error(tmp_path, capsys):
     sf.write(path, np.zeros(16000), 16000)
     assert main(["replay", str(path), "--fast", "--no-dashboard"]) == 2
     assert "silent" in capsys.readouterr().err
+
+
+def test_replay_bundled_stereo_example_matches_ground_truth_format(shipped_checkpoint, tmp_path):
+    """The acceptance command on the bundled stereo call: one event per hop per channel, exact
+    window times, and labels that agree with the ground truth better than chance."""
+    import csv
+
+    from emostream.audio import load_audio
+    from emostream.timeline import agreement
+
+    wav = ROOT / "examples" / "call_stereo.flac"
+    out = tmp_path / "e.jsonl"
+    assert main(["replay", str(wav), "--fast", "--no-dashboard", "--events", str(out),
+                 "--channel-names", "agent,customer"]) == 0
+    seconds = load_audio(wav).shape[1] / 16000
+    ends = [float(t) for t in range(1, int(seconds) + 1)] + [seconds]  # exact sample times
+    events = read_events(out)
+    for ch in ("agent", "customer"):
+        evs = [e for e in events if e["channel"] == ch]
+        assert [e["t_end"] for e in evs] == pytest.approx(ends, abs=1e-6)
+        assert [e["t_start"] for e in evs] == pytest.approx([max(0.0, t - 6) for t in ends], abs=1e-6)
+    with open(ROOT / "examples" / "call_stereo.segments.csv", newline="") as f:
+        segments = list(csv.DictReader(f))
+    score = agreement(events, segments)
+    assert set(score) == {"agent", "customer", "overall"}
+    assert score["overall"]["agreement"] > 1 / 7

@@ -49,7 +49,7 @@ def test_project_configs_load(name):
 def test_utterance_norm_config_reaches_the_model():
     from train.engine import build_model
     cfg = load_config(CONFIGS / "utterance_norm.yaml")
-    assert cfg.normalize == "utterance" and cfg.epochs == 12
+    assert cfg.normalize == "utterance" and cfg.epochs == 5
     assert build_model(cfg).frontend.config.normalize == "utterance"
 
 
