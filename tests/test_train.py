@@ -233,3 +233,15 @@ def test_train_cli_errors(tmp_path, capsys):
     assert "config not found" in capsys.readouterr().err
     assert main(["fit", "--config", str(RECIPE)]) == 2
     assert "--pretrained PATH" in capsys.readouterr().err
+
+
+def test_floor_noise_covers_padding_and_is_off_by_default():
+    from train.config import Augment
+    from train.engine import add_floor_noise
+    waves = np.zeros((4, 1000), dtype=np.float32)
+    cfg = load_config(CONFIGS / "speaker_cv.yaml")
+    assert add_floor_noise(waves.copy(), cfg, np.random.default_rng(0)).max() == 0
+    cfg = replace(cfg, augment=Augment(floor_noise_dbfs=(-60.0, -60.0), floor_noise_probability=1.0))
+    out = add_floor_noise(waves.copy(), cfg, np.random.default_rng(0))
+    rms = np.sqrt((out ** 2).mean(axis=1))
+    assert np.allclose(20 * np.log10(rms), -60.0, atol=0.5)

@@ -32,6 +32,8 @@ class Augment:
     noise_snr_db: tuple[float, float] | None = None  # white noise at an SNR drawn from this range
     noise_probability: float = 0.0
     telephone_probability: float = 0.0  # 8 kHz μ-law round trip
+    floor_noise_dbfs: tuple[float, float] | None = None  # white noise over the whole 6 s window
+    floor_noise_probability: float = 0.0                 # (padding included) at this absolute level
     spec_time_masks: int = 0
     spec_time_width: int = 0          # frames
     spec_freq_masks: int = 0

@@ -67,10 +67,24 @@ def augment_wave(x: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> n
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
+def add_floor_noise(waves: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """Room-noise floor over whole windows (padding included): streaming windows are padded by the
+    line's noise, training clips by digital zeros. Level in dBFS RMS drawn per window."""
+    a = cfg.augment
+    if not a.floor_noise_dbfs or not a.floor_noise_probability:
+        return waves
+    for row in waves:
+        if rng.random() < a.floor_noise_probability:
+            level = np.float32(10 ** (rng.uniform(*a.floor_noise_dbfs) / 20))
+            row += rng.standard_normal(len(row)).astype(np.float32) * level
+    return np.clip(waves, -1.0, 1.0)
+
+
 def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Waveforms ``(B, WINDOW_SAMPLES)`` and one-hot (or mixed) targets ``(B, 7)``."""
     waves = np.stack([crop_or_pad(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset) for i in idx])
+    waves = add_floor_noise(waves, cfg, rng)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labels[idx]]
     if cfg.mix_audio == "Mixup" and rng.random() < cfg.mix_probability:
         lam = np.float32(rng.beta(cfg.mix_concentration, cfg.mix_concentration))
