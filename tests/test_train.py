@@ -171,7 +171,11 @@ def tiny(tmp_path_factory):
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     clips = load_dataset(root)
     cache = build_cache(clips, root / "cache")
-    cfg = replace(load_config(CONFIGS / "shipped.yaml"), epochs=2, batch_size=4, exclude_speakers=())
+    # every training feature at once: augmented.yaml's augmentations + SpecAugment, the shipped
+    # model's utterance normalisation, and the floor-noise augmentation
+    cfg = load_config(CONFIGS / "augmented.yaml")
+    cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance",
+                  augment=replace(cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5))
     return root, clips, cache, cfg
 
 
