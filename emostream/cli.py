@@ -35,6 +35,17 @@ def _positive(kind):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """A number in (0, 1] (the EMA weight of ``--smooth``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="emostream", description="Real-time speech emotion analysis for phone calls.")
     p.add_argument("--version", action="version", version=f"emostream {__version__}")
@@ -49,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
         sp.add_argument("--min-seconds", type=_positive(float), default=1.0,
                         help="audio needed before the first window (default 1.0; shorter windows are zero-padded)")
-        sp.add_argument("--smooth", type=float, default=1.0,
+        sp.add_argument("--smooth", type=_fraction, default=1.0,
                         help="EMA weight of the newest window in (0, 1]; 1 = no smoothing (default)")
         sp.add_argument("--events", metavar="OUT.jsonl", help="write events as JSON lines (flushed per event)")
         sp.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the live dashboard")
@@ -94,7 +105,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     sv.add_argument("--dashboard", action="store_true", help="show the supervisor dashboard of all calls")
     sv.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
     sv.add_argument("--min-seconds", type=_positive(float), default=1.0, help="audio before the first window (default 1.0)")
-    sv.add_argument("--smooth", type=float, default=1.0, help="EMA weight of the newest window in (0, 1] (default 1)")
+    sv.add_argument("--smooth", type=_fraction, default=1.0, help="EMA weight of the newest window in (0, 1] (default 1)")
     sv.add_argument("--idle-timeout", type=_positive(float), default=60.0, help="close calls silent this long (s, default 60)")
     sv.add_argument("--max-call-minutes", type=_positive(float), default=240.0,
                     help="longest call in minutes of audio, gaps included (default 240)")
@@ -191,8 +202,6 @@ def cmd_replay(args) -> int:
     from .stream import StreamConfig, StreamWindower
     from .timeline import JsonlWriter
 
-    if not 0 < args.smooth <= 1:
-        raise UsageError(f"--smooth must be in (0, 1], got {args.smooth}")
     try:
         stream_cfg = StreamConfig(hop_seconds=args.hop, min_seconds=args.min_seconds)
     except ValueError as exc:

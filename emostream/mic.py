@@ -199,8 +199,6 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
         for d in devices:
             print(f"{d['index']}\t{d['name']}\t{d['channels']} ch\t{d['rate']} Hz")
         return 0
-    if not 0 < args.smooth <= 1:
-        raise MicError(f"--smooth must be in (0, 1], got {args.smooth}")
     try:
         stream_cfg = StreamConfig(hop_seconds=args.hop, min_seconds=args.min_seconds)
     except ValueError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from emostream.audio import SAMPLE_RATE, WINDOW_SECONDS
+from emostream.features import NORMALIZATIONS
 
 log = logging.getLogger("train")
 
@@ -460,7 +461,7 @@ def _extensions(body: dict, u: dict) -> None:
         elif key == "group_by":
             u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})
         elif key == "normalize":
-            u["normalize"] = _choice("emostream.normalize", value, {"none": "none", "utterance": "utterance"})
+            u["normalize"] = _choice("emostream.normalize", value, {n: n for n in NORMALIZATIONS})
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
         else:

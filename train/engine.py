@@ -383,6 +383,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     from .metrics import summarize_folds
 
     temperature = fit_temperature(raw_logits[evaluated], labels[evaluated]) if cfg.calibrate else 1.0
+    evaluated_corpora = [c for c, e in zip(corpora, evaluated) if e]
     report = {
         "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else ""),
         "config": cfg.to_dict(),
@@ -391,8 +392,8 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         "train_seconds": round(train_seconds, 1),
         "summary": summarize_folds(per_fold),
         "summary_telephone": summarize_folds(per_fold_tel),
-        "pooled": grouped_metrics(oof[evaluated], labels[evaluated], [c for c, e in zip(corpora, evaluated) if e]),
-        "pooled_telephone": grouped_metrics(oof_tel[evaluated], labels[evaluated], [c for c, e in zip(corpora, evaluated) if e]),
+        "pooled": grouped_metrics(oof[evaluated], labels[evaluated], evaluated_corpora),
+        "pooled_telephone": grouped_metrics(oof_tel[evaluated], labels[evaluated], evaluated_corpora),
         "folds": per_fold,
     }
     write_json(out_dir / "cv_report.json", report)
