@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
         sp.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
         sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--teacher", metavar="DIR", help="distil from this faster-whisper model directory "
+                                                         "(e.g. ../shared/models/faster-whisper-base)")
 
     fit = sub.add_parser("fit", help="train one fold (--fold K) or a final model on all data (--all)")
     common(fit)
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--cv-report", help="cv_report.json whose metrics and temperature go into the checkpoint")
     cv = sub.add_parser("cv", help="all folds, then an aggregate report")
     common(cv)
+    te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
+                                         "the teacher alone on the student's folds")
+    common(te)
     ev = sub.add_parser("evaluate", help="metrics report of a checkpoint on a labelled set")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True)
@@ -60,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
     from .data import DataError
+    from .teacher import TeacherError
     from emostream.model import CheckpointError
 
     try:
         return _run(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, TeacherError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -94,7 +100,12 @@ def _run(args) -> int:
         print((out / "evaluation.md").read_text())
         return 0
 
-    cfg = load_config(args.config, pretrained_path=args.pretrained, epochs=args.epochs, data=args.data)
+    cfg = load_config(args.config, pretrained_path=args.pretrained, teacher=args.teacher, epochs=args.epochs, data=args.data)
+    if args.command == "teacher" and not cfg.distill.teacher:
+        raise ConfigError_("no teacher: pass --teacher DIR or set emostream.distill.teacher")
+    if cfg.distill.teacher:
+        from .teacher import check_teacher_dir
+        check_teacher_dir(cfg.distill.teacher)  # fail before any decoding or training
     out = Path(args.out or Path("runs") / cfg.experiment_name)
     _setup_logging(out)
     log = logging.getLogger("train")
@@ -116,10 +127,22 @@ def _run(args) -> int:
     cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
     log.info("%d clips, %d speakers, %.1f min of audio", len(clips), len({c.speaker for c in clips}),
              cache.offsets[-1] / 16000 / 60)
+    features = None
+    if cfg.distill.teacher:
+        from .teacher import build_teacher_cache
+
+        features = build_teacher_cache(cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0)
+        log.info("teacher: %s, %d encoder frames cached", cfg.distill.teacher, len(features.frames))
+    if args.command == "teacher":
+        from .engine import teacher_cv
+
+        teacher_cv(cfg, clips, features, make_folds(clips, cfg.folds, cfg.group_by, cfg.seed), out)
+        print((out / "teacher_report.md").read_text())
+        return 0
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                                device=args.device, show_progress=not args.no_progress)
+                                device=args.device, show_progress=not args.no_progress, teacher_features=features)
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -130,16 +153,24 @@ def _run(args) -> int:
             cv = json.loads(Path(args.cv_report).read_text())
             metadata["cv"] = {"protocol": cv["protocol"], "summary": cv["summary"],
                               "summary_telephone": cv["summary_telephone"], "temperature": cv["temperature"]}
+        teacher = None
+        if features is not None:
+            from .engine import fold_teacher
+
+            teacher = fold_teacher(cfg, clips, features, np.arange(len(clips)))
+            metadata["distillation"] = {"teacher": Path(cfg.distill.teacher).name, "alpha": cfg.distill.alpha,
+                                        "temperature": cfg.distill.temperature}
         res = fit(cfg, clips, cache, np.arange(len(clips)), None, out, resume=args.resume,
                   pretrained_path=args.pretrained, metadata=metadata, device=args.device,
-                  show_progress=not args.no_progress)
+                  show_progress=not args.no_progress, teacher=teacher)
         if args.cv_report:
             _set_temperature(res.checkpoint, metadata["cv"]["temperature"])
         print(f"checkpoint: {res.checkpoint}")
         return 0
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                            only_fold=args.fold, device=args.device, show_progress=not args.no_progress)
+                            only_fold=args.fold, device=args.device, show_progress=not args.no_progress,
+                            teacher_features=features)
     print((out / "cv_report.md").read_text())
     return 0
 

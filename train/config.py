@@ -42,6 +42,17 @@ class Augment:
 
 
 @dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation from a Whisper-base teacher (``train/teacher.py``); off when no teacher."""
+
+    teacher: str | None = None        # faster-whisper model directory (``--teacher DIR``)
+    alpha: float = 0.5                # loss = (1 - alpha) * recipe BCE on labels + alpha * KD term
+    temperature: float = 2.0          # softens teacher and student distributions in the KD term
+    head_c: float = 0.5               # inverse L2 strength of the teacher's logistic-regression heads
+    inner_folds: int = 4              # speaker-grouped splits giving out-of-speaker targets to training clips
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs, resolved from YAML."""
 
@@ -104,13 +115,14 @@ class TrainConfig:
     calculate_train_metric: bool = False
     calibrate: bool = True            # fit a softmax temperature on validation logits
     augment: Augment = field(default_factory=Augment)
+    distill: Distill = field(default_factory=Distill)
     notes: tuple[str, ...] = ()       # deviations applied while loading (logged and stored)
 
     def to_dict(self) -> dict:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.__dict__ if isinstance(value, Augment) else (list(value) if isinstance(value, tuple) else value)
+            out[f.name] = dict(value.__dict__) if isinstance(value, (Augment, Distill)) else (list(value) if isinstance(value, tuple) else value)
         return out
 
 
@@ -444,7 +456,7 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
 
 _EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
-                   "normalize"}
+                   "normalize", "distill"}
 
 
 def _extensions(body: dict, u: dict) -> None:
@@ -458,6 +470,17 @@ def _extensions(body: dict, u: dict) -> None:
                 raise ConfigError(f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})")
             value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
             u["augment"] = Augment(**value)
+        elif key == "distill":
+            names = {f.name for f in fields(Distill)}
+            bad = set(value or {}) - names
+            if bad:
+                raise ConfigError(f"emostream.distill.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(names))})")
+            d = Distill(**(value or {}))
+            if not 0.0 <= d.alpha <= 1.0:
+                raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
+            if d.temperature <= 0 or d.head_c <= 0:
+                raise ConfigError("emostream.distill.temperature and head_c must be positive")
+            u["distill"] = d
         elif key == "group_by":
             u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})
         elif key == "normalize":
@@ -495,9 +518,13 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_config(path: str | Path, pretrained_path: str | None = None, **overrides: Any) -> TrainConfig:
-    """Load and validate a config; ``overrides`` replace resolved fields (CLI flags)."""
+def load_config(path: str | Path, pretrained_path: str | None = None, teacher: str | None = None,
+                **overrides: Any) -> TrainConfig:
+    """Load and validate a config; ``overrides`` replace resolved fields (CLI flags); ``teacher``
+    turns distillation on (or points it at another model directory)."""
     cfg = _resolve(read_yaml(path), pretrained_path)
+    if teacher:
+        cfg = replace(cfg, distill=replace(cfg.distill, teacher=str(teacher)))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = replace(cfg, **overrides) if overrides else cfg
     if cfg.pretrained and not pretrained_path:

@@ -40,17 +40,23 @@ def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> Emotion
 
 # --- batches ---------------------------------------------------------------------------------------
 
-def crop_or_pad(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> np.ndarray:
+def crop_span(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> tuple[np.ndarray, int, int]:
     """A random 6 s crop of a long clip, or a short clip zero-padded to 6 s (at a random offset
-    when ``random_offset``, else at the end as the recipe pads)."""
+    when ``random_offset``, else at the end as the recipe pads), with the span of the clip it holds
+    (``start``, ``length`` in samples: what a teacher pools over)."""
     out = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
     if len(x) >= WINDOW_SAMPLES:
         start = int(rng.integers(0, len(x) - WINDOW_SAMPLES + 1))
         out[:] = x[start:start + WINDOW_SAMPLES]
-    else:
-        offset = int(rng.integers(0, WINDOW_SAMPLES - len(x) + 1)) if random_offset else 0
-        out[offset:offset + len(x)] = x
-    return out
+        return out, start, WINDOW_SAMPLES
+    offset = int(rng.integers(0, WINDOW_SAMPLES - len(x) + 1)) if random_offset else 0
+    out[offset:offset + len(x)] = x
+    return out, 0, len(x)
+
+
+def crop_or_pad(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> np.ndarray:
+    """The 6 s training window of a clip (see :func:`crop_span`)."""
+    return crop_span(x, rng, random_offset)[0]
 
 
 def augment_wave(x: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
@@ -81,19 +87,30 @@ def add_floor_noise(waves: np.ndarray, cfg: TrainConfig, rng: np.random.Generato
 
 
 def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Waveforms ``(B, WINDOW_SAMPLES)`` and one-hot (or mixed) targets ``(B, 7)``."""
-    waves = np.stack([crop_or_pad(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset) for i in idx])
+               rng: np.random.Generator, teacher=None) -> tuple[torch.Tensor, ...]:
+    """Waveforms ``(B, WINDOW_SAMPLES)`` and one-hot (or mixed) targets ``(B, 7)``; with a
+    ``teacher`` (:class:`train.teacher.FoldTeacher`) also its logits for exactly the crops taken."""
+    crops = [crop_span(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset) for i in idx]
+    waves = np.stack([c[0] for c in crops])
     waves = add_floor_noise(waves, cfg, rng)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labels[idx]]
+    soft = None
+    if teacher is not None:
+        soft = teacher.logits(idx, np.array([c[1] for c in crops]), np.array([c[2] for c in crops])).astype(np.float32)
     if cfg.mix_audio == "Mixup" and rng.random() < cfg.mix_probability:
         lam = np.float32(rng.beta(cfg.mix_concentration, cfg.mix_concentration))
         perm = rng.permutation(len(idx))
         waves = lam * waves + (1 - lam) * waves[perm]
         targets = lam * targets + (1 - lam) * targets[perm]
+        if soft is not None:  # mix the teacher's distributions like the labels
+            t = cfg.distill.temperature
+            p = lam * softmax(soft / t) + (1 - lam) * softmax(soft[perm] / t)
+            soft = (np.log(np.clip(p, 1e-8, 1)) * t).astype(np.float32)
     if cfg.label_smoothing:
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(CLASSES)
-    return torch.from_numpy(waves), torch.from_numpy(targets)
+    if soft is None:
+        return torch.from_numpy(waves), torch.from_numpy(targets)
+    return torch.from_numpy(waves), torch.from_numpy(targets), torch.from_numpy(soft)
 
 
 class SpecAugment:
@@ -121,10 +138,20 @@ class SpecAugment:
         return spec
 
 
-def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor,
+            teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The recipe's loss on the labels; with teacher logits, ``(1 - alpha)`` of it plus ``alpha``
+    times the temperature-scaled KL divergence to the teacher (Hinton et al., scaled by T²)."""
     if cfg.loss == "BCE":
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        hard = F.binary_cross_entropy_with_logits(logits, targets)
+    else:
+        hard = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    if teacher_logits is None:
+        return hard
+    t, a = cfg.distill.temperature, cfg.distill.alpha
+    kd = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                  reduction="batchmean", log_target=True) * t * t
+    return (1 - a) * hard + a * kd
 
 
 def make_optimizer(cfg: TrainConfig, model: EmotionNet) -> torch.optim.Optimizer:
@@ -198,11 +225,12 @@ def _progress():
 def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.ndarray, val_idx: np.ndarray | None,
         out_dir: Path, resume: bool = False, pretrained_path: str | None = None,
         metadata: dict | None = None, device: str | None = None, show_progress: bool = True,
-        telephone_eval: bool = True, stop_after: int | None = None) -> FitResult:
+        telephone_eval: bool = True, stop_after: int | None = None, teacher=None) -> FitResult:
     """Train one model; saves ``state.pt`` after every epoch (resumable) and the final checkpoint.
 
     ``stop_after`` ends this run once that many epochs are finished, leaving the same resumable state
-    as an interruption (used to split long runs and to test that resuming is exact).
+    as an interruption (used to split long runs and to test that resuming is exact). ``teacher``
+    (a :class:`train.teacher.FoldTeacher` fitted on ``train_idx`` only) adds the distillation term.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
@@ -252,11 +280,12 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if drop_last and len(idx) < cfg.batch_size:
                     break
-                x, y = make_batch(cache, idx, labels, cfg, rng)
-                x, y = x.to(dev), y.to(dev)
+                batch = make_batch(cache, idx, labels, cfg, rng, teacher=teacher)
+                x, y = batch[0].to(dev), batch[1].to(dev)
+                soft = batch[2].to(dev) if len(batch) > 2 else None
                 with autocast_for(dev, cfg.mixed_precision_training):
                     logits = model(x, spec_augment=spec_aug)
-                loss = loss_fn(cfg, logits.float(), y) / cfg.grad_accumulation
+                loss = loss_fn(cfg, logits.float(), y, soft) / cfg.grad_accumulation
                 (scaler.scale(loss) if scaler else loss).backward()
                 losses.append(float(loss.detach()) * cfg.grad_accumulation)
                 if (step + 1) % cfg.grad_accumulation == 0:
@@ -329,10 +358,56 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
     return report
 
 
+def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray):
+    """The distillation teacher of one training set: heads fitted on ``train_idx``'s speakers only."""
+    from .teacher import FoldTeacher
+
+    labels = np.array([CLASSES.index(c.label) for c in clips])
+    return FoldTeacher(features, labels, [c.speaker for c in clips], train_idx, len(CLASSES),
+                       inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed)
+
+
+def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray, out_dir: Path) -> dict:
+    """The teacher alone (Whisper encoder + logistic regression), cross-validated on the same
+    speaker-grouped folds as the student: the upper reference for distillation."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.array([CLASSES.index(c.label) for c in clips])
+    corpora = [c.corpus for c in clips]
+    per_fold, oof = [], np.zeros((len(clips), len(CLASSES)))
+    for k in range(cfg.folds):
+        train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
+        teacher = fold_teacher(cfg, clips, features, train_idx)
+        p = softmax(teacher.clip_logits(val_idx))
+        oof[val_idx] = p
+        per_fold.append(grouped_metrics(p, labels[val_idx], [corpora[i] for i in val_idx]))
+    from .metrics import summarize_folds
+
+    report = {"protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}; teacher: Whisper base encoder "
+                          f"(frozen) + logistic regression (C={cfg.distill.head_c})",
+              "teacher": cfg.distill.teacher, "summary": summarize_folds(per_fold),
+              "pooled": grouped_metrics(oof, labels, corpora), "folds": per_fold}
+    write_json(out_dir / "teacher_report.json", report)
+    (out_dir / "teacher_report.md").write_text(markdown_table(report["pooled"], "Teacher, pooled out-of-fold") +
+                                               "\n" + _summary_lines(report["summary"]))
+    return report
+
+
+def _summary_lines(summary: dict) -> str:
+    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|"]
+    for group, m in summary.items():
+        lines.append(f"| {group} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"
+                                                 for k in ("ua", "macro_f1", "accuracy", "roc_auc")) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
                    resume: bool = False, pretrained_path: str | None = None, only_fold: int | None = None,
-                   device: str | None = None, show_progress: bool = True) -> dict:
-    """Train every fold (skipping finished ones on resume), then write the aggregate report."""
+                   device: str | None = None, show_progress: bool = True, teacher_features=None) -> dict:
+    """Train every fold (skipping finished ones on resume), then write the aggregate report.
+
+    With ``teacher_features`` (distillation), each fold's teacher is fitted on that fold's training
+    speakers only, and its own validation figures go into the report beside the student's.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.array([CLASSES.index(c.label) for c in clips])
     corpora = [c.corpus for c in clips]
@@ -340,12 +415,16 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     oof_tel = np.zeros_like(oof)
     raw_logits = np.zeros_like(oof)
     run_folds = [only_fold] if only_fold is not None else list(range(cfg.folds))
-    fold_data, train_seconds = [], 0.0
+    fold_data, train_seconds, teacher_folds = [], 0.0, []
     for k in run_folds:
         fold_dir = out_dir / f"fold{k}"
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
         speakers_train = {clips[i].speaker for i in train_idx}
         assert not speakers_train & {clips[i].speaker for i in val_idx} or cfg.group_by == "audio"
+        teacher = fold_teacher(cfg, clips, teacher_features, train_idx) if teacher_features is not None else None
+        if teacher is not None:
+            teacher_folds.append(grouped_metrics(softmax(teacher.clip_logits(val_idx)), labels[val_idx],
+                                                 [corpora[i] for i in val_idx]))
         done = fold_dir / "done.json"
         if resume and done.exists() and (fold_dir / "val_logits.npy").exists():
             log.info("fold %d already finished: reusing", k)
@@ -355,7 +434,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         else:
             log.info("fold %d: %d train / %d validation clips", k, len(train_idx), len(val_idx))
             res = fit(cfg, clips, cache, train_idx, val_idx, fold_dir, resume=resume, pretrained_path=pretrained_path,
-                      metadata={"fold": k}, device=device, show_progress=show_progress)
+                      metadata={"fold": k}, device=device, show_progress=show_progress, teacher=teacher)
             vl, vt, history = res.val_logits, res.val_telephone_logits, res.history
             write_json(done, {"fold": k, "history": history})
         train_seconds += sum(h.get("seconds", 0.0) for h in history)
@@ -396,6 +475,8 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         "pooled_telephone": grouped_metrics(oof_tel[evaluated], labels[evaluated], evaluated_corpora),
         "folds": per_fold,
     }
+    if teacher_folds:
+        report["teacher_summary"] = summarize_folds(teacher_folds)
     write_json(out_dir / "cv_report.json", report)
     (out_dir / "cv_report.md").write_text(cv_markdown(report))
     plot_confusion(report["pooled"]["overall"]["confusion"], out_dir / "confusion.png", report["protocol"])
@@ -414,4 +495,7 @@ def cv_markdown(report: dict) -> str:
               f"Temperatures per fold (cross-fitted on the other folds): {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
               f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
               f"Training time, all folds: {report.get('train_seconds', 0) / 60:.1f} min.", ""]
+    if "teacher_summary" in report:
+        lines += ["Distillation teacher on the same folds (fitted on each fold's training speakers only):", "",
+                  _summary_lines(report["teacher_summary"])]
     return "\n".join(lines)

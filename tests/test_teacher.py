@@ -1,0 +1,201 @@
+"""Distillation teacher: directory checks, frame pooling, honest per-fold heads, a tiny KD run."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from emostream.model import CLASSES
+from train.config import ConfigError, load_config
+from train.engine import crop_span, loss_fn, make_batch
+from train.teacher import (ENCODER_FRAME_SAMPLES, FoldTeacher, TeacherError, TeacherFeatures, check_teacher_dir,
+                           clip_frames, frame_span)
+
+from .conftest import ROOT
+
+CONFIGS = ROOT / "train" / "configs"
+TEACHER_DIR = ROOT.parent / "shared" / "models" / "faster-whisper-base"
+
+
+# --- teacher directory ---------------------------------------------------------------------------
+
+def test_missing_teacher_is_a_clear_error_naming_the_path(tmp_path):
+    with pytest.raises(TeacherError, match=str(tmp_path / "nope")):
+        check_teacher_dir(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(TeacherError, match="missing model.bin"):
+        check_teacher_dir(tmp_path / "half")
+    (tmp_path / "half" / "model.bin").write_bytes(b"\0")
+    (tmp_path / "half" / "config.json").write_text("{not json")
+    with pytest.raises(TeacherError, match="config.json is not valid JSON"):
+        check_teacher_dir(tmp_path / "half")
+
+
+def test_train_cli_reports_a_bad_teacher_in_one_line(tmp_path, capsys):
+    from train.__main__ import main
+
+    code = main(["teacher", "--config", str(CONFIGS / "distill.yaml"), "--teacher", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: teacher not found") and str(tmp_path / "missing") in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_distill_config_keys_are_checked(tmp_path):
+    cfg = load_config(CONFIGS / "distill.yaml")
+    assert cfg.distill.teacher.endswith("faster-whisper-base") and cfg.distill.alpha == 0.5
+    assert load_config(CONFIGS / "utterance_norm.yaml").distill.teacher is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    alpah: 0.3\n")
+    with pytest.raises(ConfigError, match="emostream.distill.alpah"):
+        load_config(bad)
+    bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    alpha: 1.5\n")
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(bad)
+
+
+# --- frames and pooling --------------------------------------------------------------------------
+
+def test_frame_span_covers_exactly_the_crop():
+    f = ENCODER_FRAME_SAMPLES
+    assert clip_frames(1) == 1 and clip_frames(f) == 1 and clip_frames(f + 1) == 2
+    assert frame_span(0, f, 100) == (0, 1)
+    assert frame_span(10 * f, 5 * f, 100) == (10, 15)
+    assert frame_span(10 * f + 5, 5 * f, 100) == (10, 16)   # partly covered frames count
+    assert frame_span(0, 10_000 * f, 100) == (0, 100)      # clipped to the clip
+    assert frame_span(99 * f + 300, 1, 100) == (99, 100)   # never empty
+
+
+def test_pool_averages_only_the_frames_of_the_crop():
+    frames = np.arange(20, dtype=np.float16)[:, None].repeat(3, axis=1)  # frame i holds value i
+    feats = TeacherFeatures(frames, np.array([0, 8, 20]))
+    assert feats.pool(0)[0] == pytest.approx(3.5)                     # clip 0 = frames 0..7
+    assert feats.pool(1, 2 * ENCODER_FRAME_SAMPLES, 3 * ENCODER_FRAME_SAMPLES)[0] == pytest.approx(11.0)  # 10,11,12
+
+
+def test_crop_span_reports_what_the_window_holds():
+    rng = np.random.default_rng(0)
+    long = np.arange(200_000, dtype=np.float32)
+    window, start, length = crop_span(long, rng, random_offset=False)
+    assert length == len(window) == 96_000 and np.array_equal(window, long[start:start + length])
+    short = np.ones(16_000, dtype=np.float32)
+    window, start, length = crop_span(short, rng, random_offset=True)
+    assert (start, length) == (0, 16_000) and window.sum() == 16_000
+
+
+# --- honest heads --------------------------------------------------------------------------------
+
+def _synthetic(n_speakers=8, per_class=2, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, labels, speakers, counts = [], [], [], []
+    centres = rng.normal(size=(len(CLASSES), dim)) * 2
+    for s in range(n_speakers):
+        for c in range(len(CLASSES)):
+            for _ in range(per_class):
+                n = int(rng.integers(5, 15))
+                rows.append(centres[c] + rng.normal(size=(n, dim)))
+                labels.append(c)
+                speakers.append(f"s{s}")
+                counts.append(n)
+    frames = np.concatenate(rows).astype(np.float16)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return TeacherFeatures(frames, offsets), np.array(labels), speakers
+
+
+def test_fold_teacher_never_sees_validation_speakers():
+    feats, labels, speakers = _synthetic()
+    val = np.array([i for i, s in enumerate(speakers) if s in ("s0", "s1")])
+    train = np.array([i for i, s in enumerate(speakers) if s not in ("s0", "s1")])
+    a = FoldTeacher(feats, labels, speakers, train, len(CLASSES))
+    # scramble everything the validation speakers hold: the teacher must not change
+    frames = np.array(feats.frames, dtype=np.float32)
+    for i in val:
+        frames[feats.offsets[i]:feats.offsets[i + 1]] = np.random.default_rng(i).normal(size=(1, frames.shape[1])) * 50
+    scrambled_labels = labels.copy()
+    scrambled_labels[val] = (labels[val] + 3) % len(CLASSES)
+    b = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), scrambled_labels, speakers, train, len(CLASSES))
+    assert np.allclose(a.head.coef, b.head.coef) and np.allclose(a.head.intercept, b.head.intercept)
+    probe = train[:5]
+    assert np.allclose(a.logits(probe, np.zeros(5, int), np.full(5, 10**6)), b.logits(probe, np.zeros(5, int), np.full(5, 10**6)))
+    assert (a.head_of[val] == -1).all() and (a.head_of[train] >= 0).all()
+    # and the teacher is a real classifier: well above chance on the held-out speakers
+    acc = (a.clip_logits(val).argmax(1) == labels[val]).mean()
+    assert acc > 0.6
+
+
+def test_training_targets_come_from_a_head_without_the_clips_speaker():
+    feats, labels, speakers = _synthetic()
+    train = np.arange(len(labels))
+    teacher = FoldTeacher(feats, labels, speakers, train, len(CLASSES))
+    spk = np.array(speakers)
+    for j in range(len(teacher.inner_heads)):
+        held = np.where(teacher.head_of == j)[0]
+        assert len(set(spk[held]) & set(spk[teacher.head_of != j])) == 0  # whole speakers held out
+        # scramble the held-out speakers' audio features: head j (their targets' head) must not move
+        frames = np.array(feats.frames, dtype=np.float32)
+        for i in held:
+            frames[feats.offsets[i]:feats.offsets[i + 1]] *= -3.0
+        again = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES))
+        assert np.array_equal(again.head_of, teacher.head_of)
+        assert np.allclose(again.inner_heads[j].coef, teacher.inner_heads[j].coef)
+
+
+def test_kd_loss_is_the_recipe_loss_at_alpha_zero_and_zero_when_matching_the_teacher():
+    cfg = load_config(CONFIGS / "distill.yaml")
+    logits = torch.randn(6, 7)
+    y = torch.eye(7)[torch.arange(6)]
+    plain = loss_fn(replace(cfg, distill=replace(cfg.distill, alpha=0.0)), logits, y, logits.clone())
+    assert torch.allclose(plain, loss_fn(cfg, logits, y))
+    pure = replace(cfg, distill=replace(cfg.distill, alpha=1.0))
+    assert float(loss_fn(pure, logits, y, logits.clone())) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss_fn(pure, logits, y, -logits)) > 0.1
+
+
+# --- tiny distillation run with the real teacher ---------------------------------------------------
+
+requires_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model.bin").exists(),
+                                      reason=f"no Whisper teacher at {TEACHER_DIR}")
+
+
+@requires_teacher
+def test_tiny_distillation_run_end_to_end(tmp_path):
+    pytest.importorskip("ctranslate2")
+    import soundfile as sf
+    import pandas as pd
+
+    from .conftest import speechlike
+    from train.data import build_cache, load_dataset, make_folds
+    from train.engine import cross_validate
+    from train.teacher import build_teacher_cache
+
+    rows = []
+    for spk in range(4):
+        for k, label in enumerate(["Angry", "Sad"]):
+            name = f"s{spk}_{label}.wav"
+            sf.write(tmp_path / name, speechlike(1.0 + 6.0 * (spk == 0), f0=120 + 80 * k, seed=spk * 7 + k), 16000)
+            rows.append({"path": name, "label": label, "speaker": f"spk{spk}", "corpus": "tiny"})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    clips = load_dataset(tmp_path)
+    cache = build_cache(clips, tmp_path / "cache")
+    feats = build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache")
+    assert feats.frames.shape[1] == 512
+    assert [feats.offsets[i + 1] - feats.offsets[i] for i in range(len(clips))] == \
+        [clip_frames(cache.offsets[i + 1] - cache.offsets[i]) for i in range(len(clips))]
+    assert build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache").frames.shape == feats.frames.shape  # reused
+    cfg = load_config(CONFIGS / "distill.yaml")
+    cfg = replace(cfg, epochs=1, batch_size=2, folds=2, exclude_speakers=(),
+                  distill=replace(cfg.distill, teacher=str(TEACHER_DIR), inner_folds=2))
+    folds = make_folds(clips, 2, "speaker", 0)
+    # the batch carries teacher logits for its crops
+    from train.engine import fold_teacher
+    teacher = fold_teacher(cfg, clips, feats, np.where(folds == 1)[0])
+    batch = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
+                       np.random.default_rng(0), teacher=teacher)
+    assert len(batch) == 3 and batch[2].shape == (2, 7) and torch.isfinite(batch[2]).all()
+    report = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False, teacher_features=feats)
+    assert "teacher_summary" in report and 0 <= report["teacher_summary"]["overall"]["ua"]["mean"] <= 1
+    assert "Distillation teacher" in (tmp_path / "cv" / "cv_report.md").read_text()
+    meta = json.loads((tmp_path / "cv" / "fold0" / "checkpoint" / "model.json").read_text())
+    assert meta["training"]["config"]["distill"]["alpha"] == 0.5
