@@ -1,0 +1,181 @@
+"""ONNX Runtime backend: export of the whole pipeline to one ``.onnx`` file, and its predictor.
+
+The exported graph is the complete inference path of :class:`emostream.model.Predictor`: raw
+16 kHz waveform windows ``(batch, 96000)`` in (the batch dimension is dynamic), then the STFT (the
+ONNX ``STFT`` operator, opset 18+), mel filterbank, dB, the per-window utterance normalisation when
+the checkpoint uses it, ResNet50, and out come ``logits`` ``(batch, 7)`` and calibrated
+``probabilities`` (softmax of logits / the checkpoint's temperature). Classes, temperature, sample
+rate and window length travel as ONNX metadata, so the file is all a runtime needs.
+
+    emostream export --onnx emostream.onnx
+    emostream replay call.flac --backend onnx --onnx emostream.onnx
+
+Export needs ``torch.onnx.export(dynamo=True)`` and thus the ``onnx``/``onnxscript`` packages
+(``pip install 'emostream[onnx]'``); running needs only ``onnxruntime``. ONNX Runtime runs in fp32.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, WINDOW_SAMPLES
+from .model import CLASSES, DEFAULT_CHECKPOINT, CheckpointError
+
+METADATA_PREFIX = "emostream."
+FORMAT = "emostream-onnx/1"
+INPUT_NAME = "waveform"
+OUTPUT_NAMES = ("logits", "probabilities")
+MAX_EXPORT_BATCH = 4096
+OPSET = 20
+
+
+class OnnxExportError(RuntimeError):
+    """Export is not possible here (missing packages) or produced a wrong graph."""
+
+
+def _exportable(model, temperature: float):
+    import torch
+
+    class Pipeline(torch.nn.Module):
+        """Waveforms -> (logits, calibrated probabilities), the exported graph."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.inv_temperature = 1.0 / float(temperature)
+
+        def forward(self, waveform):
+            logits = self.model(waveform)
+            return logits, torch.softmax(logits * self.inv_temperature, dim=-1)
+
+    return Pipeline().eval()
+
+
+def export_onnx(checkpoint: str | Path = DEFAULT_CHECKPOINT, out: str | Path = "emostream.onnx") -> Path:
+    """Export the checkpoint's full pipeline (front end included) to a single ``.onnx`` file."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise OnnxExportError(f"ONNX export needs the onnx extra ({exc.name} is missing): "
+                              "pip install 'emostream[onnx]'") from None
+    import torch
+
+    from .model import load_checkpoint
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"directory for the ONNX file does not exist: {out.parent}")
+    model = load_checkpoint(checkpoint, "cpu")
+    wrapper = _exportable(model, model.model_config.temperature)
+    example = torch.zeros(2, WINDOW_SAMPLES)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    chatter = io.StringIO()  # the exporter prints progress lines; keep the command's output clean
+    with warnings.catch_warnings(), torch.no_grad(), redirect_stdout(chatter), redirect_stderr(chatter):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=OPSET,
+                                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                    dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+    meta = getattr(model, "metadata", {})
+    props = {
+        "format": FORMAT,
+        "classes": json.dumps(list(CLASSES)),
+        "temperature": repr(float(model.model_config.temperature)),
+        "sample_rate": str(SAMPLE_RATE),
+        "window_samples": str(WINDOW_SAMPLES),
+        "features": json.dumps(model.feature_config.to_dict()),
+        "checkpoint": str(Path(checkpoint).name),
+        "code_version": str(meta.get("code_version", "")),
+    }
+    program.model.metadata_props.update({METADATA_PREFIX + k: v for k, v in props.items()})
+    tmp = out.with_name(out.name + ".tmp")
+    program.save(tmp, external_data=False)
+    os.replace(tmp, out)
+    return out
+
+
+def parity_windows(seed: int = 0) -> np.ndarray:
+    """Four deterministic test windows ``(4, 96000)``: a voiced harmonic signal with pauses, the same
+    6 dB quieter and only 2 s long (zero-padded like a stream's first window), noise at -40 dBFS, and
+    digital silence (the utterance normalisation's degenerate case)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(WINDOW_SAMPLES) / SAMPLE_RATE
+    phase = 2 * np.pi * np.cumsum(140 * (1 + 0.08 * np.sin(2 * np.pi * 2.5 * t))) / SAMPLE_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 9)) * np.clip(np.sin(2 * np.pi * 0.7 * t), 0, None)
+    voiced = 0.2 * voiced + 0.003 * rng.standard_normal(WINDOW_SAMPLES)
+    short = np.zeros(WINDOW_SAMPLES)
+    short[: 2 * SAMPLE_RATE] = 0.5 * voiced[: 2 * SAMPLE_RATE]
+    noise = 0.01 * rng.standard_normal(WINDOW_SAMPLES)
+    return np.stack([voiced, short, noise, np.zeros(WINDOW_SAMPLES)]).astype(np.float32)
+
+
+@dataclass
+class OnnxPredictor:
+    """The :class:`emostream.model.Predictor` interface on ONNX Runtime (``predict``, ``logits``)."""
+
+    session: object
+    path: Path
+    temperature: float
+    device: str = "cpu (onnxruntime)"
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | None = None, threads: int | None = None) -> "OnnxPredictor":
+        """Open an exported model; bad or foreign files raise :class:`CheckpointError` (one line)."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CheckpointError("the onnx backend needs onnxruntime: pip install 'emostream[onnx]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"no ONNX model at {path} (make one with: emostream export --onnx {path})")
+        providers = ["CPUExecutionProvider"]
+        label = "cpu (onnxruntime)"
+        if device and device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise CheckpointError("--device cuda with --backend onnx needs onnxruntime-gpu "
+                                      "(CUDAExecutionProvider is not available)")
+            providers, label = ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda (onnxruntime)"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's errors are plain Exceptions (InvalidProtobuf, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot load ONNX model {path}: {first[:200]}") from None
+        props = session.get_modelmeta().custom_metadata_map
+        get = lambda key: props.get(METADATA_PREFIX + key)  # noqa: E731
+        if get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an emostream ONNX export (made by emostream export --onnx)")
+        if json.loads(get("classes") or "[]") != list(CLASSES) or get("sample_rate") != str(SAMPLE_RATE) \
+                or get("window_samples") != str(WINDOW_SAMPLES):
+            raise CheckpointError(f"{path} was exported for other classes, rate or window length")
+        names = [o.name for o in session.get_outputs()]
+        if [i.name for i in session.get_inputs()] != [INPUT_NAME] or names[:2] != list(OUTPUT_NAMES):
+            raise CheckpointError(f"{path} has unexpected inputs/outputs")
+        return cls(session=session, path=path, temperature=float(get("temperature")), device=label)
+
+    def _run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(np.asarray(windows, dtype=np.float32))
+        if x.ndim == 1:
+            x = x[None]
+        if x.shape[1:] != (WINDOW_SAMPLES,):
+            raise ValueError(f"windows must be (batch, {WINDOW_SAMPLES}) samples, got {x.shape}")
+        logits, probs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return logits, probs
+
+    def logits(self, windows: np.ndarray) -> np.ndarray:
+        """Logits ``(batch, 7)`` for float32 windows ``(batch, samples)``."""
+        return self._run(windows)[0]
+
+    def predict(self, windows: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(batch, 7)``, rows sum to 1 (temperature inside the graph)."""
+        return self._run(windows)[1]

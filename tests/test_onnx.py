@@ -1,0 +1,138 @@
+"""ONNX export of the whole pipeline and the ONNX Runtime backend: parity with torch, CLI, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
+from emostream.cli import main
+from emostream.model import CheckpointError, Predictor
+from emostream.onnx_model import OnnxPredictor, parity_windows
+from emostream.stream import StreamWindower
+from emostream.timeline import read_events
+
+from .conftest import EXAMPLES
+
+pytest.importorskip("onnxscript", reason="ONNX export needs emostream[onnx]")
+
+
+@pytest.fixture(scope="session")
+def onnx_file(shipped_checkpoint, tmp_path_factory):
+    """The shipped checkpoint exported once per test session, through the CLI."""
+    path = tmp_path_factory.mktemp("onnx") / "emostream.onnx"
+    assert main(["export", "--onnx", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def torch_fp32(shipped_checkpoint):
+    return Predictor.from_checkpoint(shipped_checkpoint, device="cpu", mixed_precision=False)
+
+
+def real_windows() -> np.ndarray:
+    """Streaming windows of the example calls: the first (2 s, zero-padded), full ones with speech
+    of both voices, one across a turn change, and one of the telephone call."""
+    stereo = load_audio(EXAMPLES / "call_stereo.flac")
+    w = StreamWindower("s", ("agent", "customer"))
+    windows = w.push_frames(stereo[:, : 40 * SAMPLE_RATE])
+    picked = [x.samples for x in windows if x.t_end in (2.0, 12.0, 17.0, 33.0)]
+    tel = load_audio(EXAMPLES / "call_telephone.flac")[0]
+    picked.append(tel[20 * SAMPLE_RATE: 20 * SAMPLE_RATE + WINDOW_SAMPLES])
+    return np.stack(picked).astype(np.float32)
+
+
+def test_logits_match_torch(onnx_file, torch_fp32, capsys):
+    onnx = OnnxPredictor.from_file(onnx_file)
+    x = np.concatenate([real_windows(), parity_windows()])
+    ref = torch_fp32.logits(x).numpy()
+    got = onnx.logits(x)
+    assert got.shape == ref.shape == (len(x), 7)
+    # float32 rounding only: logits are of order 1-10, differences 1e-5 to 4e-4 (largest where zero
+    # padding meets the utterance normalisation's floor)
+    assert np.abs(got - ref).max() < 1e-3
+    np.testing.assert_allclose(onnx.predict(x), torch_fp32.predict(x), atol=1e-4)
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    assert onnx.temperature == pytest.approx(torch_fp32.temperature)
+
+
+def test_batch_dimension_is_dynamic(onnx_file):
+    onnx = OnnxPredictor.from_file(onnx_file)
+    x = real_windows()
+    one_by_one = np.concatenate([onnx.logits(x[i:i + 1]) for i in range(len(x))])
+    np.testing.assert_allclose(onnx.logits(x), one_by_one, atol=1e-4)
+    assert onnx.predict(x[0]).shape == (1, 7)
+    with pytest.raises(ValueError, match="96000"):
+        onnx.predict(np.zeros((2, 1000), np.float32))
+
+
+def test_replay_with_onnx_backend_equals_torch_fp32(onnx_file, tmp_path):
+    clip = tmp_path / "call.flac"
+    sf.write(clip, load_audio(EXAMPLES / "call_stereo.flac")[:, 8 * SAMPLE_RATE: 20 * SAMPLE_RATE].T, SAMPLE_RATE)
+    runs = {}
+    for name, extra in (("torch", ["--fp32"]), ("onnx", ["--backend", "onnx", "--onnx", str(onnx_file)])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["replay", str(clip), "--fast", "--no-dashboard", "--events", str(out), "--vad", "off"] + extra) == 0
+        runs[name] = read_events(out)
+    assert len(runs["torch"]) == len(runs["onnx"]) == 2 * 12
+    for a, b in zip(runs["torch"], runs["onnx"]):
+        assert (a["channel"], a["t_end"], a["label"]) == (b["channel"], b["t_end"], b["label"])
+        assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) <= 2e-4
+
+
+def test_classify_with_onnx_backend(onnx_file, wav_file, capsys):
+    assert main(["classify", str(wav_file), "--json", "--onnx", str(onnx_file)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert abs(sum(record["probabilities"].values()) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backend", "onnx"], "needs --onnx"),
+    (["--backend", "torch", "--onnx", "{onnx}"], "only used with --backend onnx"),
+    (["--onnx", "{onnx}", "--checkpoint", "{ckpt}"], "does not apply"),
+    (["--onnx", "{missing}"], "no ONNX model"),
+    (["--onnx", "{corrupt}"], "cannot load ONNX model"),
+    (["--onnx", "{foreign}"], "not an emostream ONNX export"),
+])
+def test_bad_onnx_input_is_one_line_and_exit_2(argv, message, onnx_file, shipped_checkpoint, wav_file, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(onnx_file.read_bytes()[:5000])
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), foreign)
+    paths = {"{onnx}": onnx_file, "{ckpt}": shipped_checkpoint, "{missing}": tmp_path / "nope.onnx",
+             "{corrupt}": corrupt, "{foreign}": foreign}
+    argv = [str(paths.get(a, a)) for a in argv]
+    for command in (["replay", str(wav_file), "--fast", "--no-dashboard"], ["serve", "--port", "0"]):
+        assert main(command + argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_export_errors(tmp_path, capsys):
+    assert main(["export", "--onnx", str(tmp_path / "no" / "dir" / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export", "--onnx", str(tmp_path)]) == 2
+    assert "directory" in capsys.readouterr().err
+    assert main(["export", "--onnx", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "nock")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_predictor_rejects_wrong_metadata(onnx_file, tmp_path):
+    import onnx
+
+    model = onnx.load(str(onnx_file))
+    for prop in model.metadata_props:
+        if prop.key == "emostream.classes":
+            prop.value = json.dumps(["Calm", "Angry"])
+    path = tmp_path / "other.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(CheckpointError, match="other classes"):
+        OnnxPredictor.from_file(path)
