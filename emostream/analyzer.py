@@ -1,4 +1,4 @@
-"""Windows in, timeline events out: speech check, batched model call, smoothing, sinks."""
+"""Windows in, timeline events out: speech gate, batched model call, smoothing, sinks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +6,9 @@ from typing import Awaitable, Callable, Iterable
 
 import numpy as np
 
-from .stream import Window, speech_activity
+from .stream import Window
 from .timeline import Smoother, Timeline, make_event
+from .vad import SpeechGate, VadConfig
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class AnalyzerConfig:
     """How windows become events."""
 
     smooth: float = 1.0           # EMA weight of the newest window (1 = no smoothing)
-    silence_db: float = -50.0     # windows with < 0.1 s above this level are silence (not classified)
+    vad: VadConfig = VadConfig()  # speech gate: windows without enough speech are not classified
     max_batch: int = 32
 
 
@@ -31,6 +32,7 @@ class Analyzer:
         self.smoother = Smoother(config.smooth)
         self.timeline = Timeline(stream, tuple(channels), hop_seconds)
         self.sinks = list(sinks)
+        self.gate = SpeechGate(config.vad)
 
     def process(self, windows: list[Window]) -> list[dict]:
         """Classify ``windows`` (any channels, in time order) and emit one event each."""
@@ -57,9 +59,8 @@ class Analyzer:
         return self.emit(windows, probs)
 
     def speech_indices(self, windows: list[Window]) -> list[int]:
-        """Indices of the windows that hold sound (the ones the model classifies)."""
-        return [i for i, w in enumerate(windows)
-                if speech_activity(w.samples[: w.end - w.start], self.config.silence_db)]
+        """Indices of the windows that hold speech (the ones the model classifies)."""
+        return self.gate.select(windows)
 
     def emit(self, windows: list[Window], probs: dict[int, np.ndarray]) -> list[dict]:
         """Smooth, build one event per window (``probs`` by window index; missing = silence),

@@ -12,6 +12,7 @@ import numpy as np
 from . import __version__
 
 REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
+PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
 
 
 class UsageError(Exception):
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
         sp.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
         sp.add_argument("--fp32", action="store_true", help="disable bf16/fp16 autocast")
+        backend_args(sp)
 
     def stream_args(sp):
         sp.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="EMA weight of the newest window in (0, 1]; 1 = no smoothing (default)")
         sp.add_argument("--events", metavar="OUT.jsonl", help="write events as JSON lines (flushed per event)")
         sp.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the live dashboard")
+        vad_args(sp)
 
     r = sub.add_parser("replay", help="replay a recorded call through the live pipeline")
     r.add_argument("file")
@@ -79,8 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="PATH")
     c.add_argument("--json", action="store_true", help="one JSON line per file")
     model_args(c)
+
+    e = sub.add_parser("export", help="export the model, mel front end included, to one ONNX file")
+    e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="file to write")
+    e.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
     add_live_commands(sub, model_args, stream_args)
     return p
+
+
+def backend_args(sp) -> None:
+    """``--backend``/``--onnx``: which runtime runs the model."""
+    sp.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                    help="torch (default) or onnx (ONNX Runtime, fp32; needs --onnx)")
+    sp.add_argument("--onnx", metavar="MODEL.onnx", default=None,
+                    help="ONNX model made by 'emostream export --onnx' (implies --backend onnx)")
+
+
+def vad_args(sp) -> None:
+    """``--vad``: which windows are classified."""
+    sp.add_argument("--vad", choices=("silero", "energy", "off"), default="silero",
+                    help="speech gate: silero (neural voice activity detector, default), energy (any sound "
+                         "above -50 dBFS) or off (classify every window)")
 
 
 def _port(text: str) -> int:
@@ -106,6 +128,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     sv.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
     sv.add_argument("--min-seconds", type=_positive(float), default=1.0, help="audio before the first window (default 1.0)")
     sv.add_argument("--smooth", type=_fraction, default=1.0, help="EMA weight of the newest window in (0, 1] (default 1)")
+    vad_args(sv)
     sv.add_argument("--idle-timeout", type=_positive(float), default=60.0, help="close calls silent this long (s, default 60)")
     sv.add_argument("--max-call-minutes", type=_positive(float), default=240.0,
                     help="longest call in minutes of audio, gaps included (default 240)")
@@ -154,13 +177,27 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     m.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
     m.add_argument("--model-device", dest="device", default="auto", help="auto (cuda when present), cpu or cuda")
     m.add_argument("--fp32", action="store_true", help="disable bf16/fp16 autocast")
+    backend_args(m)
 
 
 def _load_predictor(args):
     from .model import DEFAULT_CHECKPOINT, Predictor
 
-    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    backend, onnx_path = getattr(args, "backend", None), getattr(args, "onnx", None)
+    if backend is None:
+        backend = "onnx" if onnx_path else "torch"
     device = None if args.device == "auto" else args.device
+    if backend == "onnx":
+        from .onnx_model import OnnxPredictor
+
+        if not onnx_path:
+            raise UsageError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
+        if args.checkpoint:
+            raise UsageError("--checkpoint does not apply to --backend onnx: the ONNX file holds the model")
+        return OnnxPredictor.from_file(onnx_path, device=device)
+    if onnx_path:
+        raise UsageError("--onnx is only used with --backend onnx")
+    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     if device and device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -195,6 +232,31 @@ def cmd_classify(args) -> int:
     return 2 if failures else 0
 
 
+def cmd_export(args) -> int:
+    from .model import DEFAULT_CHECKPOINT, Predictor
+    from .onnx_model import OnnxExportError, OnnxPredictor, export_onnx, parity_windows
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    out = Path(args.onnx)
+    if out.is_dir():
+        raise UsageError(f"--onnx is a directory: {out}")
+    t0 = time.monotonic()
+    try:
+        export_onnx(checkpoint, out)
+    except OnnxExportError as exc:
+        raise UsageError(str(exc)) from None
+    seconds = time.monotonic() - t0
+    windows = parity_windows()
+    reference = Predictor.from_checkpoint(checkpoint, device="cpu", mixed_precision=False).logits(windows).numpy()
+    diff = float(np.abs(OnnxPredictor.from_file(out).logits(windows) - reference).max())
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {seconds:.1f} s; max |logit difference| "
+          f"against torch fp32 on {len(windows)} windows: {diff:.2e}", flush=True)
+    if diff > PARITY_TOLERANCE:
+        print(f"emostream: error: the ONNX model differs from torch by more than {PARITY_TOLERANCE}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_replay(args) -> int:
     from .analyzer import Analyzer, AnalyzerConfig
     from .audio import SAMPLE_RATE, load_audio
@@ -223,7 +285,8 @@ def cmd_replay(args) -> int:
                          device=str(predictor.device), hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    analyzer = Analyzer(predictor.predict, stream, names, AnalyzerConfig(smooth=args.smooth), args.hop, sinks)
+    analyzer = Analyzer(predictor.predict, stream, names, AnalyzerConfig(smooth=args.smooth, vad=_vad(args)),
+                        args.hop, sinks)
     windower = StreamWindower(stream, names, stream_cfg)
     chunk = int(REPLAY_CHUNK_SECONDS * SAMPLE_RATE)
     interrupted = False
@@ -250,6 +313,18 @@ def cmd_replay(args) -> int:
     return 130 if interrupted else 0
 
 
+def _vad(args):
+    from .vad import VadConfig, VadUnavailable, silero_session
+
+    config = VadConfig.named(args.vad)
+    if config.kind == "silero":
+        try:
+            silero_session()
+        except VadUnavailable as exc:
+            raise UsageError(str(exc)) from None
+    return config
+
+
 def _env_default(value: str | None, name: str) -> str | None:
     import os
 
@@ -269,7 +344,7 @@ def cmd_serve(args) -> int:
         config = ServerConfig(
             host=args.host, port=args.port, token=_env_default(args.token, "EMOSTREAM_TOKEN"),
             max_calls=args.max_calls, events_dir=Path(args.events_dir) if args.events_dir else None,
-            hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth,
+            hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=_vad(args),
             idle_timeout=args.idle_timeout, max_call_seconds=args.max_call_minutes * 60,
             max_message_bytes=args.max_message_kb * 1024,
             twilio_auth_token=_env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
@@ -400,7 +475,7 @@ def cmd_mic(args) -> int:
         raise UsageError(str(exc)) from None
 
 
-COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "serve": cmd_serve, "send": cmd_send,
+COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "export": cmd_export, "serve": cmd_serve, "send": cmd_send,
             "watch": cmd_watch, "mic": cmd_mic}
 
 
@@ -408,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``emostream`` console script."""
     from .audio import AudioError
     from .model import CheckpointError
+    from .vad import VadUnavailable
 
     try:
         args = build_parser().parse_args(argv)
@@ -415,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
-    except (AudioError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (AudioError, CheckpointError, VadUnavailable, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -190,6 +190,7 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     from .dashboard import DashboardInfo, make_display
     from .stream import StreamConfig, StreamWindower
     from .timeline import JsonlWriter
+    from .vad import VadConfig
 
     sd = import_sounddevice() if open_stream is None or args.list_devices else None
     if args.list_devices:
@@ -219,7 +220,7 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
                          hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    analyzer = Analyzer(predictor.predict, "mic", names, AnalyzerConfig(smooth=args.smooth), args.hop, sinks)
+    analyzer = Analyzer(predictor.predict, "mic", names, AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)), args.hop, sinks)
     windower = StreamWindower("mic", names, stream_cfg)
     interrupted = False
     with display:

@@ -33,6 +33,7 @@ from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_PO
                         Silence, Start, TwilioSession)
 from .stream import StreamConfig, StreamWindower
 from .timeline import JsonlWriter
+from .vad import VadConfig
 from .worker import InferenceWorker, PredictFn, WorkerConfig, WorkerOverloaded
 
 log = logging.getLogger("emostream.server")
@@ -57,6 +58,7 @@ class ServerConfig:
     hop_seconds: float = 1.0
     min_seconds: float = 1.0
     smooth: float = 1.0
+    vad: VadConfig = VadConfig()         # speech gate of every call
     idle_timeout: float = 60.0           # seconds without a frame before a call is closed
     max_call_seconds: float = 4 * 3600.0  # audio (gaps included) one call may stream
     max_message_bytes: int = 256 * 1024  # larger frames close the connection (1009)
@@ -166,7 +168,7 @@ class LiveCall:
         if hub is not None:
             sinks.append(lambda e: hub.publish({"type": "event", **e}))
         self.analyzer = Analyzer(worker.infer, start.call_id, start.channels,
-                                 AnalyzerConfig(smooth=config.smooth), config.hop_seconds, sinks)
+                                 AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks)
         if hub is not None:
             hub.publish({"type": "call_started", "call_id": self.call_id, "protocol": protocol,
                          "channels": list(self.channels), "hop_seconds": config.hop_seconds,

@@ -9,6 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from emostream.server import EmoServer, ServerConfig
+from emostream.vad import VadConfig
 from emostream.worker import constant_predictor
 
 from .conftest import speechlike
@@ -19,7 +20,8 @@ class ServerThread:
 
     def __init__(self, config: ServerConfig | None = None, predict=None, **kwargs):
         if config is None:
-            config = ServerConfig(**{"port": 0, **kwargs})
+            # test tones are sound, not voices: gate on energy unless a test asks otherwise
+            config = ServerConfig(**{"port": 0, "vad": VadConfig.named("energy"), **kwargs})
         self.server = EmoServer(config, predict or constant_predictor())
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()

@@ -40,7 +40,7 @@ def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):
 def test_replay_events_stereo(shipped_checkpoint, stereo_file, tmp_path, capsys):
     out = tmp_path / "e.jsonl"
     rc = main(["replay", str(stereo_file), "--fast", "--no-dashboard", "--events", str(out),
-               "--channel-names", "agent,customer", "--stream", "call-1"])
+               "--channel-names", "agent,customer", "--stream", "call-1", "--vad", "energy"])  # tones, not voices
     assert rc == 0
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     events, summary = lines[:-1], lines[-1]
@@ -70,7 +70,7 @@ def test_replay_silence_is_not_classified(shipped_checkpoint, tmp_path):
     x = np.concatenate([speechlike(2.0), np.full(9 * 16000, 1e-4, np.float32)])
     sf.write(path, x, 16000)
     out = tmp_path / "e.jsonl"
-    assert main(["replay", str(path), "--fast", "--no-dashboard", "--events", str(out)]) == 0
+    assert main(["replay", str(path), "--fast", "--no-dashboard", "--events", str(out), "--vad", "energy"]) == 0
     events = read_events(out)
     assert events[0]["speech"] and not events[-1]["speech"] and events[-1]["label"] is None
 

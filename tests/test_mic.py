@@ -57,7 +57,7 @@ class FakePredictor:
 def mic_args(tmp_path, **kw):
     base = dict(list_devices=False, input_device=None, rate=44100, channels=1, seconds=3.3, hop=1.0, min_seconds=1.0,
                 smooth=1.0, events=str(tmp_path / "mic.jsonl"), no_dashboard=True, checkpoint=None, device="cpu",
-                fp32=False)
+                fp32=False, vad="energy")  # the test tone is sound, not a voice
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -184,7 +184,7 @@ def test_real_portaudio_path_on_alsa_virtual_device(tmp_path, shipped_checkpoint
         pytest.skip(f"ALSA virtual device not available: {listed.stdout or listed.stderr}")
     out = tmp_path / "mic.jsonl"
     run = subprocess.run([sys.executable, "-m", "emostream", "mic", "--device", "emostream_test", "--seconds", "2.5",
-                          "--no-dashboard", "--events", str(out), "--model-device", "cpu"], cwd=ROOT, env=env,
+                          "--no-dashboard", "--events", str(out), "--model-device", "cpu", "--vad", "energy"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]

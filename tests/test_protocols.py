@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from emostream.analyzer import Analyzer
+from emostream.analyzer import Analyzer, AnalyzerConfig
 from emostream.audio import (StreamResampler, alaw_encode, float32_to_int16, mulaw_decode, mulaw_encode,
                              resample)
 from emostream.auth import (AudioHookKey, request_token, sign_audiohook_request, token_ok, twilio_signature,
@@ -17,6 +17,7 @@ from emostream.auth import (AudioHookKey, request_token, sign_audiohook_request,
 from emostream.protocols import (CLOSE_POLICY, NULL_UUID, Audio, AudioHookSession, End, PcmSession, ProtocolError,
                                  Send, Silence, Start, TwilioSession, format_duration, parse_duration)
 from emostream.stream import StreamWindower
+from emostream.vad import VadConfig
 from emostream.worker import InferenceWorker, WorkerConfig, WorkerOverloaded, constant_predictor
 
 from .conftest import speechlike
@@ -371,12 +372,13 @@ def test_process_async_equals_process():
         w = StreamWindower("s", ("a", "b"))
         return w.push_frames(audio) + w.flush()
 
-    sync = Analyzer(predict, "s", ("a", "b")).process(windows())
+    config = AnalyzerConfig(vad=VadConfig.named("energy"))  # the test tone is sound, not a voice
+    sync = Analyzer(predict, "s", ("a", "b"), config).process(windows())
 
     async def infer(x):
         return predict(x)
 
-    asy = asyncio.run(Analyzer(predict, "s", ("a", "b")).process_async(windows(), infer))
+    asy = asyncio.run(Analyzer(predict, "s", ("a", "b"), config).process_async(windows(), infer))
     assert sync == asy and any(e["speech"] for e in sync) and not all(e["speech"] for e in sync)
 
 

@@ -21,6 +21,7 @@ from emostream.model import CLASSES
 from emostream.protocols import format_duration
 from emostream.server import ServerConfig
 from emostream.timeline import read_events
+from emostream.vad import VadConfig
 
 from .conftest import ROOT, speechlike
 from .live_util import ServerThread, expected_ends, write_call
@@ -420,7 +421,7 @@ def test_events_feed_sees_every_call(tmp_path):
 
 def test_twenty_concurrent_calls(tmp_path):
     audio = write_call(tmp_path / "c.wav", 3.2)
-    with ServerThread(ServerConfig(port=0, events_dir=tmp_path / "ev", max_calls=20)) as srv:
+    with ServerThread(ServerConfig(port=0, events_dir=tmp_path / "ev", max_calls=20, vad=VadConfig.named("energy"))) as srv:
         async def all_calls():
             protocols = ["pcm", "twilio", "audiohook", "pcm"] * 5
             return await asyncio.gather(*[
