@@ -5,7 +5,7 @@ in ``examples/index.json`` and scores the events with :func:`emostream.timeline.
 classified window, the share of the labelled speech inside it whose label equals the window's label,
 weighted by that speech time. Windows flagged as silence are not scored.
 
-    python bench/agreement.py [--checkpoint DIR] [--hop 1.0] [--json OUT.json]
+    python bench/agreement.py [--checkpoint DIR] [--hop 1.0] [--vad silero|energy|off] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from emostream.cli import main as emostream_main
 from emostream.timeline import agreement, read_events
@@ -29,11 +30,13 @@ def read_segments(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def score_example(entry: dict, hop: float, checkpoint: str | None, workdir: Path) -> dict:
-    """Replay one example call and score its events against its segments."""
+def score_example(entry: dict, hop: float, checkpoint: str | None, workdir: Path,
+                  extra: Sequence[str] = (), audio: Path | None = None) -> dict:
+    """Replay one example call (or ``audio``, a variant of it) with extra CLI options and score its
+    events against its segments."""
     events_path = workdir / (Path(entry["file"]).stem + ".jsonl")
-    argv = ["replay", str(EXAMPLES / entry["file"]), "--fast", "--no-dashboard", "--hop", str(hop),
-            "--events", str(events_path), "--channel-names", ",".join(entry["channels"])]
+    argv = ["replay", str(audio or EXAMPLES / entry["file"]), "--fast", "--no-dashboard", "--hop", str(hop),
+            "--events", str(events_path), "--channel-names", ",".join(entry["channels"]), *extra]
     if checkpoint:
         argv += ["--checkpoint", checkpoint]
     rc = emostream_main(argv)
@@ -43,6 +46,7 @@ def score_example(entry: dict, hop: float, checkpoint: str | None, workdir: Path
     result = agreement(events, read_segments(EXAMPLES / entry["segments"]))
     result["windows"] = len(events)
     result["silence_windows"] = sum(1 for e in events if not e.get("speech"))
+    result["events"] = events
     return result
 
 
@@ -50,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--hop", type=float, default=1.0)
+    p.add_argument("--vad", default="silero", choices=("silero", "energy", "off"), help="speech gate (default silero)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
     index = json.loads((EXAMPLES / "index.json").read_text())
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for entry in index:
-            results[entry["file"]] = score_example(entry, args.hop, args.checkpoint, Path(tmp))
+            results[entry["file"]] = score_example(entry, args.hop, args.checkpoint, Path(tmp), ["--vad", args.vad])
+            results[entry["file"]].pop("events")
     total_a = sum(r["overall"]["agreement"] * r["overall"]["seconds"] for r in results.values())
     total_t = sum(r["overall"]["seconds"] for r in results.values())
     print("| call | channel | agreement | scored speech·window s | windows (silence) |")
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['windows']} ({r['silence_windows']}) |")
     print(f"| all calls | all | **{total_a / total_t:.3f}** | {total_t:.1f} | |")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"hop": args.hop, "results": results,
+        Path(args.json_out).write_text(json.dumps({"hop": args.hop, "vad": args.vad, "results": results,
                                                    "overall": total_a / total_t}, indent=2))
     return 0
 

@@ -2,12 +2,15 @@
 
 Times the full inference path of :class:`emostream.model.Predictor` (mel front end + ResNet50 +
 softmax) on random 6 s windows, for fp32 and for mixed precision (bf16 autocast + channels_last on
-CPU, fp16 autocast on CUDA). The work per window is counted with ``torch.utils.flop_counter``
-(multiply-accumulates = FLOPs / 2), and the best dense GEMM rate of torch in the same precision is
-measured as a reference for the machine's practical compute limit (on CPUs whose BLAS does not use
-every vector unit, the model's oneDNN convolutions can exceed it: see BENCHMARKS.md).
+CPU, fp16 autocast on CUDA), and optionally the same pipeline exported to ONNX on ONNX Runtime
+(fp32). The work per window is counted with ``torch.utils.flop_counter`` (GMAC = 1e9
+multiply-accumulates = FLOPs / 2); the achieved GMAC/s is compared with the best dense matmul rate
+torch reaches on this machine in the same precision (the measured matmul peak: the practical
+compute limit; on CPUs whose BLAS does not use every vector unit, the model's oneDNN convolutions can
+exceed it: see BENCHMARKS.md).
 
-    python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10] [--json OUT]
+    python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10]
+                              [--backends torch,onnx] [--onnx MODEL.onnx] [--json OUT] [--quick]
 """
 from __future__ import annotations
 
@@ -35,14 +38,15 @@ def gmac_per_window(predictor: Predictor) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def matmul_peak_gflops(device: torch.device, mixed: bool, seconds: float = 2.0) -> float:
+def matmul_peak_gflops(device: torch.device, mixed: bool, seconds: float = 2.0,
+                       sizes: tuple[int, ...] = (1024, 2048, 4096)) -> float:
     """Best measured dense-matmul throughput (GFLOP/s) in the precision the model runs in, over
     square sizes 1024-4096 (the machine's practical compute limit for this precision)."""
     dtype = torch.float32
     if mixed:
         dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     best = 0.0
-    for n in (1024, 2048, 4096):
+    for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         c = torch.empty(n, n, device=device, dtype=dtype)
@@ -59,7 +63,7 @@ def matmul_peak_gflops(device: torch.device, mixed: bool, seconds: float = 2.0) 
     return best
 
 
-def windows_per_second(predictor: Predictor, batch: int, seconds: float) -> tuple[float, float]:
+def windows_per_second(predictor, batch: int, seconds: float) -> tuple[float, float]:
     """(windows/s, ms per batch) for ``predict`` at one batch size; one warm-up call first."""
     rng = np.random.default_rng(0)
     x = (0.1 * rng.standard_normal((batch, WINDOW_SAMPLES))).astype(np.float32)
@@ -78,35 +82,77 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--batches", default="1,4,8,16,32")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per batch size")
+    p.add_argument("--backends", default="torch", help="torch (fp32 and mixed precision) and/or onnx (ONNX Runtime fp32)")
+    p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--quick", action="store_true", help="batches 1 and 8, short timings (< 1 min)")
     args = p.parse_args(argv)
+    gemm_seconds, gemm_sizes = 2.0, (1024, 2048, 4096)
+    if args.quick:
+        args.batches, args.seconds, gemm_seconds, gemm_sizes = "1,8", 0.5, 0.3, (1024,)
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
-    for mixed in (False, True):
+    backends = args.backends.split(",")
+    variants = [("torch", False), ("torch", True)] if "torch" in backends else []
+    variants += [("onnx", False)] if "onnx" in backends else []
+    rows, peaks = [], {}
+    for backend, mixed in variants:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, mixed_precision=mixed)
         gmac = gmac_per_window(predictor)
-        peak = matmul_peak_gflops(predictor.device, mixed)
+        if (predictor.device.type, mixed) not in peaks:
+            peaks[predictor.device.type, mixed] = matmul_peak_gflops(predictor.device, mixed, gemm_seconds, gemm_sizes)
+        peak = peaks[predictor.device.type, mixed]
+        precision = "fp32" if not mixed else ("bf16" if predictor.device.type == "cpu" else "fp16")
+        runner = predictor
+        if backend == "onnx":
+            runner = onnx_predictor(args.checkpoint, args.onnx, predictor.device.type)
         for batch in batches:
-            wps, ms = windows_per_second(predictor, batch, args.seconds)
-            achieved = 2 * gmac * wps  # GFLOP/s
-            rows.append({"precision": "fp32" if not mixed else ("bf16" if predictor.device.type == "cpu" else "fp16"),
-                         "batch": batch, "windows_per_s": round(wps, 2), "ms_per_batch": round(ms, 1),
-                         "gmac_per_window": round(gmac, 3), "achieved_gflops": round(achieved, 1),
-                         "gemm_gflops": round(peak, 1), "fraction_of_gemm": round(achieved / peak, 3)})
+            wps, ms = windows_per_second(runner, batch, args.seconds)
+            achieved = gmac * wps  # GMAC/s
+            rows.append({"backend": backend, "precision": precision, "batch": batch, "windows_per_s": round(wps, 2),
+                         "ms_per_batch": round(ms, 1), "gmac_per_window": round(gmac, 3),
+                         "achieved_gmacs": round(achieved, 1), "peak_gmacs": round(peak / 2, 1),
+                         "fraction_of_peak": round(2 * achieved / peak, 3),
+                         # the same in FLOP units (earlier versions of this script)
+                         "achieved_gflops": round(2 * achieved, 1), "gemm_gflops": round(peak, 1)})
             print(json.dumps(rows[-1]), flush=True)
     device = str(predictor.device)
     machine = (torch.cuda.get_device_name() if device.startswith("cuda")
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+               else f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print(f"\nmachine: {machine}; torch {torch.__version__}\n")
-    print("| precision | batch | windows/s | ms/batch | GMAC/window | achieved GFLOP/s | best GEMM GFLOP/s | of GEMM |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | precision | batch | windows/s | ms/batch | GMAC/window | achieved GMAC/s | matmul peak GMAC/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['precision']} | {r['batch']} | {r['windows_per_s']:.1f} | {r['ms_per_batch']:.1f} | "
-              f"{r['gmac_per_window']:.2f} | {r['achieved_gflops']:.0f} | {r['gemm_gflops']:.0f} | "
-              f"{100 * r['fraction_of_gemm']:.0f}% |")
+        print(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['windows_per_s']:.1f} | {r['ms_per_batch']:.1f} | "
+              f"{r['gmac_per_window']:.2f} | {r['achieved_gmacs']:.0f} | {r['peak_gmacs']:.0f} | "
+              f"{100 * r['fraction_of_peak']:.0f}% |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine, "device": device, "rows": rows}, indent=2))
     return 0
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def onnx_predictor(checkpoint: str, path: str | None, device: str):
+    """ONNX Runtime predictor of ``path``, or of a fresh export of ``checkpoint`` in a temp dir."""
+    from emostream.onnx_model import OnnxPredictor, export_onnx
+
+    if path is None:
+        import atexit
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        atexit.register(tmp.cleanup)
+        path = str(export_onnx(checkpoint, Path(tmp.name) / "emostream.onnx"))
+    return OnnxPredictor.from_file(path, device=device)
 
 
 if __name__ == "__main__":

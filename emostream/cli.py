@@ -141,6 +141,8 @@ def add_live_commands(sub, model_args, stream_args) -> None:
                     help="the wss://host[:port] Twilio connects to, when behind a proxy (for signatures)")
     sv.add_argument("--audiohook-key", action="append", default=[], metavar="KEY:SECRET",
                     help="AudioHook API key and base64 client secret; requests must be signed (repeatable)")
+    sv.add_argument("--warm-up", action="store_true",
+                    help="run the model once per batch size before listening (first calls are not slow)")
     sv.add_argument("--no-model", action="store_true",
                     help="answer every window with a fixed Neutral distribution (bridge and load tests, no model)")
     sv.add_argument("--verbose", action="store_true", help="log every connection")
@@ -350,7 +352,7 @@ def cmd_serve(args) -> int:
             twilio_auth_token=_env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
             public_url=args.public_url, audiohook_keys=keys,
             worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                max_pending=max(4096, args.max_batch)))
+                                max_pending=max(4096, args.max_batch)), warm_up=args.warm_up)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if config.events_dir is not None and config.events_dir.exists() and not config.events_dir.is_dir():

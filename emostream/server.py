@@ -68,6 +68,7 @@ class ServerConfig:
     audiohook_keys: tuple[AudioHookKey, ...] = ()
     supported_languages: tuple[str, ...] = ("en-US", "de-DE")
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    warm_up: bool = False                # run every batch size once before listening
 
     def __post_init__(self):
         if self.max_calls < 1:
@@ -264,6 +265,9 @@ class EmoServer:
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
         await self.worker.start()
+        if self.config.warm_up:
+            seconds = await self.worker.warm_up()
+            log.info("model warmed up for batches 1-%d in %.1f s", self.config.worker.max_batch, seconds)
         self._server = await serve(self._handle, self.config.host, self.config.port,
                                    process_request=self._process_request,
                                    max_size=self.config.max_message_bytes, max_queue=64,

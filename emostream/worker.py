@@ -12,10 +12,11 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
+from .audio import WINDOW_SAMPLES
 from .timeline import CLASSES
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -107,6 +108,18 @@ class InferenceWorker:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+    async def warm_up(self, sizes: Iterable[int] | None = None) -> float:
+        """Run the model once per batch size (default 1..max_batch) on silent windows, in the worker
+        thread, so that the first real batches of each size are not slow (oneDNN builds kernels per
+        shape: a first call costs about three later ones). Returns the seconds it took."""
+        if self._executor is None:
+            raise WorkerStopped("inference worker is not running")
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        for n in (range(1, self.config.max_batch + 1) if sizes is None else sizes):
+            await loop.run_in_executor(self._executor, self.predict, np.zeros((n, WINDOW_SAMPLES), np.float32))
+        return time.perf_counter() - t0
 
     @property
     def pending(self) -> int:

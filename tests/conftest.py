@@ -39,6 +39,17 @@ def predictor(shipped_checkpoint):
     return Predictor.from_checkpoint(shipped_checkpoint, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def onnx_file(shipped_checkpoint, tmp_path_factory) -> Path:
+    """The shipped checkpoint exported to ONNX once per test session, through the CLI."""
+    pytest.importorskip("onnxscript", reason="ONNX export needs emostream[onnx]")
+    from emostream.cli import main
+
+    path = tmp_path_factory.mktemp("onnx") / "emostream.onnx"
+    assert main(["export", "--onnx", str(path)]) == 0
+    return path
+
+
 @pytest.fixture
 def wav_file(tmp_path) -> Path:
     path = tmp_path / "speech.wav"

@@ -19,14 +19,6 @@ from .conftest import EXAMPLES
 pytest.importorskip("onnxscript", reason="ONNX export needs emostream[onnx]")
 
 
-@pytest.fixture(scope="session")
-def onnx_file(shipped_checkpoint, tmp_path_factory):
-    """The shipped checkpoint exported once per test session, through the CLI."""
-    path = tmp_path_factory.mktemp("onnx") / "emostream.onnx"
-    assert main(["export", "--onnx", str(path)]) == 0
-    return path
-
-
 @pytest.fixture(scope="module")
 def torch_fp32(shipped_checkpoint):
     return Predictor.from_checkpoint(shipped_checkpoint, device="cpu", mixed_precision=False)

@@ -1,0 +1,408 @@
+"""Capacity: how many simultaneous real-time calls one machine analyses, and how fast events come.
+
+N simulated calls stream real speech (``examples/call_mono.flac``, each call from its own offset,
+looped) at real-time pace in 20 ms frames, each call starting at a random phase of the hop, through
+the live pipeline of ``emostream serve``:
+
+- ``inproc``: every call is a server :class:`~emostream.server.LiveCall` (resampler, windower,
+  speech gate, analyzer) fed in one event loop, all sharing one :class:`InferenceWorker`;
+- ``ws``: ``emostream serve`` runs as its own process and every call is a ``/v1/pcm`` websocket
+  client on 127.0.0.1 (this script is the load generator; its CPU use is reported too).
+
+Per N: event latency = wall time the event is delivered (returned to the connection handler
+in-process; received by the client over websocket) minus the wall time the window's last sample was
+due, p50/p95/p99; CPU use of the analysing process in cores (2 = both cores of this machine);
+backlog = windows due but not yet delivered (the largest seen); model batches. A run is real time
+when p99 latency stays below the hop (every event arrives before the call's next window is due);
+the table also marks the issue's target (p99 < 300 ms). Sweeps stop at the first N that is not real time.
+
+    python bench/capacity.py [--modes inproc,ws] [--backends torch-bf16,torch-fp32,onnx] [--hops 1.0,0.5]
+                             [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--json OUT] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from emostream.audio import SAMPLE_RATE, float32_to_int16, load_mono
+from emostream.protocols import Start
+from emostream.server import LiveCall, ServerConfig
+from emostream.vad import VadConfig
+from emostream.worker import InferenceWorker, WorkerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "examples" / "call_mono.flac"
+BACKENDS = ("torch-bf16", "torch-fp32", "onnx")
+TARGET_P99_MS = 300.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One measurement: a mode, a backend, a hop and a number of calls."""
+
+    mode: str = "inproc"          # inproc | ws
+    backend: str = "torch-bf16"   # torch-bf16 | torch-fp32 | onnx
+    hop: float = 1.0
+    calls: int = 1
+    seconds: float = 30.0         # audio per call
+    frame_ms: float = 20.0
+    vad: str = "off"
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    seed: int = 0
+
+
+def call_audio(source: np.ndarray, seconds: float, offset: int) -> np.ndarray:
+    """``seconds`` of the source starting at ``offset``, looped."""
+    n = int(seconds * SAMPLE_RATE)
+    idx = (offset + np.arange(n)) % len(source)
+    return source[idx].astype(np.float32)
+
+
+def windows_due(elapsed: float, hop: float, total: int, min_seconds: float = 1.0) -> int:
+    """Windows of a call whose end lies ``elapsed`` seconds or more in the past (schedule of stream.py)."""
+    hop_n = int(round(hop * SAMPLE_RATE))
+    first = max(hop_n, -(-int(round(min_seconds * SAMPLE_RATE)) // hop_n) * hop_n) / SAMPLE_RATE
+    if elapsed < first:
+        return 0
+    return min(total, int((elapsed - first) / hop + 1e-9) + 1)
+
+
+class Tracker:
+    """Latencies, deliveries and backlog of one run (all calls)."""
+
+    def __init__(self, cfg: RunConfig, t0s: np.ndarray, windows_per_call: int):
+        self.cfg, self.t0s, self.total = cfg, t0s, windows_per_call
+        self.latencies: list[float] = []
+        self.delivered = np.zeros(len(t0s), dtype=np.int64)
+        self.max_backlog = 0
+
+    def event(self, call: int, t_end: float, now: float) -> None:
+        self.latencies.append(now - (self.t0s[call] + t_end))
+        self.delivered[call] += 1
+
+    def backlog(self, now: float) -> int:
+        due = sum(windows_due(now - t0, self.cfg.hop, self.total) for t0 in self.t0s)
+        return int(due - self.delivered.sum())
+
+    async def sample(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.max_backlog = max(self.max_backlog, self.backlog(loop.time()))
+            try:
+                await asyncio.wait_for(stop.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+
+def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: dict) -> dict:
+    lat = np.array(tracker.latencies) * 1000 if tracker.latencies else np.array([np.nan])
+    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+    expected = tracker.total * cfg.calls
+    row = {**asdict(cfg), "events": int(len(tracker.latencies)), "expected_events": int(expected),
+           "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1),
+           "max_ms": round(float(np.nanmax(lat)), 1), "cpu_cores": round(cpu / wall, 2),
+           "max_backlog": tracker.max_backlog, **extra}
+    row["realtime"] = bool(len(tracker.latencies) >= 0.98 * expected and p99 < 1000 * cfg.hop)
+    row["meets_target"] = bool(row["realtime"] and p99 < TARGET_P99_MS)
+    return row
+
+
+def schedule(cfg: RunConfig, loop: asyncio.AbstractEventLoop, lead: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(cfg.seed)
+    t0s = loop.time() + lead + rng.uniform(0, cfg.hop, cfg.calls)
+    offsets = rng.integers(0, 60 * SAMPLE_RATE, cfg.calls)
+    return t0s, offsets
+
+
+# --- in-process ----------------------------------------------------------------------------------
+
+async def run_inproc(cfg: RunConfig, predict, source: np.ndarray, worker: InferenceWorker) -> dict:
+    loop = asyncio.get_running_loop()
+    server_cfg = ServerConfig(hop_seconds=cfg.hop, vad=VadConfig.named(cfg.vad), worker=worker.config)
+    t0s, offsets = schedule(cfg, loop)
+    frame = int(round(cfg.frame_ms / 1000 * SAMPLE_RATE))
+    n_frames = int(cfg.seconds * SAMPLE_RATE) // frame
+    tracker = Tracker(cfg, t0s, windows_due(n_frames * frame / SAMPLE_RATE, cfg.hop, 10**9))
+
+    async def one(i: int) -> None:
+        call = LiveCall(Start(f"call-{i}", ("ch0",), SAMPLE_RATE, persist=False), "pcm", worker, None, server_cfg)
+        x = call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i]))
+        for k in range(n_frames):
+            delay = t0s[i] + (k + 1) * frame / SAMPLE_RATE - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            events = await call.push([(0, x[k * frame:(k + 1) * frame])])
+            now = loop.time()
+            for e in events:
+                tracker.event(i, e["t_end"], now)
+        await call.finish("completed")
+
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(tracker.sample(loop, stop))
+    stats0 = (worker.stats.batches, worker.stats.windows, worker.stats.busy_seconds)
+    start_wall, start_cpu = loop.time(), time.process_time()
+    await asyncio.gather(*(one(i) for i in range(cfg.calls)))
+    wall, cpu = loop.time() - start_wall, time.process_time() - start_cpu
+    stop.set()
+    await sampler
+    batches = worker.stats.batches - stats0[0]
+    windows = worker.stats.windows - stats0[1]
+    extra = {"batches": batches, "mean_batch": round(windows / max(1, batches), 2),
+             "model_busy": round((worker.stats.busy_seconds - stats0[2]) / wall, 2), "client_cpu_cores": None}
+    return summarize(cfg, tracker, wall, cpu, extra)
+
+
+# --- over websocket -------------------------------------------------------------------------------
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerProcess:
+    """``emostream serve`` in a child process on a free port of 127.0.0.1."""
+
+    def __init__(self, cfg: RunConfig, onnx_path: str | None, max_calls: int):
+        cmd = [sys.executable, "-m", "emostream", "serve", "--port", "0", "--max-calls", str(max_calls),
+               "--hop", str(cfg.hop), "--vad", cfg.vad, "--max-batch", str(cfg.max_batch),
+               "--max-wait-ms", str(cfg.max_wait_ms), "--warm-up", "--device", "cpu", "--idle-timeout", "120"]
+        if cfg.backend == "torch-fp32":
+            cmd.append("--fp32")
+        elif cfg.backend == "onnx":
+            cmd += ["--backend", "onnx", "--onnx", str(onnx_path)]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
+        self.lines: list[str] = []
+        port = None
+        deadline = time.monotonic() + 300
+        while port is None and time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+        if port is None:
+            self.stop()
+            raise RuntimeError("emostream serve did not start: " + "".join(self.lines[-5:]))
+        self.url = f"ws://127.0.0.1:{port}/v1/pcm"
+        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> dict:
+    from websockets.asyncio.client import connect
+
+    loop = asyncio.get_running_loop()
+    frame = int(round(cfg.frame_ms / 1000 * SAMPLE_RATE))
+    n_frames = int(cfg.seconds * SAMPLE_RATE) // frame
+    sockets = [await connect(server.url, max_size=2**22) for _ in range(cfg.calls)]
+    t0s, offsets = schedule(cfg, loop, lead=0.5)
+    tracker = Tracker(cfg, t0s, windows_due(n_frames * frame / SAMPLE_RATE, cfg.hop, 10**9))
+    errors: list[str] = []
+
+    async def one(i: int, ws) -> None:
+        pcm = float32_to_int16(call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i]))).astype("<i2").tobytes()
+        await ws.send(json.dumps({"type": "start", "call_id": f"cap-{cfg.seed}-{cfg.calls}-{i}",
+                                  "sample_rate": SAMPLE_RATE, "channels": 1, "encoding": "pcm_s16le"}))
+
+        async def receive() -> None:
+            async for message in ws:
+                m = json.loads(message)
+                if m.get("type") == "event":
+                    tracker.event(i, m["t_end"], loop.time())
+                elif m.get("type") == "error":
+                    errors.append(m.get("message", ""))
+                elif m.get("type") == "summary":
+                    return
+
+        reader = asyncio.create_task(receive())
+        step = 2 * frame
+        for k in range(n_frames):
+            delay = t0s[i] + (k + 1) * frame / SAMPLE_RATE - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(pcm[k * step:(k + 1) * step])
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(reader, 120)
+        await ws.close()
+
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(tracker.sample(loop, stop))
+    start_wall, start_cpu, start_srv = loop.time(), time.process_time(), proc_cpu_seconds(server.proc.pid)
+    await asyncio.gather(*(one(i, ws) for i, ws in enumerate(sockets)))
+    wall = loop.time() - start_wall
+    cpu, srv = time.process_time() - start_cpu, proc_cpu_seconds(server.proc.pid) - start_srv
+    stop.set()
+    await sampler
+    row = summarize(cfg, tracker, wall, srv, {"batches": None, "mean_batch": None, "model_busy": None,
+                                              "client_cpu_cores": round(cpu / wall, 2)})
+    if errors:
+        row["errors"] = errors[:3]
+    return row
+
+
+# --- sweeps ----------------------------------------------------------------------------------------
+
+def load_predict(backend: str, onnx_path: str | None):
+    if backend == "onnx":
+        from emostream.onnx_model import OnnxPredictor
+
+        return OnnxPredictor.from_file(onnx_path).predict
+    from emostream.model import Predictor
+
+    return Predictor.from_checkpoint(device="cpu", mixed_precision=backend == "torch-bf16").predict
+
+
+def sweep(base: RunConfig, calls: list[int], source: np.ndarray, onnx_path: str | None, keep_going: bool,
+          show) -> list[dict]:
+    """Runs of increasing N for one mode/backend/hop; stops after the first that is not real time."""
+    rows = []
+
+    async def inproc() -> None:
+        worker = InferenceWorker(load_predict(base.backend, onnx_path),
+                                 WorkerConfig(max_batch=base.max_batch, max_wait_ms=base.max_wait_ms,
+                                              max_pending=max(4096, base.max_batch)))
+        await worker.start()
+        await worker.warm_up()
+        try:
+            for n in calls:
+                rows.append(await run_inproc(replace(base, calls=n), worker.predict, source, worker))
+                show(rows[-1])
+                if not rows[-1]["realtime"] and not keep_going:
+                    break
+        finally:
+            await worker.stop()
+
+    if base.mode == "inproc":
+        asyncio.run(inproc())
+        return rows
+    server = ServerProcess(base, onnx_path, max(calls) + 8)
+    try:
+        for n in calls:
+            rows.append(asyncio.run(run_ws(replace(base, calls=n), server, source)))
+            show(rows[-1])
+            if not rows[-1]["realtime"] and not keep_going:
+                break
+    finally:
+        server.stop()
+    return rows
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| mode | backend | hop s | calls | p50 ms | p95 ms | p99 ms | CPU cores (client) | max backlog | "
+           "mean batch | real time | p99 < 300 ms |", "|" + "---|" * 12]
+    for r in rows:
+        client = f" ({r['client_cpu_cores']:.2f})" if r.get("client_cpu_cores") is not None else ""
+        mean_batch = "" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"
+        out.append(f"| {r['mode']} | {r['backend']} | {r['hop']:g} | {r['calls']} | {r['p50_ms']:.0f} | "
+                   f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_cores']:.2f}{client} | {r['max_backlog']} | "
+                   f"{mean_batch} | {'yes' if r['realtime'] else 'no'} | {'yes' if r['meets_target'] else 'no'} |")
+    return "\n".join(out)
+
+
+def capacity_summary(rows: list[dict]) -> list[dict]:
+    """Per mode/backend/hop: the largest N real time and the largest N meeting the target."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["backend"], r["hop"]), []).append(r)
+    out = []
+    for (mode, backend, hop), rs in groups.items():
+        rt = [r["calls"] for r in rs if r["realtime"]]
+        tg = [r["calls"] for r in rs if r["meets_target"]]
+        single = next((r["p50_ms"] for r in rs if r["calls"] == 1), None)
+        out.append({"mode": mode, "backend": backend, "hop": hop, "max_realtime_calls": max(rt, default=0),
+                    "max_calls_p99_under_300ms": max(tg, default=0), "single_call_p50_ms": single,
+                    "largest_tried": max(r["calls"] for r in rs)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="inproc,ws")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--hops", default="1.0,0.5")
+    p.add_argument("--calls", default="1,10,20,40,60,80,100")
+    p.add_argument("--seconds", type=float, default=30.0, help="audio per call and run")
+    p.add_argument("--vad", default="off", choices=("off", "energy", "silero"))
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
+    p.add_argument("--keep-going", action="store_true", help="do not stop a sweep at the first N that is not real time")
+    p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--quick", action="store_true", help="bf16, hop 1, 1 and 4 calls of 4 s, both modes (< 1 min)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.backends, args.hops, args.calls, args.seconds, args.max_batch = "torch-bf16", "1.0", "1,4", 4.0, 8
+    modes = args.modes.split(",")
+    backends = args.backends.split(",")
+    for b in backends:
+        if b not in BACKENDS:
+            p.error(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    calls = sorted(int(n) for n in args.calls.split(","))
+    source = load_mono(SOURCE)
+    onnx_path, tmp = args.onnx, None
+    if "onnx" in backends and onnx_path is None:
+        from emostream.onnx_model import export_onnx
+
+        tmp = tempfile.TemporaryDirectory()
+        onnx_path = str(export_onnx(out=Path(tmp.name) / "emostream.onnx"))
+    print(f"machine: {machine()}", flush=True)
+    rows: list[dict] = []
+    show = lambda r: print(json.dumps(r), flush=True)  # noqa: E731
+    for mode in modes:
+        for backend in backends:
+            for hop in (float(h) for h in args.hops.split(",")):
+                base = RunConfig(mode=mode, backend=backend, hop=hop, seconds=args.seconds, vad=args.vad,
+                                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                rows += sweep(base, calls, source, onnx_path, args.keep_going, show)
+    summary = capacity_summary(rows)
+    print("\n" + markdown(rows) + "\n")
+    print("| mode | backend | hop s | largest N real time | largest N with p99 < 300 ms | single call p50 ms |")
+    print("|---|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['mode']} | {s['backend']} | {s['hop']:g} | {s['max_realtime_calls']} (tried up to "
+              f"{s['largest_tried']}) | {s['max_calls_p99_under_300ms']} | {s['single_call_p50_ms']} |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": machine(), "rows": rows, "summary": summary}, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The benchmark scripts' --quick modes run and report what they promise (so the scripts cannot rot).
+
+Figures are not asserted (they depend on the machine and on what else runs); structure, counts and
+machine-independent facts are.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def run_bench(script: str, tmp_path, *args: str, timeout: int = 300) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--json", str(out), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_capacity_quick(shipped_checkpoint, tmp_path):
+    result = run_bench("capacity", tmp_path)
+    rows = result["rows"]
+    assert {(r["mode"], r["calls"]) for r in rows} >= {("inproc", 1), ("ws", 1)}
+    for r in rows:
+        assert r["backend"] == "torch-bf16" and r["hop"] == 1.0 and r["vad"] == "off"
+        assert r["events"] == r["expected_events"] == r["calls"] * 4  # every window's event came back
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["cpu_cores"] > 0 and r["max_backlog"] >= 0
+        assert r["realtime"] == (r["p99_ms"] < 1000)
+    inproc = [r for r in rows if r["mode"] == "inproc"]
+    assert all(r["batches"] >= 1 and r["mean_batch"] >= 1 for r in inproc)
+    assert all(r["client_cpu_cores"] is not None for r in rows if r["mode"] == "ws")
+    assert {s["mode"] for s in result["summary"]} == {"inproc", "ws"}
+
+
+def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
+    result = run_bench("inference", tmp_path, "--backends", "torch,onnx", "--onnx", str(onnx_file))
+    rows = result["rows"]
+    assert {(r["backend"], r["precision"], r["batch"]) for r in rows} == {
+        (b, p, n) for b, p in (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")) for n in (1, 8)}
+    for r in rows:
+        assert 1.5 < r["gmac_per_window"] < 2.5  # ResNet50 on a 128 x 188 mel image
+        assert r["achieved_gmacs"] == pytest.approx(r["gmac_per_window"] * r["windows_per_s"], rel=0.01)
+        assert r["fraction_of_peak"] == pytest.approx(r["achieved_gmacs"] / r["peak_gmacs"], rel=0.01)
+
+
+def test_train_throughput_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    rows = run_bench("train_throughput", tmp_path)["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["samples_per_s"] > 0 and r["batch_size"] == 8 for r in rows)
+
+
+def test_speech_gate_quick(shipped_checkpoint, tmp_path):
+    result = run_bench("speech_gate", tmp_path)
+    off, silero = result["rows"]
+    assert (off["vad"], silero["vad"]) == ("off", "silero")
+    assert off["windows"] == silero["windows"] == off["classified"]
+    assert silero["skipped_vs_off"] >= 0.3  # the issue's target on the stereo call
+    assert 0 <= silero["agreement"] <= 1 and 0.5 < silero["speech_covered"] <= off["speech_covered"] == 1.0
+    det = result["detection"]["call_stereo.flac"]
+    assert det["silero"]["speech_outside_segments"] < 0.02
