@@ -407,6 +407,28 @@ def test_worker_batches_across_callers_and_reports_failures():
     asyncio.run(main())
 
 
+def test_worker_warm_up_runs_every_batch_size_in_the_worker_thread():
+    import threading
+
+    seen = []
+
+    def predict(x):
+        seen.append((x.shape, threading.current_thread().name))
+        return constant_predictor()(x)
+
+    async def main():
+        worker = InferenceWorker(predict, WorkerConfig(max_batch=4, max_pending=8))
+        with pytest.raises(RuntimeError, match="not running"):
+            await worker.warm_up()
+        await worker.start()
+        assert await worker.warm_up() >= 0
+        await worker.stop()
+
+    asyncio.run(main())
+    assert [shape for shape, _ in seen] == [(n, 16000 * 6) for n in (1, 2, 3, 4)]
+    assert all(name.startswith("emostream-infer") for _, name in seen)
+
+
 # --- robustness: whatever a peer sends, a session answers with actions or a ProtocolError ------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
