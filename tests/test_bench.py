@@ -47,8 +47,9 @@ def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
         (b, p, n) for b, p in (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")) for n in (1, 8)}
     for r in rows:
         assert 1.5 < r["gmac_per_window"] < 2.5  # ResNet50 on a 128 x 188 mel image
-        assert r["achieved_gmacs"] == pytest.approx(r["gmac_per_window"] * r["windows_per_s"], rel=0.01)
-        assert r["fraction_of_peak"] == pytest.approx(r["achieved_gmacs"] / r["peak_gmacs"], rel=0.01)
+        # (the JSON rounds to 0.1 GMAC/s and 0.001)
+        assert r["achieved_gmacs"] == pytest.approx(r["gmac_per_window"] * r["windows_per_s"], rel=0.01, abs=0.1)
+        assert r["fraction_of_peak"] == pytest.approx(r["achieved_gmacs"] / r["peak_gmacs"], rel=0.01, abs=0.002)
 
 
 def test_train_throughput_quick(tmp_path):
