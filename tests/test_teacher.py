@@ -194,6 +194,9 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     batch = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
                        np.random.default_rng(0), teacher=teacher)
     assert len(batch) == 3 and batch[2].shape == (2, 7) and torch.isfinite(batch[2]).all()
+    plain = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
+                       np.random.default_rng(0))
+    assert plain[2] is None and torch.equal(plain[0], batch[0])  # the teacher draws no random numbers
     report = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False, teacher_features=feats)
     assert "teacher_summary" in report and 0 <= report["teacher_summary"]["overall"]["ua"]["mean"] <= 1
     assert "Distillation teacher" in (tmp_path / "cv" / "cv_report.md").read_text()

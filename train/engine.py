@@ -87,9 +87,9 @@ def add_floor_noise(waves: np.ndarray, cfg: TrainConfig, rng: np.random.Generato
 
 
 def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-               rng: np.random.Generator, teacher=None) -> tuple[torch.Tensor, ...]:
-    """Waveforms ``(B, WINDOW_SAMPLES)`` and one-hot (or mixed) targets ``(B, 7)``; with a
-    ``teacher`` (:class:`train.teacher.FoldTeacher`) also its logits for exactly the crops taken."""
+               rng: np.random.Generator, teacher=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Waveforms ``(B, WINDOW_SAMPLES)``, one-hot (or mixed) targets ``(B, 7)`` and, with a
+    ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits for exactly the crops taken (else None)."""
     crops = [crop_span(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset) for i in idx]
     waves = np.stack([c[0] for c in crops])
     waves = add_floor_noise(waves, cfg, rng)
@@ -108,9 +108,7 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
             soft = (np.log(np.clip(p, 1e-8, 1)) * t).astype(np.float32)
     if cfg.label_smoothing:
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(CLASSES)
-    if soft is None:
-        return torch.from_numpy(waves), torch.from_numpy(targets)
-    return torch.from_numpy(waves), torch.from_numpy(targets), torch.from_numpy(soft)
+    return torch.from_numpy(waves), torch.from_numpy(targets), None if soft is None else torch.from_numpy(soft)
 
 
 class SpecAugment:
@@ -280,9 +278,9 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if drop_last and len(idx) < cfg.batch_size:
                     break
-                batch = make_batch(cache, idx, labels, cfg, rng, teacher=teacher)
-                x, y = batch[0].to(dev), batch[1].to(dev)
-                soft = batch[2].to(dev) if len(batch) > 2 else None
+                x, y, soft = make_batch(cache, idx, labels, cfg, rng, teacher=teacher)
+                x, y = x.to(dev), y.to(dev)
+                soft = soft.to(dev) if soft is not None else None
                 with autocast_for(dev, cfg.mixed_precision_training):
                     logits = model(x, spec_augment=spec_aug)
                 loss = loss_fn(cfg, logits.float(), y, soft) / cfg.grad_accumulation
@@ -377,9 +375,8 @@ def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray,
     for k in range(cfg.folds):
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
         teacher = fold_teacher(cfg, clips, features, train_idx)
-        p = softmax(teacher.clip_logits(val_idx))
-        oof[val_idx] = p
-        per_fold.append(grouped_metrics(p, labels[val_idx], [corpora[i] for i in val_idx]))
+        oof[val_idx] = softmax(teacher.clip_logits(val_idx))
+        per_fold.append(_teacher_metrics(teacher, val_idx, labels, corpora))
     from .metrics import summarize_folds
 
     report = {"protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}; teacher: Whisper base encoder "
@@ -392,12 +389,23 @@ def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray,
     return report
 
 
+SUMMARY_METRICS = ("ua", "macro_f1", "accuracy", "roc_auc")
+
+
+def _summary_rows(summary: dict, metrics: tuple[str, ...] = SUMMARY_METRICS, suffix: str = "") -> list[str]:
+    """Markdown rows ``| group | mean ± std | ...`` of a :func:`summarize_folds` result."""
+    return [f"| {group}{suffix} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |"
+            for group, m in summary.items()]
+
+
 def _summary_lines(summary: dict) -> str:
-    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|"]
-    for group, m in summary.items():
-        lines.append(f"| {group} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"
-                                                 for k in ("ua", "macro_f1", "accuracy", "roc_auc")) + " |")
+    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|", *_summary_rows(summary)]
     return "\n".join(lines) + "\n"
+
+
+def _teacher_metrics(teacher, val_idx: np.ndarray, labels: np.ndarray, corpora: list[str]) -> dict:
+    """A fold teacher's metrics on its validation clips (whole-clip pooling)."""
+    return grouped_metrics(softmax(teacher.clip_logits(val_idx)), labels[val_idx], [corpora[i] for i in val_idx])
 
 
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
@@ -423,8 +431,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         assert not speakers_train & {clips[i].speaker for i in val_idx} or cfg.group_by == "audio"
         teacher = fold_teacher(cfg, clips, teacher_features, train_idx) if teacher_features is not None else None
         if teacher is not None:
-            teacher_folds.append(grouped_metrics(softmax(teacher.clip_logits(val_idx)), labels[val_idx],
-                                                 [corpora[i] for i in val_idx]))
+            teacher_folds.append(_teacher_metrics(teacher, val_idx, labels, corpora))
         done = fold_dir / "done.json"
         if resume and done.exists() and (fold_dir / "val_logits.npy").exists():
             log.info("fold %d already finished: reusing", k)
@@ -487,10 +494,8 @@ def cv_markdown(report: dict) -> str:
     lines = [f"# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
              "Mean ± std over folds (temperature-calibrated probabilities):", "",
              "| set | UA | macro-F1 | accuracy | ROC AUC | ECE |", "|---|---|---|---|---|---|"]
-    for name, summary in (("", report["summary"]), (" (telephone)", report["summary_telephone"])):
-        for group, m in summary.items():
-            lines.append(f"| {group}{name} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"
-                                                          for k in ("ua", "macro_f1", "accuracy", "roc_auc", "ece")) + " |")
+    for suffix, summary in (("", report["summary"]), (" (telephone)", report["summary_telephone"])):
+        lines += _summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
     lines += ["", markdown_table(report["pooled"], "Pooled out-of-fold predictions"),
               f"Temperatures per fold (cross-fitted on the other folds): {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
               f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
