@@ -223,9 +223,14 @@ def speech_activity(samples: np.ndarray, threshold_db: float = -50.0, frame: int
 
     This only separates near-silence (line hiss, pauses) from sound; it is not a voice detector.
     """
-    n = len(samples) // frame
-    if n == 0:
+    rms_db = frame_levels_db(samples, frame)
+    if len(rms_db) == 0:
         return False
-    frames = np.asarray(samples[: n * frame], dtype=np.float32).reshape(n, frame)
-    rms_db = 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-12)
     return bool((rms_db > threshold_db).sum() * frame >= min_active_seconds * sample_rate)
+
+
+def frame_levels_db(samples: np.ndarray, frame: int = 512) -> np.ndarray:
+    """Level in dBFS (RMS) of each whole ``frame``-sample frame; a trailing partial frame is dropped."""
+    n = len(samples) // frame
+    frames = np.asarray(samples[: n * frame], dtype=np.float32).reshape(n, frame)
+    return 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-12)

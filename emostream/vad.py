@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .stream import Window
+from .stream import Window, frame_levels_db
 
 VAD_KINDS = ("silero", "energy", "off")
 FRAME = 512              # samples per detector frame (32 ms at 16 kHz)
@@ -159,13 +159,6 @@ class SileroStream:
         return self.probs[lo - self.first_frame:hi - self.first_frame]
 
 
-def energy_frames_db(samples: np.ndarray) -> np.ndarray:
-    """Level in dBFS of each whole 512-sample frame."""
-    n = len(samples) // FRAME
-    frames = np.asarray(samples[: n * FRAME], dtype=np.float32).reshape(n, FRAME)
-    return 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-12)
-
-
 class SpeechGate:
     """Per stream: decides for each window whether it is classified (see the module docstring)."""
 
@@ -182,7 +175,7 @@ class SpeechGate:
         lo = max(window.start, window.end - int(round(cfg.recent_seconds * self.sample_rate)))
         frame_seconds = FRAME / self.sample_rate
         if cfg.kind == "energy":
-            db = energy_frames_db(window.samples[lo - window.start: window.end - window.start])
+            db = frame_levels_db(window.samples[lo - window.start: window.end - window.start], FRAME)
             return float((db > cfg.threshold).sum() * frame_seconds)
         if cfg.kind == "off":
             return float((window.end - lo) / self.sample_rate)
