@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agreement import EXAMPLES, read_segments, score_example  # noqa: E402
 
 from emostream.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from emostream.vad import FRAME, SileroStream, VadConfig, energy_frames_db  # noqa: E402
+from emostream.stream import frame_levels_db  # noqa: E402
+from emostream.vad import FRAME, SileroStream, VadConfig  # noqa: E402
 
 GATES = ("off", "energy", "silero")
 
@@ -65,7 +66,7 @@ def frame_detection(audio: np.ndarray, channels: list[str], segments: list[dict]
                 vad.feed(x)
                 speech = vad.frames(0, len(x)) >= VadConfig.named("silero").threshold
             else:
-                speech = energy_frames_db(x) > VadConfig.named("energy").threshold
+                speech = frame_levels_db(x, FRAME) > VadConfig.named("energy").threshold
             t = (np.arange(len(speech)) + 0.5) * FRAME / SAMPLE_RATE
             inside = np.zeros(len(speech), bool)
             for s in segments:
