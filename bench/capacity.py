@@ -31,12 +31,15 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from emostream.audio import SAMPLE_RATE, float32_to_int16, load_mono
+from emostream.metrics import ServerMetrics
 from emostream.protocols import Start
 from emostream.server import LiveCall, ServerConfig
 from emostream.vad import VadConfig
@@ -131,13 +134,16 @@ def schedule(cfg: RunConfig, loop: asyncio.AbstractEventLoop, lead: float = 0.5)
 async def run_inproc(cfg: RunConfig, predict, source: np.ndarray, worker: InferenceWorker) -> dict:
     loop = asyncio.get_running_loop()
     server_cfg = ServerConfig(hop_seconds=cfg.hop, vad=VadConfig.named(cfg.vad), worker=worker.config)
+    metrics = ServerMetrics(lambda: {"live_calls": {}, "queue": 0, "subscribers": 0, "ready": 1, "dropped": 0})
     t0s, offsets = schedule(cfg, loop)
     frame = int(round(cfg.frame_ms / 1000 * SAMPLE_RATE))
     n_frames = int(cfg.seconds * SAMPLE_RATE) // frame
     tracker = Tracker(cfg, t0s, windows_due(n_frames * frame / SAMPLE_RATE, cfg.hop, 10**9))
 
     async def one(i: int) -> None:
-        call = LiveCall(Start(f"call-{i}", ("ch0",), SAMPLE_RATE, persist=False), "pcm", worker, None, server_cfg)
+        # a mono customer stream, with the server's metrics (as in emostream serve)
+        call = LiveCall(Start(f"call-{i}", ("customer",), SAMPLE_RATE, persist=False), "pcm", worker, None,
+                        server_cfg, metrics)
         x = call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i]))
         for k in range(n_frames):
             delay = t0s[i] + (k + 1) * frame / SAMPLE_RATE - loop.time()
@@ -198,6 +204,13 @@ class ServerProcess:
             self.stop()
             raise RuntimeError("emostream serve did not start: " + "".join(self.lines[-5:]))
         self.url = f"ws://127.0.0.1:{port}/v1/pcm"
+        while time.monotonic() < deadline:  # the model warms up after the server listens: wait for /readyz
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
         threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
 
     def stop(self) -> None:
@@ -223,7 +236,8 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
     async def one(i: int, ws) -> None:
         pcm = float32_to_int16(call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i]))).astype("<i2").tobytes()
         await ws.send(json.dumps({"type": "start", "call_id": f"cap-{cfg.seed}-{cfg.calls}-{i}",
-                                  "sample_rate": SAMPLE_RATE, "channels": 1, "encoding": "pcm_s16le"}))
+                                  "sample_rate": SAMPLE_RATE, "channels": 1, "encoding": "pcm_s16le",
+                                  "channel_names": ["customer"]}))
 
         async def receive() -> None:
             async for message in ws:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .compliance import ANALYSE_CHOICES
 
 REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--fast", action="store_true", help="as fast as the model goes")
     r.add_argument("--channel-names", help="comma-separated names, one per channel (e.g. agent,customer)")
     r.add_argument("--stream", help="stream id in events (default: file name)")
+    r.add_argument("--analyse", choices=ANALYSE_CHOICES, default="all",
+                   help="channels to analyse: customer, agent (by --channel-names) or all (default)")
+    alert_args(r)
     stream_args(r)
     model_args(r)
 
@@ -96,6 +100,21 @@ def backend_args(sp) -> None:
                     help="torch (default) or onnx (ONNX Runtime, fp32; needs --onnx)")
     sp.add_argument("--onnx", metavar="MODEL.onnx", default=None,
                     help="ONNX model made by 'emostream export --onnx' (implies --backend onnx)")
+
+
+def alert_args(sp) -> None:
+    """``--alert RULE``: escalation rules."""
+    sp.add_argument("--alert", action="append", default=[], metavar="RULE", type=_alert_rule,
+                    help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable)')
+
+
+def _alert_rule(text: str):
+    from .alerts import AlertRule
+
+    try:
+        return AlertRule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def vad_args(sp) -> None:
@@ -146,6 +165,18 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     sv.add_argument("--no-model", action="store_true",
                     help="answer every window with a fixed Neutral distribution (bridge and load tests, no model)")
     sv.add_argument("--verbose", action="store_true", help="log every connection")
+    sv.add_argument("--log-format", choices=("text", "json"), default="text",
+                    help="text (default) or json: one JSON object per line with the call id; never audio or tokens")
+    sv.add_argument("--analyse", choices=ANALYSE_CHOICES, default="customer",
+                    help="channels to analyse: customer (default; AudioHook external, Twilio inbound, the pcm "
+                         "channel named 'customer'), agent, or all. In the EU, analysing staff is prohibited "
+                         "(AI Act Art. 5(1)(f)): keep 'customer'")
+    sv.add_argument("--record", metavar="DIR", default=None,
+                    help="also write each call's audio as received to DIR/<call_id>.wav (off by default: "
+                         "the server stores no audio)")
+    sv.add_argument("--events-retention-days", type=_positive(float), default=None, metavar="DAYS",
+                    help="delete timelines in --events-dir older than DAYS (checked at start and hourly)")
+    alert_args(sv)
     model_args(sv)
 
     sd = sub.add_parser("send", help="stream a recorded call to a server as a bridge would and print the events")
@@ -158,7 +189,9 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     sd.add_argument("--encoding", choices=("pcm_s16le", "mulaw", "alaw"), default="pcm_s16le", help="pcm only")
     sd.add_argument("--rate", type=int, choices=(8000, 16000), default=None,
                     help="pcm only: sample rate (default 16000 for pcm_s16le, 8000 for mulaw/alaw)")
-    sd.add_argument("--channel-names", help="pcm only: comma-separated names (e.g. agent,customer)")
+    sd.add_argument("--channel-names",
+                    help="the file's channels, comma-separated (default: ch0 for mono, agent,customer for stereo); "
+                         "pcm sends them as names, twilio/audiohook send the customer as inbound/external")
     sd.add_argument("--audiohook-key", default=None, metavar="KEY:SECRET", help="audiohook only: sign the request")
     sd.add_argument("--quiet", action="store_true", help="print only the summary")
 
@@ -205,6 +238,26 @@ def _load_predictor(args):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA device is available")
     return Predictor.from_checkpoint(path, device=device, mixed_precision=not args.fp32)
+
+
+def _model_info(predictor, args) -> dict[str, str]:
+    """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend and the
+    first 12 hex digits of the weights' SHA-256 (the identity to compare between replicas)."""
+    import hashlib
+
+    from .model import DEFAULT_CHECKPOINT
+
+    onnx_path = getattr(args, "onnx", None)
+    weights = Path(onnx_path) if onnx_path else (Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT) / "model.safetensors"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
+    config = (meta.get("training") or {}).get("config") or {}
+    return {"name": weights.stem if onnx_path else weights.parent.name, "sha256": digest.hexdigest()[:12],
+            "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
+            "backend": "onnx" if onnx_path else "torch"}
 
 
 def cmd_classify(args) -> int:
@@ -259,8 +312,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _alert_sink(tracker, display, writer):
+    """A timeline sink that runs the alert rules and shows/writes what they raise and clear."""
+    def sink(event: dict) -> None:
+        for alert in tracker.update(event):
+            verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
+            display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
+            if writer:
+                writer.write(alert)
+    return sink
+
+
 def cmd_replay(args) -> int:
+    from .alerts import AlertTracker
     from .analyzer import Analyzer, AnalyzerConfig
+    from .compliance import ChannelSelectionError, analysed_channels
     from .audio import SAMPLE_RATE, load_audio
     from .dashboard import DashboardInfo, make_display
     from .stream import StreamConfig, StreamWindower
@@ -280,6 +346,11 @@ def cmd_replay(args) -> int:
             raise UsageError(f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}")
     else:
         names = tuple(f"ch{i}" for i in range(n_channels))
+    try:
+        keep = analysed_channels(names, args.analyse)
+    except ChannelSelectionError as exc:
+        raise UsageError(str(exc)) from None
+    audio, names = audio[list(keep)], tuple(names[i] for i in keep)  # the rest is never analysed
     predictor = _load_predictor(args)
     stream = args.stream or Path(args.file).stem
     writer = JsonlWriter(args.events) if args.events else None
@@ -287,6 +358,8 @@ def cmd_replay(args) -> int:
                          device=str(predictor.device), hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
+    if args.alert:
+        sinks.append(_alert_sink(AlertTracker(args.alert, stream), display, writer))
     analyzer = Analyzer(predictor.predict, stream, names, AnalyzerConfig(smooth=args.smooth, vad=_vad(args)),
                         args.hop, sinks)
     windower = StreamWindower(stream, names, stream_cfg)
@@ -338,6 +411,7 @@ def cmd_serve(args) -> int:
     import logging
 
     from .auth import AudioHookKey
+    from .logs import configure as configure_logs
     from .server import EmoServer, ServerConfig
     from .worker import WorkerConfig, constant_predictor
 
@@ -352,19 +426,22 @@ def cmd_serve(args) -> int:
             twilio_auth_token=_env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
             public_url=args.public_url, audiohook_keys=keys,
             worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                max_pending=max(4096, args.max_batch)), warm_up=args.warm_up)
+                                max_pending=max(4096, args.max_batch)), warm_up=args.warm_up,
+            analyse=args.analyse, record_dir=Path(args.record) if args.record else None,
+            events_retention_days=args.events_retention_days, alerts=tuple(args.alert))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if config.events_dir is not None and config.events_dir.exists() and not config.events_dir.is_dir():
-        raise UsageError(f"--events-dir is not a directory: {config.events_dir}")
+    for flag, directory in (("--events-dir", config.events_dir), ("--record", config.record_dir)):
+        if directory is not None and directory.exists() and not directory.is_dir():
+            raise UsageError(f"{flag} is not a directory: {directory}")
+    # JSON logs are for a log pipeline: everything at INFO. Text logs stay quiet unless --verbose.
+    configure_logs(args.log_format, logging.INFO if args.verbose or args.log_format == "json" else logging.WARNING)
     if args.no_model:
-        predict, device = constant_predictor(), "none (--no-model)"
+        predict, device, model_info = constant_predictor(), "none (--no-model)", {"name": "none"}
     else:
         predictor = _load_predictor(args)
-        predict, device = predictor.predict, str(predictor.device)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    server = EmoServer(config, predict, device=device)
+        predict, device, model_info = predictor.predict, str(predictor.device), _model_info(predictor, args)
+    server = EmoServer(config, predict, device=device, model_info=model_info)
 
     async def run() -> None:
         import signal

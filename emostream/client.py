@@ -51,7 +51,7 @@ class SendOptions:
     call_id: str | None = None
     encoding: str = "pcm_s16le"          # pcm only: pcm_s16le, mulaw or alaw
     sample_rate: int | None = None       # pcm only: default 16000 (8000 for mulaw/alaw)
-    channel_names: tuple[str, ...] | None = None  # pcm only
+    channel_names: tuple[str, ...] | None = None  # the file's channels; default ch0 (mono), agent,customer (stereo)
     audiohook_key: AudioHookKey | None = None     # sign AudioHook requests with this key
     frame_ms: int = FRAME_MS
     abort_after: float | None = None     # stop sending after this many seconds of audio and drop the
@@ -147,15 +147,37 @@ def _abort(ws) -> None:
     ws.transport.abort()  # vanish: no close frame, no stop message
 
 
+STEREO_NAMES = ("agent", "customer")  # a call centre's stereo recording: agent left, customer right
+
+
+def file_channel_names(path: Path, channels: int, names: tuple[str, ...] | None) -> list[str]:
+    """Names of a file's channels: given, or ``ch0`` for mono and ``agent,customer`` for stereo
+    (as ``replay --channel-names`` names them in the examples)."""
+    if names is None:
+        names = STEREO_NAMES if channels == 2 else tuple(f"ch{i}" for i in range(channels))
+    if len(names) != channels or len(set(names)) != len(names) or not all(names):
+        raise SendError(f"{path} has {channels} channel(s): need {channels} distinct channel names, got {','.join(names)}")
+    return list(names)
+
+
+def customer_first(path: Path, audio: np.ndarray, names: tuple[str, ...] | None, protocol: str) -> np.ndarray:
+    """A stereo file's channels in the order of the telephony protocols: customer first (Twilio
+    ``inbound``, AudioHook ``external``), then agent (``outbound`` / ``internal``)."""
+    if audio.shape[0] != 2:
+        return audio
+    order = file_channel_names(path, 2, names)
+    if sorted(order) != sorted(STEREO_NAMES):
+        raise SendError(f"{protocol} needs a stereo file's channels named agent and customer, got {','.join(order)}")
+    return audio[[order.index("customer"), order.index("agent")]]
+
+
 async def _send_pcm(path: Path, url: str, opt: SendOptions, received, result: SendResult) -> None:
     rate = opt.sample_rate or (16000 if opt.encoding == "pcm_s16le" else TELEPHONE_RATE)
     audio = load_audio(path, rate)
     channels = audio.shape[0]
     if channels > 2:
         raise SendError(f"{path} has {channels} channels; the pcm protocol takes 1 or 2")
-    names = list(opt.channel_names) if opt.channel_names else [f"ch{i}" for i in range(channels)]
-    if len(names) != channels:
-        raise SendError(f"{len(names)} channel names for {channels} channels")
+    names = file_channel_names(path, channels, opt.channel_names)
     call_id = opt.call_id or path.stem
     result.call_id = call_id
     pcm = float32_to_int16(audio.T)  # (n, channels) interleaved
@@ -192,6 +214,7 @@ async def _send_twilio(path: Path, url: str, opt: SendOptions, received, result:
     audio = load_audio(path, TELEPHONE_RATE)
     if audio.shape[0] > 2:
         raise SendError(f"{path} has {audio.shape[0]} channels; Twilio streams at most 2 tracks")
+    audio = customer_first(path, audio, opt.channel_names, "twilio")
     tracks = ["inbound", "outbound"][: audio.shape[0]]
     call_sid = "CA" + uuid.uuid4().hex
     stream_sid = "MZ" + uuid.uuid4().hex
@@ -276,6 +299,7 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
     audio = load_audio(path, TELEPHONE_RATE)
     if audio.shape[0] > 2:
         raise SendError(f"{path} has {audio.shape[0]} channels; AudioHook streams at most 2")
+    audio = customer_first(path, audio, opt.channel_names, "audiohook")
     session_id = str(uuid.uuid4())
     result.call_id = session_id
     target = endpoint_url(url, "audiohook")

@@ -1,33 +1,52 @@
 """``emostream serve``: the asyncio websocket server for live calls.
 
-Routes: ``/v1/pcm``, ``/v1/twilio``, ``/v1/audiohook`` (calls, see :mod:`emostream.protocols`) and
-``/v1/events`` (read-only feed of every live call). Upgrade requests are authenticated before the
-handshake (HTTP 401, or 404 for unknown paths, 503 when full). Each call gets a :class:`LiveCall`:
-per-channel streaming resampler -> :class:`StreamWindower` -> :class:`Analyzer` whose model calls go
-through the one shared :class:`InferenceWorker`; events fan out to the peer, the call's JSONL file in
-``events_dir`` (appended and flushed per line; a summary is written whenever the call ends, also when
-the peer vanishes) and the :class:`EventsHub`. One call's bad input closes that call only.
+Websocket routes: ``/v1/pcm``, ``/v1/twilio``, ``/v1/audiohook`` (calls, see
+:mod:`emostream.protocols`) and ``/v1/events`` (read-only feed of every live call). Upgrade requests
+are authenticated before the handshake (HTTP 401, or 404 for unknown paths, 503 when full).
+
+Plain HTTP routes on the same port (no second server): ``/`` and ``/static/*`` (the supervisor page,
+package data in ``emostream/web``), ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), and for the
+page ``/v1/ticket`` (a single-use ticket for ``/v1/events``: browsers cannot send headers on a
+websocket, and a token must not travel in a URL), ``/v1/calls`` and ``/v1/calls/<id>``.
+
+Each call gets a :class:`LiveCall`: the channels chosen by ``analyse`` (see
+:mod:`emostream.compliance`; the others are dropped here) -> per-channel streaming resampler ->
+:class:`StreamWindower` -> :class:`Analyzer` whose model calls go through the one shared
+:class:`InferenceWorker`; events fan out to the peer, the call's JSONL file in ``events_dir``
+(appended and flushed per line; a summary is written whenever the call ends, also when the peer
+vanishes) and the :class:`EventsHub`. One call's bad input closes that call only. Audio is written to
+disk only with ``record_dir``.
 """
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from importlib import resources
 from pathlib import Path
 from typing import IO, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from . import __version__
+from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
 from .audio import SAMPLE_RATE, StreamResampler
 from .auth import AudioHookKey, token_ok, twilio_signature_ok, verify_audiohook_request
+from .compliance import ANALYSE_CHOICES, CallRecorder, ChannelSelectionError, analysed_channels, expire_timelines
+from .logs import set_call_id
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServerMetrics, call_outcome
 from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER,
                         Audio, AudioHookSession, End, Note, PcmSession, ProtocolError, Send, Session,
                         Silence, Start, TwilioSession)
@@ -40,6 +59,18 @@ log = logging.getLogger("emostream.server")
 
 CALL_PATHS = {"/v1/pcm": "pcm", "/v1/twilio": "twilio", "/v1/audiohook": "audiohook"}
 EVENTS_PATH = "/v1/events"
+TICKET_PATH = "/v1/ticket"
+CALLS_PATH = "/v1/calls"
+TICKET_SECONDS = 30.0           # a /v1/events ticket is valid this long, once
+ENDED_CALL_SECONDS = 60.0       # ended calls stay listed (and greyed on the page) this long
+RETENTION_CHECK_SECONDS = 3600.0
+WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+             "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
+PAGE_HEADERS = {  # the page loads nothing from anywhere but this server
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+}
 SILENCE_CHUNK_SECONDS = 1.0     # silence gaps are fed in pieces of this length
 AUDIOHOOK_ERROR_GRACE = 5.0     # after a disconnect(error), wait this long for the client's close
 SUBSCRIBER_QUEUE = 2000         # messages buffered per /v1/events subscriber before it is dropped
@@ -68,7 +99,11 @@ class ServerConfig:
     audiohook_keys: tuple[AudioHookKey, ...] = ()
     supported_languages: tuple[str, ...] = ("en-US", "de-DE")
     worker: WorkerConfig = field(default_factory=WorkerConfig)
-    warm_up: bool = False                # run every batch size once before listening
+    warm_up: bool = False                # warm every batch size up (default: batch 1 only) before /readyz
+    analyse: str = "customer"            # customer | agent | all (AI Act: customer only in the EU)
+    record_dir: Path | None = None       # write each call's audio here (off unless asked for)
+    events_retention_days: float | None = None  # delete timelines in events_dir older than this
+    alerts: tuple[AlertRule, ...] = ()   # escalation rules applied to every analysed channel
 
     def __post_init__(self):
         if self.max_calls < 1:
@@ -82,6 +117,40 @@ class ServerConfig:
         StreamConfig(hop_seconds=self.hop_seconds, min_seconds=self.min_seconds)  # validates
         if not 0 < self.smooth <= 1:
             raise ValueError(f"smooth must be in (0, 1], got {self.smooth}")
+        if self.analyse not in ANALYSE_CHOICES:
+            raise ValueError(f"analyse must be one of {', '.join(ANALYSE_CHOICES)}, got {self.analyse!r}")
+        if self.events_retention_days is not None:
+            if not self.events_retention_days > 0:
+                raise ValueError(f"events retention must be > 0 days, got {self.events_retention_days:g}")
+            if self.events_dir is None:
+                raise ValueError("events retention needs an events directory")
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> Response:
+    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
+                       ("Content-Length", str(len(body))), ("Content-Type", content_type),
+                       ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
+    for name, value in (extra or {}).items():
+        headers[name] = value
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json_response(status: HTTPStatus, body: dict, extra: dict[str, str] | None = None) -> Response:
+    return _response(status, json.dumps(body, separators=(",", ":")).encode(), "application/json", extra)
+
+
+_WEB_CACHE: dict[str, bytes] = {}
+
+
+def _static_response(name: str) -> Response:
+    """A file of the supervisor page (package data ``emostream/web``)."""
+    if name not in _WEB_CACHE:
+        try:
+            _WEB_CACHE[name] = (resources.files("emostream") / "web" / name).read_bytes()
+        except (FileNotFoundError, OSError):
+            return _json_response(HTTPStatus.NOT_FOUND, {"error": "not found"})
+    headers = {k: v for k, v in PAGE_HEADERS.items() if k != "X-Content-Type-Options"}
+    return _response(HTTPStatus.OK, _WEB_CACHE[name], WEB_FILES[name], headers)
 
 
 def _reason(text: str) -> str:
@@ -139,41 +208,89 @@ class EventsHub:
 
 
 class LiveCall:
-    """One call's pipeline: resample -> window -> classify (shared worker) -> sinks."""
+    """One call's pipeline: pick analysed channels -> resample -> window -> classify (shared worker) -> sinks."""
 
     def __init__(self, start: Start, protocol: str, worker: InferenceWorker, hub: EventsHub | None,
-                 config: ServerConfig):
+                 config: ServerConfig, metrics: ServerMetrics | None = None):
         self.call_id = start.call_id
         self.protocol = protocol
         self.channels = start.channels
+        # Raises ChannelSelectionError before anything is opened: no file, no hub entry.
+        analysed = analysed_channels(start.channels, config.analyse, protocol)
+        self.analysed = tuple(start.channels[i] for i in analysed)
+        self._local = {ch: k for k, ch in enumerate(analysed)}  # protocol channel -> analysed index
         self.worker = worker
         self.hub = hub
+        self.metrics = metrics
+        self.hop_seconds = config.hop_seconds
         self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.end_reason: str | None = None
         self.finished = False
         self.max_seconds = config.max_call_seconds
         self.summary: dict | None = None
         self.tail_events: list[dict] = []  # events of the final windows (sent before the summary)
+        self.info = start.info
         self._file: IO[str] | None = None
         self._writer: JsonlWriter | None = None
+        self.recorder: CallRecorder | None = None
         if config.events_dir is not None and start.persist:
             path = Path(config.events_dir) / f"{start.call_id}.jsonl"
             self._file = open(path, "a", encoding="utf-8")
             self._writer = JsonlWriter(self._file)
         self.path = Path(config.events_dir) / f"{start.call_id}.jsonl" if self._writer else None
-        self.resamplers = [StreamResampler(start.sample_rate, SAMPLE_RATE) for _ in start.channels]
-        self.windower = StreamWindower(start.call_id, start.channels,
+        if config.record_dir is not None and start.persist:
+            self.recorder = CallRecorder(Path(config.record_dir) / f"{start.call_id}.wav", start.sample_rate,
+                                         len(start.channels))
+        self.resamplers = [StreamResampler(start.sample_rate, SAMPLE_RATE) for _ in analysed]
+        self.windower = StreamWindower(start.call_id, self.analysed,
                                        StreamConfig(hop_seconds=config.hop_seconds, min_seconds=config.min_seconds))
-        sinks = []
+        self.alerts = AlertTracker(config.alerts, start.call_id)
+        sinks: list[Callable[[dict], None]] = []
         if self._writer:
             sinks.append(self._writer.write)
         if hub is not None:
             sinks.append(lambda e: hub.publish({"type": "event", **e}))
-        self.analyzer = Analyzer(worker.infer, start.call_id, start.channels,
+        if metrics is not None:
+            sinks.append(metrics.count_event)
+        if config.alerts:
+            sinks.append(self._check_alerts)
+        self.analyzer = Analyzer(worker.infer, start.call_id, self.analysed,
                                  AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks)
         if hub is not None:
-            hub.publish({"type": "call_started", "call_id": self.call_id, "protocol": protocol,
-                         "channels": list(self.channels), "hop_seconds": config.hop_seconds,
-                         "started_at": round(self.started_at, 3), "info": start.info})
+            hub.publish(self.started_message())
+
+    def started_message(self) -> dict:
+        """The ``call_started`` message of this call (also the base of its ``/v1/calls`` entry)."""
+        return {"type": "call_started", "call_id": self.call_id, "protocol": self.protocol,
+                "channels": list(self.channels), "analysed": list(self.analysed), "hop_seconds": self.hop_seconds,
+                "started_at": round(self.started_at, 3), "info": self.info}
+
+    def listing(self) -> dict:
+        """This call as ``GET /v1/calls`` lists it."""
+        return {**self.started_message(), "ended_at": None if self.ended_at is None else round(self.ended_at, 3),
+                "end_reason": self.end_reason}
+
+    def detail(self) -> dict:
+        """Everything of this call so far, for ``GET /v1/calls/<id>``."""
+        order = {ch: k for k, ch in enumerate(self.analysed)}
+        events = [e for ch in self.analysed for e in self.analyzer.timeline.events.get(ch, [])]
+        events.sort(key=lambda e: (e["t_end"], order[e["channel"]]))
+        return {"call": self.listing(), "events": events, "alerts": list(self.alerts.history),
+                "summary": self.summary}
+
+    def _check_alerts(self, event: dict) -> None:
+        for alert in self.alerts.update(event):
+            log.info("alert %s on %s: %s at %.1f s", alert["state"], alert["channel"], alert["rule"], alert["t"])
+            if self.metrics is not None and alert["state"] == "raised":
+                self.metrics.alerts.labels(alert["rule"]).inc()
+            if self._writer:
+                self._writer.write(alert)
+            if self.hub is not None:
+                self.hub.publish(alert)
+
+    def _order(self, window) -> tuple[float, int]:
+        return window.end, self.analysed.index(window.channel)
 
     async def push(self, audio: list[tuple[int, np.ndarray]]) -> list[dict]:
         """``(channel, samples)`` pieces at the protocol's rate (one frame of every channel);
@@ -182,27 +299,37 @@ class LiveCall:
         self._check_length(max(len(samples) for _, samples in audio) / rate)
         windows = []
         for channel, samples in audio:
-            x = self.resamplers[channel].push(samples)
+            if self.recorder is not None:
+                self.recorder.write(channel, samples)
+            local = self._local.get(channel)
+            if local is None:  # not analysed: dropped here, never resampled, windowed or classified
+                continue
+            x = self.resamplers[local].push(samples)
             if len(x):
-                windows += self.windower.push(channel, x)
-        if len(audio) > 1:
-            windows.sort(key=lambda w: (w.end, self.channels.index(w.channel)))
+                windows += self.windower.push(local, x)
+        if len(windows) > 1:
+            windows.sort(key=self._order)
         return await self.analyzer.process_async(windows, self.worker.infer)
 
     async def silence(self, channel: int | None, samples: int) -> list[dict]:
         """A gap of ``samples`` (protocol rate) on one or every channel, fed in short pieces."""
-        channels = range(len(self.channels)) if channel is None else [channel]
+        if self.recorder is not None:
+            self.recorder.silence(channel, samples)
+        if channel is None:
+            channels = list(range(len(self.analysed)))
+        else:
+            channels = [self._local[channel]] if channel in self._local else []
         rate = self.resamplers[0].orig_rate
         self._check_length(samples / rate)
         piece = int(SILENCE_CHUNK_SECONDS * rate)
         events: list[dict] = []
-        for pos in range(0, samples, piece):
+        for pos in range(0, samples, piece) if channels else ():
             n = min(piece, samples - pos)
             windows = []
             for ch in channels:
                 x = self.resamplers[ch].push(np.zeros(n, dtype=np.float32))
                 windows += self.windower.push(ch, x) if len(x) else []
-            windows.sort(key=lambda w: (w.end, self.channels.index(w.channel)))
+            windows.sort(key=self._order)
             events += await self.analyzer.process_async(windows, self.worker.infer)
         return events
 
@@ -215,6 +342,13 @@ class LiveCall:
         if self.finished:
             return self.summary or self.analyzer.timeline.summary()
         self.finished = True
+        self.ended_at = time.time()
+        self.end_reason = reason
+        if self.recorder is not None:
+            try:
+                self.recorder.close()
+            except Exception as exc:
+                log.error("call %s: recording not completed: %s", self.call_id, exc)
         events: list[dict] = []
         try:
             windows = []
@@ -222,11 +356,13 @@ class LiveCall:
                 x = resampler.flush()
                 windows += self.windower.push(ch, x) if len(x) else []
             windows += self.windower.flush()
-            windows.sort(key=lambda w: (w.end, self.channels.index(w.channel)))
+            windows.sort(key=self._order)
             events = await self.analyzer.process_async(windows, self.worker.infer)
         except Exception as exc:  # the summary of what we have still gets written
             log.warning("call %s: last windows not classified: %s", self.call_id, exc)
         self.tail_events = events
+        if self.metrics is not None:
+            self.metrics.calls.labels(self.protocol, call_outcome(reason)).inc()
         summary = self.analyzer.timeline.summary()
         summary["call_id"] = self.call_id
         summary["protocol"] = self.protocol
@@ -246,38 +382,77 @@ class LiveCall:
 class EmoServer:
     """The websocket server. ``await start()``, then ``await stop()`` (or ``serve_forever``)."""
 
-    def __init__(self, config: ServerConfig, predict: PredictFn, device: str = "cpu"):
+    def __init__(self, config: ServerConfig, predict: PredictFn, device: str = "cpu",
+                 model_info: dict[str, str] | None = None):
         self.config = config
         self.device = device
         self.worker = InferenceWorker(predict, config.worker)
         self.hub = EventsHub()
         self.calls: dict[str, LiveCall] = {}
+        self.ended: dict[str, LiveCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
         self.connections = 0
         self.completed = 0
         self.errors = 0
+        self.ready = False
+        self.ready_error: str | None = None
+        self.started_at = time.time()
         self._server = None
+        self._tasks: list[asyncio.Task] = []
+        self._tickets: dict[str, float] = {}  # single-use /v1/events tickets -> expiry (monotonic)
         self._audiohook_keys = {k.key: k.secret for k in config.audiohook_keys}
-        if config.events_dir is not None:
-            Path(config.events_dir).mkdir(parents=True, exist_ok=True)
+        self.metrics = ServerMetrics(self._metrics_state, model_info)
+        self.worker.batch_observers.append(self.metrics.observe_batch)
+        for directory in (config.events_dir, config.record_dir):
+            if directory is not None:
+                Path(directory).mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle
 
     async def start(self) -> int:
-        """Listen; returns the bound port (useful with port 0)."""
+        """Listen; returns the bound port (useful with port 0). The model is warmed up in the
+        background (batch 1, or every batch size with ``warm_up``); ``/readyz`` says when it is done
+        and :meth:`wait_ready` waits for it."""
         await self.worker.start()
-        if self.config.warm_up:
-            seconds = await self.worker.warm_up()
-            log.info("model warmed up for batches 1-%d in %.1f s", self.config.worker.max_batch, seconds)
+        if self.config.events_retention_days is not None:
+            self._expire_timelines()
+            self._tasks.append(asyncio.create_task(self._retention_loop(), name="emostream-retention"))
         self._server = await serve(self._handle, self.config.host, self.config.port,
                                    process_request=self._process_request,
                                    max_size=self.config.max_message_bytes, max_queue=64,
                                    ping_interval=20, ping_timeout=20, close_timeout=5,
                                    server_header="emostream")
+        self._tasks.append(asyncio.create_task(self._warm_up(), name="emostream-warm-up"))
         sock = next(iter(self._server.sockets))
         return sock.getsockname()[1]
 
+    async def _warm_up(self) -> None:
+        sizes = None if self.config.warm_up else [1]
+        try:
+            seconds = await self.worker.warm_up(sizes)
+        except Exception as exc:
+            self.ready_error = f"warm-up failed: {exc}"
+            log.error("model warm-up failed: %s", exc)
+            return
+        self.ready = True
+        log.info("ready: model warmed up for batch sizes %s in %.1f s",
+                 f"1-{self.config.worker.max_batch}" if sizes is None else "1", seconds)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the warm-up is done (raises RuntimeError when it failed)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.ready:
+            if self.ready_error:
+                raise RuntimeError(self.ready_error)
+            if deadline is not None and loop.time() > deadline:
+                raise asyncio.TimeoutError("server not ready")
+            await asyncio.sleep(0.02)
+
     async def stop(self) -> None:
         """Close every connection (calls finish and write their summaries), then the worker."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
@@ -286,6 +461,33 @@ class EmoServer:
             await call.finish("server stopped")
         await self.worker.stop()
 
+    # -- retention and the registry of ended calls
+
+    def _expire_timelines(self) -> list[Path]:
+        live = {c.path for c in self.calls.values() if c.path is not None}
+        return expire_timelines(Path(self.config.events_dir), self.config.events_retention_days, live)
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_CHECK_SECONDS)
+            try:
+                self._expire_timelines()
+            except Exception:
+                log.exception("timeline retention failed")
+
+    def _prune_ended(self) -> None:
+        now = time.time()
+        for call_id, call in list(self.ended.items()):
+            if call.ended_at is None or now - call.ended_at > ENDED_CALL_SECONDS:
+                del self.ended[call_id]
+
+    def _metrics_state(self) -> dict:
+        live: dict[str, int] = {}
+        for call in self.calls.values():
+            live[call.protocol] = live.get(call.protocol, 0) + 1
+        return {"live_calls": live, "queue": self.worker.pending, "subscribers": self.hub.subscribers,
+                "ready": int(self.ready), "dropped": self.worker.stats.refused}
+
     async def serve_forever(self) -> None:
         await self.start()
         try:
@@ -293,36 +495,107 @@ class EmoServer:
         finally:
             await self.stop()
 
-    # -- HTTP stage: routing, authentication, capacity
+    # -- HTTP stage: plain HTTP routes, then websocket routing, authentication, capacity
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path.rstrip("/") or "/"
+        split = urlsplit(request.path)
+        path = split.path.rstrip("/") or "/"
         cfg = self.config
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if path not in CALL_PATHS and path != EVENTS_PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, "unknown path; use /v1/pcm, /v1/twilio, /v1/audiohook or /v1/events\n")
+            if upgrade:
+                self.metrics.rejected.labels("unknown_path").inc()
+                return connection.respond(HTTPStatus.NOT_FOUND, "unknown path; use /v1/pcm, /v1/twilio, /v1/audiohook or /v1/events\n")
+            return self._http(request, path)
+        if not upgrade:
+            return _json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": f"{path} is a websocket endpoint"})
         headers = request.headers
         authenticated = cfg.token is None
         if cfg.token is not None and token_ok(cfg.token, headers, request.path):
             authenticated = True
+        if path == EVENTS_PATH and not authenticated:
+            ticket = parse_qs(split.query).get("ticket", [None])[0]
+            if ticket is not None:
+                if not self._redeem_ticket(ticket):
+                    self.metrics.rejected.labels("bad_ticket").inc()
+                    return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: ticket unknown, used or expired\n")
+                authenticated = True
         if path == "/v1/twilio" and cfg.twilio_auth_token:
             url = (cfg.public_url or f"wss://{headers.get('Host', '')}").rstrip("/") + request.path
             if not twilio_signature_ok(cfg.twilio_auth_token, headers.get("X-Twilio-Signature"), url):
+                self.metrics.rejected.labels("unauthorized").inc()
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
             authenticated = True
         elif path == "/v1/audiohook" and self._audiohook_keys:
             failure = verify_audiohook_request(headers, request.path, self._audiohook_keys)
             if failure is not None:
                 log.info("audiohook signature rejected: %s", failure)
+                self.metrics.rejected.labels("unauthorized").inc()
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
             authenticated = True
         if not authenticated and path != "/v1/twilio":  # Twilio may carry the token in start
+            self.metrics.rejected.labels("unauthorized").inc()
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
         if path in CALL_PATHS and len(self.calls) >= cfg.max_calls:
+            self.metrics.rejected.labels("at_capacity").inc()
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its call limit\n")
         if path == EVENTS_PATH and self.hub.subscribers >= cfg.max_subscribers:
+            self.metrics.rejected.labels("too_many_subscribers").inc()
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many event subscribers\n")
         connection.emostream_authenticated = authenticated  # read by _handle
         return None
+
+    def _http(self, request: Request, path: str) -> Response:
+        """The plain HTTP routes (GET only: websockets refuses other methods before this)."""
+        if path in ("/", "/index.html"):
+            return _static_response("index.html")
+        if path.startswith("/static/"):
+            name = path[len("/static/"):]
+            if name in WEB_FILES:
+                return _static_response(name)
+        elif path == "/healthz":
+            return _json_response(HTTPStatus.OK, {"status": "ok", "version": __version__,
+                                                  "uptime_seconds": round(time.time() - self.started_at, 1)})
+        elif path == "/readyz":
+            reason = None if self.ready else (self.ready_error or "warming up the model")
+            body = {"ready": self.ready, "device": self.device, "live_calls": len(self.calls)}
+            if reason:
+                body["reason"] = reason
+            return _json_response(HTTPStatus.OK if self.ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
+        elif path in ("/metrics", TICKET_PATH, CALLS_PATH) or path.startswith(CALLS_PATH + "/"):
+            if self.config.token is not None and not token_ok(self.config.token, request.headers, request.path):
+                self.metrics.rejected.labels("unauthorized").inc()
+                return _json_response(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"},
+                                      {"WWW-Authenticate": 'Bearer realm="emostream"'})
+            if path == "/metrics":
+                return _response(HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
+            if path == TICKET_PATH:
+                return _json_response(HTTPStatus.OK, {"ticket": self._issue_ticket(), "expires_in": TICKET_SECONDS})
+            self._prune_ended()
+            if path == CALLS_PATH:
+                calls = [c.listing() for c in self.calls.values() if c.hub is not None]
+                calls += [c.listing() for c in self.ended.values()]
+                return _json_response(HTTPStatus.OK, {"calls": calls})
+            call_id = unquote(path[len(CALLS_PATH) + 1:])
+            call = self.calls.get(call_id) or self.ended.get(call_id)
+            if call is None or (call.hub is None):
+                return _json_response(HTTPStatus.NOT_FOUND, {"error": f"no live or recent call {call_id[:80]!r}"})
+            return _json_response(HTTPStatus.OK, call.detail())
+        self.metrics.rejected.labels("unknown_path").inc()
+        return _json_response(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+    def _issue_ticket(self) -> str:
+        now = time.monotonic()
+        for ticket, expiry in list(self._tickets.items()):
+            if expiry < now:
+                del self._tickets[ticket]
+        ticket = secrets.token_urlsafe(24)
+        self._tickets[ticket] = now + TICKET_SECONDS
+        return ticket
+
+    def _redeem_ticket(self, ticket: str) -> bool:
+        expiry = self._tickets.pop(ticket, None)
+        return expiry is not None and expiry >= time.monotonic()
 
     # -- websocket stage
 
@@ -361,14 +634,17 @@ class EmoServer:
             if message is not None:
                 await ws.send(json.dumps(message, separators=(",", ":")))
 
-        async def deliver(events: list[dict]) -> None:
+        async def deliver(events: list[dict], received: float | None = None) -> None:
             for event in events:
                 await send(session.event_message(event))
+            if received is not None and events:
+                self.metrics.observe_latency(len(events), time.monotonic() - received, self.config.hop_seconds)
 
         try:
             while True:
                 try:
                     data = await asyncio.wait_for(ws.recv(), self.config.idle_timeout)
+                    received = time.monotonic()
                 except asyncio.TimeoutError:
                     end_reason = "idle timeout"
                     await ws.close(CLOSE_GOING_AWAY, f"idle for {self.config.idle_timeout:g} s")
@@ -383,16 +659,17 @@ class EmoServer:
                             audio.append((action.channel, action.samples))
                             continue
                         if audio and call is not None:
-                            await deliver(await call.push(audio))
+                            await deliver(await call.push(audio), received)
                         audio = []
                         if action is None:
                             break
                         if isinstance(action, Silence):
                             if call is not None:
-                                await deliver(await call.silence(action.channel, action.samples))
+                                await deliver(await call.silence(action.channel, action.samples), received)
                         elif isinstance(action, Send):
                             await send(action.message)
                         elif isinstance(action, Start):
+                            set_call_id(action.call_id)  # on every log line of this connection from now on
                             call = self._open_call(action, protocol)
                         elif isinstance(action, Note):
                             log.info("call %s: %s", call.call_id if call else "-", action.text)
@@ -401,7 +678,7 @@ class EmoServer:
                             summary = None
                             if call is not None:
                                 summary = await call.finish(end_reason)
-                                await deliver(call.tail_events)
+                                await deliver(call.tail_events, received)
                                 self.completed += 1
                             for message in session.summary_messages(summary):
                                 await send(message)
@@ -428,6 +705,9 @@ class EmoServer:
                 self.calls.pop(call.call_id, None)
                 if not call.finished:
                     await call.finish(end_reason)
+                if call.hub is not None:  # listed (greyed out on the page) for a while
+                    self._prune_ended()
+                    self.ended[call.call_id] = call
 
     async def _audiohook_after_error(self, ws, session: Session, call: LiveCall | None, send) -> None:
         loop = asyncio.get_running_loop()
@@ -454,7 +734,10 @@ class EmoServer:
         if len(self.calls) >= self.config.max_calls:
             raise ProtocolError("server is at its call limit", CLOSE_TRY_LATER)
         try:
-            call = LiveCall(start, protocol, self.worker, self.hub if start.persist else None, self.config)
+            call = LiveCall(start, protocol, self.worker, self.hub if start.persist else None, self.config,
+                            self.metrics)
+        except ChannelSelectionError as exc:
+            raise ProtocolError(str(exc), CLOSE_POLICY) from None
         except OSError as exc:
             log.error("cannot open timeline file for %s: %s", start.call_id, exc)
             raise ProtocolError("cannot store this call's timeline", CLOSE_INTERNAL) from None

@@ -78,6 +78,7 @@ class InferenceWorker:
         self.predict = predict
         self.config = config
         self.stats = WorkerStats()
+        self.batch_observers: list[Callable[[int, float], None]] = []  # (windows, seconds) per batch
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -196,6 +197,8 @@ class InferenceWorker:
             self.stats.busy_seconds += seconds
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             self.stats.batch_sizes = (self.stats.batch_sizes + [len(batch)])[-self.KEEP_BATCH_SIZES:]
+            for observe in self.batch_observers:
+                observe(len(batch), seconds)
             pos = 0
             for j in jobs:
                 n = len(j.windows)

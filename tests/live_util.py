@@ -21,7 +21,7 @@ class ServerThread:
     def __init__(self, config: ServerConfig | None = None, predict=None, **kwargs):
         if config is None:
             # test tones are sound, not voices: gate on energy unless a test asks otherwise
-            config = ServerConfig(**{"port": 0, "vad": VadConfig.named("energy"), **kwargs})
+            config = ServerConfig(**{"port": 0, "vad": VadConfig.named("energy"), "analyse": "all", **kwargs})
         self.server = EmoServer(config, predict or constant_predictor())
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()

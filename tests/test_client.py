@@ -113,7 +113,9 @@ def test_serve_send_watch_processes(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         printed = [json.loads(line) for line in sent.stdout.splitlines()]
-        assert printed[-1]["type"] == "summary" and len(printed) == 1 + 2 * len(expected_ends(2.5))
+        # serve's default --analyse customer: only the inbound (customer) track has events
+        assert printed[-1]["type"] == "summary" and len(printed) == 1 + len(expected_ends(2.5))
+        assert {m["channel"] for m in printed[:-1]} == {"inbound"}
         serve.send_signal(signal.SIGINT)
         assert serve.wait(20) == 0
         out, err = watch.communicate(timeout=20)

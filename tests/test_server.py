@@ -60,7 +60,7 @@ def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
     with ServerThread(port=0, events_dir=tmp_path / "events") as srv:
         result = asyncio.run(send_file(audio, srv.url, SendOptions(protocol=protocol, fast=True)))
     assert result.close_code == 1000 and result.summary is not None
-    names = {"pcm": ("ch0", "ch1"), "twilio": ("inbound", "outbound"), "audiohook": ("customer", "agent")}[protocol]
+    names = {"pcm": ("agent", "customer"), "twilio": ("inbound", "outbound"), "audiohook": ("customer", "agent")}[protocol]
     channels = by_channel(result.events)
     assert set(channels) == set(names) == set(result.summary["channels"])
     for name in names:
@@ -297,7 +297,7 @@ def test_token_auth_and_routing():
 
 
 def test_max_calls_and_idle_timeout():
-    with ServerThread(ServerConfig(port=0, max_calls=1, idle_timeout=0.5)) as srv:
+    with ServerThread(ServerConfig(port=0, max_calls=1, idle_timeout=0.5, analyse="all")) as srv:
         with connect(srv.url + "/v1/pcm") as ws:
             ws.send(json.dumps(PCM_START))
             assert json.loads(ws.recv(timeout=5))["type"] == "started"
