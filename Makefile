@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXAMPLE ?= examples/call_stereo.flac
 EXAMPLE_NAMES ?= agent,customer
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install browser clean-venv
 
 # Reinstall only when pyproject.toml changes (the venv is ~5 GB: torch ships CUDA libraries).
 $(STAMP): pyproject.toml
@@ -20,8 +20,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/emostream replay $(EXAMPLE) --channel-names $(EXAMPLE_NAMES) --speed 4
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# tests/test_web.py drives the supervisor page in Debian's chromium through chromium-driver. As root
+# with apt-get, install both when one is missing; if that fails, or as another user, the test skips
+# and says why. Prints nothing when both are there.
+BROWSER_LOG := /tmp/emostream-browser-install.log
+browser:
+	@if { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver >$(BROWSER_LOG) 2>&1 \
+	  || { apt-get update -q && apt-get install -y -q chromium chromium-driver; } >>$(BROWSER_LOG) 2>&1 \
+	  || echo "make: could not install chromium and chromium-driver (see $(BROWSER_LOG)); the browser test will skip"; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)
