@@ -574,7 +574,7 @@ class EmoServer:
             self._prune_ended()
             if path == CALLS_PATH:
                 calls = [c.listing() for c in self.calls.values() if c.hub is not None]
-                calls += [c.listing() for c in self.ended.values()]
+                calls += [c.listing() for c in self.ended.values() if c.call_id not in self.calls]
                 return _json_response(HTTPStatus.OK, {"calls": calls})
             call_id = unquote(path[len(CALLS_PATH) + 1:])
             call = self.calls.get(call_id) or self.ended.get(call_id)
