@@ -10,7 +10,7 @@ import torchaudio
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES
 
 
-NORMALIZATIONS = ("none", "utterance")
+NORMALIZATIONS = ("none", "utterance", "utterance_bins")
 UTTERANCE_FLOOR_DB = 80.0
 
 
@@ -26,7 +26,10 @@ class FeatureConfig:
     f_max: float = SAMPLE_RATE / 2
     top_db: float | None = None
     # "none" (the recipe) or "utterance": per window, floor at ``UTTERANCE_FLOOR_DB`` below its peak,
-    # then zero mean / unit variance, which makes the model blind to recording level
+    # then zero mean / unit variance, which makes the model blind to recording level;
+    # "utterance_bins": the same, but each mel band gets its own mean over the window's frames
+    # (cepstral-mean-style: removes the window's long-term spectral shape, i.e. much of the
+    # speaker's and the line's colouring)
     normalize: str = "none"
 
     def __post_init__(self):
@@ -64,14 +67,17 @@ class MelFrontEnd(nn.Module):
             spec = self.to_db(self.mel(waveform.float()))
             if self.config.normalize == "utterance":
                 spec = normalize_utterance(spec)
+            elif self.config.normalize == "utterance_bins":
+                spec = normalize_utterance(spec, per_band=True)
         return spec.unsqueeze(1)
 
 
-def normalize_utterance(spec: torch.Tensor) -> torch.Tensor:
+def normalize_utterance(spec: torch.Tensor, per_band: bool = False) -> torch.Tensor:
     """Per item of a ``(batch, mels, frames)`` dB spectrogram: floor at 80 dB below its own peak, then
-    zero mean and unit variance. Each item is normalised alone (no batch statistics)."""
+    zero mean (per mel band over the frames with ``per_band``) and unit variance. Each item is
+    normalised alone (no batch statistics)."""
     peak = spec.amax(dim=(-2, -1), keepdim=True)
     spec = torch.maximum(spec, peak - UTTERANCE_FLOOR_DB)
-    mean = spec.mean(dim=(-2, -1), keepdim=True)
+    mean = spec.mean(dim=-1, keepdim=True) if per_band else spec.mean(dim=(-2, -1), keepdim=True)
     std = spec.std(dim=(-2, -1), keepdim=True)
     return (spec - mean) / (std + 1e-5)

@@ -249,3 +249,26 @@ def test_floor_noise_covers_padding_and_is_off_by_default():
     out = add_floor_noise(waves.copy(), cfg, np.random.default_rng(0))
     rms = np.sqrt((out ** 2).mean(axis=1))
     assert np.allclose(20 * np.log10(rms), -60.0, atol=0.5)
+
+
+def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
+    """concat augmentation: partners share speaker and label, never the clip itself; a turn window
+    is the clip, a pause, then partner audio, filling the window; targets stay the clip's label."""
+    from train.config import Augment
+    from train.engine import make_batch, partner_clips, turn_audio
+    root, clips, cache, cfg = tiny
+    idx = np.arange(len(clips))
+    partners = partner_clips(clips, idx)
+    for i, others in partners.items():
+        assert i not in others and len(others) == 1
+        assert all(clips[j].speaker == clips[i].speaker and clips[j].label == clips[i].label for j in others)
+    short = next(i for i in idx if len(cache.clip(i)) < 16000 * 2)  # a 1.5 s clip; its partner is 7 s
+    cfg = replace(cfg, augment=Augment(concat_probability=1.0, concat_gap_seconds=(0.5, 0.5)))
+    turn = turn_audio(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0))
+    n = len(cache.clip(short))
+    assert np.array_equal(turn[:n], cache.clip(short)) and not turn[n:n + 8000].any()
+    assert np.array_equal(turn[n + 8000:], cache.clip(int(partners[int(short)][0])))
+    labels = np.array([CLASSES.index(c.label) for c in clips])
+    x, y, _ = make_batch(cache, np.array([short]), labels, cfg, np.random.default_rng(1), partners=partners)
+    assert x.shape == (1, 96000) and (x[0].abs() > 0).float().mean() > 0.5  # mostly speech, not padding
+    assert y[0].argmax() == labels[short]

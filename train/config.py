@@ -35,6 +35,8 @@ class Augment:
     telephone_probability: float = 0.0  # 8 kHz μ-law round trip
     floor_noise_dbfs: tuple[float, float] | None = None  # white noise over the whole 6 s window
     floor_noise_probability: float = 0.0                 # (padding included) at this absolute level
+    concat_probability: float = 0.0   # build the window from consecutive clips of the same speaker and
+    concat_gap_seconds: tuple[float, float] = (0.2, 1.0)  # emotion with pauses like a turn's (streaming)
     spec_time_masks: int = 0
     spec_time_width: int = 0          # frames
     spec_freq_masks: int = 0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emostream.audio import WINDOW_SAMPLES, telephone_channel
+from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, telephone_channel
 from emostream.stream import fixed_chunks
 from emostream.features import FeatureConfig
 from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone,
@@ -86,11 +86,47 @@ def add_floor_noise(waves: np.ndarray, cfg: TrainConfig, rng: np.random.Generato
     return np.clip(waves, -1.0, 1.0)
 
 
+def partner_clips(clips: list[Clip], train_idx: np.ndarray) -> dict[int, np.ndarray]:
+    """For each training clip, the other training clips of the same speaker and emotion."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i in train_idx:
+        groups.setdefault((clips[i].speaker, clips[i].label), []).append(int(i))
+    return {int(i): np.array([j for j in groups[(clips[i].speaker, clips[i].label)] if j != i], dtype=np.int64)
+            for i in train_idx}
+
+
+def turn_audio(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """Clip ``i`` followed by random partners (same speaker, same emotion) with pauses between them,
+    until the window is full: what a streaming window of one turn holds, unlike one padded clip."""
+    sr = SAMPLE_RATE  # the cache holds 16 kHz audio
+    pieces, total = [cache.clip(i)], len(cache.clip(i))
+    for j in rng.permutation(partners)[:3]:
+        if total >= WINDOW_SAMPLES:
+            break
+        gap = np.zeros(int(rng.uniform(*cfg.augment.concat_gap_seconds) * sr), np.float32)
+        clip = cache.clip(int(j))
+        pieces += [gap, clip]
+        total += len(gap) + len(clip)
+    return np.concatenate(pieces)
+
+
 def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-               rng: np.random.Generator, teacher=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               rng: np.random.Generator, teacher=None,
+               partners: dict[int, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Waveforms ``(B, WINDOW_SAMPLES)``, one-hot (or mixed) targets ``(B, 7)`` and, with a
-    ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits for exactly the crops taken (else None)."""
-    crops = [crop_span(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset) for i in idx]
+    ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits for exactly the crops taken (else None).
+
+    With ``augment.concat_probability`` and ``partners`` (:func:`partner_clips`), some windows are
+    turns of several clips (:func:`turn_audio`); their teacher target is that of the whole first clip."""
+    crops = []
+    for i in idx:
+        p = cfg.augment.concat_probability
+        if p and partners is not None and len(partners.get(int(i), ())) and rng.random() < p:
+            wave, _, _ = crop_span(augment_wave(turn_audio(cache, int(i), partners[int(i)], cfg, rng), cfg, rng),
+                                   rng, cfg.augment.random_offset)
+            crops.append((wave, 0, len(cache.clip(i))))
+        else:
+            crops.append(crop_span(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset))
     waves = np.stack([c[0] for c in crops])
     waves = add_floor_noise(waves, cfg, rng)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labels[idx]]
@@ -261,6 +297,7 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         log.info("nothing to resume in %s: starting fresh", out_dir)
 
     val_clips = [cache.clip(i) for i in val_idx] if val_idx is not None and len(val_idx) else None
+    partners = partner_clips(clips, train_idx) if cfg.augment.concat_probability else None
     progress = _progress() if show_progress else None
     if progress:
         progress.start()
@@ -278,7 +315,7 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if drop_last and len(idx) < cfg.batch_size:
                     break
-                x, y, soft = make_batch(cache, idx, labels, cfg, rng, teacher=teacher)
+                x, y, soft = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners)
                 x, y = x.to(dev), y.to(dev)
                 soft = soft.to(dev) if soft is not None else None
                 with autocast_for(dev, cfg.mixed_precision_training):
