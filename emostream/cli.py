@@ -1,4 +1,4 @@
-"""``emostream`` command line: replay, classify and the live sources (serve, send, watch, mic)."""
+"""``emostream`` command line: replay, classify, batch, report and the live sources (serve, send, watch, mic)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ from .compliance import ANALYSE_CHOICES
 
 REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
+WEBHOOK_CLOSE_SECONDS = 30.0  # replay/batch: how long queued alert POSTs may still take at the end
 
 
 class UsageError(Exception):
@@ -87,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="one JSON line per file")
     model_args(c)
 
+    b = sub.add_parser("batch", help="analyse a folder of recorded calls: a JSONL timeline per call and a Parquet "
+                                     "table of summaries (resumable; emostream[scale])")
+    b.add_argument("input", metavar="INPUT_DIR_OR_GLOB", help="a folder (searched recursively), a glob or one file")
+    b.add_argument("--out", required=True, metavar="OUT_DIR", help="where <call>.jsonl and summary.parquet go")
+    b.add_argument("--workers", type=_positive(int), default=1,
+                   help="model workers: processes here, or Ray Data actors with --ray (default 1)")
+    b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: no ADDRESS starts a new local Ray instance, 'auto' joins this node's cluster, "
+                        "HOST:PORT a cluster's head, ray://HOST:10001 a remote one (put --ray after INPUT)")
+    b.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray Data model actor (default 1)")
+    b.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray Data model actor (default 0)")
+    b.add_argument("--channel-names", help="the files' channels, comma-separated (default: ch0 for mono, "
+                                           "agent,customer for stereo, as emostream send names them)")
+    b.add_argument("--analyse", choices=ANALYSE_CHOICES, default="all",
+                   help="channels to analyse: customer, agent (by channel name) or all (default: your own "
+                        "recordings; in the EU analysing staff is prohibited, AI Act Art. 5(1)(f): use customer)")
+    b.add_argument("--plots", choices=("html", "png"), default=None,
+                   help="also write a report per call, <call>.html (self-contained) or <call>.png (matplotlib)")
+    b.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
+    b.add_argument("--min-seconds", type=_positive(float), default=1.0, help="audio before the first window (default 1.0)")
+    b.add_argument("--smooth", type=_fraction, default=1.0, help="EMA weight of the newest window in (0, 1] (default 1)")
+    b.add_argument("--quiet", action="store_true", help="no progress; only failures and the final line")
+    vad_args(b)
+    alert_args(b)
+    model_args(b)
+
+    rp = sub.add_parser("report", help="a call's timeline (JSONL) as a self-contained HTML page or a PNG")
+    rp.add_argument("jsonl", metavar="CALL.jsonl", help="timeline from replay --events, serve --events-dir or batch")
+    rp.add_argument("--out", required=True, metavar="CALL.html|CALL.png", help="output; the suffix picks the format")
+
     e = sub.add_parser("export", help="export the model, mel front end included, to one ONNX file")
     e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="file to write")
     e.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
@@ -103,9 +134,37 @@ def backend_args(sp) -> None:
 
 
 def alert_args(sp) -> None:
-    """``--alert RULE``: escalation rules."""
+    """``--alert RULE``: escalation rules, and ``--alert-webhook URL`` to POST them."""
     sp.add_argument("--alert", action="append", default=[], metavar="RULE", type=_alert_rule,
                     help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable)')
+    sp.add_argument("--alert-webhook", metavar="URL", default=None,
+                    help="also POST every alert (raised and cleared) as JSON to this http(s) URL, in the background, "
+                         "retried with backoff; failures are logged and counted, never stop a call")
+    sp.add_argument("--alert-webhook-token", metavar="TOKEN", default=None,
+                    help="send 'Authorization: Bearer TOKEN' with each POST (default: $EMOSTREAM_WEBHOOK_TOKEN)")
+
+
+def _webhook_config(args):
+    """The :class:`~emostream.webhook.WebhookConfig` of ``--alert-webhook``, or None."""
+    from .webhook import WebhookConfig
+
+    if not args.alert_webhook:
+        return None
+    if not args.alert:
+        raise UsageError("--alert-webhook needs at least one --alert rule")
+    token = _env_default(args.alert_webhook_token, "EMOSTREAM_WEBHOOK_TOKEN")
+    try:
+        return WebhookConfig(args.alert_webhook, headers=(("Authorization", f"Bearer {token}"),) if token else ())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _webhook_report(webhook) -> None:
+    """One stderr line when some alert POSTs did not get through."""
+    s = webhook.stats
+    if s.failed or s.dropped:
+        print(f"emostream: alert webhook: {s.delivered} delivered, {s.failed} failed, {s.dropped} dropped"
+              f" (last error: {s.last_error})", file=sys.stderr, flush=True)
 
 
 def _alert_rule(text: str):
@@ -122,6 +181,25 @@ def vad_args(sp) -> None:
     sp.add_argument("--vad", choices=("silero", "energy", "off"), default="silero",
                     help="speech gate: silero (neural voice activity detector, default), energy (any sound "
                          "above -50 dBFS) or off (classify every window)")
+
+
+def ray_args(sv) -> None:
+    """``serve --ray``: inference on a Ray Serve deployment (emostream[scale])."""
+    g = sv.add_argument_group("Ray Serve (emostream[scale])")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the model on a Ray Serve deployment: no ADDRESS starts a new local Ray instance, 'auto' "
+                        "joins this node's cluster, HOST:PORT a cluster's head, ray://HOST:10001 a remote one "
+                        "(Ray Client)")
+    g.add_argument("--ray-replicas", default="1", metavar="N|MIN:MAX",
+                   help="model replicas: N, or MIN:MAX to autoscale between them (default 1)")
+    g.add_argument("--ray-target-requests", type=_positive(float), default=16.0,
+                   help="autoscaling: ongoing requests per replica to aim for (default 16; one request = one call's "
+                        "new windows)")
+    g.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    g.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per replica (default 0; e.g. 1 or 0.5)")
+    g.add_argument("--ray-app", default="emostream", help="Serve application name (default emostream); a running "
+                   "one is reused, so several front ends share it")
+    g.add_argument("--ray-redeploy", action="store_true", help="replace a running application with these settings")
 
 
 def _port(text: str) -> int:
@@ -178,6 +256,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
                     help="delete timelines in --events-dir older than DAYS (checked at start and hourly)")
     alert_args(sv)
     model_args(sv)
+    ray_args(sv)
 
     sd = sub.add_parser("send", help="stream a recorded call to a server as a bridge would and print the events")
     sd.add_argument("file")
@@ -312,14 +391,16 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _alert_sink(tracker, display, writer):
-    """A timeline sink that runs the alert rules and shows/writes what they raise and clear."""
+def _alert_sink(tracker, display, writer, webhook=None):
+    """A timeline sink that runs the alert rules and shows/writes/posts what they raise and clear."""
     def sink(event: dict) -> None:
         for alert in tracker.update(event):
             verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
             display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
             if writer:
                 writer.write(alert)
+            if webhook is not None:
+                webhook.send(alert)
     return sink
 
 
@@ -331,11 +412,13 @@ def cmd_replay(args) -> int:
     from .dashboard import DashboardInfo, make_display
     from .stream import StreamConfig, StreamWindower
     from .timeline import JsonlWriter
+    from .webhook import AlertWebhook
 
     try:
         stream_cfg = StreamConfig(hop_seconds=args.hop, min_seconds=args.min_seconds)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    webhook_config = _webhook_config(args)
     audio = load_audio(args.file)
     if audio.shape[1] == 0 or not np.any(audio):
         raise UsageError(f"audio is empty or silent: {args.file}")
@@ -354,12 +437,13 @@ def cmd_replay(args) -> int:
     predictor = _load_predictor(args)
     stream = args.stream or Path(args.file).stem
     writer = JsonlWriter(args.events) if args.events else None
+    webhook = AlertWebhook(webhook_config) if webhook_config else None
     info = DashboardInfo(source=f"replay {args.file}", stream=stream, channels=names,
                          device=str(predictor.device), hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
     if args.alert:
-        sinks.append(_alert_sink(AlertTracker(args.alert, stream), display, writer))
+        sinks.append(_alert_sink(AlertTracker(args.alert, stream), display, writer, webhook))
     analyzer = Analyzer(predictor.predict, stream, names, AnalyzerConfig(smooth=args.smooth, vad=_vad(args)),
                         args.hop, sinks)
     windower = StreamWindower(stream, names, stream_cfg)
@@ -385,7 +469,131 @@ def cmd_replay(args) -> int:
             writer.write(summary)
             writer.close()
         display.finish(summary)
+    if webhook is not None:
+        webhook.close(WEBHOOK_CLOSE_SECONDS)
+        _webhook_report(webhook)
     return 130 if interrupted else 0
+
+
+def cmd_batch(args) -> int:
+    import os
+
+    from .batch import BatchConfig, BatchError, find_inputs, run_batch
+    from .webhook import AlertWebhook
+    from .worker import ModelSpec
+
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UsageError("batch writes its summary table with pyarrow: pip install 'emostream[scale]'") from None
+    if args.plots == "png":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plots png needs matplotlib: pip install 'emostream[report]' (or use --plots html)") from None
+    names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
+    try:
+        config = BatchConfig(hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=_vad(args),
+                             channel_names=names, analyse=args.analyse, alerts=tuple(args.alert))
+        calls = find_inputs(args.input)
+    except (ValueError, BatchError) as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out is not a directory: {out}")
+    webhook_config = _webhook_config(args)
+    spec = ModelSpec.from_args(args)
+    started = False
+    if args.ray is not None:
+        scale = _import_scale()
+        gpu = args.ray_gpus > 0
+        spec = ModelSpec(**{**spec.__dict__, "device": args.device if args.device != "auto" else ("cuda" if gpu else "cpu"),
+                            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                            "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
+                            "threads": None if gpu else max(1, int(args.ray_cpus))})
+        _check_model_files(spec)
+        try:
+            started = scale.connect(args.ray)
+        except scale.ScaleError as exc:
+            raise UsageError(str(exc)) from None
+    elif args.workers > 1:
+        spec = ModelSpec(**{**spec.__dict__, "threads": max(1, (os.cpu_count() or 1) // args.workers)})
+        _check_model_files(spec)
+    webhook = AlertWebhook(webhook_config) if webhook_config else None
+    show = _batch_progress(len(calls), args.quiet)
+    try:
+        with show:
+            report = run_batch(calls, out, spec, config, workers=args.workers, use_ray=args.ray is not None,
+                               cpus_per_worker=args.ray_cpus, gpus_per_worker=args.ray_gpus, plots=args.plots,
+                               webhook=webhook, progress=show.update)
+    finally:
+        if started:
+            from .scale import shutdown
+
+            shutdown(started, serve_used=False)
+        if webhook is not None:
+            webhook.close(WEBHOOK_CLOSE_SECONDS)
+    analysed = report.ok
+    speed = report.audio_seconds / report.wall_seconds if report.wall_seconds else 0.0
+    print(f"batch: {report.total} call(s): {analysed} analysed ({report.audio_seconds:.1f} s of audio in "
+          f"{report.wall_seconds:.1f} s, {speed:.1f} s of audio per second), {report.skipped} already done, "
+          f"{len(report.failed)} failed; {report.table} ({report.rows} rows)", flush=True)
+    if webhook is not None:
+        _webhook_report(webhook)
+    return 2 if report.failed else 0
+
+
+class _batch_progress:
+    """A progress bar on a terminal (stderr), else one line per call; failures always on stderr."""
+
+    def __init__(self, total: int, quiet: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.bar = None
+        if not quiet and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task("", total=total)
+        self.quiet = quiet
+        self.audio = 0.0
+        self.failed = 0
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update(self, result) -> None:
+        if result.ok:
+            self.audio += result.audio_seconds
+        else:
+            self.failed += 1
+            print(f"emostream: error: {result.call_id}: {result.error}", file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"{self.audio:.0f} s of audio, {self.failed} failed")
+        elif not self.quiet and result.ok:
+            summary = result.lines[-1]
+            dominant = ", ".join(f"{ch} {c['dominant'] or '-'}" for ch, c in summary["channels"].items())
+            alerts = len(summary.get("alerts", []))
+            print(f"{result.call_id}\t{result.audio_seconds:.1f} s\t{dominant}\t{alerts} alert(s)", flush=True)
+
+
+def cmd_report(args) -> int:
+    from .report import ReportError, write_report
+
+    try:
+        out = write_report(args.jsonl, args.out)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out}", flush=True)
+    return 0
 
 
 def _vad(args):
@@ -428,7 +636,8 @@ def cmd_serve(args) -> int:
             worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                 max_pending=max(4096, args.max_batch)), warm_up=args.warm_up,
             analyse=args.analyse, record_dir=Path(args.record) if args.record else None,
-            events_retention_days=args.events_retention_days, alerts=tuple(args.alert))
+            events_retention_days=args.events_retention_days, alerts=tuple(args.alert),
+            alert_webhook=_webhook_config(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for flag, directory in (("--events-dir", config.events_dir), ("--record", config.record_dir)):
@@ -436,12 +645,16 @@ def cmd_serve(args) -> int:
             raise UsageError(f"{flag} is not a directory: {directory}")
     # JSON logs are for a log pipeline: everything at INFO. Text logs stay quiet unless --verbose.
     configure_logs(args.log_format, logging.INFO if args.verbose or args.log_format == "json" else logging.WARNING)
-    if args.no_model:
+    ray_started, worker = False, None
+    if args.ray is not None:
+        worker, device, model_info, ray_started = _ray_worker(args, config)
+        predict = None
+    elif args.no_model:
         predict, device, model_info = constant_predictor(), "none (--no-model)", {"name": "none"}
     else:
         predictor = _load_predictor(args)
         predict, device, model_info = predictor.predict, str(predictor.device), _model_info(predictor, args)
-    server = EmoServer(config, predict, device=device, model_info=model_info)
+    server = EmoServer(config, predict, device=device, model_info=model_info, worker=worker)
 
     async def run() -> None:
         import signal
@@ -480,7 +693,76 @@ def cmd_serve(args) -> int:
         asyncio.run(run())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("emostream serve: stopped", file=sys.stderr)
+    finally:
+        if ray_started:
+            from .scale import shutdown
+
+            shutdown(ray_started)
     return 0
+
+
+def _import_scale():
+    try:
+        from . import scale
+    except ImportError as exc:
+        raise UsageError(f"--ray needs emostream[scale] (pip install 'emostream[scale]'): {exc}") from None
+    return scale
+
+
+def _ray_worker(args, config):
+    """``serve --ray``: join Ray, start (or reuse) the Serve deployment, and the worker that calls it."""
+    from .worker import ModelSpec
+
+    scale = _import_scale()
+    try:
+        low, high = scale.parse_replicas(args.ray_replicas)
+        serve_config = scale.ServeConfig(app_name=args.ray_app, min_replicas=low, max_replicas=high,
+                                         target_ongoing_requests=args.ray_target_requests, cpus=args.ray_cpus,
+                                         gpus=args.ray_gpus, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                         warm_up=args.warm_up)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    device = args.device if args.device != "auto" else ("cuda" if args.ray_gpus > 0 else "cpu")
+    spec = ModelSpec.from_args(args)
+    spec = ModelSpec(**{**spec.__dict__, "device": device,
+                        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                        "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
+                        "threads": max(1, int(args.ray_cpus)) if args.ray_gpus == 0 else None})
+    if spec.backend != "constant":
+        _check_model_files(spec)
+    started = False
+    try:
+        started = scale.connect(args.ray)
+        handle, info, deployed = scale.deploy(spec, serve_config, args.ray_redeploy)
+    except scale.ScaleError as exc:
+        if started:
+            scale.shutdown(started)
+        raise UsageError(str(exc)) from None
+    if deployed:
+        print(f"emostream serve: deployed Ray Serve application {serve_config.app_name!r} ({args.ray_replicas} "
+              f"replica(s), {serve_config.cpus:g} CPU / {serve_config.gpus:g} GPU each, model on {info.get('device')})",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"emostream serve: using the running Ray Serve application {serve_config.app_name!r} (model on "
+              f"{info.get('device')}; its replica settings stay as deployed, --ray-redeploy replaces them)",
+              file=sys.stderr, flush=True)
+    model_info = {k: v for k, v in info.items() if k != "device"}
+    return scale.RayWorker(handle, config.worker), f"ray:{info.get('device')}", model_info, started
+
+
+def _check_model_files(spec) -> None:
+    """The checkpoint/ONNX file exists here (replicas on other nodes need the same path)."""
+    from .model import DEFAULT_CHECKPOINT
+
+    if spec.backend == "onnx":
+        if not spec.onnx:
+            raise UsageError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
+        if not Path(spec.onnx).is_file():
+            raise UsageError(f"no such ONNX file: {spec.onnx}")
+        return
+    path = Path(spec.checkpoint) if spec.checkpoint else DEFAULT_CHECKPOINT
+    if not (path / "model.safetensors").is_file():
+        raise UsageError(f"no checkpoint at {path} (model.safetensors missing)")
 
 
 def cmd_send(args) -> int:
@@ -555,7 +837,7 @@ def cmd_mic(args) -> int:
 
 
 COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "export": cmd_export, "serve": cmd_serve, "send": cmd_send,
-            "watch": cmd_watch, "mic": cmd_mic}
+            "watch": cmd_watch, "mic": cmd_mic, "batch": cmd_batch, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

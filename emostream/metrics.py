@@ -21,6 +21,7 @@ INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REJECT_REASONS = ("unknown_path", "unauthorized", "at_capacity", "too_many_subscribers", "bad_ticket",
                   "method_not_allowed")
 CALL_OUTCOMES = ("completed", "error", "disconnected", "idle_timeout", "stopped", "other")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -83,6 +84,10 @@ class ServerMetrics:
         self.rejected = Counter("emostream_rejected_connections", "Connections refused, by reason",
                                 ["reason"], registry=r)
         self.alerts = Counter("emostream_alerts", "Escalation alerts raised, by rule", ["rule"], registry=r)
+        self.webhook = Counter("emostream_alert_webhook", "Alert webhook POSTs: delivered, retried (attempts after "
+                               "the first), failed (given up) or dropped (queue full)", ["outcome"], registry=r)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook.labels(outcome)
         for reason in REJECT_REASONS:  # every series exists from the start (alerts on rate() need it)
             self.rejected.labels(reason)
         for result in ("classified", "silence"):
@@ -97,6 +102,10 @@ class ServerMetrics:
         """One model call of ``size`` windows that took ``seconds``."""
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
+
+    def count_webhook(self, outcome: str) -> None:
+        """One outcome of the alert webhook (its ``retry`` counts as ``retried``)."""
+        self.webhook.labels("retried" if outcome == "retry" else outcome).inc()
 
     def count_event(self, event: dict) -> None:
         """One window's event, as the analyser emits it (classified or silence)."""

@@ -14,8 +14,10 @@ Each call gets a :class:`LiveCall`: the channels chosen by ``analyse`` (see
 :class:`StreamWindower` -> :class:`Analyzer` whose model calls go through the one shared
 :class:`InferenceWorker`; events fan out to the peer, the call's JSONL file in ``events_dir``
 (appended and flushed per line; a summary is written whenever the call ends, also when the peer
-vanishes) and the :class:`EventsHub`. One call's bad input closes that call only. Audio is written to
-disk only with ``record_dir``.
+vanishes) and the :class:`EventsHub`; alerts also go to the optional webhook (:mod:`emostream.webhook`,
+queued, never waited for). One call's bad input closes that call only. Audio is written to disk only
+with ``record_dir``. With a ``worker`` given (``serve --ray``: :class:`emostream.scale.RayWorker`)
+the model runs on a Ray Serve deployment instead; nothing else changes.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_PO
 from .stream import StreamConfig, StreamWindower
 from .timeline import JsonlWriter
 from .vad import VadConfig
+from .webhook import AlertWebhook, WebhookConfig
 from .worker import InferenceWorker, PredictFn, WorkerConfig, WorkerOverloaded
 
 log = logging.getLogger("emostream.server")
@@ -75,6 +78,7 @@ SILENCE_CHUNK_SECONDS = 1.0     # silence gaps are fed in pieces of this length
 AUDIOHOOK_ERROR_GRACE = 5.0     # after a disconnect(error), wait this long for the client's close
 SUBSCRIBER_QUEUE = 2000         # messages buffered per /v1/events subscriber before it is dropped
 MAX_CLOSE_REASON = 120          # bytes; RFC 6455 allows 123
+WEBHOOK_CLOSE_SECONDS = 5.0     # on stop, queued alert POSTs get this long
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class ServerConfig:
     record_dir: Path | None = None       # write each call's audio here (off unless asked for)
     events_retention_days: float | None = None  # delete timelines in events_dir older than this
     alerts: tuple[AlertRule, ...] = ()   # escalation rules applied to every analysed channel
+    alert_webhook: WebhookConfig | None = None  # also POST every alert message there
 
     def __post_init__(self):
         if self.max_calls < 1:
@@ -211,7 +216,7 @@ class LiveCall:
     """One call's pipeline: pick analysed channels -> resample -> window -> classify (shared worker) -> sinks."""
 
     def __init__(self, start: Start, protocol: str, worker: InferenceWorker, hub: EventsHub | None,
-                 config: ServerConfig, metrics: ServerMetrics | None = None):
+                 config: ServerConfig, metrics: ServerMetrics | None = None, webhook: AlertWebhook | None = None):
         self.call_id = start.call_id
         self.protocol = protocol
         self.channels = start.channels
@@ -222,6 +227,7 @@ class LiveCall:
         self.worker = worker
         self.hub = hub
         self.metrics = metrics
+        self.webhook = webhook
         self.hop_seconds = config.hop_seconds
         self.started_at = time.time()
         self.ended_at: float | None = None
@@ -288,6 +294,8 @@ class LiveCall:
                 self._writer.write(alert)
             if self.hub is not None:
                 self.hub.publish(alert)
+            if self.webhook is not None:  # queued: never waits for the endpoint
+                self.webhook.send(alert)
 
     def _order(self, window) -> tuple[float, int]:
         return window.end, self.analysed.index(window.channel)
@@ -382,11 +390,16 @@ class LiveCall:
 class EmoServer:
     """The websocket server. ``await start()``, then ``await stop()`` (or ``serve_forever``)."""
 
-    def __init__(self, config: ServerConfig, predict: PredictFn, device: str = "cpu",
-                 model_info: dict[str, str] | None = None):
+    def __init__(self, config: ServerConfig, predict: PredictFn | None, device: str = "cpu",
+                 model_info: dict[str, str] | None = None, worker: InferenceWorker | None = None):
+        """``predict`` runs in the shared in-process worker; or pass a ready ``worker`` with the same
+        interface (``emostream.scale.RayWorker``: inference on a Ray Serve deployment)."""
+        if worker is None and predict is None:
+            raise ValueError("EmoServer needs a predict function or a worker")
         self.config = config
         self.device = device
-        self.worker = InferenceWorker(predict, config.worker)
+        self.worker = worker if worker is not None else InferenceWorker(predict, config.worker)
+        self.webhook: AlertWebhook | None = None
         self.hub = EventsHub()
         self.calls: dict[str, LiveCall] = {}
         self.ended: dict[str, LiveCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
@@ -413,6 +426,8 @@ class EmoServer:
         background (batch 1, or every batch size with ``warm_up``); ``/readyz`` says when it is done
         and :meth:`wait_ready` waits for it."""
         await self.worker.start()
+        if self.config.alert_webhook is not None and self.webhook is None:
+            self.webhook = AlertWebhook(self.config.alert_webhook, self.metrics.count_webhook)
         if self.config.events_retention_days is not None:
             self._expire_timelines()
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="emostream-retention"))
@@ -460,6 +475,8 @@ class EmoServer:
         for call in list(self.calls.values()):
             await call.finish("server stopped")
         await self.worker.stop()
+        if self.webhook is not None:  # alerts still queued get a few seconds, off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.webhook.close, WEBHOOK_CLOSE_SECONDS)
 
     # -- retention and the registry of ended calls
 
@@ -735,7 +752,7 @@ class EmoServer:
             raise ProtocolError("server is at its call limit", CLOSE_TRY_LATER)
         try:
             call = LiveCall(start, protocol, self.worker, self.hub if start.persist else None, self.config,
-                            self.metrics)
+                            self.metrics, self.webhook)
         except ChannelSelectionError as exc:
             raise ProtocolError(str(exc), CLOSE_POLICY) from None
         except OSError as exc:
@@ -779,4 +796,5 @@ class EmoServer:
     def status(self) -> dict:
         """Counters for logs and tests."""
         return {"calls": len(self.calls), "connections": self.connections, "completed": self.completed,
-                "errors": self.errors, "subscribers": self.hub.subscribers, "worker": self.worker.stats.as_dict()}
+                "errors": self.errors, "subscribers": self.hub.subscribers, "worker": self.worker.stats.as_dict(),
+                "webhook": self.webhook.stats.as_dict() if self.webhook is not None else None}

@@ -12,6 +12,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -222,3 +223,40 @@ def constant_predictor(probabilities: np.ndarray | list[float] | None = None) ->
         return np.tile(row, (len(windows), 1))
 
     return predict
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load, as a small picklable value: what a worker process, a Ray Data actor or a
+    Ray Serve replica needs to load the same model as the command that started it."""
+
+    checkpoint: str | None = None   # checkpoint directory; None = the shipped model
+    device: str = "auto"            # auto | cpu | cuda[:N]
+    fp32: bool = False              # no bf16/fp16 autocast
+    backend: str = "torch"          # torch | onnx | constant (no model: the fixed Neutral answer)
+    onnx: str | None = None         # the ONNX file for backend onnx
+    threads: int | None = None      # torch intra-op threads in the loading process (None: leave as is)
+
+    @classmethod
+    def from_args(cls, args, threads: int | None = None) -> "ModelSpec":
+        """From the command line's model options (``--no-model`` gives the constant predictor)."""
+        if getattr(args, "no_model", False):
+            return cls(backend="constant", threads=threads)
+        backend = getattr(args, "backend", None) or ("onnx" if getattr(args, "onnx", None) else "torch")
+        return cls(checkpoint=args.checkpoint, device=args.device, fp32=args.fp32, backend=backend,
+                   onnx=getattr(args, "onnx", None), threads=threads)
+
+    def load(self) -> tuple[PredictFn, str, dict[str, str]]:
+        """``(predict, device name, model info for /metrics)``; raises the CLI's one-line errors."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        if self.backend == "constant":
+            return constant_predictor(), "none (--no-model)", {"name": "none"}
+        from .cli import _load_predictor, _model_info
+
+        args = SimpleNamespace(checkpoint=self.checkpoint, device=self.device, fp32=self.fp32,
+                               backend=self.backend, onnx=self.onnx)
+        predictor = _load_predictor(args)
+        return predictor.predict, str(predictor.device), _model_info(predictor, args)

@@ -18,11 +18,11 @@ from .conftest import speechlike
 class ServerThread:
     """``with ServerThread(config) as srv:`` -> ``srv.url`` (ws://127.0.0.1:PORT), ``srv.server``."""
 
-    def __init__(self, config: ServerConfig | None = None, predict=None, **kwargs):
+    def __init__(self, config: ServerConfig | None = None, predict=None, worker=None, **kwargs):
         if config is None:
             # test tones are sound, not voices: gate on energy unless a test asks otherwise
             config = ServerConfig(**{"port": 0, "vad": VadConfig.named("energy"), "analyse": "all", **kwargs})
-        self.server = EmoServer(config, predict or constant_predictor())
+        self.server = EmoServer(config, predict or constant_predictor(), worker=worker)
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

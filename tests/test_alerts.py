@@ -73,3 +73,163 @@ def test_replay_writes_alerts_to_the_events_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "emostream", "replay", "x.wav", "--alert", "Grumpy>=1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown emotion" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- the alert webhook: a local HTTP server receives the POSTs -------------------------------
+
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+from emostream.webhook import AlertWebhook, WebhookConfig  # noqa: E402
+
+
+class Endpoint:
+    """``with Endpoint(statuses) as ep:`` an HTTP server on 127.0.0.1 answering POSTs with the next
+    status of ``statuses`` (the last one repeats); ``ep.posts`` holds (JSON body, headers)."""
+
+    def __init__(self, statuses=(200,), delay: float = 0.0):
+        self.statuses = list(statuses)
+        self.delay = delay
+        self.posts: list[tuple[dict, dict]] = []
+        self.attempts = 0
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = endpoint.statuses[min(endpoint.attempts, len(endpoint.statuses) - 1)]
+                endpoint.attempts += 1
+                time.sleep(endpoint.delay)
+                if status == 200:
+                    endpoint.posts.append((body, dict(self.headers)))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hooks/emostream?key=secret"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def alert_message(n=0):
+    return {"type": "alert", "call_id": f"c{n}", "channel": "customer", "rule": "Angry>=0.7 for 10s", "state": "raised",
+            "t": 12.0, "since": 2.0}
+
+
+def test_webhook_delivers_in_order_with_headers():
+    with Endpoint() as ep:
+        hook = AlertWebhook(WebhookConfig(ep.url, headers=(("Authorization", "Bearer T"),)))
+        assert all(hook.send(alert_message(n)) for n in range(3))
+        hook.close(10)
+    assert [body["call_id"] for body, _ in ep.posts] == ["c0", "c1", "c2"]
+    headers = ep.posts[0][1]
+    assert headers["Content-Type"] == "application/json" and headers["Authorization"] == "Bearer T"
+    assert hook.stats.as_dict() == {"delivered": 3, "failed": 0, "dropped": 0, "retries": 0, "last_error": None}
+
+
+def test_webhook_retries_with_backoff_then_gives_up_without_blocking():
+    outcomes = []
+    with Endpoint([503, 500, 200]) as flaky, Endpoint([500]) as down, Endpoint([400]) as refusing:
+        ok = AlertWebhook(WebhookConfig(flaky.url, retries=3, backoff_seconds=0.05), outcomes.append)
+        bad = AlertWebhook(WebhookConfig(down.url, retries=2, backoff_seconds=0.05))
+        no = AlertWebhook(WebhookConfig(refusing.url, retries=3, backoff_seconds=0.05))
+        t0 = time.monotonic()
+        for hook in (ok, bad, no):
+            hook.send(alert_message())
+        assert time.monotonic() - t0 < 0.05  # send only queues
+        for hook in (ok, bad, no):
+            hook.close(10)
+    assert flaky.attempts == 3 and len(flaky.posts) == 1 and outcomes == ["retry", "retry", "delivered"]
+    assert ok.stats.delivered == 1 and ok.stats.retries == 2
+    assert down.attempts == 3 and bad.stats.failed == 1 and bad.stats.last_error == "HTTP 500"
+    assert refusing.attempts == 1 and no.stats.failed == 1 and no.stats.retries == 0  # a 4xx is not retried
+    # nobody listening: connection refused is retried, then given up
+    gone = AlertWebhook(WebhookConfig("http://127.0.0.1:9/none", retries=1, backoff_seconds=0.01))
+    gone.send(alert_message())
+    gone.close(10)
+    assert gone.stats.failed == 1 and gone.stats.retries == 1 and "Connection" in gone.stats.last_error
+
+
+def test_webhook_queue_bound_and_close_deadline():
+    with Endpoint([200], delay=0.3) as slow:
+        hook = AlertWebhook(WebhookConfig(slow.url, max_queue=2, timeout_seconds=2))
+        sent = [hook.send(alert_message(n)) for n in range(6)]
+        t0 = time.monotonic()
+        hook.close(0.5)  # the queue cannot drain in time: the rest is given up, close returns
+        assert time.monotonic() - t0 < 3.5
+    assert sent.count(False) >= 3 and hook.stats.dropped >= 3
+    assert hook.stats.delivered + hook.stats.dropped + hook.stats.failed == 6
+    assert not hook.send(alert_message()) and hook.stats.dropped >= 4  # closed: nothing more is queued
+
+
+def test_webhook_config_rejects_bad_urls():
+    for bad in ("ftp://x/y", "not a url", "http://"):
+        with pytest.raises(ValueError):
+            WebhookConfig(bad)
+    from emostream.webhook import redact_url
+
+    assert redact_url("https://user:pw@hooks.example.com:8443/a/b?token=x") == "https://hooks.example.com:8443/a/b"
+
+
+def test_server_posts_alerts_and_a_failing_endpoint_never_breaks_the_call(tmp_path):
+    """serve --alert --alert-webhook: the POST carries the alert message; with the endpoint down the
+    call still ends normally with its summary, and /metrics counts the failure."""
+    from emostream.client import SendOptions, send_file
+    from emostream.server import ServerConfig
+    from emostream.vad import VadConfig
+
+    from .live_util import ServerThread, write_call
+
+    audio = write_call(tmp_path / "call.wav", 5.0, channels=1)
+    rule = AlertRule.parse("Neutral>=0.5 for 2s")  # the constant test predictor answers 0.7 Neutral
+    for statuses, delivered in (([200], True), ([500], False)):
+        with Endpoint(statuses) as ep:
+            config = ServerConfig(port=0, vad=VadConfig.named("energy"), analyse="all", alerts=(rule,),
+                                  alert_webhook=WebhookConfig(ep.url, retries=2, backoff_seconds=0.05))
+            with ServerThread(config) as srv:
+                result = asyncio.run(send_file(audio, srv.url, SendOptions(protocol="pcm", fast=True)))
+                assert result.close_code == 1000 and result.summary is not None
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and (srv.server.webhook.stats.delivered + srv.server.webhook.stats.failed) < 1:
+                    time.sleep(0.05)
+                metrics = srv.server.metrics.render().decode()
+        if delivered:
+            (body, _), = ep.posts
+            assert body["type"] == "alert" and body["state"] == "raised" and body["rule"] == "Neutral>=0.5 for 2s"
+            assert body["call_id"] == result.call_id and body["t"] == 3.0
+            assert 'emostream_alert_webhook_total{outcome="delivered"} 1.0' in metrics
+        else:
+            assert ep.attempts == 3 and not ep.posts
+            assert 'emostream_alert_webhook_total{outcome="failed"} 1.0' in metrics
+            assert 'emostream_alert_webhook_total{outcome="retried"} 2.0' in metrics
+
+
+def test_replay_posts_alerts_to_the_webhook(tmp_path, capsys):
+    import soundfile as sf
+
+    from emostream.cli import main
+
+    audio, rate = sf.read(ROOT / "examples" / "call_mono.flac")
+    sf.write(tmp_path / "call.flac", audio[:12 * rate], rate)
+    with Endpoint() as ep:
+        rc = main(["replay", str(tmp_path / "call.flac"), "--fast", "--no-dashboard", "--vad", "energy",
+                   "--alert", "Neutral>=0.0 for 2s", "--alert-webhook", ep.url, "--events", str(tmp_path / "e.jsonl")])
+    assert rc == 0
+    written = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [b for b, _ in ep.posts] == [x for x in written if x.get("type") == "alert"] and ep.posts
+    assert main(["replay", "x.wav", "--alert-webhook", ep.url]) == 2
+    assert "needs at least one --alert" in capsys.readouterr().err
+    assert main(["replay", "x.wav", "--alert", "Sad>0.5", "--alert-webhook", "ftp://nope"]) == 2

@@ -1,0 +1,604 @@
+"""``emostream batch``: score a folder of recorded calls, on this machine or on Ray Data.
+
+Every call goes through the windowed timeline of ``replay --fast`` (same windows, same speech gate,
+same model, same smoothing and alert rules), in three steps that both engines share:
+
+1. :func:`prepare_call`: decode and resample the file, pick the analysed channels, cut the windows
+   and run the speech gate, yielding :class:`Chunk` s of at most ``chunk_windows`` windows (bounded
+   memory, however long the call);
+2. :func:`classify_chunk`: the model on a chunk's speech windows;
+3. :func:`assemble_call`: the chunks in order -> events (smoothing), alerts and the summary, i.e. the
+   lines ``replay --events`` would write.
+
+Locally (:func:`run_local`) the steps run in this process, or in ``workers`` processes with a model
+each; on Ray (:func:`run_ray`) files are read with ``read_binary_files`` and steps 1-2 run in a pool
+of model actors, step 3 in the driver as the chunks stream back. The driver writes one
+``OUT/<call_id>.jsonl`` per call (written to ``.jsonl.part`` and renamed when complete, so a call is
+done exactly when its ``.jsonl`` exists: that is what resuming skips) and, at the end, the table of
+per-call summaries ``OUT/summary.parquet`` built from every finished call in ``OUT`` plus one row per
+call that failed in this run. A file that cannot be read or analysed becomes such a row; it never
+stops the batch.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import re
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .alerts import AlertRule, AlertTracker
+from .analyzer import Analyzer, AnalyzerConfig
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, read_audio, resample
+from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
+from .stream import StreamConfig, StreamWindower, Window
+from .timeline import CLASSES, JsonlWriter
+from .vad import SpeechGate, VadConfig
+from .worker import ModelSpec, PredictFn
+
+log = logging.getLogger("emostream.batch")
+
+SUMMARY_FILE = "summary.parquet"
+STEREO_NAMES = ("agent", "customer")  # as emostream send names a stereo file's channels
+
+
+class BatchError(ValueError):
+    """Bad batch input as a whole (nothing to read, bad output folder): one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How every call of a batch is analysed (the options of ``replay --fast``)."""
+
+    hop_seconds: float = 1.0
+    min_seconds: float = 1.0
+    smooth: float = 1.0
+    vad: VadConfig = VadConfig()
+    channel_names: tuple[str, ...] | None = None  # default: ch0 for mono, agent,customer for stereo
+    analyse: str = "all"
+    alerts: tuple[AlertRule, ...] = ()
+    chunk_windows: int = 32        # windows per chunk (its speech windows are one model request)
+    max_batch: int = 32            # windows per model call
+
+    def __post_init__(self):
+        StreamConfig(hop_seconds=self.hop_seconds, min_seconds=self.min_seconds)  # validates
+        if self.analyse not in ANALYSE_CHOICES:
+            raise ValueError(f"analyse must be one of {', '.join(ANALYSE_CHOICES)}, got {self.analyse!r}")
+        if self.channel_names is not None and (len(set(self.channel_names)) != len(self.channel_names)
+                                               or not all(self.channel_names)):
+            raise ValueError(f"channel names must be distinct and non-empty: {','.join(self.channel_names)}")
+        if self.chunk_windows < 2 or self.max_batch < 1:
+            raise ValueError("chunk windows must be >= 2 and max batch >= 1")
+
+
+@dataclass(frozen=True)
+class CallInput:
+    """One recording and the id its outputs are named by."""
+
+    call_id: str
+    path: str
+
+
+@dataclass
+class Chunk:
+    """Consecutive windows of one call (time order, as replay meets them) and the speech ones' samples.
+
+    ``windows`` rows are ``(channel index, start, end, final, speech)``; ``samples`` holds the speech
+    windows only, ``probs`` their model output once classified. A call that could not be prepared is
+    one chunk with ``error`` set and no windows.
+    """
+
+    call_id: str
+    path: str
+    index: int
+    last: bool
+    channels: tuple[str, ...] = ()
+    windows: list[tuple[int, int, int, bool, bool]] = field(default_factory=list)
+    samples: np.ndarray = field(default_factory=lambda: np.zeros((0, WINDOW_SAMPLES), np.float32))
+    probs: np.ndarray | None = None
+    error: str | None = None
+    audio_seconds: float = 0.0
+
+    def to_row(self) -> dict:
+        """A flat row (for Ray Data): arrays as bytes, lists as JSON."""
+        return {"call_id": self.call_id, "path": self.path, "index": self.index, "last": self.last,
+                "channels": json.dumps(list(self.channels)), "windows": json.dumps(self.windows),
+                "samples": np.ascontiguousarray(self.samples, np.float32).tobytes(),
+                "probs": b"" if self.probs is None else np.ascontiguousarray(self.probs, np.float32).tobytes(),
+                "error": self.error or "", "audio_seconds": float(self.audio_seconds)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Chunk":
+        probs = np.frombuffer(row["probs"], np.float32).reshape(-1, len(CLASSES)) if len(row["probs"]) else None
+        return cls(str(row["call_id"]), str(row["path"]), int(row["index"]), bool(row["last"]),
+                   tuple(json.loads(row["channels"])), [tuple(w) for w in json.loads(row["windows"])],
+                   np.frombuffer(row["samples"], np.float32).reshape(-1, WINDOW_SAMPLES), probs,
+                   str(row["error"]) or None, float(row["audio_seconds"]))
+
+
+@dataclass
+class CallResult:
+    """A finished call: the lines of its JSONL (events, alerts, summary last), or why it failed."""
+
+    call_id: str
+    path: str
+    lines: list[dict] = field(default_factory=list)
+    error: str | None = None
+    audio_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+def find_inputs(spec: str) -> list[CallInput]:
+    """The recordings of ``INPUT_DIR_OR_GLOB``: a folder (searched recursively for wav, flac, ogg,
+    mp3), a glob pattern (``**`` allowed) or one file. Call ids are the paths relative to the folder
+    (or the pattern's fixed part) without the suffix, ``/`` written as ``__``; two files that would
+    share an id keep their suffix."""
+    root = Path(spec)
+    if root.is_dir():
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        base = root
+    elif glob.has_magic(spec):
+        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        parts = Path(spec).parts
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        base = Path(*parts[:fixed]) if fixed else Path(".")
+    elif root.is_file():
+        paths, base = [root], root.parent
+    else:
+        raise BatchError(f"no such file or folder: {spec}")
+    if not paths:
+        raise BatchError(f"no audio files ({', '.join(s[1:] for s in AUDIO_SUFFIXES)}) in {spec}")
+    ids = [Path(os.path.relpath(p, base)).with_suffix("").as_posix().replace("/", "__") for p in paths]
+    counts = {i: ids.count(i) for i in ids}
+    return [CallInput(i + p.suffix if counts[i] > 1 else i, str(p)) for i, p in zip(ids, paths)]
+
+
+def decode_audio(source: str | bytes, name: str) -> np.ndarray:
+    """Float32 ``(channels, frames)`` at 16 kHz from a path or a file's bytes; :class:`AudioError`
+    (one line) when it cannot be read, is empty or is silent (as ``replay`` refuses them)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        import soundfile as sf
+
+        if len(source) == 0:
+            raise AudioError(f"audio file is empty: {name}")
+        try:
+            data, rate = sf.read(io.BytesIO(bytes(source)), dtype="float32", always_2d=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = re.sub(r"Error opening <[^>]*>: ", "", first)
+            raise AudioError(f"cannot read audio from {name}: {first}") from None
+        if data.shape[0] == 0:
+            raise AudioError(f"audio file is empty: {name}")
+        audio = resample(np.ascontiguousarray(data.T), int(rate), SAMPLE_RATE)
+    else:
+        samples, rate = read_audio(source)
+        audio = resample(samples, rate, SAMPLE_RATE)
+    if audio.shape[1] == 0 or not np.any(audio):
+        raise AudioError(f"audio is empty or silent: {name}")
+    return audio
+
+
+def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> tuple[str, ...]:
+    """Names of a file's channels: ``given``, else ``ch0`` for mono and ``agent,customer`` for stereo."""
+    if given is None:
+        return STEREO_NAMES if n_channels == 2 else tuple(f"ch{i}" for i in range(n_channels))
+    if len(given) != n_channels:
+        raise AudioError(f"{name} has {n_channels} channel(s) but --channel-names gives {len(given)}")
+    return given
+
+
+# --- the three steps ------------------------------------------------------------------------
+
+def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | None = None) -> Iterator[Chunk]:
+    """Decode, window and gate one call (``source``: the file's bytes, default: read ``call.path``)."""
+    try:
+        audio = decode_audio(call.path if source is None else source, call.path)
+        names = channel_names(audio.shape[0], config.channel_names, call.path)
+        keep = analysed_channels(names, config.analyse)
+    except (AudioError, ChannelSelectionError) as exc:
+        yield Chunk(call.call_id, call.path, 0, True, error=str(exc))
+        return
+    except Exception as exc:  # anything a decoder throws: this call fails, the batch goes on
+        yield Chunk(call.call_id, call.path, 0, True, error=f"cannot analyse {call.path}: {type(exc).__name__}: {exc}")
+        return
+    audio, names = audio[list(keep)], tuple(names[i] for i in keep)
+    seconds = audio.shape[1] / SAMPLE_RATE
+    windower = StreamWindower(call.call_id, names, StreamConfig(config.hop_seconds, config.min_seconds))
+    gate = SpeechGate(config.vad)
+    hop = windower.config.hop_samples
+    index, pending = 0, []
+
+    def chunk(windows: list[Window], last: bool) -> Chunk:
+        picked = set(gate.select(windows))
+        rows = [(names.index(w.channel), w.start, w.end, w.final, i in picked) for i, w in enumerate(windows)]
+        samples = (np.stack([windows[i].samples for i in sorted(picked)]) if picked
+                   else np.zeros((0, WINDOW_SAMPLES), np.float32))
+        return Chunk(call.call_id, call.path, index, last, names, rows, samples, audio_seconds=seconds)
+
+    # The gate must see each channel's windows in order, exactly once: it runs per block of windows
+    # as they complete; a chunk closes when the next block could take it past chunk_windows.
+    for pos in range(0, audio.shape[1], hop):
+        windows = windower.push_frames(audio[:, pos:pos + hop])
+        if not windows:
+            continue
+        if pending and len(pending) + len(windows) > config.chunk_windows:
+            yield chunk(pending, False)
+            index, pending = index + 1, []
+        pending += windows
+    pending += windower.flush()
+    yield chunk(pending, True)
+
+
+def classify_chunk(chunk: Chunk, predict: PredictFn, max_batch: int = 32) -> Chunk:
+    """The model's probabilities for the chunk's speech windows (in slices of ``max_batch``)."""
+    n = len(chunk.samples)
+    if n:
+        chunk.probs = np.concatenate([np.asarray(predict(chunk.samples[i:i + max_batch]), np.float32)
+                                      for i in range(0, n, max_batch)])
+    else:
+        chunk.probs = np.zeros((0, len(CLASSES)), np.float32)
+    return chunk
+
+
+def assemble_call(chunks: list[Chunk], config: BatchConfig) -> CallResult:
+    """Events, alerts and the summary of one call from its classified chunks (any order)."""
+    chunks = sorted(chunks, key=lambda c: c.index)
+    first = chunks[0]
+    error = next((c.error for c in chunks if c.error), None)
+    if error:
+        return CallResult(first.call_id, first.path, error=error)
+    names = first.channels
+    lines: list[dict] = []
+    tracker = AlertTracker(config.alerts, first.call_id)
+
+    def alert_sink(event: dict) -> None:
+        lines.extend(tracker.update(event))
+
+    analyzer = Analyzer(None, first.call_id, names, AnalyzerConfig(smooth=config.smooth, vad=VadConfig.named("off")),
+                        config.hop_seconds, [lines.append] + ([alert_sink] if config.alerts else []))
+    for c in chunks:
+        windows = [Window(names[ch], start, end, np.zeros(0, np.float32), final) for ch, start, end, final, _ in c.windows]
+        speech = [i for i, row in enumerate(c.windows) if row[4]]
+        analyzer.emit(windows, dict(zip(speech, c.probs if c.probs is not None else [])))
+    summary = analyzer.timeline.summary()
+    summary.update(call_id=first.call_id, path=first.path,
+                   alerts=[a for a in tracker.history if a["state"] == "raised"])
+    lines.append(summary)
+    return CallResult(first.call_id, first.path, lines, audio_seconds=first.audio_seconds)
+
+
+def analyse_call(call: CallInput, predict: PredictFn, config: BatchConfig) -> CallResult:
+    """All three steps for one call in this process."""
+    chunks = [classify_chunk(c, predict, config.max_batch) if not c.error else c for c in prepare_call(call, config)]
+    return assemble_call(chunks, config)
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+def done_calls(out_dir: Path, calls: Iterable[CallInput]) -> set[str]:
+    """Ids of the calls whose timeline is complete in ``out_dir`` (resume skips them)."""
+    return {c.call_id for c in calls if (out_dir / f"{c.call_id}.jsonl").is_file()}
+
+
+def write_call(out_dir: Path, result: CallResult) -> Path:
+    """``OUT/<call_id>.jsonl``, flushed per line into ``.jsonl.part`` and renamed when complete."""
+    path = out_dir / f"{result.call_id}.jsonl"
+    part = path.with_name(path.name + ".part")
+    with JsonlWriter(part) as writer:
+        for line in result.lines:
+            writer.write(line)
+    os.replace(part, path)
+    return path
+
+
+def read_summary(path: Path) -> dict | None:
+    """The summary line (the last line) of a finished timeline, or None."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        block = b""
+        pos = size
+        while pos > 0 and block.count(b"\n") < 2:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step) + block
+    lines = [x for x in block.splitlines() if x.strip()]
+    if not lines:
+        return None
+    try:
+        obj = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return obj if obj.get("type") == "summary" else None
+
+
+def _schema():
+    import pyarrow as pa
+
+    peak = pa.struct([("label", pa.string()), ("confidence", pa.float64()), ("t_start", pa.float64()),
+                      ("t_end", pa.float64())])
+    alert = pa.struct([("rule", pa.string()), ("t", pa.float64()), ("since", pa.float64())])
+    return pa.schema([("call_id", pa.string()), ("path", pa.string()), ("status", pa.string()),
+                      ("error", pa.string()), ("channel", pa.string()), ("duration", pa.float64()),
+                      ("speech_seconds", pa.float64()), ("windows", pa.int32()), ("speech_windows", pa.int32()),
+                      ("dominant", pa.string())]
+                     + [(f"share_{c}", pa.float64()) for c in CLASSES]
+                     + [("peaks", pa.list_(peak)), ("alerts_raised", pa.int32()), ("alerts", pa.list_(alert))])
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """One table row per analysed channel of a finished call's summary line."""
+    rows = []
+    for channel, s in summary.get("channels", {}).items():
+        alerts = [{"rule": a["rule"], "t": a["t"], "since": a["since"]}
+                  for a in summary.get("alerts", []) if a.get("channel") == channel]
+        rows.append({"call_id": summary.get("call_id", summary.get("stream")), "path": summary.get("path"),
+                     "status": "ok", "error": None, "channel": channel, "duration": summary.get("duration"),
+                     "speech_seconds": s["speech_seconds"], "windows": s["windows"],
+                     "speech_windows": s["speech_windows"], "dominant": s["dominant"],
+                     **{f"share_{c}": s["shares"].get(c, 0.0) for c in CLASSES},
+                     "peaks": s["peaks"], "alerts_raised": len(alerts), "alerts": alerts})
+    return rows
+
+
+def error_row(result: CallResult) -> dict:
+    return {"call_id": result.call_id, "path": result.path, "status": "error", "error": result.error,
+            "channel": None, "duration": None, "speech_seconds": None, "windows": None, "speech_windows": None,
+            "dominant": None, **{f"share_{c}": None for c in CLASSES}, "peaks": [], "alerts_raised": 0, "alerts": []}
+
+
+def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, int]:
+    """``OUT/summary.parquet``: a row per channel of every finished call in ``out_dir`` (this run's
+    and earlier runs'), then a row per call that failed in this run. Returns (path, rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in sorted(out_dir.glob("*.jsonl")):
+        summary = read_summary(path)
+        if summary is not None:
+            rows += summary_rows(summary)
+    rows += [error_row(r) for r in failed]
+    table = pa.Table.from_pylist(rows, schema=_schema())
+    target = out_dir / SUMMARY_FILE
+    part = target.with_name(target.name + ".part")
+    pq.write_table(table, part)
+    os.replace(part, target)
+    return target, len(rows)
+
+
+# --- engines ---------------------------------------------------------------------------------
+
+ResultFn = Callable[[CallResult], None]
+_PROCESS_STATE: dict = {}
+
+
+def _init_process(spec: ModelSpec, config: BatchConfig) -> None:
+    try:
+        _PROCESS_STATE.update(predict=spec.load()[0], config=config)
+    except Exception as exc:  # every call of this worker reports it (rather than a dead pool)
+        _PROCESS_STATE.update(error=f"the model did not load: {exc}")
+
+
+def _process_call(call: CallInput) -> CallResult:
+    if "error" in _PROCESS_STATE:
+        return CallResult(call.call_id, call.path, error=_PROCESS_STATE["error"])
+    try:
+        return analyse_call(call, _PROCESS_STATE["predict"], _PROCESS_STATE["config"])
+    except Exception as exc:  # an unforeseen failure fails this call only
+        return CallResult(call.call_id, call.path, error=f"{type(exc).__name__}: {exc}")
+
+
+def run_local(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, workers: int,
+              on_result: ResultFn, predict: PredictFn | None = None) -> None:
+    """Analyse ``calls`` here: in this process (``workers`` 1) or in ``workers`` processes, each
+    with its own model and ``cores / workers`` torch threads. A worker process that dies (a decoder
+    crash) is replaced; the files it held are retried one at a time, and the one that kills a worker
+    on its own is reported as failed."""
+    if workers <= 1:
+        if predict is None:
+            predict = spec.load()[0]
+        for call in calls:
+            try:
+                result = analyse_call(call, predict, config)
+            except Exception as exc:
+                result = CallResult(call.call_id, call.path, error=f"{type(exc).__name__}: {exc}")
+            on_result(result)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = list(calls)               # not tried yet
+    retry: list[CallInput] = []       # in flight when a worker died: each is retried on its own
+    while queue or retry:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(spec, config))
+        running: dict = {}
+        alone: CallInput | None = None  # the retried call running on its own
+        lost: list[CallInput] = []
+        try:
+            while (queue or retry or running) and not lost:
+                if retry and not running:
+                    alone = retry.pop(0)
+                    running[pool.submit(_process_call, alone)] = alone
+                while queue and not retry and len(running) < 2 * workers:
+                    call = queue.pop(0)
+                    running[pool.submit(_process_call, call)] = call
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    call = running.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        lost.append(call)
+                        continue
+                    on_result(result)
+            lost += list(running.values())
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if lost == [alone] and alone is not None:
+            on_result(CallResult(alone.call_id, alone.path,
+                                 error=f"the worker process died while analysing {alone.path}"))
+        elif lost:
+            log.warning("a batch worker process died; retrying its %d call(s) one at a time", len(lost))
+            retry = lost + [c for c in retry if c not in lost]
+
+
+class _PrepareAndClassify:
+    """Ray Data actor: loads the model once, then turns files' bytes into classified chunks."""
+
+    def __init__(self, spec: ModelSpec, config: BatchConfig, calls: dict[str, CallInput]):
+        self.predict = spec.load()[0]
+        self.config = config
+        self.calls = calls
+
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        for path, data in zip(batch["path"], batch["bytes"]):
+            call = self.calls.get(_key(path)) or CallInput(Path(str(path)).stem, str(path))
+            for chunk in prepare_call(call, self.config, bytes(data)):
+                if not chunk.error:
+                    try:
+                        classify_chunk(chunk, self.predict, self.config.max_batch)
+                    except Exception as exc:  # this call fails; the actor and the batch go on
+                        chunk = Chunk(chunk.call_id, chunk.path, chunk.index, chunk.last,
+                                      error=f"inference failed: {type(exc).__name__}: {exc}")
+                row = chunk.to_row()
+                yield {k: np.array([v], dtype=object if isinstance(v, (bytes, str)) else None) for k, v in row.items()}
+
+
+def run_ray(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, workers: int,
+            on_result: ResultFn, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> None:
+    """Analyse ``calls`` on the connected Ray cluster with Ray Data: ``read_binary_files`` (the paths
+    must be readable where the read tasks run: a shared file system, or the same path on every node)
+    -> a pool of ``workers`` actors that decode, window, gate and classify -> the chunks stream back
+    here, where each call is assembled as soon as all its chunks are in."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the batch command shows its own
+    ctx.execution_options.preserve_order = False
+    by_path = {_key(c.path): c for c in calls}
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ds = ray.data.read_binary_files([c.path for c in calls], include_paths=True,
+                                    num_cpus=0)  # reading is I/O: it never waits for the actors' CPUs
+    ds = ds.map_batches(_PrepareAndClassify, fn_constructor_args=(spec, config, by_path), batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                        num_gpus=gpus_per_worker or None, batch_format="numpy")
+    partial: dict[str, dict[int, Chunk]] = {}
+    last: dict[str, int] = {}
+    for row in ds.iter_rows():
+        chunk = Chunk.from_row(row)
+        got = partial.setdefault(chunk.call_id, {})
+        got[chunk.index] = chunk
+        if chunk.last:
+            last[chunk.call_id] = chunk.index
+        if chunk.call_id in last and len(got) == last[chunk.call_id] + 1:
+            del partial[chunk.call_id], last[chunk.call_id]
+            on_result(assemble_call(list(got.values()), config))
+    for call_id in partial:  # cannot happen unless rows were lost: say so rather than hide it
+        path = next(iter(partial[call_id].values())).path
+        on_result(CallResult(call_id, path, error="incomplete: not every chunk came back from Ray"))
+
+
+def _key(path) -> str:
+    return str(Path(str(path)).resolve())
+
+
+@dataclass
+class BatchReport:
+    """What a batch run did."""
+
+    total: int = 0
+    skipped: int = 0                 # already done in OUT (resume)
+    ok: int = 0
+    failed: list[CallResult] = field(default_factory=list)
+    audio_seconds: float = 0.0       # audio analysed in this run (all channels of a call count once)
+    wall_seconds: float = 0.0
+    table: Path | None = None
+    rows: int = 0
+
+
+def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: BatchConfig, *, workers: int = 1,
+              use_ray: bool = False, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+              plots: str | None = None, webhook=None, progress: Callable[[CallResult], None] | None = None,
+              predict: PredictFn | None = None) -> BatchReport:
+    """Analyse every call of ``calls`` not yet done in ``out_dir``, write its timeline (and report
+    with ``plots`` html|png), POST its alerts to ``webhook``, then write the summary table."""
+    import time
+
+    t0 = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = done_calls(out_dir, calls)
+    todo = [c for c in calls if c.call_id not in done]
+    report = BatchReport(total=len(calls), skipped=len(done))
+    reported: set[str] = set()
+
+    def on_result(result: CallResult) -> None:
+        reported.add(result.call_id)
+        if result.ok:
+            try:
+                path = write_call(out_dir, result)
+                if plots:
+                    _plot(path, plots)
+            except OSError as exc:
+                result = CallResult(result.call_id, result.path, error=f"cannot write its timeline: {exc}")
+        if result.ok:
+            report.ok += 1
+            report.audio_seconds += result.audio_seconds
+            if webhook is not None:
+                for line in result.lines:
+                    if line.get("type") == "alert":
+                        webhook.send(line)
+        else:
+            report.failed.append(result)
+        if progress is not None:
+            progress(result)
+
+    engine_error = None
+    if todo:
+        try:
+            if use_ray:
+                run_ray(todo, spec, config, workers, on_result, cpus_per_worker, gpus_per_worker)
+            else:
+                run_local(todo, spec, config, workers, on_result, predict)
+        except (KeyboardInterrupt, BatchError):
+            raise
+        except Exception as exc:  # the engine itself failed: what finished stays; the rest is reported
+            if type(exc).__name__ in ("UsageError", "CheckpointError", "VadUnavailable"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            engine_error = f"{'Ray Data' if use_ray else 'the batch'} run failed: {type(exc).__name__}: {first}"[:500]
+            log.error("%s", engine_error)
+    for call in todo:
+        if call.call_id not in reported:
+            on_result(CallResult(call.call_id, call.path,
+                                 error=f"not analysed: {engine_error or 'the engine returned nothing for it'}"))
+    if plots:
+        for call in calls:
+            if call.call_id in done and not (out_dir / f"{call.call_id}.{plots}").exists():
+                _plot(out_dir / f"{call.call_id}.jsonl", plots)
+    report.table, report.rows = write_summary_table(out_dir, report.failed)
+    report.wall_seconds = time.monotonic() - t0
+    return report
+
+
+def _plot(jsonl: Path, kind: str) -> None:
+    from .report import write_report
+
+    try:
+        write_report(jsonl, jsonl.with_suffix(f".{kind}"))
+    except Exception as exc:  # a report that cannot be drawn does not fail the call
+        log.warning("no %s report for %s: %s", kind, jsonl.stem, exc)
