@@ -68,3 +68,15 @@ def test_speech_gate_quick(shipped_checkpoint, tmp_path):
     assert 0 <= silero["agreement"] <= 1 and 0.5 < silero["speech_covered"] <= off["speech_covered"] == 1.0
     det = result["detection"]["call_stereo.flac"]
     assert det["silero"]["speech_outside_segments"] < 0.02
+
+
+def test_batch_throughput_quick(shipped_checkpoint, tmp_path):
+    pytest.importorskip("ray", reason="the --ray row needs emostream[scale]")
+    pytest.importorskip("pyarrow", reason="batch needs emostream[scale]")
+    result = run_bench("batch_throughput", tmp_path, timeout=600)
+    rows = result["rows"]
+    assert [(r["engine"], r["workers"]) for r in rows] == [("local", 1), ("ray", 1)]
+    for r in rows:
+        assert r["calls"] == 3 and r["audio_seconds"] == pytest.approx(15.0, abs=0.1)
+        assert 0 < r["batch_seconds"] < r["command_seconds"]
+        assert r["audio_per_second"] == pytest.approx(r["audio_seconds"] / r["batch_seconds"], rel=0.02)
