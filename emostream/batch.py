@@ -475,6 +475,7 @@ class _PrepareAndClassify:
                     except Exception as exc:  # this call fails; the actor and the batch go on
                         chunk = Chunk(chunk.call_id, chunk.path, chunk.index, chunk.last,
                                       error=f"inference failed: {type(exc).__name__}: {exc}")
+                chunk.samples = np.zeros((0, WINDOW_SAMPLES), np.float32)  # the driver needs probabilities only
                 row = chunk.to_row()
                 yield {k: np.array([v], dtype=object if isinstance(v, (bytes, str)) else None) for k, v in row.items()}
 

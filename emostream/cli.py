@@ -575,7 +575,11 @@ class _batch_progress:
             self.audio += result.audio_seconds
         else:
             self.failed += 1
-            print(f"emostream: error: {result.call_id}: {result.error}", file=sys.stderr, flush=True)
+            line = f"emostream: error: {result.call_id}: {result.error}"
+            if self.bar is not None:  # above the live bar, not through it
+                self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=f"{self.audio:.0f} s of audio, {self.failed} failed")
         elif not self.quiet and result.ok:
