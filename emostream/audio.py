@@ -4,6 +4,7 @@ Everything downstream works on float32 samples in [-1, 1] at ``SAMPLE_RATE``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,24 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types; all mean unreadable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AudioError(f"cannot read audio from {path}: {first}") from None
+        raise AudioError(f"cannot read audio from {path}: {decoder_message(exc)}") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file is empty: {path}")
     return np.ascontiguousarray(data.T), int(rate)
+
+
+def decoder_message(exc: Exception) -> str:
+    """One line saying why libsndfile could not decode a file that exists.
+
+    libsndfile reports a corrupt MP3 as "File does not exist or is not a regular file (possibly a
+    pipe?)", which sends users looking for a missing file; it is said plainly instead.
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    first = re.sub(r"^Error opening (<[^>]*>|'[^']*'): ", "", first)
+    if "does not exist or is not a regular file" in first:
+        return "not a valid audio file (corrupt data or an unsupported encoding)"
+    return first
 
 
 def resample(samples: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -> np.ndarray:

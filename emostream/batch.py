@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import re
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 
 from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
-from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, read_audio, resample
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, decoder_message, read_audio, resample
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
 from .stream import StreamConfig, StreamWindower, Window
 from .timeline import CLASSES, JsonlWriter
@@ -177,9 +176,7 @@ def decode_audio(source: str | bytes, name: str) -> np.ndarray:
         try:
             data, rate = sf.read(io.BytesIO(bytes(source)), dtype="float32", always_2d=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            first = re.sub(r"Error opening <[^>]*>: ", "", first)
-            raise AudioError(f"cannot read audio from {name}: {first}") from None
+            raise AudioError(f"cannot read audio from {name}: {decoder_message(exc)}") from None
         if data.shape[0] == 0:
             raise AudioError(f"audio file is empty: {name}")
         audio = resample(np.ascontiguousarray(data.T), int(rate), SAMPLE_RATE)
@@ -363,7 +360,7 @@ def error_row(result: CallResult) -> dict:
 
 def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, int]:
     """``OUT/summary.parquet``: a row per channel of every finished call in ``out_dir`` (this run's
-    and earlier runs'), then a row per call that failed in this run. Returns (path, rows)."""
+    and earlier runs'), then a row per call that failed in this run, by call id. Returns (path, rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -372,7 +369,7 @@ def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, 
         summary = read_summary(path)
         if summary is not None:
             rows += summary_rows(summary)
-    rows += [error_row(r) for r in failed]
+    rows += [error_row(r) for r in sorted(failed, key=lambda r: r.call_id)]  # workers finish in any order
     table = pa.Table.from_pylist(rows, schema=_schema())
     target = out_dir / SUMMARY_FILE
     part = target.with_name(target.name + ".part")

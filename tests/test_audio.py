@@ -90,6 +90,11 @@ def test_read_errors(tmp_path):
     bad.write_bytes(b"not audio at all")
     with pytest.raises(AudioError, match="cannot read audio"):
         audio.read_audio(bad)
+    corrupt = tmp_path / "corrupt.mp3"  # libsndfile calls this "File does not exist ..."
+    corrupt.write_bytes(b"\xff\xfb\x90\x00" + bytes(range(256)) * 8)
+    with pytest.raises(AudioError, match="not a valid audio file") as info:
+        audio.read_audio(corrupt)
+    assert "does not exist" not in str(info.value) and "\n" not in str(info.value)
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros((0, 1)), 16000)
     with pytest.raises(AudioError, match="empty"):

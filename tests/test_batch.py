@@ -91,6 +91,7 @@ def test_batch_writes_replay_timelines_and_the_summary_table(batch_run, archive,
     errors = {r["call_id"]: r["error"] for r in table if r["status"] == "error"}
     assert set(errors) == {"corrupt", "empty", "silent"}
     assert "cannot read audio" in errors["corrupt"] and "empty" in errors["empty"] and "silent" in errors["silent"]
+    assert "not a valid audio file" in errors["corrupt"] and "does not exist" not in errors["corrupt"]
     assert all(r["channel"] is None and r["alerts"] == [] for r in table if r["status"] == "error")
 
 

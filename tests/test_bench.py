@@ -79,4 +79,5 @@ def test_batch_throughput_quick(shipped_checkpoint, tmp_path):
     for r in rows:
         assert r["calls"] == 3 and r["audio_seconds"] == pytest.approx(15.0, abs=0.1)
         assert 0 < r["batch_seconds"] < r["command_seconds"]
-        assert r["audio_per_second"] == pytest.approx(r["audio_seconds"] / r["batch_seconds"], rel=0.02)
+        # the JSON rounds to 0.01: on a loaded machine (0.13 s/s) that alone is 2 %
+        assert r["audio_per_second"] == pytest.approx(r["audio_seconds"] / r["batch_seconds"], rel=0.02, abs=0.006)
