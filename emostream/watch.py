@@ -1,8 +1,9 @@
 """Supervisor view of every live call: ``emostream watch ws://HOST:PORT`` and ``serve --dashboard``.
 
-Fed with the messages of ``/v1/events`` (``hello``, ``call_started``, ``event``, ``summary``,
-``call_ended``): a rich table with one row per call and channel (current emotion, confidence,
-colour timeline of recent windows, speech windows) for a terminal, or one plain line per message.
+Fed with the messages of ``/v1/events`` (``hello``, ``call_started``, ``event``, ``alert``,
+``summary``, ``call_ended``): a rich table with one row per call and channel (current emotion,
+confidence, active escalation alerts, colour timeline of recent windows, speech windows) for a
+terminal, or one plain line per message.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from rich.text import Text
 from .dashboard import (SILENCE_STYLE, TIMELINE_BLOCK, TIMELINE_SILENCE, emotion_style, format_clock, legend)
 
 STRIP_WIDTH = 40       # windows shown per channel
+ALERT_STYLE = "bold white on red"
 ENDED_CALLS_KEPT = 10  # finished calls stay on screen (dimmed) until this many newer ones ended
 
 
@@ -36,6 +38,7 @@ class _Channel:
     windows: int = 0
     speech: int = 0
     strip: deque = field(default_factory=lambda: deque(maxlen=STRIP_WIDTH))
+    alerts: list[str] = field(default_factory=list)  # rules raised and not yet cleared
 
 
 @dataclass
@@ -87,6 +90,14 @@ class SupervisorView:
                     ch.strip.append(message["label"])
                 else:
                     ch.strip.append(None)
+            elif kind == "alert":
+                call = self._call(str(message.get("call_id") or message.get("stream")))
+                ch = call.channels.setdefault(str(message.get("channel")), _Channel())
+                rule = str(message.get("rule"))
+                if message.get("state") == "raised" and rule not in ch.alerts:
+                    ch.alerts.append(rule)
+                elif message.get("state") == "cleared" and rule in ch.alerts:
+                    ch.alerts.remove(rule)
             elif kind == "summary":
                 self._call(str(message.get("call_id") or message.get("stream"))).summary = message
             elif kind == "call_ended":
@@ -119,6 +130,8 @@ class SupervisorView:
                         now = Text(f"dominant {dom}" if dom else "no speech", style=emotion_style(dom))
                     elif ch.label is not None:
                         now = Text(f"{ch.label} {ch.confidence:.2f}", style=f"bold {emotion_style(ch.label)}")
+                    if call.ended is None and ch.alerts:
+                        now.append(f"  ALERT {', '.join(ch.alerts)}", style=ALERT_STYLE)
                     strip = Text(no_wrap=True, overflow="crop")
                     for label in ch.strip:
                         strip.append(TIMELINE_SILENCE if label is None else TIMELINE_BLOCK,
@@ -160,6 +173,9 @@ class PlainWatcher:
             if not message.get("speech"):
                 return head + "silence"
             return head + f"{message.get('label'):<9} {float(message.get('confidence') or 0):.2f}"
+        if kind == "alert":
+            return (f"[{message.get('call_id') or message.get('stream')}] {message.get('channel')}  "
+                    f"ALERT {message.get('state')}: {message.get('rule')} at {float(message.get('t') or 0):.1f}s")
         if kind == "summary":
             parts = [f"{name} {ch.get('dominant') or 'no speech'}" for name, ch in (message.get("channels") or {}).items()]
             return f"[{message.get('call_id') or message.get('stream')}] summary  {'  '.join(parts)}"

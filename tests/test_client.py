@@ -171,3 +171,23 @@ def test_supervisor_view_renders_calls():
     assert plain_lines[2] == "[c-1] agent  0.0-1.0s  Angry     0.81"
     assert plain_lines[3] == "[c-1] customer  0.0-1.0s  silence"
     assert plain_lines[-1] == "[c-1] ended (completed)"
+
+
+def test_supervisor_view_shows_alerts_while_raised():
+    view, plain = SupervisorView("test"), PlainWatcher()
+    alert = {"type": "alert", "stream": "c-2", "call_id": "c-2", "channel": "customer", "rule": "Angry>=0.7 for 10s",
+             "label": "Angry", "threshold": 0.7, "seconds": 10.0, "state": "raised", "t": 23.0, "since": 13.0}
+    view.update({"type": "call_started", "call_id": "c-2", "protocol": "twilio", "channels": ["customer"]})
+    view.update({"type": "event", "stream": "c-2", "channel": "customer", "t_start": 17.0, "t_end": 23.0,
+                 "speech": True, "label": "Angry", "confidence": 0.9, "probabilities": {}})
+    view.update(alert)
+
+    def screen() -> str:
+        console = Console(record=True, width=140, color_system=None)
+        console.print(view.render())
+        return console.export_text()
+
+    assert "ALERT Angry>=0.7 for 10s" in screen()
+    assert plain.line(alert) == "[c-2] customer  ALERT raised: Angry>=0.7 for 10s at 23.0s"
+    view.update({**alert, "state": "cleared", "t": 30.0})
+    assert "ALERT" not in screen()
