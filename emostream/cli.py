@@ -254,6 +254,8 @@ def add_live_commands(sub, model_args, stream_args) -> None:
                          "the server stores no audio)")
     sv.add_argument("--events-retention-days", type=_positive(float), default=None, metavar="DAYS",
                     help="delete timelines in --events-dir older than DAYS (checked at start and hourly)")
+    sv.add_argument("--record-retention-days", type=_positive(float), default=None, metavar="DAYS",
+                    help="delete recordings in --record DIR older than DAYS (checked at start and hourly)")
     alert_args(sv)
     model_args(sv)
     ray_args(sv)
@@ -640,7 +642,8 @@ def cmd_serve(args) -> int:
             worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                 max_pending=max(4096, args.max_batch)), warm_up=args.warm_up,
             analyse=args.analyse, record_dir=Path(args.record) if args.record else None,
-            events_retention_days=args.events_retention_days, alerts=tuple(args.alert),
+            events_retention_days=args.events_retention_days, record_retention_days=args.record_retention_days,
+            alerts=tuple(args.alert),
             alert_webhook=_webhook_config(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -109,12 +109,26 @@ def expire_timelines(events_dir: Path, days: float, keep: set[Path] | frozenset 
                      now: float | None = None) -> list[Path]:
     """Delete ``*.jsonl`` timelines in ``events_dir`` last written more than ``days`` ago, except
     ``keep`` (the files of live calls). Returns the deleted paths."""
+    return expire_files(events_dir, "*.jsonl", days, keep, now, what="timeline")
+
+
+def expire_recordings(record_dir: Path, days: float, keep: set[Path] | frozenset = frozenset(),
+                      now: float | None = None) -> list[Path]:
+    """Delete ``*.wav`` call recordings in ``record_dir`` last written more than ``days`` ago,
+    except ``keep`` (the recordings of live calls). Returns the deleted paths."""
+    return expire_files(record_dir, "*.wav", days, keep, now, what="recording")
+
+
+def expire_files(directory: Path, pattern: str, days: float, keep: set[Path] | frozenset = frozenset(),
+                 now: float | None = None, what: str = "file") -> list[Path]:
+    """Delete the files matching ``pattern`` in ``directory`` last written more than ``days`` ago,
+    except ``keep``. Returns the deleted paths."""
     if days <= 0:
         raise ValueError(f"retention must be > 0 days, got {days:g}")
     cutoff = (time.time() if now is None else now) - days * SECONDS_PER_DAY
     keep = {Path(p).resolve() for p in keep}
     deleted = []
-    for path in sorted(Path(events_dir).glob("*.jsonl")):
+    for path in sorted(Path(directory).glob(pattern)):
         try:
             if path.resolve() in keep or path.stat().st_mtime >= cutoff:
                 continue
@@ -123,7 +137,7 @@ def expire_timelines(events_dir: Path, days: float, keep: set[Path] | frozenset 
         except FileNotFoundError:
             continue
         except OSError as exc:
-            log.warning("cannot delete expired timeline %s: %s", path.name, exc)
+            log.warning("cannot delete expired %s %s: %s", what, path.name, exc)
     if deleted:
-        log.info("deleted %d timeline(s) older than %g days", len(deleted), days)
+        log.info("deleted %d %s(s) older than %g days", len(deleted), what, days)
     return deleted

@@ -45,7 +45,8 @@ from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
 from .audio import SAMPLE_RATE, StreamResampler
 from .auth import AudioHookKey, token_ok, twilio_signature_ok, verify_audiohook_request
-from .compliance import ANALYSE_CHOICES, CallRecorder, ChannelSelectionError, analysed_channels, expire_timelines
+from .compliance import (ANALYSE_CHOICES, CallRecorder, ChannelSelectionError, analysed_channels, expire_recordings,
+                         expire_timelines)
 from .logs import set_call_id
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics, call_outcome
@@ -107,6 +108,7 @@ class ServerConfig:
     analyse: str = "customer"            # customer | agent | all (AI Act: customer only in the EU)
     record_dir: Path | None = None       # write each call's audio here (off unless asked for)
     events_retention_days: float | None = None  # delete timelines in events_dir older than this
+    record_retention_days: float | None = None  # delete recordings in record_dir older than this
     alerts: tuple[AlertRule, ...] = ()   # escalation rules applied to every analysed channel
     alert_webhook: WebhookConfig | None = None  # also POST every alert message there
 
@@ -129,6 +131,11 @@ class ServerConfig:
                 raise ValueError(f"events retention must be > 0 days, got {self.events_retention_days:g}")
             if self.events_dir is None:
                 raise ValueError("events retention needs an events directory")
+        if self.record_retention_days is not None:
+            if not self.record_retention_days > 0:
+                raise ValueError(f"recording retention must be > 0 days, got {self.record_retention_days:g}")
+            if self.record_dir is None:
+                raise ValueError("recording retention needs --record DIR")
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> Response:
@@ -428,8 +435,8 @@ class EmoServer:
         await self.worker.start()
         if self.config.alert_webhook is not None and self.webhook is None:
             self.webhook = AlertWebhook(self.config.alert_webhook, self.metrics.count_webhook)
-        if self.config.events_retention_days is not None:
-            self._expire_timelines()
+        if self.config.events_retention_days is not None or self.config.record_retention_days is not None:
+            self._apply_retention()
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="emostream-retention"))
         self._server = await serve(self._handle, self.config.host, self.config.port,
                                    process_request=self._process_request,
@@ -480,15 +487,22 @@ class EmoServer:
 
     # -- retention and the registry of ended calls
 
-    def _expire_timelines(self) -> list[Path]:
-        live = {c.path for c in self.calls.values() if c.path is not None}
-        return expire_timelines(Path(self.config.events_dir), self.config.events_retention_days, live)
+    def _apply_retention(self) -> list[Path]:
+        """Apply the retention options: old timelines and old recordings, never a live call's."""
+        deleted = []
+        if self.config.events_retention_days is not None:
+            live = {c.path for c in self.calls.values() if c.path is not None}
+            deleted += expire_timelines(Path(self.config.events_dir), self.config.events_retention_days, live)
+        if self.config.record_retention_days is not None:
+            live = {c.recorder.path for c in self.calls.values() if c.recorder is not None}
+            deleted += expire_recordings(Path(self.config.record_dir), self.config.record_retention_days, live)
+        return deleted
 
     async def _retention_loop(self) -> None:
         while True:
             await asyncio.sleep(RETENTION_CHECK_SECONDS)
             try:
-                self._expire_timelines()
+                self._apply_retention()
             except Exception:
                 log.exception("timeline retention failed")
 

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 
 from emostream.client import SendError, SendOptions, send_file
-from emostream.compliance import CallRecorder, ChannelSelectionError, analysed_channels, expire_timelines
+from emostream.compliance import (CallRecorder, ChannelSelectionError, analysed_channels, expire_recordings,
+                                  expire_timelines)
 from emostream.server import ServerConfig
 from emostream.timeline import read_events
 from emostream.vad import VadConfig
@@ -179,3 +180,21 @@ def test_server_applies_retention_at_start(tmp_path):
     assert sorted(p.name for p in ev.iterdir()) == ["fresh.jsonl"]
     with pytest.raises(ValueError, match="events directory"):
         ServerConfig(events_retention_days=3)
+
+
+def test_recordings_expire_with_their_own_retention(tmp_path):
+    now = time.time()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for name, age_days in (("old.wav", 10), ("live.wav", 10), ("new.wav", 1), ("old.jsonl", 10)):
+        (rec / name).write_bytes(b"x")
+        os.utime(rec / name, (now - age_days * 86400,) * 2)
+    assert expire_recordings(rec, 7, keep={rec / "live.wav"}, now=now) == [rec / "old.wav"]
+    assert sorted(p.name for p in rec.iterdir()) == ["live.wav", "new.wav", "old.jsonl"]
+    (rec / "older.wav").write_bytes(b"x")
+    os.utime(rec / "older.wav", (now - 40 * 86400,) * 2)
+    with ServerThread(ServerConfig(port=0, record_dir=rec, record_retention_days=30)):
+        pass
+    assert not (rec / "older.wav").exists() and (rec / "new.wav").exists()
+    with pytest.raises(ValueError, match="--record"):
+        ServerConfig(record_retention_days=3)
