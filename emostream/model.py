@@ -55,14 +55,18 @@ class EmotionNet(nn.Module):
             drop_rate=model_config.dropout,
         )
 
-    def forward(self, waveform: torch.Tensor, spec_augment=None) -> torch.Tensor:
-        """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch."""
+    def forward(self, waveform: torch.Tensor, spec_augment=None, return_embedding: bool = False):
+        """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch.
+        With ``return_embedding`` (training only), ``(logits, pooled backbone features)``."""
         spec = self.frontend(waveform)
         if spec_augment is not None:
             spec = spec_augment(spec)
         if spec.device.type == "cpu":
             spec = spec.contiguous(memory_format=torch.channels_last)
-        return self.backbone(spec).float()
+        if not return_embedding:
+            return self.backbone(spec).float()
+        embedding = self.backbone.forward_head(self.backbone.forward_features(spec), pre_logits=True)
+        return self.backbone.get_classifier()(embedding).float(), embedding.float()
 
 
 def select_device(requested: str | None = None) -> torch.device:

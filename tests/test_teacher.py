@@ -8,7 +8,7 @@ import torch
 
 from emostream.model import CLASSES
 from train.config import ConfigError, load_config
-from train.engine import crop_span, loss_fn, make_batch
+from train.engine import crop_span, embedding_loss, loss_fn, make_batch
 from train.teacher import (ENCODER_FRAME_SAMPLES, FoldTeacher, TeacherError, TeacherFeatures, check_teacher_dir,
                            clip_frames, frame_span)
 
@@ -54,6 +54,10 @@ def test_distill_config_keys_are_checked(tmp_path):
     bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    alpha: 1.5\n")
     with pytest.raises(ConfigError, match="alpha"):
         load_config(bad)
+    bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    embed_weight: -1\n")
+    with pytest.raises(ConfigError, match="embed_weight"):
+        load_config(bad)
+    assert load_config(CONFIGS / "distill_embed.yaml").distill.embed_weight > 0
 
 
 # --- frames and pooling --------------------------------------------------------------------------
@@ -153,6 +157,20 @@ def test_kd_loss_is_the_recipe_loss_at_alpha_zero_and_zero_when_matching_the_tea
     assert float(loss_fn(pure, logits, y, -logits)) > 0.1
 
 
+def test_embedding_regression_loss_and_the_models_pooled_features():
+    target = torch.randn(4, 512)
+    assert float(embedding_loss(target * 3.0, target)) == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert float(embedding_loss(-target, target)) == pytest.approx(2.0, abs=1e-5)
+    from emostream.model import EmotionNet, ModelConfig
+
+    torch.manual_seed(0)
+    model = EmotionNet(ModelConfig()).eval()
+    x = torch.randn(2, 16000)
+    with torch.no_grad():
+        logits, features = model(x, return_embedding=True)
+        assert torch.allclose(logits, model(x), atol=1e-5) and features.shape == (2, model.backbone.num_features)
+
+
 # --- tiny distillation run with the real teacher ---------------------------------------------------
 
 requires_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model.bin").exists(),
@@ -193,10 +211,20 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     teacher = fold_teacher(cfg, clips, feats, np.where(folds == 1)[0])
     batch = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
                        np.random.default_rng(0), teacher=teacher)
-    assert len(batch) == 3 and batch[2].shape == (2, 7) and torch.isfinite(batch[2]).all()
+    assert batch.teacher_logits.shape == (2, 7) and torch.isfinite(batch.teacher_logits).all()
+    assert batch.teacher_embedding is None  # embed_weight 0: no embedding target
     plain = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
                        np.random.default_rng(0))
-    assert plain[2] is None and torch.equal(plain[0], batch[0])  # the teacher draws no random numbers
+    assert plain.teacher_logits is None and torch.equal(plain.waves, batch.waves)  # the teacher draws no random numbers
+    # embedding regression: the target is the standardised pooled encoder output of the same crop
+    cfg = replace(cfg, distill=replace(cfg.distill, embed_weight=1.0))
+    emb = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
+                     np.random.default_rng(0), teacher=teacher)
+    assert torch.equal(emb.waves, batch.waves) and emb.teacher_embedding.shape == (2, feats.frames.shape[1])
+    i = int(np.where(folds == 1)[0][0])
+    whole = (feats.pool(i) - teacher.head.mean) / teacher.head.scale
+    one = teacher.embeddings(np.array([i]), np.array([0]), np.array([cache.offsets[i + 1] - cache.offsets[i]]))
+    assert np.allclose(one[0], whole, atol=1e-4)
     report = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False, teacher_features=feats)
     assert "teacher_summary" in report and 0 <= report["teacher_summary"]["overall"]["ua"]["mean"] <= 1
     assert "Distillation teacher" in (tmp_path / "cv" / "cv_report.md").read_text()

@@ -269,6 +269,6 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
     assert np.array_equal(turn[:n], cache.clip(short)) and not turn[n:n + 8000].any()
     assert np.array_equal(turn[n + 8000:], cache.clip(int(partners[int(short)][0])))
     labels = np.array([CLASSES.index(c.label) for c in clips])
-    x, y, _ = make_batch(cache, np.array([short]), labels, cfg, np.random.default_rng(1), partners=partners)
+    x, y, *_ = make_batch(cache, np.array([short]), labels, cfg, np.random.default_rng(1), partners=partners)
     assert x.shape == (1, 96000) and (x[0].abs() > 0).float().mean() > 0.5  # mostly speech, not padding
     assert y[0].argmax() == labels[short]

@@ -52,6 +52,8 @@ class Distill:
     temperature: float = 2.0          # softens teacher and student distributions in the KD term
     head_c: float = 0.5               # inverse L2 strength of the teacher's logistic-regression heads
     inner_folds: int = 4              # speaker-grouped splits giving out-of-speaker targets to training clips
+    embed_weight: float = 0.0         # + embed_weight * cosine distance between a projection of the student's
+                                      # pooled features and the teacher's standardised pooled embedding
 
 
 @dataclass(frozen=True)
@@ -482,6 +484,8 @@ def _extensions(body: dict, u: dict) -> None:
                 raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
             if d.temperature <= 0 or d.head_c <= 0:
                 raise ConfigError("emostream.distill.temperature and head_c must be positive")
+            if d.embed_weight < 0:
+                raise ConfigError(f"emostream.distill.embed_weight: {d.embed_weight} is negative")
             u["distill"] = d
         elif key == "group_by":
             u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})

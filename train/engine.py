@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,11 +111,21 @@ def turn_audio(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig
     return np.concatenate(pieces)
 
 
+class Batch(NamedTuple):
+    """One training batch: waveforms ``(B, WINDOW_SAMPLES)``, one-hot (or mixed) targets ``(B, 7)``,
+    and with a teacher its logits ``(B, 7)`` and, when asked for, its standardised pooled embedding."""
+
+    waves: torch.Tensor
+    targets: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    teacher_embedding: torch.Tensor | None = None
+
+
 def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
                rng: np.random.Generator, teacher=None,
-               partners: dict[int, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Waveforms ``(B, WINDOW_SAMPLES)``, one-hot (or mixed) targets ``(B, 7)`` and, with a
-    ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits for exactly the crops taken (else None).
+               partners: dict[int, np.ndarray] | None = None) -> Batch:
+    """Waveforms, targets and, with a ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits
+    (and with ``distill.embed_weight`` its embedding) for exactly the crops taken.
 
     With ``augment.concat_probability`` and ``partners`` (:func:`partner_clips`), some windows are
     turns of several clips (:func:`turn_audio`); their teacher target is that of the whole first clip."""
@@ -130,9 +141,12 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
     waves = np.stack([c[0] for c in crops])
     waves = add_floor_noise(waves, cfg, rng)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labels[idx]]
-    soft = None
+    soft = emb = None
     if teacher is not None:
-        soft = teacher.logits(idx, np.array([c[1] for c in crops]), np.array([c[2] for c in crops])).astype(np.float32)
+        starts, lengths = np.array([c[1] for c in crops]), np.array([c[2] for c in crops])
+        soft = teacher.logits(idx, starts, lengths).astype(np.float32)
+        if cfg.distill.embed_weight:
+            emb = teacher.embeddings(idx, starts, lengths)
     if cfg.mix_audio == "Mixup" and rng.random() < cfg.mix_probability:
         lam = np.float32(rng.beta(cfg.mix_concentration, cfg.mix_concentration))
         perm = rng.permutation(len(idx))
@@ -142,9 +156,12 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
             t = cfg.distill.temperature
             p = lam * softmax(soft / t) + (1 - lam) * softmax(soft[perm] / t)
             soft = (np.log(np.clip(p, 1e-8, 1)) * t).astype(np.float32)
+        if emb is not None:
+            emb = (lam * emb + (1 - lam) * emb[perm]).astype(np.float32)
     if cfg.label_smoothing:
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(CLASSES)
-    return torch.from_numpy(waves), torch.from_numpy(targets), None if soft is None else torch.from_numpy(soft)
+    tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    return Batch(torch.from_numpy(waves), torch.from_numpy(targets), tensor(soft), tensor(emb))
 
 
 class SpecAugment:
@@ -186,6 +203,11 @@ def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor,
     kd = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
                   reduction="batchmean", log_target=True) * t * t
     return (1 - a) * hard + a * kd
+
+
+def embedding_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between the projected student features and the teacher's embedding."""
+    return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean()
 
 
 def make_optimizer(cfg: TrainConfig, model: EmotionNet) -> torch.optim.Optimizer:
@@ -273,6 +295,12 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
+    # embedding regression: a linear map from the student's pooled features to the teacher's space,
+    # used in training only (not part of the checkpoint)
+    projector = None
+    if teacher is not None and cfg.distill.embed_weight:
+        projector = torch.nn.Linear(model.backbone.num_features, teacher.embedding_dim).to(dev)
+        opt.add_param_group({"params": list(projector.parameters()), "lr": cfg.learning_rate})
     labels = np.array([CLASSES.index(c.label) for c in clips])
     steps_per_epoch = len(train_idx) // cfg.batch_size if cfg.drop_last else math.ceil(len(train_idx) / cfg.batch_size)
     if steps_per_epoch == 0:
@@ -290,6 +318,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
+        if projector is not None:
+            projector.load_state_dict(state["projector"])
         opt.load_state_dict(state["optimizer"])
         history, start_epoch, opt_step = state["history"], state["epoch"], state["opt_step"]
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
@@ -315,12 +345,19 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if drop_last and len(idx) < cfg.batch_size:
                     break
-                x, y, soft = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners)
+                x, y, soft, emb = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners)
                 x, y = x.to(dev), y.to(dev)
                 soft = soft.to(dev) if soft is not None else None
                 with autocast_for(dev, cfg.mixed_precision_training):
-                    logits = model(x, spec_augment=spec_aug)
-                loss = loss_fn(cfg, logits.float(), y, soft) / cfg.grad_accumulation
+                    if projector is not None:
+                        logits, features = model(x, spec_augment=spec_aug, return_embedding=True)
+                        projected = projector(features)
+                    else:
+                        logits = model(x, spec_augment=spec_aug)
+                loss = loss_fn(cfg, logits.float(), y, soft)
+                if projector is not None:
+                    loss = loss + cfg.distill.embed_weight * embedding_loss(projected, emb.to(dev))
+                loss = loss / cfg.grad_accumulation
                 (scaler.scale(loss) if scaler else loss).backward()
                 losses.append(float(loss.detach()) * cfg.grad_accumulation)
                 if (step + 1) % cfg.grad_accumulation == 0:
@@ -330,7 +367,7 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                     if scaler:
                         scaler.unscale_(opt)
                     if cfg.gradient_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.gradient_clip)
+                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.gradient_clip)
                     (scaler.step(opt), scaler.update()) if scaler else opt.step()
                     opt.zero_grad(set_to_none=True)
                     opt_step += 1
@@ -350,7 +387,9 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 progress.update(task, info=" ".join(f"{k} {v:.3f}" for k, v in record.items() if k in ("train_loss", "ua", "roc_auc")))
             log.info("epoch %s", json.dumps(record))
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                        "epoch": epoch + 1, "opt_step": opt_step, "config": cfg.to_dict()}, state_path.with_suffix(".tmp"))
+                        "epoch": epoch + 1, "opt_step": opt_step, "config": cfg.to_dict(),
+                        "projector": projector.state_dict() if projector is not None else None},
+                       state_path.with_suffix(".tmp"))
             state_path.with_suffix(".tmp").replace(state_path)
             if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                 log.info("stopping after epoch %d as asked; resume with --resume", epoch + 1)

@@ -237,6 +237,16 @@ class FoldTeacher:
             out.append((self.inner_heads[j] if j >= 0 else self.head).logits(x))
         return np.stack(out)
 
+    def embeddings(self, clip_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The teacher's pooled encoder output for the same crops, standardised with the training
+        speakers' statistics (the target of the student's embedding regression), float32."""
+        x = np.stack([self.features.pool(int(i), int(s), int(n)) for i, s, n in zip(clip_ids, starts, lengths)])
+        return ((x - self.head.mean) / self.head.scale).astype(np.float32)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.head.mean.shape[0])
+
     def clip_logits(self, clip_ids: np.ndarray) -> np.ndarray:
         """Whole-clip logits of the all-training-speakers head (the reported teacher)."""
         return self.head.logits(np.stack([self.features.pool(int(i)) for i in clip_ids]))
