@@ -200,7 +200,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     feats = build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache")
     assert feats.frames.shape[1] == 512
     assert [feats.offsets[i + 1] - feats.offsets[i] for i in range(len(clips))] == \
-        [clip_frames(cache.offsets[i + 1] - cache.offsets[i]) for i in range(len(clips))]
+        [clip_frames(cache.clip_length(i)) for i in range(len(clips))]
     assert build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache").frames.shape == feats.frames.shape  # reused
     cfg = load_config(CONFIGS / "distill.yaml")
     cfg = replace(cfg, epochs=1, batch_size=2, folds=2, exclude_speakers=(),
@@ -223,7 +223,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert torch.equal(emb.waves, batch.waves) and emb.teacher_embedding.shape == (2, feats.frames.shape[1])
     i = int(np.where(folds == 1)[0][0])
     whole = (feats.pool(i) - teacher.head.mean) / teacher.head.scale
-    one = teacher.embeddings(np.array([i]), np.array([0]), np.array([cache.offsets[i + 1] - cache.offsets[i]]))
+    one = teacher.embeddings(np.array([i]), np.array([0]), np.array([cache.clip_length(i)]))
     assert np.allclose(one[0], whole, atol=1e-4)
     report = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False, teacher_features=feats)
     assert "teacher_summary" in report and 0 <= report["teacher_summary"]["overall"]["ua"]["mean"] <= 1

@@ -94,7 +94,7 @@ def _run(args) -> int:
             from .data import AudioCache
             from emostream.audio import float32_to_int16, telephone_channel
 
-            pieces = [float32_to_int16(telephone_channel(cache.clip(i))[: cache.offsets[i + 1] - cache.offsets[i]]) for i in range(len(cache))]
+            pieces = [float32_to_int16(telephone_channel(cache.clip(i))[: cache.clip_length(i)]) for i in range(len(cache))]
             cache = AudioCache(np.concatenate(pieces), cache.offsets)
         report = evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device)
         print((out / "evaluation.md").read_text())

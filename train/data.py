@@ -127,6 +127,10 @@ class AudioCache:
         """Float32 samples of clip ``i``."""
         return self.samples[self.offsets[i]:self.offsets[i + 1]].astype(np.float32) / 32768.0
 
+    def clip_length(self, i: int) -> int:
+        """Samples in clip ``i`` (without decoding it)."""
+        return int(self.offsets[i + 1] - self.offsets[i])
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

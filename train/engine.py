@@ -100,7 +100,8 @@ def turn_audio(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig
     """Clip ``i`` followed by random partners (same speaker, same emotion) with pauses between them,
     until the window is full: what a streaming window of one turn holds, unlike one padded clip."""
     sr = SAMPLE_RATE  # the cache holds 16 kHz audio
-    pieces, total = [cache.clip(i)], len(cache.clip(i))
+    first = cache.clip(i)
+    pieces, total = [first], len(first)
     for j in rng.permutation(partners)[:3]:
         if total >= WINDOW_SAMPLES:
             break
@@ -135,7 +136,7 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
         if p and partners is not None and len(partners.get(int(i), ())) and rng.random() < p:
             wave, _, _ = crop_span(augment_wave(turn_audio(cache, int(i), partners[int(i)], cfg, rng), cfg, rng),
                                    rng, cfg.augment.random_offset)
-            crops.append((wave, 0, len(cache.clip(i))))
+            crops.append((wave, 0, cache.clip_length(int(i))))
         else:
             crops.append(crop_span(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset))
     waves = np.stack([c[0] for c in crops])
