@@ -230,3 +230,22 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert "Distillation teacher" in (tmp_path / "cv" / "cv_report.md").read_text()
     meta = json.loads((tmp_path / "cv" / "fold0" / "checkpoint" / "model.json").read_text())
     assert meta["training"]["config"]["distill"]["alpha"] == 0.5
+    # with the embedding term, resuming (model, optimizer and the training-only projection) is exact
+    from train.engine import fit
+
+    cfg = replace(cfg, epochs=2)
+    train_idx = np.where(folds == 1)[0]
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "full", show_progress=False, teacher=teacher)
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "part", show_progress=False, teacher=teacher, stop_after=1)
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "part", show_progress=False, teacher=teacher, resume=True)
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "part"))
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert a["projector"] is not None and all(torch.equal(a["projector"][k], b["projector"][k]) for k in a["projector"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    from safetensors.torch import load_file
+
+    from emostream.model import EmotionNet
+
+    shipped = set(load_file(tmp_path / "cv" / "fold0" / "checkpoint" / "model.safetensors"))
+    backbone = {k for k in EmotionNet().state_dict() if k.startswith("backbone.")}  # the front end has no weights
+    assert shipped == backbone  # the checkpoint is the ResNet50 alone, no projection
