@@ -4,6 +4,7 @@ Everything downstream works on float32 samples in [-1, 1] at ``SAMPLE_RATE``.
 """
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -26,19 +27,31 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
     Returns ``(samples, sample_rate)`` with samples float32 shaped ``(channels, frames)``.
     """
-    import soundfile as sf
-
     path = Path(path)
     if not path.exists():
         raise AudioError(f"no such file: {path}")
     if path.is_dir():
         raise AudioError(f"is a directory, not an audio file: {path}")
+    return _decode(str(path), str(path))
+
+
+def read_audio_bytes(data: bytes | bytearray | memoryview, name: str) -> tuple[np.ndarray, int]:
+    """:func:`read_audio` for a file's contents already in memory; ``name`` goes into the errors."""
+    if len(data) == 0:
+        raise AudioError(f"audio file is empty: {name}")
+    return _decode(io.BytesIO(bytes(data)), name)
+
+
+def _decode(source, name: str) -> tuple[np.ndarray, int]:
+    """libsndfile decode of a path or file object: ``(channels, frames)`` float32 and the rate."""
+    import soundfile as sf
+
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types; all mean unreadable
-        raise AudioError(f"cannot read audio from {path}: {decoder_message(exc)}") from None
+        raise AudioError(f"cannot read audio from {name}: {decoder_message(exc)}") from None
     if data.shape[0] == 0:
-        raise AudioError(f"audio file is empty: {path}")
+        raise AudioError(f"audio file is empty: {name}")
     return np.ascontiguousarray(data.T), int(rate)
 
 

@@ -22,7 +22,6 @@ stops the batch.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import numpy as np
 
 from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
-from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, decoder_message, read_audio, resample
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, read_audio, read_audio_bytes, resample
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
 from .stream import StreamConfig, StreamWindower, Window
 from .timeline import CLASSES, JsonlWriter
@@ -169,20 +168,10 @@ def decode_audio(source: str | bytes, name: str) -> np.ndarray:
     """Float32 ``(channels, frames)`` at 16 kHz from a path or a file's bytes; :class:`AudioError`
     (one line) when it cannot be read, is empty or is silent (as ``replay`` refuses them)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        import soundfile as sf
-
-        if len(source) == 0:
-            raise AudioError(f"audio file is empty: {name}")
-        try:
-            data, rate = sf.read(io.BytesIO(bytes(source)), dtype="float32", always_2d=True)
-        except Exception as exc:
-            raise AudioError(f"cannot read audio from {name}: {decoder_message(exc)}") from None
-        if data.shape[0] == 0:
-            raise AudioError(f"audio file is empty: {name}")
-        audio = resample(np.ascontiguousarray(data.T), int(rate), SAMPLE_RATE)
+        samples, rate = read_audio_bytes(source, name)
     else:
         samples, rate = read_audio(source)
-        audio = resample(samples, rate, SAMPLE_RATE)
+    audio = resample(samples, rate, SAMPLE_RATE)
     if audio.shape[1] == 0 or not np.any(audio):
         raise AudioError(f"audio is empty or silent: {name}")
     return audio
