@@ -231,6 +231,25 @@ def test_cv_report_and_cli(tiny, tmp_path):
     assert again["pooled"]["overall"]["ua"] == report["pooled"]["overall"]["ua"]
 
 
+def test_cv_split_across_runs_reports_like_one_run(tiny, tmp_path):
+    """Folds trained in separate runs into one directory (``fit --fold K``) give, reported together
+    (``cv --folds 0,1 --resume``), the report of one uninterrupted CV; a fold the config lacks is a
+    clear error."""
+    from train.config import ConfigError
+    root, clips, cache, cfg = tiny
+    cfg = replace(cfg, epochs=1, folds=2)
+    folds = make_folds(clips, 2, "speaker", 0)
+    full = cross_validate(cfg, clips, cache, folds, tmp_path / "full", show_progress=False)
+    second = cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[1], show_progress=False)
+    assert len(second["folds"]) == 1 and second["pooled"]["overall"]["n"] == int((folds == 1).sum())
+    cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[0], resume=True, show_progress=False)
+    both = cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[1, 0], resume=True,
+                          show_progress=False)
+    assert both["pooled"] == full["pooled"] and both["temperatures"] == full["temperatures"]
+    with pytest.raises(ConfigError, match="fold 2: this config has folds 0-1"):
+        cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[0, 2], show_progress=False)
+
+
 def test_train_cli_errors(tmp_path, capsys):
     from train.__main__ import main
     assert main(["fit", "--config", str(tmp_path / "none.yaml")]) == 2

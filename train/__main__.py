@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--cv-report", help="cv_report.json whose metrics and temperature go into the checkpoint")
     cv = sub.add_parser("cv", help="all folds, then an aggregate report")
     common(cv)
+    cv.add_argument("--folds", type=_fold_list, metavar="K,K,...",
+                    help="only these folds (trained, or reused with --resume), and the report over them")
     te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
                                          "the teacher alone on the student's folds")
     common(te)
@@ -142,7 +144,8 @@ def _run(args) -> int:
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                                device=args.device, show_progress=not args.no_progress, teacher_features=features)
+                                only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
+                                teacher_features=features)
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -169,10 +172,18 @@ def _run(args) -> int:
         return 0
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                            only_fold=args.fold, device=args.device, show_progress=not args.no_progress,
+                            only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
                             teacher_features=features)
     print((out / "cv_report.md").read_text())
     return 0
+
+
+def _fold_list(text: str) -> list[int]:
+    """``--folds 1,3`` as a list of fold numbers."""
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fold numbers separated by commas, got {text!r}") from None
 
 
 def _set_temperature(checkpoint: Path, temperature: float) -> None:

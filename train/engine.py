@@ -19,7 +19,7 @@ from emostream.features import FeatureConfig
 from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone,
                              save_checkpoint, select_device)
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import AudioCache, Clip
 from .metrics import (classification_metrics, fit_temperature, grouped_metrics, markdown_table,
                       plot_confusion, plot_curves, softmax, write_json)
@@ -486,9 +486,12 @@ def _teacher_metrics(teacher, val_idx: np.ndarray, labels: np.ndarray, corpora: 
 
 
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
-                   resume: bool = False, pretrained_path: str | None = None, only_fold: int | None = None,
+                   resume: bool = False, pretrained_path: str | None = None, only_folds: list[int] | None = None,
                    device: str | None = None, show_progress: bool = True, teacher_features=None) -> dict:
     """Train every fold (skipping finished ones on resume), then write the aggregate report.
+
+    ``only_folds`` restricts both to those folds (``fit --fold K``, ``cv --folds 1,3``): a long CV
+    can be split across sessions or machines into one ``out_dir``, then reported over all its folds.
 
     With ``teacher_features`` (distillation), each fold's teacher is fitted on that fold's training
     speakers only, and its own validation figures go into the report beside the student's.
@@ -499,7 +502,10 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     oof = np.zeros((len(clips), len(CLASSES)))
     oof_tel = np.zeros_like(oof)
     raw_logits = np.zeros_like(oof)
-    run_folds = [only_fold] if only_fold is not None else list(range(cfg.folds))
+    run_folds = sorted(set(only_folds)) if only_folds is not None else list(range(cfg.folds))
+    bad = [k for k in run_folds if not 0 <= k < cfg.folds]
+    if bad or not run_folds:
+        raise ConfigError(f"fold {', '.join(map(str, bad)) or '(none)'}: this config has folds 0-{cfg.folds - 1}")
     fold_data, train_seconds, teacher_folds = [], 0.0, []
     for k in run_folds:
         fold_dir = out_dir / f"fold{k}"
