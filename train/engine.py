@@ -490,8 +490,9 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
                    device: str | None = None, show_progress: bool = True, teacher_features=None) -> dict:
     """Train every fold (skipping finished ones on resume), then write the aggregate report.
 
-    ``only_folds`` restricts both to those folds (``fit --fold K``, ``cv --folds 1,3``): a long CV
-    can be split across sessions or machines into one ``out_dir``, then reported over all its folds.
+    ``only_folds`` restricts training and report to those folds (``fit --fold K``, ``cv --folds 1,3``):
+    a long CV can be split across sessions or machines into one ``out_dir``, then reported over the
+    folds finished there (``--resume`` reuses them).
 
     With ``teacher_features`` (distillation), each fold's teacher is fitted on that fold's training
     speakers only, and its own validation figures go into the report beside the student's.
