@@ -55,18 +55,27 @@ class EmotionNet(nn.Module):
             drop_rate=model_config.dropout,
         )
 
-    def forward(self, waveform: torch.Tensor, spec_augment=None, return_embedding: bool = False):
+    def forward(self, waveform: torch.Tensor, spec_augment=None, return_embedding: bool = False,
+                return_feature_map: bool = False):
         """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch.
-        With ``return_embedding`` (training only), ``(logits, pooled backbone features)``."""
+        Training only: with ``return_embedding`` also the pooled backbone features ``(B, C)``, with
+        ``return_feature_map`` also the last feature map ``(B, C, F, T)``, after the logits in that
+        order."""
         spec = self.frontend(waveform)
         if spec_augment is not None:
             spec = spec_augment(spec)
         if spec.device.type == "cpu":
             spec = spec.contiguous(memory_format=torch.channels_last)
-        if not return_embedding:
+        if not (return_embedding or return_feature_map):
             return self.backbone(spec).float()
-        embedding = self.backbone.forward_head(self.backbone.forward_features(spec), pre_logits=True)
-        return self.backbone.get_classifier()(embedding).float(), embedding.float()
+        feature_map = self.backbone.forward_features(spec)
+        embedding = self.backbone.forward_head(feature_map, pre_logits=True)
+        out = (self.backbone.get_classifier()(embedding).float(),)
+        if return_embedding:
+            out += (embedding.float(),)
+        if return_feature_map:
+            out += (feature_map,)
+        return out
 
 
 def select_device(requested: str | None = None) -> torch.device:

@@ -8,8 +8,9 @@ import torch
 
 from emostream.model import CLASSES
 from train.config import ConfigError, load_config
-from train.engine import crop_span, embedding_loss, loss_fn, make_batch
-from train.teacher import (ENCODER_FRAME_SAMPLES, FoldTeacher, TeacherError, TeacherFeatures, check_teacher_dir,
+from train.engine import (FrameProjector, crop_layout, crop_span, embedding_loss, frame_embedding_loss, loss_fn,
+                          make_batch, time_cells, window_segments)
+from train.teacher import (CELL_MIN_AUDIO, ENCODER_FRAME_SAMPLES, FoldTeacher, TeacherError, TeacherFeatures, check_teacher_dir,
                            clip_frames, frame_span)
 
 from .conftest import ROOT
@@ -57,6 +58,9 @@ def test_distill_config_keys_are_checked(tmp_path):
     bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    embed_weight: -1\n")
     with pytest.raises(ConfigError, match="embed_weight"):
         load_config(bad)
+    bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    frame_weight: -0.5\n")
+    with pytest.raises(ConfigError, match="frame_weight"):
+        load_config(bad)
     assert load_config(CONFIGS / "distill_embed.yaml").distill.embed_weight > 0
 
 
@@ -87,6 +91,72 @@ def test_crop_span_reports_what_the_window_holds():
     short = np.ones(16_000, dtype=np.float32)
     window, start, length = crop_span(short, rng, random_offset=True)
     assert (start, length) == (0, 16_000) and window.sum() == 16_000
+
+
+def test_window_segments_say_where_each_clip_sits_in_the_window():
+    rng = np.random.default_rng(3)
+    short = np.arange(1, 16_001, dtype=np.float32)
+    window, start, length, offset = crop_layout(short, rng, random_offset=True)
+    assert np.array_equal(window[offset:offset + length], short) and not window[:offset].any()
+    # a turn: clip 5 (30 000 samples) at 0, clip 7 (70 000) at 40 000; window from sample 20 000
+    segs = window_segments([(5, 0, 30_000), (7, 40_000, 70_000)], 20_000, 0)
+    assert segs == [(5, 20_000, 0, 10_000), (7, 0, 20_000, 70_000)]
+    # a turn shorter than the window is placed whole at the offset
+    assert window_segments([(5, 0, 30_000), (7, 40_000, 20_000)], 0, 1_000) == [(5, 0, 1_000, 30_000), (7, 0, 41_000, 20_000)]
+
+
+def test_cell_targets_pool_exactly_the_frames_inside_each_cell():
+    """Frame value = its index: a cell's target is the mean index of the frames its audio covers,
+    standardised with the head's statistics; cells mostly made of padding are masked out."""
+    from emostream.audio import WINDOW_SAMPLES
+
+    f = ENCODER_FRAME_SAMPLES
+    n_frames = [400, 100]  # clip 0: 8 s, clip 1: 2 s
+    frames = np.concatenate([np.arange(n, dtype=np.float16) for n in n_frames])[:, None].repeat(2, axis=1)
+    feats = TeacherFeatures(frames.astype(np.float16), np.array([0, 400, 500]))
+    teacher = FoldTeacher.__new__(FoldTeacher)
+    teacher.features = feats
+    teacher.head = type("H", (), {"mean": np.zeros(2), "scale": np.ones(2)})()
+    cells = 6
+    cell = WINDOW_SAMPLES // cells            # 16 000 samples = 50 frames
+    # window 0: clip 0 from its sample 10 f; window 1: clip 1 (2 s) at window sample 3.5 s
+    segs = [[(0, 10 * f, 0, WINDOW_SAMPLES)], [(1, 0, 56_000, 100 * f)]]
+    out, mask = teacher.cell_embeddings(segs, cells)
+    assert out.shape == (2, cells, 2) and mask[0].all()
+    for c in range(cells):
+        assert out[0, c, 0] == pytest.approx(10 + 50 * c + 24.5)   # frames 10+50c .. 10+50c+49
+    # clip 1 fills window samples 56 000-88 000: cells 3 (half: 56 000-64 000) and 4 (whole), 5 (half)
+    assert mask[1].tolist() == [False, False, False, True, True, True]
+    assert CELL_MIN_AUDIO == 0.5 and not out[1, :3].any()
+    assert out[1, 3, 0] == pytest.approx(np.arange(0, 25).mean())          # its first 0.5 s
+    assert out[1, 4, 0] == pytest.approx(np.arange(25, 75).mean())
+    # the standardisation of the pooled embedding applies to every cell
+    teacher.head = type("H", (), {"mean": np.full(2, 10.0), "scale": np.full(2, 2.0)})()
+    again, _ = teacher.cell_embeddings(segs, cells)
+    assert again[0, 0, 0] == pytest.approx((34.5 - 10) / 2)
+
+
+def test_frame_loss_ignores_masked_cells_and_the_projector_keeps_the_cells():
+    target = torch.randn(2, 6, 8)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    noisy = target.clone()
+    noisy[1, 2:] = -target[1, 2:]                              # wrong only where masked
+    assert float(frame_embedding_loss(noisy * 2.0, target, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(frame_embedding_loss(-target, target, mask)) == pytest.approx(2.0, abs=1e-5)
+    assert float(frame_embedding_loss(target, target, torch.zeros(2, 6, dtype=torch.bool))) == 0.0
+    from emostream.model import EmotionNet, ModelConfig
+
+    torch.manual_seed(0)
+    model = EmotionNet(ModelConfig()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert time_cells(model, torch.device("cpu")) == 6 and model.training   # 6 s window: ~1 s cells
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no statistics moved
+    model.eval()
+    with torch.no_grad():
+        logits, pooled, fmap = model(torch.randn(2, 96_000), return_embedding=True, return_feature_map=True)
+    assert fmap.shape == (2, model.backbone.num_features, 4, 6)
+    assert torch.allclose(pooled, fmap.float().mean(dim=(2, 3)), atol=1e-4)
+    assert FrameProjector(model.backbone.num_features, 512)(fmap).shape == (2, 6, 512)
 
 
 # --- honest heads --------------------------------------------------------------------------------
@@ -171,6 +241,12 @@ def test_embedding_regression_loss_and_the_models_pooled_features():
         assert torch.allclose(logits, model(x), atol=1e-5) and features.shape == (2, model.backbone.num_features)
 
 
+def load_file_keys(checkpoint):
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors").keys()
+
+
 # --- tiny distillation run with the real teacher ---------------------------------------------------
 
 requires_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model.bin").exists(),
@@ -242,6 +318,25 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert a["projector"] is not None and all(torch.equal(a["projector"][k], b["projector"][k]) for k in a["projector"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # frame regression: the batch carries per-cell teacher targets for the crops taken, drawing no
+    # random numbers, and resuming restores the training-only 1x1 projection exactly
+    cfg = replace(cfg, distill=replace(cfg.distill, frame_weight=1.0))
+    fb = make_batch(cache, train_idx[:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
+                    np.random.default_rng(0), teacher=teacher, frame_cells=6)
+    eb = make_batch(cache, train_idx[:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
+                    np.random.default_rng(0), teacher=teacher)
+    assert torch.equal(fb.waves, eb.waves) and eb.teacher_frames is None
+    assert fb.teacher_frames.shape == (2, 6, feats.frames.shape[1]) and fb.teacher_frame_mask.any()
+    assert torch.isfinite(fb.teacher_frames).all() and not fb.teacher_frames[~fb.teacher_frame_mask].any()
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "ffull", show_progress=False, teacher=teacher)
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "fpart", show_progress=False, teacher=teacher, stop_after=1)
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "fpart", show_progress=False, teacher=teacher, resume=True)
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("ffull", "fpart"))
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    fp = a["frame_projector"]
+    assert fp is not None and all(torch.equal(fp[k], b["frame_projector"][k]) for k in fp)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert set(load_file_keys(tmp_path / "ffull" / "checkpoint")) == set(load_file_keys(tmp_path / "full" / "checkpoint"))
     from safetensors.torch import load_file
 
     from emostream.model import EmotionNet

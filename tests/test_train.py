@@ -291,3 +291,17 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
     x, y, *_ = make_batch(cache, np.array([short]), labels, cfg, np.random.default_rng(1), partners=partners)
     assert x.shape == (1, 96000) and (x[0].abs() > 0).float().mean() > 0.5  # mostly speech, not padding
     assert y[0].argmax() == labels[short]
+    # the layout of a turn says which clip audio sits where in its window (the frame targets' map)
+    from train.engine import crop_layout, turn_pieces, window_segments
+    turn, layout = turn_pieces(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0))
+    assert np.array_equal(turn, turn_audio(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0)))
+    for seed in range(5):
+        window, start, _, offset = crop_layout(turn, np.random.default_rng(seed), random_offset=True)
+        segs = window_segments(layout, start, offset)
+        assert segs and segs[0][0] == int(short) or start > 0
+        for clip, clip_start, at, n in segs:
+            assert np.array_equal(window[at:at + n], cache.clip(clip)[clip_start:clip_start + n])
+        covered = np.zeros(len(window), bool)
+        for _, _, at, n in segs:
+            covered[at:at + n] = True
+        assert not window[~covered].any()  # everything else in the window is the pauses

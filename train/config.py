@@ -54,6 +54,8 @@ class Distill:
     inner_folds: int = 4              # speaker-grouped splits giving out-of-speaker targets to training clips
     embed_weight: float = 0.0         # + embed_weight * cosine distance between a projection of the student's
                                       # pooled features and the teacher's standardised pooled embedding
+    frame_weight: float = 0.0         # + frame_weight * cosine distance, per ~1 s time cell of the student's last
+                                      # feature map (1x1 projection), to the teacher's frames pooled over that cell
 
 
 @dataclass(frozen=True)
@@ -484,8 +486,9 @@ def _extensions(body: dict, u: dict) -> None:
                 raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
             if d.temperature <= 0 or d.head_c <= 0:
                 raise ConfigError("emostream.distill.temperature and head_c must be positive")
-            if d.embed_weight < 0:
-                raise ConfigError(f"emostream.distill.embed_weight: {d.embed_weight} is negative")
+            for name in ("embed_weight", "frame_weight"):
+                if getattr(d, name) < 0:
+                    raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")
             u["distill"] = d
         elif key == "group_by":
             u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})

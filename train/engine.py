@@ -41,18 +41,24 @@ def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> Emotion
 
 # --- batches ---------------------------------------------------------------------------------------
 
-def crop_span(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> tuple[np.ndarray, int, int]:
+def crop_layout(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> tuple[np.ndarray, int, int, int]:
     """A random 6 s crop of a long clip, or a short clip zero-padded to 6 s (at a random offset
     when ``random_offset``, else at the end as the recipe pads), with the span of the clip it holds
-    (``start``, ``length`` in samples: what a teacher pools over)."""
+    (``start``, ``length`` in samples: what a teacher pools over) and where in the window that span
+    begins (``offset``)."""
     out = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
     if len(x) >= WINDOW_SAMPLES:
         start = int(rng.integers(0, len(x) - WINDOW_SAMPLES + 1))
         out[:] = x[start:start + WINDOW_SAMPLES]
-        return out, start, WINDOW_SAMPLES
+        return out, start, WINDOW_SAMPLES, 0
     offset = int(rng.integers(0, WINDOW_SAMPLES - len(x) + 1)) if random_offset else 0
     out[offset:offset + len(x)] = x
-    return out, 0, len(x)
+    return out, 0, len(x), offset
+
+
+def crop_span(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> tuple[np.ndarray, int, int]:
+    """:func:`crop_layout` without the offset: the window and the clip span it holds."""
+    return crop_layout(x, rng, random_offset)[:3]
 
 
 def crop_or_pad(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> np.ndarray:
@@ -99,55 +105,88 @@ def partner_clips(clips: list[Clip], train_idx: np.ndarray) -> dict[int, np.ndar
 def turn_audio(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     """Clip ``i`` followed by random partners (same speaker, same emotion) with pauses between them,
     until the window is full: what a streaming window of one turn holds, unlike one padded clip."""
+    return turn_pieces(cache, i, partners, cfg, rng)[0]
+
+
+def turn_pieces(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig,
+                rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """:func:`turn_audio` and its layout: ``(clip, position in the turn, length)`` per clip."""
     sr = SAMPLE_RATE  # the cache holds 16 kHz audio
     first = cache.clip(i)
-    pieces, total = [first], len(first)
+    pieces, total, layout = [first], len(first), [(int(i), 0, len(first))]
     for j in rng.permutation(partners)[:3]:
         if total >= WINDOW_SAMPLES:
             break
         gap = np.zeros(int(rng.uniform(*cfg.augment.concat_gap_seconds) * sr), np.float32)
         clip = cache.clip(int(j))
         pieces += [gap, clip]
+        layout.append((int(j), total + len(gap), len(clip)))
         total += len(gap) + len(clip)
-    return np.concatenate(pieces)
+    return np.concatenate(pieces), layout
+
+
+Segment = tuple[int, int, int, int]  # (clip, first sample of the clip, first sample in the window, length)
+
+
+def window_segments(layout: list[tuple[int, int, int]], start: int, offset: int) -> list[Segment]:
+    """Which clip audio a window holds: the parts of a turn's ``layout`` (see :func:`turn_pieces`)
+    inside the window that begins at sample ``start`` of the turn, or, for a turn shorter than the
+    window, that places the whole turn at ``offset``."""
+    out = []
+    for clip, pos, length in layout:
+        a, b = max(pos, start), min(pos + length, start + WINDOW_SAMPLES)
+        if b > a:
+            out.append((clip, a - pos, a - start + offset, b - a))
+    return out
 
 
 class Batch(NamedTuple):
     """One training batch: waveforms ``(B, WINDOW_SAMPLES)``, one-hot (or mixed) targets ``(B, 7)``,
-    and with a teacher its logits ``(B, 7)`` and, when asked for, its standardised pooled embedding."""
+    and with a teacher its logits ``(B, 7)`` and, when asked for, its standardised pooled embedding
+    ``(B, D)`` and its encoder frames pooled per time cell of the student ``(B, cells, D)`` with the
+    mask of the cells that hold enough clip audio ``(B, cells)``."""
 
     waves: torch.Tensor
     targets: torch.Tensor
     teacher_logits: torch.Tensor | None = None
     teacher_embedding: torch.Tensor | None = None
+    teacher_frames: torch.Tensor | None = None
+    teacher_frame_mask: torch.Tensor | None = None
 
 
 def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
                rng: np.random.Generator, teacher=None,
-               partners: dict[int, np.ndarray] | None = None) -> Batch:
+               partners: dict[int, np.ndarray] | None = None, frame_cells: int = 0) -> Batch:
     """Waveforms, targets and, with a ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits
-    (and with ``distill.embed_weight`` its embedding) for exactly the crops taken.
+    (and with ``distill.embed_weight`` its embedding) for exactly the crops taken; with
+    ``distill.frame_weight`` and ``frame_cells`` (the student's time cells per window), the
+    teacher's frames pooled per cell, over every clip the window holds.
 
     With ``augment.concat_probability`` and ``partners`` (:func:`partner_clips`), some windows are
     turns of several clips (:func:`turn_audio`); their teacher target is that of the whole first clip."""
-    crops = []
+    crops, segments = [], []
     for i in idx:
         p = cfg.augment.concat_probability
         if p and partners is not None and len(partners.get(int(i), ())) and rng.random() < p:
-            wave, _, _ = crop_span(augment_wave(turn_audio(cache, int(i), partners[int(i)], cfg, rng), cfg, rng),
-                                   rng, cfg.augment.random_offset)
+            turn, layout = turn_pieces(cache, int(i), partners[int(i)], cfg, rng)
+            wave, start, _, offset = crop_layout(augment_wave(turn, cfg, rng), rng, cfg.augment.random_offset)
             crops.append((wave, 0, cache.clip_length(int(i))))
+            segments.append(window_segments(layout, start, offset))
         else:
-            crops.append(crop_span(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset))
+            wave, start, length, offset = crop_layout(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset)
+            crops.append((wave, start, length))
+            segments.append([(int(i), start, offset, length)])
     waves = np.stack([c[0] for c in crops])
     waves = add_floor_noise(waves, cfg, rng)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labels[idx]]
-    soft = emb = None
+    soft = emb = frames = frame_mask = None
     if teacher is not None:
         starts, lengths = np.array([c[1] for c in crops]), np.array([c[2] for c in crops])
         soft = teacher.logits(idx, starts, lengths).astype(np.float32)
         if cfg.distill.embed_weight:
             emb = teacher.embeddings(idx, starts, lengths)
+        if cfg.distill.frame_weight and frame_cells:
+            frames, frame_mask = teacher.cell_embeddings(segments, frame_cells)
     if cfg.mix_audio == "Mixup" and rng.random() < cfg.mix_probability:
         lam = np.float32(rng.beta(cfg.mix_concentration, cfg.mix_concentration))
         perm = rng.permutation(len(idx))
@@ -159,10 +198,14 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
             soft = (np.log(np.clip(p, 1e-8, 1)) * t).astype(np.float32)
         if emb is not None:
             emb = (lam * emb + (1 - lam) * emb[perm]).astype(np.float32)
+        if frames is not None:  # a cell empty in one window contributes nothing (zeros) from it
+            frames = (lam * frames + (1 - lam) * frames[perm]).astype(np.float32)
+            frame_mask = frame_mask | frame_mask[perm]
     if cfg.label_smoothing:
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(CLASSES)
     tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-    return Batch(torch.from_numpy(waves), torch.from_numpy(targets), tensor(soft), tensor(emb))
+    return Batch(torch.from_numpy(waves), torch.from_numpy(targets), tensor(soft), tensor(emb),
+                 tensor(frames), tensor(frame_mask))
 
 
 class SpecAugment:
@@ -209,6 +252,36 @@ def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor,
 def embedding_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance between the projected student features and the teacher's embedding."""
     return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean()
+
+
+def frame_embedding_loss(projected: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance over the masked time cells: ``projected`` and ``target`` are
+    ``(B, cells, D)``, ``mask`` ``(B, cells)``; zero when no cell holds audio."""
+    dist = 1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)
+    m = mask.float()
+    return (dist * m).sum() / m.sum().clamp(min=1.0)
+
+
+class FrameProjector(torch.nn.Module):
+    """Training only: the student's last feature map ``(B, C, F, T)``, averaged over frequency,
+    through a 1x1 projection to the teacher's width, as ``(B, T, D)``."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Conv1d(channels, dim, kernel_size=1)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.proj(feature_map.float().mean(dim=2)).transpose(1, 2)
+
+
+def time_cells(model: EmotionNet, device: torch.device) -> int:
+    """Time cells of the model's last feature map for one window (eval mode: no statistics move)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        _, fmap = model(torch.zeros(1, WINDOW_SAMPLES, device=device), return_feature_map=True)
+    model.train(was_training)
+    return int(fmap.shape[-1])
 
 
 def make_optimizer(cfg: TrainConfig, model: EmotionNet) -> torch.optim.Optimizer:
@@ -302,6 +375,13 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     if teacher is not None and cfg.distill.embed_weight:
         projector = torch.nn.Linear(model.backbone.num_features, teacher.embedding_dim).to(dev)
         opt.add_param_group({"params": list(projector.parameters()), "lr": cfg.learning_rate})
+    # frame regression: a 1x1 map from each time cell of the student's feature map to the teacher's
+    # frames pooled over that cell (training only, like the projection above)
+    frame_projector, frame_cells = None, 0
+    if teacher is not None and cfg.distill.frame_weight:
+        frame_cells = time_cells(model, dev)
+        frame_projector = FrameProjector(model.backbone.num_features, teacher.embedding_dim).to(dev)
+        opt.add_param_group({"params": list(frame_projector.parameters()), "lr": cfg.learning_rate})
     labels = np.array([CLASSES.index(c.label) for c in clips])
     steps_per_epoch = len(train_idx) // cfg.batch_size if cfg.drop_last else math.ceil(len(train_idx) / cfg.batch_size)
     if steps_per_epoch == 0:
@@ -321,6 +401,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         model.load_state_dict(state["model"])
         if projector is not None:
             projector.load_state_dict(state["projector"])
+        if frame_projector is not None:
+            frame_projector.load_state_dict(state["frame_projector"])
         opt.load_state_dict(state["optimizer"])
         history, start_epoch, opt_step = state["history"], state["epoch"], state["opt_step"]
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
@@ -346,18 +428,24 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if drop_last and len(idx) < cfg.batch_size:
                     break
-                x, y, soft, emb = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners)
-                x, y = x.to(dev), y.to(dev)
-                soft = soft.to(dev) if soft is not None else None
+                batch = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
+                                   frame_cells=frame_cells)
+                x, y = batch.waves.to(dev), batch.targets.to(dev)
+                soft = batch.teacher_logits.to(dev) if batch.teacher_logits is not None else None
                 with autocast_for(dev, cfg.mixed_precision_training):
-                    if projector is not None:
-                        logits, features = model(x, spec_augment=spec_aug, return_embedding=True)
-                        projected = projector(features)
+                    if projector is not None or frame_projector is not None:
+                        logits, features, fmap = model(x, spec_augment=spec_aug, return_embedding=True,
+                                                       return_feature_map=True)
                     else:
                         logits = model(x, spec_augment=spec_aug)
+                    projected = projector(features) if projector is not None else None
+                    frames_projected = frame_projector(fmap) if frame_projector is not None else None
                 loss = loss_fn(cfg, logits.float(), y, soft)
                 if projector is not None:
-                    loss = loss + cfg.distill.embed_weight * embedding_loss(projected, emb.to(dev))
+                    loss = loss + cfg.distill.embed_weight * embedding_loss(projected, batch.teacher_embedding.to(dev))
+                if frame_projector is not None:
+                    loss = loss + cfg.distill.frame_weight * frame_embedding_loss(
+                        frames_projected, batch.teacher_frames.to(dev), batch.teacher_frame_mask.to(dev))
                 loss = loss / cfg.grad_accumulation
                 (scaler.scale(loss) if scaler else loss).backward()
                 losses.append(float(loss.detach()) * cfg.grad_accumulation)
@@ -389,7 +477,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             log.info("epoch %s", json.dumps(record))
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
                         "epoch": epoch + 1, "opt_step": opt_step, "config": cfg.to_dict(),
-                        "projector": projector.state_dict() if projector is not None else None},
+                        "projector": projector.state_dict() if projector is not None else None,
+                        "frame_projector": frame_projector.state_dict() if frame_projector is not None else None},
                        state_path.with_suffix(".tmp"))
             state_path.with_suffix(".tmp").replace(state_path)
             if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:

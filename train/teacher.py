@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emostream.audio import SAMPLE_RATE
+from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES
 
 from .data import AudioCache
 
@@ -34,6 +34,7 @@ CONTEXT_SAMPLES = CONTEXT_SECONDS * SAMPLE_RATE
 CONTEXT_FRAMES = CONTEXT_SAMPLES // ENCODER_FRAME_SAMPLES  # 500 encoder frames
 REQUIRED_FILES = ("model.bin", "config.json")
 SHARD_CLIPS = 64
+CELL_MIN_AUDIO = 0.5    # a student time cell gets a frame target when clip audio fills at least half of it
 
 
 class TeacherError(ValueError):
@@ -242,6 +243,37 @@ class FoldTeacher:
         speakers' statistics (the target of the student's embedding regression), float32."""
         x = np.stack([self.features.pool(int(i), int(s), int(n)) for i, s, n in zip(clip_ids, starts, lengths)])
         return ((x - self.head.mean) / self.head.scale).astype(np.float32)
+
+    def cell_embeddings(self, segments: list[list[tuple[int, int, int, int]]],
+                        n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's frames pooled per time cell of each window, standardised like
+        :meth:`embeddings`: ``(windows, n_cells, D)`` float32 and a ``(windows, n_cells)`` mask.
+
+        ``segments`` lists, per window, the clip audio it holds as ``(clip, first sample of the
+        clip, first sample in the window, length)``; the window is cut into ``n_cells`` equal cells.
+        A cell is pooled over every frame of every clip part inside it, and masked out (zeros) when
+        less than ``CELL_MIN_AUDIO`` of it holds clip audio (padding, pauses between clips).
+        """
+        out = np.zeros((len(segments), n_cells, self.embedding_dim), np.float32)
+        mask = np.zeros((len(segments), n_cells), bool)
+        cell = WINDOW_SAMPLES / n_cells
+        for b, segs in enumerate(segments):
+            for c in range(n_cells):
+                lo, hi = c * cell, (c + 1) * cell
+                parts, covered = [], 0.0
+                for clip, clip_start, at, length in segs:
+                    a, e = max(lo, at), min(hi, at + length)
+                    if e <= a:
+                        continue
+                    frames = self.features.clip(int(clip))
+                    f0, f1 = frame_span(int(clip_start + a - at), max(1, int(e - a)), len(frames))
+                    parts.append(frames[f0:f1])
+                    covered += e - a
+                if covered >= CELL_MIN_AUDIO * cell:
+                    pooled = np.concatenate(parts).astype(np.float32).mean(axis=0)
+                    out[b, c] = (pooled - self.head.mean) / self.head.scale
+                    mask[b, c] = True
+        return out, mask
 
     @property
     def embedding_dim(self) -> int:
