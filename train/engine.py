@@ -129,9 +129,9 @@ Segment = tuple[int, int, int, int]  # (clip, first sample of the clip, first sa
 
 
 def window_segments(layout: list[tuple[int, int, int]], start: int, offset: int) -> list[Segment]:
-    """Which clip audio a window holds: the parts of a turn's ``layout`` (see :func:`turn_pieces`)
-    inside the window that begins at sample ``start`` of the turn, or, for a turn shorter than the
-    window, that places the whole turn at ``offset``."""
+    """Which clip audio a window holds: the parts of a turn's ``layout`` (see :func:`turn_pieces`;
+    a single clip is a one-piece turn) inside the window that begins at sample ``start`` of the
+    turn, or, for a turn shorter than the window, that places the whole turn at ``offset``."""
     out = []
     for clip, pos, length in layout:
         a, b = max(pos, start), min(pos + length, start + WINDOW_SAMPLES)
@@ -175,7 +175,7 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
         else:
             wave, start, length, offset = crop_layout(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset)
             crops.append((wave, start, length))
-            segments.append([(int(i), start, offset, length)])
+            segments.append(window_segments([(int(i), 0, cache.clip_length(int(i)))], start, offset))
     waves = np.stack([c[0] for c in crops])
     waves = add_floor_noise(waves, cfg, rng)
     targets = np.eye(len(CLASSES), dtype=np.float32)[labels[idx]]

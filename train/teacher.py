@@ -115,14 +115,17 @@ class TeacherFeatures:
     def clip(self, i: int) -> np.ndarray:
         return self.frames[self.offsets[i]:self.offsets[i + 1]]
 
+    def span(self, i: int, start: int, length: int) -> np.ndarray:
+        """The frames of clip ``i`` covering samples ``[start, start + length)`` (see :func:`frame_span`)."""
+        frames = self.clip(i)
+        f0, f1 = frame_span(start, length, len(frames))
+        return frames[f0:f1]
+
     def pool(self, i: int, start: int = 0, length: int | None = None) -> np.ndarray:
         """Mean of the frames covering samples ``[start, start + length)`` of clip ``i`` (float32);
         the whole clip when ``length`` is None."""
-        frames = self.clip(i)
-        if length is None:
-            return frames.astype(np.float32).mean(axis=0)
-        f0, f1 = frame_span(start, length, len(frames))
-        return frames[f0:f1].astype(np.float32).mean(axis=0)
+        frames = self.clip(i) if length is None else self.span(i, start, length)
+        return frames.astype(np.float32).mean(axis=0)
 
     def pooled(self) -> np.ndarray:
         """Whole-clip mean-pooled features ``(clips, d_model)``."""
@@ -242,6 +245,10 @@ class FoldTeacher:
         """The teacher's pooled encoder output for the same crops, standardised with the training
         speakers' statistics (the target of the student's embedding regression), float32."""
         x = np.stack([self.features.pool(int(i), int(s), int(n)) for i, s, n in zip(clip_ids, starts, lengths)])
+        return self._standardise(x)
+
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        """Encoder outputs in the units of the head: the training speakers' mean and scale (float32)."""
         return ((x - self.head.mean) / self.head.scale).astype(np.float32)
 
     def cell_embeddings(self, segments: list[list[tuple[int, int, int, int]]],
@@ -265,13 +272,10 @@ class FoldTeacher:
                     a, e = max(lo, at), min(hi, at + length)
                     if e <= a:
                         continue
-                    frames = self.features.clip(int(clip))
-                    f0, f1 = frame_span(int(clip_start + a - at), max(1, int(e - a)), len(frames))
-                    parts.append(frames[f0:f1])
+                    parts.append(self.features.span(int(clip), int(clip_start + a - at), max(1, int(e - a))))
                     covered += e - a
                 if covered >= CELL_MIN_AUDIO * cell:
-                    pooled = np.concatenate(parts).astype(np.float32).mean(axis=0)
-                    out[b, c] = (pooled - self.head.mean) / self.head.scale
+                    out[b, c] = self._standardise(np.concatenate(parts).astype(np.float32).mean(axis=0))
                     mask[b, c] = True
         return out, mask
 
