@@ -55,6 +55,11 @@ def test_distill_config_keys_are_checked(tmp_path):
     bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    alpha: 1.5\n")
     with pytest.raises(ConfigError, match="alpha"):
         load_config(bad)
+    bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    speaker_centre: true\n")
+    with pytest.raises(ConfigError, match="speaker_centre.*supported: none, heads, all"):
+        load_config(bad)
+    assert load_config(CONFIGS / "distill_centred.yaml").distill.speaker_centre == "all"
+    assert load_config(CONFIGS / "distill.yaml").distill.speaker_centre == "none"
     bad.write_text(f"base: {CONFIGS / 'distill.yaml'}\nemostream:\n  distill:\n    embed_weight: -1\n")
     with pytest.raises(ConfigError, match="embed_weight"):
         load_config(bad)
@@ -115,8 +120,8 @@ def test_cell_targets_pool_exactly_the_frames_inside_each_cell():
     frames = np.concatenate([np.arange(n, dtype=np.float16) for n in n_frames])[:, None].repeat(2, axis=1)
     feats = TeacherFeatures(frames.astype(np.float16), np.array([0, 400, 500]))
     teacher = FoldTeacher.__new__(FoldTeacher)
-    teacher.features = feats
-    teacher.head = type("H", (), {"mean": np.zeros(2), "scale": np.ones(2)})()
+    teacher.features, teacher.target_centre = feats, None
+    teacher.target_mean, teacher.target_scale = np.zeros(2), np.ones(2)
     cells = 6
     cell = WINDOW_SAMPLES // cells            # 16 000 samples = 50 frames
     # window 0: clip 0 from its sample 10 f; window 1: clip 1 (2 s) at window sample 3.5 s
@@ -131,9 +136,14 @@ def test_cell_targets_pool_exactly_the_frames_inside_each_cell():
     assert out[1, 3, 0] == pytest.approx(np.arange(0, 25).mean())          # its first 0.5 s
     assert out[1, 4, 0] == pytest.approx(np.arange(25, 75).mean())
     # the standardisation of the pooled embedding applies to every cell
-    teacher.head = type("H", (), {"mean": np.full(2, 10.0), "scale": np.full(2, 2.0)})()
+    teacher.target_mean, teacher.target_scale = np.full(2, 10.0), np.full(2, 2.0)
     again, _ = teacher.cell_embeddings(segs, cells)
     assert again[0, 0, 0] == pytest.approx((34.5 - 10) / 2)
+    # and so does a speaker centre, per clip, before the standardisation
+    teacher.target_centre = np.array([[4.0, 4.0], [-6.0, -6.0]])
+    centred, _ = teacher.cell_embeddings(segs, cells)
+    assert centred[0, 0, 0] == pytest.approx((34.5 - 4 - 10) / 2)
+    assert centred[1, 4, 0] == pytest.approx((np.arange(25, 75).mean() + 6 - 10) / 2)
 
 
 def test_frame_loss_ignores_masked_cells_and_the_projector_keeps_the_cells():
@@ -178,18 +188,20 @@ def _synthetic(n_speakers=8, per_class=2, dim=16, seed=0):
     return TeacherFeatures(frames, offsets), np.array(labels), speakers
 
 
-def test_fold_teacher_never_sees_validation_speakers():
+@pytest.mark.parametrize("centre", ["none", "heads", "all"])
+def test_fold_teacher_never_sees_validation_speakers(centre):
     feats, labels, speakers = _synthetic()
     val = np.array([i for i, s in enumerate(speakers) if s in ("s0", "s1")])
     train = np.array([i for i, s in enumerate(speakers) if s not in ("s0", "s1")])
-    a = FoldTeacher(feats, labels, speakers, train, len(CLASSES))
+    a = FoldTeacher(feats, labels, speakers, train, len(CLASSES), speaker_centre=centre)
     # scramble everything the validation speakers hold: the teacher must not change
     frames = np.array(feats.frames, dtype=np.float32)
     for i in val:
         frames[feats.offsets[i]:feats.offsets[i + 1]] = np.random.default_rng(i).normal(size=(1, frames.shape[1])) * 50
     scrambled_labels = labels.copy()
     scrambled_labels[val] = (labels[val] + 3) % len(CLASSES)
-    b = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), scrambled_labels, speakers, train, len(CLASSES))
+    b = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), scrambled_labels, speakers, train, len(CLASSES),
+                    speaker_centre=centre)
     assert np.allclose(a.head.coef, b.head.coef) and np.allclose(a.head.intercept, b.head.intercept)
     probe = train[:5]
     assert np.allclose(a.logits(probe, np.zeros(5, int), np.full(5, 10**6)), b.logits(probe, np.zeros(5, int), np.full(5, 10**6)))
@@ -197,6 +209,54 @@ def test_fold_teacher_never_sees_validation_speakers():
     # and the teacher is a real classifier: well above chance on the held-out speakers
     acc = (a.clip_logits(val).argmax(1) == labels[val]).mean()
     assert acc > 0.6
+
+
+def test_speaker_centred_teacher_ignores_who_is_speaking():
+    """Each speaker's voice shifts all their frames by one vector (a speaker-identity confound):
+    the centred teacher's heads and targets do not move when a speaker's shift changes, its
+    embedding target is the standardised pool less the speaker mean ("all") or the plain one
+    ("heads"), and on held-out speakers with strong shifts it beats the plain teacher."""
+    feats, labels, speakers = _synthetic(n_speakers=10, dim=16, seed=1)
+    spk = np.array(speakers)
+    rng = np.random.default_rng(5)
+    frames = np.array(feats.frames, dtype=np.float32)
+    shift = {s: rng.normal(size=frames.shape[1]) * 6 for s in np.unique(spk)}
+    for i, s in enumerate(speakers):
+        frames[feats.offsets[i]:feats.offsets[i + 1]] += shift[s]
+    shifted = TeacherFeatures(frames.astype(np.float16), feats.offsets)
+    val = np.where(np.isin(spk, ["s0", "s1", "s2"]))[0]
+    train = np.where(~np.isin(spk, ["s0", "s1", "s2"]))[0]
+    plain = FoldTeacher(shifted, labels, speakers, train, len(CLASSES))
+    centred = FoldTeacher(shifted, labels, speakers, train, len(CLASSES), speaker_centre="all")
+    heads = FoldTeacher(shifted, labels, speakers, train, len(CLASSES), speaker_centre="heads")
+    acc = {name: (t.clip_logits(val).argmax(1) == labels[val]).mean() for name, t in (("plain", plain), ("centred", centred))}
+    assert acc["centred"] > acc["plain"] + 0.1 and acc["centred"] > 0.6
+    zeros, whole = np.zeros(5, int), np.full(5, 10**6)
+    assert np.allclose(heads.logits(train[:5], zeros, whole), centred.logits(train[:5], zeros, whole))
+    # the centred target of a clip: its pool less its speaker's mean pool, in the training speakers' units
+    i = int(train[0])
+    mine = np.array([shifted.pool(j) for j in np.where(spk == spk[i])[0]]).mean(axis=0)
+    one = centred.embeddings(np.array([i]), np.array([0]), np.array([10**6]))
+    assert np.allclose(one[0], (shifted.pool(i) - mine - centred.target_mean) / centred.target_scale, atol=1e-4)
+    assert np.allclose(centred.target_mean, centred.head.mean) and np.allclose(centred.target_scale, centred.head.scale)
+    # "heads" keeps the plain embedding target, exactly the uncentred teacher's
+    assert np.allclose(heads.embeddings(train[:5], zeros, whole), plain.embeddings(train[:5], zeros, whole))
+    assert not np.allclose(heads.embeddings(train[:5], zeros, whole), centred.embeddings(train[:5], zeros, whole), atol=0.1)
+    # moving one training speaker's voice moves nothing the centred teacher gives
+    s3 = np.where(spk == "s3")[0]
+    moved = frames.copy()
+    for j in s3:
+        moved[feats.offsets[j]:feats.offsets[j + 1]] += 4.0
+    again = FoldTeacher(TeacherFeatures(moved.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES),
+                        speaker_centre="all")
+    assert np.allclose(again.head.coef, centred.head.coef, atol=1e-2)
+    zeros, whole = np.zeros(len(s3), int), np.full(len(s3), 10**6)
+    assert np.allclose(again.logits(s3, zeros, whole), centred.logits(s3, zeros, whole), atol=2e-2)
+    assert np.allclose(again.embeddings(s3, zeros, whole), centred.embeddings(s3, zeros, whole), atol=2e-2)
+    assert not np.allclose(FoldTeacher(TeacherFeatures(moved.astype(np.float16), feats.offsets), labels, speakers, train,
+                                       len(CLASSES)).logits(s3, zeros, whole), plain.logits(s3, zeros, whole), atol=2e-2)
+    with pytest.raises(ValueError, match="speaker_centre"):
+        FoldTeacher(shifted, labels, speakers, train, len(CLASSES), speaker_centre="yes")
 
 
 def test_training_targets_come_from_a_head_without_the_clips_speaker():
@@ -214,6 +274,49 @@ def test_training_targets_come_from_a_head_without_the_clips_speaker():
         again = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES))
         assert np.array_equal(again.head_of, teacher.head_of)
         assert np.allclose(again.inner_heads[j].coef, teacher.inner_heads[j].coef)
+
+
+def test_mixup_mixes_labels_and_every_teacher_target_with_the_same_pairs():
+    """Mixup (recipe augmentation.mix_*): each window is lam * its own + (1 - lam) * a partner's, and
+    the labels, the teacher's distribution (at temperature T) and its embedding follow the same pairs."""
+    from train.data import AudioCache
+    from train.metrics import softmax
+
+    feats, labels, speakers = _synthetic(n_speakers=4, per_class=1)
+    n = len(labels)
+    lengths = np.diff(feats.offsets) * ENCODER_FRAME_SAMPLES
+    rng = np.random.default_rng(3)
+    samples = (rng.normal(size=int(lengths.sum())) * 3000).astype(np.int16)
+    cache = AudioCache(samples, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    teacher = FoldTeacher(feats, labels, speakers, np.arange(n), len(CLASSES))
+    base = load_config(CONFIGS / "distill_embed_40ep.yaml")
+    base = replace(base, distill=replace(base.distill, frame_weight=0.0))
+    mixed_cfg = replace(base, mix_audio="Mixup", mix_probability=1.0, mix_concentration=0.4)
+    idx = np.arange(8)
+    plain = make_batch(cache, idx, labels, base, np.random.default_rng(0), teacher=teacher)
+    mixed = make_batch(cache, idx, labels, mixed_cfg, np.random.default_rng(0), teacher=teacher)
+    w, m = plain.waves.numpy(), mixed.waves.numpy()
+    t = base.distill.temperature
+    p_plain = softmax(plain.teacher_logits.numpy() / t)
+    p_mixed = softmax(mixed.teacher_logits.numpy() / t)
+    lams = set()
+    for i in range(len(idx)):
+        # find the partner j and lam that explain window i
+        fits = []
+        for j in range(len(idx)):
+            d = w[i] - w[j]
+            lam = 1.0 if not d.any() else float(np.dot(m[i] - w[j], d) / np.dot(d, d))
+            if np.allclose(lam * w[i] + (1 - lam) * w[j], m[i], atol=1e-4):
+                fits.append((j, lam))
+        assert fits, f"window {i} is not a mix of two plain windows"
+        j, lam = fits[0]
+        lams.add(round(lam, 4))
+        assert np.allclose(mixed.targets[i].numpy(), lam * plain.targets[i].numpy() + (1 - lam) * plain.targets[j].numpy(), atol=1e-4)
+        assert np.allclose(p_mixed[i], lam * p_plain[i] + (1 - lam) * p_plain[j], atol=1e-4)
+        assert np.allclose(mixed.teacher_embedding[i].numpy(),
+                           lam * plain.teacher_embedding[i].numpy() + (1 - lam) * plain.teacher_embedding[j].numpy(), atol=1e-3)
+    assert len(lams) == 1 and 0.0 < lams.pop() < 1.0   # one lam per batch, a real mix
+    assert not np.allclose(m, w)
 
 
 def test_kd_loss_is_the_recipe_loss_at_alpha_zero_and_zero_when_matching_the_teacher():

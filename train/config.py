@@ -43,6 +43,9 @@ class Augment:
     spec_freq_width: int = 0          # mel bins
 
 
+SPEAKER_CENTRE = ("none", "heads", "all")   # what the teacher subtracts speaker means from (train.teacher.FoldTeacher)
+
+
 @dataclass(frozen=True)
 class Distill:
     """Knowledge distillation from a Whisper-base teacher (``train/teacher.py``); off when no teacher."""
@@ -56,6 +59,9 @@ class Distill:
                                       # pooled features and the teacher's standardised pooled embedding
     frame_weight: float = 0.0         # + frame_weight * cosine distance, per ~1 s time cell of the student's last
                                       # feature map (1x1 projection), to the teacher's frames pooled over that cell
+    speaker_centre: str = "none"      # subtract each speaker's mean pooled encoder output from the teacher's
+                                      # features: "none", before its heads ("heads"), or before the heads and
+                                      # the embedding and frame targets ("all"); training only
 
 
 @dataclass(frozen=True)
@@ -486,6 +492,8 @@ def _extensions(body: dict, u: dict) -> None:
                 raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
             if d.temperature <= 0 or d.head_c <= 0:
                 raise ConfigError("emostream.distill.temperature and head_c must be positive")
+            d = replace(d, speaker_centre=_choice("emostream.distill.speaker_centre", d.speaker_centre,
+                                                  {v: v for v in SPEAKER_CENTRE}))
             for name in ("embed_weight", "frame_weight"):
                 if getattr(d, name) < 0:
                     raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")

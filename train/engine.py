@@ -528,7 +528,8 @@ def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.nd
 
     labels = np.array([CLASSES.index(c.label) for c in clips])
     return FoldTeacher(features, labels, [c.speaker for c in clips], train_idx, len(CLASSES),
-                       inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed)
+                       inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed,
+                       speaker_centre=cfg.distill.speaker_centre)
 
 
 def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray, out_dir: Path) -> dict:
@@ -546,7 +547,9 @@ def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray,
     from .metrics import summarize_folds
 
     report = {"protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}; teacher: Whisper base encoder "
-                          f"(frozen) + logistic regression (C={cfg.distill.head_c})",
+                          f"(frozen) + logistic regression (C={cfg.distill.head_c})"
+                          + (", features centred per speaker (a held-out speaker's mean from its own audio)"
+                             if cfg.distill.speaker_centre != "none" else ""),
               "teacher": cfg.distill.teacher, "summary": summarize_folds(per_fold),
               "pooled": grouped_metrics(oof, labels, corpora), "folds": per_fold}
     write_json(out_dir / "teacher_report.json", report)

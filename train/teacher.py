@@ -23,6 +23,7 @@ import numpy as np
 
 from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES
 
+from .config import SPEAKER_CENTRE
 from .data import AudioCache
 
 log = logging.getLogger("train")
@@ -205,6 +206,17 @@ def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, c: float = 0.5, seed:
     return TeacherHead(mean, scale, coef, intercept)
 
 
+def speaker_centres(features: TeacherFeatures, speakers: list[str]) -> np.ndarray:
+    """Per clip, the mean of its speaker's whole-clip pooled features ``(clips, d_model)`` float32."""
+    pooled = features.pooled()
+    spk = np.asarray(speakers)
+    out = np.empty_like(pooled)
+    for s in np.unique(spk):
+        rows = spk == s
+        out[rows] = pooled[rows].mean(axis=0)
+    return out
+
+
 class FoldTeacher:
     """Soft targets for the student's training clips, from heads that never saw the validation speakers.
 
@@ -212,14 +224,33 @@ class FoldTeacher:
     speaker-grouped splits of the training speakers), so they show how the teacher generalises to a
     new voice instead of echoing labels it memorised. ``head`` (fitted on all training speakers) is
     the teacher whose validation figures are reported.
+
+    ``speaker_centre`` (one of :data:`SPEAKER_CENTRE`) subtracts each speaker's mean pooled encoder
+    output (over that speaker's whole clips: unlabelled audio) from the teacher's features: before
+    its heads (``"heads"``: the soft targets), or before the heads and the embedding and frame
+    regression targets too (``"all"``). Centred, the teacher sees how a voice departs from its own
+    average rather than who is speaking. The student never gets that per-speaker statistic: it
+    learns to predict these targets from one window of audio. A held-out speaker's mean (for the
+    reported teacher figures) comes from that speaker's audio alone, never from labels.
     """
 
     def __init__(self, features: TeacherFeatures, labels: np.ndarray, speakers: list[str],
-                 train_idx: np.ndarray, n_classes: int, inner_folds: int = 4, c: float = 0.5, seed: int = 0):
+                 train_idx: np.ndarray, n_classes: int, inner_folds: int = 4, c: float = 0.5, seed: int = 0,
+                 speaker_centre: str = "none"):
         from sklearn.model_selection import StratifiedGroupKFold
 
+        if speaker_centre not in SPEAKER_CENTRE:
+            raise ValueError(f"speaker_centre {speaker_centre!r} is not one of {', '.join(SPEAKER_CENTRE)}")
         self.features = features
-        pooled = np.stack([features.pool(i) for i in train_idx])
+        centre = speaker_centres(features, speakers) if speaker_centre != "none" else None
+        self.head_centre = centre                                        # subtracted before the heads
+        self.target_centre = centre if speaker_centre == "all" else None  # ... and from the regression targets
+        raw = np.stack([features.pool(int(i)) for i in train_idx])
+        pooled = raw if centre is None else raw - centre[train_idx]
+        target = pooled if self.target_centre is not None else raw
+        # the regression targets' units: the training speakers' mean and scale (those of the head
+        # when both see the same features)
+        self.target_mean, self.target_scale = target.mean(axis=0), target.std(axis=0) + 1e-6
         y = labels[train_idx]
         self.head = fit_head(pooled, y, n_classes, c, seed)
         groups = np.array([speakers[i] for i in train_idx])
@@ -232,11 +263,23 @@ class FoldTeacher:
                 self.inner_heads.append(fit_head(pooled[fit_rows], y[fit_rows], n_classes, c, seed))
                 self.head_of[train_idx[held_rows]] = j
 
+    def _head_input(self, i: int, start: int = 0, length: int | None = None) -> np.ndarray:
+        """:meth:`TeacherFeatures.pool`, less the clip's speaker mean when the heads are centred."""
+        x = self.features.pool(i, start, length)
+        return x if self.head_centre is None else x - self.head_centre[i]
+
+    def _target(self, x: np.ndarray, i: int) -> np.ndarray:
+        """Pooled encoder output ``x`` of clip ``i`` as a regression target: less the speaker mean
+        when the targets are centred, then standardised (float32)."""
+        if self.target_centre is not None:
+            x = x - self.target_centre[i]
+        return ((x - self.target_mean) / self.target_scale).astype(np.float32)
+
     def logits(self, clip_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Teacher logits for crops ``[start, start + length)`` of the given clips."""
         out = []
         for i, s, n in zip(clip_ids, starts, lengths):
-            x = self.features.pool(int(i), int(s), int(n))
+            x = self._head_input(int(i), int(s), int(n))
             j = self.head_of[int(i)]
             out.append((self.inner_heads[j] if j >= 0 else self.head).logits(x))
         return np.stack(out)
@@ -244,12 +287,8 @@ class FoldTeacher:
     def embeddings(self, clip_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The teacher's pooled encoder output for the same crops, standardised with the training
         speakers' statistics (the target of the student's embedding regression), float32."""
-        x = np.stack([self.features.pool(int(i), int(s), int(n)) for i, s, n in zip(clip_ids, starts, lengths)])
-        return self._standardise(x)
-
-    def _standardise(self, x: np.ndarray) -> np.ndarray:
-        """Encoder outputs in the units of the head: the training speakers' mean and scale (float32)."""
-        return ((x - self.head.mean) / self.head.scale).astype(np.float32)
+        return np.stack([self._target(self.features.pool(int(i), int(s), int(n)), int(i))
+                         for i, s, n in zip(clip_ids, starts, lengths)])
 
     def cell_embeddings(self, segments: list[list[tuple[int, int, int, int]]],
                         n_cells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,17 +311,21 @@ class FoldTeacher:
                     a, e = max(lo, at), min(hi, at + length)
                     if e <= a:
                         continue
-                    parts.append(self.features.span(int(clip), int(clip_start + a - at), max(1, int(e - a))))
+                    part = self.features.span(int(clip), int(clip_start + a - at), max(1, int(e - a)))
+                    if self.target_centre is not None:
+                        part = part.astype(np.float32) - self.target_centre[int(clip)]
+                    parts.append(part)
                     covered += e - a
                 if covered >= CELL_MIN_AUDIO * cell:
-                    out[b, c] = self._standardise(np.concatenate(parts).astype(np.float32).mean(axis=0))
+                    pooled = np.concatenate(parts).astype(np.float32).mean(axis=0)
+                    out[b, c] = ((pooled - self.target_mean) / self.target_scale).astype(np.float32)
                     mask[b, c] = True
         return out, mask
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.head.mean.shape[0])
+        return int(self.target_mean.shape[0])
 
     def clip_logits(self, clip_ids: np.ndarray) -> np.ndarray:
         """Whole-clip logits of the all-training-speakers head (the reported teacher)."""
-        return self.head.logits(np.stack([self.features.pool(int(i)) for i in clip_ids]))
+        return self.head.logits(np.stack([self._head_input(int(i)) for i in clip_ids]))
