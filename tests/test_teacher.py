@@ -398,6 +398,14 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     whole = (feats.pool(i) - teacher.head.mean) / teacher.head.scale
     one = teacher.embeddings(np.array([i]), np.array([0]), np.array([cache.clip_length(i)]))
     assert np.allclose(one[0], whole, atol=1e-4)
+    # the teacher alone on the same folds (`python -m train teacher`), plain and speaker-centred
+    from train.engine import teacher_cv
+    plain_report = teacher_cv(cfg, clips, feats, folds, tmp_path / "teacher")
+    assert (tmp_path / "teacher" / "teacher_report.md").exists() and "centred" not in plain_report["protocol"]
+    assert 0 <= plain_report["summary"]["overall"]["ua"]["mean"] <= 1
+    centred_cfg = replace(cfg, distill=replace(cfg.distill, speaker_centre="heads"))
+    centred_report = teacher_cv(centred_cfg, clips, feats, folds, tmp_path / "teacher_centred")
+    assert "centred per speaker" in centred_report["protocol"] and len(centred_report["folds"]) == 2
     report = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False, teacher_features=feats)
     assert "teacher_summary" in report and 0 <= report["teacher_summary"]["overall"]["ua"]["mean"] <= 1
     assert "Distillation teacher" in (tmp_path / "cv" / "cv_report.md").read_text()
