@@ -273,6 +273,10 @@ class FoldTeacher:
         when the targets are centred, then standardised (float32)."""
         if self.target_centre is not None:
             x = x - self.target_centre[i]
+        return self._standardise(x)
+
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        """Encoder outputs in the regression targets' units: the training speakers' mean and scale (float32)."""
         return ((x - self.target_mean) / self.target_scale).astype(np.float32)
 
     def logits(self, clip_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -318,7 +322,7 @@ class FoldTeacher:
                     covered += e - a
                 if covered >= CELL_MIN_AUDIO * cell:
                     pooled = np.concatenate(parts).astype(np.float32).mean(axis=0)
-                    out[b, c] = ((pooled - self.target_mean) / self.target_scale).astype(np.float32)
+                    out[b, c] = self._standardise(pooled)
                     mask[b, c] = True
         return out, mask
 
