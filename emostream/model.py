@@ -56,12 +56,13 @@ class EmotionNet(nn.Module):
         )
 
     def forward(self, waveform: torch.Tensor, spec_augment=None, return_embedding: bool = False,
-                return_feature_map: bool = False):
-        """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch.
+                return_feature_map: bool = False, warp: torch.Tensor | None = None):
+        """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch and
+        ``warp`` (training only) gives each item a VTLP factor (:func:`emostream.features.vtlp_filterbanks`).
         Training only: with ``return_embedding`` also the pooled backbone features ``(B, C)``, with
         ``return_feature_map`` also the last feature map ``(B, C, F, T)``, after the logits in that
         order."""
-        spec = self.frontend(waveform)
+        spec = self.frontend(waveform, warp=warp)
         if spec_augment is not None:
             spec = spec_augment(spec)
         if spec.device.type == "cpu":

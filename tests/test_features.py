@@ -1,8 +1,8 @@
-"""The mel front end: per-window (utterance) normalisation."""
+"""The mel front end: per-window (utterance) normalisation, VTLP (training only)."""
 import pytest
 import torch
 
-from emostream.features import FeatureConfig, MelFrontEnd, UTTERANCE_FLOOR_DB, normalize_utterance
+from emostream.features import FeatureConfig, MelFrontEnd, UTTERANCE_FLOOR_DB, normalize_utterance, vtlp_filterbanks
 
 
 def _speechlike(seed: int = 0, seconds: float = 6.0) -> torch.Tensor:
@@ -42,3 +42,43 @@ def test_default_is_the_recipe_and_bad_value_rejected():
     assert FeatureConfig().normalize == "none"
     with pytest.raises(ValueError, match="normalize"):
         FeatureConfig(normalize="global")
+
+
+def _band_hz(config: FeatureConfig) -> torch.Tensor:
+    """Centre frequency of each mel band (HTK mel scale, as torchaudio's default)."""
+    mel = lambda f: 2595 * torch.log10(1 + f / 700)  # noqa: E731
+    pts = torch.linspace(float(mel(torch.tensor(config.f_min))), float(mel(torch.tensor(config.f_max))), config.n_mels + 2)
+    return (700 * (10 ** (pts / 2595) - 1))[1:-1]
+
+
+def test_vtlp_factor_one_is_the_plain_front_end():
+    fe = MelFrontEnd(FeatureConfig(normalize="utterance"))
+    x = torch.stack([_speechlike(0), _speechlike(1)])
+    assert torch.equal(vtlp_filterbanks(fe.mel.mel_scale.fb, torch.ones(3))[1], fe.mel.mel_scale.fb)
+    assert torch.allclose(fe(x, warp=torch.ones(2)), fe(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.1])
+def test_vtlp_moves_a_tone_by_its_factor_and_keeps_the_band_filled(alpha):
+    config = FeatureConfig()
+    fe = MelFrontEnd(config)
+    t = torch.arange(96000) / 16000
+    tones = torch.stack([torch.sin(2 * torch.pi * 1000 * t), torch.sin(2 * torch.pi * 7500 * t)])
+    out = fe(tones, warp=torch.full((2,), alpha))[:, 0].mean(-1)  # (2, mels)
+    hz = _band_hz(config)
+    assert abs(float(hz[out[0].argmax()]) / (1000 * alpha) - 1) < 0.03
+    # above the knee the warp maps the rest of the band onto the rest of the band: a tone near
+    # Nyquist stays inside it, and every mel band still receives energy from some linear bin
+    assert 6000 < float(hz[out[1].argmax()]) < 8000
+    banks = vtlp_filterbanks(fe.mel.mel_scale.fb, torch.tensor([alpha]))[0]
+    assert bool((banks.sum(0) > 0).all())
+    assert abs(float(banks.sum() / fe.mel.mel_scale.fb.sum()) - 1) < 0.05
+
+
+def test_vtlp_warps_each_item_alone():
+    fe = MelFrontEnd(FeatureConfig(normalize="utterance"))
+    x = torch.stack([_speechlike(0), _speechlike(1)])
+    both = fe(x, warp=torch.tensor([0.9, 1.0]))
+    assert torch.allclose(both[0], fe(x[:1], warp=torch.tensor([0.9]))[0], atol=1e-5)
+    assert torch.allclose(both[1], fe(x[1:])[0], atol=1e-5)
+    assert not torch.allclose(both[0], fe(x[:1])[0], atol=1e-2)

@@ -62,6 +62,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"augment": {"wobble": 1}}}, "emostream.augment.wobble"),
     ({"bogus": 1}, "bogus"),
     ({"emostream": {"normalize": "global"}}, "emostream.normalize"),
+    ({"emostream": {"augment": {"vtlp_probability": 1.5}}}, "emostream.augment.vtlp_probability"),
+    ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml
@@ -172,10 +174,11 @@ def tiny(tmp_path_factory):
     clips = load_dataset(root)
     cache = build_cache(clips, root / "cache")
     # every training feature at once: augmented.yaml's augmentations + SpecAugment, the shipped
-    # model's utterance normalisation, and the floor-noise augmentation
+    # model's utterance normalisation, the floor-noise augmentation and VTLP
     cfg = load_config(CONFIGS / "augmented.yaml")
     cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance",
-                  augment=replace(cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5))
+                  augment=replace(cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5,
+                                  vtlp_probability=0.5))
     return root, clips, cache, cfg
 
 
@@ -307,3 +310,20 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
         for _, _, at, n in segs:
             covered[at:at + n] = True
         assert not window[~covered].any()  # everything else in the window is the pauses
+
+
+def test_vtlp_factors_off_by_default_and_in_range_when_on():
+    from train.engine import vtlp_factors
+    cfg = load_config(CONFIGS / "distill_embed_40ep.yaml")
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert vtlp_factors(cfg, 32, gen) is None
+    assert torch.equal(gen.get_state(), state)  # no random numbers drawn: other configs train as before
+    cfg = load_config(CONFIGS / "distill_vtlp.yaml")
+    assert cfg.augment.vtlp_probability == 0.5 and cfg.augment.vtlp_range == (0.9, 1.1)
+    f = vtlp_factors(cfg, 4000, torch.Generator().manual_seed(1))
+    assert f.shape == (4000,) and 0.45 < float((f == 1).float().mean()) < 0.55
+    warped = f[f != 1]
+    assert float(warped.min()) >= 0.9 and float(warped.max()) <= 1.1 and float(warped.std()) > 0.05
+    again = vtlp_factors(cfg, 4000, torch.Generator().manual_seed(1))
+    assert torch.equal(f, again)  # seeded per epoch like SpecAugment: resuming stays exact

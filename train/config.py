@@ -41,6 +41,8 @@ class Augment:
     spec_time_width: int = 0          # frames
     spec_freq_masks: int = 0
     spec_freq_width: int = 0          # mel bins
+    vtlp_probability: float = 0.0     # vocal tract length perturbation: warp the frequency axis of this share
+    vtlp_range: tuple[float, float] = (0.9, 1.1)  # of windows by a factor drawn uniformly from this range
 
 
 SPEAKER_CENTRE = ("none", "heads", "all")   # what the teacher subtracts speaker means from (train.teacher.FoldTeacher)
@@ -481,7 +483,14 @@ def _extensions(body: dict, u: dict) -> None:
             if bad:
                 raise ConfigError(f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})")
             value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
-            u["augment"] = Augment(**value)
+            a = Augment(**value)
+            if not 0.0 <= a.vtlp_probability <= 1.0:
+                raise ConfigError(f"emostream.augment.vtlp_probability: {a.vtlp_probability} is not in [0, 1]")
+            lo, hi = a.vtlp_range
+            if not 0.5 <= lo <= hi <= 2.0:
+                raise ConfigError(f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with "
+                                  "0.5 <= low <= high <= 2")
+            u["augment"] = a
         elif key == "distill":
             names = {f.name for f in fields(Distill)}
             bad = set(value or {}) - names

@@ -233,6 +233,19 @@ class SpecAugment:
         return spec
 
 
+def vtlp_factors(cfg: TrainConfig, n: int, generator: torch.Generator) -> torch.Tensor | None:
+    """One VTLP factor per window (``augment.vtlp_probability`` of them drawn uniformly from
+    ``augment.vtlp_range``, the rest 1), or None when VTLP is off (no random numbers drawn, so
+    configs without it train exactly as before). The teacher's target stays that of the clean clip."""
+    a = cfg.augment
+    if not a.vtlp_probability:
+        return None
+    lo, hi = a.vtlp_range
+    on = torch.rand(n, generator=generator) < a.vtlp_probability
+    factor = lo + (hi - lo) * torch.rand(n, generator=generator)
+    return torch.where(on, factor, torch.ones(n))
+
+
 def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor,
             teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """The recipe's loss on the labels; with teacher logits, ``(1 - alpha)`` of it plus ``alpha``
@@ -431,13 +444,15 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 batch = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
                                    frame_cells=frame_cells)
                 x, y = batch.waves.to(dev), batch.targets.to(dev)
+                warp = vtlp_factors(cfg, len(idx), gen)
+                warp = warp.to(dev) if warp is not None else None
                 soft = batch.teacher_logits.to(dev) if batch.teacher_logits is not None else None
                 with autocast_for(dev, cfg.mixed_precision_training):
                     if projector is not None or frame_projector is not None:
                         logits, features, fmap = model(x, spec_augment=spec_aug, return_embedding=True,
-                                                       return_feature_map=True)
+                                                       return_feature_map=True, warp=warp)
                     else:
-                        logits = model(x, spec_augment=spec_aug)
+                        logits = model(x, spec_augment=spec_aug, warp=warp)
                     projected = projector(features) if projector is not None else None
                     frames_projected = frame_projector(fmap) if frame_projector is not None else None
                 loss = loss_fn(cfg, logits.float(), y, soft)
