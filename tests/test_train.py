@@ -63,6 +63,7 @@ def test_utterance_norm_config_reaches_the_model():
     ({"bogus": 1}, "bogus"),
     ({"emostream": {"normalize": "global"}}, "emostream.normalize"),
     ({"emostream": {"augment": {"vtlp_probability": 1.5}}}, "emostream.augment.vtlp_probability"),
+    ({"emostream": {"augment": {"telephone_probability": -0.1}}}, "emostream.augment.telephone_probability"),
     ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):

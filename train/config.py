@@ -484,8 +484,9 @@ def _extensions(body: dict, u: dict) -> None:
                 raise ConfigError(f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})")
             value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
             a = Augment(**value)
-            if not 0.0 <= a.vtlp_probability <= 1.0:
-                raise ConfigError(f"emostream.augment.vtlp_probability: {a.vtlp_probability} is not in [0, 1]")
+            for name in (f.name for f in fields(Augment) if f.name.endswith("_probability")):
+                if not 0.0 <= getattr(a, name) <= 1.0:
+                    raise ConfigError(f"emostream.augment.{name}: {getattr(a, name)} is not in [0, 1]")
             lo, hi = a.vtlp_range
             if not 0.5 <= lo <= hi <= 2.0:
                 raise ConfigError(f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with "
