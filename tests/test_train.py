@@ -65,6 +65,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"augment": {"vtlp_probability": 1.5}}}, "emostream.augment.vtlp_probability"),
     ({"emostream": {"augment": {"telephone_probability": -0.1}}}, "emostream.augment.telephone_probability"),
     ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
+    ({"emostream": {"ema_decay": 1.0}}, "emostream.ema_decay"),
+    ({"emostream": {"ema_decay": "slow"}}, "emostream.ema_decay"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml
@@ -175,9 +177,9 @@ def tiny(tmp_path_factory):
     clips = load_dataset(root)
     cache = build_cache(clips, root / "cache")
     # every training feature at once: augmented.yaml's augmentations + SpecAugment, the shipped
-    # model's utterance normalisation, the floor-noise augmentation and VTLP
+    # model's utterance normalisation, the floor-noise augmentation, VTLP and the weight average
     cfg = load_config(CONFIGS / "augmented.yaml")
-    cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance",
+    cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance", ema_decay=0.9,
                   augment=replace(cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5,
                                   vtlp_probability=0.5))
     return root, clips, cache, cfg
@@ -190,11 +192,13 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     res = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "run", show_progress=False)
     assert len(res.history) == 2 and "ua" in res.history[-1]
     assert (tmp_path / "run" / "curves.png").exists()
-    # the same weights, loaded the way `emostream` loads them, give the training model's logits
+    assert {"ema_ua", "ema_roc_auc"} <= set(res.history[-1])
+    # the saved weights (the weight average), loaded the way `emostream` loads them, give the
+    # training-time logits of those weights
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
     from train.engine import build_model, predict_logits
     model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema"])
     train_logits = predict_logits(model.eval(), [cache.clip(i) for i in val_idx], torch.device("cpu"), False)
     predictor = Predictor.from_checkpoint(res.checkpoint, device="cpu", mixed_precision=False)
     from emostream.stream import fixed_chunks
@@ -220,6 +224,40 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_update_ema_moves_floats_and_copies_counts():
+    from train.engine import ema_decay_at, update_ema
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(2.0)
+    model.num_batches_tracked.fill_(7)
+    update_ema(ema, model, 0.75)
+    assert torch.allclose(ema.weight, torch.full((3,), 1.5))        # 1 + 0.25 * (3 - 1)
+    assert torch.allclose(ema.running_mean, torch.full((3,), 0.5))  # 0 + 0.25 * (2 - 0)
+    assert int(ema.num_batches_tracked) == 7
+    assert ema_decay_at(0.998, 0) == pytest.approx(0.1) and ema_decay_at(0.998, 10**6) == 0.998
+
+
+def test_weight_average_leaves_the_training_trajectory_unchanged(tiny, tmp_path):
+    """With ``ema_decay`` the raw weights train exactly as without it (their logits are kept as
+    ``val_logits_raw.npy``), while the saved model and ``val_logits.npy`` are the average's."""
+    root, clips, cache, cfg = tiny
+    folds = make_folds(clips, 2, "speaker", 0)
+    train_idx, val_idx = np.where(folds == 1)[0], np.where(folds == 0)[0]
+    on = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "on", show_progress=False)
+    off = fit(replace(cfg, ema_decay=0.0), clips, cache, train_idx, val_idx, tmp_path / "off", show_progress=False)
+    raw_keys = ("train_loss", "ua", "roc_auc", "val_loss")
+    assert [[h[k] for k in raw_keys] for h in on.history] == [[h[k] for k in raw_keys] for h in off.history]
+    assert "ema_ua" not in off.history[-1] and not (tmp_path / "off" / "val_logits_raw.npy").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "on" / "val_logits_raw.npy"), off.val_logits)
+    np.testing.assert_array_equal(np.load(tmp_path / "on" / "val_telephone_logits_raw.npy"), off.val_telephone_logits)
+    np.testing.assert_array_equal(np.load(tmp_path / "on" / "val_logits.npy"), on.val_logits)
+    assert np.abs(on.val_logits - off.val_logits).max() > 1e-4  # the average is another model
+    with pytest.raises(ConfigError, match="without emostream.ema_decay"):
+        fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "off", resume=True, show_progress=False)
 
 
 def test_cv_report_and_cli(tiny, tmp_path):

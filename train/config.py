@@ -128,6 +128,9 @@ class TrainConfig:
     save_best_checkpoint: bool = False
     calculate_train_metric: bool = False
     calibrate: bool = True            # fit a softmax temperature on validation logits
+    ema_decay: float = 0.0            # > 0: also keep an exponential moving average of the weights (this
+                                      # decay per optimizer step); it is the model saved and reported, and
+                                      # the raw weights' figures are kept beside it (training trajectory unchanged)
     augment: Augment = field(default_factory=Augment)
     distill: Distill = field(default_factory=Distill)
     notes: tuple[str, ...] = ()       # deviations applied while loading (logged and stored)
@@ -470,7 +473,7 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
 
 _EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
-                   "normalize", "distill"}
+                   "normalize", "distill", "ema_decay"}
 
 
 def _extensions(body: dict, u: dict) -> None:
@@ -512,6 +515,11 @@ def _extensions(body: dict, u: dict) -> None:
             u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})
         elif key == "normalize":
             u["normalize"] = _choice("emostream.normalize", value, {n: n for n in NORMALIZATIONS})
+        elif key == "ema_decay":
+            decay = value if isinstance(value, (int, float)) and not isinstance(value, bool) else -1.0
+            if not 0.0 <= decay < 1.0:
+                raise ConfigError(f"emostream.ema_decay: {value} is not in [0, 1) (0 turns the average off)")
+            u["ema_decay"] = float(decay)
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
         else:

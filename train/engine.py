@@ -1,6 +1,7 @@
 """Training loop (fit), fixed-chunk evaluation, k-fold CV and reports."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -324,6 +325,24 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
     return 1.0
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The weight average's decay after ``step`` optimizer steps: ``decay``, warmed up as
+    ``(1 + step) / (10 + step)`` so that the first steps do not keep the random initialisation."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """One step of the exponential moving average of ``model``'s weights into ``ema`` (a copy of it):
+    floating-point parameters and buffers (batch-norm statistics) move ``1 - decay`` of the way to the
+    model's, integer buffers (batch counts) are copied."""
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(p, 1.0 - decay)
+        else:
+            e.copy_(p)
+
+
 # --- evaluation ------------------------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -382,6 +401,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
+    # weight average: a shadow copy, updated after each optimizer step; it changes nothing in training
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
     # embedding regression: a linear map from the student's pooled features to the teacher's space,
     # used in training only (not part of the checkpoint)
     projector = None
@@ -416,6 +437,10 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             projector.load_state_dict(state["projector"])
         if frame_projector is not None:
             frame_projector.load_state_dict(state["frame_projector"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError(f"{state_path} was trained without emostream.ema_decay: resume it with its own config")
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         history, start_epoch, opt_step = state["history"], state["epoch"], state["opt_step"]
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
@@ -475,6 +500,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                     (scaler.step(opt), scaler.update()) if scaler else opt.step()
                     opt.zero_grad(set_to_none=True)
                     opt_step += 1
+                    if ema is not None:
+                        update_ema(ema, model, ema_decay_at(cfg.ema_decay, opt_step))
                 if progress:
                     progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.time() - t0,
@@ -486,11 +513,17 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 record.update(ua=m["ua"], roc_auc=m["roc_auc"], macro_f1=m["macro_f1"], accuracy=m["accuracy"],
                               val_loss=float(F.binary_cross_entropy_with_logits(
                                   torch.from_numpy(vl), torch.eye(len(CLASSES))[yv]).item()))
+                if ema is not None:
+                    el = predict_logits(ema, val_clips, dev, cfg.mixed_precision_inference,
+                                        max_seconds=cfg.max_inference_chunk_seconds)
+                    me = classification_metrics(softmax(el), yv)
+                    record.update({f"ema_{k}": me[k] for k in ("ua", "roc_auc", "macro_f1", "accuracy")})
             history.append(record)
             if progress:
                 progress.update(task, info=" ".join(f"{k} {v:.3f}" for k, v in record.items() if k in ("train_loss", "ua", "roc_auc")))
             log.info("epoch %s", json.dumps(record))
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                        "ema": ema.state_dict() if ema is not None else None,
                         "epoch": epoch + 1, "opt_step": opt_step, "config": cfg.to_dict(),
                         "projector": projector.state_dict() if projector is not None else None,
                         "frame_projector": frame_projector.state_dict() if frame_projector is not None else None},
@@ -504,16 +537,22 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             progress.stop()
 
     result = FitResult(history=history, checkpoint=out_dir / "checkpoint")
+    final = ema if ema is not None else model  # the weights saved, streamed and reported
     if val_clips is not None:
-        result.val_logits = predict_logits(model, val_clips, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
-        np.save(out_dir / "val_logits.npy", result.val_logits)
-        if telephone_eval:
-            tel = [telephone_channel(x)[: len(x)] for x in val_clips]
-            result.val_telephone_logits = predict_logits(model, tel, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
-            np.save(out_dir / "val_telephone_logits.npy", result.val_telephone_logits)
+        tel = [telephone_channel(x)[: len(x)] for x in val_clips] if telephone_eval else None
+        # with a weight average, the raw weights' logits are kept too (``*_raw.npy``), for comparison
+        for net, suffix in [(final, "")] + ([(model, "_raw")] if ema is not None else []):
+            vl = predict_logits(net, val_clips, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
+            np.save(out_dir / f"val_logits{suffix}.npy", vl)
+            vt = None
+            if tel is not None:
+                vt = predict_logits(net, tel, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
+                np.save(out_dir / f"val_telephone_logits{suffix}.npy", vt)
+            if net is final:
+                result.val_logits, result.val_telephone_logits = vl, vt
     meta = {"training": {"config": cfg.to_dict(), "history": history, "train_clips": int(len(train_idx))}}
     meta.update(metadata or {})
-    model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format)
+    model_cpu = final.to("cpu").to(memory_format=torch.contiguous_format)
     save_checkpoint(model_cpu, result.checkpoint, meta)
     plot_curves(history, out_dir / "curves.png")
     return result
