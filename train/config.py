@@ -516,10 +516,9 @@ def _extensions(body: dict, u: dict) -> None:
         elif key == "normalize":
             u["normalize"] = _choice("emostream.normalize", value, {n: n for n in NORMALIZATIONS})
         elif key == "ema_decay":
-            decay = value if isinstance(value, (int, float)) and not isinstance(value, bool) else -1.0
-            if not 0.0 <= decay < 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"emostream.ema_decay: {value} is not in [0, 1) (0 turns the average off)")
-            u["ema_decay"] = float(decay)
+            u["ema_decay"] = float(value)
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
         else:

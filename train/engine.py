@@ -368,6 +368,9 @@ def predict_logits(model: EmotionNet, clips: list[np.ndarray], device: torch.dev
 
 # --- fit -------------------------------------------------------------------------------------------
 
+EPOCH_METRICS = ("ua", "roc_auc", "macro_f1", "accuracy")  # validation figures logged per epoch
+
+
 @dataclass
 class FitResult:
     history: list[dict]
@@ -510,14 +513,13 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 vl = predict_logits(model, val_clips, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
                 yv = labels[val_idx]
                 m = classification_metrics(softmax(vl), yv)
-                record.update(ua=m["ua"], roc_auc=m["roc_auc"], macro_f1=m["macro_f1"], accuracy=m["accuracy"],
-                              val_loss=float(F.binary_cross_entropy_with_logits(
-                                  torch.from_numpy(vl), torch.eye(len(CLASSES))[yv]).item()))
+                record.update({k: m[k] for k in EPOCH_METRICS}, val_loss=float(F.binary_cross_entropy_with_logits(
+                    torch.from_numpy(vl), torch.eye(len(CLASSES))[yv]).item()))
                 if ema is not None:
                     el = predict_logits(ema, val_clips, dev, cfg.mixed_precision_inference,
                                         max_seconds=cfg.max_inference_chunk_seconds)
                     me = classification_metrics(softmax(el), yv)
-                    record.update({f"ema_{k}": me[k] for k in ("ua", "roc_auc", "macro_f1", "accuracy")})
+                    record.update({f"ema_{k}": me[k] for k in EPOCH_METRICS})
             history.append(record)
             if progress:
                 progress.update(task, info=" ".join(f"{k} {v:.3f}" for k, v in record.items() if k in ("train_loss", "ua", "roc_auc")))
