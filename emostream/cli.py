@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="whole-file emotion with the recipe's fixed 6 s chunks")
     c.add_argument("paths", nargs="+", metavar="PATH")
     c.add_argument("--json", action="store_true", help="one JSON line per file")
+    c.add_argument("--positions", type=_positive(int), default=1, metavar="P",
+                   help="average over P placements of a short file in the window, as a stream's hops see it "
+                        "(test-time window averaging; P times the compute; default 1: the recipe's chunks)")
     model_args(c)
 
     b = sub.add_parser("batch", help="analyse a folder of recorded calls: a JSONL timeline per call and a Parquet "
@@ -343,7 +346,7 @@ def _model_info(predictor, args) -> dict[str, str]:
 
 def cmd_classify(args) -> int:
     from .audio import load_mono
-    from .stream import fixed_chunks
+    from .stream import placed_windows
 
     predictor = _load_predictor(args)
     from .model import CLASSES
@@ -356,7 +359,7 @@ def cmd_classify(args) -> int:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        probs = predictor.predict(fixed_chunks(audio)).mean(axis=0)
+        probs = predictor.predict(placed_windows(audio, args.positions)).mean(axis=0)
         k = int(np.argmax(probs))
         record = {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
                   "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},

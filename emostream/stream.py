@@ -213,6 +213,35 @@ def fixed_chunks(samples: np.ndarray, max_seconds: float = 600.0, sample_rate: i
     return out
 
 
+def placed_windows(samples: np.ndarray, positions: int = 1, max_seconds: float = 600.0,
+                   sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Test-time window averaging: the windows ``(n, WINDOW_SAMPLES)`` whose logits a clip's
+    prediction averages.
+
+    ``positions == 1`` is the recipe's :func:`fixed_chunks` (a short clip at the start of one
+    zero-padded window). With ``positions = P > 1`` a clip shorter than the window is placed at P
+    evenly spaced offsets, from the start of the window to its end, as the sliding windows of a
+    stream hold an utterance in turn; a longer clip is read by windows lying wholly inside it, evenly
+    spaced from its start to its end, at most ``WINDOW / (P - 1)`` apart (at least P of them).
+    """
+    if positions < 1:
+        raise ValueError(f"positions must be >= 1, got {positions}")
+    if positions == 1:
+        return fixed_chunks(samples, max_seconds, sample_rate)
+    x = np.asarray(samples, dtype=np.float32)[: int(max_seconds * sample_rate)]
+    spare = abs(WINDOW_SAMPLES - len(x))
+    step = WINDOW_SAMPLES / (positions - 1)
+    n = max(positions, int(np.ceil(spare / step)) + 1)
+    starts = np.rint(np.linspace(0, spare, n)).astype(int)
+    out = np.zeros((n, WINDOW_SAMPLES), dtype=np.float32)
+    for k, s in enumerate(starts):
+        if len(x) <= WINDOW_SAMPLES:
+            out[k, s:s + len(x)] = x
+        else:
+            out[k] = x[s:s + WINDOW_SAMPLES]
+    return out
+
+
 def _ceil_to(x: int, step: int) -> int:
     return -(-x // step) * step
 

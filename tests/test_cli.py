@@ -31,6 +31,26 @@ def test_classify_json_shape(shipped_checkpoint, wav_file, stereo_file, capsys):
         assert rec["label"] == max(rec["probabilities"], key=rec["probabilities"].get)
 
 
+def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_path, capsys):
+    """``--positions P`` is the mean of the model's probabilities over the clip's P placements in
+    the window; 1 (the default) is the recipe's single padded chunk."""
+    from emostream.model import Predictor
+    from emostream.stream import fixed_chunks, placed_windows
+    path = tmp_path / "short.wav"
+    audio = speechlike(2.5)
+    sf.write(path, audio, 16000, subtype="FLOAT")
+    predictor = Predictor.from_checkpoint(device="cpu")
+    for positions, windows in ((1, fixed_chunks(audio)), (4, placed_windows(audio, 4))):
+        args = ["classify", str(path), "--json", "--device", "cpu"] + (["--positions", str(positions)] if positions > 1 else [])
+        assert main(args) == 0
+        rec = json.loads(capsys.readouterr().out)
+        expected = predictor.predict(windows).mean(axis=0)
+        np.testing.assert_allclose([rec["probabilities"][c] for c in CLASSES], expected, atol=2e-3)
+    assert len(placed_windows(audio, 4)) == 4
+    assert main(["classify", str(path), "--positions", "0"]) == 2
+    assert "--positions" in capsys.readouterr().err
+
+
 def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):
     assert main(["classify", str(wav_file)]) == 0
     path, label, conf = capsys.readouterr().out.strip().split("\t")

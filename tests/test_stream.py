@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES
-from emostream.stream import (ChannelWindower, RingBuffer, StreamConfig, StreamWindower, fixed_chunks,
+from emostream.stream import (ChannelWindower, RingBuffer, StreamConfig, StreamWindower, fixed_chunks, placed_windows,
                               speech_activity)
 
 
@@ -125,6 +125,35 @@ def test_fixed_chunks_pad_last():
     assert chunks.shape == (2, WINDOW_SAMPLES)
     assert chunks[1, 99] == WINDOW_SAMPLES + 99 and chunks[1, 100] == 0
     assert fixed_chunks(np.zeros(10)).shape == (1, WINDOW_SAMPLES)
+
+
+def test_placed_windows_one_position_is_the_recipe():
+    for n in (10, WINDOW_SAMPLES, WINDOW_SAMPLES + 100):
+        np.testing.assert_array_equal(placed_windows(ramp(n), 1), fixed_chunks(ramp(n)))
+    with pytest.raises(ValueError, match="positions"):
+        placed_windows(ramp(10), 0)
+
+
+def test_placed_windows_move_a_short_clip_across_the_window():
+    x = ramp(2 * SAMPLE_RATE) + 1  # no zeros in the clip
+    w = placed_windows(x, 5)
+    assert w.shape == (5, WINDOW_SAMPLES)
+    starts = [int(np.flatnonzero(row)[0]) for row in w]
+    spare = WINDOW_SAMPLES - len(x)
+    assert starts == [0, spare // 4, spare // 2, 3 * spare // 4, spare]
+    for row, s in zip(w, starts):  # the whole clip, unchanged, and silence around it
+        np.testing.assert_array_equal(row[s:s + len(x)], x)
+        assert not row[:s].any() and not row[s + len(x):].any()
+
+
+def test_placed_windows_read_a_long_clip_from_inside():
+    x = ramp(14 * SAMPLE_RATE)
+    w = placed_windows(x, 5)
+    starts = [int(row[0]) for row in w]
+    assert starts[0] == 0 and starts[-1] == len(x) - WINDOW_SAMPLES
+    assert np.diff(starts).max() <= WINDOW_SAMPLES / 4 and len(w) >= 5
+    for row, s in zip(w, starts):  # every window lies wholly inside the clip
+        np.testing.assert_array_equal(row, x[s:s + WINDOW_SAMPLES])
 
 
 def test_speech_activity():

@@ -67,6 +67,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
     ({"emostream": {"ema_decay": 1.0}}, "emostream.ema_decay"),
     ({"emostream": {"ema_decay": "slow"}}, "emostream.ema_decay"),
+    ({"emostream": {"inference_positions": 0}}, "emostream.inference_positions"),
+    ({"emostream": {"inference_positions": 2.5}}, "emostream.inference_positions"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml
@@ -292,12 +294,51 @@ def test_cv_split_across_runs_reports_like_one_run(tiny, tmp_path):
         cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[0, 2], show_progress=False)
 
 
+def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
+    """``cv --resume --reevaluate`` predicts finished folds again from their saved checkpoints under
+    the config's inference settings: with the same settings it gives the training-time logits (up to
+    the checkpoint's fp16 weights), with ``inference_positions`` the averaged windows' logits."""
+    from emostream.stream import placed_windows
+    from train.engine import predict_logits
+    root, clips, cache, cfg = tiny
+    cfg = replace(cfg, epochs=1, folds=2)
+    folds = make_folds(clips, 2, "speaker", 0)
+    first = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False)
+    stored = np.load(tmp_path / "cv" / "fold0" / "val_logits.npy")
+    same = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", resume=True, reevaluate=True, show_progress=False)
+    again = np.load(tmp_path / "cv" / "fold0" / "val_logits.npy")
+    assert np.abs(again - stored).max() < 0.05 * max(1.0, np.abs(stored).max())
+    assert same["pooled"]["overall"]["n"] == first["pooled"]["overall"]["n"]
+    placed = cross_validate(replace(cfg, inference_positions=3), clips, cache, folds, tmp_path / "cv", resume=True,
+                            reevaluate=True, show_progress=False)
+    rescored = np.load(tmp_path / "cv" / "fold0" / "val_logits.npy")
+    assert np.abs(rescored - again).max() > 1e-4
+    # it is the mean over the clip's placed windows, from the saved model
+    from emostream.model import load_checkpoint
+    model = load_checkpoint(tmp_path / "cv" / "fold0" / "checkpoint", "cpu")
+    i = int(np.where(folds == 0)[0][0])
+    windows = placed_windows(cache.clip(i), 3)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(windows)).float().mean(0).numpy()
+    np.testing.assert_allclose(rescored[0], expected, atol=1e-4)
+    assert "mean of 3 placements" in placed["protocol"] and "placements" not in same["protocol"]
+    np.testing.assert_allclose(predict_logits(model, [cache.clip(i)], torch.device("cpu"), False, positions=3)[0],
+                               expected, atol=1e-4)
+    # logits alone cannot be rescored
+    import shutil
+    shutil.rmtree(tmp_path / "cv" / "fold1" / "checkpoint")
+    with pytest.raises(ConfigError, match="no saved model"):
+        cross_validate(cfg, clips, cache, folds, tmp_path / "cv", resume=True, reevaluate=True, show_progress=False)
+
+
 def test_train_cli_errors(tmp_path, capsys):
     from train.__main__ import main
     assert main(["fit", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config not found" in capsys.readouterr().err
     assert main(["fit", "--config", str(RECIPE)]) == 2
     assert "--pretrained PATH" in capsys.readouterr().err
+    assert main(["cv", "--config", str(RECIPE), "--reevaluate"]) == 2
+    assert "--reevaluate" in capsys.readouterr().err
 
 
 def test_floor_noise_covers_padding_and_is_off_by_default():

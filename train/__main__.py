@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     common(cv)
     cv.add_argument("--folds", type=_fold_list, metavar="K,K,...",
                     help="only these folds (trained, or reused with --resume), and the report over them")
+    cv.add_argument("--reevaluate", action="store_true",
+                    help="with --resume: predict finished folds again from their checkpoints with this config's "
+                         "inference settings (overwrites their logits) instead of reusing the stored logits")
     te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
                                          "the teacher alone on the student's folds")
     common(te)
@@ -60,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=str(DEFAULT_CACHE))
     ev.add_argument("--device", default=None)
     ev.add_argument("--telephone", action="store_true", help="evaluate on a telephone-channel copy")
+    ev.add_argument("--positions", type=_positive_int, default=1, metavar="P",
+                    help="average each clip over P placements in the window (1: the recipe's fixed chunks)")
     return p
 
 
@@ -87,6 +92,8 @@ def _run(args) -> int:
     from .data import build_cache, load_dataset, make_folds
     from .engine import cross_validate, evaluate_checkpoint, fit
 
+    if getattr(args, "reevaluate", False) and not args.resume:
+        raise ConfigError_("--reevaluate rescores finished folds: use it with --resume")
     if args.command == "evaluate":
         out = Path(args.out or Path(args.checkpoint) / "evaluation")
         _setup_logging(out)
@@ -98,7 +105,7 @@ def _run(args) -> int:
 
             pieces = [float32_to_int16(telephone_channel(cache.clip(i))[: cache.clip_length(i)]) for i in range(len(cache))]
             cache = AudioCache(np.concatenate(pieces), cache.offsets)
-        report = evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device)
+        report = evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
         print((out / "evaluation.md").read_text())
         return 0
 
@@ -145,7 +152,7 @@ def _run(args) -> int:
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
                                 only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
-                                teacher_features=features)
+                                teacher_features=features, reevaluate=args.reevaluate)
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -176,6 +183,16 @@ def _run(args) -> int:
                             teacher_features=features)
     print((out / "cv_report.md").read_text())
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def _fold_list(text: str) -> list[int]:

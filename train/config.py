@@ -108,6 +108,8 @@ class TrainConfig:
     # prediction
     inference_chunk_seconds: float = WINDOW_SECONDS
     max_inference_chunk_seconds: float = 600.0
+    inference_positions: int = 1      # > 1: test-time window averaging over this many placements of a
+                                      # clip in the window (emostream.stream.placed_windows); 1 = the recipe
     metric: str = "ROC_AUC"
     # training
     batch_size: int = 32
@@ -473,7 +475,7 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
 
 _EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
-                   "normalize", "distill", "ema_decay"}
+                   "normalize", "distill", "ema_decay", "inference_positions"}
 
 
 def _extensions(body: dict, u: dict) -> None:
@@ -519,6 +521,10 @@ def _extensions(body: dict, u: dict) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"emostream.ema_decay: {value} is not in [0, 1) (0 turns the average off)")
             u["ema_decay"] = float(value)
+        elif key == "inference_positions":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"emostream.inference_positions: {value} is not a whole number >= 1 (1 is the recipe's fixed chunks)")
+            u["inference_positions"] = value
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
         else:

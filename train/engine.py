@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, telephone_channel
-from emostream.stream import fixed_chunks
+from emostream.stream import placed_windows
 from emostream.features import FeatureConfig
 from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone,
                              save_checkpoint, select_device)
@@ -347,12 +347,13 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 @torch.inference_mode()
 def predict_logits(model: EmotionNet, clips: list[np.ndarray], device: torch.device, mixed_precision: bool,
-                   batch_size: int = 32, max_seconds: float = 600.0) -> np.ndarray:
-    """Clip-level logits: per-chunk logits averaged over each clip's fixed 6 s chunks."""
+                   batch_size: int = 32, max_seconds: float = 600.0, positions: int = 1) -> np.ndarray:
+    """Clip-level logits: per-window logits averaged over each clip's windows, the recipe's fixed 6 s
+    chunks (``positions`` 1) or ``positions`` placements of the clip (:func:`placed_windows`)."""
     model.eval()
     windows, owner = [], []
     for i, x in enumerate(clips):
-        w = fixed_chunks(x, max_seconds)
+        w = placed_windows(x, positions, max_seconds)
         windows.append(w)
         owner += [i] * len(w)
     windows_arr = np.concatenate(windows)
@@ -364,6 +365,12 @@ def predict_logits(model: EmotionNet, clips: list[np.ndarray], device: torch.dev
     logits = np.concatenate(out)
     owner_arr = np.asarray(owner)
     return np.stack([logits[owner_arr == i].mean(axis=0) for i in range(len(clips))])
+
+
+def predict_validation(cfg: TrainConfig, model: EmotionNet, clips: list[np.ndarray], device: torch.device) -> np.ndarray:
+    """:func:`predict_logits` with the config's inference settings (precision, length cap, positions)."""
+    return predict_logits(model, clips, device, cfg.mixed_precision_inference,
+                          max_seconds=cfg.max_inference_chunk_seconds, positions=cfg.inference_positions)
 
 
 # --- fit -------------------------------------------------------------------------------------------
@@ -510,14 +517,13 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.time() - t0,
                       "samples_per_second": len(losses) * cfg.batch_size / (time.time() - t0)}
             if val_clips is not None and ((epoch + 1) % cfg.evaluation_epochs == 0 or epoch + 1 == cfg.epochs):
-                vl = predict_logits(model, val_clips, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
+                vl = predict_validation(cfg, model, val_clips, dev)
                 yv = labels[val_idx]
                 m = classification_metrics(softmax(vl), yv)
                 record.update({k: m[k] for k in EPOCH_METRICS}, val_loss=float(F.binary_cross_entropy_with_logits(
                     torch.from_numpy(vl), torch.eye(len(CLASSES))[yv]).item()))
                 if ema is not None:
-                    el = predict_logits(ema, val_clips, dev, cfg.mixed_precision_inference,
-                                        max_seconds=cfg.max_inference_chunk_seconds)
+                    el = predict_validation(cfg, ema, val_clips, dev)
                     me = classification_metrics(softmax(el), yv)
                     record.update({f"ema_{k}": me[k] for k in EPOCH_METRICS})
             history.append(record)
@@ -544,11 +550,11 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         tel = [telephone_channel(x)[: len(x)] for x in val_clips] if telephone_eval else None
         # with a weight average, the raw weights' logits are kept too (``*_raw.npy``), for comparison
         for net, suffix in [(final, "")] + ([(model, "_raw")] if ema is not None else []):
-            vl = predict_logits(net, val_clips, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
+            vl = predict_validation(cfg, net, val_clips, dev)
             np.save(out_dir / f"val_logits{suffix}.npy", vl)
             vt = None
             if tel is not None:
-                vt = predict_logits(net, tel, dev, cfg.mixed_precision_inference, max_seconds=cfg.max_inference_chunk_seconds)
+                vt = predict_validation(cfg, net, tel, dev)
                 np.save(out_dir / f"val_telephone_logits{suffix}.npy", vt)
             if net is final:
                 result.val_logits, result.val_telephone_logits = vl, vt
@@ -561,13 +567,14 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
 
 
 def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioCache, out_dir: Path,
-                        device: str | None = None, mixed_precision: bool = False) -> dict:
-    """Metrics report (JSON + Markdown + confusion PNG) of a checkpoint on a labelled set."""
+                        device: str | None = None, mixed_precision: bool = False, positions: int = 1) -> dict:
+    """Metrics report (JSON + Markdown + confusion PNG) of a checkpoint on a labelled set; ``positions``
+    as in :func:`predict_logits`."""
     from emostream.model import load_checkpoint
 
     dev = select_device(device)
     model = load_checkpoint(checkpoint, dev)
-    logits = predict_logits(model, [cache.clip(i) for i in range(len(clips))], dev, mixed_precision)
+    logits = predict_logits(model, [cache.clip(i) for i in range(len(clips))], dev, mixed_precision, positions=positions)
     temperature = float(model.model_config.temperature)
     y = np.array([CLASSES.index(c.label) for c in clips])
     report = grouped_metrics(softmax(logits, temperature), y, [c.corpus for c in clips])
@@ -576,6 +583,23 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
     (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint}"))
     plot_confusion(report["overall"]["confusion"], out_dir / "confusion.png", "evaluation")
     return report
+
+
+def reevaluate_fold(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray],
+                    device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validation and telephone-channel logits of a finished fold's saved checkpoint under ``cfg``'s
+    inference settings; written over the fold's ``val_logits.npy`` and ``val_telephone_logits.npy``."""
+    from emostream.model import load_checkpoint
+
+    if not (fold_dir / "checkpoint" / "model.safetensors").exists():
+        raise ConfigError(f"{fold_dir / 'checkpoint'}: no saved model to evaluate again (logits alone cannot be rescored)")
+    dev = select_device(device)
+    model = load_checkpoint(fold_dir / "checkpoint", dev)
+    vl = predict_validation(cfg, model, val_clips, dev)
+    vt = predict_validation(cfg, model, [telephone_channel(x)[: len(x)] for x in val_clips], dev)
+    np.save(fold_dir / "val_logits.npy", vl)
+    np.save(fold_dir / "val_telephone_logits.npy", vt)
+    return vl, vt
 
 
 def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray):
@@ -635,8 +659,13 @@ def _teacher_metrics(teacher, val_idx: np.ndarray, labels: np.ndarray, corpora: 
 
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
                    resume: bool = False, pretrained_path: str | None = None, only_folds: list[int] | None = None,
-                   device: str | None = None, show_progress: bool = True, teacher_features=None) -> dict:
+                   device: str | None = None, show_progress: bool = True, teacher_features=None,
+                   reevaluate: bool = False) -> dict:
     """Train every fold (skipping finished ones on resume), then write the aggregate report.
+
+    ``reevaluate`` (with ``resume``) predicts a finished fold's validation clips again from its saved
+    checkpoint with this config's inference settings (e.g. ``inference_positions``) instead of reusing
+    its stored logits, which it overwrites: the same models, scored another way.
 
     ``only_folds`` restricts training and report to those folds (``fit --fold K``, ``cv --folds 1,3``):
     a long CV can be split across sessions or machines into one ``out_dir``, then reported over the
@@ -666,9 +695,14 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
             teacher_folds.append(_teacher_metrics(teacher, val_idx, labels, corpora))
         done = fold_dir / "done.json"
         if resume and done.exists() and (fold_dir / "val_logits.npy").exists():
-            log.info("fold %d already finished: reusing", k)
-            vl = np.load(fold_dir / "val_logits.npy")
-            vt = np.load(fold_dir / "val_telephone_logits.npy")
+            if reevaluate:
+                log.info("fold %d already finished: predicting its validation clips again (positions %d)",
+                         k, cfg.inference_positions)
+                vl, vt = reevaluate_fold(cfg, fold_dir, [cache.clip(i) for i in val_idx], device)
+            else:
+                log.info("fold %d already finished: reusing", k)
+                vl = np.load(fold_dir / "val_logits.npy")
+                vt = np.load(fold_dir / "val_telephone_logits.npy")
             history = json.loads(done.read_text()).get("history", [])
         else:
             log.info("fold %d: %d train / %d validation clips", k, len(train_idx), len(val_idx))
@@ -703,7 +737,9 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     temperature = fit_temperature(raw_logits[evaluated], labels[evaluated]) if cfg.calibrate else 1.0
     evaluated_corpora = [c for c, e in zip(corpora, evaluated) if e]
     report = {
-        "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else ""),
+        "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else "")
+                    + (f"; each clip scored as the mean of {cfg.inference_positions} placements in the window"
+                       if cfg.inference_positions > 1 else ""),
         "config": cfg.to_dict(),
         "temperatures": temps,
         "temperature": float(temperature),  # fitted on all out-of-fold logits: the shipped model's
