@@ -282,7 +282,9 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
                  f"{sent} cells in the live call's timeline")
         driver.save_screenshot(str(tmp_path / "supervisor-timeline.png"))
         assert driver.find_element(By.ID, "detail-title").text == LIVE_ID
-        channels = {e.get_attribute("data-channel") for e in driver.find_elements(By.CSS_SELECTOR, "#detail .tl-channel")}
+        # read in one script: the live call's overlay re-renders as events arrive (elements go stale)
+        channels = set(driver.execute_script(
+            "return [...document.querySelectorAll('#detail .tl-channel')].map(e => e.dataset.channel)"))
         assert channels == {"agent", "customer"}
         driver.find_element(By.ID, "detail-close").click()
         wait_for(lambda: not visible("#detail"), 5, "the overlay to close")
