@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emostream.cli import _positive  # the positive-number argument type of emostream's own CLI
+
 DEFAULT_CACHE = Path(".cache/emostream")
 
 
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=str(DEFAULT_CACHE))
     ev.add_argument("--device", default=None)
     ev.add_argument("--telephone", action="store_true", help="evaluate on a telephone-channel copy")
-    ev.add_argument("--positions", type=_positive_int, default=1, metavar="P",
+    ev.add_argument("--positions", type=_positive(int), default=1, metavar="P",
                     help="average each clip over P placements in the window (1: the recipe's fixed chunks)")
     return p
 
@@ -183,16 +185,6 @@ def _run(args) -> int:
                             teacher_features=features)
     print((out / "cv_report.md").read_text())
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
 
 
 def _fold_list(text: str) -> list[int]:

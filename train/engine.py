@@ -373,6 +373,25 @@ def predict_validation(cfg: TrainConfig, model: EmotionNet, clips: list[np.ndarr
                           max_seconds=cfg.max_inference_chunk_seconds, positions=cfg.inference_positions)
 
 
+def telephone_copies(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """The clips through the telephone channel (8 kHz G.711 μ-law), each cut to its own length."""
+    return [telephone_channel(x)[: len(x)] for x in clips]
+
+
+def save_validation_logits(cfg: TrainConfig, model: EmotionNet, val_clips: list[np.ndarray],
+                           telephone_clips: list[np.ndarray] | None, device: torch.device, out_dir: Path,
+                           suffix: str = "") -> tuple[np.ndarray, np.ndarray | None]:
+    """Validation logits (and, given ``telephone_clips``, the telephone copy's) under ``cfg``'s
+    inference settings, saved as ``val_logits{suffix}.npy`` / ``val_telephone_logits{suffix}.npy``."""
+    vl = predict_validation(cfg, model, val_clips, device)
+    np.save(out_dir / f"val_logits{suffix}.npy", vl)
+    vt = None
+    if telephone_clips is not None:
+        vt = predict_validation(cfg, model, telephone_clips, device)
+        np.save(out_dir / f"val_telephone_logits{suffix}.npy", vt)
+    return vl, vt
+
+
 # --- fit -------------------------------------------------------------------------------------------
 
 EPOCH_METRICS = ("ua", "roc_auc", "macro_f1", "accuracy")  # validation figures logged per epoch
@@ -547,15 +566,10 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     result = FitResult(history=history, checkpoint=out_dir / "checkpoint")
     final = ema if ema is not None else model  # the weights saved, streamed and reported
     if val_clips is not None:
-        tel = [telephone_channel(x)[: len(x)] for x in val_clips] if telephone_eval else None
+        tel = telephone_copies(val_clips) if telephone_eval else None
         # with a weight average, the raw weights' logits are kept too (``*_raw.npy``), for comparison
         for net, suffix in [(final, "")] + ([(model, "_raw")] if ema is not None else []):
-            vl = predict_validation(cfg, net, val_clips, dev)
-            np.save(out_dir / f"val_logits{suffix}.npy", vl)
-            vt = None
-            if tel is not None:
-                vt = predict_validation(cfg, net, tel, dev)
-                np.save(out_dir / f"val_telephone_logits{suffix}.npy", vt)
+            vl, vt = save_validation_logits(cfg, net, val_clips, tel, dev, out_dir, suffix)
             if net is final:
                 result.val_logits, result.val_telephone_logits = vl, vt
     meta = {"training": {"config": cfg.to_dict(), "history": history, "train_clips": int(len(train_idx))}}
@@ -595,11 +609,7 @@ def reevaluate_fold(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray
         raise ConfigError(f"{fold_dir / 'checkpoint'}: no saved model to evaluate again (logits alone cannot be rescored)")
     dev = select_device(device)
     model = load_checkpoint(fold_dir / "checkpoint", dev)
-    vl = predict_validation(cfg, model, val_clips, dev)
-    vt = predict_validation(cfg, model, [telephone_channel(x)[: len(x)] for x in val_clips], dev)
-    np.save(fold_dir / "val_logits.npy", vl)
-    np.save(fold_dir / "val_telephone_logits.npy", vt)
-    return vl, vt
+    return save_validation_logits(cfg, model, val_clips, telephone_copies(val_clips), dev, fold_dir)
 
 
 def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray):
