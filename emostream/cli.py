@@ -349,7 +349,7 @@ def cmd_classify(args) -> int:
     from .stream import placed_windows
 
     predictor = _load_predictor(args)
-    from .model import CLASSES
+    from .model import CLASSES, clip_probabilities
 
     failures = 0
     for path in args.paths:
@@ -359,7 +359,7 @@ def cmd_classify(args) -> int:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        probs = predictor.predict(placed_windows(audio, args.positions)).mean(axis=0)
+        probs = clip_probabilities(predictor, placed_windows(audio, args.positions))
         k = int(np.argmax(probs))
         record = {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
                   "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},

@@ -204,3 +204,15 @@ class Predictor:
         """Class probabilities ``(batch, 7)`` (softmax of calibrated logits), rows sum to 1."""
         logits = self.logits(windows)
         return torch.softmax(logits / self.temperature, dim=-1).cpu().numpy()
+
+
+def clip_probabilities(predictor: Any, windows: np.ndarray) -> np.ndarray:
+    """One clip's class probabilities ``(7,)`` from its windows: the calibrated softmax of the mean
+    window logit. This is how ``python -m train evaluate`` and cross-validation score a clip (chunks
+    or placements), so ``emostream classify`` reports the decision those figures describe. Works
+    with any predictor that has ``logits`` and ``temperature`` (torch or ONNX)."""
+    logits = predictor.logits(windows)
+    mean = (logits.float().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits, dtype=np.float32)).mean(axis=0)
+    z = mean / float(predictor.temperature)
+    e = np.exp(z - z.max())
+    return e / e.sum()

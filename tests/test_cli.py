@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from emostream.cli import main
 from emostream.model import CLASSES
@@ -32,8 +33,8 @@ def test_classify_json_shape(shipped_checkpoint, wav_file, stereo_file, capsys):
 
 
 def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_path, capsys):
-    """``--positions P`` is the mean of the model's probabilities over the clip's P placements in
-    the window; 1 (the default) is the recipe's single padded chunk."""
+    """``--positions P`` scores the clip by the calibrated softmax of its mean logit over the clip's P
+    placements in the window, as evaluation does; 1 (the default) is the recipe's single padded chunk."""
     from emostream.model import Predictor
     from emostream.stream import fixed_chunks, placed_windows
     path = tmp_path / "short.wav"
@@ -44,7 +45,10 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
         args = ["classify", str(path), "--json", "--device", "cpu"] + (["--positions", str(positions)] if positions > 1 else [])
         assert main(args) == 0
         rec = json.loads(capsys.readouterr().out)
-        expected = predictor.predict(windows).mean(axis=0)
+        mean_logit = predictor.logits(windows).numpy().mean(axis=0)
+        expected = torch.softmax(torch.from_numpy(mean_logit) / predictor.temperature, dim=-1).numpy()
+        if positions > 1:  # the mean logit, not the mean probability (they differ for a real model)
+            assert np.abs(expected - predictor.predict(windows).mean(axis=0)).max() > 1e-4
         np.testing.assert_allclose([rec["probabilities"][c] for c in CLASSES], expected, atol=2e-3)
     assert len(placed_windows(audio, 4)) == 4
     assert main(["classify", str(path), "--positions", "0"]) == 2
