@@ -11,6 +11,7 @@ import numpy as np
 
 from . import __version__
 from .compliance import ANALYSE_CHOICES
+from .stream import CLIP_POSITIONS
 
 REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
@@ -83,12 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     stream_args(r)
     model_args(r)
 
-    c = sub.add_parser("classify", help="whole-file emotion with the recipe's fixed 6 s chunks")
+    c = sub.add_parser("classify", help="whole-file emotion: mean logit over placements of the file in the 6 s window")
     c.add_argument("paths", nargs="+", metavar="PATH")
     c.add_argument("--json", action="store_true", help="one JSON line per file")
-    c.add_argument("--positions", type=_positive(int), default=1, metavar="P",
-                   help="average over P placements of a short file in the window, as a stream's hops see it "
-                        "(test-time window averaging; P times the compute; default 1: the recipe's chunks)")
+    c.add_argument("--positions", type=_positive(int), default=CLIP_POSITIONS, metavar="P",
+                   help="average the logits over P placements of a short file in the window, as a stream's hops "
+                        f"see it (test-time window averaging; P times the compute; default {CLIP_POSITIONS}, "
+                        "the cross-validated protocol; 1: the recipe's fixed 6 s chunks)")
     model_args(c)
 
     b = sub.add_parser("batch", help="analyse a folder of recorded calls: a JSONL timeline per call and a Parquet "

@@ -34,20 +34,22 @@ def test_classify_json_shape(shipped_checkpoint, wav_file, stereo_file, capsys):
 
 def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_path, capsys):
     """``--positions P`` scores the clip by the calibrated softmax of its mean logit over the clip's P
-    placements in the window, as evaluation does; 1 (the default) is the recipe's single padded chunk."""
+    placements in the window, as evaluation does; 1 is the recipe's single padded chunk, and the
+    default is the cross-validated 5 placements (run 25)."""
     from emostream.model import Predictor
-    from emostream.stream import fixed_chunks, placed_windows
+    from emostream.stream import CLIP_POSITIONS, fixed_chunks, placed_windows
     path = tmp_path / "short.wav"
     audio = speechlike(2.5)
     sf.write(path, audio, 16000, subtype="FLOAT")
     predictor = Predictor.from_checkpoint(device="cpu")
-    for positions, windows in ((1, fixed_chunks(audio)), (4, placed_windows(audio, 4))):
-        args = ["classify", str(path), "--json", "--device", "cpu"] + (["--positions", str(positions)] if positions > 1 else [])
+    assert CLIP_POSITIONS == 5
+    for positions, windows in ((1, fixed_chunks(audio)), (4, placed_windows(audio, 4)), (None, placed_windows(audio, 5))):
+        args = ["classify", str(path), "--json", "--device", "cpu"] + (["--positions", str(positions)] if positions else [])
         assert main(args) == 0
         rec = json.loads(capsys.readouterr().out)
         mean_logit = predictor.logits(windows).numpy().mean(axis=0)
         expected = torch.softmax(torch.from_numpy(mean_logit) / predictor.temperature, dim=-1).numpy()
-        if positions > 1:  # the mean logit, not the mean probability (they differ for a real model)
+        if positions != 1:  # the mean logit, not the mean probability (they differ for a real model)
             assert np.abs(expected - predictor.predict(windows).mean(axis=0)).max() > 1e-4
         np.testing.assert_allclose([rec["probabilities"][c] for c in CLASSES], expected, atol=2e-3)
     assert len(placed_windows(audio, 4)) == 4

@@ -8,10 +8,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from emostream.model import CLASSES, Predictor
+from emostream.model import CLASSES, Predictor, load_checkpoint
 from train.config import ConfigError, load_config
 from train.data import DataError, build_cache, canonical_label, load_dataset, make_folds
-from train.engine import cross_validate, fit
+from train.engine import cross_validate, fit, predict_logits
 from train.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
 
 from .conftest import ROOT, SHARED_DATA, requires_shared, speechlike
@@ -209,6 +209,19 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     from emostream.cli import main
     assert main(["classify", clips[val_idx[0]].path, "--json", "--checkpoint", str(res.checkpoint)]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in CLASSES
+    # `python -m train evaluate` scores every clip as classify does by default (mean logit over 5
+    # placements, calibrated softmax); its report says so and its UA is that of those logits
+    from train.__main__ import main as train_main
+    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root),
+                       "--cache", str(root / "cache"), "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    ev = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert ev["positions"] == 5 and "5 placements" in (tmp_path / "eval" / "evaluation.md").read_text()
+    placed = predict_logits(load_checkpoint(res.checkpoint, "cpu"), [cache.clip(i) for i in range(len(clips))],
+                            torch.device("cpu"), False, positions=5)
+    y = np.array([CLASSES.index(c.label) for c in clips])
+    assert ev["metrics"]["overall"]["ua"] == pytest.approx(
+        classification_metrics(softmax(placed, ev["temperature"]), y)["ua"], abs=1e-6)
 
 
 def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from emostream.cli import _positive  # the positive-number argument type of emostream's own CLI
+from emostream.stream import CLIP_POSITIONS
 
 DEFAULT_CACHE = Path(".cache/emostream")
 
@@ -65,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", default=str(DEFAULT_CACHE))
     ev.add_argument("--device", default=None)
     ev.add_argument("--telephone", action="store_true", help="evaluate on a telephone-channel copy")
-    ev.add_argument("--positions", type=_positive(int), default=1, metavar="P",
-                    help="average each clip over P placements in the window (1: the recipe's fixed chunks)")
+    ev.add_argument("--positions", type=_positive(int), default=CLIP_POSITIONS, metavar="P",
+                    help="average each clip's logits over P placements in the window (default "
+                         f"{CLIP_POSITIONS}, as emostream classify; 1: the recipe's fixed chunks)")
     return p
 
 

@@ -593,8 +593,10 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
     y = np.array([CLASSES.index(c.label) for c in clips])
     report = grouped_metrics(softmax(logits, temperature), y, [c.corpus for c in clips])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "evaluation.json", {"checkpoint": str(checkpoint), "temperature": temperature, "metrics": report})
-    (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint}"))
+    write_json(out_dir / "evaluation.json", {"checkpoint": str(checkpoint), "temperature": temperature,
+                                            "positions": positions, "metrics": report})
+    placement = "the recipe's fixed 6 s chunks" if positions == 1 else f"mean logit over {positions} placements per clip"
+    (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint} ({placement})"))
     plot_confusion(report["overall"]["confusion"], out_dir / "confusion.png", "evaluation")
     return report
 
