@@ -12,40 +12,28 @@ the real-time factor (audio seconds per wall second) and accuracy / UA.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from window_position import accuracy_ua, add_heldout_args, load_heldout  # bench/ is on sys.path when run as a script
 
-from emostream.audio import SAMPLE_RATE, load_mono
-from emostream.model import CLASSES, DEFAULT_CHECKPOINT, Predictor, clip_probabilities
+from emostream.audio import SAMPLE_RATE
+from emostream.model import Predictor, clip_probabilities
 from emostream.stream import placed_windows
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "emotion-speech"))
-    p.add_argument("--speakers", default=str(ROOT / "examples" / "reserved_speakers.txt"),
-                   help="file with one speaker id per line (default: the examples' reserved speakers)")
+    add_heldout_args(p)
     p.add_argument("--positions", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    manifest = Path(args.data) / "manifest.csv"
-    if not manifest.exists():
-        raise SystemExit(f"no manifest at {manifest}")
-    speakers = set(Path(args.speakers).read_text().split())
-    rows = [r for r in csv.DictReader(open(manifest, newline="")) if r["speaker"] in speakers]
-    clips = [load_mono(Path(args.data) / r["path"]) for r in rows]
-    y = np.array([CLASSES.index(r["label"]) for r in rows])
+    clips, y, speakers = load_heldout(args)
     audio_seconds = sum(len(c) for c in clips) / SAMPLE_RATE
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     clip_probabilities(predictor, placed_windows(clips[0], 5))  # warm-up (allocator, oneDNN kernels)
-    print(f"{len(rows)} clips ({audio_seconds:.0f} s of audio) of {', '.join(sorted(speakers))}; "
+    print(f"{len(clips)} clips ({audio_seconds:.0f} s of audio) of {', '.join(sorted(speakers))}; "
           f"device {predictor.device}\n")
     print("| placements | windows | wall s | files/s | real-time factor | accuracy | UA |")
     print("|---|---|---|---|---|---|---|")
@@ -59,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             probs.append(clip_probabilities(predictor, w))
         wall = time.perf_counter() - start
         pred = np.stack(probs).argmax(1)
-        ua = np.mean([(pred[y == k] == k).mean() for k in np.unique(y)])
         print(f"| {positions} | {windows} | {wall:.1f} | {len(clips) / wall:.1f} | {audio_seconds / wall:.0f}× | "
-              f"{(pred == y).mean():.3f} | {ua:.3f} |", flush=True)
+              f"{accuracy_ua(pred, y)} |", flush=True)
     return 0
 
 

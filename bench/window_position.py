@@ -34,22 +34,38 @@ def place(clip: np.ndarray, where: str, floor_dbfs: float | None, rng: np.random
     return window
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_heldout_args(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--data`` and ``--speakers``: the model and the held-out clips to score."""
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "emotion-speech"))
     p.add_argument("--speakers", default=str(ROOT / "examples" / "reserved_speakers.txt"),
                    help="file with one speaker id per line (default: the examples' reserved speakers)")
-    args = p.parse_args(argv)
+
+
+def load_heldout(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarray, set[str]]:
+    """The clips of ``args.speakers`` in the manifest of ``args.data``, their class indices and the speakers."""
     manifest = Path(args.data) / "manifest.csv"
     if not manifest.exists():
         raise SystemExit(f"no manifest at {manifest}")
     speakers = set(Path(args.speakers).read_text().split())
     rows = [r for r in csv.DictReader(open(manifest, newline="")) if r["speaker"] in speakers]
     clips = [load_mono(Path(args.data) / r["path"]) for r in rows]
-    y = np.array([CLASSES.index(r["label"]) for r in rows])
+    return clips, np.array([CLASSES.index(r["label"]) for r in rows]), speakers
+
+
+def accuracy_ua(pred: np.ndarray, y: np.ndarray) -> str:
+    """``"accuracy | UA"`` of predicted class indices, for a Markdown table row."""
+    ua = np.mean([(pred[y == k] == k).mean() for k in np.unique(y)])
+    return f"{(pred == y).mean():.3f} | {ua:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_heldout_args(p)
+    args = p.parse_args(argv)
+    clips, y, speakers = load_heldout(args)
     predictor = Predictor.from_checkpoint(args.checkpoint)
-    print(f"{len(rows)} clips of {', '.join(sorted(speakers))}; checkpoint {args.checkpoint}\n")
+    print(f"{len(clips)} clips of {', '.join(sorted(speakers))}; checkpoint {args.checkpoint}\n")
     print("| speech at | noise floor | accuracy | UA |")
     print("|---|---|---|---|")
     for where in ("start", "middle", "end"):
@@ -57,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             rng = np.random.default_rng(0)
             x = np.stack([place(c, where, floor, rng) for c in clips])
             pred = np.concatenate([predictor.predict(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1)
-            ua = np.mean([(pred[y == k] == k).mean() for k in np.unique(y)])
             print(f"| {where} | {'none (zeros)' if floor is None else f'{floor:.0f} dBFS'} | "
-                  f"{(pred == y).mean():.3f} | {ua:.3f} |", flush=True)
+                  f"{accuracy_ua(pred, y)} |", flush=True)
     return 0
 
 
