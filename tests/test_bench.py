@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, requires_shared
 
 
 def run_bench(script: str, tmp_path, *args: str, timeout: int = 300) -> dict:
@@ -81,3 +81,21 @@ def test_batch_throughput_quick(shipped_checkpoint, tmp_path):
         assert 0 < r["batch_seconds"] < r["command_seconds"]
         # the JSON rounds to 0.01: on a loaded machine (0.13 s/s) that alone is 2 %
         assert r["audio_per_second"] == pytest.approx(r["audio_seconds"] / r["batch_seconds"], rel=0.02, abs=0.006)
+
+
+@requires_shared()
+def test_classify_positions_table(shipped_checkpoint):
+    """bench/classify_positions.py scores the held-out clips by classify's path for each P: one
+    window per short clip with 1 placement, at least P with P, and a well-formed table row."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "classify_positions.py"), "--positions", "1", "2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    n_clips = int(run.stdout.split(" clips", 1)[0])
+    rows = {int(c[0]): c for c in (line.strip("|").split("|") for line in run.stdout.splitlines()
+                                      if line.startswith("| ") and line[2].isdigit())}
+    assert set(rows) == {1, 2}
+    assert n_clips <= int(rows[1][1]) < 2 * n_clips  # clips longer than 6 s take more than one chunk
+    assert int(rows[2][1]) >= 2 * n_clips
+    for cells in rows.values():
+        assert 0 <= float(cells[5]) <= 1 and 0 <= float(cells[6]) <= 1
