@@ -211,8 +211,5 @@ def clip_probabilities(predictor: Any, windows: np.ndarray) -> np.ndarray:
     window logit. This is how ``python -m train evaluate`` and cross-validation score a clip (chunks
     or placements), so ``emostream classify`` reports the decision those figures describe. Works
     with any predictor that has ``logits`` and ``temperature`` (torch or ONNX)."""
-    logits = predictor.logits(windows)
-    mean = (logits.float().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits, dtype=np.float32)).mean(axis=0)
-    z = mean / float(predictor.temperature)
-    e = np.exp(z - z.max())
-    return e / e.sum()
+    mean = torch.as_tensor(predictor.logits(windows)).float().mean(dim=0)
+    return torch.softmax(mean / predictor.temperature, dim=-1).cpu().numpy()

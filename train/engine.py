@@ -367,6 +367,13 @@ def predict_logits(model: EmotionNet, clips: list[np.ndarray], device: torch.dev
     return np.stack([logits[owner_arr == i].mean(axis=0) for i in range(len(clips))])
 
 
+def clip_scoring(positions: int) -> str:
+    """How :func:`predict_logits` scores a clip with ``positions``, in words for reports."""
+    if positions == 1:
+        return "each clip scored by the recipe's fixed 6 s chunks"
+    return f"each clip scored as the mean of {positions} placements in the window"
+
+
 def predict_validation(cfg: TrainConfig, model: EmotionNet, clips: list[np.ndarray], device: torch.device) -> np.ndarray:
     """:func:`predict_logits` with the config's inference settings (precision, length cap, positions)."""
     return predict_logits(model, clips, device, cfg.mixed_precision_inference,
@@ -595,8 +602,7 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "evaluation.json", {"checkpoint": str(checkpoint), "temperature": temperature,
                                             "positions": positions, "metrics": report})
-    placement = "the recipe's fixed 6 s chunks" if positions == 1 else f"mean logit over {positions} placements per clip"
-    (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint} ({placement})"))
+    (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint} ({clip_scoring(positions)})"))
     plot_confusion(report["overall"]["confusion"], out_dir / "confusion.png", "evaluation")
     return report
 
@@ -750,8 +756,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     evaluated_corpora = [c for c, e in zip(corpora, evaluated) if e]
     report = {
         "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else "")
-                    + (f"; each clip scored as the mean of {cfg.inference_positions} placements in the window"
-                       if cfg.inference_positions > 1 else ""),
+                    + (f"; {clip_scoring(cfg.inference_positions)}" if cfg.inference_positions > 1 else ""),
         "config": cfg.to_dict(),
         "temperatures": temps,
         "temperature": float(temperature),  # fitted on all out-of-fold logits: the shipped model's
