@@ -15,6 +15,8 @@ due, p50/p95/p99; CPU use of the analysing process in cores (2 = both cores of t
 backlog = windows due but not yet delivered (the largest seen); model batches. A run is real time
 when p99 latency stays below the hop (every event arrives before the call's next window is due);
 the table also marks the issue's target (p99 < 300 ms). Sweeps stop at the first N that is not real time.
+Backend ``torch-bf16`` is the torch model with mixed precision, as ``serve`` runs it by default: bf16
+on a CPU with fast bf16 kernels, fp32 on one without (each row's ``precision`` says which ran).
 
     python bench/capacity.py [--modes inproc,ws] [--backends torch-bf16,torch-fp32,onnx] [--hops 1.0,0.5]
                              [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--json OUT] [--quick]
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from emostream.audio import SAMPLE_RATE, float32_to_int16, load_mono
 from emostream.metrics import ServerMetrics
@@ -109,6 +112,14 @@ class Tracker:
                 pass
 
 
+def run_precision(backend: str) -> str:
+    """What a backend computes in on this CPU: ONNX Runtime and torch-fp32 in fp32, torch-bf16 in
+    what mixed precision chooses here (:func:`emostream.model.precision_name`)."""
+    from emostream.model import precision_name
+
+    return precision_name(torch.device("cpu"), backend == "torch-bf16")
+
+
 def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: dict) -> dict:
     lat = np.array(tracker.latencies) * 1000 if tracker.latencies else np.array([np.nan])
     p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
@@ -116,7 +127,7 @@ def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: 
     row = {**asdict(cfg), "events": int(len(tracker.latencies)), "expected_events": int(expected),
            "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1),
            "max_ms": round(float(np.nanmax(lat)), 1), "cpu_cores": round(cpu / wall, 2),
-           "max_backlog": tracker.max_backlog, **extra}
+           "max_backlog": tracker.max_backlog, "precision": run_precision(cfg.backend), **extra}
     row["realtime"] = bool(len(tracker.latencies) >= 0.98 * expected and p99 < 1000 * cfg.hop)
     row["meets_target"] = bool(row["realtime"] and p99 < TARGET_P99_MS)
     return row
@@ -336,7 +347,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         client = f" ({r['client_cpu_cores']:.2f})" if r.get("client_cpu_cores") is not None else ""
         mean_batch = "" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"
-        out.append(f"| {r['mode']} | {r['backend']} | {r['hop']:g} | {r['calls']} | {r['p50_ms']:.0f} | "
+        out.append(f"| {r['mode']} | {r['backend']} ({r['precision']}) | {r['hop']:g} | {r['calls']} | {r['p50_ms']:.0f} | "
                    f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_cores']:.2f}{client} | {r['max_backlog']} | "
                    f"{mean_batch} | {'yes' if r['realtime'] else 'no'} | {'yes' if r['meets_target'] else 'no'} |")
     return "\n".join(out)

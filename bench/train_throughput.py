@@ -1,17 +1,20 @@
-"""Training throughput: samples per second of the real training loop, fp32 against bf16 autocast.
+"""Training throughput: samples per second of the real training loop, fp32 against mixed precision.
 
 Runs :func:`train.engine.fit` itself (batch making with the config's augmentation, forward with
 SpecAugment, loss, backward, AdamW step, per-epoch state saving) on synthetic clips of 2-5 s, so
 no data set is needed, for two epochs, and reports the second epoch's ``samples_per_second`` (the
 first one pays for one-off kernel set-up). ``fit`` always lays the CPU model out channels_last; the
-two variants differ in ``mixed_precision_training``: fp32, or bf16 autocast (fp16 on CUDA).
+variants differ in ``mixed_precision_training``: ``fp32``, or ``mixed`` as training runs it (fp16
+autocast on CUDA; bf16 on a CPU with fast bf16 kernels, fp32 on one without: each row names what
+ran), and on request ``bf16``: bf16 autocast forced on such a CPU (the cost that choice avoids).
 
     python bench/train_throughput.py [--config train/configs/utterance_norm.yaml] [--steps 8]
-                                     [--batch-size 32] [--json OUT] [--quick]
+                                     [--batch-size 32] [--precisions fp32,mixed,bf16] [--json OUT] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `train` is a top-level package of the repository
 
 from emostream.audio import SAMPLE_RATE, float32_to_int16  # noqa: E402
-from emostream.model import CLASSES  # noqa: E402
+from emostream.model import CLASSES, precision_name, select_device  # noqa: E402
+from inference import forced_cpu_bf16  # noqa: E402  (bench/ is on sys.path when run as a script)
 from train.config import load_config  # noqa: E402
 from train.data import AudioCache, Clip  # noqa: E402
 from train.engine import fit  # noqa: E402
@@ -49,18 +53,25 @@ def synthetic_clips(n: int, seed: int = 0) -> tuple[list[Clip], AudioCache]:
     return clips, AudioCache(np.concatenate(pieces), np.asarray(offsets, dtype=np.int64))
 
 
-def measure(config: Path, mixed: bool, steps: int, batch_size: int, device: str | None) -> dict:
-    """Two epochs of ``steps`` batches through :func:`fit`; the second epoch's rate."""
+def measure(config: Path, requested: str, steps: int, batch_size: int, device: str | None) -> dict:
+    """Two epochs of ``steps`` batches through :func:`fit`; the second epoch's rate. ``requested``:
+    fp32, mixed (what training chooses here) or bf16 (forced on the CPU)."""
+    if requested not in ("fp32", "mixed", "bf16"):
+        raise SystemExit(f"--precisions: {requested!r} is not fp32, mixed or bf16")
+    mixed = requested != "fp32"
+    forced = requested == "bf16" and select_device(device).type == "cpu"
+    precision = "bf16" if forced else precision_name(select_device(device), mixed)
     cfg = load_config(config)
     cfg = replace(cfg, epochs=2, batch_size=batch_size, mixed_precision_training=mixed, evaluation_epochs=10**6)
     clips, cache = synthetic_clips(steps * batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, forced_cpu_bf16() if forced else contextlib.nullcontext():
         t0 = time.perf_counter()
         result = fit(cfg, clips, cache, np.arange(len(clips)), None, Path(tmp), device=device,
                      show_progress=False, telephone_eval=False)
         total = time.perf_counter() - t0
     warm = result.history[-1]
-    return {"precision": "bf16" if mixed else "fp32", "batch_size": batch_size, "steps_per_epoch": steps,
+    assert warm["precision"] == precision or forced
+    return {"requested": requested, "precision": precision, "batch_size": batch_size, "steps_per_epoch": steps,
             "samples_per_s": round(warm["samples_per_second"], 2),
             "first_epoch_samples_per_s": round(result.history[0]["samples_per_second"], 2),
             "seconds_per_step": round(batch_size / warm["samples_per_second"], 3), "wall_s": round(total, 1),
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="batches per epoch (two epochs are run)")
     p.add_argument("--batch-size", type=int, default=32, help="the recipe's batch size is 32")
     p.add_argument("--device", default=None)
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,mixed", help="any of fp32, mixed (as training chooses), bf16 (forced)")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="one batch of 8 per epoch (< 1 min)")
     args = p.parse_args(argv)
@@ -83,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.batch_size = 1, 8
     rows = []
     for precision in args.precisions.split(","):
-        rows.append(measure(Path(args.config), precision != "fp32", args.steps, args.batch_size, args.device))
+        rows.append(measure(Path(args.config), precision, args.steps, args.batch_size, args.device))
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     print(f"\nmachine: {machine}\n")
-    print("| precision | batch | samples/s | s/step | first epoch samples/s |")
-    print("|---|---|---|---|---|")
+    print("| requested | ran in | batch | samples/s | s/step | first epoch samples/s |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['precision']} + channels_last | {r['batch_size']} | {r['samples_per_s']:.1f} | "
+        print(f"| {r['requested']} | {r['precision']} + channels_last | {r['batch_size']} | {r['samples_per_s']:.1f} | "
               f"{r['seconds_per_step']:.2f} | {r['first_epoch_samples_per_s']:.1f} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
         sp.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
-        sp.add_argument("--fp32", action="store_true", help="disable bf16/fp16 autocast")
+        sp.add_argument("--fp32", action="store_true", help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)")
         backend_args(sp)
 
     def stream_args(sp):
@@ -297,7 +297,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     stream_args(m)
     m.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
     m.add_argument("--model-device", dest="device", default="auto", help="auto (cuda when present), cpu or cuda")
-    m.add_argument("--fp32", action="store_true", help="disable bf16/fp16 autocast")
+    m.add_argument("--fp32", action="store_true", help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)")
     backend_args(m)
 
 
@@ -327,8 +327,9 @@ def _load_predictor(args):
 
 
 def _model_info(predictor, args) -> dict[str, str]:
-    """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend and the
-    first 12 hex digits of the weights' SHA-256 (the identity to compare between replicas)."""
+    """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend, the
+    precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`)
+    and the first 12 hex digits of the weights' SHA-256 (the identity to compare between replicas)."""
     import hashlib
 
     from .model import DEFAULT_CHECKPOINT
@@ -343,7 +344,8 @@ def _model_info(predictor, args) -> dict[str, str]:
     config = (meta.get("training") or {}).get("config") or {}
     return {"name": weights.stem if onnx_path else weights.parent.name, "sha256": digest.hexdigest()[:12],
             "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
-            "backend": "onnx" if onnx_path else "torch"}
+            "backend": "onnx" if onnx_path else "torch",
+            "precision": "fp32" if onnx_path else getattr(predictor, "precision", "fp32")}
 
 
 def cmd_classify(args) -> int:

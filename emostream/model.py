@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,39 @@ def select_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CPU, fp16 on CUDA; a no-op context when disabled."""
-    if not enabled:
+@lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX). Without them (AVX2-only CPUs
+    such as AMD EPYC before Zen 4), bf16 autocast falls back to reference kernels: measured here,
+    ResNet50 inference 6.6x and training 17x slower than fp32 (BENCHMARKS.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: fp32 is the safe choice
+        return False
+
+
+def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype mixed precision autocasts to on ``device``: fp16 on CUDA, bf16 on a CPU with fast
+    bf16 kernels, and None (stay fp32) where autocast would be slower than fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(device: torch.device, mixed_precision: bool = True) -> str:
+    """What a model runs in on ``device``: "fp16", "bf16" or "fp32"."""
+    dtype = mixed_precision_dtype(device) if mixed_precision else None
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+
+def autocast_for(device: torch.device, enabled: bool = True, dtype: torch.dtype | None = None):
+    """Mixed-precision autocast on ``device`` (to :func:`mixed_precision_dtype` unless ``dtype`` forces
+    one); a no-op context when disabled or where mixed precision would be slower than fp32."""
+    dtype = (dtype or mixed_precision_dtype(device)) if enabled else None
+    if dtype is None:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -189,6 +218,11 @@ class Predictor:
     @property
     def temperature(self) -> float:
         return float(self.model.model_config.temperature)
+
+    @property
+    def precision(self) -> str:
+        """What the model runs in here: "fp16" (CUDA), "bf16" (a CPU with fast bf16) or "fp32"."""
+        return precision_name(self.device, self.mixed_precision)
 
     @torch.inference_mode()
     def logits(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:

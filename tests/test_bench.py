@@ -11,6 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from emostream.model import precision_name
 
 from .conftest import ROOT, requires_shared
 
@@ -30,6 +33,7 @@ def test_capacity_quick(shipped_checkpoint, tmp_path):
     assert {(r["mode"], r["calls"]) for r in rows} >= {("inproc", 1), ("ws", 1)}
     for r in rows:
         assert r["backend"] == "torch-bf16" and r["hop"] == 1.0 and r["vad"] == "off"
+        assert r["precision"] == precision_name(torch.device("cpu"))  # what mixed precision chose here
         assert r["events"] == r["expected_events"] == r["calls"] * 4  # every window's event came back
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["cpu_cores"] > 0 and r["max_backlog"] >= 0
@@ -41,10 +45,13 @@ def test_capacity_quick(shipped_checkpoint, tmp_path):
 
 
 def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
-    result = run_bench("inference", tmp_path, "--backends", "torch,onnx", "--onnx", str(onnx_file))
+    result = run_bench("inference", tmp_path, "--backends", "torch,onnx", "--onnx", str(onnx_file), "--forced-bf16")
     rows = result["rows"]
-    assert {(r["backend"], r["precision"], r["batch"]) for r in rows} == {
-        (b, p, n) for b, p in (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")) for n in (1, 8)}
+    mixed = precision_name(torch.device("cpu"))  # bf16 on a CPU with fast bf16 kernels, else fp32
+    forced = [("torch", True, "bf16", True)] if mixed == "fp32" else []  # --forced-bf16 adds a row only where it is not the default
+    assert sorted((r["backend"], r["mixed"], r["precision"], r["forced"], r["batch"]) for r in rows) == sorted(
+        (b, m, p, f, n) for b, m, p, f in [("torch", False, "fp32", False), ("torch", True, mixed, False),
+                                           ("onnx", False, "fp32", False)] + forced for n in (1, 8))
     for r in rows:
         assert 1.5 < r["gmac_per_window"] < 2.5  # ResNet50 on a 128 x 188 mel image
         # (the JSON rounds to 0.1 GMAC/s and 0.001)
@@ -55,7 +62,8 @@ def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
 def test_train_throughput_quick(tmp_path):
     pytest.importorskip("sklearn")
     rows = run_bench("train_throughput", tmp_path)["rows"]
-    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    assert [r["requested"] for r in rows] == ["fp32", "mixed"]
+    assert [r["precision"] for r in rows] == ["fp32", precision_name(torch.device("cpu"))]
     assert all(r["samples_per_s"] > 0 and r["batch_size"] == 8 for r in rows)
 
 

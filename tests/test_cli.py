@@ -57,6 +57,20 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
     assert "--positions" in capsys.readouterr().err
 
 
+def test_model_info_names_the_precision_that_runs(predictor, monkeypatch):
+    """``/metrics``' build info says what the model computes in on this machine (mixed precision is
+    bf16 only on a CPU with fast bf16 kernels), beside the weights' identity."""
+    from types import SimpleNamespace
+
+    import emostream.model
+    from emostream.cli import _model_info
+    args = SimpleNamespace(checkpoint=None, onnx=None)
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        info = _model_info(predictor, args)
+        assert info["precision"] == expected and info["backend"] == "torch" and len(info["sha256"]) == 12
+
+
 def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):
     assert main(["classify", str(wav_file)]) == 0
     path, label, conf = capsys.readouterr().out.strip().split("\t")

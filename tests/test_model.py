@@ -65,12 +65,40 @@ def test_checkpoint_fp16_is_compact_and_close(net, tmp_path):
     assert probs.shape == (4, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
-def test_bf16_autocast_predict_close_to_fp32(net, tmp_path):
+def test_bf16_autocast_predict_close_to_fp32(net, tmp_path, monkeypatch):
+    import emostream.model
+    monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda: True)  # bf16 even on a CPU without fast kernels
     save_checkpoint(net, tmp_path / "ck", half=False)
     x = np.stack([speechlike(6.0, seed=s) for s in range(2)])
     fp32 = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=False).logits(x)
-    bf16 = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=True).logits(x)
+    mixed = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=True)
+    assert mixed.precision == "bf16"
+    bf16 = mixed.logits(x)
+    assert not torch.equal(fp32, bf16)  # bf16 really ran
     assert torch.allclose(fp32, bf16, atol=0.25 * fp32.abs().max().item() + 0.05)
+
+
+def test_mixed_precision_follows_the_cpu(net, monkeypatch):
+    """Mixed precision is fp16 on CUDA and bf16 on a CPU only where oneDNN has fast bf16 kernels; on
+    a CPU without them (AVX2 only) bf16 autocast is several times slower than fp32, so it stays off."""
+    import emostream.model as m
+    cpu = torch.device("cpu")
+    assert isinstance(m.cpu_has_fast_bf16(), bool)  # oneDNN's own answer for this machine
+    assert m.mixed_precision_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(m, "cpu_has_fast_bf16", lambda: False)
+    assert m.mixed_precision_dtype(cpu) is None and m.precision_name(cpu) == "fp32"
+    assert Predictor(model=net, device=cpu).precision == "fp32"
+    with m.autocast_for(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    with m.autocast_for(cpu, dtype=torch.bfloat16):  # forced (benchmarks)
+        assert torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(m, "cpu_has_fast_bf16", lambda: True)
+    assert m.precision_name(cpu) == "bf16" and m.precision_name(cpu, mixed_precision=False) == "fp32"
+    assert Predictor(model=net, device=cpu, mixed_precision=False).precision == "fp32"
+    with m.autocast_for(cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with m.autocast_for(cpu, enabled=False):
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_checkpoint_errors(tmp_path, net):

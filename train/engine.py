@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, telephone_channel
 from emostream.stream import placed_windows
 from emostream.features import FeatureConfig
-from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone,
+from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone, precision_name,
                              save_checkpoint, select_device)
 
 from .config import ConfigError, TrainConfig
@@ -432,6 +432,10 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
+    precision = precision_name(dev, cfg.mixed_precision_training)
+    if cfg.mixed_precision_training and precision == "fp32":
+        log.info("note: mixed precision off: this CPU has no fast bf16 kernels (oneDNN), where bf16 autocast "
+                 "is slower than fp32; training in fp32 + channels_last")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, pretrained_path).to(dev)
     if dev.type == "cpu":
@@ -540,7 +544,7 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                         update_ema(ema, model, ema_decay_at(cfg.ema_decay, opt_step))
                 if progress:
                     progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.time() - t0,
+            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "precision": precision, "seconds": time.time() - t0,
                       "samples_per_second": len(losses) * cfg.batch_size / (time.time() - t0)}
             if val_clips is not None and ((epoch + 1) % cfg.evaluation_epochs == 0 or epoch + 1 == cfg.epochs):
                 vl = predict_validation(cfg, model, val_clips, dev)
