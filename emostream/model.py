@@ -33,6 +33,7 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the residual blocks (training only: identity in eval mode)
     pool: str = "avg"
     temperature: float = 1.0  # softmax temperature from calibration (1.0 = none)
 
@@ -54,6 +55,7 @@ class EmotionNet(nn.Module):
             num_classes=NUM_CLASSES,
             global_pool=model_config.pool,
             drop_rate=model_config.dropout,
+            drop_path_rate=model_config.drop_path,
         )
 
     def forward(self, waveform: torch.Tensor, spec_augment=None, return_embedding: bool = False,

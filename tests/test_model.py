@@ -41,6 +41,32 @@ def test_model_outputs_seven_logits(net):
     assert CLASSES == ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
 
 
+def test_drop_path_is_stochastic_in_training_and_off_in_eval(net, tmp_path):
+    """Stochastic depth (``ModelConfig.drop_path``) skips residual blocks per sample while training
+    only: in eval mode the same weights give the plain network's logits, so a checkpoint trained
+    with it streams exactly like one without; ``model.json`` records it and loads back."""
+    from emostream.model import ModelConfig
+    plain, deep = EmotionNet(), EmotionNet(ModelConfig(drop_path=0.5))
+    state = net.state_dict()
+    for name in state:  # timm zero-initialises each block's last BN scale: give the residual branches a voice
+        if name.endswith("bn3.weight"):
+            state[name] = torch.ones_like(state[name])
+    plain.load_state_dict(state)
+    deep.load_state_dict(state)
+    x = torch.from_numpy(np.stack([speechlike(2.0, seed=s) for s in range(2)]))
+    with torch.no_grad():
+        assert torch.equal(deep.eval()(x), plain.eval()(x))
+        deep.train()
+        torch.manual_seed(1)
+        a = deep(x)
+        torch.manual_seed(2)
+        b = deep(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(a, b) and torch.equal(a, deep(x))
+    save_checkpoint(deep.eval(), tmp_path / "ck", {}, half=False)
+    assert load_checkpoint(tmp_path / "ck", "cpu").model_config.drop_path == 0.5
+
+
 def test_checkpoint_roundtrip_fp32_exact(net, tmp_path):
     save_checkpoint(net, tmp_path / "ck", {"metrics": {"ua": 0.5}}, half=False)
     meta = json.loads((tmp_path / "ck" / "model.json").read_text())

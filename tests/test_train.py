@@ -67,6 +67,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
     ({"emostream": {"ema_decay": 1.0}}, "emostream.ema_decay"),
     ({"emostream": {"ema_decay": "slow"}}, "emostream.ema_decay"),
+    ({"emostream": {"drop_path": 1.0}}, "emostream.drop_path"),
+    ({"emostream": {"drop_path": "some"}}, "emostream.drop_path"),
     ({"emostream": {"inference_positions": 0}}, "emostream.inference_positions"),
     ({"emostream": {"inference_positions": 2.5}}, "emostream.inference_positions"),
 ])
@@ -179,9 +181,10 @@ def tiny(tmp_path_factory):
     clips = load_dataset(root)
     cache = build_cache(clips, root / "cache")
     # every training feature at once: augmented.yaml's augmentations + SpecAugment, the shipped
-    # model's utterance normalisation, the floor-noise augmentation, VTLP and the weight average
+    # model's utterance normalisation, the floor-noise augmentation, VTLP, stochastic depth and the
+    # weight average
     cfg = load_config(CONFIGS / "augmented.yaml")
-    cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance", ema_decay=0.9,
+    cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance", ema_decay=0.9, drop_path=0.1,
                   augment=replace(cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5,
                                   vtlp_probability=0.5))
     return root, clips, cache, cfg

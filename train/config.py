@@ -74,6 +74,7 @@ class TrainConfig:
     # architecture
     backbone: str = "resnet50"
     dropout: float = 0.0
+    drop_path: float = 0.0            # stochastic depth (timm drop_path_rate), training only; emostream.drop_path
     pool: str = "avg"
     pretrained: bool = False
     # audio
@@ -475,7 +476,7 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
 
 _EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
-                   "normalize", "distill", "ema_decay", "inference_positions"}
+                   "normalize", "distill", "ema_decay", "inference_positions", "drop_path"}
 
 
 def _extensions(body: dict, u: dict) -> None:
@@ -521,6 +522,10 @@ def _extensions(body: dict, u: dict) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"emostream.ema_decay: {value} is not in [0, 1) (0 turns the average off)")
             u["ema_decay"] = float(value)
+        elif key == "drop_path":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"emostream.drop_path: {value} is not in [0, 1) (0 turns stochastic depth off)")
+            u["drop_path"] = float(value)
         elif key == "inference_positions":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"emostream.inference_positions: {value} is not a whole number >= 1 (1 is the recipe's fixed chunks)")

@@ -33,7 +33,7 @@ def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> Emotion
     """The streaming model for a config (the same class `emostream` loads)."""
     features = FeatureConfig(n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
                              f_min=cfg.f_min, f_max=cfg.f_max, normalize=cfg.normalize)
-    model = EmotionNet(ModelConfig(backbone=cfg.backbone, dropout=cfg.dropout, pool=cfg.pool), features)
+    model = EmotionNet(ModelConfig(backbone=cfg.backbone, dropout=cfg.dropout, drop_path=cfg.drop_path, pool=cfg.pool), features)
     if pretrained_path:
         load_pretrained_backbone(model, pretrained_path)
         log.info("loaded pretrained backbone from %s", pretrained_path)
@@ -498,6 +498,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             model.train()
             rng = np.random.default_rng([cfg.seed, epoch])
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            # the global stream (stochastic depth, dropout) restarts each epoch too, so resume is exact
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, 1]).generate_state(1)[0]))
             spec_aug = SpecAugment(cfg, gen)
             order = rng.permutation(train_idx)
             losses = []
