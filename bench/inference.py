@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             achieved = gmac * wps  # GMAC/s
             rows.append({"backend": backend, "mixed": mixed, "precision": precision, "forced": forced, "batch": batch, "windows_per_s": round(wps, 2),
                          "ms_per_batch": round(ms, 1), "gmac_per_window": round(gmac, 3),
-                         "achieved_gmacs": round(achieved, 1), "peak_gmacs": round(peak / 2, 2),
+                         "achieved_gmacs": round(achieved, 2), "peak_gmacs": round(peak / 2, 3),
                          "fraction_of_peak": round(2 * achieved / peak, 3),
                          # the same in FLOP units (earlier versions of this script)
-                         "achieved_gflops": round(2 * achieved, 1), "gemm_gflops": round(peak, 2)})
+                         "achieved_gflops": round(2 * achieved, 1), "gemm_gflops": round(peak, 3)})
             print(json.dumps(rows[-1]), flush=True)
     device = str(predictor.device)
     machine = (torch.cuda.get_device_name() if device.startswith("cuda")

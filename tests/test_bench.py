@@ -54,7 +54,8 @@ def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
                                            ("onnx", False, "fp32", False)] + forced for n in (1, 8))
     for r in rows:
         assert 1.5 < r["gmac_per_window"] < 2.5  # ResNet50 on a 128 x 188 mel image
-        # (the JSON rounds to 0.1 GMAC/s and 0.001)
+        # (the JSON rounds achieved GMAC/s to 0.01, the peak to 0.001 and the fraction to 0.001: the peak of
+        # bf16 forced on a CPU without bf16 kernels is below 1 GMAC/s, where coarser rounding alone is 1 %)
         assert r["achieved_gmacs"] == pytest.approx(r["gmac_per_window"] * r["windows_per_s"], rel=0.01, abs=0.1)
         assert r["fraction_of_peak"] == pytest.approx(r["achieved_gmacs"] / r["peak_gmacs"], rel=0.01, abs=0.002)
 
