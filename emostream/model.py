@@ -91,12 +91,15 @@ def select_device(requested: str | None = None) -> torch.device:
 
 @lru_cache(maxsize=None)
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX). Without them (AVX2-only CPUs
-    such as AMD EPYC before Zen 4), bf16 autocast falls back to reference kernels: measured here,
-    ResNet50 inference 6.6x and training 17x slower than fp32 (BENCHMARKS.md)."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and oneDNN has bf16 kernels for
+    it. Without them bf16 autocast is slower than fp32: on an AVX2-only CPU (AMD EPYC before Zen 4)
+    it falls back to reference kernels, measured here 6.6x slower in ResNet50 inference and 17x in
+    training (BENCHMARKS.md); AVX-512 without BF16 (Skylake, Cascade Lake) only emulates bf16, so it
+    counts as without too (not measured here)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN: fp32 is the safe choice
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without these checks or oneDNN: fp32 is safe
         return False
 
 
