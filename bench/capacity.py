@@ -43,6 +43,7 @@ import torch
 
 from emostream.audio import SAMPLE_RATE, float32_to_int16, load_mono
 from emostream.metrics import ServerMetrics
+from emostream.model import precision_name
 from emostream.protocols import Start
 from emostream.server import LiveCall, ServerConfig
 from emostream.vad import VadConfig
@@ -115,8 +116,6 @@ class Tracker:
 def run_precision(backend: str) -> str:
     """What a backend computes in on this CPU: ONNX Runtime and torch-fp32 in fp32, torch-bf16 in
     what mixed precision chooses here (:func:`emostream.model.precision_name`)."""
-    from emostream.model import precision_name
-
     return precision_name(torch.device("cpu"), backend == "torch-bf16")
 
 

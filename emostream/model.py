@@ -119,10 +119,10 @@ def precision_name(device: torch.device, mixed_precision: bool = True) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
-def autocast_for(device: torch.device, enabled: bool = True, dtype: torch.dtype | None = None):
-    """Mixed-precision autocast on ``device`` (to :func:`mixed_precision_dtype` unless ``dtype`` forces
-    one); a no-op context when disabled or where mixed precision would be slower than fp32."""
-    dtype = (dtype or mixed_precision_dtype(device)) if enabled else None
+def autocast_for(device: torch.device, enabled: bool = True):
+    """Mixed-precision autocast on ``device`` to :func:`mixed_precision_dtype`; a no-op context when
+    disabled or where mixed precision would be slower than fp32."""
+    dtype = mixed_precision_dtype(device) if enabled else None
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

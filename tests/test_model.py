@@ -116,8 +116,6 @@ def test_mixed_precision_follows_the_cpu(net, monkeypatch):
     assert Predictor(model=net, device=cpu).precision == "fp32"
     with m.autocast_for(cpu):
         assert not torch.is_autocast_enabled("cpu")
-    with m.autocast_for(cpu, dtype=torch.bfloat16):  # forced (benchmarks)
-        assert torch.is_autocast_enabled("cpu")
     monkeypatch.setattr(m, "cpu_has_fast_bf16", lambda: True)
     assert m.precision_name(cpu) == "bf16" and m.precision_name(cpu, mixed_precision=False) == "fp32"
     assert Predictor(model=net, device=cpu, mixed_precision=False).precision == "fp32"

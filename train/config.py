@@ -479,6 +479,13 @@ _EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_
                    "normalize", "distill", "ema_decay", "inference_positions", "drop_path"}
 
 
+def _fraction(name: str, value, what: str) -> float:
+    """``value`` as a float in [0, 1), where 0 turns ``what`` off; a ConfigError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name}: {value} is not in [0, 1) (0 turns {what} off)")
+    return float(value)
+
+
 def _extensions(body: dict, u: dict) -> None:
     for key, value in body.items():
         if key not in _EXTENSION_KEYS:
@@ -519,13 +526,9 @@ def _extensions(body: dict, u: dict) -> None:
         elif key == "normalize":
             u["normalize"] = _choice("emostream.normalize", value, {n: n for n in NORMALIZATIONS})
         elif key == "ema_decay":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"emostream.ema_decay: {value} is not in [0, 1) (0 turns the average off)")
-            u["ema_decay"] = float(value)
+            u["ema_decay"] = _fraction("emostream.ema_decay", value, "the average")
         elif key == "drop_path":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"emostream.drop_path: {value} is not in [0, 1) (0 turns stochastic depth off)")
-            u["drop_path"] = float(value)
+            u["drop_path"] = _fraction("emostream.drop_path", value, "stochastic depth")
         elif key == "inference_positions":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"emostream.inference_positions: {value} is not a whole number >= 1 (1 is the recipe's fixed chunks)")
