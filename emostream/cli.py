@@ -363,7 +363,7 @@ def cmd_classify(args) -> int:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        probs = clip_probabilities(predictor, placed_windows(audio, args.positions))
+        probs = clip_probabilities(predictor, placed_windows(audio, args.positions), args.positions)
         k = int(np.argmax(probs))
         record = {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
                   "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},

@@ -35,7 +35,10 @@ class ModelConfig:
     dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the residual blocks (training only: identity in eval mode)
     pool: str = "avg"
-    temperature: float = 1.0  # softmax temperature from calibration (1.0 = none)
+    temperature: float = 1.0  # softmax temperature from calibration (1.0 = none), fitted on single windows
+    # temperature for a clip's mean logit over several placements (classify's default scoring), which is
+    # less extreme than one window's: fitted on such CV logits; None: use ``temperature``
+    clip_temperature: float | None = None
 
 
 class EmotionNet(nn.Module):
@@ -225,6 +228,10 @@ class Predictor:
         return float(self.model.model_config.temperature)
 
     @property
+    def clip_temperature(self) -> float | None:
+        return self.model.model_config.clip_temperature
+
+    @property
     def precision(self) -> str:
         """What the model runs in here: "fp16" (CUDA), "bf16" (a CPU with fast bf16) or "fp32"."""
         return precision_name(self.device, self.mixed_precision)
@@ -245,10 +252,20 @@ class Predictor:
         return torch.softmax(logits / self.temperature, dim=-1).cpu().numpy()
 
 
-def clip_probabilities(predictor: Any, windows: np.ndarray) -> np.ndarray:
-    """One clip's class probabilities ``(7,)`` from its windows: the calibrated softmax of the mean
-    window logit. This is how ``python -m train evaluate`` and cross-validation score a clip (chunks
-    or placements), so ``emostream classify`` reports the decision those figures describe. Works
-    with any predictor that has ``logits`` and ``temperature`` (torch or ONNX)."""
+def scoring_temperature(temperature: float, clip_temperature: float | None, positions: int) -> float:
+    """The calibrated softmax temperature for a clip scored as the mean logit of ``positions``
+    placements: the clip temperature (fitted on cross-validated multi-placement logits) when
+    ``positions`` > 1 and the checkpoint has one, else the single-window temperature (which is also
+    the one for the recipe's fixed chunks, ``positions`` 1)."""
+    return clip_temperature if positions > 1 and clip_temperature else temperature
+
+
+def clip_probabilities(predictor: Any, windows: np.ndarray, positions: int = 1) -> np.ndarray:
+    """One clip's class probabilities ``(7,)`` from its windows (``positions`` placements, or the
+    fixed chunks when 1): the calibrated softmax of the mean window logit. This is how ``python -m
+    train evaluate`` and cross-validation score a clip, so ``emostream classify`` reports the
+    decision those figures describe. Works with any predictor that has ``logits``, ``temperature``
+    and ``clip_temperature`` (torch or ONNX)."""
     mean = torch.as_tensor(predictor.logits(windows)).float().mean(dim=0)
-    return torch.softmax(mean / predictor.temperature, dim=-1).cpu().numpy()
+    t = scoring_temperature(predictor.temperature, predictor.clip_temperature, positions)
+    return torch.softmax(mean / t, dim=-1).cpu().numpy()

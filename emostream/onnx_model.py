@@ -88,6 +88,7 @@ def export_onnx(checkpoint: str | Path = DEFAULT_CHECKPOINT, out: str | Path = "
         "format": FORMAT,
         "classes": json.dumps(list(CLASSES)),
         "temperature": repr(float(model.model_config.temperature)),
+        "clip_temperature": repr(model.model_config.clip_temperature),  # "None" when not fitted
         "sample_rate": str(SAMPLE_RATE),
         "window_samples": str(WINDOW_SAMPLES),
         "features": json.dumps(model.feature_config.to_dict()),
@@ -123,6 +124,7 @@ class OnnxPredictor:
     session: object
     path: Path
     temperature: float
+    clip_temperature: float | None = None  # for the mean logit of several placements (classify)
     device: str = "cpu (onnxruntime)"
 
     @classmethod
@@ -161,7 +163,9 @@ class OnnxPredictor:
         names = [o.name for o in session.get_outputs()]
         if [i.name for i in session.get_inputs()] != [INPUT_NAME] or names[:2] != list(OUTPUT_NAMES):
             raise CheckpointError(f"{path} has unexpected inputs/outputs")
-        return cls(session=session, path=path, temperature=float(get("temperature")), device=label)
+        clip_t = get("clip_temperature")  # absent in exports made before it existed
+        return cls(session=session, path=path, temperature=float(get("temperature")),
+                   clip_temperature=float(clip_t) if clip_t not in (None, "None") else None, device=label)
 
     def _run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(np.asarray(windows, dtype=np.float32))

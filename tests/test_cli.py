@@ -43,12 +43,17 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
     sf.write(path, audio, 16000, subtype="FLOAT")
     predictor = Predictor.from_checkpoint(device="cpu")
     assert CLIP_POSITIONS == 5
+    # the shipped checkpoint carries both CV-fitted temperatures (model card: 1.08 for single windows,
+    # 0.98 for the mean of 5 placements), so a wrong choice moves the probabilities
+    assert predictor.temperature == pytest.approx(1.08, abs=0.005)
+    assert predictor.clip_temperature == pytest.approx(0.98, abs=0.005)
     for positions, windows in ((1, fixed_chunks(audio)), (4, placed_windows(audio, 4)), (None, placed_windows(audio, 5))):
         args = ["classify", str(path), "--json", "--device", "cpu"] + (["--positions", str(positions)] if positions else [])
         assert main(args) == 0
         rec = json.loads(capsys.readouterr().out)
         mean_logit = predictor.logits(windows).numpy().mean(axis=0)
-        expected = torch.softmax(torch.from_numpy(mean_logit) / predictor.temperature, dim=-1).numpy()
+        t = predictor.temperature if positions == 1 else predictor.clip_temperature  # placements: the clip one
+        expected = torch.softmax(torch.from_numpy(mean_logit) / t, dim=-1).numpy()
         if positions != 1:  # the mean logit, not the mean probability (they differ for a real model)
             assert np.abs(expected - predictor.predict(windows).mean(axis=0)).max() > 1e-4
         np.testing.assert_allclose([rec["probabilities"][c] for c in CLASSES], expected, atol=2e-3)

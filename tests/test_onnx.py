@@ -48,6 +48,7 @@ def test_logits_match_torch(onnx_file, torch_fp32, capsys):
     np.testing.assert_allclose(onnx.predict(x), torch_fp32.predict(x), atol=1e-4)
     assert (got.argmax(1) == ref.argmax(1)).all()
     assert onnx.temperature == pytest.approx(torch_fp32.temperature)
+    assert onnx.clip_temperature == pytest.approx(torch_fp32.clip_temperature)
 
 
 def test_batch_dimension_is_dynamic(onnx_file):

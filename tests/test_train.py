@@ -1,5 +1,6 @@
 """Training pipeline: config loading, datasets, folds, metrics, tiny end-to-end fit and resume."""
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -341,10 +342,64 @@ def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
     np.testing.assert_allclose(predict_logits(model, [cache.clip(i)], torch.device("cpu"), False, positions=3)[0],
                                expected, atol=1e-4)
     # logits alone cannot be rescored
-    import shutil
     shutil.rmtree(tmp_path / "cv" / "fold1" / "checkpoint")
     with pytest.raises(ConfigError, match="no saved model"):
         cross_validate(cfg, clips, cache, folds, tmp_path / "cv", resume=True, reevaluate=True, show_progress=False)
+
+
+def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
+    """``python -m train calibrate`` writes a 1-placement CV's temperature as the window temperature and
+    a several-placement CV's as the clip temperature; scoring with placements (classify, evaluate)
+    then uses the clip one, single windows and the recipe's fixed chunks the window one. A report
+    scored the other way round is refused by name, the weights are untouched."""
+    from emostream.model import Predictor, clip_probabilities, scoring_temperature
+    from emostream.stream import placed_windows
+    from train.__main__ import main as train_main
+    root, clips, cache, cfg = tiny
+    cfg = replace(cfg, epochs=1, folds=2)
+    folds = make_folds(clips, 2, "speaker", 0)
+    window = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False)
+    shutil.copy(tmp_path / "cv" / "cv_report.json", tmp_path / "window.json")
+    clip = cross_validate(replace(cfg, inference_positions=3), clips, cache, folds, tmp_path / "cv", resume=True,
+                          reevaluate=True, show_progress=False)
+    shutil.copy(tmp_path / "cv" / "cv_report.json", tmp_path / "clip.json")
+    ckpt = tmp_path / "cv" / "fold0" / "checkpoint"
+    weights = (ckpt / "model.safetensors").read_bytes()
+    assert Predictor.from_checkpoint(ckpt, device="cpu").clip_temperature is None  # none fitted yet
+    args = ["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "window.json")]
+    assert train_main(args + ["--clip-cv-report", str(tmp_path / "clip.json")]) == 0
+    capsys.readouterr()
+    p = Predictor.from_checkpoint(ckpt, device="cpu", mixed_precision=False)
+    assert p.temperature == pytest.approx(window["temperature"]) and p.clip_temperature == pytest.approx(clip["temperature"])
+    assert (ckpt / "model.safetensors").read_bytes() == weights
+    meta = json.loads((ckpt / "model.json").read_text())["cv"]
+    assert "3 placements" in meta["clip_protocol"] and meta["clip_temperature"] == p.clip_temperature
+    assert scoring_temperature(1.1, 0.9, 1) == 1.1 and scoring_temperature(1.1, 0.9, 5) == 0.9
+    assert scoring_temperature(1.1, None, 5) == 1.1
+    # classify's scoring: the softmax of the mean logit at the clip temperature for placements
+    audio = cache.clip(0)
+    mean = p.logits(placed_windows(audio, 3)).mean(0)
+    np.testing.assert_allclose(clip_probabilities(p, placed_windows(audio, 3), 3),
+                               torch.softmax(mean / p.clip_temperature, -1).numpy(), atol=1e-6)
+    # evaluate uses the same rule and reports the temperature it used
+    from train.engine import evaluate_checkpoint
+    evaluate_checkpoint(ckpt, clips, cache, tmp_path / "ev", device="cpu", positions=3)
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["temperature"] == pytest.approx(p.clip_temperature)
+    # swapped reports, a missing report or checkpoint: one line, exit 2
+    assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "clip.json")]) == 2
+    assert "scored with 3 placements" in capsys.readouterr().err
+    assert train_main(args + ["--clip-cv-report", str(tmp_path / "window.json")]) == 2
+    assert "scored with one placement" in capsys.readouterr().err
+    assert train_main(["calibrate", "--checkpoint", str(tmp_path), "--cv-report", str(tmp_path / "window.json")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "nope.json")]) == 2
+    assert "no CV report" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "bad.json")]) == 2
+    assert "not a cv_report.json" in capsys.readouterr().err
+    # without a clip report the clip temperature is cleared: what is stored is what was asked for
+    assert train_main(args) == 0
+    assert Predictor.from_checkpoint(ckpt, device="cpu").clip_temperature is None
 
 
 def test_train_cli_errors(tmp_path, capsys):

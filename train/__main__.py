@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fold", type=int, default=0)
     g.add_argument("--all", action="store_true", help="train on every clip (no validation): the shipped model")
     fit.add_argument("--cv-report", help="cv_report.json whose metrics and temperature go into the checkpoint")
+    fit.add_argument("--clip-cv-report", help="cv_report.json of the same recipe scored with several placements "
+                                              "(emostream.inference_positions > 1): its temperature becomes the "
+                                              "checkpoint's clip temperature (emostream classify)")
+    cal = sub.add_parser("calibrate", help="store CV-fitted temperatures in an existing checkpoint's model.json "
+                                           "(the weights are untouched)")
+    cal.add_argument("--checkpoint", required=True)
+    cal.add_argument("--cv-report", required=True, help="cv_report.json scored with one placement: the window temperature")
+    cal.add_argument("--clip-cv-report", help="cv_report.json scored with several placements: the clip temperature")
     cv = sub.add_parser("cv", help="all folds, then an aggregate report")
     common(cv)
     cv.add_argument("--folds", type=_fold_list, metavar="K,K,...",
@@ -98,6 +106,16 @@ def _run(args) -> int:
 
     if getattr(args, "reevaluate", False) and not args.resume:
         raise ConfigError_("--reevaluate rescores finished folds: use it with --resume")
+    if args.command == "calibrate":
+        from emostream.model import load_checkpoint
+
+        load_checkpoint(args.checkpoint, "cpu")  # a clear error for a path that is not a checkpoint
+        cv = _read_cv_report(args.cv_report, clip=False)
+        clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+        _store_calibration(args.checkpoint, cv, clip_cv)
+        print(f"{args.checkpoint}: temperature {cv['temperature']:.4f}"
+              + (f", clip temperature {clip_cv['temperature']:.4f}" if clip_cv else ""))
+        return 0
     if args.command == "evaluate":
         out = Path(args.out or Path(args.checkpoint) / "evaluation")
         _setup_logging(out)
@@ -163,10 +181,12 @@ def _run(args) -> int:
         import json
         metadata = {"data": {"clips": len(clips), "speakers": sorted({c.speaker for c in clips}),
                              "excluded_speakers": list(cfg.exclude_speakers)}}
-        if args.cv_report:
-            cv = json.loads(Path(args.cv_report).read_text())
-            metadata["cv"] = {"protocol": cv["protocol"], "summary": cv["summary"],
-                              "summary_telephone": cv["summary_telephone"], "temperature": cv["temperature"]}
+        if args.clip_cv_report and not args.cv_report:
+            raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
+        clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+        cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
+        if cv:
+            metadata["cv"] = _cv_metadata(cv, clip_cv)
         teacher = None
         if features is not None:
             from .engine import fold_teacher
@@ -177,8 +197,8 @@ def _run(args) -> int:
         res = fit(cfg, clips, cache, np.arange(len(clips)), None, out, resume=args.resume,
                   pretrained_path=args.pretrained, metadata=metadata, device=args.device,
                   show_progress=not args.no_progress, teacher=teacher)
-        if args.cv_report:
-            _set_temperature(res.checkpoint, metadata["cv"]["temperature"])
+        if cv:
+            _store_calibration(res.checkpoint, cv, clip_cv)
         print(f"checkpoint: {res.checkpoint}")
         return 0
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
@@ -197,13 +217,48 @@ def _fold_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected fold numbers separated by commas, got {text!r}") from None
 
 
-def _set_temperature(checkpoint: Path, temperature: float) -> None:
-    """Store the CV-fitted softmax temperature in the checkpoint's model config."""
+def _read_cv_report(path: str, clip: bool) -> dict:
+    """A ``cv_report.json``, checked to be scored the way its temperature will be used: one placement
+    per chunk for the window temperature (``clip`` False), several for the clip temperature."""
+    import json
+
+    try:
+        report = json.loads(Path(path).read_text())
+        positions = int((report.get("config") or {}).get("inference_positions") or 1)
+        report["temperature"] = float(report["temperature"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no CV report at {path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise ConfigError_(f"{path} is not a cv_report.json of python -m train cv") from None
+    if clip and positions == 1:
+        raise ConfigError_(f"{path} was scored with one placement: a clip temperature needs a CV scored with "
+                           "emostream.inference_positions > 1 (pass it as --cv-report)")
+    if not clip and positions > 1:
+        raise ConfigError_(f"{path} was scored with {positions} placements: the window temperature needs a CV "
+                           "scored with one (pass this one as --clip-cv-report)")
+    return report
+
+
+def _cv_metadata(cv: dict, clip_cv: dict | None) -> dict:
+    """What a checkpoint's ``model.json`` keeps of its CV reports: protocol, summaries, temperatures."""
+    out = {"protocol": cv["protocol"], "summary": cv["summary"], "summary_telephone": cv["summary_telephone"],
+           "temperature": cv["temperature"]}
+    if clip_cv:
+        out.update({"clip_protocol": clip_cv["protocol"], "clip_summary": clip_cv["summary"],
+                    "clip_temperature": clip_cv["temperature"]})
+    return out
+
+
+def _store_calibration(checkpoint: str | Path, cv: dict, clip_cv: dict | None) -> None:
+    """Store the CV-fitted softmax temperatures (single window; clip, or none) in the checkpoint's
+    model config, and the reports' figures in its CV metadata."""
     import json
 
     meta_path = Path(checkpoint) / "model.json"
     meta = json.loads(meta_path.read_text())
-    meta["model"]["temperature"] = float(temperature)
+    meta["model"]["temperature"] = cv["temperature"]
+    meta["model"]["clip_temperature"] = clip_cv["temperature"] if clip_cv else None
+    meta["cv"] = _cv_metadata(cv, clip_cv)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 

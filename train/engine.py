@@ -597,12 +597,12 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
                         device: str | None = None, mixed_precision: bool = False, positions: int = 1) -> dict:
     """Metrics report (JSON + Markdown + confusion PNG) of a checkpoint on a labelled set; ``positions``
     as in :func:`predict_logits`."""
-    from emostream.model import load_checkpoint
+    from emostream.model import load_checkpoint, scoring_temperature
 
     dev = select_device(device)
     model = load_checkpoint(checkpoint, dev)
     logits = predict_logits(model, [cache.clip(i) for i in range(len(clips))], dev, mixed_precision, positions=positions)
-    temperature = float(model.model_config.temperature)
+    temperature = scoring_temperature(model.model_config.temperature, model.model_config.clip_temperature, positions)
     y = np.array([CLASSES.index(c.label) for c in clips])
     report = grouped_metrics(softmax(logits, temperature), y, [c.corpus for c in clips])
     out_dir.mkdir(parents=True, exist_ok=True)
