@@ -394,9 +394,17 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "nope.json")]) == 2
     assert "no CV report" in capsys.readouterr().err
-    (tmp_path / "bad.json").write_text("[1, 2]")
-    assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "bad.json")]) == 2
-    assert "not a cv_report.json" in capsys.readouterr().err
+    for bad in ("[1, 2]", '{"temperature": 1.1}'):
+        (tmp_path / "bad.json").write_text(bad)
+        assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "bad.json")]) == 2
+        assert "not a cv_report.json" in capsys.readouterr().err
+    # fit checks its reports before decoding any audio
+    assert train_main(["fit", "--config", str(CONFIGS / "augmented.yaml"), "--data", str(root), "--cache",
+                       str(tmp_path / "cache"), "--cv-report", str(tmp_path / "window.json")]) == 2
+    assert "go with --all" in capsys.readouterr().err
+    assert train_main(["fit", "--config", str(CONFIGS / "augmented.yaml"), "--data", str(root), "--all", "--cache",
+                       str(tmp_path / "cache"), "--cv-report", str(tmp_path / "clip.json")]) == 2
+    assert "scored with 3 placements" in capsys.readouterr().err and not (tmp_path / "cache").exists()
     # without a clip report the clip temperature is cleared: what is stored is what was asked for
     assert train_main(args) == 0
     assert Predictor.from_checkpoint(ckpt, device="cpu").clip_temperature is None

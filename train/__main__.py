@@ -131,6 +131,14 @@ def _run(args) -> int:
         print((out / "evaluation.md").read_text())
         return 0
 
+    cv = clip_cv = None
+    if args.command == "fit":  # read the reports before any decoding or training
+        if (args.cv_report or args.clip_cv_report) and not args.all:
+            raise ConfigError_("--cv-report and --clip-cv-report go with --all (the shipped model)")
+        if args.clip_cv_report and not args.cv_report:
+            raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
+        cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
+        clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
     cfg = load_config(args.config, pretrained_path=args.pretrained, teacher=args.teacher, epochs=args.epochs, data=args.data)
     if args.command == "teacher" and not cfg.distill.teacher:
         raise ConfigError_("no teacher: pass --teacher DIR or set emostream.distill.teacher")
@@ -178,13 +186,8 @@ def _run(args) -> int:
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
-        import json
         metadata = {"data": {"clips": len(clips), "speakers": sorted({c.speaker for c in clips}),
                              "excluded_speakers": list(cfg.exclude_speakers)}}
-        if args.clip_cv_report and not args.cv_report:
-            raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
-        clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
-        cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
         if cv:
             metadata["cv"] = _cv_metadata(cv, clip_cv)
         teacher = None
@@ -226,6 +229,8 @@ def _read_cv_report(path: str, clip: bool) -> dict:
         report = json.loads(Path(path).read_text())
         positions = int((report.get("config") or {}).get("inference_positions") or 1)
         report["temperature"] = float(report["temperature"])
+        if not {"protocol", "summary", "summary_telephone"} <= set(report):
+            raise KeyError("summary")
     except FileNotFoundError:
         raise FileNotFoundError(f"no CV report at {path}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
