@@ -328,8 +328,9 @@ def _load_predictor(args):
 
 def _model_info(predictor, args) -> dict[str, str]:
     """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend, the
-    precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`)
-    and the first 12 hex digits of the weights' SHA-256 (the identity to compare between replicas)."""
+    precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
+    the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
+    weights' SHA-256 (the identity to compare between replicas)."""
     import hashlib
 
     from .model import DEFAULT_CHECKPOINT
@@ -345,7 +346,8 @@ def _model_info(predictor, args) -> dict[str, str]:
     return {"name": weights.stem if onnx_path else weights.parent.name, "sha256": digest.hexdigest()[:12],
             "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
             "backend": "onnx" if onnx_path else "torch",
-            "precision": "fp32" if onnx_path else getattr(predictor, "precision", "fp32")}
+            "precision": "fp32" if onnx_path else getattr(predictor, "precision", "fp32"),
+            "temperature": f"{float(predictor.temperature):g}"}
 
 
 def cmd_classify(args) -> int:

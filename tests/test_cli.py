@@ -74,6 +74,7 @@ def test_model_info_names_the_precision_that_runs(predictor, monkeypatch):
         monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda fast=fast: fast)
         info = _model_info(predictor, args)
         assert info["precision"] == expected and info["backend"] == "torch" and len(info["sha256"]) == 12
+        assert float(info["temperature"]) == pytest.approx(predictor.temperature, rel=1e-5)
 
 
 def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):

@@ -129,3 +129,14 @@ def test_predictor_rejects_wrong_metadata(onnx_file, tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(CheckpointError, match="other classes"):
         OnnxPredictor.from_file(path)
+
+
+def test_model_info_of_the_onnx_backend(onnx_file, predictor):
+    """``/metrics``' build info for an ONNX model: its file, the ONNX backend in fp32, and the same
+    live-window temperature as the checkpoint it was exported from (read from the graph's metadata)."""
+    from types import SimpleNamespace
+
+    from emostream.cli import _model_info
+    info = _model_info(OnnxPredictor.from_file(onnx_file), SimpleNamespace(checkpoint=None, onnx=str(onnx_file)))
+    assert (info["backend"], info["precision"], info["name"]) == ("onnx", "fp32", onnx_file.stem)
+    assert float(info["temperature"]) == pytest.approx(predictor.temperature, rel=1e-5) and len(info["sha256"]) == 12
