@@ -72,6 +72,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"drop_path": "some"}}, "emostream.drop_path"),
     ({"emostream": {"inference_positions": 0}}, "emostream.inference_positions"),
     ({"emostream": {"inference_positions": 2.5}}, "emostream.inference_positions"),
+    ({"emostream": {"training_seed": -1}}, "emostream.training_seed"),
+    ({"emostream": {"training_seed": "lucky"}}, "emostream.training_seed"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml
@@ -244,6 +246,25 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
         assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_training_seed_changes_the_student_only(tiny, tmp_path):
+    """``emostream.training_seed`` reseeds the student's training (weights differ) while ``seed`` keeps
+    the folds; setting it to ``seed`` is the same run as leaving it out."""
+    root, clips, cache, cfg = tiny
+    cfg = replace(cfg, epochs=1)
+    idx = np.arange(len(clips))
+    runs = {}
+    for name, seed in (("default", None), ("same", cfg.seed), ("other", cfg.seed + 1)):
+        fit(replace(cfg, training_seed=seed), clips, cache, idx, None, tmp_path / name, show_progress=False)
+        runs[name] = torch.load(tmp_path / name / "state.pt", weights_only=False)["model"]
+    assert all(torch.equal(runs["default"][k], runs["same"][k]) for k in runs["default"])
+    assert not all(torch.equal(runs["default"][k], runs["other"][k]) for k in runs["default"])
+    import yaml
+    path = tmp_path / "reseeded.yaml"
+    path.write_text(yaml.safe_dump({"base": str(CONFIGS / "distill_embed_40ep.yaml"), "emostream": {"training_seed": 7}}))
+    loaded = load_config(path)
+    assert (loaded.seed, loaded.training_seed, loaded.student_seed) == (42, 7, 7)
 
 
 def test_update_ema_moves_floats_and_copies_counts():

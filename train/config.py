@@ -104,7 +104,9 @@ class TrainConfig:
     # environment
     mixed_precision_training: bool = True
     mixed_precision_inference: bool = False
-    seed: int = 42
+    seed: int = 42                    # folds, teacher heads and (unless training_seed) training randomness
+    training_seed: int | None = None  # emostream.training_seed: seeds only the student's training randomness
+                                      # (initial weights, crops, augmentation, batch order), folds unchanged
     threads: int | None = None
     # prediction
     inference_chunk_seconds: float = WINDOW_SECONDS
@@ -137,6 +139,11 @@ class TrainConfig:
     augment: Augment = field(default_factory=Augment)
     distill: Distill = field(default_factory=Distill)
     notes: tuple[str, ...] = ()       # deviations applied while loading (logged and stored)
+
+    @property
+    def student_seed(self) -> int:
+        """The seed of the student's training randomness: ``training_seed``, else ``seed``."""
+        return self.seed if self.training_seed is None else self.training_seed
 
     def to_dict(self) -> dict:
         out = {}
@@ -476,7 +483,7 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
 
 _EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
-                   "normalize", "distill", "ema_decay", "inference_positions", "drop_path"}
+                   "normalize", "distill", "ema_decay", "inference_positions", "drop_path", "training_seed"}
 
 
 def _fraction(name: str, value, what: str) -> float:
@@ -535,6 +542,10 @@ def _extensions(body: dict, u: dict) -> None:
             u["inference_positions"] = value
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
+        elif key == "training_seed":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"emostream.training_seed: {value!r} is not a whole number >= 0")
+            u["training_seed"] = value
         else:
             u[key] = value
 

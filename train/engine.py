@@ -436,7 +436,7 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     if cfg.mixed_precision_training and precision == "fp32":
         log.info("note: mixed precision off: this CPU has no fast bf16 kernels (oneDNN), where bf16 autocast "
                  "is slower than fp32; training in fp32 + channels_last")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.student_seed)
     model = build_model(cfg, pretrained_path).to(dev)
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -496,10 +496,10 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             model.train()
-            rng = np.random.default_rng([cfg.seed, epoch])
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            rng = np.random.default_rng([cfg.student_seed, epoch])
+            gen = torch.Generator().manual_seed(cfg.student_seed * 1000 + epoch)
             # the global stream (stochastic depth, dropout) restarts each epoch too, so resume is exact
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, 1]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([cfg.student_seed, epoch, 1]).generate_state(1)[0]))
             spec_aug = SpecAugment(cfg, gen)
             order = rng.permutation(train_idx)
             losses = []
