@@ -332,6 +332,46 @@ def test_cv_split_across_runs_reports_like_one_run(tiny, tmp_path):
         cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[0, 2], show_progress=False)
 
 
+def test_ensemble_reports_the_mean_probabilities_of_kept_folds(tiny, tmp_path, capsys):
+    """``python -m train ensemble`` averages finished runs' kept fold logits (as probabilities) and
+    reports them like a CV, without training; runs that lack a fold or another split are named."""
+    from train.__main__ import main as train_main
+    root, clips, cache, _ = tiny
+    config = CONFIGS / "augmented.yaml"
+    cfg = load_config(config, data=str(root))
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    y = np.array([CLASSES.index(c.label) for c in clips])
+    rng = np.random.default_rng(0)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        for k in (0, 1):
+            (run / f"fold{k}").mkdir(parents=True)
+            for name in ("val_logits.npy", "val_telephone_logits.npy"):
+                np.save(run / f"fold{k}" / name, rng.normal(0, 2, ((folds == k).sum(), len(CLASSES))).astype(np.float32))
+    def ensemble(folds_arg="0,1", out=tmp_path / "ens"):
+        return ["ensemble", "--config", str(config), "--data", str(root), "--cache", str(root / "cache"),
+                "--folds", folds_arg, "--runs", *map(str, runs), "--out", str(out)]
+    args = ensemble()
+    assert train_main(args) == 0
+    assert "Cross-validation report" in capsys.readouterr().out
+    assert not (tmp_path / "ens" / "fold0" / "checkpoint").exists()  # nothing trained
+    report = json.loads((tmp_path / "ens" / "cv_report.json").read_text())
+    idx = np.concatenate([np.where(folds == k)[0] for k in (0, 1)])
+    mean = np.concatenate([np.mean([softmax(np.load(r / f"fold{k}" / "val_logits.npy")) for r in runs], axis=0)
+                           for k in (0, 1)])
+    assert np.allclose(np.exp(np.load(tmp_path / "ens" / "fold0" / "val_logits.npy")), mean[: (folds == 0).sum()],
+                       atol=1e-5)
+    assert report["pooled"]["overall"]["ua"] == pytest.approx(classification_metrics(mean, y[idx])["ua"])
+    # a fold one run lacks, logits of another split, or --out among the runs: one clear error each
+    assert train_main(ensemble("0,2", tmp_path / "e2")) == 2
+    assert "fold2/val_logits.npy: missing" in capsys.readouterr().err
+    np.save(runs[1] / "fold1" / "val_logits.npy", np.zeros((1, len(CLASSES)), np.float32))
+    assert train_main(args) == 2
+    assert "runs must share the config's folds" in capsys.readouterr().err
+    assert train_main(ensemble(out=runs[0])) == 2
+    assert "would overwrite" in capsys.readouterr().err
+
+
 def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
     """``cv --resume --reevaluate`` predicts finished folds again from their saved checkpoints under
     the config's inference settings: with the same settings it gives the training-time logits (up to

@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
                                          "the teacher alone on the student's folds")
     common(te)
+    en = sub.add_parser("ensemble", help="report the mean probabilities of finished CV runs on the same folds "
+                                         "(no training): what an ensemble of them would score")
+    en.add_argument("--config", required=True, help="the runs' config (its seed fixes the folds)")
+    en.add_argument("--runs", nargs="+", required=True, metavar="DIR",
+                    help="cv output directories holding foldK/val_logits.npy (e.g. train/reports/folds/<run>)")
+    en.add_argument("--folds", type=_fold_list, required=True, metavar="K,K,...")
+    en.add_argument("--data", help="manifest folder/CSV (default: the config's)")
+    en.add_argument("--out", required=True, help="directory for the ensemble's folds and cv_report")
+    en.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
     ev = sub.add_parser("evaluate", help="metrics report of a checkpoint on a labelled set")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True)
@@ -139,10 +148,11 @@ def _run(args) -> int:
             raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
         cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
         clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
-    cfg = load_config(args.config, pretrained_path=args.pretrained, teacher=args.teacher, epochs=args.epochs, data=args.data)
+    cfg = load_config(args.config, pretrained_path=getattr(args, "pretrained", None), teacher=getattr(args, "teacher", None),
+                      epochs=getattr(args, "epochs", None), data=args.data)
     if args.command == "teacher" and not cfg.distill.teacher:
         raise ConfigError_("no teacher: pass --teacher DIR or set emostream.distill.teacher")
-    if cfg.distill.teacher:
+    if cfg.distill.teacher and args.command != "ensemble":
         from .teacher import check_teacher_dir
         check_teacher_dir(cfg.distill.teacher)  # fail before any decoding or training
     out = Path(args.out or Path("runs") / cfg.experiment_name)
@@ -166,6 +176,14 @@ def _run(args) -> int:
     cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
     log.info("%d clips, %d speakers, %.1f min of audio", len(clips), len({c.speaker for c in clips}),
              cache.offsets[-1] / 16000 / 60)
+    if args.command == "ensemble":
+        from .engine import average_fold_logits
+
+        folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+        average_fold_logits([Path(r) for r in args.runs], folds, args.folds, out)
+        cross_validate(cfg, clips, cache, folds, out, resume=True, only_folds=args.folds, show_progress=False)
+        print((out / "cv_report.md").read_text())
+        return 0
     features = None
     if cfg.distill.teacher:
         from .teacher import build_teacher_cache

@@ -781,6 +781,42 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     return report
 
 
+def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[int], out_dir: Path) -> None:
+    """Write the ensemble of finished CV runs into ``out_dir`` as finished folds: for each fold in
+    ``fold_ids``, the log of the mean of the runs' softmax probabilities (clean and telephone copies),
+    so that ``cross_validate(..., resume=True)`` reports it like any run, without training.
+
+    The runs must share the folds (the same config seed, data and exclusions); a run that lacks a
+    fold, or whose logits do not count that fold's validation clips, is a ConfigError naming it."""
+    out_dir = Path(out_dir)
+    if any(Path(r).resolve() == out_dir.resolve() for r in run_dirs):
+        raise ConfigError(f"--out {out_dir} is one of the runs: the ensemble would overwrite its folds")
+    n_folds = int(folds.max()) + 1
+    bad = [k for k in fold_ids if not 0 <= k < n_folds]
+    if bad or not fold_ids:
+        raise ConfigError(f"fold {', '.join(map(str, bad)) or '(none)'}: this config has folds 0-{n_folds - 1}")
+    for k in fold_ids:
+        n = int(np.sum(folds == k))
+        averaged = {}
+        for name in ("val_logits.npy", "val_telephone_logits.npy"):
+            probs = []
+            for run in run_dirs:
+                path = Path(run) / f"fold{k}" / name
+                if not path.exists():
+                    raise ConfigError(f"{path}: missing (is fold {k} of {run} finished?)")
+                logits = np.load(path)
+                if logits.shape != (n, len(CLASSES)):
+                    raise ConfigError(f"{path}: logits of shape {logits.shape}, fold {k} has {n} validation clips "
+                                      "(runs must share the config's folds)")
+                probs.append(softmax(logits))
+            averaged[name] = np.log(np.clip(np.mean(probs, axis=0), 1e-12, None))
+        fold_dir = out_dir / f"fold{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        for name, logits in averaged.items():
+            np.save(fold_dir / name, logits.astype(np.float32))
+        write_json(fold_dir / "done.json", {"fold": k, "history": [], "ensemble_of": [str(r) for r in run_dirs]})
+
+
 def cv_markdown(report: dict) -> str:
     lines = [f"# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
              "Mean ± std over folds (temperature-calibrated probabilities):", "",
