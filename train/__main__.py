@@ -110,7 +110,7 @@ def _run(args) -> int:
     import torch
 
     from .config import load_config
-    from .data import build_cache, load_dataset, make_folds
+    from .data import build_cache, config_clips, load_dataset, make_folds
     from .engine import cross_validate, evaluate_checkpoint, fit
 
     if getattr(args, "reevaluate", False) and not args.resume:
@@ -164,15 +164,7 @@ def _run(args) -> int:
         torch.set_num_threads(cfg.threads)
     if not cfg.data:
         raise ConfigError_("no data: pass --data or set dataset.train_dataframe")
-    clips = load_dataset(cfg.data, cfg.data_folder, cfg.audio_column, cfg.label_column)
-    if cfg.exclude_speakers:
-        before = len(clips)
-        clips = [c for c in clips if c.speaker not in set(cfg.exclude_speakers)]
-        log.info("excluded %d clips of reserved speakers %s", before - len(clips), ", ".join(cfg.exclude_speakers))
-    if cfg.data_sample < 1:
-        rng = np.random.default_rng(cfg.seed)
-        keep = np.sort(rng.choice(len(clips), max(1, int(len(clips) * cfg.data_sample)), replace=False))
-        clips = [clips[i] for i in keep]
+    clips = config_clips(cfg)
     cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
     log.info("%d clips, %d speakers, %.1f min of audio", len(clips), len({c.speaker for c in clips}),
              cache.offsets[-1] / 16000 / 60)

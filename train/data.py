@@ -162,6 +162,22 @@ def build_cache(clips: list[Clip], cache_dir: str | Path, max_seconds: float = 6
 
 # --- folds ---------------------------------------------------------------------------------------
 
+def config_clips(cfg) -> list[Clip]:
+    """The clips a config's folds are made from: its dataset (``cfg.data``) minus the speakers it
+    reserves (``exclude_speakers``), subsampled by ``data_sample`` with its seed. ``cfg`` is a
+    :class:`train.config.TrainConfig`."""
+    clips = load_dataset(cfg.data, cfg.data_folder, cfg.audio_column, cfg.label_column)
+    if cfg.exclude_speakers:
+        before = len(clips)
+        clips = [c for c in clips if c.speaker not in set(cfg.exclude_speakers)]
+        log.info("excluded %d clips of reserved speakers %s", before - len(clips), ", ".join(cfg.exclude_speakers))
+    if cfg.data_sample < 1:
+        rng = np.random.default_rng(cfg.seed)
+        keep = np.sort(rng.choice(len(clips), max(1, int(len(clips) * cfg.data_sample)), replace=False))
+        clips = [clips[i] for i in keep]
+    return clips
+
+
 def make_folds(clips: list[Clip], n_folds: int = 4, group_by: str = "speaker", seed: int = 42) -> np.ndarray:
     """Fold index per clip. ``speaker``: grouped by speaker and stratified by label
     (scikit-learn StratifiedGroupKFold); ``audio``: the recipe's per-file grouping (leaks speakers)."""

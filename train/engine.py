@@ -681,6 +681,13 @@ def _teacher_metrics(teacher, val_idx: np.ndarray, labels: np.ndarray, corpora: 
     return grouped_metrics(softmax(teacher.clip_logits(val_idx)), labels[val_idx], [corpora[i] for i in val_idx])
 
 
+def check_fold_ids(fold_ids: list[int], n_folds: int) -> None:
+    """A ConfigError naming any fold outside ``0 .. n_folds - 1``, or an empty list."""
+    bad = [k for k in fold_ids if not 0 <= k < n_folds]
+    if bad or not fold_ids:
+        raise ConfigError(f"fold {', '.join(map(str, bad)) or '(none)'}: this config has folds 0-{n_folds - 1}")
+
+
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
                    resume: bool = False, pretrained_path: str | None = None, only_folds: list[int] | None = None,
                    device: str | None = None, show_progress: bool = True, teacher_features=None,
@@ -705,9 +712,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     oof_tel = np.zeros_like(oof)
     raw_logits = np.zeros_like(oof)
     run_folds = sorted(set(only_folds)) if only_folds is not None else list(range(cfg.folds))
-    bad = [k for k in run_folds if not 0 <= k < cfg.folds]
-    if bad or not run_folds:
-        raise ConfigError(f"fold {', '.join(map(str, bad)) or '(none)'}: this config has folds 0-{cfg.folds - 1}")
+    check_fold_ids(run_folds, cfg.folds)
     fold_data, train_seconds, teacher_folds = [], 0.0, []
     for k in run_folds:
         fold_dir = out_dir / f"fold{k}"
@@ -791,10 +796,7 @@ def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[
     out_dir = Path(out_dir)
     if any(Path(r).resolve() == out_dir.resolve() for r in run_dirs):
         raise ConfigError(f"--out {out_dir} is one of the runs: the ensemble would overwrite its folds")
-    n_folds = int(folds.max()) + 1
-    bad = [k for k in fold_ids if not 0 <= k < n_folds]
-    if bad or not fold_ids:
-        raise ConfigError(f"fold {', '.join(map(str, bad)) or '(none)'}: this config has folds 0-{n_folds - 1}")
+    check_fold_ids(fold_ids, int(folds.max()) + 1)
     for k in fold_ids:
         n = int(np.sum(folds == k))
         averaged = {}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .__main__ import DEFAULT_CACHE, _fold_list
+
 CONTEXT_SIZES = (3, 8, 20)
 SAME_EMOTION_SHARES = (1.0, 0.5)
 REPEATS = 5
@@ -46,6 +48,15 @@ def context_indices(i: int, candidates: np.ndarray, speakers: np.ndarray, labels
     m = min(int(round(n * share)), len(same))
     rest = rng.choice(own, n - m, replace=True) if n > m else np.array([], dtype=own.dtype)
     return np.concatenate([rng.choice(same, m, replace=False), rest]).astype(own.dtype)
+
+
+def centre_by_speaker(x: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+    """``x`` ``(N, C)`` with each speaker's mean row subtracted from that speaker's rows."""
+    out = x.copy()
+    for s in np.unique(speakers):
+        mask = speakers == s
+        out[mask] -= x[mask].mean(0)
+    return out
 
 
 def embed_clips(checkpoint: Path, waves: list[np.ndarray], positions: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -87,15 +98,8 @@ def probe_fold(emb: np.ndarray, logits: np.ndarray, labels: np.ndarray, speakers
         return lambda z: clf.predict_proba(scaler.transform(z))
 
     out = {"own head": score(softmax(logits[val_idx])), "raw embedding, linear head": score(head(emb[train_idx])(emb[val_idx]))}
-    centred = emb.copy()
-    for s in np.unique(speakers[train_idx]):
-        centred[speakers == s] -= emb[speakers == s].mean(0)
-    centred_head = head(centred[train_idx])
-    everything = emb[val_idx].copy()
-    for s in np.unique(speakers[val_idx]):
-        mask = speakers[val_idx] == s
-        everything[mask] -= emb[val_idx][mask].mean(0)
-    out["centred by all of the speaker's clips"] = score(centred_head(everything))
+    centred_head = head(centre_by_speaker(emb[train_idx], speakers[train_idx]))
+    out["centred by all of the speaker's clips"] = score(centred_head(centre_by_speaker(emb[val_idx], speakers[val_idx])))
     rng = np.random.default_rng(seed)
     scenarios = [(n, None) for n in CONTEXT_SIZES] + [(n, s) for n in CONTEXT_SIZES[1:] for s in SAME_EMOTION_SHARES]
     for n, share in scenarios:
@@ -114,23 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.speaker_centring", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the run's config (its seed fixes the folds)")
     p.add_argument("--run", required=True, help="cv output directory with foldK/checkpoint")
-    p.add_argument("--folds", default="1,3")
+    p.add_argument("--folds", type=_fold_list, default=[1, 3], metavar="K,K,...")
     p.add_argument("--c", type=float, default=0.02, help="inverse L2 strength of the linear heads")
-    p.add_argument("--cache", default=".cache/emostream")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
     args = p.parse_args(argv)
 
     from .config import load_config
-    from .data import CLASSES, build_cache, load_dataset, make_folds
+    from .data import CLASSES, build_cache, config_clips, make_folds
 
     cfg = load_config(args.config)
-    clips = [c for c in load_dataset(cfg.data, cfg.data_folder, cfg.audio_column, cfg.label_column)
-             if c.speaker not in set(cfg.exclude_speakers)]
+    clips = config_clips(cfg)
     cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     labels = np.array([CLASSES.index(c.label) for c in clips])
     speakers = np.array([c.speaker for c in clips])
     print(f"| fold | scoring | UA | ROC AUC |\n|---|---|---|---|")
-    for k in (int(f) for f in args.folds.split(",")):
+    for k in args.folds:
         fold_dir = Path(args.run) / f"fold{k}"
         cached = fold_dir / "embeddings.npz"
         if cached.exists():
