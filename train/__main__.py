@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
                                          "the teacher alone on the student's folds")
     common(te)
+    te.add_argument("--layers", nargs="+", type=_layer_list, metavar="L[,L...]",
+                    help="compare teachers built on these encoder hidden states instead of the config's: each "
+                         "argument one layer or a comma list averaged (0 = after the stem, 6 = Whisper base's "
+                         "output); one report per choice and a table teacher_layers.md")
     en = sub.add_parser("ensemble", help="report the mean probabilities of finished CV runs on the same folds "
                                          "(no training): what an ensemble of them would score")
     en.add_argument("--config", required=True, help="the runs' config (its seed fixes the folds)")
@@ -176,11 +180,16 @@ def _run(args) -> int:
         cross_validate(cfg, clips, cache, folds, out, resume=True, only_folds=args.folds, show_progress=False)
         print((out / "cv_report.md").read_text())
         return 0
+    if args.command == "teacher" and args.layers:
+        table = _teacher_layers(cfg, clips, cache, args.layers, args.cache, out)
+        print(table)
+        return 0
     features = None
     if cfg.distill.teacher:
         from .teacher import build_teacher_cache
 
-        features = build_teacher_cache(cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0)
+        features = build_teacher_cache(cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0,
+                                       layers=cfg.distill.layers)
         log.info("teacher: %s, %d encoder frames cached", cfg.distill.teacher, len(features.frames))
     if args.command == "teacher":
         from .engine import teacher_cv
@@ -207,6 +216,8 @@ def _run(args) -> int:
             teacher = fold_teacher(cfg, clips, features, np.arange(len(clips)))
             metadata["distillation"] = {"teacher": Path(cfg.distill.teacher).name, "alpha": cfg.distill.alpha,
                                         "temperature": cfg.distill.temperature}
+            if cfg.distill.layers:
+                metadata["distillation"]["encoder_layers"] = list(cfg.distill.layers)
         res = fit(cfg, clips, cache, np.arange(len(clips)), None, out, resume=args.resume,
                   pretrained_path=args.pretrained, metadata=metadata, device=args.device,
                   show_progress=not args.no_progress, teacher=teacher)
@@ -228,6 +239,50 @@ def _fold_list(text: str) -> list[int]:
         return [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected fold numbers separated by commas, got {text!r}") from None
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    """``--layers 3,4`` as a sorted tuple of distinct hidden-state indices."""
+    try:
+        layers = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected layer numbers >= 0 separated by commas, got {text!r}")
+    return layers
+
+
+def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir: str, out: Path) -> str:
+    """The teacher cross-validated on each choice of encoder hidden states (``teacher --layers``):
+    one ``teacher_report`` per choice under ``out/layers_<L>`` and a table ``out/teacher_layers.md``."""
+    import json
+    from dataclasses import replace
+
+    from .data import make_folds
+    from .engine import teacher_cv
+    from .teacher import build_teacher_cache
+
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    rows, results = [], {}
+    for layers in choices:
+        name = "-".join(map(str, layers))
+        features = build_teacher_cache(cache, cfg.distill.teacher, cache_dir, threads=cfg.threads or 0, layers=layers)
+        report = teacher_cv(replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds,
+                            out / f"layers_{name}")
+        s = report["summary"]["overall"]
+        results[name] = {k: s[k] for k in ("ua", "macro_f1", "accuracy", "roc_auc")}
+        rows.append(f"| {', '.join(map(str, layers))} | " + " | ".join(
+            f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in ("ua", "macro_f1", "accuracy", "roc_auc")) +
+            " | " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
+    table = ("| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
+             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teacher_layers.md").write_text(
+        f"Teacher alone per choice of Whisper encoder hidden states ({cfg.folds}-fold CV grouped by "
+        f"{cfg.group_by}, logistic regression C={cfg.distill.head_c}; 0 = after the stem, the last = the "
+        "encoder's output)\n\n" + table)
+    (out / "teacher_layers.json").write_text(json.dumps(results, indent=1))
+    return table
 
 
 def _read_cv_report(path: str, clip: bool) -> dict:

@@ -64,6 +64,9 @@ class Distill:
     speaker_centre: str = "none"      # subtract each speaker's mean pooled encoder output from the teacher's
                                       # features: "none", before its heads ("heads"), or before the heads and
                                       # the embedding and frame targets ("all"); training only
+    layers: tuple[int, ...] = ()      # encoder hidden states averaged into the teacher's features: () = the
+                                      # encoder output (CTranslate2); else 0 = after the stem, k = after block k
+                                      # (6 = the output of Whisper base), read by train.whisper_layers
 
 
 @dataclass(frozen=True)
@@ -517,7 +520,15 @@ def _extensions(body: dict, u: dict) -> None:
             bad = set(value or {}) - names
             if bad:
                 raise ConfigError(f"emostream.distill.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(names))})")
-            d = Distill(**(value or {}))
+            value = dict(value or {})
+            if "layers" in value:
+                layers = value["layers"]
+                if (not isinstance(layers, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                            for k in layers) or len(set(layers)) != len(layers)):
+                    raise ConfigError(f"emostream.distill.layers: {layers!r} must be a list of distinct layer "
+                                      "indices >= 0 (empty: the encoder output)")
+                value["layers"] = tuple(sorted(layers))
+            d = Distill(**value)
             if not 0.0 <= d.alpha <= 1.0:
                 raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
             if d.temperature <= 0 or d.head_c <= 0:

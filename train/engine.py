@@ -652,6 +652,8 @@ def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray,
 
     report = {"protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}; teacher: Whisper base encoder "
                           f"(frozen) + logistic regression (C={cfg.distill.head_c})"
+                          + (f", encoder hidden states {', '.join(map(str, cfg.distill.layers))} (mean)"
+                             if cfg.distill.layers else "")
                           + (", features centred per speaker (a held-out speaker's mean from its own audio)"
                              if cfg.distill.speaker_centre != "none" else ""),
               "teacher": cfg.distill.teacher, "summary": summarize_folds(per_fold),

@@ -133,35 +133,31 @@ class TeacherFeatures:
         return np.stack([self.pool(i) for i in range(len(self.offsets) - 1)])
 
 
-def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: str | Path,
-                        threads: int = 0, show_progress: bool = False) -> TeacherFeatures:
-    """Encode every clip of ``cache`` once (resumable in shards of ``SHARD_CLIPS``), then reuse."""
-    teacher_dir = check_teacher_dir(teacher_dir)
-    cache_dir = Path(cache_dir)
+def _cache_key(cache: AudioCache, teacher_dir: Path, extra: str = "") -> str:
     digest = hashlib.sha1()
     digest.update(np.asarray(cache.offsets).tobytes())
     digest.update(np.asarray(cache.samples[:: max(1, len(cache.samples) // 100_000)]).tobytes())
-    digest.update(f"{teacher_dir.resolve()}:{(teacher_dir / 'model.bin').stat().st_size}:{CONTEXT_SECONDS}".encode())
-    key = digest.hexdigest()[:16]
-    frames_path, index_path = cache_dir / f"teacher-{key}.npy", cache_dir / f"teacher-{key}.offsets.npy"
+    digest.update(f"{teacher_dir.resolve()}:{(teacher_dir / 'model.bin').stat().st_size}:{CONTEXT_SECONDS}{extra}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _encode_all(n: int, encode, frames_path: Path, index_path: Path, what: str) -> TeacherFeatures:
+    """``encode(i)`` for clips ``0..n-1`` once, in resumable shards of ``SHARD_CLIPS``, stored back to
+    back at ``frames_path`` (clip offsets at ``index_path``); the stored result when it exists."""
     if frames_path.exists() and index_path.exists():
         return TeacherFeatures(np.load(frames_path, mmap_mode="r"), np.load(index_path))
-    shard_dir = cache_dir / f"teacher-{key}.shards"
+    shard_dir = frames_path.with_suffix(".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
-    from faster_whisper.feature_extractor import FeatureExtractor
-
-    model, extractor = load_encoder(teacher_dir, threads), FeatureExtractor()
-    n = len(cache)
     shards = range(0, n, SHARD_CLIPS)
     for s in shards:
         shard = shard_dir / f"{s:06d}.npz"
         if shard.exists():
             continue
-        outs = [encode_clip(model, extractor, cache.clip(i)) for i in range(s, min(n, s + SHARD_CLIPS))]
+        outs = [encode(i) for i in range(s, min(n, s + SHARD_CLIPS))]
         tmp = shard.with_suffix(".tmp.npz")
         np.savez(tmp, frames=np.concatenate(outs), counts=np.array([len(o) for o in outs]))
         tmp.replace(shard)
-        log.info("teacher cache: %d/%d clips encoded", min(n, s + SHARD_CLIPS), n)
+        log.info("%s: %d/%d clips encoded", what, min(n, s + SHARD_CLIPS), n)
     frames, counts = [], []
     for s in shards:
         with np.load(shard_dir / f"{s:06d}.npz") as z:
@@ -176,6 +172,89 @@ def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: s
         f.unlink()
     shard_dir.rmdir()
     return TeacherFeatures(np.load(frames_path, mmap_mode="r"), offsets)
+
+
+def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: str | Path,
+                        threads: int = 0, show_progress: bool = False,
+                        layers: tuple[int, ...] = ()) -> TeacherFeatures:
+    """Encode every clip of ``cache`` once (resumable in shards of ``SHARD_CLIPS``), then reuse.
+
+    ``layers`` empty: the encoder's output (CTranslate2, int8 on CPU). Otherwise the mean of the
+    given hidden states (0 = after the stem, k = after block k, the last = the output), read with
+    :mod:`train.whisper_layers` (float32) and cached once for all layers.
+    """
+    teacher_dir = check_teacher_dir(teacher_dir)
+    cache_dir = Path(cache_dir)
+    if layers:
+        return _layer_features(cache, teacher_dir, cache_dir, tuple(layers), threads)
+    key = _cache_key(cache, teacher_dir)
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    state: dict = {}
+
+    def encode(i: int) -> np.ndarray:
+        if not state:  # load the encoder only when something is left to encode
+            state["model"], state["extractor"] = load_encoder(teacher_dir, threads), FeatureExtractor()
+        return encode_clip(state["model"], state["extractor"], cache.clip(i))
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return _encode_all(len(cache), encode, cache_dir / f"teacher-{key}.npy", cache_dir / f"teacher-{key}.offsets.npy",
+                       "teacher cache")
+
+
+def encode_clip_layers(encoder, extractor, audio: np.ndarray) -> np.ndarray:
+    """Every hidden state of the encoder, ``(clip_frames, layers + 1, d_model)`` float16, for one
+    16 kHz clip, in the same ``CONTEXT_SECONDS`` pieces as :func:`encode_clip`."""
+    import torch
+
+    pieces = []
+    for s in range(0, max(1, len(audio)), CONTEXT_SAMPLES):
+        seg = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
+        part = audio[s:s + CONTEXT_SAMPLES]
+        seg[:len(part)] = part
+        mel = extractor(seg, padding=0)[:, : CONTEXT_FRAMES * 2]
+        states = encoder(torch.from_numpy(np.ascontiguousarray(mel[None], dtype=np.float32)))  # (L+1, 1, T, D)
+        pieces.append(states[:, 0, : clip_frames(len(part))].transpose(0, 1).numpy().astype(np.float16))
+    return np.concatenate(pieces)
+
+
+def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layers: tuple[int, ...],
+                    threads: int) -> TeacherFeatures:
+    """The mean of hidden states ``layers`` per frame (cached), from the all-layer cache."""
+    key = _cache_key(cache, teacher_dir, ":layers")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = "-".join(str(k) for k in layers)
+    frames_path = cache_dir / f"teacher-{key}-L{name}.npy"
+    index_path = cache_dir / f"teacher-{key}.offsets.npy"
+    if frames_path.exists() and index_path.exists():
+        return TeacherFeatures(np.load(frames_path, mmap_mode="r"), np.load(index_path))
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    from .whisper_layers import load_encoder_layers
+
+    state: dict = {}
+
+    def encode(i: int) -> np.ndarray:
+        if not state:
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
+            state["encoder"], state["extractor"] = load_encoder_layers(teacher_dir), FeatureExtractor()
+        return encode_clip_layers(state["encoder"], state["extractor"], cache.clip(i))
+
+    every = _encode_all(len(cache), encode, cache_dir / f"teacher-{key}.npy", index_path, "teacher layer cache")
+    n_states = every.frames.shape[1]
+    bad = [k for k in layers if not 0 <= k < n_states]
+    if bad:
+        raise TeacherError(f"teacher layer {bad[0]} does not exist: {teacher_dir} has hidden states 0-{n_states - 1}")
+    out = np.empty((len(every.frames), every.frames.shape[2]), np.float16)
+    for s in range(0, len(out), 65536):  # in blocks: the all-layer cache is several GB
+        out[s:s + 65536] = every.frames[s:s + 65536, list(layers)].astype(np.float32).mean(axis=1)
+    tmp = frames_path.with_suffix(".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(frames_path)
+    return TeacherFeatures(np.load(frames_path, mmap_mode="r"), every.offsets)
 
 
 # --- heads -----------------------------------------------------------------------------------------
