@@ -350,24 +350,32 @@ requires_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model.bin").exists(),
                                       reason=f"no Whisper teacher at {TEACHER_DIR}")
 
 
-@requires_teacher
-def test_tiny_distillation_run_end_to_end(tmp_path):
-    pytest.importorskip("ctranslate2")
-    import soundfile as sf
+def write_tiny_set(folder, long_first_speaker: bool = False) -> None:
+    """A manifest of 4 speakers x (Angry, Sad) speech-like clips of 1 s (speaker 0's 7 s when
+    ``long_first_speaker``: longer than a window)."""
     import pandas as pd
+    import soundfile as sf
 
     from .conftest import speechlike
-    from train.data import build_cache, load_dataset, make_folds
-    from train.engine import cross_validate
-    from train.teacher import build_teacher_cache
 
     rows = []
     for spk in range(4):
         for k, label in enumerate(["Angry", "Sad"]):
             name = f"s{spk}_{label}.wav"
-            sf.write(tmp_path / name, speechlike(1.0 + 6.0 * (spk == 0), f0=120 + 80 * k, seed=spk * 7 + k), 16000)
+            seconds = 1.0 + 6.0 * (spk == 0 and long_first_speaker)
+            sf.write(folder / name, speechlike(seconds, f0=120 + 80 * k, seed=spk * 7 + k), 16000)
             rows.append({"path": name, "label": label, "speaker": f"spk{spk}", "corpus": "tiny"})
-    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+
+
+@requires_teacher
+def test_tiny_distillation_run_end_to_end(tmp_path):
+    pytest.importorskip("ctranslate2")
+    from train.data import build_cache, load_dataset, make_folds
+    from train.engine import cross_validate
+    from train.teacher import build_teacher_cache
+
+    write_tiny_set(tmp_path, long_first_speaker=True)
     clips = load_dataset(tmp_path)
     cache = build_cache(clips, tmp_path / "cache")
     feats = build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache")

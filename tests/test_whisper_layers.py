@@ -192,20 +192,11 @@ def test_teacher_cli_compares_layer_choices(tmp_path):
     pytest.importorskip("ctranslate2")
     import json
 
-    import pandas as pd
-    import soundfile as sf
-
     from train.__main__ import main
 
-    from .conftest import speechlike
+    from .test_teacher import write_tiny_set
 
-    rows = []
-    for spk in range(4):
-        for k, label in enumerate(["Angry", "Sad"]):
-            name = f"s{spk}_{label}.wav"
-            sf.write(tmp_path / name, speechlike(1.0, f0=120 + 80 * k, seed=spk * 7 + k), 16000)
-            rows.append({"path": name, "label": label, "speaker": f"spk{spk}", "corpus": "tiny"})
-    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    write_tiny_set(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\nemostream:\n  distill:\n    inner_folds: 2\n")
     out = tmp_path / "out"

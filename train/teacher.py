@@ -91,19 +91,23 @@ def frame_span(start: int, length: int, n_frames: int) -> tuple[int, int]:
     return f0, f1
 
 
-def encode_clip(model, extractor, audio: np.ndarray) -> np.ndarray:
-    """Frame-level encoder outputs ``(clip_frames, d_model)`` (float16) for one 16 kHz clip."""
-    import ctranslate2
-
-    pieces = []
+def context_mels(extractor, audio: np.ndarray):
+    """Whisper log-mels ``(1, 80, 2 * CONTEXT_FRAMES)`` float32 of each ``CONTEXT_SECONDS`` piece of a
+    16 kHz clip (zero-padded), with the number of encoder frames that cover its real audio."""
     for s in range(0, max(1, len(audio)), CONTEXT_SAMPLES):
         seg = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
         part = audio[s:s + CONTEXT_SAMPLES]
         seg[:len(part)] = part
         mel = extractor(seg, padding=0)[:, : CONTEXT_FRAMES * 2]
-        out = model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None], dtype=np.float32)))
-        pieces.append(np.asarray(out)[0, : clip_frames(len(part))].astype(np.float16))
-    return np.concatenate(pieces)
+        yield np.ascontiguousarray(mel[None], dtype=np.float32), clip_frames(len(part))
+
+
+def encode_clip(model, extractor, audio: np.ndarray) -> np.ndarray:
+    """Frame-level encoder outputs ``(clip_frames, d_model)`` (float16) for one 16 kHz clip."""
+    import ctranslate2
+
+    return np.concatenate([np.asarray(model.encode(ctranslate2.StorageView.from_array(mel)))[0, :n].astype(np.float16)
+                           for mel, n in context_mels(extractor, audio)])
 
 
 @dataclass
@@ -207,15 +211,8 @@ def encode_clip_layers(encoder, extractor, audio: np.ndarray) -> np.ndarray:
     16 kHz clip, in the same ``CONTEXT_SECONDS`` pieces as :func:`encode_clip`."""
     import torch
 
-    pieces = []
-    for s in range(0, max(1, len(audio)), CONTEXT_SAMPLES):
-        seg = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
-        part = audio[s:s + CONTEXT_SAMPLES]
-        seg[:len(part)] = part
-        mel = extractor(seg, padding=0)[:, : CONTEXT_FRAMES * 2]
-        states = encoder(torch.from_numpy(np.ascontiguousarray(mel[None], dtype=np.float32)))  # (L+1, 1, T, D)
-        pieces.append(states[:, 0, : clip_frames(len(part))].transpose(0, 1).numpy().astype(np.float16))
-    return np.concatenate(pieces)
+    return np.concatenate([encoder(torch.from_numpy(mel))[:, 0, :n].transpose(0, 1).numpy().astype(np.float16)
+                           for mel, n in context_mels(extractor, audio)])
 
 
 def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layers: tuple[int, ...],
