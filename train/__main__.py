@@ -259,7 +259,7 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
     from dataclasses import replace
 
     from .data import make_folds
-    from .engine import teacher_cv
+    from .engine import SUMMARY_METRICS, _summary_rows, teacher_cv
     from .teacher import build_teacher_cache
 
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
@@ -270,10 +270,9 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
         report = teacher_cv(replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds,
                             out / f"layers_{name}")
         s = report["summary"]["overall"]
-        results[name] = {k: s[k] for k in ("ua", "macro_f1", "accuracy", "roc_auc")}
-        rows.append(f"| {', '.join(map(str, layers))} | " + " | ".join(
-            f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in ("ua", "macro_f1", "accuracy", "roc_auc")) +
-            " | " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
+        results[name] = {k: s[k] for k in SUMMARY_METRICS}
+        row, = _summary_rows({", ".join(map(str, layers)): s})
+        rows.append(row + " " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
     table = ("| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
              "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -145,18 +145,22 @@ def _cache_key(cache: AudioCache, teacher_dir: Path, extra: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
-def _encode_all(n: int, encode, frames_path: Path, index_path: Path, what: str) -> TeacherFeatures:
+def _encode_all(n: int, load_encode, frames_path: Path, index_path: Path, what: str) -> TeacherFeatures:
     """``encode(i)`` for clips ``0..n-1`` once, in resumable shards of ``SHARD_CLIPS``, stored back to
-    back at ``frames_path`` (clip offsets at ``index_path``); the stored result when it exists."""
+    back at ``frames_path`` (clip offsets at ``index_path``); the stored result when it exists.
+    ``load_encode()`` loads the encoder and returns ``encode``; it runs only when a shard is missing."""
     if frames_path.exists() and index_path.exists():
         return TeacherFeatures(np.load(frames_path, mmap_mode="r"), np.load(index_path))
+    frames_path.parent.mkdir(parents=True, exist_ok=True)
     shard_dir = frames_path.with_suffix(".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     shards = range(0, n, SHARD_CLIPS)
+    encode = None
     for s in shards:
         shard = shard_dir / f"{s:06d}.npz"
         if shard.exists():
             continue
+        encode = encode or load_encode()
         outs = [encode(i) for i in range(s, min(n, s + SHARD_CLIPS))]
         tmp = shard.with_suffix(".tmp.npz")
         np.savez(tmp, frames=np.concatenate(outs), counts=np.array([len(o) for o in outs]))
@@ -192,18 +196,15 @@ def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: s
     if layers:
         return _layer_features(cache, teacher_dir, cache_dir, tuple(layers), threads)
     key = _cache_key(cache, teacher_dir)
-    from faster_whisper.feature_extractor import FeatureExtractor
 
-    state: dict = {}
+    def load_encode():
+        from faster_whisper.feature_extractor import FeatureExtractor
 
-    def encode(i: int) -> np.ndarray:
-        if not state:  # load the encoder only when something is left to encode
-            state["model"], state["extractor"] = load_encoder(teacher_dir, threads), FeatureExtractor()
-        return encode_clip(state["model"], state["extractor"], cache.clip(i))
+        model, extractor = load_encoder(teacher_dir, threads), FeatureExtractor()
+        return lambda i: encode_clip(model, extractor, cache.clip(i))
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return _encode_all(len(cache), encode, cache_dir / f"teacher-{key}.npy", cache_dir / f"teacher-{key}.offsets.npy",
-                       "teacher cache")
+    return _encode_all(len(cache), load_encode, cache_dir / f"teacher-{key}.npy",
+                       cache_dir / f"teacher-{key}.offsets.npy", "teacher cache")
 
 
 def encode_clip_layers(encoder, extractor, audio: np.ndarray) -> np.ndarray:
@@ -219,28 +220,24 @@ def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layer
                     threads: int) -> TeacherFeatures:
     """The mean of hidden states ``layers`` per frame (cached), from the all-layer cache."""
     key = _cache_key(cache, teacher_dir, ":layers")
-    cache_dir.mkdir(parents=True, exist_ok=True)
     name = "-".join(str(k) for k in layers)
     frames_path = cache_dir / f"teacher-{key}-L{name}.npy"
     index_path = cache_dir / f"teacher-{key}.offsets.npy"
     if frames_path.exists() and index_path.exists():
         return TeacherFeatures(np.load(frames_path, mmap_mode="r"), np.load(index_path))
-    from faster_whisper.feature_extractor import FeatureExtractor
 
-    from .whisper_layers import load_encoder_layers
+    def load_encode():
+        import torch
+        from faster_whisper.feature_extractor import FeatureExtractor
 
-    state: dict = {}
+        from .whisper_layers import load_encoder_layers
 
-    def encode(i: int) -> np.ndarray:
-        if not state:
-            import torch
+        if threads:
+            torch.set_num_threads(threads)
+        encoder, extractor = load_encoder_layers(teacher_dir), FeatureExtractor()
+        return lambda i: encode_clip_layers(encoder, extractor, cache.clip(i))
 
-            if threads:
-                torch.set_num_threads(threads)
-            state["encoder"], state["extractor"] = load_encoder_layers(teacher_dir), FeatureExtractor()
-        return encode_clip_layers(state["encoder"], state["extractor"], cache.clip(i))
-
-    every = _encode_all(len(cache), encode, cache_dir / f"teacher-{key}.npy", index_path, "teacher layer cache")
+    every = _encode_all(len(cache), load_encode, cache_dir / f"teacher-{key}.npy", index_path, "teacher layer cache")
     n_states = every.frames.shape[1]
     bad = [k for k in layers if not 0 <= k < n_states]
     if bad:
