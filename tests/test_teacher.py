@@ -188,6 +188,28 @@ def _synthetic(n_speakers=8, per_class=2, dim=16, seed=0):
     return TeacherFeatures(frames, offsets), np.array(labels), speakers
 
 
+def test_nested_teacher_choice_picks_the_informative_features_without_validation_labels():
+    """Each fold picks the teacher features from its training speakers alone: the informative
+    choice over noise, and the same pick and inner scores whatever the validation labels are."""
+    from train.data import Clip, make_folds
+    from train.engine import nested_teacher_choice
+
+    feats, labels, speakers = _synthetic()
+    noise = TeacherFeatures(np.random.default_rng(1).normal(size=feats.frames.shape).astype(np.float16), feats.offsets)
+    clips = [Clip(f"c{i}.wav", CLASSES[y], s) for i, (y, s) in enumerate(zip(labels, speakers))]
+    cfg = load_config(ROOT / "train" / "configs" / "distill.yaml")
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    picks = nested_teacher_choice(cfg, clips, {"noise": noise, "signal": feats}, folds)
+    assert [p["fold"] for p in picks] == list(range(cfg.folds)) and all(p["chosen"] == "signal" for p in picks)
+    assert all(p["inner_ua"]["signal"] > p["inner_ua"]["noise"] + 0.3 and p["ua"] > 0.6 for p in picks)
+    # relabel fold 0's validation clips: fold 0's choice and inner scores stay, its validation UA drops
+    relabelled = [replace(c, label=CLASSES[(CLASSES.index(c.label) + 1) % len(CLASSES)]) if f == 0 else c
+                  for c, f in zip(clips, folds)]
+    again = nested_teacher_choice(cfg, relabelled, {"noise": noise, "signal": feats}, folds)
+    assert again[0]["chosen"] == "signal" and again[0]["inner_ua"] == picks[0]["inner_ua"]
+    assert again[0]["ua"] < 0.2 and again[1]["inner_ua"] != picks[1]["inner_ua"]
+
+
 @pytest.mark.parametrize("centre", ["none", "heads", "all"])
 def test_fold_teacher_never_sees_validation_speakers(centre):
     feats, labels, speakers = _synthetic()

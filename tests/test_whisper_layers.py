@@ -205,6 +205,11 @@ def test_teacher_cli_compares_layer_choices(tmp_path):
     table = (out / "teacher_layers.md").read_text()
     assert "| 3 |" in table and "| 3, 4 |" in table
     results = json.loads((out / "teacher_layers.json").read_text())
-    assert set(results) == {"3", "3-4"} and 0 <= results["3"]["ua"]["mean"] <= 1
+    assert set(results) == {"3", "3-4", "nested"} and 0 <= results["3"]["ua"]["mean"] <= 1
     report = json.loads((out / "layers_3-4" / "teacher_report.json").read_text())
     assert "encoder hidden states 3, 4 (mean)" in report["protocol"] and len(report["folds"]) == 2
+    # the choice made inside each fold's training speakers, scored by the same head as its report
+    assert "Chosen inside each fold's training speakers" in table and "| nested CV |" in table
+    for pick in results["nested"]:
+        chosen = json.loads((out / f"layers_{pick['chosen']}" / "teacher_report.json").read_text())
+        assert pick["ua"] == pytest.approx(chosen["folds"][pick["fold"]]["overall"]["ua"])

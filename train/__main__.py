@@ -259,14 +259,15 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
     from dataclasses import replace
 
     from .data import make_folds
-    from .engine import SUMMARY_METRICS, _summary_rows, teacher_cv
+    from .engine import SUMMARY_METRICS, _summary_rows, nested_teacher_choice, teacher_cv
     from .teacher import build_teacher_cache
 
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    rows, results = [], {}
+    rows, results, built = [], {}, {}
     for layers in choices:
         name = "-".join(map(str, layers))
-        features = build_teacher_cache(cache, cfg.distill.teacher, cache_dir, threads=cfg.threads or 0, layers=layers)
+        features = built[name] = build_teacher_cache(cache, cfg.distill.teacher, cache_dir,
+                                                     threads=cfg.threads or 0, layers=layers)
         report = teacher_cv(replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds,
                             out / f"layers_{name}")
         s = report["summary"]["overall"]
@@ -275,13 +276,25 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
         rows.append(row + " " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
     table = ("| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
              "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    nested = ""
+    if len(built) > 1 and cfg.distill.speaker_centre == "none":
+        picks = nested_teacher_choice(cfg, clips, built, folds)
+        results["nested"] = picks
+        nested = (f"\nChosen inside each fold's training speakers ({cfg.folds} inner folds grouped by "
+                  f"{cfg.group_by}, best mean inner UA), then scored on the fold's validation speakers:\n\n"
+                  "| fold | chosen | inner UA of each choice | UA | ROC AUC |\n|---|---|---|---|---|\n"
+                  + "".join(f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
+                            + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
+                            + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n" for p in picks)
+                  + f"| nested CV | | | {np.mean([p['ua'] for p in picks]):.3f} ± {np.std([p['ua'] for p in picks]):.3f}"
+                  f" | {np.mean([p['roc_auc'] for p in picks]):.3f} ± {np.std([p['roc_auc'] for p in picks]):.3f} |\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_layers.md").write_text(
         f"Teacher alone per choice of Whisper encoder hidden states ({cfg.folds}-fold CV grouped by "
         f"{cfg.group_by}, logistic regression C={cfg.distill.head_c}; 0 = after the stem, the last = the "
-        "encoder's output)\n\n" + table)
+        "encoder's output)\n\n" + table + nested)
     (out / "teacher_layers.json").write_text(json.dumps(results, indent=1))
-    return table
+    return table + nested
 
 
 def _read_cv_report(path: str, clip: bool) -> dict:

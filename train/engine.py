@@ -664,6 +664,38 @@ def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray,
     return report
 
 
+def nested_teacher_choice(cfg: TrainConfig, clips: list[Clip], choices: dict, folds: np.ndarray) -> list[dict]:
+    """Which teacher features a fold would pick from its training speakers alone (nested CV).
+
+    ``choices`` maps a name to its :class:`train.teacher.TeacherFeatures`. For each outer fold, every
+    choice's head (logistic regression on whole-clip pooled features, as
+    :func:`teacher_cv` reports) is cross-validated over inner speaker-grouped folds of the fold's
+    training clips; the choice with the best mean inner UA is then scored on the fold's validation
+    speakers. Returns one dict per fold: ``chosen``, ``inner_ua`` (per choice) and the chosen
+    teacher's validation ``ua`` / ``roc_auc``, so the selection never sees a validation label."""
+    from .data import make_folds
+    from .teacher import fit_head
+
+    labels = np.array([CLASSES.index(c.label) for c in clips])
+    pooled = {name: f.pooled() for name, f in choices.items()}
+
+    def score(name: str, fit_rows: np.ndarray, eval_rows: np.ndarray) -> dict:
+        head = fit_head(pooled[name][fit_rows], labels[fit_rows], len(CLASSES), cfg.distill.head_c, cfg.seed)
+        return classification_metrics(softmax(head.logits(pooled[name][eval_rows])), labels[eval_rows])
+
+    out = []
+    for k in range(cfg.folds):
+        train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
+        n_inner = min(cfg.folds, len({clips[i].speaker for i in train_idx}))
+        inner = make_folds([clips[i] for i in train_idx], n_inner, cfg.group_by, cfg.seed)
+        inner_ua = {name: float(np.mean([score(name, train_idx[inner != j], train_idx[inner == j])["ua"]
+                                         for j in range(n_inner)])) for name in choices}
+        chosen = max(inner_ua, key=inner_ua.get)
+        m = score(chosen, train_idx, val_idx)
+        out.append({"fold": k, "chosen": chosen, "inner_ua": inner_ua, "ua": m["ua"], "roc_auc": m["roc_auc"]})
+    return out
+
+
 SUMMARY_METRICS = ("ua", "macro_f1", "accuracy", "roc_auc")
 
 
