@@ -260,7 +260,10 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
 
     from .data import make_folds
     from .engine import SUMMARY_METRICS, _summary_rows, nested_teacher_choice, teacher_cv
+    from .metrics import summarize_folds
     from .teacher import build_teacher_cache
+
+    nested_metrics = ("ua", "roc_auc")
 
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     rows, results, built = [], {}, {}
@@ -286,8 +289,8 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
                   + "".join(f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
                             + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
                             + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n" for p in picks)
-                  + f"| nested CV | | | {np.mean([p['ua'] for p in picks]):.3f} ± {np.std([p['ua'] for p in picks]):.3f}"
-                  f" | {np.mean([p['roc_auc'] for p in picks]):.3f} ± {np.std([p['roc_auc'] for p in picks]):.3f} |\n")
+                  + _summary_rows({"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]},
+                                  nested_metrics)[0] + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_layers.md").write_text(
         f"Teacher alone per choice of Whisper encoder hidden states ({cfg.folds}-fold CV grouped by "
