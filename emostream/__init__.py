@@ -1,2 +1,6 @@
 """emostream: real-time speech emotion analysis for phone calls."""
 __version__ = "0.1.0"
+
+# The model's output classes, in its logit order: the one definition every module (and the event
+# format) uses. It lives here, free of imports, so the display can use it without loading numpy or torch.
+CLASSES: tuple[str, ...] = ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")

@@ -20,8 +20,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-# Same order as emostream.model.CLASSES (not imported from there to avoid loading torch).
-CLASSES: tuple[str, ...] = ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
+from . import CLASSES
+
 
 # Fixed colour per class (hex, so that every colour system and HTML export agree).
 EMOTION_COLORS: dict[str, str] = {

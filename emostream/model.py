@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import CLASSES, __version__
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
 from .features import FeatureConfig, MelFrontEnd
 
-CLASSES = ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
 NUM_CLASSES = len(CLASSES)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"

@@ -8,7 +8,7 @@ from typing import IO, Iterable
 
 import numpy as np
 
-CLASSES = ("Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprised")
+from . import CLASSES
 
 
 def make_event(stream: str, channel: str, t_start: float, t_end: float,

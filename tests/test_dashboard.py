@@ -207,8 +207,17 @@ def test_format_helpers() -> None:
     assert format_rtf(None) == "x–"
 
 
-def test_classes_match_timeline_module() -> None:
+def test_classes_have_one_definition_and_the_web_page_agrees() -> None:
+    import re
+    from importlib.resources import files
+
+    import emostream
+    from emostream.model import CLASSES as MODEL_CLASSES
     from emostream.timeline import CLASSES as TIMELINE_CLASSES
 
-    assert CLASSES == TIMELINE_CLASSES
+    assert CLASSES is emostream.CLASSES is TIMELINE_CLASSES is MODEL_CLASSES
     assert set(EMOTION_COLORS) == set(CLASSES)
+    # the supervisor page cannot import Python: its own list must match, in the same order
+    js = (files("emostream") / "web" / "app.js").read_text()
+    listed = re.search(r"const CLASSES = \[([^\]]*)\]", js)
+    assert listed and tuple(re.findall(r"'(\w+)'", listed.group(1))) == CLASSES
