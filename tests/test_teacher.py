@@ -298,6 +298,38 @@ def test_training_targets_come_from_a_head_without_the_clips_speaker():
         assert np.allclose(again.inner_heads[j].coef, teacher.inner_heads[j].coef)
 
 
+def test_speed_copies_get_their_originals_heads_on_their_own_features():
+    """With speed copies appended, the teacher's heads are those fitted on the original clips alone,
+    and a copy's target comes from its original's (out-of-speaker) head applied to the copy's own
+    encoding, not the original's."""
+    from train.data import Clip
+    from train.engine import fold_teacher
+
+    feats, labels, speakers = _synthetic()
+    n = len(labels)
+    rng = np.random.default_rng(5)
+    copy_frames = np.concatenate([feats.clip(i).astype(np.float32) + rng.normal(size=(1, feats.frames.shape[1]))
+                                  for i in range(n)]).astype(np.float16)
+    both = feats.extended(TeacherFeatures(copy_frames, feats.offsets))
+    assert len(both.offsets) == 2 * n + 1 and np.array_equal(both.clip(n + 3), copy_frames[feats.offsets[3]:feats.offsets[4]])
+    clips = [Clip(f"c{i}.wav", CLASSES[y], s) for i, (y, s) in enumerate(zip(labels, speakers))]
+    clips_x = clips + [Clip(f"c{i}.wav#speed1.1", c.label, c.speaker) for i, c in enumerate(clips)]
+    copies = (n + np.arange(n))[:, None]
+    cfg = load_config(CONFIGS / "distill.yaml")
+    train = np.array([i for i, s in enumerate(speakers) if s not in ("s0", "s1")])
+    plain = fold_teacher(cfg, clips, feats, train)
+    teacher = fold_teacher(cfg, clips_x, both, train, copies)
+    assert np.allclose(plain.head.coef, teacher.head.coef)  # heads fitted on the originals only
+    assert all(np.allclose(a.coef, b.coef) for a, b in zip(plain.inner_heads, teacher.inner_heads))
+    assert np.array_equal(teacher.head_of[copies[train, 0]], teacher.head_of[train])
+    assert (teacher.head_of[copies[np.setdiff1d(np.arange(n), train), 0]] == -1).all()  # validation copies unused
+    i = int(train[0])
+    start, length = np.array([0]), np.array([10**6])  # whole clips
+    got = teacher.logits(np.array([n + i]), start, length)[0]
+    want = teacher.inner_heads[teacher.head_of[i]].logits(both.pool(n + i))
+    assert np.allclose(got, want) and not np.allclose(got, teacher.logits(np.array([i]), start, length)[0])
+
+
 def test_mixup_mixes_labels_and_every_teacher_target_with_the_same_pairs():
     """Mixup (recipe augmentation.mix_*): each window is lam * its own + (1 - lam) * a partner's, and
     the labels, the teacher's distribution (at temperature T) and its embedding follow the same pairs."""
@@ -481,3 +513,25 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     shipped = set(load_file(tmp_path / "cv" / "fold0" / "checkpoint" / "model.safetensors"))
     backbone = {k for k in EmotionNet().state_dict() if k.startswith("backbone.")}  # the front end has no weights
     assert shipped == backbone  # the checkpoint is the ResNet50 alone, no projection
+
+
+@requires_teacher
+def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tmp_path, capsys):
+    pytest.importorskip("ctranslate2")
+    from train.__main__ import main
+
+    write_tiny_set(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
+                   "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n"
+                   "  augment:\n    speed_factors: [0.9, 1.1]\n    speed_probability: 0.5\n")
+    out = tmp_path / "out"
+    assert main(["cv", "--config", str(cfg), "--data", str(tmp_path), "--teacher", str(TEACHER_DIR), "--epochs", "1",
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "cv_report.json").read_text())
+    assert report["pooled"]["overall"]["n"] == 8  # the original clips only
+    assert report["config"]["augment"]["speed_factors"] == [0.9, 1.1]
+    assert len(list((tmp_path / "cache").glob("speed-*.offsets.npy"))) == 1
+    assert len(list((tmp_path / "cache").glob("teacher-*.offsets.npy"))) == 2  # the originals' and the copies'
+    assert "speed copies at 0.9, 1.1" in (out / "train.log").read_text()

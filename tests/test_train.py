@@ -74,6 +74,10 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"inference_positions": 2.5}}, "emostream.inference_positions"),
     ({"emostream": {"training_seed": -1}}, "emostream.training_seed"),
     ({"emostream": {"training_seed": "lucky"}}, "emostream.training_seed"),
+    ({"emostream": {"augment": {"speed_factors": [0.9, 1.0]}}}, "emostream.augment.speed_factors"),
+    ({"emostream": {"augment": {"speed_factors": [0.9, 0.9]}}}, "emostream.augment.speed_factors"),
+    ({"emostream": {"augment": {"speed_factors": [3.0]}}}, "emostream.augment.speed_factors"),
+    ({"emostream": {"augment": {"speed_probability": 0.5}}}, "emostream.augment.speed_probability"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml
@@ -547,3 +551,63 @@ def test_vtlp_factors_off_by_default_and_in_range_when_on():
     assert float(warped.min()) >= 0.9 and float(warped.max()) <= 1.1 and float(warped.std()) > 0.05
     again = vtlp_factors(cfg, 4000, torch.Generator().manual_seed(1))
     assert torch.equal(f, again)  # seeded per epoch like SpecAugment: resuming stays exact
+
+
+# --- speed-perturbed copies ----------------------------------------------------------------------------
+
+def test_speed_perturb_scales_tempo_and_pitch():
+    from train.data import speed_perturb
+    t = np.arange(16000) / 16000
+    tone = np.sin(2 * np.pi * 200 * t).astype(np.float32)
+    for factor in (0.9, 1.1):
+        out = speed_perturb(tone, factor)
+        assert abs(len(out) - len(tone) / factor) <= 1
+        spectrum = np.abs(np.fft.rfft(out * np.hanning(len(out))))
+        peak_hz = spectrum.argmax() * 16000 / len(out)
+        assert abs(peak_hz - 200 * factor) < 3
+
+
+def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_path):
+    from train.data import build_speed_copies, speed_perturb
+    from train.engine import copy_partners, partner_clips, substitute_copies
+    root, clips, cache, cfg = tiny
+    n = len(clips)
+    sc = build_speed_copies(clips, cache, (0.9, 1.1), tmp_path / "cache")
+    assert len(sc.clips) == len(sc.cache) == 3 * n and sc.clips[:n] == clips
+    assert sc.copies.shape == (n, 2) and sorted(sc.copies.ravel()) == list(range(n, 3 * n))
+    for i in range(n):
+        assert np.array_equal(sc.cache.clip(i), cache.clip(i))
+        for j, f in enumerate((0.9, 1.1)):
+            c = int(sc.copies[i, j])
+            assert sc.clips[c].label == clips[i].label and sc.clips[c].speaker == clips[i].speaker
+            assert np.abs(sc.cache.clip(c) - speed_perturb(cache.clip(i), f)).max() < 1e-3  # int16 storage
+    again = build_speed_copies(clips, cache, (0.9, 1.1), tmp_path / "cache")  # computed once, then read
+    assert len(list((tmp_path / "cache").glob("speed-*.offsets.npy"))) == 1
+    assert np.array_equal(again.cache.samples, sc.cache.samples)
+    idx = np.arange(n)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(substitute_copies(idx, sc.copies, 0.0, rng), idx)
+    drawn = substitute_copies(np.tile(idx, 50), sc.copies, 0.5, np.random.default_rng(1))
+    is_copy = drawn >= n
+    assert 0.4 < is_copy.mean() < 0.6 and set(drawn[~is_copy]) == set(idx)
+    origin = np.concatenate([idx, idx, idx])
+    assert np.array_equal(origin[drawn], np.tile(idx, 50))  # a copy stands in for its own clip only
+    assert set(drawn[is_copy]) == set(range(n, 3 * n))     # both factors are used
+    # a copy's turn continues with its partners' copies at the same speed
+    partners = copy_partners(partner_clips(clips, idx), sc.copies)
+    for i in idx:
+        for j in range(2):
+            assert list(partners[int(sc.copies[i, j])]) == list(sc.copies[partners[int(i)], j])
+    # in training: at probability 1 every window is a copy; the run is reproducible and resumable
+    cfg = replace(cfg, epochs=2, augment=replace(cfg.augment, speed_factors=(0.9, 1.1), speed_probability=1.0))
+    with pytest.raises(ConfigError, match="speed_probability"):
+        fit(cfg, clips, cache, idx, None, tmp_path / "none", show_progress=False)
+    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "full", show_progress=False, copies=sc.copies)
+    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "part", show_progress=False, copies=sc.copies, stop_after=1)
+    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "part", show_progress=False, copies=sc.copies, resume=True)
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "part"))
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    plain = replace(cfg, augment=replace(cfg.augment, speed_factors=(), speed_probability=0.0))
+    fit(plain, clips, cache, idx, None, tmp_path / "plain", show_progress=False)
+    c = torch.load(tmp_path / "plain" / "state.pt", weights_only=False)
+    assert [h["train_loss"] for h in a["history"]] != [h["train_loss"] for h in c["history"]]

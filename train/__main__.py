@@ -197,11 +197,23 @@ def _run(args) -> int:
         teacher_cv(cfg, clips, features, make_folds(clips, cfg.folds, cfg.group_by, cfg.seed), out)
         print((out / "teacher_report.md").read_text())
         return 0
+    speed = None
+    if cfg.augment.speed_factors:
+        from .data import build_speed_copies
+
+        speed = build_speed_copies(clips, cache, cfg.augment.speed_factors, args.cache)
+        if features is not None:
+            from .teacher import build_teacher_cache
+
+            features = features.extended(build_teacher_cache(speed.copies_cache, cfg.distill.teacher, args.cache,
+                                                             threads=cfg.threads or 0, layers=cfg.distill.layers))
+        log.info("speed copies at %s: %.1f min of audio more", ", ".join(f"{f:g}" for f in speed.factors),
+                 speed.copies_cache.offsets[-1] / 16000 / 60)
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
                                 only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
-                                teacher_features=features, reevaluate=args.reevaluate)
+                                teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed)
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -213,14 +225,15 @@ def _run(args) -> int:
         if features is not None:
             from .engine import fold_teacher
 
-            teacher = fold_teacher(cfg, clips, features, np.arange(len(clips)))
+            teacher = fold_teacher(cfg, speed.clips if speed else clips, features, np.arange(len(clips)),
+                                   speed.copies if speed else None)
             metadata["distillation"] = {"teacher": Path(cfg.distill.teacher).name, "alpha": cfg.distill.alpha,
                                         "temperature": cfg.distill.temperature}
             if cfg.distill.layers:
                 metadata["distillation"]["encoder_layers"] = list(cfg.distill.layers)
-        res = fit(cfg, clips, cache, np.arange(len(clips)), None, out, resume=args.resume,
-                  pretrained_path=args.pretrained, metadata=metadata, device=args.device,
-                  show_progress=not args.no_progress, teacher=teacher)
+        res = fit(cfg, speed.clips if speed else clips, speed.cache if speed else cache, np.arange(len(clips)), None,
+                  out, resume=args.resume, pretrained_path=args.pretrained, metadata=metadata, device=args.device,
+                  show_progress=not args.no_progress, teacher=teacher, copies=speed.copies if speed else None)
         if cv:
             _store_calibration(res.checkpoint, cv, clip_cv)
         print(f"checkpoint: {res.checkpoint}")
@@ -228,7 +241,7 @@ def _run(args) -> int:
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
                             only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
-                            teacher_features=features)
+                            teacher_features=features, speed_copies=speed)
     print((out / "cv_report.md").read_text())
     return 0
 

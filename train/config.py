@@ -43,6 +43,9 @@ class Augment:
     spec_freq_width: int = 0          # mel bins
     vtlp_probability: float = 0.0     # vocal tract length perturbation: warp the frequency axis of this share
     vtlp_range: tuple[float, float] = (0.9, 1.1)  # of windows by a factor drawn uniformly from this range
+    speed_factors: tuple[float, ...] = ()  # speed-perturbed copies of every clip (tempo, pitch and formants
+    speed_probability: float = 0.0    # scaled together); this share of training windows comes from a copy
+                                      # (factors equally likely), whose teacher targets are its own encoding
 
 
 SPEAKER_CENTRE = ("none", "heads", "all")   # what the teacher subtracts speaker means from (train.teacher.FoldTeacher)
@@ -514,7 +517,13 @@ def _extensions(body: dict, u: dict) -> None:
             if not 0.5 <= lo <= hi <= 2.0:
                 raise ConfigError(f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with "
                                   "0.5 <= low <= high <= 2")
-            u["augment"] = a
+            if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1.0
+                   for f in a.speed_factors) or len(set(a.speed_factors)) != len(a.speed_factors):
+                raise ConfigError(f"emostream.augment.speed_factors: {list(a.speed_factors)} must be distinct factors "
+                                  "in [0.5, 2] other than 1")
+            if a.speed_probability and not a.speed_factors:
+                raise ConfigError("emostream.augment.speed_probability needs emostream.augment.speed_factors")
+            u["augment"] = replace(a, speed_factors=tuple(float(f) for f in a.speed_factors))
         elif key == "distill":
             names = {f.name for f in fields(Distill)}
             bad = set(value or {}) - names

@@ -5,12 +5,12 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from emostream.audio import SAMPLE_RATE, AudioError, float32_to_int16, load_mono
+from emostream.audio import SAMPLE_RATE, AudioError, float32_to_int16, load_mono, resample
 from emostream.model import CLASSES
 
 log = logging.getLogger("train")
@@ -158,6 +158,60 @@ def build_cache(clips: list[Clip], cache_dir: str | Path, max_seconds: float = 6
     np.save(index_path, np.asarray(offsets, dtype=np.int64))
     tmp.rename(data_path)
     return AudioCache(np.load(data_path, mmap_mode="r"), np.asarray(offsets, dtype=np.int64))
+
+
+# --- speed-perturbed copies ------------------------------------------------------------------------
+
+def speed_perturb(x: np.ndarray, factor: float) -> np.ndarray:
+    """``x`` played ``factor`` times faster (Kaldi's speed perturbation): tempo, pitch and formants all
+    scale by ``factor``, the length by ``1 / factor``; a voice the recordings do not hold."""
+    return resample(x, int(round(SAMPLE_RATE * factor)), SAMPLE_RATE)
+
+
+@dataclass
+class SpeedCopies:
+    """Every clip again at each speed factor. ``clips`` and ``cache`` hold the originals (indices
+    ``0 .. n-1``, as given) followed by the copies, factor by factor; ``copies[i, j]`` is the index of
+    original ``i``'s copy at ``factors[j]``. A copy keeps its clip's label and speaker (so folds and
+    teacher heads treat it as that speaker's clip); ``copies_cache`` holds the copies alone."""
+
+    factors: tuple[float, ...]
+    clips: list[Clip]
+    cache: AudioCache
+    copies: np.ndarray         # int64 (n, len(factors))
+    copies_cache: AudioCache
+
+
+def build_speed_copies(clips: list[Clip], cache: AudioCache, factors: tuple[float, ...],
+                       cache_dir: str | Path) -> SpeedCopies:
+    """:class:`SpeedCopies` of ``clips`` (decoded in ``cache``), the copies computed once and cached
+    beside the decode cache (keyed by the audio and the factors)."""
+    cache_dir = Path(cache_dir)
+    digest = hashlib.sha1(np.asarray(cache.offsets).tobytes())
+    digest.update(np.asarray(cache.samples[:: max(1, len(cache.samples) // 100_000)]).tobytes())
+    digest.update(repr(tuple(float(f) for f in factors)).encode())
+    key = digest.hexdigest()[:16]
+    data_path, index_path = cache_dir / f"speed-{key}.npy", cache_dir / f"speed-{key}.offsets.npy"
+    if not (data_path.exists() and index_path.exists()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        pieces, offsets = [], [0]
+        for f in factors:
+            for i in range(len(cache)):
+                copy = speed_perturb(cache.clip(i), f)
+                pieces.append(float32_to_int16(copy))
+                offsets.append(offsets[-1] + len(copy))
+        log.info("speed copies: %d clips at factors %s", len(pieces), ", ".join(f"{f:g}" for f in factors))
+        tmp = data_path.with_suffix(".tmp.npy")
+        np.save(tmp, np.concatenate(pieces))
+        np.save(index_path, np.asarray(offsets, dtype=np.int64))
+        tmp.replace(data_path)
+    copies_cache = AudioCache(np.load(data_path, mmap_mode="r"), np.load(index_path))
+    n = len(clips)
+    both = AudioCache(np.concatenate([np.asarray(cache.samples), np.asarray(copies_cache.samples)]),
+                      np.concatenate([cache.offsets, cache.offsets[-1] + copies_cache.offsets[1:]]).astype(np.int64))
+    extended = clips + [replace(c, path=f"{c.path}#speed{f:g}") for f in factors for c in clips]
+    copies = n + np.arange(n * len(factors), dtype=np.int64).reshape(len(factors), n).T
+    return SpeedCopies(tuple(factors), extended, both, copies, copies_cache)
 
 
 # --- folds ---------------------------------------------------------------------------------------

@@ -103,6 +103,23 @@ def partner_clips(clips: list[Clip], train_idx: np.ndarray) -> dict[int, np.ndar
             for i in train_idx}
 
 
+def copy_partners(partners: dict[int, np.ndarray], copies: np.ndarray) -> dict[int, np.ndarray]:
+    """``partners`` extended to speed copies: a copy's turn continues with its partners' copies at the
+    same speed (one voice per turn)."""
+    out = dict(partners)
+    for i, others in partners.items():
+        for j in range(copies.shape[1]):
+            out[int(copies[i, j])] = copies[others, j]
+    return out
+
+
+def substitute_copies(idx: np.ndarray, copies: np.ndarray, probability: float, rng: np.random.Generator) -> np.ndarray:
+    """``idx`` with each clip replaced, with ``probability``, by one of its speed copies (equally likely)."""
+    use = rng.random(len(idx)) < probability
+    pick = rng.integers(0, copies.shape[1], len(idx))
+    return np.where(use, copies[idx, pick], idx)
+
+
 def turn_audio(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
     """Clip ``i`` followed by random partners (same speaker, same emotion) with pauses between them,
     until the window is full: what a streaming window of one turn holds, unlike one padded clip."""
@@ -423,12 +440,15 @@ def _progress():
 def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.ndarray, val_idx: np.ndarray | None,
         out_dir: Path, resume: bool = False, pretrained_path: str | None = None,
         metadata: dict | None = None, device: str | None = None, show_progress: bool = True,
-        telephone_eval: bool = True, stop_after: int | None = None, teacher=None) -> FitResult:
+        telephone_eval: bool = True, stop_after: int | None = None, teacher=None,
+        copies: np.ndarray | None = None) -> FitResult:
     """Train one model; saves ``state.pt`` after every epoch (resumable) and the final checkpoint.
 
     ``stop_after`` ends this run once that many epochs are finished, leaving the same resumable state
     as an interruption (used to split long runs and to test that resuming is exact). ``teacher``
     (a :class:`train.teacher.FoldTeacher` fitted on ``train_idx`` only) adds the distillation term.
+    ``copies`` (:attr:`train.data.SpeedCopies.copies`; ``clips`` and ``cache`` then hold the copies
+    after the originals) lets ``augment.speed_probability`` of the training windows come from a copy.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
@@ -489,6 +509,11 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
 
     val_clips = [cache.clip(i) for i in val_idx] if val_idx is not None and len(val_idx) else None
     partners = partner_clips(clips, train_idx) if cfg.augment.concat_probability else None
+    speed = cfg.augment.speed_probability if copies is not None else 0.0
+    if cfg.augment.speed_probability and copies is None:
+        raise ConfigError("emostream.augment.speed_probability: no speed copies were built for this run")
+    if speed and partners is not None:
+        partners = copy_partners(partners, copies)
     progress = _progress() if show_progress else None
     if progress:
         progress.start()
@@ -508,6 +533,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if drop_last and len(idx) < cfg.batch_size:
                     break
+                if speed:
+                    idx = substitute_copies(idx, copies, speed, rng)
                 batch = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
                                    frame_cells=frame_cells)
                 x, y = batch.waves.to(dev), batch.targets.to(dev)
@@ -626,14 +653,20 @@ def reevaluate_fold(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray
     return save_validation_logits(cfg, model, val_clips, telephone_copies(val_clips), dev, fold_dir)
 
 
-def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray):
-    """The distillation teacher of one training set: heads fitted on ``train_idx``'s speakers only."""
+def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray,
+                 copies: np.ndarray | None = None):
+    """The distillation teacher of one training set: heads fitted on ``train_idx``'s speakers only.
+    With speed ``copies`` (``clips`` and ``features`` then include them), the heads are fitted on the
+    original clips alone and a copy's targets come from its original's head, on the copy's own features."""
     from .teacher import FoldTeacher
 
     labels = np.array([CLASSES.index(c.label) for c in clips])
-    return FoldTeacher(features, labels, [c.speaker for c in clips], train_idx, len(CLASSES),
-                       inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed,
-                       speaker_centre=cfg.distill.speaker_centre)
+    teacher = FoldTeacher(features, labels, [c.speaker for c in clips], train_idx, len(CLASSES),
+                          inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed,
+                          speaker_centre=cfg.distill.speaker_centre)
+    if copies is not None:
+        teacher.head_of[copies[train_idx]] = teacher.head_of[train_idx, None]
+    return teacher
 
 
 def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray, out_dir: Path) -> dict:
@@ -725,8 +758,12 @@ def check_fold_ids(fold_ids: list[int], n_folds: int) -> None:
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
                    resume: bool = False, pretrained_path: str | None = None, only_folds: list[int] | None = None,
                    device: str | None = None, show_progress: bool = True, teacher_features=None,
-                   reevaluate: bool = False) -> dict:
+                   reevaluate: bool = False, speed_copies=None) -> dict:
     """Train every fold (skipping finished ones on resume), then write the aggregate report.
+
+    ``speed_copies`` (:class:`train.data.SpeedCopies` of ``clips``; ``teacher_features`` then cover
+    the copies too) lets training draw windows from speed-perturbed copies of the training clips;
+    folds, validation and the report hold the original clips only.
 
     ``reevaluate`` (with ``resume``) predicts a finished fold's validation clips again from its saved
     checkpoint with this config's inference settings (e.g. ``inference_positions``) instead of reusing
@@ -753,7 +790,10 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
         speakers_train = {clips[i].speaker for i in train_idx}
         assert not speakers_train & {clips[i].speaker for i in val_idx} or cfg.group_by == "audio"
-        teacher = fold_teacher(cfg, clips, teacher_features, train_idx) if teacher_features is not None else None
+        fit_clips, fit_cache, copies = ((speed_copies.clips, speed_copies.cache, speed_copies.copies)
+                                        if speed_copies is not None else (clips, cache, None))
+        teacher = (fold_teacher(cfg, fit_clips, teacher_features, train_idx, copies)
+                   if teacher_features is not None else None)
         if teacher is not None:
             teacher_folds.append(_teacher_metrics(teacher, val_idx, labels, corpora))
         done = fold_dir / "done.json"
@@ -769,8 +809,9 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
             history = json.loads(done.read_text()).get("history", [])
         else:
             log.info("fold %d: %d train / %d validation clips", k, len(train_idx), len(val_idx))
-            res = fit(cfg, clips, cache, train_idx, val_idx, fold_dir, resume=resume, pretrained_path=pretrained_path,
-                      metadata={"fold": k}, device=device, show_progress=show_progress, teacher=teacher)
+            res = fit(cfg, fit_clips, fit_cache, train_idx, val_idx, fold_dir, resume=resume,
+                      pretrained_path=pretrained_path, metadata={"fold": k}, device=device,
+                      show_progress=show_progress, teacher=teacher, copies=copies)
             vl, vt, history = res.val_logits, res.val_telephone_logits, res.history
             write_json(done, {"fold": k, "history": history})
         train_seconds += sum(h.get("seconds", 0.0) for h in history)

@@ -136,6 +136,11 @@ class TeacherFeatures:
         """Whole-clip mean-pooled features ``(clips, d_model)``."""
         return np.stack([self.pool(i) for i in range(len(self.offsets) - 1)])
 
+    def extended(self, more: "TeacherFeatures") -> "TeacherFeatures":
+        """These clips' features followed by ``more``'s (e.g. :class:`train.data.SpeedCopies`), in memory."""
+        return TeacherFeatures(np.concatenate([np.asarray(self.frames), np.asarray(more.frames)]),
+                               np.concatenate([self.offsets, self.offsets[-1] + more.offsets[1:]]).astype(np.int64))
+
 
 def _cache_key(cache: AudioCache, teacher_dir: Path, extra: str = "") -> str:
     digest = hashlib.sha1()
