@@ -22,13 +22,12 @@ published figures.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .__main__ import DEFAULT_CACHE, _fold_list
+from .__main__ import probe_data, probe_parser
 
 CONTEXT_SIZES = (3, 8, 20)
 SAME_EMOTION_SHARES = (1.0, 0.5)
@@ -115,22 +114,13 @@ def probe_fold(emb: np.ndarray, logits: np.ndarray, labels: np.ndarray, speakers
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.speaker_centring", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="the run's config (its seed fixes the folds)")
-    p.add_argument("--run", required=True, help="cv output directory with foldK/checkpoint")
-    p.add_argument("--folds", type=_fold_list, default=[1, 3], metavar="K,K,...")
+    p = probe_parser("python -m train.speaker_centring", __doc__.splitlines()[0])
     p.add_argument("--c", type=float, default=0.02, help="inverse L2 strength of the linear heads")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
     args = p.parse_args(argv)
 
     from .config import load_config
-    from .data import CLASSES, build_cache, config_clips, make_folds
 
-    cfg = load_config(args.config)
-    clips = config_clips(cfg)
-    cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
-    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    labels = np.array([CLASSES.index(c.label) for c in clips])
+    clips, cache, folds, labels = probe_data(load_config(args.config), args.cache)
     speakers = np.array([c.speaker for c in clips])
     print(f"| fold | scoring | UA | ROC AUC |\n|---|---|---|---|")
     for k in args.folds:

@@ -18,13 +18,12 @@ labels too); compare the rows' agreement and KL, not their UA.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .__main__ import DEFAULT_CACHE, _fold_list
+from .__main__ import probe_data, probe_parser
 
 
 def gap_metrics(student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray,
@@ -52,12 +51,8 @@ def teacher_targets(teacher, train_idx: np.ndarray, val_idx: np.ndarray, n: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.teacher_gap", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="the run's config (its seed fixes the folds, its teacher the targets)")
-    p.add_argument("--run", required=True, help="cv output directory with foldK/checkpoint")
-    p.add_argument("--folds", type=_fold_list, default=[1, 3], metavar="K,K,...")
+    p = probe_parser("python -m train.teacher_gap", __doc__.split("\n\n")[0])
     p.add_argument("--positions", type=int, default=1, help="placements per clip for the student (1: the recipe's chunks)")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio and teacher cache directory")
     args = p.parse_args(argv)
 
     import torch
@@ -65,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     from emostream.model import load_checkpoint
 
     from .config import load_config
-    from .data import CLASSES, build_cache, config_clips, make_folds
     from .engine import fold_teacher, predict_logits
     from .teacher import build_teacher_cache
 
@@ -73,12 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.distill.teacher:
         print(f"error: {args.config}: no emostream.distill.teacher to compare with", file=sys.stderr)
         return 2
-    clips = config_clips(cfg)
-    cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
+    clips, cache, folds, labels = probe_data(cfg, args.cache)
     features = build_teacher_cache(cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0,
                                    layers=cfg.distill.layers)
-    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    labels = np.array([CLASSES.index(c.label) for c in clips])
     print("| fold | speakers | student UA | student AUC | teacher UA | teacher AUC | top-class agreement | "
           f"KL(teacher ‖ student), T {cfg.distill.temperature:g} |\n|---|---|---|---|---|---|---|---|")
     for k in args.folds:
