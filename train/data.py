@@ -134,6 +134,18 @@ class AudioCache:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def digest(self):
+        """A sha1 object fed with the clip layout and a sample of the audio (~100k samples): the part of
+        every derived cache's key (teacher features, speed copies) that says which audio it came from."""
+        digest = hashlib.sha1(np.asarray(self.offsets).tobytes())
+        digest.update(np.asarray(self.samples[:: max(1, len(self.samples) // 100_000)]).tobytes())
+        return digest
+
+    def extended(self, more: "AudioCache") -> "AudioCache":
+        """These clips followed by ``more``'s (e.g. :class:`SpeedCopies`), in memory."""
+        return AudioCache(np.concatenate([np.asarray(self.samples), np.asarray(more.samples)]),
+                          np.concatenate([self.offsets, self.offsets[-1] + more.offsets[1:]]).astype(np.int64))
+
 
 def build_cache(clips: list[Clip], cache_dir: str | Path, max_seconds: float = 600.0) -> AudioCache:
     """Decode every clip (resampled to 16 kHz, mono, capped at ``max_seconds``) once; reuse later."""
@@ -187,8 +199,7 @@ def build_speed_copies(clips: list[Clip], cache: AudioCache, factors: tuple[floa
     """:class:`SpeedCopies` of ``clips`` (decoded in ``cache``), the copies computed once and cached
     beside the decode cache (keyed by the audio and the factors)."""
     cache_dir = Path(cache_dir)
-    digest = hashlib.sha1(np.asarray(cache.offsets).tobytes())
-    digest.update(np.asarray(cache.samples[:: max(1, len(cache.samples) // 100_000)]).tobytes())
+    digest = cache.digest()
     digest.update(repr(tuple(float(f) for f in factors)).encode())
     key = digest.hexdigest()[:16]
     data_path, index_path = cache_dir / f"speed-{key}.npy", cache_dir / f"speed-{key}.offsets.npy"
@@ -207,11 +218,9 @@ def build_speed_copies(clips: list[Clip], cache: AudioCache, factors: tuple[floa
         tmp.replace(data_path)
     copies_cache = AudioCache(np.load(data_path, mmap_mode="r"), np.load(index_path))
     n = len(clips)
-    both = AudioCache(np.concatenate([np.asarray(cache.samples), np.asarray(copies_cache.samples)]),
-                      np.concatenate([cache.offsets, cache.offsets[-1] + copies_cache.offsets[1:]]).astype(np.int64))
     extended = clips + [replace(c, path=f"{c.path}#speed{f:g}") for f in factors for c in clips]
     copies = n + np.arange(n * len(factors), dtype=np.int64).reshape(len(factors), n).T
-    return SpeedCopies(tuple(factors), extended, both, copies, copies_cache)
+    return SpeedCopies(tuple(factors), extended, cache.extended(copies_cache), copies, copies_cache)
 
 
 # --- folds ---------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ two cores).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -143,9 +142,7 @@ class TeacherFeatures:
 
 
 def _cache_key(cache: AudioCache, teacher_dir: Path, extra: str = "") -> str:
-    digest = hashlib.sha1()
-    digest.update(np.asarray(cache.offsets).tobytes())
-    digest.update(np.asarray(cache.samples[:: max(1, len(cache.samples) // 100_000)]).tobytes())
+    digest = cache.digest()
     digest.update(f"{teacher_dir.resolve()}:{(teacher_dir / 'model.bin').stat().st_size}:{CONTEXT_SECONDS}{extra}".encode())
     return digest.hexdigest()[:16]
 

@@ -3,7 +3,7 @@
     python -m train.teacher_gap --config CONFIG --run DIR --folds 1,3
 
 For each fold it scores every clip with the fold's student (``DIR/foldK/checkpoint``, whole clips,
-``--positions`` placements; cached as ``DIR/foldK/gap_logits.npy``) and with the fold's teacher as
+``--positions`` placements; cached as ``DIR/foldK/gap_logits_p<positions>.npy``) and with the fold's teacher as
 training saw it: a training clip's target comes from the inner head that never saw its speaker, a
 validation clip's from the head fitted on all training speakers (the reported teacher). It prints,
 for the training and the validation speakers: both models' UA and ROC AUC, how often their top
