@@ -19,7 +19,8 @@ Backend ``torch-bf16`` is the torch model with mixed precision, as ``serve`` run
 on a CPU with fast bf16 kernels, fp32 on one without (each row's ``precision`` says which ran).
 
     python bench/capacity.py [--modes inproc,ws] [--backends torch-bf16,torch-fp32,onnx] [--hops 1.0,0.5]
-                             [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--json OUT] [--quick]
+                             [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--device cpu|cuda]
+                             [--json OUT] [--quick]
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class RunConfig:
     max_batch: int = 32
     max_wait_ms: float = 10.0
     seed: int = 0
+    device: str = "cpu"           # cpu | cuda (torch backends; torch-bf16 is fp16 autocast there)
 
 
 def call_audio(source: np.ndarray, seconds: float, offset: int) -> np.ndarray:
@@ -113,10 +115,10 @@ class Tracker:
                 pass
 
 
-def run_precision(backend: str) -> str:
-    """What a backend computes in on this CPU: ONNX Runtime and torch-fp32 in fp32, torch-bf16 in
-    what mixed precision chooses here (:func:`emostream.model.precision_name`)."""
-    return precision_name(torch.device("cpu"), backend == "torch-bf16")
+def run_precision(backend: str, device: str = "cpu") -> str:
+    """What a backend computes in on ``device``: ONNX Runtime and torch-fp32 in fp32, torch-bf16 in
+    what mixed precision chooses there (:func:`emostream.model.precision_name`: fp16 on CUDA)."""
+    return precision_name(torch.device(device), backend == "torch-bf16")
 
 
 def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: dict) -> dict:
@@ -126,7 +128,7 @@ def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: 
     row = {**asdict(cfg), "events": int(len(tracker.latencies)), "expected_events": int(expected),
            "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1),
            "max_ms": round(float(np.nanmax(lat)), 1), "cpu_cores": round(cpu / wall, 2),
-           "max_backlog": tracker.max_backlog, "precision": run_precision(cfg.backend), **extra}
+           "max_backlog": tracker.max_backlog, "precision": run_precision(cfg.backend, cfg.device), **extra}
     row["realtime"] = bool(len(tracker.latencies) >= 0.98 * expected and p99 < 1000 * cfg.hop)
     row["meets_target"] = bool(row["realtime"] and p99 < TARGET_P99_MS)
     return row
@@ -194,7 +196,7 @@ class ServerProcess:
     def __init__(self, cfg: RunConfig, onnx_path: str | None, max_calls: int):
         cmd = [sys.executable, "-m", "emostream", "serve", "--port", "0", "--max-calls", str(max_calls),
                "--hop", str(cfg.hop), "--vad", cfg.vad, "--max-batch", str(cfg.max_batch),
-               "--max-wait-ms", str(cfg.max_wait_ms), "--warm-up", "--device", "cpu", "--idle-timeout", "120"]
+               "--max-wait-ms", str(cfg.max_wait_ms), "--warm-up", "--device", cfg.device, "--idle-timeout", "120"]
         if cfg.backend == "torch-fp32":
             cmd.append("--fp32")
         elif cfg.backend == "onnx":
@@ -287,14 +289,14 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
 
 # --- sweeps ----------------------------------------------------------------------------------------
 
-def load_predict(backend: str, onnx_path: str | None):
+def load_predict(backend: str, onnx_path: str | None, device: str = "cpu"):
     if backend == "onnx":
         from emostream.onnx_model import OnnxPredictor
 
-        return OnnxPredictor.from_file(onnx_path).predict
+        return OnnxPredictor.from_file(onnx_path, device=device).predict
     from emostream.model import Predictor
 
-    return Predictor.from_checkpoint(device="cpu", mixed_precision=backend == "torch-bf16").predict
+    return Predictor.from_checkpoint(device=device, mixed_precision=backend == "torch-bf16").predict
 
 
 def sweep(base: RunConfig, calls: list[int], source: np.ndarray, onnx_path: str | None, keep_going: bool,
@@ -303,7 +305,7 @@ def sweep(base: RunConfig, calls: list[int], source: np.ndarray, onnx_path: str 
     rows = []
 
     async def inproc() -> None:
-        worker = InferenceWorker(load_predict(base.backend, onnx_path),
+        worker = InferenceWorker(load_predict(base.backend, onnx_path, base.device),
                                  WorkerConfig(max_batch=base.max_batch, max_wait_ms=base.max_wait_ms,
                                               max_pending=max(4096, base.max_batch)))
         await worker.start()
@@ -337,7 +339,8 @@ def machine() -> str:
 
     from inference import cpu_name  # bench/inference.py, beside this script
 
-    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu_name()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vad", default="off", choices=("off", "energy", "silero"))
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (serve's --device)")
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
     p.add_argument("--keep-going", action="store_true", help="do not stop a sweep at the first N that is not real time")
     p.add_argument("--json", dest="json_out", default=None)
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             for hop in (float(h) for h in args.hops.split(",")):
                 base = RunConfig(mode=mode, backend=backend, hop=hop, seconds=args.seconds, vad=args.vad,
-                                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device)
                 rows += sweep(base, calls, source, onnx_path, args.keep_going, show)
     summary = capacity_summary(rows)
     print("\n" + markdown(rows) + "\n")

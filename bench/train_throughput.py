@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precisions.split(","):
         rows.append(measure(Path(args.config), precision, args.steps, args.batch_size, args.device))
         print(json.dumps(rows[-1]), flush=True)
-    machine = f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    machine = f"{os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     print(f"\nmachine: {machine}\n")
     print("| requested | ran in | batch | samples/s | s/step | first epoch samples/s |")
     print("|---|---|---|---|---|---|")
