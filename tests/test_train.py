@@ -439,6 +439,7 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
     assert (ckpt / "model.safetensors").read_bytes() == weights
     meta = json.loads((ckpt / "model.json").read_text())["cv"]
     assert "3 placements" in meta["clip_protocol"] and meta["clip_temperature"] == p.clip_temperature
+    assert meta["experiment"] == meta["clip_experiment"] == cfg.experiment_name  # which CV each figure is from
     assert scoring_temperature(1.1, 0.9, 1) == 1.1 and scoring_temperature(1.1, 0.9, 5) == 0.9
     assert scoring_temperature(1.1, None, 5) == 1.1
     # classify's scoring: the softmax of the mean logit at the clip temperature for placements

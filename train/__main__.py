@@ -359,12 +359,16 @@ def _read_cv_report(path: str, clip: bool) -> dict:
 
 
 def _cv_metadata(cv: dict, clip_cv: dict | None) -> dict:
-    """What a checkpoint's ``model.json`` keeps of its CV reports: protocol, summaries, temperatures."""
-    out = {"protocol": cv["protocol"], "summary": cv["summary"], "summary_telephone": cv["summary_telephone"],
-           "temperature": cv["temperature"]}
+    """What a checkpoint's ``model.json`` keeps of its CV reports: the experiment each comes from,
+    protocol, summaries, temperatures."""
+    def experiment(report: dict) -> str | None:
+        return (report.get("config") or {}).get("experiment_name")
+
+    out = {"experiment": experiment(cv), "protocol": cv["protocol"], "summary": cv["summary"],
+           "summary_telephone": cv["summary_telephone"], "temperature": cv["temperature"]}
     if clip_cv:
-        out.update({"clip_protocol": clip_cv["protocol"], "clip_summary": clip_cv["summary"],
-                    "clip_temperature": clip_cv["temperature"]})
+        out.update({"clip_experiment": experiment(clip_cv), "clip_protocol": clip_cv["protocol"],
+                    "clip_summary": clip_cv["summary"], "clip_temperature": clip_cv["temperature"]})
     return out
 
 
