@@ -40,3 +40,10 @@ def test_cli_needs_a_teacher_and_a_checkpoint(tmp_path, capsys):
     from .test_teacher import CONFIGS
     assert main(["--config", str(CONFIGS / "augmented.yaml"), "--run", str(tmp_path)]) == 2
     assert "no emostream.distill.teacher" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_placement_count_below_one(tmp_path, capsys):
+    from .test_teacher import CONFIGS
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(CONFIGS / "distill_layer3.yaml"), "--run", str(tmp_path), "--positions", "0"])
+    assert exit_.value.code == 2 and "--positions" in capsys.readouterr().err

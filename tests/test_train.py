@@ -78,6 +78,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"augment": {"speed_factors": [0.9, 0.9]}}}, "emostream.augment.speed_factors"),
     ({"emostream": {"augment": {"speed_factors": [3.0]}}}, "emostream.augment.speed_factors"),
     ({"emostream": {"augment": {"speed_probability": 0.5}}}, "emostream.augment.speed_probability"),
+    ({"emostream": {"augment": {"speed_factors": [0.9, 1.1]}, "distill": {"speaker_centre": "heads"}}},
+     "emostream.distill.speaker_centre"),
 ])
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml

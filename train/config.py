@@ -609,4 +609,8 @@ def load_config(path: str | Path, pretrained_path: str | None = None, teacher: s
     if cfg.pretrained and not pretrained_path:
         raise ConfigError("architecture.pretrained: true needs local weights: pass --pretrained PATH "
                           "(a timm ResNet state_dict) or set pretrained: false; nothing is downloaded here")
+    if cfg.augment.speed_factors and cfg.distill.speaker_centre != "none":
+        # the speaker means would mix a voice with its own speed-shifted copies, which are other voices
+        raise ConfigError(f"emostream.distill.speaker_centre {cfg.distill.speaker_centre!r} with "
+                          "emostream.augment.speed_factors is not supported: use one or the other")
     return cfg

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emostream.cli import _positive  # the positive-number argument type of emostream's own CLI
+
 from .__main__ import probe_data, probe_parser
 
 
@@ -52,7 +54,7 @@ def teacher_targets(teacher, train_idx: np.ndarray, val_idx: np.ndarray, n: int)
 
 def main(argv: list[str] | None = None) -> int:
     p = probe_parser("python -m train.teacher_gap", __doc__.split("\n\n")[0])
-    p.add_argument("--positions", type=int, default=1, help="placements per clip for the student (1: the recipe's chunks)")
+    p.add_argument("--positions", type=_positive(int), default=1, help="placements per clip for the student (1: the recipe's chunks)")
     args = p.parse_args(argv)
 
     import torch
