@@ -6,7 +6,11 @@
 #
 #     bash bench/gpu_check.sh        # on the GPU machine, in the repository root
 #
-# A machine without soundfile / websockets gets them from wheels in .whl/ (see BENCHMARKS.md).
+# A machine without soundfile / websockets (the lent H200 has Python 3.12 and neither) gets them from
+# wheels in .whl/, made beforehand on a machine with a registry (and kept out of git):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+#       -d .whl soundfile cffi pycparser websockets
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
