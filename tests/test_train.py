@@ -11,7 +11,7 @@ import torch
 
 from emostream.model import CLASSES, Predictor, load_checkpoint
 from train.config import ConfigError, load_config
-from train.data import DataError, build_cache, canonical_label, load_dataset, make_folds
+from train.data import DataError, build_cache, canonical_label, config_clips, load_dataset, make_folds
 from train.engine import cross_validate, fit, predict_logits
 from train.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
 
@@ -614,3 +614,19 @@ def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_pat
     fit(plain, clips, cache, idx, None, tmp_path / "plain", show_progress=False)
     c = torch.load(tmp_path / "plain" / "state.pt", weights_only=False)
     assert [h["train_loss"] for h in a["history"]] != [h["train_loss"] for h in c["history"]]
+
+
+def test_table_paths_fall_back_to_the_tables_folder_when_the_data_folder_is_missing(tmp_path, caplog):
+    """The recipe names its own data_folder (data/anon/...); a table passed with --data whose paths are
+    relative to itself still loads, with a note, while an existing data_folder keeps precedence."""
+    import pandas as pd
+    write_clip(tmp_path / "t" / "a.wav", 1.0, 0)
+    write_clip(tmp_path / "audio" / "a.wav", 1.0, 1)
+    pd.DataFrame({"path": ["a.wav"], "label": ["Sad"]}).to_csv(tmp_path / "t" / "m.csv", index=False)
+    with caplog.at_level("WARNING"):
+        clips = load_dataset(tmp_path / "t" / "m.csv", data_folder="data/anon/audio_emotion_detection/Emotions/")
+    assert clips[0].path == str(tmp_path / "t" / "a.wav") and "data/anon" in caplog.text
+    assert load_dataset(tmp_path / "t" / "m.csv", data_folder=tmp_path / "audio")[0].path == str(tmp_path / "audio" / "a.wav")
+    (tmp_path / "c.yaml").write_text(f"base: {RECIPE}\narchitecture:\n  pretrained: false\n")
+    cfg = load_config(tmp_path / "c.yaml", data=str(tmp_path / "t" / "m.csv"))
+    assert cfg.data_folder and [c.path for c in config_clips(cfg)] == [str(tmp_path / "t" / "a.wav")]

@@ -71,7 +71,12 @@ def load_dataset(source: str | Path, data_folder: str | Path | None = None,
         if (source / "manifest.csv").exists():
             return _load_table(source / "manifest.csv", source, "path", "label")
         return _load_tree(source)
-    base = Path(data_folder) if data_folder else source.parent
+    base = source.parent
+    if data_folder and Path(data_folder).is_dir():
+        base = Path(data_folder)
+    elif data_folder:  # e.g. the recipe's own folder, with another table passed by --data
+        log.warning("note: data folder %s not found: the paths in %s are read relative to %s",
+                    data_folder, source, source.parent)
     import pandas as pd
 
     head = pd.read_parquet(source) if source.suffix == ".parquet" or source.suffix == ".pq" else pd.read_csv(source)
