@@ -1,5 +1,6 @@
 """Whisper's encoder rebuilt in PyTorch from model.bin: the same output as CTranslate2, every layer
 exposed, the layer cache and its config key, and clear errors for files it cannot read."""
+import json
 import struct
 
 import numpy as np
@@ -213,3 +214,71 @@ def test_teacher_cli_compares_layer_choices(tmp_path):
     for pick in results["nested"]:
         chosen = json.loads((out / f"layers_{pick['chosen']}" / "teacher_report.json").read_text())
         assert pick["ua"] == pytest.approx(chosen["folds"][pick["fold"]]["overall"]["ua"])
+
+
+def _teacher_dir(path, **kw):
+    """A faster-whisper-like directory holding a tiny synthetic encoder (no decoder to speak of)."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    _model_bin(path / "model.bin", _tiny_encoder_variables(**kw))
+    (path / "config.json").write_text(json.dumps({"alignment_heads": [], "lang_ids": []}))
+    return path
+
+
+def test_encoder_subset_keeps_the_hidden_states_up_to_its_last_block_exactly(tmp_path):
+    from train.whisper_layers import encoder_blocks_needed, load_encoder_layers, write_encoder_subset
+
+    full_dir = _teacher_dir(tmp_path / "full", layers=3)
+    full = load_encoder_layers(full_dir)
+    mel = torch.randn(1, 80, 40)
+    states = full(mel)
+    assert encoder_blocks_needed((2,)) == 2 and encoder_blocks_needed((1, 3)) == 3
+    cut_dir = write_encoder_subset(full_dir, tmp_path / "cut", 2)
+    assert (cut_dir / "model.bin").stat().st_size < (full_dir / "model.bin").stat().st_size
+    assert json.loads((cut_dir / "config.json").read_text())["emostream_encoder_subset"] == {"source": "full", "blocks": 2}
+    read = read_ct2_variables(cut_dir / "model.bin")
+    assert not any(k.startswith(("layer_2/", "layer_norm/")) for k in read)
+    assert read_ct2_variables(cut_dir / "model.bin", prefix="decoder/") == {}
+    cut = load_encoder_layers(cut_dir)
+    assert cut.n_layers == 2
+    # states 0..2 are the full encoder's, byte-identical weights: the last one is block 2's output as it
+    # is, not passed through the final layer norm that only the encoder's output gets
+    assert torch.equal(cut(mel), states[:3])
+    # every block kept: the final layer norm too, so the output equals the full encoder's
+    whole = load_encoder_layers(write_encoder_subset(full_dir, tmp_path / "whole", 3))
+    assert torch.equal(whole(mel), states)
+    with pytest.raises(ModelFileError, match="4 blocks asked for, the encoder has 3"):
+        write_encoder_subset(full_dir, tmp_path / "more", 4)
+
+
+@requires_teacher
+def test_encoder_subset_of_the_shipped_teacher_gives_block_3_exactly(tmp_path):
+    from train.whisper_layers import load_encoder_layers, write_encoder_subset
+
+    cut_dir = write_encoder_subset(TEACHER_DIR, tmp_path / "cut", 3)
+    assert (cut_dir / "model.bin").stat().st_size < 24e6  # carried to a GPU machine in one part
+    mel = torch.randn(1, 80, 200)
+    assert torch.equal(load_encoder_layers(cut_dir)(mel)[3], load_encoder_layers(TEACHER_DIR)(mel)[3])
+
+
+def test_feature_extractor_loads_without_ctranslate2_or_av(tmp_path, monkeypatch):
+    """On a GPU machine that carries faster-whisper's wheel alone, its package __init__ fails on
+    CTranslate2 / PyAV: the NumPy log-mel extractor is loaded from its own file."""
+    import shutil
+    import sys
+
+    fw = pytest.importorskip("faster_whisper.feature_extractor")
+    from train.teacher import whisper_feature_extractor
+
+    fake = tmp_path / "faster_whisper"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import ctranslate2_not_installed_here\n")
+    shutil.copy(fw.__file__, fake / "feature_extractor.py")
+    for name in [m for m in sys.modules if m == "faster_whisper" or m.startswith("faster_whisper.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extractor = whisper_feature_extractor()
+    assert type(extractor).__module__ == "_faster_whisper_feature_extractor"
+    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    assert np.array_equal(extractor(audio, padding=0), fw.FeatureExtractor()(audio, padding=0))

@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     en.add_argument("--data", help="manifest folder/CSV (default: the config's)")
     en.add_argument("--out", required=True, help="directory for the ensemble's folds and cv_report")
     en.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
+    pk = sub.add_parser("pack", help="copy a config's clips and its teacher (cut after the blocks it uses) into "
+                                     "parts small enough to carry to a lent GPU machine (train/gpu_fit.sh)")
+    pk.add_argument("--config", required=True, help="the config whose fit will read the pack")
+    pk.add_argument("--data", help="manifest folder/CSV (default: the config's)")
+    pk.add_argument("--teacher", metavar="DIR", help="faster-whisper model directory (default: the config's)")
+    pk.add_argument("--out", required=True, help="a new folder for the parts (e.g. .devpack)")
+    pk.add_argument("--part-mb", type=_positive(float), default=50.0, metavar="MB",
+                    help="largest part, in MB (default 50: a call carries 64 MiB with the working tree)")
     ev = sub.add_parser("evaluate", help="metrics report of a checkpoint on a labelled set")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True)
@@ -97,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
     from .data import DataError
+    from .pack import PackError
     from .teacher import TeacherError
+    from .whisper_layers import ModelFileError
     from emostream.model import CheckpointError
 
     try:
         return _run(args)
-    except (ConfigError, DataError, CheckpointError, TeacherError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, TeacherError, PackError, ModelFileError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -159,6 +169,15 @@ def _run(args) -> int:
     if cfg.distill.teacher and args.command != "ensemble":
         from .teacher import check_teacher_dir
         check_teacher_dir(cfg.distill.teacher)  # fail before any decoding or training
+    if args.command == "pack":
+        from .pack import write_pack
+
+        if not cfg.data:
+            raise ConfigError_("no data: pass --data or set dataset.train_dataframe")
+        info = write_pack(cfg, args.out, args.part_mb)
+        print(f"{args.out}: {info['clips']} clips of {info['speakers']} speakers, teacher {info['teacher']}; "
+              + ", ".join(f"{k} {info['megabytes'][k]} MB" for k in info["files"]))
+        return 0
     out = Path(args.out or Path("runs") / cfg.experiment_name)
     _setup_logging(out)
     log = logging.getLogger("train")

@@ -200,22 +200,46 @@ def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: s
     key = _cache_key(cache, teacher_dir)
 
     def load_encode():
-        from faster_whisper.feature_extractor import FeatureExtractor
-
-        model, extractor = load_encoder(teacher_dir, threads), FeatureExtractor()
+        model, extractor = load_encoder(teacher_dir, threads), whisper_feature_extractor()
         return lambda i: encode_clip(model, extractor, cache.clip(i))
 
     return _encode_all(len(cache), load_encode, cache_dir / f"teacher-{key}.npy",
                        cache_dir / f"teacher-{key}.offsets.npy", "teacher cache")
 
 
+def whisper_feature_extractor():
+    """faster-whisper's log-mel ``FeatureExtractor`` (NumPy only).
+
+    Imported on its own when the package's ``__init__`` cannot be (it imports CTranslate2 and PyAV,
+    which the layer teacher does not need: a GPU machine may carry faster-whisper's wheel alone)."""
+    try:
+        from faster_whisper.feature_extractor import FeatureExtractor
+    except ImportError as exc:
+        import importlib.util
+
+        spec = importlib.util.find_spec("faster_whisper")
+        module_file = spec and spec.submodule_search_locations and \
+            Path(list(spec.submodule_search_locations)[0]) / "feature_extractor.py"
+        if not module_file or not module_file.is_file():
+            raise TeacherError("distillation needs the training extra: pip install 'emostream[train]' "
+                               f"(faster-whisper: {exc})") from None
+        spec = importlib.util.spec_from_file_location("_faster_whisper_feature_extractor", module_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        FeatureExtractor = module.FeatureExtractor
+    return FeatureExtractor()
+
+
 def encode_clip_layers(encoder, extractor, audio: np.ndarray) -> np.ndarray:
     """Every hidden state of the encoder, ``(clip_frames, layers + 1, d_model)`` float16, for one
-    16 kHz clip, in the same ``CONTEXT_SECONDS`` pieces as :func:`encode_clip`."""
+    16 kHz clip, in the same ``CONTEXT_SECONDS`` pieces as :func:`encode_clip`, on the encoder's
+    device (in float32 there too: no TF32 convolutions on a GPU)."""
     import torch
 
-    return np.concatenate([encoder(torch.from_numpy(mel))[:, 0, :n].transpose(0, 1).numpy().astype(np.float16)
-                           for mel, n in context_mels(extractor, audio)])
+    device = next(encoder.parameters()).device
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return np.concatenate([encoder(torch.from_numpy(mel).to(device))[:, 0, :n].transpose(0, 1).float().cpu()
+                               .numpy().astype(np.float16) for mel, n in context_mels(extractor, audio)])
 
 
 def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layers: tuple[int, ...],
@@ -230,13 +254,14 @@ def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layer
 
     def load_encode():
         import torch
-        from faster_whisper.feature_extractor import FeatureExtractor
 
         from .whisper_layers import load_encoder_layers
 
         if threads:
             torch.set_num_threads(threads)
-        encoder, extractor = load_encoder_layers(teacher_dir), FeatureExtractor()
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as the student: the GPU when present
+        encoder, extractor = load_encoder_layers(teacher_dir).to(device), whisper_feature_extractor()
+        log.info("teacher layers on %s", device)
         return lambda i: encode_clip_layers(encoder, extractor, cache.clip(i))
 
     every = _encode_all(len(cache), load_encode, cache_dir / f"teacher-{key}.npy", index_path, "teacher layer cache")

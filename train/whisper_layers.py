@@ -10,6 +10,7 @@ Checked against CTranslate2's own ``encode`` in ``tests/test_whisper_layers.py``
 """
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -26,48 +27,135 @@ class ModelFileError(ValueError):
     """A model.bin this reader cannot use (names the file and the reason)."""
 
 
+def _ct2_records(path: Path):
+    """``(version, spec, revision, records)`` of a CTranslate2 ``model.bin``, where ``records`` yields
+    ``(name, shape, dtype_id, raw_header, read_data)`` per variable: ``raw_header`` is the record's bytes
+    before its data, and ``read_data()`` returns the data (or skips it when not called)."""
+    f = path.open("rb")
+
+    def read(fmt: str):
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ModelFileError(f"{path}: truncated")
+        return struct.unpack(fmt, data)
+
+    def string() -> tuple[str, bytes]:
+        (n,) = read("<H")
+        raw = f.read(n)
+        if len(raw) != n:
+            raise ModelFileError(f"{path}: truncated")
+        return raw[:-1].decode("utf-8"), struct.pack("<H", n) + raw
+
+    (version,) = read("<I")
+    if version != _CT2_BINARY_VERSION:
+        f.close()
+        raise ModelFileError(f"{path}: CTranslate2 binary version {version}, expected {_CT2_BINARY_VERSION}")
+    spec, _ = string()
+    if spec != "WhisperSpec":
+        f.close()
+        raise ModelFileError(f"{path}: a {spec}, not a Whisper model")
+    (revision,) = read("<I")
+
+    def records():
+        with f:
+            (count,) = read("<I")
+            for _ in range(count):
+                name, raw_name = string()
+                (rank,) = read("<B")
+                shape = read("<" + "I" * rank) if rank else ()
+                (dtype_id,) = read("<B")
+                (nbytes,) = read("<I")
+                header = raw_name + struct.pack("<B", rank) + struct.pack("<" + "I" * rank, *shape) \
+                    + struct.pack("<BI", dtype_id, nbytes)
+                taken = []
+
+                def read_data(n=nbytes, taken=taken) -> bytes:
+                    data = f.read(n)
+                    if len(data) != n:
+                        raise ModelFileError(f"{path}: truncated")
+                    taken.append(True)
+                    return data
+
+                yield name, tuple(shape), dtype_id, header, read_data
+                if not taken:
+                    f.seek(nbytes, 1)
+
+    return version, spec, revision, records()
+
+
 def read_ct2_variables(path: str | Path, prefix: str = "encoder/") -> dict[str, np.ndarray]:
     """The variables of a CTranslate2 ``model.bin`` whose names start with ``prefix`` (float32/int)."""
     path = Path(path)
     out: dict[str, np.ndarray] = {}
     try:
-        with path.open("rb") as f:
-            def read(fmt: str):
-                size = struct.calcsize(fmt)
-                data = f.read(size)
-                if len(data) != size:
-                    raise ModelFileError(f"{path}: truncated")
-                return struct.unpack(fmt, data)
-
-            def string() -> str:
-                (n,) = read("<H")
-                return f.read(n)[:-1].decode("utf-8")
-
-            (version,) = read("<I")
-            if version != _CT2_BINARY_VERSION:
-                raise ModelFileError(f"{path}: CTranslate2 binary version {version}, expected {_CT2_BINARY_VERSION}")
-            spec = string()
-            if spec != "WhisperSpec":
-                raise ModelFileError(f"{path}: a {spec}, not a Whisper model")
-            read("<I")  # spec revision
-            (count,) = read("<I")
-            for _ in range(count):
-                name = string()
-                (rank,) = read("<B")
-                shape = read("<" + "I" * rank) if rank else ()
-                (dtype_id,) = read("<B")
-                (nbytes,) = read("<I")
-                if not name.startswith(prefix):
-                    f.seek(nbytes, 1)
-                    continue
-                if dtype_id not in _CT2_DTYPES:
-                    raise ModelFileError(f"{path}: {name} has CTranslate2 type {dtype_id} (quantised?), "
-                                         "only float16/float32 weights are supported")
-                data = np.frombuffer(f.read(nbytes), dtype=_CT2_DTYPES[dtype_id]).reshape(shape)
-                out[name[len(prefix):]] = data.astype(np.float32) if data.dtype.kind == "f" else data.copy()
+        _, _, _, records = _ct2_records(path)
+        for name, shape, dtype_id, _, read_data in records:
+            if not name.startswith(prefix):
+                continue
+            if dtype_id not in _CT2_DTYPES:
+                raise ModelFileError(f"{path}: {name} has CTranslate2 type {dtype_id} (quantised?), "
+                                     "only float16/float32 weights are supported")
+            data = np.frombuffer(read_data(), dtype=_CT2_DTYPES[dtype_id]).reshape(shape)
+            out[name[len(prefix):]] = data.astype(np.float32) if data.dtype.kind == "f" else data.copy()
     except OSError as exc:
         raise ModelFileError(f"{path}: {exc.strerror or exc}") from None
     return out
+
+
+def encoder_blocks_needed(layers: tuple[int, ...]) -> int:
+    """Transformer blocks to keep for hidden states ``layers`` (state k is the output of block k)."""
+    return max(layers)
+
+
+def write_encoder_subset(src: str | Path, dst: str | Path, blocks: int) -> Path:
+    """Write ``dst/model.bin`` + ``dst/config.json``: the encoder of the faster-whisper directory ``src``
+    cut after ``blocks`` transformer blocks (the stem, positions and blocks ``0..blocks-1``, copied byte
+    for byte; no decoder, and no final layer norm unless every block is kept), for
+    :func:`load_encoder_layers` only.
+
+    Hidden states ``0..blocks`` of the cut encoder equal the full encoder's. It is a compact teacher to
+    carry where the full model cannot go (Whisper base: 22 MB for 3 blocks against 145 MB); CTranslate2
+    itself cannot load it (no decoder).
+    """
+    from .teacher import check_teacher_dir
+
+    src, dst = check_teacher_dir(src), Path(dst)
+    if blocks < 1:
+        raise ValueError("blocks must be at least 1")
+    keep = ("encoder/conv1/", "encoder/conv2/", "encoder/position_encodings/", "encoder/num_heads")
+    kept, final_norm, found = [], [], set()
+    try:
+        version, spec, revision, records = _ct2_records(src / "model.bin")
+        for name, _, _, header, read_data in records:
+            block = name.split("/")[1] if name.startswith("encoder/layer_") else None
+            if block is not None and block[len("layer_"):].isdigit():
+                k = int(block[len("layer_"):])
+                found.add(k)
+                if k < blocks:
+                    kept.append(header + read_data())
+            elif name.startswith(keep):
+                kept.append(header + read_data())
+            elif name.startswith("encoder/layer_norm/"):
+                final_norm.append(header + read_data())
+    except OSError as exc:
+        raise ModelFileError(f"{src / 'model.bin'}: {exc.strerror or exc}") from None
+    if blocks > len(found):
+        raise ModelFileError(f"{src / 'model.bin'}: {blocks} blocks asked for, the encoder has {len(found)}")
+    if blocks == len(found):
+        kept += final_norm  # the whole encoder: its last state keeps the final layer norm
+    dst.mkdir(parents=True, exist_ok=True)
+    spec_bytes = spec.encode() + b"\0"
+    with (dst / "model.bin").open("wb") as f:
+        f.write(struct.pack("<I", version) + struct.pack("<H", len(spec_bytes)) + spec_bytes
+                + struct.pack("<II", revision, len(kept)))
+        for record in kept:
+            f.write(record)
+        f.write(struct.pack("<I", 0))  # no aliases
+    config = json.loads((src / "config.json").read_text())
+    config["emostream_encoder_subset"] = {"source": src.name, "blocks": blocks}
+    (dst / "config.json").write_text(json.dumps(config, indent=1))
+    return dst
 
 
 class WhisperEncoderLayers(torch.nn.Module):
@@ -75,7 +163,8 @@ class WhisperEncoderLayers(torch.nn.Module):
 
     ``forward`` returns the hidden states ``(layers + 1, batch, frames, d_model)``: index 0 after the
     stem and positions, index k after block k; the last one passes through the final layer norm, as
-    the encoder's output does (so index ``-1`` equals CTranslate2's ``encode``).
+    the encoder's output does (so index ``-1`` equals CTranslate2's ``encode``), unless the encoder is
+    a cut one without it (:func:`write_encoder_subset`).
     """
 
     def __init__(self, variables: dict[str, np.ndarray]):
@@ -114,7 +203,8 @@ class WhisperEncoderLayers(torch.nn.Module):
             h = self._ln(x, f"{pre}/ffn/layer_norm")
             x = x + self._linear(F.gelu(self._linear(h, f"{pre}/ffn/linear_0")), f"{pre}/ffn/linear_1")
             states.append(x)
-        states[-1] = self._ln(x, "layer_norm")
+        if "layer_norm__gamma" in self.params:  # a cut encoder (write_encoder_subset) has none
+            states[-1] = self._ln(x, "layer_norm")
         return torch.stack(states)
 
 
