@@ -13,9 +13,11 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
 #         -d .whl soundfile cffi pycparser websockets faster-whisper
-#     mv checkpoints/emostream-resnet50/model.safetensors /tmp/   # 47 MB the fit does not need
-#                                                                 # (`git checkout checkpoints` puts it back)
+#     ck=checkpoints/emostream-resnet50/model.safetensors   # 47 MB that travel with every call as a
+#     git rm -q --cached $ck; echo /$ck >> .git/info/exclude  # tracked file, unused by the fit: ignored,
+#                                                             # it stays here and does not travel
 #
+# (afterwards: `git reset -q $ck` and take the line out of .git/info/exclude),
 # then the calls, back to back (a machine idle for 30 s goes back and the next one starts bare):
 #
 #     run(command="ls .devpack/part-2/audio | wc -l", carry=[".devpack/part-2"])
