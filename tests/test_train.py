@@ -234,6 +234,17 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     y = np.array([CLASSES.index(c.label) for c in clips])
     assert ev["metrics"]["overall"]["ua"] == pytest.approx(
         classification_metrics(softmax(placed, ev["temperature"]), y)["ua"], abs=1e-6)
+    # --speakers: only the clips of the voices listed (the held-out rule's protocol)
+    (tmp_path / "voices.txt").write_text("spk1\nspk3\n")
+    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--speakers",
+                       str(tmp_path / "voices.txt"), "--cache", str(root / "cache"), "--out", str(tmp_path / "ev2"),
+                       "--device", "cpu"]) == 0
+    ev2 = json.loads((tmp_path / "ev2" / "evaluation.json").read_text())
+    assert ev2["speakers"] == ["spk1", "spk3"] and ev2["clips"] == 8 and ev["clips"] == 16
+    (tmp_path / "voices.txt").write_text("nobody\n")
+    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--speakers",
+                       str(tmp_path / "voices.txt"), "--out", str(tmp_path / "ev3")]) == 2
+    assert "no clips of the speakers" in capsys.readouterr().err
 
 
 def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):

@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None)
     ev.add_argument("--cache", default=str(DEFAULT_CACHE))
     ev.add_argument("--device", default=None)
+    ev.add_argument("--speakers", metavar="FILE",
+                    help="only the clips of these speakers (one id per line, e.g. examples/reserved_speakers.txt: "
+                         "the held-out voices no shipped model trains on)")
     ev.add_argument("--telephone", action="store_true", help="evaluate on a telephone-channel copy")
     ev.add_argument("--positions", type=_positive(int), default=CLIP_POSITIONS, metavar="P",
                     help="average each clip's logits over P placements in the window (default "
@@ -143,6 +146,16 @@ def _run(args) -> int:
         out = Path(args.out or Path(args.checkpoint) / "evaluation")
         _setup_logging(out)
         clips = load_dataset(args.data)
+        if args.speakers:
+            from .data import DataError
+
+            try:
+                wanted = set(Path(args.speakers).read_text().split())
+            except OSError as exc:
+                raise DataError(f"speakers file {args.speakers}: {exc.strerror or exc}") from None
+            clips = [c for c in clips if c.speaker in wanted]
+            if not clips:
+                raise DataError(f"no clips of the speakers in {args.speakers} in {args.data}")
         cache = build_cache(clips, args.cache)
         if args.telephone:
             from .data import AudioCache
@@ -151,6 +164,9 @@ def _run(args) -> int:
             pieces = [float32_to_int16(telephone_channel(cache.clip(i))[: cache.clip_length(i)]) for i in range(len(cache))]
             cache = AudioCache(np.concatenate(pieces), cache.offsets)
         report = evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
+        log = logging.getLogger("train")
+        log.info("%d clips of %d speakers%s", len(clips), len({c.speaker for c in clips}),
+                 f" (those of {args.speakers})" if args.speakers else "")
         print((out / "evaluation.md").read_text())
         return 0
 

@@ -634,7 +634,8 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
     report = grouped_metrics(softmax(logits, temperature), y, [c.corpus for c in clips])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "evaluation.json", {"checkpoint": str(checkpoint), "temperature": temperature,
-                                            "positions": positions, "metrics": report})
+                                            "positions": positions, "clips": len(clips),
+                                            "speakers": sorted({c.speaker for c in clips}), "metrics": report})
     (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint} ({clip_scoring(positions)})"))
     plot_confusion(report["overall"]["confusion"], out_dir / "confusion.png", "evaluation")
     return report
