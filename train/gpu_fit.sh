@@ -24,6 +24,12 @@
 #     run(command="bash train/gpu_fit.sh .devpack/part-1 train/configs/distill_layer3_speed.yaml",
 #         carry=[".devpack/part-1", ".whl"], timeout_s=600)
 #
+# and, with device time to spare, the window temperature of that recipe (its four folds trained
+# afresh and scored with one placement, as live windows are; cv_report.json for `train calibrate`):
+#
+#     run(command="TASK=cv RUN=/tmp/cv-window bash train/gpu_fit.sh .devpack/part-1 "
+#                 "train/configs/distill_layer3_speed_window.yaml", carry=[".whl"], timeout_s=600)
+#
 # The parts carried earlier stay on a warm machine (an ignored path not named again is kept); the
 # script checks that every part is there before anything else. The checkpoint comes back in pieces of
 # 15 MB (a returned file is at most 16 MiB): `cat model.safetensors.part-* > model.safetensors` and
