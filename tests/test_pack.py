@@ -67,7 +67,12 @@ def test_pack_errors_are_one_line_and_exit_2(tiny_pack_inputs, tmp_path, capsys)
     # the output-layer teacher (CTranslate2) cannot travel cut
     cfg_path.write_text(cfg_path.read_text().replace("layers: [1]", "layers: []"))
     assert main(["pack", "--config", str(cfg_path), "--data", str(data), "--out", str(tmp_path / "p")]) == 2
-    assert "emostream.distill.layers" in capsys.readouterr().err
+    assert "emostream.distill.layers" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    # a part too small for the teacher: a clear error, and no half-written pack left behind
+    cfg_path.write_text(cfg_path.read_text().replace("layers: []", "layers: [1]"))
+    assert main(["pack", "--config", str(cfg_path), "--data", str(data), "--out", str(tmp_path / "s"),
+                 "--part-mb", "0.001"]) == 2
+    assert "the teacher alone" in capsys.readouterr().err and not (tmp_path / "s").exists()
     assert main(["pack", "--config", str(cfg_path), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q")]) == 2
     assert "dataset not found" in capsys.readouterr().err and not (tmp_path / "q").exists()
     assert subprocess.run([sys.executable, "-m", "train.pack", "check", str(tmp_path)], capture_output=True,

@@ -37,15 +37,24 @@ def _part_name(k: int) -> str:
 
 def write_pack(cfg, out: str | Path, part_mb: float = DEFAULT_PART_MB) -> dict:
     """Write the pack of ``cfg`` (a :class:`train.config.TrainConfig`) under ``out``; returns pack.json."""
-    import pandas as pd
-
     from .data import config_clips
-    from .whisper_layers import encoder_blocks_needed, write_encoder_subset
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise PackError(f"{out} is not empty: pack into a new folder")
     clips = config_clips(cfg)  # a bad dataset fails before anything is written
+    try:
+        return _write(cfg, clips, out, part_mb)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half pack left behind (out was empty or absent)
+        raise
+
+
+def _write(cfg, clips, out: Path, part_mb: float) -> dict:
+    import pandas as pd
+
+    from .whisper_layers import encoder_blocks_needed, write_encoder_subset
+
     limit = int(part_mb * 1e6)
     first = out / _part_name(1)
     first.mkdir(parents=True)
