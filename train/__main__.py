@@ -156,6 +156,8 @@ def _run(args) -> int:
             clips = [c for c in clips if c.speaker in wanted]
             if not clips:
                 raise DataError(f"no clips of the speakers in {args.speakers} in {args.data}")
+        logging.getLogger("train").info("%d clips of %d speakers%s", len(clips), len({c.speaker for c in clips}),
+                                        f" (those of {args.speakers})" if args.speakers else "")
         cache = build_cache(clips, args.cache)
         if args.telephone:
             from .data import AudioCache
@@ -164,9 +166,6 @@ def _run(args) -> int:
             pieces = [float32_to_int16(telephone_channel(cache.clip(i))[: cache.clip_length(i)]) for i in range(len(cache))]
             cache = AudioCache(np.concatenate(pieces), cache.offsets)
         report = evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
-        log = logging.getLogger("train")
-        log.info("%d clips of %d speakers%s", len(clips), len({c.speaker for c in clips}),
-                 f" (those of {args.speakers})" if args.speakers else "")
         print((out / "evaluation.md").read_text())
         return 0
 

@@ -255,11 +255,13 @@ def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layer
     def load_encode():
         import torch
 
+        from emostream.model import select_device
+
         from .whisper_layers import load_encoder_layers
 
         if threads:
             torch.set_num_threads(threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # as the student: the GPU when present
+        device = select_device()  # as the student: the GPU when present
         encoder, extractor = load_encoder_layers(teacher_dir).to(device), whisper_feature_extractor()
         log.info("teacher layers on %s", device)
         return lambda i: encode_clip_layers(encoder, extractor, cache.clip(i))

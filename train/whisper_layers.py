@@ -11,6 +11,7 @@ Checked against CTranslate2's own ``encode`` in ``tests/test_whisper_layers.py``
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -128,9 +129,8 @@ def write_encoder_subset(src: str | Path, dst: str | Path, blocks: int) -> Path:
     try:
         version, spec, revision, records = _ct2_records(src / "model.bin")
         for name, _, _, header, read_data in records:
-            block = name.split("/")[1] if name.startswith("encoder/layer_") else None
-            if block is not None and block[len("layer_"):].isdigit():
-                k = int(block[len("layer_"):])
+            if block := re.match(r"encoder/layer_(\d+)/", name):
+                k = int(block.group(1))
                 found.add(k)
                 if k < blocks:
                     kept.append(header + read_data())
