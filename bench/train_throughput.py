@@ -7,9 +7,12 @@ first one pays for one-off kernel set-up). ``fit`` always lays the CPU model out
 variants differ in ``mixed_precision_training``: ``fp32``, or ``mixed`` as training runs it (fp16
 autocast on CUDA; bf16 on a CPU with fast bf16 kernels, fp32 on one without: each row names what
 ran), and on request ``bf16``: bf16 autocast forced on such a CPU (the cost that choice avoids).
+``--prefetch 0,2`` measures each precision with batches made serially and made ahead on a thread
+(``fit``'s default is :data:`train.engine.PREFETCH_BATCHES`; the trained weights are the same).
 
     python bench/train_throughput.py [--config train/configs/utterance_norm.yaml] [--steps 8]
-                                     [--batch-size 32] [--precisions fp32,mixed,bf16] [--json OUT] [--quick]
+                                     [--batch-size 32] [--precisions fp32,mixed,bf16] [--prefetch 0,2]
+                                     [--json OUT] [--quick]
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from emostream.model import CLASSES, select_device  # noqa: E402
 from inference import forced_cpu_bf16  # noqa: E402  (bench/ is on sys.path when run as a script)
 from train.config import load_config  # noqa: E402
 from train.data import AudioCache, Clip  # noqa: E402
-from train.engine import fit  # noqa: E402
+from train.engine import PREFETCH_BATCHES, fit  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "utterance_norm.yaml"
 
@@ -53,9 +56,11 @@ def synthetic_clips(n: int, seed: int = 0) -> tuple[list[Clip], AudioCache]:
     return clips, AudioCache(np.concatenate(pieces), np.asarray(offsets, dtype=np.int64))
 
 
-def measure(config: Path, requested: str, steps: int, batch_size: int, device: str | None) -> dict:
+def measure(config: Path, requested: str, steps: int, batch_size: int, device: str | None,
+            prefetch: int = PREFETCH_BATCHES) -> dict:
     """Two epochs of ``steps`` batches through :func:`fit`; the second epoch's rate. ``requested``:
-    fp32, mixed (what training chooses here) or bf16 (forced on the CPU)."""
+    fp32, mixed (what training chooses here) or bf16 (forced on the CPU); ``prefetch``: batches
+    made ahead on a thread (0: serially)."""
     if requested not in ("fp32", "mixed", "bf16"):
         raise SystemExit(f"--precisions: {requested!r} is not fp32, mixed or bf16")
     mixed = requested != "fp32"
@@ -66,10 +71,11 @@ def measure(config: Path, requested: str, steps: int, batch_size: int, device: s
     with tempfile.TemporaryDirectory() as tmp, forced_cpu_bf16() if forced else contextlib.nullcontext():
         t0 = time.perf_counter()
         result = fit(cfg, clips, cache, np.arange(len(clips)), None, Path(tmp), device=device,
-                     show_progress=False, telephone_eval=False)
+                     show_progress=False, telephone_eval=False, prefetch=prefetch)
         total = time.perf_counter() - t0
     warm = result.history[-1]
     return {"requested": requested, "precision": warm["precision"], "batch_size": batch_size, "steps_per_epoch": steps,
+            "prefetch": prefetch,
             "samples_per_s": round(warm["samples_per_second"], 2),
             "first_epoch_samples_per_s": round(result.history[0]["samples_per_second"], 2),
             "seconds_per_step": round(batch_size / warm["samples_per_second"], 3), "wall_s": round(total, 1),
@@ -85,22 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="the recipe's batch size is 32")
     p.add_argument("--device", default=None)
     p.add_argument("--precisions", default="fp32,mixed", help="any of fp32, mixed (as training chooses), bf16 (forced)")
+    p.add_argument("--prefetch", default=str(PREFETCH_BATCHES),
+                   help="comma-separated batches made ahead on a thread, e.g. 0,2 (0: serially)")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="one batch of 8 per epoch (< 1 min)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size = 1, 8
     rows = []
+    try:
+        prefetches = [int(x) for x in args.prefetch.split(",")]
+    except ValueError:
+        raise SystemExit(f"--prefetch: {args.prefetch!r} is not a comma-separated list of integers") from None
     for precision in args.precisions.split(","):
-        rows.append(measure(Path(args.config), precision, args.steps, args.batch_size, args.device))
-        print(json.dumps(rows[-1]), flush=True)
+        for prefetch in prefetches:
+            rows.append(measure(Path(args.config), precision, args.steps, args.batch_size, args.device, prefetch))
+            print(json.dumps(rows[-1]), flush=True)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     machine = f"{os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     print(f"\nmachine: {machine}\n")
-    print("| requested | ran in | batch | samples/s | s/step | first epoch samples/s |")
-    print("|---|---|---|---|---|---|")
+    print("| requested | ran in | batches made ahead | batch | samples/s | s/step | first epoch samples/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['requested']} | {r['precision']} + channels_last | {r['batch_size']} | {r['samples_per_s']:.1f} | "
+        print(f"| {r['requested']} | {r['precision']} + channels_last | {r['prefetch']} | {r['batch_size']} | {r['samples_per_s']:.1f} | "
               f"{r['seconds_per_step']:.2f} | {r['first_epoch_samples_per_s']:.1f} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))

@@ -265,6 +265,47 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
+def test_prefetched_keeps_order_hands_on_errors_and_stops_with_the_consumer():
+    import threading
+    from contextlib import closing
+    from train.engine import prefetched
+    for depth in (0, 1, 3):
+        assert list(prefetched(iter(range(20)), depth)) == list(range(20))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad clip 3")
+    got = []
+    with pytest.raises(ValueError, match="bad clip 3"):
+        for item in prefetched(failing(), 2):
+            got.append(item)
+    assert got == [1, 2]  # everything before the failure arrives, in order
+    produced = []
+
+    def counting():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+    with closing(prefetched(counting(), 2)) as items:
+        assert [next(items) for _ in range(3)] == [0, 1, 2]
+    assert len(produced) <= 3 + 2 + 1  # the producer stopped at most depth + 1 items ahead
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+
+
+def test_prefetching_batches_leaves_the_run_unchanged(tiny, tmp_path):
+    """Batches prepared on a background thread are the serial loop's batches: same weights, bit for bit."""
+    root, clips, cache, cfg = tiny
+    cfg = replace(cfg, epochs=1)
+    idx = np.arange(len(clips))
+    fit(cfg, clips, cache, idx, None, tmp_path / "serial", show_progress=False, prefetch=0)
+    fit(cfg, clips, cache, idx, None, tmp_path / "ahead", show_progress=False, prefetch=2)
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("serial", "ahead"))
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_training_seed_changes_the_student_only(tiny, tmp_path):
     """``emostream.training_seed`` reseeds the student's training (weights differ) while ``seed`` keeps
     the folds; setting it to ``seed`` is the same run as leaving it out."""

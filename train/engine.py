@@ -5,10 +5,13 @@ import copy
 import json
 import logging
 import math
+import queue
+import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +30,8 @@ from .metrics import (classification_metrics, fit_temperature, grouped_metrics, 
 
 log = logging.getLogger("train")
 STATE_FILE = "state.pt"
+PREFETCH_BATCHES = 2  # batches prepared ahead on a background thread while the model trains on one
+T = TypeVar("T")
 
 
 def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> EmotionNet:
@@ -224,6 +229,54 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
     tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
     return Batch(torch.from_numpy(waves), torch.from_numpy(targets), tensor(soft), tensor(emb),
                  tensor(frames), tensor(frame_mask))
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable[T], depth: int = PREFETCH_BATCHES) -> Iterator[T]:
+    """``items`` in their order, produced up to ``depth`` ahead on a background thread (``depth`` 0:
+    in the caller's thread). The producer is the only user of whatever state ``items`` draws on (a
+    batch generator's ``rng``), so the items are the same either way. An exception in the producer
+    is raised here, at the item it failed on; closing this iterator stops the producer and waits for
+    it, so nothing runs on after the consumer stops (an interrupted epoch, a failed step)."""
+    if depth <= 0:
+        yield from items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_DONE, exc))
+
+    worker = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 class SpecAugment:
@@ -441,7 +494,7 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         out_dir: Path, resume: bool = False, pretrained_path: str | None = None,
         metadata: dict | None = None, device: str | None = None, show_progress: bool = True,
         telephone_eval: bool = True, stop_after: int | None = None, teacher=None,
-        copies: np.ndarray | None = None) -> FitResult:
+        copies: np.ndarray | None = None, prefetch: int = PREFETCH_BATCHES) -> FitResult:
     """Train one model; saves ``state.pt`` after every epoch (resumable) and the final checkpoint.
 
     ``stop_after`` ends this run once that many epochs are finished, leaving the same resumable state
@@ -449,6 +502,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     (a :class:`train.teacher.FoldTeacher` fitted on ``train_idx`` only) adds the distillation term.
     ``copies`` (:attr:`train.data.SpeedCopies.copies`; ``clips`` and ``cache`` then hold the copies
     after the originals) lets ``augment.speed_probability`` of the training windows come from a copy.
+    ``prefetch`` batches are prepared ahead on a thread (:func:`prefetched`; 0: serially): the same
+    batches in the same order, so the run is identical either way.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
@@ -529,50 +584,55 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             order = rng.permutation(train_idx)
             losses = []
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="") if progress else None
-            for step in range(steps_per_epoch):
-                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                if drop_last and len(idx) < cfg.batch_size:
-                    break
-                if speed:
-                    idx = substitute_copies(idx, copies, speed, rng)
-                batch = make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
-                                   frame_cells=frame_cells)
-                x, y = batch.waves.to(dev), batch.targets.to(dev)
-                warp = vtlp_factors(cfg, len(idx), gen)
-                warp = warp.to(dev) if warp is not None else None
-                soft = batch.teacher_logits.to(dev) if batch.teacher_logits is not None else None
-                with autocast_for(dev, cfg.mixed_precision_training):
-                    if projector is not None or frame_projector is not None:
-                        logits, features, fmap = model(x, spec_augment=spec_aug, return_embedding=True,
-                                                       return_feature_map=True, warp=warp)
-                    else:
-                        logits = model(x, spec_augment=spec_aug, warp=warp)
-                    projected = projector(features) if projector is not None else None
-                    frames_projected = frame_projector(fmap) if frame_projector is not None else None
-                loss = loss_fn(cfg, logits.float(), y, soft)
-                if projector is not None:
-                    loss = loss + cfg.distill.embed_weight * embedding_loss(projected, batch.teacher_embedding.to(dev))
-                if frame_projector is not None:
-                    loss = loss + cfg.distill.frame_weight * frame_embedding_loss(
-                        frames_projected, batch.teacher_frames.to(dev), batch.teacher_frame_mask.to(dev))
-                loss = loss / cfg.grad_accumulation
-                (scaler.scale(loss) if scaler else loss).backward()
-                losses.append(float(loss.detach()) * cfg.grad_accumulation)
-                if (step + 1) % cfg.grad_accumulation == 0:
-                    factor = lr_factor(cfg, opt_step, total_steps, opt_steps_per_epoch)
-                    for g, base in zip(opt.param_groups, base_lrs):
-                        g["lr"] = base * factor
-                    if scaler:
-                        scaler.unscale_(opt)
-                    if cfg.gradient_clip > 0:
-                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.gradient_clip)
-                    (scaler.step(opt), scaler.update()) if scaler else opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    opt_step += 1
-                    if ema is not None:
-                        update_ema(ema, model, ema_decay_at(cfg.ema_decay, opt_step))
-                if progress:
-                    progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
+
+            def epoch_batches(order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, Batch]]:
+                for step in range(steps_per_epoch):
+                    idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                    if drop_last and len(idx) < cfg.batch_size:
+                        return
+                    if speed:
+                        idx = substitute_copies(idx, copies, speed, rng)
+                    yield idx, make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
+                                          frame_cells=frame_cells)
+
+            with closing(prefetched(epoch_batches(order, rng), prefetch)) as batches:
+                for step, (idx, batch) in enumerate(batches):
+                    x, y = batch.waves.to(dev), batch.targets.to(dev)
+                    warp = vtlp_factors(cfg, len(idx), gen)
+                    warp = warp.to(dev) if warp is not None else None
+                    soft = batch.teacher_logits.to(dev) if batch.teacher_logits is not None else None
+                    with autocast_for(dev, cfg.mixed_precision_training):
+                        if projector is not None or frame_projector is not None:
+                            logits, features, fmap = model(x, spec_augment=spec_aug, return_embedding=True,
+                                                           return_feature_map=True, warp=warp)
+                        else:
+                            logits = model(x, spec_augment=spec_aug, warp=warp)
+                        projected = projector(features) if projector is not None else None
+                        frames_projected = frame_projector(fmap) if frame_projector is not None else None
+                    loss = loss_fn(cfg, logits.float(), y, soft)
+                    if projector is not None:
+                        loss = loss + cfg.distill.embed_weight * embedding_loss(projected, batch.teacher_embedding.to(dev))
+                    if frame_projector is not None:
+                        loss = loss + cfg.distill.frame_weight * frame_embedding_loss(
+                            frames_projected, batch.teacher_frames.to(dev), batch.teacher_frame_mask.to(dev))
+                    loss = loss / cfg.grad_accumulation
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    losses.append(float(loss.detach()) * cfg.grad_accumulation)
+                    if (step + 1) % cfg.grad_accumulation == 0:
+                        factor = lr_factor(cfg, opt_step, total_steps, opt_steps_per_epoch)
+                        for g, base in zip(opt.param_groups, base_lrs):
+                            g["lr"] = base * factor
+                        if scaler:
+                            scaler.unscale_(opt)
+                        if cfg.gradient_clip > 0:
+                            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.gradient_clip)
+                        (scaler.step(opt), scaler.update()) if scaler else opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        opt_step += 1
+                        if ema is not None:
+                            update_ema(ema, model, ema_decay_at(cfg.ema_decay, opt_step))
+                    if progress:
+                        progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "precision": precision, "seconds": time.time() - t0,
                       "samples_per_second": len(losses) * cfg.batch_size / (time.time() - t0)}
             if val_clips is not None and ((epoch + 1) % cfg.evaluation_epochs == 0 or epoch + 1 == cfg.epochs):
