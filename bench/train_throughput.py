@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size = 1, 8
-    rows = []
     try:
         prefetches = [int(x) for x in args.prefetch.split(",")]
     except ValueError:
         raise SystemExit(f"--prefetch: {args.prefetch!r} is not a comma-separated list of integers") from None
+    rows = []
     for precision in args.precisions.split(","):
         for prefetch in prefetches:
             rows.append(measure(Path(args.config), precision, args.steps, args.batch_size, args.device, prefetch))

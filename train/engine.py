@@ -569,6 +569,18 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         raise ConfigError("emostream.augment.speed_probability: no speed copies were built for this run")
     if speed and partners is not None:
         partners = copy_partners(partners, copies)
+
+    def epoch_batches(order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, Batch]]:
+        """One epoch's batches in ``order``, drawing crops and augmentation from ``rng``."""
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if drop_last and len(idx) < cfg.batch_size:
+                return
+            if speed:
+                idx = substitute_copies(idx, copies, speed, rng)
+            yield idx, make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
+                                  frame_cells=frame_cells)
+
     progress = _progress() if show_progress else None
     if progress:
         progress.start()
@@ -584,17 +596,6 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             order = rng.permutation(train_idx)
             losses = []
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="") if progress else None
-
-            def epoch_batches(order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, Batch]]:
-                for step in range(steps_per_epoch):
-                    idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                    if drop_last and len(idx) < cfg.batch_size:
-                        return
-                    if speed:
-                        idx = substitute_copies(idx, copies, speed, rng)
-                    yield idx, make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
-                                          frame_cells=frame_cells)
-
             with closing(prefetched(epoch_batches(order, rng), prefetch)) as batches:
                 for step, (idx, batch) in enumerate(batches):
                     x, y = batch.waves.to(dev), batch.targets.to(dev)
