@@ -171,7 +171,9 @@ def _nearest_code(pcm: np.ndarray, table: np.ndarray, order: np.ndarray) -> np.n
 
 
 def telephone_channel(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Simulate a narrowband phone line: resample to 8 kHz, μ-law round trip, back to ``sample_rate``."""
+    """8 kHz μ-law only: resample to 8 kHz, μ-law round trip, back to ``sample_rate``. No band-pass, so
+    it is *not* a phone line's channel: "telephone" means :func:`emostream.channel.g712_telephone`
+    (300-3400 Hz, then μ-law); this is reported as "8 kHz μ-law only" where it still is."""
     narrow = resample(samples, sample_rate, TELEPHONE_RATE)
     coded = mulaw_decode(mulaw_encode(float32_to_int16(narrow)))
     return resample(int16_to_float32(coded), TELEPHONE_RATE, sample_rate)

@@ -78,6 +78,8 @@ def test_utterance_norm_config_reaches_the_model():
     ({"emostream": {"augment": {"speed_factors": [0.9, 0.9]}}}, "emostream.augment.speed_factors"),
     ({"emostream": {"augment": {"speed_factors": [3.0]}}}, "emostream.augment.speed_factors"),
     ({"emostream": {"augment": {"speed_probability": 0.5}}}, "emostream.augment.speed_probability"),
+    ({"emostream": {"augment": {"phone_probability": 0.5}}}, "emostream.augment.phone_probability"),
+    ({"emostream": {"augment": {"phone_copies": -1}}}, "emostream.augment.phone_copies"),
     ({"emostream": {"augment": {"speed_factors": [0.9, 1.1]}, "distill": {"speaker_centre": "heads"}}},
      "emostream.distill.speaker_centre"),
 ])
@@ -245,6 +247,19 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--speakers",
                        str(tmp_path / "voices.txt"), "--out", str(tmp_path / "ev3")]) == 2
     assert "no clips of the speakers" in capsys.readouterr().err
+    # --channels: one report per channel copy and one table; full band is the plain evaluation
+    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--cache",
+                       str(root / "cache"), "--out", str(tmp_path / "ch"), "--device", "cpu",
+                       "--channels", "full,g712,mulaw,g711_alaw"]) == 0
+    table = capsys.readouterr().out
+    assert "G.712 telephone" in table and "8 kHz μ-law only" in table and "| g711_alaw |" in table
+    by_channel = {c: json.loads((tmp_path / "ch" / c / "evaluation.json").read_text())["metrics"]["overall"]
+                  for c in ("full", "g712", "mulaw", "g711_alaw")}
+    assert by_channel["full"]["ua"] == pytest.approx(ev["metrics"]["overall"]["ua"], abs=1e-9)
+    assert by_channel["g712"]["roc_auc"] != by_channel["full"]["roc_auc"]  # another copy of the audio
+    with pytest.raises(SystemExit):
+        train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--channels", "gsm"])
+    assert "unknown channel 'gsm'" in capsys.readouterr().err
 
 
 def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
@@ -458,6 +473,14 @@ def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
         expected = model(torch.from_numpy(windows)).float().mean(0).numpy()
     np.testing.assert_allclose(rescored[0], expected, atol=1e-4)
     assert "mean of 3 placements" in placed["protocol"] and "placements" not in same["protocol"]
+    # the channel grid: each fold's saved model scored on more channel copies, cached per fold
+    grid = cross_validate(replace(cfg, inference_positions=3), clips, cache, folds, tmp_path / "cv", resume=True,
+                          show_progress=False, channels=("g712", "mulaw", "g711_alaw"))
+    assert set(grid["channels"]) == {"mulaw", "g711_alaw"} and "G.712" in grid["telephone_channel"]
+    assert (tmp_path / "cv" / "fold1" / "val_g711_alaw_logits.npy").exists()
+    md = (tmp_path / "cv" / "cv_report.md").read_text()
+    assert "(G.712 telephone)" in md and "| 8 kHz μ-law only (no band-pass) |" in md and "| g711_alaw |" in md
+    assert grid["channels"]["mulaw"]["overall"]["roc_auc"] != grid["pooled_telephone"]["overall"]["roc_auc"]
     np.testing.assert_allclose(predict_logits(model, [cache.clip(i)], torch.device("cpu"), False, positions=3)[0],
                                expected, atol=1e-4)
     # logits alone cannot be rescored
@@ -666,6 +689,73 @@ def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_pat
     fit(plain, clips, cache, idx, None, tmp_path / "plain", show_progress=False)
     c = torch.load(tmp_path / "plain" / "state.pt", weights_only=False)
     assert [h["train_loss"] for h in a["history"]] != [h["train_loss"] for h in c["history"]]
+
+
+def test_phone_copies_are_random_lines_labelled_by_their_clean_source(tiny, tmp_path):
+    from emostream.channel import rms
+    from train.data import build_phone_copies, build_speed_copies, with_phone_copies
+    from train.engine import fold_teacher, substitute_copies
+    from train.teacher import TeacherFeatures
+    root, clips, cache, cfg = tiny
+    n = len(clips)
+    pc = build_phone_copies(clips, cache, 2, 42, tmp_path / "cache")
+    assert len(pc.clips) == len(pc.cache) == 3 * n and pc.clips[:n] == clips and pc.copies.shape == (n, 2)
+    for i in range(n):
+        for j in range(2):
+            c = int(pc.copies[i, j])
+            assert pc.clips[c].label == clips[i].label and pc.clips[c].speaker == clips[i].speaker
+            assert pc.cache.clip_length(c) == cache.clip_length(i)  # same length: the teacher's spans hold
+            x, y = cache.clip(i), pc.cache.clip(c)  # what a line does is tests/test_channel.py's
+            assert rms(y / rms(y) - x / rms(x)) > 0.1
+        assert not np.array_equal(pc.cache.clip(int(pc.copies[i, 0])), pc.cache.clip(int(pc.copies[i, 1])))
+    again = build_phone_copies(clips, cache, 2, 42, tmp_path / "cache")  # seeded, computed once, then read
+    assert len(list((tmp_path / "cache").glob("phone-*.offsets.npy"))) == 1
+    assert np.array_equal(again.cache.samples, pc.cache.samples)
+    other = build_phone_copies(clips, cache, 2, 43, tmp_path / "cache")
+    assert rms(other.copies_cache.samples.astype(np.float32) - pc.copies_cache.samples.astype(np.float32)) > 1
+    # with speed copies: every original and every speed copy gets its own lines
+    sc = build_speed_copies(clips, cache, (0.9, 1.1), tmp_path / "cache")
+    both = with_phone_copies(clips, cache, sc, 2, 42, tmp_path / "cache")
+    assert np.array_equal(both.copies, sc.copies) and both.phone.shape == (3 * n, 2) and len(both.clips) == 9 * n
+    for s in (0, int(sc.copies[0, 1])):
+        assert both.cache.clip_length(int(both.phone[s, 0])) == sc.cache.clip_length(s)
+        assert both.clips[int(both.phone[s, 1])].speaker == sc.clips[s].speaker
+    # drawn independently of speed: a window is a line with phone_probability, whatever its speed
+    idx = np.tile(np.arange(n), 200)
+    rng = np.random.default_rng(0)
+    drawn = substitute_copies(substitute_copies(idx, both.copies, 0.5, rng), both.phone, 0.5, rng)
+    line = drawn >= 3 * n
+    assert 0.45 < line.mean() < 0.55
+    source = np.arange(len(both.clips))  # the clip a window's audio comes from, through a line or not
+    source[both.phone.ravel()] = np.repeat(np.arange(3 * n), 2)
+    speed_of_line = source[drawn[line]] >= n
+    assert 0.4 < speed_of_line.mean() < 0.6  # lines of speed copies and of originals alike
+    origin = np.concatenate([np.arange(n), np.arange(n), np.arange(n)])
+    assert np.array_equal(origin[np.where(drawn >= 3 * n, source[drawn], drawn)], idx)
+    # a line's teacher features and targets are its clean source's
+    frng = np.random.default_rng(0)
+    lengths = frng.integers(2, 6, 3 * n)
+    feats = TeacherFeatures(frng.standard_normal((int(lengths.sum()), 3)).astype(np.float16),
+                            np.concatenate([[0], np.cumsum(lengths)]))
+    extended = feats.extended(feats.repeated(np.tile(np.arange(3 * n), 2)))
+    for s in range(3 * n):
+        for j in range(2):
+            assert np.array_equal(extended.clip(int(both.phone[s, j])), feats.clip(s))
+    train_idx = np.arange(n // 2)
+    teacher = fold_teacher(replace(cfg, distill=replace(cfg.distill, inner_folds=2)), both.clips, extended,
+                           train_idx, both.copies, both.phone)
+    for i in train_idx:
+        for s in (i, int(both.copies[i, 0])):
+            assert teacher.head_of[int(both.phone[s, 1])] == teacher.head_of[i] >= 0
+    # in training: at probability 1 every window is a line; runs differ from plain ones
+    cfg = replace(cfg, epochs=1, augment=replace(cfg.augment, phone_copies=2, phone_probability=1.0))
+    with pytest.raises(ConfigError, match="phone_probability"):
+        fit(cfg, clips, cache, np.arange(n), None, tmp_path / "none", show_progress=False)
+    fit(cfg, pc.clips, pc.cache, np.arange(n), None, tmp_path / "phone", show_progress=False, phone=pc.copies)
+    plain = replace(cfg, augment=replace(cfg.augment, phone_copies=0, phone_probability=0.0))
+    fit(plain, clips, cache, np.arange(n), None, tmp_path / "plain", show_progress=False)
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("phone", "plain"))
+    assert a["history"][0]["train_loss"] != b["history"][0]["train_loss"]
 
 
 def test_table_paths_fall_back_to_the_tables_folder_when_the_data_folder_is_missing(tmp_path, caplog):

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--reevaluate", action="store_true",
                     help="with --resume: predict finished folds again from their checkpoints with this config's "
                          "inference settings (overwrites their logits) instead of reusing the stored logits")
+    cv.add_argument("--channels", type=_channel_list, metavar="C,C,...",
+                    help="beside full band and G.712, score each fold's model on these channel copies too: mulaw "
+                         "(8 kHz mu-law only), grid (every codec this build has, after the G.712 band) or codec names")
     te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
                                          "the teacher alone on the student's folds")
     common(te)
@@ -97,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--speakers", metavar="FILE",
                     help="only the clips of these speakers (one id per line, e.g. examples/reserved_speakers.txt: "
                          "the held-out voices no shipped model trains on)")
-    ev.add_argument("--telephone", action="store_true", help="evaluate on a telephone-channel copy")
+    ev.add_argument("--telephone", action="store_true", help="evaluate on the G.712 telephone copy (--channels g712)")
+    ev.add_argument("--channels", type=_channel_list, default=None, metavar="C,C,...",
+                    help="score each channel copy, one report per channel under --out and one table: full (the "
+                         "files as they are), g712 (300-3400 Hz band-pass at 8 kHz + G.711 mu-law), mulaw (8 kHz "
+                         "mu-law only), grid (every codec of emostream.channel.CODECS this build has, after the "
+                         "G.712 band) or codec names; default full")
     ev.add_argument("--positions", type=_positive(int), default=CLIP_POSITIONS, metavar="P",
                     help="average each clip's logits over P placements in the window (default "
                          f"{CLIP_POSITIONS}, as emostream classify; 1: the recipe's fixed chunks)")
@@ -159,13 +167,15 @@ def _run(args) -> int:
         logging.getLogger("train").info("%d clips of %d speakers%s", len(clips), len({c.speaker for c in clips}),
                                         f" (those of {args.speakers})" if args.speakers else "")
         cache = build_cache(clips, args.cache)
-        if args.telephone:
-            from .data import AudioCache
-            from emostream.audio import float32_to_int16, telephone_channel
+        channels = args.channels or (["g712"] if args.telephone else ["full"])
+        if channels == ["full"]:
+            evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
+        else:
+            from .engine import evaluate_channels
 
-            pieces = [float32_to_int16(telephone_channel(cache.clip(i))[: cache.clip_length(i)]) for i in range(len(cache))]
-            cache = AudioCache(np.concatenate(pieces), cache.offsets)
-        report = evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
+            print(evaluate_channels(args.checkpoint, clips, cache, channels, out, device=args.device,
+                                    positions=args.positions))
+            return 0
         print((out / "evaluation.md").read_text())
         return 0
 
@@ -243,11 +253,22 @@ def _run(args) -> int:
                                                              threads=cfg.threads or 0, layers=cfg.distill.layers))
         log.info("speed copies at %s: %.1f min of audio more", ", ".join(f"{f:g}" for f in speed.factors),
                  speed.copies_cache.offsets[-1] / 16000 / 60)
+    if cfg.augment.phone_copies:
+        from .data import with_phone_copies
+
+        n_sources = len(speed.clips) if speed else len(clips)
+        speed = with_phone_copies(clips, cache, speed, cfg.augment.phone_copies, cfg.seed, args.cache)
+        if features is not None:  # a phone line is labelled by the teacher on its clean source
+            features = features.extended(features.repeated(np.tile(np.arange(n_sources), cfg.augment.phone_copies)))
+        log.info("phone copies: %d random lines of each of %d clips, %.1f min of audio more",
+                 cfg.augment.phone_copies, n_sources, (speed.cache.offsets[-1] - speed.cache.offsets[n_sources]) / 16000 / 60)
+    # from here on ``speed`` holds every copy training may draw from (SpeedCopies or CopySet)
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
                                 only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
-                                teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed)
+                                teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed,
+                                channels=tuple(args.channels or ()))
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -260,14 +281,15 @@ def _run(args) -> int:
             from .engine import fold_teacher
 
             teacher = fold_teacher(cfg, speed.clips if speed else clips, features, np.arange(len(clips)),
-                                   speed.copies if speed else None)
+                                   speed.copies if speed else None, getattr(speed, "phone", None))
             metadata["distillation"] = {"teacher": Path(cfg.distill.teacher).name, "alpha": cfg.distill.alpha,
                                         "temperature": cfg.distill.temperature}
             if cfg.distill.layers:
                 metadata["distillation"]["encoder_layers"] = list(cfg.distill.layers)
         res = fit(cfg, speed.clips if speed else clips, speed.cache if speed else cache, np.arange(len(clips)), None,
                   out, resume=args.resume, pretrained_path=args.pretrained, metadata=metadata, device=args.device,
-                  show_progress=not args.no_progress, teacher=teacher, copies=speed.copies if speed else None)
+                  show_progress=not args.no_progress, teacher=teacher, copies=speed.copies if speed else None,
+                  phone=getattr(speed, "phone", None))
         if cv:
             _store_calibration(res.checkpoint, cv, clip_cv)
         print(f"checkpoint: {res.checkpoint}")
@@ -307,6 +329,24 @@ def _fold_list(text: str) -> list[int]:
         return [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected fold numbers separated by commas, got {text!r}") from None
+
+
+def _channel_list(text: str) -> list[str]:
+    """``--channels full,g712,grid`` as channel names (``grid``: every codec this build encodes)."""
+    from emostream.channel import CODECS, available_codecs
+
+    names: list[str] = []
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        expanded = list(available_codecs()) if name == "grid" else [name]
+        for n in expanded:
+            if n not in ("full", "g712", "mulaw", *CODECS):
+                raise argparse.ArgumentTypeError(f"unknown channel {n!r}: full, g712, mulaw, grid or one of "
+                                                 f"{', '.join(CODECS)}")
+            if n not in names:
+                names.append(n)
+    if not names:
+        raise argparse.ArgumentTypeError("expected channel names separated by commas")
+    return names
 
 
 def _layer_list(text: str) -> tuple[int, ...]:

@@ -46,6 +46,8 @@ class Augment:
     speed_factors: tuple[float, ...] = ()  # speed-perturbed copies of every clip (tempo, pitch and formants
     speed_probability: float = 0.0    # scaled together); this share of training windows comes from a copy
                                       # (factors equally likely), whose teacher targets are its own encoding
+    phone_copies: int = 0             # copies of every clip through random phone lines (emostream.channel), this
+    phone_probability: float = 0.0    # share of training windows from one (teacher targets: the clean original's)
 
 
 SPEAKER_CENTRE = ("none", "heads", "all")   # what the teacher subtracts speaker means from (train.teacher.FoldTeacher)
@@ -523,6 +525,10 @@ def _extensions(body: dict, u: dict) -> None:
                                   "in [0.5, 2] other than 1")
             if a.speed_probability and not a.speed_factors:
                 raise ConfigError("emostream.augment.speed_probability needs emostream.augment.speed_factors")
+            if not isinstance(a.phone_copies, int) or a.phone_copies < 0:
+                raise ConfigError(f"emostream.augment.phone_copies: {a.phone_copies!r} must be a whole number >= 0")
+            if a.phone_probability and not a.phone_copies:
+                raise ConfigError("emostream.augment.phone_probability needs emostream.augment.phone_copies")
             u["augment"] = replace(a, speed_factors=tuple(float(f) for f in a.speed_factors))
         elif key == "distill":
             names = {f.name for f in fields(Distill)}

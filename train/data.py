@@ -203,29 +203,101 @@ def build_speed_copies(clips: list[Clip], cache: AudioCache, factors: tuple[floa
                        cache_dir: str | Path) -> SpeedCopies:
     """:class:`SpeedCopies` of ``clips`` (decoded in ``cache``), the copies computed once and cached
     beside the decode cache (keyed by the audio and the factors)."""
-    cache_dir = Path(cache_dir)
-    digest = cache.digest()
-    digest.update(repr(tuple(float(f) for f in factors)).encode())
-    key = digest.hexdigest()[:16]
-    data_path, index_path = cache_dir / f"speed-{key}.npy", cache_dir / f"speed-{key}.offsets.npy"
-    if not (data_path.exists() and index_path.exists()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        pieces, offsets = [], [0]
-        for f in factors:
-            for i in range(len(cache)):
-                copy = speed_perturb(cache.clip(i), f)
-                pieces.append(float32_to_int16(copy))
-                offsets.append(offsets[-1] + len(copy))
-        log.info("speed copies: %d clips at factors %s", len(pieces), ", ".join(f"{f:g}" for f in factors))
-        tmp = data_path.with_suffix(".tmp.npy")
-        np.save(tmp, np.concatenate(pieces))
-        np.save(index_path, np.asarray(offsets, dtype=np.int64))
-        tmp.replace(data_path)
-    copies_cache = AudioCache(np.load(data_path, mmap_mode="r"), np.load(index_path))
+    copies_cache = _cached_copies(cache, "speed", repr(tuple(float(f) for f in factors)),
+                                  [lambda x, f=f: speed_perturb(x, f) for f in factors], cache_dir,
+                                  f"at factors {', '.join(f'{f:g}' for f in factors)}")
     n = len(clips)
     extended = clips + [replace(c, path=f"{c.path}#speed{f:g}") for f in factors for c in clips]
     copies = n + np.arange(n * len(factors), dtype=np.int64).reshape(len(factors), n).T
     return SpeedCopies(tuple(factors), extended, cache.extended(copies_cache), copies, copies_cache)
+
+
+@dataclass
+class PhoneCopies:
+    """Every source clip (the originals, and their speed copies when there are any) again through
+    ``count`` random phone lines (:class:`emostream.channel.PhoneChannel`, drawn from ``seed`` and the
+    source's index). ``clips`` and ``cache`` hold the sources followed by the copies; ``copies[s, j]``
+    is source ``s``'s ``j``-th line. A copy has its source's length, label and speaker."""
+
+    count: int
+    seed: int
+    clips: list[Clip]
+    cache: AudioCache
+    copies: np.ndarray         # int64 (sources, count)
+    copies_cache: AudioCache
+
+
+def build_phone_copies(clips: list[Clip], cache: AudioCache, count: int, seed: int,
+                       cache_dir: str | Path) -> PhoneCopies:
+    """:class:`PhoneCopies` of ``clips`` (decoded in ``cache``), computed once and cached (keyed by the
+    audio, ``count``, ``seed`` and the channel's configuration). Babble comes from 8 clips of other
+    speakers."""
+    from emostream.channel import PhoneChannel, PhoneChannelConfig
+
+    channel = PhoneChannel(PhoneChannelConfig())
+    speakers = np.array([c.speaker for c in clips])
+
+    def line(j: int):
+        def apply(x: np.ndarray, i: int) -> np.ndarray:
+            rng = np.random.default_rng([seed, j, i])
+            others = np.flatnonzero(speakers != speakers[i])
+            sources = [cache.clip(int(k)) for k in rng.choice(others, size=min(8, len(others)), replace=False)]
+            return channel.apply(x, rng, babble_sources=sources)[0]
+        return apply
+
+    copies_cache = _cached_copies(cache, "phone", f"{count}:{seed}:{channel.config}:{channel.codecs}",
+                                  [line(j) for j in range(count)], cache_dir, f"through {count} random phone lines",
+                                  with_index=True)
+    n = len(clips)
+    extended = clips + [replace(c, path=f"{c.path}#phone{j}") for j in range(count) for c in clips]
+    copies = n + np.arange(n * count, dtype=np.int64).reshape(count, n).T
+    return PhoneCopies(count, seed, extended, cache.extended(copies_cache), copies, copies_cache)
+
+
+@dataclass
+class CopySet:
+    """The clips training draws windows from: originals, their speed copies, then phone lines of
+    both. ``copies[i]`` names original ``i``'s speed copies (None without any); ``phone[s]`` names
+    source ``s``'s phone lines (an original or a speed copy; None without any), as
+    :func:`train.engine.fit` takes them."""
+
+    clips: list[Clip]
+    cache: AudioCache
+    copies: np.ndarray | None
+    phone: np.ndarray | None = None
+
+
+def with_phone_copies(clips: list[Clip], cache: AudioCache, speed: SpeedCopies | None, count: int, seed: int,
+                      cache_dir: str | Path) -> CopySet:
+    """:class:`CopySet` of ``clips`` with ``count`` phone lines of every original and speed copy."""
+    sources, source_cache = (speed.clips, speed.cache) if speed is not None else (clips, cache)
+    phone = build_phone_copies(sources, source_cache, count, seed, cache_dir)
+    return CopySet(phone.clips, phone.cache, speed.copies if speed is not None else None, phone.copies)
+
+
+def _cached_copies(cache: AudioCache, kind: str, key: str, transforms: list, cache_dir: str | Path, what: str,
+                   with_index: bool = False) -> AudioCache:
+    """Every clip of ``cache`` through each of ``transforms`` in turn (``transform(x)``, or
+    ``transform(x, i)`` ``with_index``), stored once as ``<kind>-<hash>.npy`` beside the decode cache."""
+    cache_dir = Path(cache_dir)
+    digest = cache.digest()
+    digest.update(key.encode())
+    stem = f"{kind}-{digest.hexdigest()[:16]}"
+    data_path, index_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.offsets.npy"
+    if not (data_path.exists() and index_path.exists()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        pieces, offsets = [], [0]
+        for transform in transforms:
+            for i in range(len(cache)):
+                copy = transform(cache.clip(i), i) if with_index else transform(cache.clip(i))
+                pieces.append(float32_to_int16(copy))
+                offsets.append(offsets[-1] + len(copy))
+        log.info("%s copies: %d clips %s", kind, len(pieces), what)
+        tmp = data_path.with_suffix(".tmp.npy")
+        np.save(tmp, np.concatenate(pieces))
+        np.save(index_path, np.asarray(offsets, dtype=np.int64))
+        tmp.replace(data_path)
+    return AudioCache(np.load(data_path, mmap_mode="r"), np.load(index_path))
 
 
 # --- folds ---------------------------------------------------------------------------------------

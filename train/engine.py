@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, telephone_channel
+from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, float32_to_int16, telephone_channel
 from emostream.stream import placed_windows
 from emostream.features import FeatureConfig
 from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone, precision_name,
@@ -109,8 +109,8 @@ def partner_clips(clips: list[Clip], train_idx: np.ndarray) -> dict[int, np.ndar
 
 
 def copy_partners(partners: dict[int, np.ndarray], copies: np.ndarray) -> dict[int, np.ndarray]:
-    """``partners`` extended to speed copies: a copy's turn continues with its partners' copies at the
-    same speed (one voice per turn)."""
+    """``partners`` extended to copies: a copy's turn continues with its partners' copies in the same
+    column (at the same speed: one voice per turn; for phone copies, the same line number)."""
     out = dict(partners)
     for i, others in partners.items():
         for j in range(copies.shape[1]):
@@ -119,7 +119,8 @@ def copy_partners(partners: dict[int, np.ndarray], copies: np.ndarray) -> dict[i
 
 
 def substitute_copies(idx: np.ndarray, copies: np.ndarray, probability: float, rng: np.random.Generator) -> np.ndarray:
-    """``idx`` with each clip replaced, with ``probability``, by one of its speed copies (equally likely)."""
+    """``idx`` with each clip replaced, with ``probability``, by one of its copies (equally likely):
+    speed copies of originals, or phone lines of any source clip."""
     use = rng.random(len(idx)) < probability
     pick = rng.integers(0, copies.shape[1], len(idx))
     return np.where(use, copies[idx, pick], idx)
@@ -450,9 +451,20 @@ def predict_validation(cfg: TrainConfig, model: EmotionNet, clips: list[np.ndarr
                           max_seconds=cfg.max_inference_chunk_seconds, positions=cfg.inference_positions)
 
 
-def telephone_copies(clips: list[np.ndarray]) -> list[np.ndarray]:
-    """The clips through the telephone channel (8 kHz G.711 μ-law), each cut to its own length."""
-    return [telephone_channel(x)[: len(x)] for x in clips]
+def telephone_copies(clips: list[np.ndarray], channel: str = "g712") -> list[np.ndarray]:
+    """The clips through a telephone channel, each at its own length: ``g712`` (the reference:
+    300-3400 Hz band-pass at 8 kHz, G.711 μ-law; :func:`emostream.channel.g712_telephone`), ``mulaw``
+    (8 kHz μ-law only, no band-pass: the pre-2026-12-06 "telephone") or a codec of
+    :data:`emostream.channel.CODECS` after the G.712 band (a row of the codec grid)."""
+    from emostream.channel import CODECS, codec_channel, g712_telephone
+
+    if channel == "g712":
+        return [g712_telephone(x) for x in clips]
+    if channel == "mulaw":
+        return [telephone_channel(x)[: len(x)] for x in clips]
+    if channel in CODECS:
+        return [codec_channel(x, channel) for x in clips]
+    raise ValueError(f"unknown telephone channel {channel!r}: g712, mulaw or one of {', '.join(CODECS)}")
 
 
 def save_validation_logits(cfg: TrainConfig, model: EmotionNet, val_clips: list[np.ndarray],
@@ -494,14 +506,17 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
         out_dir: Path, resume: bool = False, pretrained_path: str | None = None,
         metadata: dict | None = None, device: str | None = None, show_progress: bool = True,
         telephone_eval: bool = True, stop_after: int | None = None, teacher=None,
-        copies: np.ndarray | None = None, prefetch: int = PREFETCH_BATCHES) -> FitResult:
+        copies: np.ndarray | None = None, prefetch: int = PREFETCH_BATCHES, phone: np.ndarray | None = None) -> FitResult:
     """Train one model; saves ``state.pt`` after every epoch (resumable) and the final checkpoint.
 
     ``stop_after`` ends this run once that many epochs are finished, leaving the same resumable state
     as an interruption (used to split long runs and to test that resuming is exact). ``teacher``
     (a :class:`train.teacher.FoldTeacher` fitted on ``train_idx`` only) adds the distillation term.
     ``copies`` (:attr:`train.data.SpeedCopies.copies`; ``clips`` and ``cache`` then hold the copies
-    after the originals) lets ``augment.speed_probability`` of the training windows come from a copy.
+    after the originals) lets ``augment.speed_probability`` of the training windows come from a copy;
+    ``phone`` (:attr:`train.data.CopySet.phone`: the phone lines of every original and speed copy,
+    held after them in ``clips`` and ``cache``) then puts ``augment.phone_probability`` of the
+    windows, whatever their speed, through a random line.
     ``prefetch`` batches are prepared ahead on a thread (:func:`prefetched`; 0: serially): the same
     batches in the same order, so the run is identical either way.
     """
@@ -567,8 +582,13 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     speed = cfg.augment.speed_probability if copies is not None else 0.0
     if cfg.augment.speed_probability and copies is None:
         raise ConfigError("emostream.augment.speed_probability: no speed copies were built for this run")
+    line = cfg.augment.phone_probability if phone is not None else 0.0
+    if cfg.augment.phone_probability and phone is None:
+        raise ConfigError("emostream.augment.phone_probability: no phone copies were built for this run")
     if speed and partners is not None:
         partners = copy_partners(partners, copies)
+    if line and partners is not None:
+        partners = copy_partners(partners, phone)
 
     def epoch_batches(order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, Batch]]:
         """One epoch's batches in ``order``, drawing crops and augmentation from ``rng``."""
@@ -578,6 +598,8 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                 return
             if speed:
                 idx = substitute_copies(idx, copies, speed, rng)
+            if line:
+                idx = substitute_copies(idx, phone, line, rng)
             yield idx, make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
                                   frame_cells=frame_cells)
 
@@ -702,6 +724,55 @@ def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioC
     return report
 
 
+def evaluate_channels(checkpoint: str | Path, clips: list[Clip], cache: AudioCache, channels: list[str],
+                      out_dir: Path, device: str | None = None, positions: int = 1) -> str:
+    """:func:`evaluate_checkpoint` on each channel copy of the clips (``full``: as they are; else a
+    :func:`telephone_copies` channel), reports under ``out_dir/<channel>``; returns a Markdown table
+    (UA, macro-F1, accuracy, macro ROC AUC, Neutral recall per channel), also ``out_dir/channels.md``."""
+    rows = []
+    originals = [cache.clip(i) for i in range(len(clips))]
+    for channel in channels:
+        if channel == "full":
+            copy = cache
+        else:
+            pieces = [float32_to_int16(x) for x in telephone_copies(originals, channel)]
+            copy = AudioCache(np.concatenate(pieces), cache.offsets)
+        log.info("evaluating the %s copy", channel)
+        overall = evaluate_checkpoint(checkpoint, clips, copy, out_dir / channel, device=device,
+                                      positions=positions)["overall"]
+        neutral = overall["per_class_recall"].get("Neutral", float("nan"))
+        rows.append(f"| {CHANNEL_NAMES.get(channel, channel)} | {overall['ua']:.3f} | {overall['macro_f1']:.3f} | "
+                    f"{overall['accuracy']:.3f} | {overall['roc_auc']:.3f} | {neutral:.2f} |")
+    table = "\n".join([f"Evaluation of {checkpoint} by channel ({len(clips)} clips, {clip_scoring(positions)})", "",
+                       "| channel | UA | macro-F1 | accuracy | macro ROC AUC | Neutral recall |",
+                       "|---|---|---|---|---|---|", *rows]) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "channels.md").write_text(table)
+    return table
+
+
+CHANNEL_NAMES = {"full": "full band, 16 kHz", "g712": "G.712 telephone (300-3400 Hz, 8 kHz, G.711 μ-law)",
+                 "mulaw": "8 kHz μ-law only (no band-pass)"}
+
+
+def channel_logits(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray], channel: str,
+                   device: str | None = None) -> np.ndarray:
+    """A finished fold's validation logits on the ``channel`` copy of its clips (:func:`telephone_copies`),
+    from its saved checkpoint; cached as ``val_<channel>_logits.npy`` in the fold's folder."""
+    from emostream.model import load_checkpoint
+
+    path = fold_dir / f"val_{channel}_logits.npy"
+    if path.exists():
+        return np.load(path)
+    if not (fold_dir / "checkpoint" / "model.safetensors").exists():
+        raise ConfigError(f"{fold_dir / 'checkpoint'}: no saved model to score the {channel} channel with")
+    dev = select_device(device)
+    log.info("%s: scoring the %s copy of %d validation clips", fold_dir.name, channel, len(val_clips))
+    logits = predict_validation(cfg, load_checkpoint(fold_dir / "checkpoint", dev), telephone_copies(val_clips, channel), dev)
+    np.save(path, logits)
+    return logits
+
+
 def reevaluate_fold(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray],
                     device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Validation and telephone-channel logits of a finished fold's saved checkpoint under ``cfg``'s
@@ -716,18 +787,24 @@ def reevaluate_fold(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray
 
 
 def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray,
-                 copies: np.ndarray | None = None):
+                 copies: np.ndarray | None = None, phone: np.ndarray | None = None):
     """The distillation teacher of one training set: heads fitted on ``train_idx``'s speakers only.
     With speed ``copies`` (``clips`` and ``features`` then include them), the heads are fitted on the
-    original clips alone and a copy's targets come from its original's head, on the copy's own features."""
+    original clips alone and a copy's targets come from its original's head, on the copy's own features.
+    With ``phone`` lines of those clips (their features: their clean source's), a line's targets are
+    its source's."""
     from .teacher import FoldTeacher
 
     labels = np.array([CLASSES.index(c.label) for c in clips])
     teacher = FoldTeacher(features, labels, [c.speaker for c in clips], train_idx, len(CLASSES),
                           inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed,
                           speaker_centre=cfg.distill.speaker_centre)
+    sources = train_idx
     if copies is not None:
         teacher.head_of[copies[train_idx]] = teacher.head_of[train_idx, None]
+        sources = np.concatenate([train_idx, copies[train_idx].ravel()])
+    if phone is not None:
+        teacher.head_of[phone[sources]] = teacher.head_of[sources, None]
     return teacher
 
 
@@ -820,8 +897,12 @@ def check_fold_ids(fold_ids: list[int], n_folds: int) -> None:
 def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
                    resume: bool = False, pretrained_path: str | None = None, only_folds: list[int] | None = None,
                    device: str | None = None, show_progress: bool = True, teacher_features=None,
-                   reevaluate: bool = False, speed_copies=None) -> dict:
+                   reevaluate: bool = False, speed_copies=None, channels: tuple[str, ...] = ()) -> dict:
     """Train every fold (skipping finished ones on resume), then write the aggregate report.
+
+    The report scores every fold full band and through the G.712 telephone channel; ``channels``
+    (:func:`telephone_copies` names: ``mulaw``, codecs) add rows scored from each fold's saved
+    checkpoint (cached as ``val_<channel>_logits.npy``), the codec grid.
 
     ``speed_copies`` (:class:`train.data.SpeedCopies` of ``clips``; ``teacher_features`` then cover
     the copies too) lets training draw windows from speed-perturbed copies of the training clips;
@@ -839,6 +920,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     speakers only, and its own validation figures go into the report beside the student's.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    channels = tuple(c for c in channels if c not in ("full", "g712"))  # those two are always scored
     labels = np.array([CLASSES.index(c.label) for c in clips])
     corpora = [c.corpus for c in clips]
     oof = np.zeros((len(clips), len(CLASSES)))
@@ -854,7 +936,8 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         assert not speakers_train & {clips[i].speaker for i in val_idx} or cfg.group_by == "audio"
         fit_clips, fit_cache, copies = ((speed_copies.clips, speed_copies.cache, speed_copies.copies)
                                         if speed_copies is not None else (clips, cache, None))
-        teacher = (fold_teacher(cfg, fit_clips, teacher_features, train_idx, copies)
+        phone = getattr(speed_copies, "phone", None)
+        teacher = (fold_teacher(cfg, fit_clips, teacher_features, train_idx, copies, phone)
                    if teacher_features is not None else None)
         if teacher is not None:
             teacher_folds.append(_teacher_metrics(teacher, val_idx, labels, corpora))
@@ -873,18 +956,20 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
             log.info("fold %d: %d train / %d validation clips", k, len(train_idx), len(val_idx))
             res = fit(cfg, fit_clips, fit_cache, train_idx, val_idx, fold_dir, resume=resume,
                       pretrained_path=pretrained_path, metadata={"fold": k}, device=device,
-                      show_progress=show_progress, teacher=teacher, copies=copies)
+                      show_progress=show_progress, teacher=teacher, copies=copies, phone=phone)
             vl, vt, history = res.val_logits, res.val_telephone_logits, res.history
             write_json(done, {"fold": k, "history": history})
         train_seconds += sum(h.get("seconds", 0.0) for h in history)
         raw_logits[val_idx] = vl
-        fold_data.append((k, val_idx, vl, vt))
+        extra = {c: channel_logits(cfg, fold_dir, [cache.clip(i) for i in val_idx], c, device) for c in channels}
+        fold_data.append((k, val_idx, vl, vt, extra))
 
     # Temperatures are cross-fitted: fold k's is fitted on the other folds' validation logits, so the
     # calibration (ECE) reported for fold k is measured on data its temperature never saw.
     evaluated = np.isin(folds, run_folds)
     per_fold, per_fold_tel, temps = [], [], []
-    for k, val_idx, vl, vt in fold_data:
+    oof_channels = {c: np.zeros_like(oof) for c in channels}
+    for k, val_idx, vl, vt, extra in fold_data:
         others = evaluated & (folds != k)
         if not cfg.calibrate:
             t = 1.0
@@ -898,6 +983,8 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         m["overall"]["ece_uncalibrated"] = classification_metrics(softmax(vl), labels[val_idx])["ece"]
         per_fold.append(m)
         per_fold_tel.append(grouped_metrics(softmax(vt, t), labels[val_idx], [corpora[i] for i in val_idx]))
+        for c, logits in extra.items():
+            oof_channels[c][val_idx] = softmax(logits, t)
     from .metrics import summarize_folds
 
     temperature = fit_temperature(raw_logits[evaluated], labels[evaluated]) if cfg.calibrate else 1.0
@@ -913,8 +1000,12 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         "summary_telephone": summarize_folds(per_fold_tel),
         "pooled": grouped_metrics(oof[evaluated], labels[evaluated], evaluated_corpora),
         "pooled_telephone": grouped_metrics(oof_tel[evaluated], labels[evaluated], evaluated_corpora),
+        "telephone_channel": CHANNEL_NAMES["g712"],
         "folds": per_fold,
     }
+    if channels:
+        report["channels"] = {c: grouped_metrics(oof_channels[c][evaluated], labels[evaluated], evaluated_corpora)
+                              for c in channels}
     if teacher_folds:
         report["teacher_summary"] = summarize_folds(teacher_folds)
     write_json(out_dir / "cv_report.json", report)
@@ -960,9 +1051,20 @@ def cv_markdown(report: dict) -> str:
     lines = [f"# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
              "Mean ± std over folds (temperature-calibrated probabilities):", "",
              "| set | UA | macro-F1 | accuracy | ROC AUC | ECE |", "|---|---|---|---|---|---|"]
-    for suffix, summary in (("", report["summary"]), (" (telephone)", report["summary_telephone"])):
+    # reports before 2026-12-06 called the 8 kHz μ-law round trip (no band-pass) "telephone"
+    telephone = " (G.712 telephone)" if "telephone_channel" in report else " (8 kHz μ-law only)"
+    for suffix, summary in (("", report["summary"]), (telephone, report["summary_telephone"])):
         lines += _summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
+    rows = [("full", report["pooled"]), ("g712" if "telephone_channel" in report else "mulaw", report["pooled_telephone"]),
+            *report.get("channels", {}).items()]
+    lines += ["", "By channel, pooled out-of-fold (codec rows: the G.712 band, then the codec):", "",
+              "| channel | UA | macro-F1 | accuracy | ROC AUC | Neutral recall |", "|---|---|---|---|---|---|"]
+    for name, pooled in rows:
+        o = pooled["overall"]
+        lines.append(f"| {CHANNEL_NAMES.get(name, name)} | {o['ua']:.3f} | {o['macro_f1']:.3f} | {o['accuracy']:.3f} | "
+                     f"{o['roc_auc']:.3f} | {o['per_class_recall'].get('Neutral', float('nan')):.2f} |")
     lines += ["", markdown_table(report["pooled"], "Pooled out-of-fold predictions"),
+              markdown_table(report["pooled_telephone"], "Pooled out-of-fold predictions," + telephone),
               f"Temperatures per fold (cross-fitted on the other folds): {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
               f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
               f"Training time, all folds: {report.get('train_seconds', 0) / 60:.1f} min.", ""]

@@ -135,6 +135,14 @@ class TeacherFeatures:
         """Whole-clip mean-pooled features ``(clips, d_model)``."""
         return np.stack([self.pool(i) for i in range(len(self.offsets) - 1)])
 
+    def repeated(self, clips: np.ndarray) -> "TeacherFeatures":
+        """The features of ``clips`` (indices, repeats allowed) back to back, in memory: the targets of
+        copies labelled by their clean original (:class:`train.data.PhoneCopies`)."""
+        clips = np.asarray(clips, dtype=np.int64)
+        lengths = self.offsets[clips + 1] - self.offsets[clips]
+        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in clips]) if len(clips) else []
+        return TeacherFeatures(np.asarray(self.frames)[rows], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
     def extended(self, more: "TeacherFeatures") -> "TeacherFeatures":
         """These clips' features followed by ``more``'s (e.g. :class:`train.data.SpeedCopies`), in memory."""
         return TeacherFeatures(np.concatenate([np.asarray(self.frames), np.asarray(more.frames)]),
