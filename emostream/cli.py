@@ -856,12 +856,24 @@ COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "export": cmd_export
             "watch": cmd_watch, "mic": cmd_mic, "batch": cmd_batch, "report": cmd_report}
 
 
+def _terminate_like_interrupt(signum, frame) -> None:
+    """SIGTERM (a service manager, ``kill``) ends a command as Ctrl-C does: replay, mic, send, batch
+    and serve still write the summary they promise."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``emostream`` console script."""
+    import signal
+    import threading
+
     from .audio import AudioError
     from .model import CheckpointError
     from .vad import VadUnavailable
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -874,6 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emostream: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
