@@ -106,8 +106,8 @@ class ServerConfig:
     max_unstarted: int = 32              # connections not yet started (unauthenticated ones included); more: 503
     ping_interval: float = 20.0          # websocket keepalive ping every this many seconds
     ping_timeout: float = 20.0           # no pong this long (and no backlog on our side): close 1011
-    max_events_kept: int = 1800          # events per channel a live call keeps for the page (the summary counts all)
-    max_ended_calls: int = 200           # ended calls the page lists (for ENDED_CALL_SECONDS at most)
+    max_events_kept: int = 900           # events per channel a call keeps for the page (the summary counts all)
+    max_ended_calls: int = 100           # ended calls the page lists (for ENDED_CALL_SECONDS at most)
     max_call_seconds: float = 4 * 3600.0  # audio (gaps included) one call may stream
     max_message_bytes: int = 256 * 1024  # larger frames close the connection (1009)
     max_subscribers: int = 64
@@ -246,6 +246,27 @@ class EventsHub:
                 while not queue.empty():
                     queue.get_nowait()
                 queue.put_nowait(None)  # tells the subscriber's task to close: too slow
+
+
+@dataclass(frozen=True)
+class EndedCall:
+    """What the page still gets of an ended call (``GET /v1/calls`` and ``/v1/calls/<id>``): a snapshot
+    taken when it ended, so its pipeline (ring buffers, resamplers, speech gate) is freed at once."""
+
+    call_id: str
+    ended_at: float | None
+    hub: EventsHub | None
+    snapshot: dict  # LiveCall.detail() at the end
+
+    @classmethod
+    def of(cls, call: "LiveCall") -> "EndedCall":
+        return cls(call.call_id, call.ended_at, call.hub, call.detail())
+
+    def listing(self) -> dict:
+        return self.snapshot["call"]
+
+    def detail(self) -> dict:
+        return self.snapshot
 
 
 class LiveCall:
@@ -474,7 +495,7 @@ class EmoServer:
         self.webhook: AlertWebhook | None = None
         self.hub = EventsHub()
         self.calls: dict[str, LiveCall] = {}
-        self.ended: dict[str, LiveCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
+        self.ended: dict[str, EndedCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
         self.connections = 0
         self.completed = 0
         self.errors = 0
@@ -859,7 +880,8 @@ class EmoServer:
                 if not call.finished:
                     await call.finish(end_reason)
                 if call.hub is not None:  # listed (greyed out on the page) for a while
-                    self.ended[call.call_id] = call
+                    self.ended.pop(call.call_id, None)  # re-inserted: the newest
+                    self.ended[call.call_id] = EndedCall.of(call)
                     self._prune_ended()
 
     async def _audiohook_after_error(self, ws, session: Session, call: LiveCall | None, send) -> None:
