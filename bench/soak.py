@@ -97,6 +97,8 @@ class Server:
                "--idle-timeout", str(cfg.idle_timeout), "--start-timeout", str(cfg.start_timeout)]
         if cfg.no_model:
             cmd.append("--no-model")
+        else:
+            cmd.append("--warm-up")  # every batch size before /readyz, as a deployment (and capacity.py) runs it
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
         self.lines: list[str] = []
         port = None
@@ -222,7 +224,7 @@ class Soak:
         data = self.pcm(seconds)
         frame = int(FRAME_SECONDS * SAMPLE_RATE) * 2
         out = {"call_id": call_id, "seconds": seconds, "expected": expected_windows(seconds), "events": 0,
-               "summary": False, "code": None, "reason": "", "max_latency_s": 0.0}
+               "summary": False, "code": None, "reason": "", "latencies": [], "max_send_lag_s": 0.0}
         loop = asyncio.get_running_loop()
         async with connect(self.server.url + "/v1/pcm", max_size=2**22, open_timeout=30,
                            create_connection=KeepaliveClientConnection) as ws:
@@ -236,8 +238,8 @@ class Soak:
                         m = json.loads(message)
                         if m.get("type") == "event":
                             out["events"] += 1
-                            if not fast:
-                                out["max_latency_s"] = max(out["max_latency_s"], loop.time() - t0 - m["t_end"])
+                            if not fast:  # arrival minus when the window's last sample was due
+                                out["latencies"].append(loop.time() - t0 - m["t_end"])
                         elif m.get("type") == "summary":
                             out["summary"] = True
                 except ConnectionClosed:
@@ -250,6 +252,8 @@ class Soak:
                         wait = t0 + k * FRAME_SECONDS - loop.time()
                         if wait > 0:
                             await asyncio.sleep(wait)
+                        else:  # this script is late: its own lag, not the server's
+                            out["max_send_lag_s"] = max(out["max_send_lag_s"], -wait)
                     if vanish_at is not None and k * FRAME_SECONDS >= vanish_at:
                         ws.transport.abort()  # vanish: no close frame, no stop
                         out["vanished_at"] = round(k * FRAME_SECONDS, 2)
@@ -395,6 +399,7 @@ def report(cfg: SoakConfig, soak: Soak, monitor: Monitor, server: Server, wall: 
     calls = soak.innocent
     closed = [c for c in calls if c["code"] != 1000 or not c["summary"]]
     lost = [max(0, c["expected"] - c["events"]) for c in calls]
+    latencies = [x for c in calls for x in c.pop("latencies")]
     rss = monitor.rss
     after = [mb for t, mb in rss if t >= cfg.warmup * wall]
     base = after[0] if after else float("nan")
@@ -408,10 +413,12 @@ def report(cfg: SoakConfig, soak: Soak, monitor: Monitor, server: Server, wall: 
                      "closes": dict(Counter(f"{c['code']} {c['reason']}".strip() for c in closed)),
                      "windows_expected": sum(c["expected"] for c in calls), "windows_received": sum(c["events"] for c in calls),
                      "windows_lost": sum(lost), "max_lost_per_call": max(lost, default=0),
-                     "max_event_latency_s": round(max((c["max_latency_s"] for c in calls), default=0.0), 3)},
+                     "event_latency_s": {"p50": round(percentile(latencies, 50), 3), "p99": round(percentile(latencies, 99), 3),
+                                         "max": round(max(latencies, default=float("nan")), 3)},
+                     "max_send_lag_s": round(max((c["max_send_lag_s"] for c in calls), default=0.0), 3)},
         "drops": {"calls": len(soak.drops)},
         "fast_sender": {"calls": len(soak.fast), "completed": sum(c["code"] == 1000 and c["summary"] for c in soak.fast),
-                        "closes": dict(Counter(str(c["code"]) for c in soak.fast)),
+                        "closes": dict(Counter(f"{c['code']} {c['reason']}".strip() for c in soak.fast)),
                         "windows_lost": sum(max(0, c["expected"] - c["events"]) for c in soak.fast if c["summary"])},
         "attacks": {k: dict(v) for k, v in soak.attacks.items()},
         "server_log": server.log_problems(),
@@ -459,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"/healthz p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms ({h['probes']} probes)")
     print(f"innocent calls: {i['calls']}, closed {i['closed']} (keepalive {i['keepalive_closed']}), windows lost "
           f"{i['windows_lost']} of {i['windows_expected']} (max {i['max_lost_per_call']} per call)")
+    lat = i["event_latency_s"]
+    print(f"innocent event latency p50 {lat['p50']} s, p99 {lat['p99']} s, max {lat['max']} s "
+          f"(this script's own send lag at most {i['max_send_lag_s']} s)")
     print(f"RSS after warm-up: {r['first_mb']} -> {r['last_mb']} MB (change {r['change']:+.1%}, spread {r['spread']:.1%})")
     print(f"attacks: {json.dumps(result['attacks'])}")
     print(f"fast sender: {json.dumps(result['fast_sender'])}; drops: {result['drops']['calls']}")

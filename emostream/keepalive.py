@@ -9,15 +9,20 @@ reading (its frame queue was full) or still holds unsent audio in its own write 
 alive, the delay is ours, and the stock keepalive cut every such call at the same instant (issue 40,
 item 6: 10 concurrent fast calls closed together, 28-64 windows lost each).
 
-These connection classes keep websockets' pings but count the timeout only while this end is not
-the one holding the pong up: while reading is paused (frames wait for the handler) or the write
-buffer is not empty, the wait for the pong is extended. A peer that vanished without a TCP reset
-still fails: once the backlog is read, ``ping_timeout`` applies again (and the server's idle timeout
-closes a call whose audio stopped).
+These connection classes keep websockets' pings but count the timeout only while nothing shows the
+pong is merely late: the wait is extended while reading is paused or frames wait for the handler
+(the pong is behind data this end has not read), while this end's write buffer is not empty (the
+ping is behind data this end has not sent), and while bytes keep arriving from the peer (it is
+alive and sending: a ``send --fast`` client whose ping waits in the server's socket buffers behind
+its own audio, while the server's events keep coming; neither write buffer shows that backlog, the
+kernel holds it). A peer that vanished without a TCP reset still fails: once the backlog is read
+and nothing more arrives, ``ping_timeout`` applies (and the server's idle timeout closes a call
+whose audio stopped).
 """
 from __future__ import annotations
 
 import asyncio
+import time
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
@@ -27,14 +32,22 @@ from websockets.frames import CloseCode
 class _BacklogAwareKeepalive:
     """Mixin for websockets asyncio connections (see the module docstring)."""
 
+    last_data_at = float("-inf")  # time.monotonic() of the last bytes received from the peer
+
+    def data_received(self, data: bytes) -> None:  # asyncio.Protocol: every byte from the peer
+        self.last_data_at = time.monotonic()
+        super().data_received(data)
+
     def holding_pong_up(self) -> bool:
-        """Whether a missing pong may be waiting behind data on this end: reading paused or
-        frames not yet consumed, or our own writes not yet accepted by the kernel."""
+        """Whether a missing pong may just be late: frames wait for the handler (reading paused or
+        not), our own writes wait for the kernel, or the peer sent bytes within ``ping_timeout``."""
         assembler = getattr(self, "recv_messages", None)
         if assembler is not None and (assembler.paused or len(assembler.frames) > 0):
             return True
         transport = getattr(self, "transport", None)
-        return transport is not None and transport.get_write_buffer_size() > 0
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            return True
+        return time.monotonic() - self.last_data_at < (self.ping_timeout or 0.0)
 
     async def keepalive(self) -> None:  # overrides websockets' Connection.keepalive
         assert self.ping_interval is not None

@@ -324,6 +324,38 @@ def test_keepalive_spares_fast_calls_behind_a_slow_model(tmp_path):
         assert [e["t_end"] for e in r.events] == pytest.approx(expected_ends(12.0), abs=2e-3)
 
 
+async def _fast_pcm_call(url: str, factory, seconds: float) -> tuple[int, int | None]:
+    """A /v1/pcm call sent as fast as possible with pings every 0.3 s (0.3 s timeout) on the client
+    side: (events received, close code)."""
+    from websockets.asyncio.client import connect as async_connect
+
+    async with async_connect(url + "/v1/pcm", ping_interval=0.3, ping_timeout=0.3, close_timeout=1,
+                             create_connection=factory) as ws:
+        await ws.send(json.dumps({**PCM_START, "call_id": f"client-{uuid.uuid4().hex[:8]}"}))
+        data = pcm_bytes(seconds)
+        events = 0
+        try:
+            for pos in range(0, len(data), 640):
+                await ws.send(data[pos:pos + 640])
+            await ws.send(json.dumps({"type": "stop"}))
+            async for message in ws:
+                events += json.loads(message).get("type") == "event"
+        except ConnectionClosed:
+            pass
+        return events, ws.close_code
+
+
+def test_client_keepalive_spares_a_fast_sender_behind_a_slow_server():
+    """The client side of item 6 (``emostream send`` and the soak use it): the client's pings wait in
+    the server's socket buffers behind its own audio, where neither write buffer shows them; the
+    server's events keep arriving, so the client keeps waiting. websockets' stock client keepalive
+    cuts the call (1011 sent, 1006 seen)."""
+    from emostream.keepalive import KeepaliveClientConnection
+
+    with ServerThread(config(), predict=slow_predictor(0.15)) as srv:
+        assert asyncio.run(_fast_pcm_call(srv.url, KeepaliveClientConnection, 12.0)) == (12, 1000)
+
+
 def test_keepalive_still_closes_a_silent_peer(tmp_path):
     """A peer that stops answering pings (with nothing of ours backlogged) is still closed (1011)."""
     from websockets.asyncio.client import connect as async_connect
