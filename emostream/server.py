@@ -857,6 +857,7 @@ class EmoServer:
                                 await send(message)
                             await ws.close(CLOSE_NORMAL, "end of call")
                             return
+                    await asyncio.sleep(0)  # queued frames never run back to back: other calls get the loop
                 except WorkerOverloaded as exc:
                     raise ProtocolError(f"server overloaded: {exc}", CLOSE_TRY_LATER) from None
         except ProtocolError as err:
