@@ -222,12 +222,15 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None if value is None else re.sub(r"[ \t]*\r\n[ \t]+", " ", value.strip())
 
 
+MAX_NONCES = 100_000  # AudioHook nonces remembered at most (each for MAX_SIGNATURE_AGE + MAX_CLOCK_SKEW s)
+
+
 class NonceCache:
     """Nonces of accepted AudioHook signatures, each kept for as long as its signature could be
     accepted (``MAX_SIGNATURE_AGE + MAX_CLOCK_SKEW`` seconds after ``created``): a replayed request
     is refused. At most ``capacity`` nonces (the oldest expiries are dropped first when full)."""
 
-    def __init__(self, capacity: int = 100_000):
+    def __init__(self, capacity: int = MAX_NONCES):
         self.capacity = capacity
         self._expiry: dict[str, float] = {}
 
