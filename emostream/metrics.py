@@ -19,7 +19,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REJECT_REASONS = ("unknown_path", "unauthorized", "at_capacity", "too_many_subscribers", "bad_ticket",
-                  "method_not_allowed")
+                  "method_not_allowed", "too_many_unstarted", "start_timeout")
 CALL_OUTCOMES = ("completed", "error", "disconnected", "idle_timeout", "stopped", "not_analysed", "other")
 WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -632,7 +632,7 @@ class EmoServer:
         cfg = self.config
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if request.method != "GET":
-            self.metrics.rejected.labels("bad_method").inc()
+            self.metrics.rejected.labels("method_not_allowed").inc()
             return _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method[:20]} not allowed; use GET"},
                                   {"Allow": "GET"})
         if path not in CALL_PATHS and path != EVENTS_PATH:
