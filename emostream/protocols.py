@@ -252,7 +252,7 @@ class PcmSession(Session):
         if not _int(channels) or channels not in (1, 2):
             raise ProtocolError(f"channels must be 1 or 2, got {str(channels)[:20]}")
         encoding = msg.get("encoding", "pcm_s16le")
-        if encoding not in PCM_ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in PCM_ENCODINGS:  # (a list is unhashable)
             raise ProtocolError(f"encoding {str(encoding)[:30]!r} not supported; use one of {', '.join(PCM_ENCODINGS)}")
         names = msg.get("channel_names")
         if names is None:
@@ -596,10 +596,10 @@ class AudioHookSession(Session):
         (with ``analysable``: at least one of them maps to such a channel name);
         the first stereo one, else the first mono one. Returned unchanged (the same object)."""
         good = [m for m in offers if isinstance(m, dict) and m.get("type") == "audio"
-                and m.get("format") in AUDIOHOOK_FORMATS and m.get("rate") == AUDIOHOOK_RATE
+                and isinstance(m.get("format"), str) and m["format"] in AUDIOHOOK_FORMATS and m.get("rate") == AUDIOHOOK_RATE
                 and isinstance(m.get("channels"), list) and 1 <= len(m["channels"]) <= 2
                 and len(set(map(str, m["channels"]))) == len(m["channels"])
-                and all(c in AUDIOHOOK_CHANNEL_NAMES for c in m["channels"])
+                and all(isinstance(c, str) and c in AUDIOHOOK_CHANNEL_NAMES for c in m["channels"])
                 and (analysable is None or any(AUDIOHOOK_CHANNEL_NAMES[c] in analysable for c in m["channels"]))]
         stereo = [m for m in good if len(m["channels"]) == 2]
         return (stereo or good or [None])[0]

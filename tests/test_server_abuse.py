@@ -213,6 +213,7 @@ def test_audiohook_ping_before_open_meets_the_start_deadline():
 def test_deep_json_and_infinite_timestamps_are_bad_input(caplog):
     with ServerThread(config()) as srv:
         for path, frames in (("/v1/pcm", ["[" * 100_000]), ("/v1/twilio", ["[" * 100_000]),
+                             ("/v1/pcm", [json.dumps({**PCM_START, "encoding": ["pcm_s16le"]})]),  # unhashable
                              ("/v1/twilio", [json.dumps(m) for m in list(twilio_messages())[:2]]
                               + ['{"event": "media", "streamSid": "MZ1", "media": {"track": "inbound", '
                                  '"timestamp": Infinity, "payload": ""}}'])):
@@ -235,12 +236,14 @@ def test_deep_json_and_infinite_timestamps_are_bad_input(caplog):
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
             c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART},
-                   media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
-            c.recv()
+                   media=[{"type": "audio", "format": ["PCMU"], "channels": [["external"]], "rate": 8000},
+                          {"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
+            assert c.recv()["parameters"]["media"] == [{"type": "audio", "format": "PCMU", "channels": ["external"],
+                                                      "rate": 8000}]  # unhashable offers skipped, not a crash
             c.send("discarded", start="PT" + "9" * 400 + "S", discarded="PT1S")  # overflows a float
             disconnect = c.recv()
             assert disconnect["type"] == "disconnect" and disconnect["parameters"]["reason"] == "error"
-        assert srv.server.errors >= 5
+        assert srv.server.errors >= 6
     no_errors_logged(caplog)
 
 
