@@ -222,9 +222,40 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None if value is None else re.sub(r"[ \t]*\r\n[ \t]+", " ", value.strip())
 
 
+MAX_NONCES = 100_000  # AudioHook nonces remembered at most (each for MAX_SIGNATURE_AGE + MAX_CLOCK_SKEW s)
+
+
+class NonceCache:
+    """Nonces of accepted AudioHook signatures, each kept for as long as its signature could be
+    accepted (``MAX_SIGNATURE_AGE + MAX_CLOCK_SKEW`` seconds after ``created``): a replayed request
+    is refused. At most ``capacity`` nonces (the oldest expiries are dropped first when full)."""
+
+    def __init__(self, capacity: int = MAX_NONCES):
+        self.capacity = capacity
+        self._expiry: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, nonce: str, expires_at: float, now: float) -> bool:
+        """Remember ``nonce``; ``False`` when it is already remembered (a replay)."""
+        if len(self._expiry) >= self.capacity or len(self._expiry) % 256 == 0:
+            for old, expiry in list(self._expiry.items()):
+                if expiry < now:
+                    del self._expiry[old]
+            while len(self._expiry) >= self.capacity:
+                del self._expiry[min(self._expiry, key=self._expiry.get)]
+        if self._expiry.get(nonce, -1.0) >= now:
+            return False
+        self._expiry[nonce] = expires_at
+        return True
+
+
 def verify_audiohook_request(headers: Mapping[str, str], request_target: str,
-                             keys: Mapping[str, bytes], now: float | None = None) -> str | None:
-    """Check an AudioHook upgrade request; ``None`` when valid, else the reason it fails."""
+                             keys: Mapping[str, bytes], now: float | None = None,
+                             nonces: NonceCache | None = None) -> str | None:
+    """Check an AudioHook upgrade request; ``None`` when valid, else the reason it fails. With
+    ``nonces``, a signature whose nonce was already accepted is refused (a replay)."""
     now = time.time() if now is None else now
     lower: dict[str, str] = {}
     items = headers.raw_items() if hasattr(headers, "raw_items") else headers.items()
@@ -295,6 +326,8 @@ def verify_audiohook_request(headers: Mapping[str, str], request_target: str,
     digest = hmac.new(key, base.encode("utf-8"), hashlib.sha256).digest()
     if not hmac.compare_digest(digest, signed[1]) or secret is None:
         return "signature does not match"
+    if nonces is not None and not nonces.add(nonce, created + MAX_SIGNATURE_AGE + MAX_CLOCK_SKEW, now):
+        return "nonce already used (a replayed request)"
     return None
 
 

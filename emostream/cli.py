@@ -231,7 +231,12 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     sv.add_argument("--min-seconds", type=_positive(float), default=1.0, help="audio before the first window (default 1.0)")
     sv.add_argument("--smooth", type=_fraction, default=1.0, help="EMA weight of the newest window in (0, 1] (default 1)")
     vad_args(sv)
-    sv.add_argument("--idle-timeout", type=_positive(float), default=60.0, help="close calls silent this long (s, default 60)")
+    sv.add_argument("--idle-timeout", type=_positive(float), default=60.0,
+                    help="close calls that send no audio this long (s, default 60; close 1001)")
+    sv.add_argument("--start-timeout", type=_positive(float), default=5.0,
+                    help="close connections that have not started a call this long after connecting (s, default 5; close 1008)")
+    sv.add_argument("--max-unstarted", type=_positive(int), default=32,
+                    help="connections waiting for their call to start, at most (default 32; more get HTTP 503)")
     sv.add_argument("--max-call-minutes", type=_positive(float), default=240.0,
                     help="longest call in minutes of audio, gaps included (default 240)")
     sv.add_argument("--max-message-kb", type=_positive(int), default=256, help="largest websocket message in KiB (default 256)")
@@ -644,7 +649,8 @@ def cmd_serve(args) -> int:
             host=args.host, port=args.port, token=_env_default(args.token, "EMOSTREAM_TOKEN"),
             max_calls=args.max_calls, events_dir=Path(args.events_dir) if args.events_dir else None,
             hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=_vad(args),
-            idle_timeout=args.idle_timeout, max_call_seconds=args.max_call_minutes * 60,
+            idle_timeout=args.idle_timeout, start_timeout=args.start_timeout, max_unstarted=args.max_unstarted,
+            max_call_seconds=args.max_call_minutes * 60,
             max_message_bytes=args.max_message_kb * 1024,
             twilio_auth_token=_env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
             public_url=args.public_url, audiohook_keys=keys,
@@ -856,12 +862,24 @@ COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "export": cmd_export
             "watch": cmd_watch, "mic": cmd_mic, "batch": cmd_batch, "report": cmd_report}
 
 
+def _terminate_like_interrupt(signum, frame) -> None:
+    """SIGTERM (a service manager, ``kill``) ends a command as Ctrl-C does: replay, mic, send, batch
+    and serve still write the summary they promise."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``emostream`` console script."""
+    import signal
+    import threading
+
     from .audio import AudioError
     from .model import CheckpointError
     from .vad import VadUnavailable
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate_like_interrupt)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -874,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("emostream: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

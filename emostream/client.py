@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .audio import TELEPHONE_RATE, alaw_encode, float32_to_int16, load_audio, mulaw_encode
 from .auth import AudioHookKey, sign_audiohook_request
+from .keepalive import KeepaliveClientConnection
 from .protocols import format_duration
 
 PROTOCOLS = ("pcm", "twilio", "audiohook")
@@ -182,6 +183,7 @@ async def _send_pcm(path: Path, url: str, opt: SendOptions, received, result: Se
     result.call_id = call_id
     pcm = float32_to_int16(audio.T)  # (n, channels) interleaved
     async with connect(endpoint_url(url, "pcm"), additional_headers=_bearer(opt.token), open_timeout=10,
+                       create_connection=KeepaliveClientConnection,
                        max_size=2**22) as ws:
         await ws.send(json.dumps({"type": "start", "call_id": call_id, "sample_rate": rate, "channels": channels,
                                   "encoding": opt.encoding, "channel_names": names}))
@@ -236,12 +238,14 @@ async def _send_twilio(path: Path, url: str, opt: SendOptions, received, result:
         if message.get("type") in ("summary", "call_ended"):
             done.set()
 
-    async with connect(events_url, additional_headers=_bearer(opt.token), open_timeout=10) as events_ws:
+    async with connect(events_url, additional_headers=_bearer(opt.token), open_timeout=10,
+                       create_connection=KeepaliveClientConnection) as events_ws:
         hello = json.loads(await asyncio.wait_for(events_ws.recv(), 10))
         if hello.get("type") != "hello":
             raise SendError("unexpected first message from /v1/events")
         events_task = asyncio.create_task(_hub_reader(events_ws, on_event, done))
-        async with connect(endpoint_url(url, "twilio"), open_timeout=10) as ws:
+        async with connect(endpoint_url(url, "twilio"), open_timeout=10,
+                           create_connection=KeepaliveClientConnection) as ws:
             seq = 0
 
             async def emit(message: dict) -> None:
@@ -358,7 +362,8 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
         opened.set()
         closed.set()
 
-    async with connect(target, additional_headers=headers, open_timeout=10, max_size=2**22) as ws:
+    async with connect(target, additional_headers=headers, open_timeout=10, max_size=2**22,
+                       create_connection=KeepaliveClientConnection) as ws:
         async def message(kind: str, parameters: dict) -> None:
             state["seq"] += 1
             await ws.send(json.dumps({"version": "2", "type": kind, "seq": state["seq"],

@@ -19,8 +19,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REJECT_REASONS = ("unknown_path", "unauthorized", "at_capacity", "too_many_subscribers", "bad_ticket",
-                  "method_not_allowed")
-CALL_OUTCOMES = ("completed", "error", "disconnected", "idle_timeout", "stopped", "other")
+                  "method_not_allowed", "too_many_unstarted", "start_timeout")
+CALL_OUTCOMES = ("completed", "error", "disconnected", "idle_timeout", "stopped", "not_analysed", "other")
 WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -29,8 +29,10 @@ def call_outcome(reason: str) -> str:
     """The ``outcome`` label of a finished call, from its end reason."""
     if reason == "completed":
         return "completed"
-    if reason.startswith("error"):
+    if reason.startswith("error") or reason.startswith("server closed"):
         return "error"
+    if reason.startswith("peer closed"):
+        return "disconnected"
     return {"peer disconnected": "disconnected", "idle timeout": "idle_timeout",
             "server stopped": "stopped"}.get(reason, "other")
 

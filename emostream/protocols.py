@@ -18,6 +18,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -37,13 +38,13 @@ CLOSE_TRY_LATER = 1013    # capacity
 
 SUPPORTED_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 PCM_ENCODINGS = {"pcm_s16le": 2, "mulaw": 1, "alaw": 1}  # bytes per sample
-CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch
 MAX_CHANNEL_NAME = 64
-MAX_GAP_SECONDS = 3600.0       # longest silence inserted to keep a channel on the peer's clock
+MAX_GAP_SECONDS = 3600.0       # longest gap one message may claim (longer: close 1007)
 TWILIO_GAP_TOLERANCE_MS = 40   # timestamp jitter below this is not a gap
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
-UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-DURATION_PATTERN = re.compile(r"^PT(\d*\.)?\d+S$")
+UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")  # fullmatch
+DURATION_PATTERN = re.compile(r"PT(\d*\.)?\d+S")  # fullmatch
 AUDIOHOOK_MAX_TEXT = 65535
 AUDIOHOOK_RATE = 8000
 AUDIOHOOK_FORMATS = {"PCMU": 1, "L16": 2}  # bytes per sample
@@ -121,6 +122,8 @@ def parse_json_object(text: str | bytes, what: str = "message") -> dict:
         obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed JSON in {what}: {str(exc).splitlines()[0][:80]}") from None
+    except RecursionError:  # e.g. 100,000 "[": nested deeper than the parser goes
+        raise ProtocolError(f"malformed JSON in {what}: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -132,12 +135,18 @@ def _int(value: Any) -> bool:
 
 def valid_call_id(call_id: Any) -> bool:
     """Call ids become file names: letters, digits, ``.``, ``_``, ``-``; at most 128 characters."""
-    return isinstance(call_id, str) and bool(CALL_ID_PATTERN.match(call_id)) and ".." not in call_id
+    return isinstance(call_id, str) and bool(CALL_ID_PATTERN.fullmatch(call_id)) and ".." not in call_id
 
 
 def deinterleave(pcm: np.ndarray, channels: int) -> list[np.ndarray]:
     """Interleaved samples ``(n * channels,)`` to one array per channel."""
     return [np.ascontiguousarray(pcm[i::channels]) for i in range(channels)]
+
+
+def check_gap(seconds: float, what: str) -> None:
+    """What one message may claim: a gap longer than ``MAX_GAP_SECONDS`` is bad input (1007)."""
+    if seconds > MAX_GAP_SECONDS:
+        raise ProtocolError(f"{what} jumps {seconds:.0f} s ahead (limit {MAX_GAP_SECONDS:g} s per message)")
 
 
 def format_duration(seconds: float) -> str:
@@ -148,9 +157,12 @@ def format_duration(seconds: float) -> str:
 
 def parse_duration(value: Any) -> float:
     """Seconds of an AudioHook duration (``PT1.25S``); :class:`ProtocolError` if malformed."""
-    if not isinstance(value, str) or not DURATION_PATTERN.match(value):
-        raise ProtocolError(f"invalid duration {value!r} (expected PT<seconds>S)")
-    return float(value[2:-1])
+    if not isinstance(value, str) or not DURATION_PATTERN.fullmatch(value):
+        raise ProtocolError(f"invalid duration {str(value)[:40]!r} (expected PT<seconds>S)")
+    seconds = float(value[2:-1])
+    if not math.isfinite(seconds):
+        raise ProtocolError(f"duration {value[:40]!r} out of range")
+    return seconds
 
 
 class Session:
@@ -163,6 +175,17 @@ class Session:
         self.sample_rate = 0
         self.channels: tuple[str, ...] = ()
         self.started = False
+        self.not_analysed = False  # the peer's call was accepted but nothing in it may be analysed
+
+    @property
+    def established(self) -> bool:
+        """The peer has started (the server's start deadline no longer applies)."""
+        return self.started
+
+    @property
+    def expects_audio(self) -> bool:
+        """Audio should be flowing (the server's idle timeout counts audio only while this holds)."""
+        return self.started
 
     def on_text(self, text: str) -> list[Action]:
         raise NotImplementedError
@@ -229,7 +252,7 @@ class PcmSession(Session):
         if not _int(channels) or channels not in (1, 2):
             raise ProtocolError(f"channels must be 1 or 2, got {str(channels)[:20]}")
         encoding = msg.get("encoding", "pcm_s16le")
-        if encoding not in PCM_ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in PCM_ENCODINGS:  # (a list is unhashable)
             raise ProtocolError(f"encoding {str(encoding)[:30]!r} not supported; use one of {', '.join(PCM_ENCODINGS)}")
         names = msg.get("channel_names")
         if names is None:
@@ -397,14 +420,14 @@ class TwilioSession(Session):
         if stamp is not None:
             try:
                 ms = int(stamp)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # also Infinity and NaN
                 raise ProtocolError(f"media.timestamp {str(stamp)[:20]!r} is not a number") from None
             if ms < 0:
                 raise ProtocolError("media.timestamp is negative")
             expected = ms * TELEPHONE_RATE // 1000
             gap = expected - self._received[ch]
             if gap > TWILIO_GAP_TOLERANCE_MS * TELEPHONE_RATE // 1000:
-                gap = min(gap, int(MAX_GAP_SECONDS * TELEPHONE_RATE))
+                check_gap(gap / TELEPHONE_RATE, "media.timestamp")
                 actions.append(Silence(ch, gap))
                 self._received[ch] += gap
         if data:
@@ -433,9 +456,13 @@ class AudioHookSession(Session):
     protocol = "audiohook"
     graceful_errors = True
 
-    def __init__(self, session_id: str | None = None, supported_languages: tuple[str, ...] = ("en-US",)):
+    def __init__(self, session_id: str | None = None, supported_languages: tuple[str, ...] = ("en-US",),
+                 analysable: tuple[str, ...] | None = None):
+        """``analysable``: the channel names (customer, agent) the server may analyse (None: any);
+        offers without one of them are answered with an empty media selection."""
         super().__init__()
-        self.id = session_id if isinstance(session_id, str) and UUID_PATTERN.match(session_id) else NULL_UUID
+        self.analysable = analysable
+        self.id = session_id if isinstance(session_id, str) and UUID_PATTERN.fullmatch(session_id) else NULL_UUID
         self.supported_languages = tuple(supported_languages)
         self.state = "PREPARING"
         self.seq = 0
@@ -448,6 +475,14 @@ class AudioHookSession(Session):
         self.client_errors: list[dict] = []
         self.sample_rate = AUDIOHOOK_RATE
         self._bytes_per_sample = 1
+
+    @property
+    def established(self) -> bool:
+        return self.state != "PREPARING"
+
+    @property
+    def expects_audio(self) -> bool:
+        return self.state == "ACTIVE" and bool(self.media)
 
     # -- server messages
 
@@ -489,7 +524,7 @@ class AudioHookSession(Session):
             raise ProtocolError(f"Text message too large (>64K). Length: {len(text)}")
         try:
             msg = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError("Text message not valid JSON") from None
         if not self._well_formed(msg):
             raise ProtocolError("Message not a well-formed client message")
@@ -517,9 +552,9 @@ class AudioHookSession(Session):
     @staticmethod
     def _well_formed(msg: Any) -> bool:
         return (isinstance(msg, dict) and msg.get("version") == "2" and isinstance(msg.get("type"), str)
-                and isinstance(msg.get("id"), str) and bool(UUID_PATTERN.match(msg["id"]))
+                and isinstance(msg.get("id"), str) and bool(UUID_PATTERN.fullmatch(msg["id"]))
                 and _int(msg.get("seq")) and msg["seq"] >= 0 and _int(msg.get("serverseq")) and msg["serverseq"] >= 0
-                and isinstance(msg.get("position"), str) and bool(DURATION_PATTERN.match(msg["position"]))
+                and isinstance(msg.get("position"), str) and bool(DURATION_PATTERN.fullmatch(msg["position"]))
                 and isinstance(msg.get("parameters"), dict))
 
     def _open(self, params: dict) -> list[Action]:
@@ -528,18 +563,22 @@ class AudioHookSession(Session):
         org, conv = params.get("organizationId"), params.get("conversationId")
         participant = params.get("participant")
         media = params.get("media")
-        if (not isinstance(org, str) or not UUID_PATTERN.match(org) or not isinstance(conv, str)
-                or not UUID_PATTERN.match(conv) or not isinstance(participant, dict)
+        if (not isinstance(org, str) or not UUID_PATTERN.fullmatch(org) or not isinstance(conv, str)
+                or not UUID_PATTERN.fullmatch(conv) or not isinstance(participant, dict)
                 or not isinstance(media, list)):
             raise ProtocolError("Invalid Message: Invalid/missing parameters")
         self.probe = conv == NULL_UUID or participant.get("id") == NULL_UUID
         language = params.get("language")
         self.language = language if isinstance(language, str) else None
-        self.media = self.select_media(media)
+        self.media = self.select_media(media, self.analysable)
         opened: dict[str, Any] = {"startPaused": False, "media": [self.media] if self.media else []}
         if params.get("supportedLanguages") is True:
             opened["supportedLanguages"] = list(self.supported_languages)
         actions: list[Action] = []
+        if not self.media and self.select_media(media) is not None:  # usable audio, but none we may analyse
+            self.not_analysed = True
+            actions.append(Note(f"not analysed: no offered channel may be analysed "
+                                f"({', '.join(self.analysable or ())} wanted); opened with no media"))
         if self.media:
             self.channels = tuple(AUDIOHOOK_CHANNEL_NAMES[c] for c in self.media["channels"])
             self._bytes_per_sample = AUDIOHOOK_FORMATS[self.media["format"]]
@@ -552,14 +591,16 @@ class AudioHookSession(Session):
         return actions
 
     @staticmethod
-    def select_media(offers: list) -> dict | None:
-        """The offer to accept: audio, PCMU or L16, 8000 Hz, channels from external/internal;
+    def select_media(offers: list, analysable: tuple[str, ...] | None = None) -> dict | None:
+        """The offer to accept: audio, PCMU or L16, 8000 Hz, channels from external/internal
+        (with ``analysable``: at least one of them maps to such a channel name);
         the first stereo one, else the first mono one. Returned unchanged (the same object)."""
         good = [m for m in offers if isinstance(m, dict) and m.get("type") == "audio"
-                and m.get("format") in AUDIOHOOK_FORMATS and m.get("rate") == AUDIOHOOK_RATE
+                and isinstance(m.get("format"), str) and m["format"] in AUDIOHOOK_FORMATS and m.get("rate") == AUDIOHOOK_RATE
                 and isinstance(m.get("channels"), list) and 1 <= len(m["channels"]) <= 2
                 and len(set(map(str, m["channels"]))) == len(m["channels"])
-                and all(c in AUDIOHOOK_CHANNEL_NAMES for c in m["channels"])]
+                and all(isinstance(c, str) and c in AUDIOHOOK_CHANNEL_NAMES for c in m["channels"])
+                and (analysable is None or any(AUDIOHOOK_CHANNEL_NAMES[c] in analysable for c in m["channels"]))]
         stereo = [m for m in good if len(m["channels"]) == 2]
         return (stereo or good or [None])[0]
 
@@ -596,9 +637,11 @@ class AudioHookSession(Session):
             return []
         start = parse_duration(params.get("start"))
         discarded = parse_duration(params.get("discarded"))
-        target = int(round((start + discarded) * AUDIOHOOK_RATE))
-        gap = min(target - self.position, int(MAX_GAP_SECONDS * AUDIOHOOK_RATE))
-        if gap <= 0 or not self.started:
+        if not self.started or start + discarded <= self.position / AUDIOHOOK_RATE:
+            return []
+        check_gap(start + discarded - self.position / AUDIOHOOK_RATE, kind)  # before any int(): may be huge
+        gap = int(round((start + discarded) * AUDIOHOOK_RATE)) - self.position
+        if gap <= 0:
             return []
         self.position += gap
         return [Silence(None, gap)]

@@ -39,14 +39,16 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from . import __version__
 from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
 from .audio import SAMPLE_RATE, StreamResampler
-from .auth import AudioHookKey, token_ok, twilio_signature_ok, verify_audiohook_request
-from .compliance import (ANALYSE_CHOICES, CallRecorder, ChannelSelectionError, analysed_channels, expire_recordings,
-                         expire_timelines)
+from .auth import AudioHookKey, NonceCache, token_ok, twilio_signature_ok, verify_audiohook_request
+from .compliance import (ANALYSE_CHOICES, ROLE_CHANNELS, CallRecorder, ChannelSelectionError, analysed_channels,
+                         expire_recordings, expire_timelines)
+from .keepalive import KeepaliveServerConnection
 from .logs import set_call_id
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics, call_outcome
@@ -76,6 +78,10 @@ PAGE_HEADERS = {  # the page loads nothing from anywhere but this server
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
 }
 SILENCE_CHUNK_SECONDS = 1.0     # silence gaps are fed in pieces of this length
+GAP_FILL_SECONDS = 6.0          # gaps up to this (one window) are filled with silence; longer ones are
+                                # collapsed into one ``gap`` record and the window schedule restarts after them
+RECV_QUEUE_FRAMES = 16          # frames a connection buffers before reading pauses (x max_message_bytes)
+ENDED_PRUNE_SECONDS = 10.0      # how often ended calls past ENDED_CALL_SECONDS are dropped
 AUDIOHOOK_ERROR_GRACE = 5.0     # after a disconnect(error), wait this long for the client's close
 SUBSCRIBER_QUEUE = 2000         # messages buffered per /v1/events subscriber before it is dropped
 MAX_CLOSE_REASON = 120          # bytes; RFC 6455 allows 123
@@ -95,7 +101,13 @@ class ServerConfig:
     min_seconds: float = 1.0
     smooth: float = 1.0
     vad: VadConfig = VadConfig()         # speech gate of every call
-    idle_timeout: float = 60.0           # seconds without a frame before a call is closed
+    idle_timeout: float = 60.0           # seconds without audio before a call is closed (1001)
+    start_timeout: float = 5.0           # seconds from connecting to the call's start (1008)
+    max_unstarted: int = 32              # connections not yet started (unauthenticated ones included); more: 503
+    ping_interval: float = 20.0          # websocket keepalive ping every this many seconds
+    ping_timeout: float = 20.0           # no pong this long (and no backlog on our side): close 1011
+    max_events_kept: int = 900           # events per channel a call keeps for the page (the summary counts all)
+    max_ended_calls: int = 100           # ended calls the page lists (for ENDED_CALL_SECONDS at most)
     max_call_seconds: float = 4 * 3600.0  # audio (gaps included) one call may stream
     max_message_bytes: int = 256 * 1024  # larger frames close the connection (1009)
     max_subscribers: int = 64
@@ -119,6 +131,13 @@ class ServerConfig:
             raise ValueError(f"max call length must be > 0 s, got {self.max_call_seconds}")
         if not self.idle_timeout > 0:
             raise ValueError(f"idle timeout must be > 0 s, got {self.idle_timeout}")
+        if not self.start_timeout > 0:
+            raise ValueError(f"start timeout must be > 0 s, got {self.start_timeout}")
+        if not (self.ping_interval > 0 and self.ping_timeout > 0):
+            raise ValueError("keepalive ping interval and timeout must be > 0 s")
+        for name in ("max_unstarted", "max_events_kept", "max_ended_calls"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 1024:
             raise ValueError("max message size must be at least 1024 bytes")
         StreamConfig(hop_seconds=self.hop_seconds, min_seconds=self.min_seconds)  # validates
@@ -163,6 +182,16 @@ def _static_response(name: str) -> Response:
             return _json_response(HTTPStatus.NOT_FOUND, {"error": "not found"})
     headers = {k: v for k, v in PAGE_HEADERS.items() if k != "X-Content-Type-Options"}
     return _response(HTTPStatus.OK, _WEB_CACHE[name], WEB_FILES[name], headers)
+
+
+def closed_reason(closed: ConnectionClosed) -> str:
+    """``end_reason`` of a connection that closed under the handler: who closed it and why."""
+    sent, rcvd = closed.sent, closed.rcvd
+    if sent is not None and (rcvd is None or not closed.rcvd_then_sent):
+        return f"server closed: {sent.code} {sent.reason}".rstrip()  # e.g. 1009 too big, 1007 bad UTF-8
+    if rcvd is not None:
+        return f"peer closed: {rcvd.code} {rcvd.reason}".rstrip()
+    return "peer disconnected"  # no close frame: the connection vanished
 
 
 def _reason(text: str) -> str:
@@ -219,6 +248,27 @@ class EventsHub:
                 queue.put_nowait(None)  # tells the subscriber's task to close: too slow
 
 
+@dataclass(frozen=True)
+class EndedCall:
+    """What the page still gets of an ended call (``GET /v1/calls`` and ``/v1/calls/<id>``): a snapshot
+    taken when it ended, so its pipeline (ring buffers, resamplers, speech gate) is freed at once."""
+
+    call_id: str
+    ended_at: float | None
+    hub: EventsHub | None
+    snapshot: dict  # LiveCall.detail() at the end
+
+    @classmethod
+    def of(cls, call: "LiveCall") -> "EndedCall":
+        return cls(call.call_id, call.ended_at, call.hub, call.detail())
+
+    def listing(self) -> dict:
+        return self.snapshot["call"]
+
+    def detail(self) -> dict:
+        return self.snapshot
+
+
 class LiveCall:
     """One call's pipeline: pick analysed channels -> resample -> window -> classify (shared worker) -> sinks."""
 
@@ -270,6 +320,8 @@ class LiveCall:
             sinks.append(self._check_alerts)
         self.analyzer = Analyzer(worker.infer, start.call_id, self.analysed,
                                  AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks)
+        self.analyzer.timeline.max_events = config.max_events_kept  # memory: the file has every event
+        self._input = [0] * len(analysed)  # samples per analysed channel at the protocol rate, gaps included
         if hub is not None:
             hub.publish(self.started_message())
 
@@ -319,6 +371,7 @@ class LiveCall:
             local = self._local.get(channel)
             if local is None:  # not analysed: dropped here, never resampled, windowed or classified
                 continue
+            self._input[local] += len(samples)
             x = self.resamplers[local].push(samples)
             if len(x):
                 windows += self.windower.push(local, x)
@@ -327,15 +380,20 @@ class LiveCall:
         return await self.analyzer.process_async(windows, self.worker.infer)
 
     async def silence(self, channel: int | None, samples: int) -> list[dict]:
-        """A gap of ``samples`` (protocol rate) on one or every channel, fed in short pieces."""
-        if self.recorder is not None:
-            self.recorder.silence(channel, samples)
+        """A gap of ``samples`` (protocol rate) on one or every channel: up to ``GAP_FILL_SECONDS``
+        fed as silence in short pieces, a longer one collapsed (:meth:`_collapse_gap`)."""
         if channel is None:
             channels = list(range(len(self.analysed)))
         else:
             channels = [self._local[channel]] if channel in self._local else []
         rate = self.resamplers[0].orig_rate
         self._check_length(samples / rate)
+        if self.recorder is not None:
+            self.recorder.silence(channel, samples)
+        if samples > GAP_FILL_SECONDS * rate:
+            return await self._collapse_gap(channels, samples)
+        for ch in channels:
+            self._input[ch] += samples
         piece = int(SILENCE_CHUNK_SECONDS * rate)
         events: list[dict] = []
         for pos in range(0, samples, piece) if channels else ():
@@ -346,6 +404,34 @@ class LiveCall:
                 windows += self.windower.push(ch, x) if len(x) else []
             windows.sort(key=self._order)
             events += await self.analyzer.process_async(windows, self.worker.infer)
+        return events
+
+    async def _collapse_gap(self, channels: list[int], samples: int) -> list[dict]:
+        """A long gap in O(1): each channel's audio before it gets its final window (as at the end of a
+        stream), one ``gap`` record per channel goes to the timeline file and ``/v1/events``, and the
+        window schedule restarts at the gap's end (on the same clock). Returns the final windows' events."""
+        rate = self.resamplers[0].orig_rate
+        windows, records = [], []
+        for ch in channels:
+            x = self.resamplers[ch].flush()
+            windows += self.windower.push(ch, x) if len(x) else []
+            windower = self.windower.windowers[self.analysed[ch]]
+            gap_start = windower.samples_seen
+            self._input[ch] += samples
+            gap_end = max(gap_start, round(self._input[ch] * SAMPLE_RATE / rate))
+            windows += self.windower.skip(ch, gap_end - gap_start)
+            self.resamplers[ch] = StreamResampler(rate, SAMPLE_RATE)  # fresh: silence before the new audio
+            records.append({"type": "gap", "stream": self.call_id, "channel": self.analysed[ch],
+                            "t_start": round(gap_start / SAMPLE_RATE, 6), "t_end": round(gap_end / SAMPLE_RATE, 6)})
+        windows.sort(key=self._order)
+        events = await self.analyzer.process_async(windows, self.worker.infer)
+        for record in records:
+            log.info("call %s: gap of %.1f s on %s collapsed", self.call_id, record["t_end"] - record["t_start"],
+                     record["channel"])
+            if self._writer:
+                self._writer.write(record)
+            if self.hub is not None:
+                self.hub.publish(record)
         return events
 
     def _check_length(self, more_seconds: float) -> None:
@@ -409,7 +495,7 @@ class EmoServer:
         self.webhook: AlertWebhook | None = None
         self.hub = EventsHub()
         self.calls: dict[str, LiveCall] = {}
-        self.ended: dict[str, LiveCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
+        self.ended: dict[str, EndedCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
         self.connections = 0
         self.completed = 0
         self.errors = 0
@@ -420,6 +506,8 @@ class EmoServer:
         self._tasks: list[asyncio.Task] = []
         self._tickets: dict[str, float] = {}  # single-use /v1/events tickets -> expiry (monotonic)
         self._audiohook_keys = {k.key: k.secret for k in config.audiohook_keys}
+        self._nonces = NonceCache()  # AudioHook signatures already accepted: replays are refused
+        self._unstarted: set[ServerConnection] = set()  # call connections accepted, call not started yet
         self.metrics = ServerMetrics(self._metrics_state, model_info)
         self.worker.batch_observers.append(self.metrics.observe_batch)
         for directory in (config.events_dir, config.record_dir):
@@ -440,10 +528,12 @@ class EmoServer:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="emostream-retention"))
         self._server = await serve(self._handle, self.config.host, self.config.port,
                                    process_request=self._process_request,
-                                   max_size=self.config.max_message_bytes, max_queue=64,
-                                   ping_interval=20, ping_timeout=20, close_timeout=5,
-                                   server_header="emostream")
+                                   max_size=self.config.max_message_bytes, max_queue=RECV_QUEUE_FRAMES,
+                                   ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
+                                   close_timeout=5, server_header="emostream",
+                                   create_connection=KeepaliveServerConnection)
         self._tasks.append(asyncio.create_task(self._warm_up(), name="emostream-warm-up"))
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name="emostream-prune-ended"))
         sock = next(iter(self._server.sockets))
         return sock.getsockname()[1]
 
@@ -507,10 +597,18 @@ class EmoServer:
                 log.exception("timeline retention failed")
 
     def _prune_ended(self) -> None:
+        """Ended calls stay listed ENDED_CALL_SECONDS, and at most ``max_ended_calls`` of them (the newest)."""
         now = time.time()
         for call_id, call in list(self.ended.items()):
             if call.ended_at is None or now - call.ended_at > ENDED_CALL_SECONDS:
                 del self.ended[call_id]
+        while len(self.ended) > self.config.max_ended_calls:
+            del self.ended[next(iter(self.ended))]  # insertion order: the oldest first
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ENDED_PRUNE_SECONDS)
+            self._prune_ended()
 
     def _metrics_state(self) -> dict:
         live: dict[str, int] = {}
@@ -533,6 +631,10 @@ class EmoServer:
         path = split.path.rstrip("/") or "/"
         cfg = self.config
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if request.method != "GET":
+            self.metrics.rejected.labels("method_not_allowed").inc()
+            return _json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method[:20]} not allowed; use GET"},
+                                  {"Allow": "GET"})
         if path not in CALL_PATHS and path != EVENTS_PATH:
             if upgrade:
                 self.metrics.rejected.labels("unknown_path").inc()
@@ -558,7 +660,7 @@ class EmoServer:
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
             authenticated = True
         elif path == "/v1/audiohook" and self._audiohook_keys:
-            failure = verify_audiohook_request(headers, request.path, self._audiohook_keys)
+            failure = verify_audiohook_request(headers, request.path, self._audiohook_keys, nonces=self._nonces)
             if failure is not None:
                 log.info("audiohook signature rejected: %s", failure)
                 self.metrics.rejected.labels("unauthorized").inc()
@@ -570,6 +672,12 @@ class EmoServer:
         if path in CALL_PATHS and len(self.calls) >= cfg.max_calls:
             self.metrics.rejected.labels("at_capacity").inc()
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its call limit\n")
+        if path in CALL_PATHS:
+            self._unstarted = {c for c in self._unstarted if c.state is not State.CLOSED}
+            if len(self._unstarted) >= cfg.max_unstarted:
+                self.metrics.rejected.labels("too_many_unstarted").inc()
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections waiting to start\n")
+            self._unstarted.add(connection)  # until its call starts or it closes (start_timeout)
         if path == EVENTS_PATH and self.hub.subscribers >= cfg.max_subscribers:
             self.metrics.rejected.labels("too_many_subscribers").inc()
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many event subscribers\n")
@@ -577,7 +685,7 @@ class EmoServer:
         return None
 
     def _http(self, request: Request, path: str) -> Response:
-        """The plain HTTP routes (GET only: websockets refuses other methods before this)."""
+        """The plain HTTP routes (GET only: other methods get 405 before this)."""
         if path in ("/", "/index.html"):
             return _static_response("index.html")
         if path.startswith("/static/"):
@@ -654,16 +762,26 @@ class EmoServer:
             return PcmSession()
         if protocol == "twilio":
             return TwilioSession(token=None if authenticated else self.config.token)
-        return AudioHookSession(ws.request.headers.get("Audiohook-Session-Id"), self.config.supported_languages)
+        analysable = None if self.config.analyse == "all" else (ROLE_CHANNELS["audiohook"][self.config.analyse],)
+        return AudioHookSession(ws.request.headers.get("Audiohook-Session-Id"), self.config.supported_languages,
+                                analysable)
 
     async def _handle_call(self, ws: ServerConnection, protocol: str, authenticated: bool) -> None:
         session = self._session(protocol, ws, authenticated)
         call: LiveCall | None = None
         end_reason = "peer disconnected"
+        peer_gone = False  # a send failed: keep analysing what already arrived, recv says how it ended
+        loop = asyncio.get_running_loop()
+        connected_at = active_at = loop.time()
+        not_analysed_counted = False
 
         async def send(message: dict | None) -> None:
-            if message is not None:
-                await ws.send(json.dumps(message, separators=(",", ":")))
+            nonlocal peer_gone
+            if message is not None and not peer_gone:
+                try:
+                    await ws.send(json.dumps(message, separators=(",", ":")))
+                except ConnectionClosed:
+                    peer_gone = True
 
         async def deliver(events: list[dict], received: float | None = None) -> None:
             for event in events:
@@ -673,17 +791,39 @@ class EmoServer:
 
         try:
             while True:
+                established = session.established
+                if established:
+                    self._unstarted.discard(ws)
+                    left = self.config.idle_timeout - (loop.time() - active_at)
+                else:
+                    left = self.config.start_timeout - (loop.time() - connected_at)
                 try:
-                    data = await asyncio.wait_for(ws.recv(), self.config.idle_timeout)
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    data = await asyncio.wait_for(ws.recv(), left)
                     received = time.monotonic()
                 except asyncio.TimeoutError:
-                    end_reason = "idle timeout"
-                    await ws.close(CLOSE_GOING_AWAY, f"idle for {self.config.idle_timeout:g} s")
+                    if established:
+                        end_reason = "idle timeout"
+                        await ws.close(CLOSE_GOING_AWAY, f"idle: no audio for {self.config.idle_timeout:g} s")
+                    else:
+                        end_reason = "start timeout"
+                        self.metrics.rejected.labels("start_timeout").inc()
+                        log.info("%s connection %s closed: no start within %g s", protocol, ws.remote_address,
+                                 self.config.start_timeout)
+                        await ws.close(CLOSE_POLICY, f"no start within {self.config.start_timeout:g} s")
                     return
-                except ConnectionClosed:
+                except ConnectionClosed as closed:
+                    end_reason = closed_reason(closed)
+                    log.info("%s call %s ended: %s", protocol, call.call_id if call else "-", end_reason)
                     return
                 try:
                     actions = session.on_text(data) if isinstance(data, str) else session.on_binary(data)
+                    if not session.expects_audio or any(isinstance(a, Audio) and len(a.samples) for a in actions):
+                        active_at = loop.time()  # idle time counts audio (any message while none is expected)
+                    if session.not_analysed and not not_analysed_counted:
+                        not_analysed_counted = True
+                        self.metrics.calls.labels(protocol, "not_analysed").inc()
                     audio: list[tuple[int, np.ndarray]] = []  # consecutive Audio: classified together
                     for action in actions + [None]:
                         if isinstance(action, Audio):
@@ -702,6 +842,8 @@ class EmoServer:
                         elif isinstance(action, Start):
                             set_call_id(action.call_id)  # on every log line of this connection from now on
                             call = self._open_call(action, protocol)
+                            self._unstarted.discard(ws)
+                            active_at = loop.time()
                         elif isinstance(action, Note):
                             log.info("call %s: %s", call.call_id if call else "-", action.text)
                         elif isinstance(action, End):
@@ -715,6 +857,7 @@ class EmoServer:
                                 await send(message)
                             await ws.close(CLOSE_NORMAL, "end of call")
                             return
+                    await asyncio.sleep(0)  # queued frames never run back to back: other calls get the loop
                 except WorkerOverloaded as exc:
                     raise ProtocolError(f"server overloaded: {exc}", CLOSE_TRY_LATER) from None
         except ProtocolError as err:
@@ -724,7 +867,7 @@ class EmoServer:
             try:
                 for message in session.error_messages(err):
                     await send(message)
-                if session.graceful_errors and err.code not in (CLOSE_POLICY, CLOSE_TRY_LATER):
+                if session.graceful_errors and err.code not in (CLOSE_POLICY, CLOSE_TRY_LATER) and not peer_gone:
                     # AudioHook: the client answers disconnect with close; keep serving it briefly
                     await self._audiohook_after_error(ws, session, call, send)
                 else:
@@ -732,13 +875,15 @@ class EmoServer:
             except ConnectionClosed:
                 pass
         finally:
+            self._unstarted.discard(ws)
             if call is not None:
                 self.calls.pop(call.call_id, None)
                 if not call.finished:
                     await call.finish(end_reason)
                 if call.hub is not None:  # listed (greyed out on the page) for a while
+                    self.ended.pop(call.call_id, None)  # re-inserted: the newest
+                    self.ended[call.call_id] = EndedCall.of(call)
                     self._prune_ended()
-                    self.ended[call.call_id] = call
 
     async def _audiohook_after_error(self, ws, session: Session, call: LiveCall | None, send) -> None:
         loop = asyncio.get_running_loop()

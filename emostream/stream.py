@@ -9,6 +9,11 @@ of the hop, ``t = k * hop``, and covers ``[max(0, t - 6 s), t)``. No window is e
 zero-padded at the end, as the recipe pads short clips. At end of stream, :meth:`flush` emits one
 final window ending at the last sample if any audio arrived after the last window's end (or if the
 stream was shorter than ``min_seconds``).
+
+A long gap (the server's collapsed silence, :meth:`ChannelWindower.skip`) ends the schedule like the end
+of the stream (the final partial window) and restarts it at the gap's end: windows then end at
+``gap_end + k * hop`` and never reach back before ``gap_end``, as if a new stream began there, on the
+same absolute clock.
 """
 from __future__ import annotations
 
@@ -78,6 +83,10 @@ class RingBuffer:
             self._data[: n - first] = samples[first:]
         self.total += n
 
+    def skip(self, n: int) -> None:
+        """Advance the clock by ``n`` samples without storing them (they are never read)."""
+        self.total += max(0, int(n))
+
     @property
     def oldest(self) -> int:
         """Absolute index of the oldest sample still held."""
@@ -124,15 +133,19 @@ class ChannelWindower:
         self.channel = channel
         self.config = config
         self.buffer = RingBuffer(config.window_samples + config.hop_samples + config.sample_rate)
-        self.next_end = max(config.hop_samples, _ceil_to(config.min_samples, config.hop_samples))
+        self.origin = 0  # where the schedule (re)started: 0, or the end of the last skipped gap
+        self.next_end = self._first_end()
         self.last_end = 0
+
+    def _first_end(self) -> int:
+        return self.origin + max(self.config.hop_samples, _ceil_to(self.config.min_samples, self.config.hop_samples))
 
     @property
     def samples_seen(self) -> int:
         return self.buffer.total
 
     def _window(self, end: int, final: bool) -> Window:
-        start = max(0, end - self.config.window_samples)
+        start = max(self.origin, end - self.config.window_samples)
         out = np.zeros(self.config.window_samples, dtype=np.float32)
         piece = self.buffer.read(start, end)
         out[: len(piece)] = piece
@@ -158,9 +171,18 @@ class ChannelWindower:
     def flush(self) -> list[Window]:
         """End of stream: the final partial window, if audio arrived after the last window."""
         total = self.buffer.total
-        if total == 0 or total == self.last_end:
+        if total == self.origin or total == self.last_end:
             return []
         return [self._window(total, final=True)]
+
+    def skip(self, samples: int) -> list[Window]:
+        """A gap of ``samples`` that is not analysed: O(1) whatever its length. Returns the final
+        window of the audio before it (as :meth:`flush`); the schedule restarts after the gap."""
+        windows = self.flush()
+        self.buffer.skip(samples)
+        self.origin = self.last_end = self.buffer.total
+        self.next_end = self._first_end()
+        return windows
 
 
 class StreamWindower:
@@ -188,6 +210,11 @@ class StreamWindower:
         for name, samples in zip(self.channels, frames):
             out += self.windowers[name].push(samples)
         return sorted(out, key=lambda w: (w.end, self.channels.index(w.channel)))
+
+    def skip(self, channel: str | int, samples: int) -> list[Window]:
+        """A gap of ``samples`` on one channel (see :meth:`ChannelWindower.skip`)."""
+        name = self.channels[channel] if isinstance(channel, int) else channel
+        return self.windowers[name].skip(samples)
 
     def flush(self) -> list[Window]:
         out = []

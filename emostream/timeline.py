@@ -1,6 +1,7 @@
 """Emotion events, per-channel timelines, smoothing, JSON lines output and call summaries."""
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,41 +49,80 @@ class Smoother:
         return new
 
 
+MAX_PEAKS = 10  # most confident moments a running summary keeps per channel
+
+
+@dataclass
+class ChannelTally:
+    """The running summary of one channel: what :meth:`Timeline.summary` reports, in O(1) memory."""
+
+    windows: int = 0
+    speech_windows: int = 0
+    speech_seconds: float = 0.0
+    prev_end: float = 0.0
+    duration: float = 0.0
+    time_by_label: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0.0))
+    peaks: list[dict] = field(default_factory=list)  # non-neutral events, most confident first, ties in time order
+
+    def add(self, e: dict) -> None:
+        self.windows += 1
+        self.duration = max(self.duration, e["t_end"])
+        new = max(0.0, e["t_end"] - max(self.prev_end, e["t_start"]))
+        self.prev_end = e["t_end"]
+        if not e["speech"]:
+            return
+        self.speech_windows += 1
+        self.speech_seconds += new
+        self.time_by_label[e["label"]] += new
+        if e["label"] != "Neutral" and (len(self.peaks) < MAX_PEAKS or e["confidence"] > self.peaks[-1]["confidence"]):
+            keys = [-p["confidence"] for p in self.peaks]
+            self.peaks.insert(bisect.bisect_right(keys, -e["confidence"]), e)
+            del self.peaks[MAX_PEAKS:]
+
+
 @dataclass
 class Timeline:
-    """All events of one stream, per channel, and the end-of-stream summary."""
+    """Events of one stream, per channel, and the end-of-stream summary.
+
+    ``max_events``: events kept per channel (the newest; ``None`` keeps all). The summary counts every
+    event whatever is kept: it is a running tally (:class:`ChannelTally`)."""
 
     stream: str
     channels: tuple[str, ...]
     hop_seconds: float = 1.0
     events: dict[str, list[dict]] = field(default_factory=dict)
+    max_events: int | None = None
+
+    def __post_init__(self):
+        self._tallies: dict[str, ChannelTally] = {}
+        for name, evs in self.events.items():
+            tally = self._tallies.setdefault(name, ChannelTally())
+            for e in evs:
+                tally.add(e)
 
     def add(self, event: dict) -> None:
-        self.events.setdefault(event["channel"], []).append(event)
+        kept = self.events.setdefault(event["channel"], [])
+        kept.append(event)
+        if self.max_events is not None and len(kept) > self.max_events + self.max_events // 4 + 1:
+            del kept[:len(kept) - self.max_events]  # amortised O(1) per event
+        self._tallies.setdefault(event["channel"], ChannelTally()).add(event)
 
     def summary(self, peaks: int = 3) -> dict:
         """Per channel: windows, speech time, share of speech time per emotion, dominant emotion and
-        the most confident non-neutral moments. Each window stands for the ``hop`` of new audio it
-        adds (its last hop), so shares add up to speech time without double counting overlaps."""
+        the most confident non-neutral moments (at most ``MAX_PEAKS``). Each window stands for the
+        ``hop`` of new audio it adds (its last hop), so shares add up to speech time without double
+        counting overlaps."""
         channels = {}
         duration = 0.0
         for name in self.channels:
-            evs = self.events.get(name, [])
-            duration = max(duration, max((e["t_end"] for e in evs), default=0.0))
-            time_by_label = dict.fromkeys(CLASSES, 0.0)
-            speech_seconds, prev_end = 0.0, 0.0
-            for e in evs:
-                new = max(0.0, e["t_end"] - max(prev_end, e["t_start"]))
-                prev_end = e["t_end"]
-                if e["speech"]:
-                    speech_seconds += new
-                    time_by_label[e["label"]] += new
+            tally = self._tallies.get(name, ChannelTally())
+            duration = max(duration, tally.duration)
+            speech_seconds, time_by_label = tally.speech_seconds, tally.time_by_label
             shares = {c: (round(t / speech_seconds, 4) if speech_seconds else 0.0) for c, t in time_by_label.items()}
-            ranked = sorted((e for e in evs if e["speech"] and e["label"] != "Neutral"),
-                            key=lambda e: e["confidence"], reverse=True)[:peaks]
+            ranked = tally.peaks[:peaks]
             channels[name] = {
-                "windows": len(evs),
-                "speech_windows": sum(1 for e in evs if e["speech"]),
+                "windows": tally.windows,
+                "speech_windows": tally.speech_windows,
                 "speech_seconds": round(speech_seconds, 3),
                 "shares": shares,
                 "dominant": max(shares, key=shares.get) if speech_seconds else None,
@@ -120,12 +160,13 @@ class JsonlWriter:
 
 
 def read_events(path: str | Path) -> list[dict]:
-    """Events of a JSONL timeline (summary lines skipped)."""
+    """Events of a JSONL timeline (summary, alert and ``gap`` lines skipped)."""
     out = []
     for line in Path(path).read_text().splitlines():
         if line.strip():
             obj = json.loads(line)
-            if obj.get("type", "event") == "event" or "t_start" in obj:
+            kind = obj.get("type", "event")
+            if kind == "event" or (kind != "gap" and "t_start" in obj):  # gap records are not events
                 out.append(obj)
     return out
 

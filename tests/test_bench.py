@@ -110,3 +110,22 @@ def test_classify_positions_table(shipped_checkpoint):
     assert int(rows[2][1]) >= 2 * n_clips
     for cells in rows.values():
         assert 0 <= float(cells[5]) <= 1 and 0 <= float(cells[6]) <= 1
+
+
+def test_soak_quick(tmp_path):
+    """bench/soak.py --quick: innocent calls, drops, a fast sender and every attack against one server;
+    the innocent calls all complete with every window, and each attack gets its close code."""
+    result = run_bench("soak", tmp_path, timeout=180)
+    innocent = result["innocent"]
+    assert innocent["calls"] >= 2 and innocent["closed"] == 0 and innocent["windows_lost"] == 0
+    assert innocent["windows_received"] == innocent["windows_expected"] > 0
+    h = result["healthz"]
+    assert h["probes"] > 10 and h["failed"] == 0 and 0 < h["p50_ms"] <= h["p99_ms"] <= h["max_ms"]
+    assert len(result["rss_mb"]) >= 2 and all(mb > 0 for _, mb in result["rss_mb"])
+    attacks = result["attacks"]
+    assert set(attacks) == {"gap_jump", "audiohook_discard", "no_audio", "unauthenticated", "deep_json"}
+    assert "1008" in attacks["gap_jump"] and "1008" in attacks["audiohook_discard"]  # the call length limit
+    assert "1001" in attacks["no_audio"] and "1008" in attacks["unauthenticated"] and "1007" in attacks["deep_json"]
+    assert not any("1011" in codes for codes in attacks.values())
+    assert result["fast_sender"]["completed"] >= 1 and result["drops"]["calls"] >= 1
+    assert result["server_log"]["error_lines"] == 0 and result["server_log"]["tracebacks"] == 0

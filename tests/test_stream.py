@@ -162,3 +162,19 @@ def test_speech_activity():
     x = np.zeros(SAMPLE_RATE, dtype=np.float32)
     x[:4000] = 0.1 * np.sin(np.arange(4000))
     assert speech_activity(x)
+
+
+def test_skip_collapses_a_gap_and_restarts_the_schedule():
+    """Issue 40: a long gap costs O(1): the audio before it gets its final window, then windows end at
+    gap_end + k * hop and never reach back before gap_end."""
+    sr = SAMPLE_RATE
+    w = ChannelWindower("ch", StreamConfig())
+    assert [x.end for x in w.push(np.ones(int(2.5 * sr), np.float32))] == [sr, 2 * sr]
+    final = w.skip(3600 * sr)
+    assert [(x.end, x.final) for x in final] == [(int(2.5 * sr), True)]
+    origin = int(2.5 * sr) + 3600 * sr
+    after = w.push(np.full(int(2.5 * sr), 0.5, np.float32))
+    assert [x.end - origin for x in after] == [sr, 2 * sr]
+    assert all(x.start == origin for x in after) and all(np.all(x.samples[: x.end - x.start] == 0.5) for x in after)
+    assert [x.end - origin for x in w.flush()] == [int(2.5 * sr)]
+    assert w.skip(10 * sr) == []  # nothing after the last window: no final window

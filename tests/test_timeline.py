@@ -78,3 +78,47 @@ def test_agreement_over_speech_time():
               make_event("s", "a", 4, 6, None)]              # silence: not scored
     r = agreement(events, segs)
     assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0
+
+
+def _summary_from_all_events(timeline: Timeline, events: dict, peaks: int = 3) -> dict:
+    """The summary as computed before issue 40, from every event (the running tally must match it)."""
+    channels, duration = {}, 0.0
+    for name in timeline.channels:
+        evs = events.get(name, [])
+        duration = max(duration, max((e["t_end"] for e in evs), default=0.0))
+        time_by_label = dict.fromkeys(CLASSES, 0.0)
+        speech_seconds, prev_end = 0.0, 0.0
+        for e in evs:
+            new = max(0.0, e["t_end"] - max(prev_end, e["t_start"]))
+            prev_end = e["t_end"]
+            if e["speech"]:
+                speech_seconds += new
+                time_by_label[e["label"]] += new
+        shares = {c: (round(t / speech_seconds, 4) if speech_seconds else 0.0) for c, t in time_by_label.items()}
+        ranked = sorted((e for e in evs if e["speech"] and e["label"] != "Neutral"),
+                        key=lambda e: e["confidence"], reverse=True)[:peaks]
+        channels[name] = {"windows": len(evs), "speech_windows": sum(1 for e in evs if e["speech"]),
+                          "speech_seconds": round(speech_seconds, 3), "shares": shares,
+                          "dominant": max(shares, key=shares.get) if speech_seconds else None,
+                          "peaks": [{k: e[k] for k in ("label", "confidence", "t_start", "t_end")} for e in ranked]}
+    return {"type": "summary", "stream": timeline.stream, "duration": round(duration, 3), "channels": channels}
+
+
+def test_running_summary_matches_all_events_while_keeping_few():
+    """Issue 40: a live call keeps only its newest events; its summary (a running tally) is the one
+    computed from every event, ties between peaks included."""
+    rng = np.random.default_rng(0)
+    kept = Timeline("s", ("a", "b"), max_events=7)
+    every: dict = {}
+    for k in range(1, 200):
+        for ch in ("a", "b"):
+            probs = None if rng.random() < 0.3 else rng.dirichlet(np.ones(len(CLASSES)) * 0.5)
+            if probs is not None and k % 17 == 0:
+                probs = np.eye(len(CLASSES))[k % len(CLASSES)] * 0.9 + 0.1 / len(CLASSES)  # equal confidences
+            e = make_event("s", ch, max(0.0, k - 6.0), float(k), probs)
+            kept.add(e)
+            every.setdefault(ch, []).append(e)
+    assert kept.summary() == _summary_from_all_events(kept, every)
+    assert all(7 <= len(v) <= 7 + 7 // 4 + 1 for v in kept.events.values())
+    assert kept.events["a"][-1] is every["a"][-1]
+    assert Timeline("s", ("a", "b"), 1.0, every).summary() == kept.summary()  # built from events (report)
