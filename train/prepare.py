@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import re
+from math import gcd
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -153,6 +154,19 @@ def mono(samples: np.ndarray) -> np.ndarray:
     return samples[int(np.argmax(np.sqrt(np.mean(np.square(samples, dtype=np.float64), axis=1))))]
 
 
+def to_16k(x: np.ndarray, rate: int) -> np.ndarray:
+    """``x`` at ``rate`` resampled to 16 kHz: the project's :func:`emostream.audio.resample` (torchaudio's
+    sinc interpolation), except for rates whose ratio to 16 kHz reduces to a large fraction (TESS's
+    24,414 Hz: 8,000 / 12,207), where torchaudio builds a kernel of 8,000 x 12,227 taps per call (~10 s
+    a clip); those go through scipy's polyphase filter, as the shared corpora were converted."""
+    g = gcd(int(rate), SAMPLE_RATE)
+    if rate // g <= 1000:
+        return resample(x, rate, SAMPLE_RATE)
+    from scipy.signal import resample_poly
+
+    return resample_poly(x, SAMPLE_RATE // g, rate // g).astype(np.float32)
+
+
 def convert(path: Path, out: Path) -> float:
     """Decode ``path`` (soundfile), keep one channel, resample to 16 kHz, write 16-bit FLAC at ``out``;
     the duration in seconds."""
@@ -162,7 +176,7 @@ def convert(path: Path, out: Path) -> float:
         samples, rate = read_audio(path)
     except AudioError as exc:
         raise PrepareError(str(exc)) from None
-    audio = resample(mono(samples), rate, SAMPLE_RATE)
+    audio = to_16k(mono(samples), rate)
     out.parent.mkdir(parents=True, exist_ok=True)
     sf.write(out, float32_to_int16(audio), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return len(audio) / SAMPLE_RATE
