@@ -114,6 +114,17 @@ def test_stereo_keeps_the_louder_channel(tmp_path):
     assert np.array_equal(mono(np.stack([loud, -2 * loud])), -2 * loud)
 
 
+def test_unknown_labels_are_skipped_and_counted_not_dropped_as_a_class(tmp_path):
+    _wav(tmp_path / "tess" / "OAF_back_angry.wav", 24414, 0)
+    _wav(tmp_path / "tess" / "OAF_back_bored.wav", 24414, 1)      # no such TESS emotion
+    _wav(tmp_path / "turevdb" / "Sound Source" / "Calm" / "1157_kz_x.wav", 44100, 2)
+    _wav(tmp_path / "turevdb" / "Sound Source" / "Sad" / "1157_kz_y.wav", 44100, 3)
+    _wav(tmp_path / "turevdb" / "Sound Source" / "Bored" / "1157_kz_z.wav", 44100, 4)
+    assert prepare("tess", tmp_path / "tess", tmp_path / "out1")["dropped"] == {"name not recognised": 1}
+    assert prepare("turevdb", tmp_path / "turevdb", tmp_path / "out2")["dropped"] == {
+        "class dropped": 1, "name not recognised": 1}
+
+
 def test_bad_source_path_is_a_one_line_error(tmp_path, capsys):
     assert train_main(["prepare", "tess", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

@@ -8,8 +8,8 @@ import csv
 import logging
 import os
 import re
-from math import gcd
 from dataclasses import dataclass
+from math import gcd
 from pathlib import Path
 from typing import Callable
 
@@ -44,14 +44,15 @@ class Source:
 @dataclass(frozen=True)
 class Corpus:
     """A corpus layout: ``parse`` reads one audio file's labels from its path relative to SRC, or
-    returns None for a file the corpus does not use (a dropped class)."""
+    returns None for a file of a dropped class; a name it cannot read is skipped and counted."""
 
     name: str
     language: str
     license: str
     expected: str         # the layout, for the error when nothing matches
     parse: Callable[[Path, "dict[str, str]"], "Source | None"]
-    labels: dict[str, str]  # original label -> class; labels not listed are dropped
+    labels: dict[str, str]  # original label -> class
+    dropped: tuple[str, ...] = ()  # original labels with no class (calm): skipped and counted
 
 
 class _Skip(Exception):
@@ -96,8 +97,10 @@ def _urdu(rel: Path, meta: dict[str, str]) -> Source | None:
 
 
 def _source(corpus: Corpus, rel: Path, original: str, speaker: str, sex: str) -> Source | None:
-    if original not in corpus.labels:
+    if original in corpus.dropped:
         return None
+    if original not in corpus.labels:
+        raise _Skip
     return Source(rel, corpus.labels[original], speaker, sex, original)
 
 
@@ -109,7 +112,7 @@ NEMO = Corpus("nemo", "pl", "CC BY-NC-SA 4.0", "samples/<speaker>_<emotion>_<n>.
               {"anger": "Angry", "fear": "Fearful", "happiness": "Happy", "neutral": "Neutral", "sadness": "Sad",
                "surprised": "Surprised"})
 TUREVDB = Corpus("turevdb", "tr", "CC BY-NC-ND 4.0", "Sound Source/<Angry|Calm|Happy|Sad>/<actor>_<xx>_<word>.wav",
-                 _turevdb, {"angry": "Angry", "happy": "Happy", "sad": "Sad"})  # calm dropped
+                 _turevdb, {"angry": "Angry", "happy": "Happy", "sad": "Sad"}, dropped=("calm",))
 URDU = Corpus("urdu", "ur", "research use only", "<Angry|Happy|Neutral|Sad>/S<M|F><n>_F<n>_<A|H|N|S><n>.wav",
               _urdu, {"angry": "Angry", "happy": "Happy", "neutral": "Neutral", "sad": "Sad"})
 CORPORA = {c.name: c for c in (TESS, NEMO, TUREVDB, URDU)}
