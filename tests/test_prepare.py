@@ -233,3 +233,34 @@ def test_shared_corpora_and_a_prepared_one_make_four_loco_folds(tmp_path):
     for k in range(4):
         held = {c.corpus for c, f in zip(clips, folds) if f == k}
         assert len(held) == 1 and not held & {c.corpus for c, f in zip(clips, folds) if f != k}
+
+
+def test_tiny_leave_one_corpus_out_cv_trains_each_fold_without_its_corpus(tmp_path):
+    """A real (tiny, 1-epoch) leave-one-corpus-out CV: each fold's model trains on the other corpora
+    only, and the report has one row per held-out corpus."""
+    import pandas as pd
+
+    from train.data import build_cache
+    from train.engine import cross_validate
+
+    root = tmp_path / "data"
+    rows = []
+    for corpus in ("aa", "bb"):
+        for s in range(2):
+            for label in ("Angry", "Sad"):
+                path = f"{corpus}/{s}_{label}.wav"
+                _wav(root / path, 16000, seed=len(rows), seconds=1.5)
+                rows.append({"path": path, "label": label, "speaker": f"{corpus}_{s}", "corpus": corpus})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    clips = load_dataset(root)
+    cfg = load_config(CONFIGS / "augmented.yaml")
+    cfg = fold_config(replace(cfg, epochs=1, batch_size=2, exclude_speakers=(), group_by="corpus"), clips)
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    report = cross_validate(cfg, clips, build_cache(clips, tmp_path / "cache"), folds, tmp_path / "cv",
+                            show_progress=False)
+    assert report["protocol"].startswith("leave-one-corpus-out CV (2 folds")
+    assert [r["corpus"] for r in report["held_out_corpora"]] == ["aa", "bb"]
+    for k, corpus in enumerate(("aa", "bb")):
+        trained = json.loads((tmp_path / "cv" / f"fold{k}" / "checkpoint" / "model.json").read_text())
+        assert trained["fold"] == k and trained["training"]["train_clips"] == 4  # the other corpus's 4 clips
+        assert np.load(tmp_path / "cv" / f"fold{k}" / "val_logits.npy").shape == (4, len(CLASSES))
