@@ -42,7 +42,7 @@ def test_seed_recipe_pretrained_without_weights_is_a_clear_error():
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "recipe.yaml"))
 def test_project_configs_load(name):
     cfg = load_config(CONFIGS / name)
-    assert cfg.group_by == ("audio" if name == "recipe_file_folds.yaml" else "speaker")
+    assert cfg.group_by == {"recipe_file_folds.yaml": "audio", "loco.yaml": "corpus"}.get(name, "speaker")
     assert not cfg.pretrained and cfg.seed == 42
     assert set(cfg.exclude_speakers) == set((ROOT / "examples" / "reserved_speakers.txt").read_text().split())
 

@@ -1,4 +1,4 @@
-"""``python -m train fit|cv|evaluate`` — see README "Training"."""
+"""``python -m train fit|cv|evaluate|prepare|...`` — see README "Training" and train/DATA.md."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     common(cv)
     cv.add_argument("--folds", type=_fold_list, metavar="K,K,...",
                     help="only these folds (trained, or reused with --resume), and the report over them")
+    cv.add_argument("--leave-one-corpus-out", action="store_true",
+                    help="one fold per corpus, each holding out that whole corpus (as emostream.group_by: corpus); "
+                         "the report gets a table per held-out corpus")
     cv.add_argument("--reevaluate", action="store_true",
                     help="with --resume: predict finished folds again from their checkpoints with this config's "
                          "inference settings (overwrites their logits) instead of reusing the stored logits")
@@ -91,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", required=True, help="a new folder for the parts (e.g. .devpack)")
     pk.add_argument("--part-mb", type=_positive(float), default=50.0, metavar="MB",
                     help="largest part, in MB (default 50: a call carries 64 MiB with the working tree)")
+    pr = sub.add_parser("prepare", help="convert an emotional-speech corpus to 16 kHz mono FLAC + manifest.csv "
+                                        "(train/DATA.md), or combine prepared folders into one manifest")
+    from .prepare import CORPORA
+
+    pr.add_argument("corpus", choices=[*CORPORA, "combine"],
+                    help="the corpus layout at SRC, or combine: one manifest over the prepared folders SRC ...")
+    pr.add_argument("src", nargs="+", metavar="SRC", help="the corpus's folder (combine: prepared folders)")
+    pr.add_argument("--out", required=True, help="output folder, outside any repository (e.g. /work/data-extra/tess)")
     ev = sub.add_parser("evaluate", help="metrics report of a checkpoint on a labelled set")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True)
@@ -135,9 +146,11 @@ def _run(args) -> int:
     import torch
 
     from .config import load_config
-    from .data import build_cache, config_clips, load_dataset, make_folds
+    from .data import build_cache, config_clips, fold_config, load_dataset, make_folds
     from .engine import cross_validate, evaluate_checkpoint, fit
 
+    if args.command == "prepare":
+        return _prepare(args)
     if getattr(args, "reevaluate", False) and not args.resume:
         raise ConfigError_("--reevaluate rescores finished folds: use it with --resume")
     if args.command == "calibrate":
@@ -188,7 +201,8 @@ def _run(args) -> int:
         cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
         clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
     cfg = load_config(args.config, pretrained_path=getattr(args, "pretrained", None), teacher=getattr(args, "teacher", None),
-                      epochs=getattr(args, "epochs", None), data=args.data)
+                      epochs=getattr(args, "epochs", None), data=args.data,
+                      group_by="corpus" if getattr(args, "leave_one_corpus_out", False) else None)
     if args.command == "teacher" and not cfg.distill.teacher:
         raise ConfigError_("no teacher: pass --teacher DIR or set emostream.distill.teacher")
     if cfg.distill.teacher and args.command != "ensemble":
@@ -213,6 +227,7 @@ def _run(args) -> int:
     if not cfg.data:
         raise ConfigError_("no data: pass --data or set dataset.train_dataframe")
     clips = config_clips(cfg)
+    cfg = fold_config(cfg, clips)  # leave-one-corpus-out: one fold per corpus
     cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
     log.info("%d clips, %d speakers, %.1f min of audio", len(clips), len({c.speaker for c in clips}),
              cache.offsets[-1] / 16000 / 60)
@@ -302,6 +317,22 @@ def _run(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    """``prepare CORPUS SRC --out DIR`` and ``prepare combine SRC ... --out DIR``."""
+    from .prepare import PrepareError, combine, prepare, summary_line
+
+    logging.getLogger("train").addHandler(logging.StreamHandler(sys.stderr))
+    logging.getLogger("train").setLevel(logging.INFO)
+    if args.corpus == "combine":
+        info = combine(args.src, args.out)
+    else:
+        if len(args.src) != 1:
+            raise PrepareError(f"{args.corpus}: give one source folder, got {len(args.src)}")
+        info = prepare(args.corpus, args.src[0], args.out)
+    print(summary_line(info, args.out))
+    return 0
+
+
 def probe_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The arguments of every probe of finished CV folds (``train.speaker_centring``, ``train.teacher_gap``)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -316,9 +347,10 @@ def probe_data(cfg, cache_dir: str | Path):
     """A config's clips, their decode cache, the CV's folds and the class index of each clip."""
     from emostream.model import CLASSES
 
-    from .data import build_cache, config_clips, make_folds
+    from .data import build_cache, config_clips, fold_config, make_folds
 
     clips = config_clips(cfg)
+    cfg = fold_config(cfg, clips)
     cache = build_cache(clips, cache_dir, cfg.max_inference_chunk_seconds)
     return clips, cache, make_folds(clips, cfg.folds, cfg.group_by, cfg.seed), np.array([CLASSES.index(c.label) for c in clips])
 

@@ -105,7 +105,8 @@ class TrainConfig:
     data_folder: str | None = None
     data_sample: float = 1.0
     folds: int = 4
-    group_by: str = "speaker"         # "speaker" (honest) or "audio" (the recipe's; leaks speakers)
+    group_by: str = "speaker"         # "speaker" (honest), "corpus" (leave-one-corpus-out: one fold per
+                                      # corpus, cfg.folds set from the data) or "audio" (the recipe's; leaks speakers)
     validation_strategy: str = "kfold"
     validation_size: float = 0.2
     exclude_speakers: tuple[str, ...] = ()
@@ -310,7 +311,8 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
     @handler("dataset", "group_fold_column")
     def _(v):
-        u["group_by"] = _choice("dataset.group_fold_column", v, {"audio": "audio", "speaker": "speaker"})
+        u["group_by"] = _choice("dataset.group_fold_column", v, {"audio": "audio", "speaker": "speaker",
+                                                                  "corpus": "corpus"})
         if u["group_by"] == "audio":
             notes.append("dataset.group_fold_column: audio groups folds by file: the same speakers appear "
                          "in training and validation, so its scores overstate accuracy on unseen voices")
@@ -555,7 +557,8 @@ def _extensions(body: dict, u: dict) -> None:
                     raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")
             u["distill"] = d
         elif key == "group_by":
-            u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio"})
+            u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio",
+                                                                  "corpus": "corpus"})
         elif key == "normalize":
             u["normalize"] = _choice("emostream.normalize", value, {n: n for n in NORMALIZATIONS})
         elif key == "ema_decay":

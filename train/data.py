@@ -318,13 +318,44 @@ def config_clips(cfg) -> list[Clip]:
     return clips
 
 
+def held_out_corpora(clips: list[Clip]) -> list[str]:
+    """The corpora of leave-one-corpus-out folds, in fold order (fold ``k`` holds out the ``k``-th)."""
+    corpora = sorted({c.corpus for c in clips})
+    if "" in corpora:
+        raise DataError("leave-one-corpus-out needs a corpus for every clip (a manifest with a corpus column); "
+                        f"{sum(not c.corpus for c in clips)} clips have none")
+    if len(corpora) < 2:
+        raise DataError(f"leave-one-corpus-out needs at least 2 corpora, the data has {len(corpora)}: "
+                        f"{', '.join(corpora)} (combine prepared folders: python -m train prepare combine)")
+    return corpora
+
+
+def fold_config(cfg, clips: list[Clip]):
+    """``cfg`` with as many folds as the data has corpora when it groups folds by corpus (one held-out
+    corpus per fold), else unchanged. ``cfg`` is a :class:`train.config.TrainConfig`."""
+    if cfg.group_by != "corpus":
+        return cfg
+    n = len(held_out_corpora(clips))
+    if n != cfg.folds:
+        log.info("leave-one-corpus-out: %d folds, one per corpus (config folds %d ignored)", n, cfg.folds)
+    return replace(cfg, folds=n)
+
+
 def make_folds(clips: list[Clip], n_folds: int = 4, group_by: str = "speaker", seed: int = 42) -> np.ndarray:
     """Fold index per clip. ``speaker``: grouped by speaker and stratified by label
-    (scikit-learn StratifiedGroupKFold); ``audio``: the recipe's per-file grouping (leaks speakers)."""
+    (scikit-learn StratifiedGroupKFold); ``corpus``: leave-one-corpus-out, fold ``k`` holds the ``k``-th
+    corpus of :func:`held_out_corpora` (``n_folds`` must equal their number: :func:`fold_config`);
+    ``audio``: the recipe's per-file grouping (leaks speakers)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = np.array([CLASSES.index(c.label) for c in clips])
     folds = np.full(len(clips), -1, dtype=np.int64)
+    if group_by == "corpus":
+        corpora = held_out_corpora(clips)
+        if n_folds != len(corpora):
+            raise DataError(f"leave-one-corpus-out: {len(corpora)} corpora ({', '.join(corpora)}) make "
+                            f"{len(corpora)} folds, not {n_folds}")
+        return np.array([corpora.index(c.corpus) for c in clips], dtype=np.int64)
     if group_by == "speaker":
         groups = np.array([c.speaker for c in clips])
         if len(set(groups)) < n_folds:

@@ -859,7 +859,8 @@ def nested_teacher_choice(cfg: TrainConfig, clips: list[Clip], choices: dict, fo
     for k in range(cfg.folds):
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
         n_inner = min(cfg.folds, len({clips[i].speaker for i in train_idx}))
-        inner = make_folds([clips[i] for i in train_idx], n_inner, cfg.group_by, cfg.seed)
+        inner = make_folds([clips[i] for i in train_idx], n_inner,
+                           "speaker" if cfg.group_by == "corpus" else cfg.group_by, cfg.seed)
         inner_ua = {name: float(np.mean([score(name, train_idx[inner != j], train_idx[inner == j])["ua"]
                                          for j in range(n_inner)])) for name in choices}
         chosen = max(inner_ua, key=inner_ua.get)
@@ -990,7 +991,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     temperature = fit_temperature(raw_logits[evaluated], labels[evaluated]) if cfg.calibrate else 1.0
     evaluated_corpora = [c for c, e in zip(corpora, evaluated) if e]
     report = {
-        "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else "")
+        "protocol": _protocol(cfg)
                     + (f"; {clip_scoring(cfg.inference_positions)}" if cfg.inference_positions > 1 else ""),
         "config": cfg.to_dict(),
         "temperatures": temps,
@@ -1008,10 +1009,51 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
                               for c in channels}
     if teacher_folds:
         report["teacher_summary"] = summarize_folds(teacher_folds)
+    if cfg.group_by == "corpus":
+        report["held_out_corpora"] = held_out_table(folds, corpora, [d[0] for d in fold_data], per_fold, per_fold_tel)
     write_json(out_dir / "cv_report.json", report)
     (out_dir / "cv_report.md").write_text(cv_markdown(report))
     plot_confusion(report["pooled"]["overall"]["confusion"], out_dir / "confusion.png", report["protocol"])
     return report
+
+
+def _protocol(cfg: TrainConfig) -> str:
+    """The CV report's protocol line (without the clip-scoring note)."""
+    if cfg.group_by == "corpus":
+        return f"leave-one-corpus-out CV ({cfg.folds} folds, each holds out one whole corpus)"
+    return f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else "")
+
+
+def held_out_table(folds: np.ndarray, corpora: list[str], fold_ids: list[int], per_fold: list[dict],
+                   per_fold_tel: list[dict]) -> list[dict]:
+    """Leave-one-corpus-out rows: per fold, the corpus it holds out, its clips and classes, and the
+    fold's metrics there (full band and telephone). A corpus lacking classes is scored over the classes
+    it has (UA, macro-F1 and ROC AUC average over those)."""
+    rows = []
+    for k, m, t in zip(fold_ids, per_fold, per_fold_tel):
+        held = sorted({corpora[i] for i in np.where(folds == k)[0]})
+        o, ot = m["overall"], t["overall"]
+        rows.append({"fold": int(k), "corpus": "+".join(held), "n": o["n"], "classes": list(o["per_class_recall"]),
+                     **{key: o[key] for key in SUMMARY_METRICS},
+                     "telephone": {key: ot[key] for key in SUMMARY_METRICS}})
+    return rows
+
+
+def held_out_markdown(rows: list[dict]) -> str:
+    """The leave-one-corpus-out table of a CV report, with the mean over held-out corpora."""
+    lines = ["Leave-one-corpus-out: each fold trains without one corpus and scores it (classes it lacks "
+             "are left out of its UA, macro-F1 and ROC AUC):", "",
+             "| held-out corpus | n | classes | UA | macro-F1 | accuracy | ROC AUC | UA (telephone) | "
+             "ROC AUC (telephone) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['corpus']} | {r['n']} | {len(r['classes'])} | {r['ua']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{r['accuracy']:.3f} | {r['roc_auc']:.3f} | {r['telephone']['ua']:.3f} | "
+                     f"{r['telephone']['roc_auc']:.3f} |")
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_METRICS}
+    tel = {k: float(np.nanmean([r["telephone"][k] for r in rows])) for k in ("ua", "roc_auc")}
+    lines.append(f"| mean of {len(rows)} | | | {mean['ua']:.3f} | {mean['macro_f1']:.3f} | {mean['accuracy']:.3f} | "
+                 f"{mean['roc_auc']:.3f} | {tel['ua']:.3f} | {tel['roc_auc']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[int], out_dir: Path) -> None:
@@ -1068,6 +1110,8 @@ def cv_markdown(report: dict) -> str:
               f"Temperatures per fold (cross-fitted on the other folds): {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
               f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
               f"Training time, all folds: {report.get('train_seconds', 0) / 60:.1f} min.", ""]
+    if "held_out_corpora" in report:
+        lines += [held_out_markdown(report["held_out_corpora"])]
     if "teacher_summary" in report:
         lines += ["Distillation teacher on the same folds (fitted on each fold's training speakers only):", "",
                   _summary_lines(report["teacher_summary"])]
