@@ -307,52 +307,21 @@ def add_live_commands(sub, model_args, stream_args) -> None:
 
 
 def _load_predictor(args):
-    from .model import DEFAULT_CHECKPOINT, Predictor
+    """The model of the command's model options (:func:`emostream.loading.load_predictor`)."""
+    from .loading import ModelOptionsError, load_predictor
 
-    backend, onnx_path = getattr(args, "backend", None), getattr(args, "onnx", None)
-    if backend is None:
-        backend = "onnx" if onnx_path else "torch"
-    device = None if args.device == "auto" else args.device
-    if backend == "onnx":
-        from .onnx_model import OnnxPredictor
-
-        if not onnx_path:
-            raise UsageError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
-        if args.checkpoint:
-            raise UsageError("--checkpoint does not apply to --backend onnx: the ONNX file holds the model")
-        return OnnxPredictor.from_file(onnx_path, device=device)
-    if onnx_path:
-        raise UsageError("--onnx is only used with --backend onnx")
-    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    if device and device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA device is available")
-    return Predictor.from_checkpoint(path, device=device, mixed_precision=not args.fp32)
+    try:
+        return load_predictor(args.checkpoint, device=args.device, fp32=getattr(args, "fp32", False),
+                              backend=getattr(args, "backend", None), onnx=getattr(args, "onnx", None))
+    except ModelOptionsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _model_info(predictor, args) -> dict[str, str]:
-    """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend, the
-    precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
-    the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
-    weights' SHA-256 (the identity to compare between replicas)."""
-    import hashlib
+    """:func:`emostream.loading.model_info` for the command's model options."""
+    from .loading import model_info
 
-    from .model import DEFAULT_CHECKPOINT
-
-    onnx_path = getattr(args, "onnx", None)
-    weights = Path(onnx_path) if onnx_path else (Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT) / "model.safetensors"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
-    config = (meta.get("training") or {}).get("config") or {}
-    return {"name": weights.stem if onnx_path else weights.parent.name, "sha256": digest.hexdigest()[:12],
-            "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
-            "backend": "onnx" if onnx_path else "torch",
-            "precision": "fp32" if onnx_path else getattr(predictor, "precision", "fp32"),
-            "temperature": f"{float(predictor.temperature):g}"}
+    return model_info(predictor, checkpoint=args.checkpoint, onnx=getattr(args, "onnx", None))
 
 
 def cmd_classify(args) -> int:
@@ -383,10 +352,11 @@ def cmd_classify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .model import DEFAULT_CHECKPOINT, Predictor
+    from .loading import checkpoint_path
+    from .model import Predictor
     from .onnx_model import OnnxExportError, OnnxPredictor, export_onnx, parity_windows
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    checkpoint = checkpoint_path(args.checkpoint)
     out = Path(args.onnx)
     if out.is_dir():
         raise UsageError(f"--onnx is a directory: {out}")
@@ -773,18 +743,13 @@ def _ray_worker(args, config):
 
 
 def _check_model_files(spec) -> None:
-    """The checkpoint/ONNX file exists here (replicas on other nodes need the same path)."""
-    from .model import DEFAULT_CHECKPOINT
+    """The checkpoint/ONNX file exists here (:func:`emostream.loading.check_model_files`)."""
+    from .loading import ModelOptionsError, check_model_files
 
-    if spec.backend == "onnx":
-        if not spec.onnx:
-            raise UsageError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
-        if not Path(spec.onnx).is_file():
-            raise UsageError(f"no such ONNX file: {spec.onnx}")
-        return
-    path = Path(spec.checkpoint) if spec.checkpoint else DEFAULT_CHECKPOINT
-    if not (path / "model.safetensors").is_file():
-        raise UsageError(f"no checkpoint at {path} (model.safetensors missing)")
+    try:
+        check_model_files(backend=spec.backend, checkpoint=spec.checkpoint, onnx=spec.onnx)
+    except ModelOptionsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_send(args) -> int:
@@ -874,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     from .audio import AudioError
+    from .loading import ModelOptionsError
     from .model import CheckpointError
     from .vad import VadUnavailable
 
@@ -886,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
-    except (AudioError, CheckpointError, VadUnavailable, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (AudioError, CheckpointError, ModelOptionsError, VadUnavailable, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
