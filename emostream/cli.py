@@ -13,7 +13,6 @@ from . import __version__
 from .compliance import ANALYSE_CHOICES
 from .stream import CLIP_POSITIONS
 
-REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
 WEBHOOK_CLOSE_SECONDS = 30.0  # replay/batch: how long queued alert POSTs may still take at the end
 
@@ -325,25 +324,18 @@ def _model_info(predictor, args) -> dict[str, str]:
 
 
 def cmd_classify(args) -> int:
-    from .audio import load_mono
-    from .stream import placed_windows
+    from .api import classify
 
     predictor = _load_predictor(args)
-    from .model import CLASSES, clip_probabilities
 
     failures = 0
     for path in args.paths:
         try:
-            audio = load_mono(path)
+            record = classify(path, predictor, positions=args.positions)
         except ValueError as exc:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        probs = clip_probabilities(predictor, placed_windows(audio, args.positions), args.positions)
-        k = int(np.argmax(probs))
-        record = {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
-                  "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
-                  "duration": round(len(audio) / 16000, 3)}
         if args.json:
             print(json.dumps(record), flush=True)
         else:
@@ -377,26 +369,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _alert_sink(tracker, display, writer, webhook=None):
-    """A timeline sink that runs the alert rules and shows/writes/posts what they raise and clear."""
-    def sink(event: dict) -> None:
-        for alert in tracker.update(event):
-            verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
-            display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
-            if writer:
-                writer.write(alert)
-            if webhook is not None:
-                webhook.send(alert)
-    return sink
+def _show_alert(display):
+    """An alert sink that logs raised and cleared alerts on the display."""
+    def show(alert: dict) -> None:
+        verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
+        display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
+    return show
 
 
 def cmd_replay(args) -> int:
-    from .alerts import AlertTracker
-    from .analyzer import Analyzer, AnalyzerConfig
+    from .analyzer import AnalyzerConfig
     from .compliance import ChannelSelectionError, analysed_channels
     from .audio import SAMPLE_RATE, load_audio
     from .dashboard import DashboardInfo, make_display
-    from .stream import StreamConfig, StreamWindower
+    from .pipeline import REPLAY_CHUNK_SECONDS, CallPipeline, channel_names
+    from .stream import StreamConfig
     from .timeline import JsonlWriter
     from .webhook import AlertWebhook
 
@@ -409,12 +396,10 @@ def cmd_replay(args) -> int:
     if audio.shape[1] == 0 or not np.any(audio):
         raise UsageError(f"audio is empty or silent: {args.file}")
     n_channels = audio.shape[0]
-    if args.channel_names:
-        names = tuple(n.strip() for n in args.channel_names.split(","))
-        if len(names) != n_channels or len(set(names)) != len(names) or not all(names):
-            raise UsageError(f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}")
-    else:
-        names = tuple(f"ch{i}" for i in range(n_channels))
+    try:
+        names = channel_names(args.channel_names.split(",") if args.channel_names else None, n_channels)
+    except ValueError:
+        raise UsageError(f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}") from None
     try:
         keep = analysed_channels(names, args.analyse)
     except ChannelSelectionError as exc:
@@ -428,11 +413,10 @@ def cmd_replay(args) -> int:
                          device=str(predictor.device), hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    if args.alert:
-        sinks.append(_alert_sink(AlertTracker(args.alert, stream), display, writer, webhook))
-    analyzer = Analyzer(predictor.predict, stream, names, AnalyzerConfig(smooth=args.smooth, vad=_vad(args)),
-                        args.hop, sinks)
-    windower = StreamWindower(stream, names, stream_cfg)
+    alert_sinks = [_show_alert(display)] + ([writer.write] if writer else []) + ([webhook.send] if webhook is not None else [])
+    pipeline = CallPipeline(predictor.predict, stream, names, stream_config=stream_cfg,
+                            analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=_vad(args)), sinks=sinks,
+                            alert_rules=args.alert, alert_sinks=alert_sinks)
     chunk = int(REPLAY_CHUNK_SECONDS * SAMPLE_RATE)
     interrupted = False
     with display:
@@ -443,14 +427,14 @@ def cmd_replay(args) -> int:
                     wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
-                analyzer.process(windower.push_frames(audio[:, pos:pos + chunk]))
-                display.set_clock(windower.seconds, time.monotonic() - t0)
-            analyzer.process(windower.flush())
-            display.set_clock(windower.seconds, time.monotonic() - t0)
+                pipeline.push(audio[:, pos:pos + chunk])
+                display.set_clock(pipeline.seconds, time.monotonic() - t0)
+            pipeline.flush()
+            display.set_clock(pipeline.seconds, time.monotonic() - t0)
         except KeyboardInterrupt:
             interrupted = True
             display.log("interrupted: summary of the audio so far")
-        summary = analyzer.timeline.summary()
+        summary = pipeline.summary()
         if writer:
             writer.write(summary)
             writer.close()
