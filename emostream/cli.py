@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .argtypes import fraction as _fraction
+from .argtypes import positive as _positive
 from .compliance import ANALYSE_CHOICES
 from .stream import CLIP_POSITIONS
 
@@ -24,29 +26,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + traceback
         raise UsageError(message)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-        return value
-    return parse
-
-
-def _fraction(text: str) -> float:
-    """A number in (0, 1] (the EMA weight of ``--smooth``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

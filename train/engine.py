@@ -871,14 +871,14 @@ def nested_teacher_choice(cfg: TrainConfig, clips: list[Clip], choices: dict, fo
 SUMMARY_METRICS = ("ua", "macro_f1", "accuracy", "roc_auc")
 
 
-def _summary_rows(summary: dict, metrics: tuple[str, ...] = SUMMARY_METRICS, suffix: str = "") -> list[str]:
+def summary_rows(summary: dict, metrics: tuple[str, ...] = SUMMARY_METRICS, suffix: str = "") -> list[str]:
     """Markdown rows ``| group | mean ± std | ...`` of a :func:`summarize_folds` result."""
     return [f"| {group}{suffix} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |"
             for group, m in summary.items()]
 
 
 def _summary_lines(summary: dict) -> str:
-    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|", *_summary_rows(summary)]
+    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|", *summary_rows(summary)]
     return "\n".join(lines) + "\n"
 
 
@@ -1054,7 +1054,7 @@ def cv_markdown(report: dict) -> str:
     # reports before 2026-12-06 called the 8 kHz μ-law round trip (no band-pass) "telephone"
     telephone = " (G.712 telephone)" if "telephone_channel" in report else " (8 kHz μ-law only)"
     for suffix, summary in (("", report["summary"]), (telephone, report["summary_telephone"])):
-        lines += _summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
+        lines += summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
     rows = [("full", report["pooled"]), ("g712" if "telephone_channel" in report else "mulaw", report["pooled_telephone"]),
             *report.get("channels", {}).items()]
     lines += ["", "By channel, pooled out-of-fold (codec rows: the G.712 band, then the codec):", "",
