@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import CLASSES, __version__
-from .audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
+from .audio import SAMPLE_RATE, WINDOW_SECONDS
 from .features import FeatureConfig, MelFrontEnd
 
 NUM_CLASSES = len(CLASSES)

@@ -265,10 +265,10 @@ def _run(args) -> int:
     # from here on ``speed`` holds every copy training may draw from (SpeedCopies or CopySet)
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-        report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                                only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
-                                teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed,
-                                channels=tuple(args.channels or ()))
+        cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
+                       only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
+                       teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed,
+                       channels=tuple(args.channels or ()))
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -295,9 +295,9 @@ def _run(args) -> int:
         print(f"checkpoint: {res.checkpoint}")
         return 0
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                            only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
-                            teacher_features=features, speed_copies=speed)
+    cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
+                   only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
+                   teacher_features=features, speed_copies=speed)
     print((out / "cv_report.md").read_text())
     return 0
 

@@ -370,7 +370,7 @@ def time_cells(model: EmotionNet, device: torch.device) -> int:
 
 
 def make_optimizer(cfg: TrainConfig, model: EmotionNet) -> torch.optim.Optimizer:
-    diff = [p for n, p in model.named_parameters() if any(n.startswith(f"backbone.{l}") for l in cfg.differential_learning_rate_layers)]
+    diff = [p for n, p in model.named_parameters() if any(n.startswith(f"backbone.{layer}") for layer in cfg.differential_learning_rate_layers)]
     diff_ids = {id(p) for p in diff}
     rest = [p for p in model.parameters() if id(p) not in diff_ids]
     groups = [{"params": rest, "lr": cfg.learning_rate}]
@@ -1048,7 +1048,7 @@ def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[
 
 
 def cv_markdown(report: dict) -> str:
-    lines = [f"# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
+    lines = ["# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
              "Mean ± std over folds (temperature-calibrated probabilities):", "",
              "| set | UA | macro-F1 | accuracy | ROC AUC | ECE |", "|---|---|---|---|---|---|"]
     # reports before 2026-12-06 called the 8 kHz μ-law round trip (no band-pass) "telephone"
