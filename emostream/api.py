@@ -119,7 +119,6 @@ class Stream:
                  vad: str = "silero", alerts: Iterable[str] = ()):
         from .alerts import AlertRule
         from .analyzer import AnalyzerConfig
-        from .audio import SAMPLE_RATE, StreamResampler
         from .pipeline import CallPipeline
         from .stream import StreamConfig
         from .vad import VadConfig
@@ -131,9 +130,7 @@ class Stream:
             _model(model).predict, stream, self.channels,
             stream_config=StreamConfig(hop_seconds=hop, min_seconds=min_seconds),
             analyzer_config=AnalyzerConfig(smooth=smooth, vad=VadConfig.named(vad)),
-            sinks=[self._out.append], alert_rules=rules, alert_sinks=[self._out.append])
-        self._resamplers = (None if sample_rate == SAMPLE_RATE
-                            else [StreamResampler(sample_rate, SAMPLE_RATE) for _ in self.channels])
+            sinks=[self._out.append], alert_rules=rules, alert_sinks=[self._out.append], sample_rate=sample_rate)
         self._summary: dict | None = None
         self.last_events: list[dict] = []  # what close() completed
 
@@ -150,18 +147,13 @@ class Stream:
             x = x[:, None]
         if x.ndim != 2 or x.shape[1] != len(self.channels):
             raise ValueError(f"expected samples shaped (frames, {len(self.channels)}), got {np.shape(samples)}")
-        frames = x.T
-        if self._resamplers is not None:
-            frames = np.stack([r.push(ch) for r, ch in zip(self._resamplers, frames)])
-        self._pipeline.push(frames)
+        self._pipeline.push(x.T)
         return self._take()
 
     def close(self) -> dict:
         """End of the audio: classify the final windows and return the summary (their events and
         alerts are in :attr:`last_events`)."""
         if self._summary is None:
-            if self._resamplers is not None:
-                self._pipeline.push(np.stack([r.flush() for r in self._resamplers]))
             self._pipeline.flush()
             self.last_events = self._take()
             self._summary = self._pipeline.summary()
