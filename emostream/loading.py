@@ -9,6 +9,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from .model_files import default_checkpoint, missing_model_message
+
 BACKENDS = ("torch", "onnx")
 
 
@@ -26,9 +28,7 @@ def resolve_backend(backend: str | None, onnx: str | Path | None) -> str:
 
 
 def checkpoint_path(checkpoint: str | Path | None) -> Path:
-    """The checkpoint directory for ``checkpoint`` (None: the shipped model, :func:`emostream.model.default_checkpoint`)."""
-    from .model import default_checkpoint
-
+    """The checkpoint directory for ``checkpoint`` (None: the shipped model, :func:`emostream.model_files.default_checkpoint`)."""
     return Path(checkpoint) if checkpoint else default_checkpoint()
 
 
@@ -65,14 +65,6 @@ def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto"
         if not torch.cuda.is_available():
             raise ModelOptionsError(f"--device {requested}: no CUDA device is available")
     return Predictor.from_checkpoint(path, device=requested, mixed_precision=not fp32)
-
-
-def missing_model_message(path: Path) -> str:
-    """The one-line error when the shipped model is not found: both places it is looked for."""
-    from .model import CHECKPOINT_ENV, PACKAGED_CHECKPOINT
-
-    return (f"no shipped model at {path}: set {CHECKPOINT_ENV} to a checkpoint directory, or install an emostream "
-            f"wheel, which carries it as {PACKAGED_CHECKPOINT}")
 
 
 def model_info(predictor: Any, *, checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> dict[str, str]:

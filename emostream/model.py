@@ -15,32 +15,9 @@ from torch import nn
 from . import CLASSES, __version__
 from .audio import SAMPLE_RATE, WINDOW_SECONDS
 from .features import FeatureConfig, MelFrontEnd
+from .model_files import META_FILE, WEIGHTS_FILE, default_checkpoint
 
 NUM_CLASSES = len(CLASSES)
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-SHIPPED_MODEL = "emostream-resnet50"
-CHECKPOINT_ENV = "EMOSTREAM_CHECKPOINT"  # a checkpoint directory that replaces the shipped model
-# An installed wheel carries the shipped model inside the package (pyproject.toml maps the repository's
-# checkpoints/ to emostream/checkpoints/); a source checkout has it at the repository's top level.
-PACKAGED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / SHIPPED_MODEL
-SOURCE_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / SHIPPED_MODEL
-
-
-def default_checkpoint() -> Path:
-    """The shipped model's directory: ``$EMOSTREAM_CHECKPOINT`` when set, else the copy packaged in
-    the wheel, else the source checkout's ``checkpoints/``. Returns the packaged path when none holds
-    a model (loading it then fails naming both ways to provide one)."""
-    import os
-
-    if os.environ.get(CHECKPOINT_ENV):
-        return Path(os.environ[CHECKPOINT_ENV])
-    for path in (PACKAGED_CHECKPOINT, SOURCE_CHECKPOINT):
-        if (path / WEIGHTS_FILE).is_file():
-            return path
-    return PACKAGED_CHECKPOINT
-
-
 DEFAULT_CHECKPOINT = default_checkpoint()  # resolved at import; code that loads the model calls default_checkpoint()
 
 

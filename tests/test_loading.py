@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from emostream.loading import ModelOptionsError, check_model_files, load_predictor, model_info, resolve_backend
-from emostream.model import CHECKPOINT_ENV, CheckpointError, default_checkpoint
+from emostream.model import CheckpointError
+from emostream.model_files import CHECKPOINT_ENV, default_checkpoint
 
 
 def test_backend_follows_the_onnx_file_unless_named():

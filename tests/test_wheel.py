@@ -78,7 +78,7 @@ def test_the_installed_wheel_finds_its_model_outside_the_repository(wheel, tmp_p
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("EMOSTREAM_CHECKPOINT", "PYTHONPATH")}
     env["PYTHONPATH"] = str(target)
-    code = ("import json, emostream, emostream.model as m; "
+    code = ("import json, emostream, emostream.model_files as m; "
             "r = emostream.classify(%r, model=emostream.load_model(device='cpu')); "
             "print(json.dumps({'file': emostream.__file__, 'checkpoint': str(m.default_checkpoint()), 'result': r}))"
             % str(clip))
