@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/emostream replay $(EXAMPLE) --channel-names $(EXAMPLE_NAMES) --speed 4
 
 test: $(STAMP) browser
+	$(BIN)/python -m ruff check emostream train tests bench
 	$(BIN)/python -m pytest -q
 
 # tests/test_web.py drives the supervisor page in Debian's chromium through chromium-driver. As root

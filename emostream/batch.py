@@ -564,7 +564,7 @@ def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: Ba
         except (KeyboardInterrupt, BatchError):
             raise
         except Exception as exc:  # the engine itself failed: what finished stays; the rest is reported
-            if type(exc).__name__ in ("UsageError", "CheckpointError", "VadUnavailable"):
+            if type(exc).__name__ in ("UsageError", "ModelOptionsError", "CheckpointError", "VadUnavailable"):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             engine_error = f"{'Ray Data' if use_ray else 'the batch'} run failed: {type(exc).__name__}: {first}"[:500]

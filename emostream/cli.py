@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .argtypes import fraction as _fraction
+from .argtypes import positive as _positive
 from .compliance import ANALYSE_CHOICES
 from .stream import CLIP_POSITIONS
 
-REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
 WEBHOOK_CLOSE_SECONDS = 30.0  # replay/batch: how long queued alert POSTs may still take at the end
 
@@ -25,29 +26,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + traceback
         raise UsageError(message)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-        return value
-    return parse
-
-
-def _fraction(text: str) -> float:
-    """A number in (0, 1] (the EMA weight of ``--smooth``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,74 +285,36 @@ def add_live_commands(sub, model_args, stream_args) -> None:
 
 
 def _load_predictor(args):
-    from .model import DEFAULT_CHECKPOINT, Predictor
+    """The model of the command's model options (:func:`emostream.loading.load_predictor`)."""
+    from .loading import ModelOptionsError, load_predictor
 
-    backend, onnx_path = getattr(args, "backend", None), getattr(args, "onnx", None)
-    if backend is None:
-        backend = "onnx" if onnx_path else "torch"
-    device = None if args.device == "auto" else args.device
-    if backend == "onnx":
-        from .onnx_model import OnnxPredictor
-
-        if not onnx_path:
-            raise UsageError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
-        if args.checkpoint:
-            raise UsageError("--checkpoint does not apply to --backend onnx: the ONNX file holds the model")
-        return OnnxPredictor.from_file(onnx_path, device=device)
-    if onnx_path:
-        raise UsageError("--onnx is only used with --backend onnx")
-    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    if device and device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA device is available")
-    return Predictor.from_checkpoint(path, device=device, mixed_precision=not args.fp32)
+    try:
+        return load_predictor(args.checkpoint, device=args.device, fp32=getattr(args, "fp32", False),
+                              backend=getattr(args, "backend", None), onnx=getattr(args, "onnx", None))
+    except ModelOptionsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _model_info(predictor, args) -> dict[str, str]:
-    """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend, the
-    precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
-    the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
-    weights' SHA-256 (the identity to compare between replicas)."""
-    import hashlib
+    """:func:`emostream.loading.model_info` for the command's model options."""
+    from .loading import model_info
 
-    from .model import DEFAULT_CHECKPOINT
-
-    onnx_path = getattr(args, "onnx", None)
-    weights = Path(onnx_path) if onnx_path else (Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT) / "model.safetensors"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
-    config = (meta.get("training") or {}).get("config") or {}
-    return {"name": weights.stem if onnx_path else weights.parent.name, "sha256": digest.hexdigest()[:12],
-            "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
-            "backend": "onnx" if onnx_path else "torch",
-            "precision": "fp32" if onnx_path else getattr(predictor, "precision", "fp32"),
-            "temperature": f"{float(predictor.temperature):g}"}
+    return model_info(predictor, checkpoint=args.checkpoint, onnx=getattr(args, "onnx", None))
 
 
 def cmd_classify(args) -> int:
-    from .audio import load_mono
-    from .stream import placed_windows
+    from .api import classify
 
     predictor = _load_predictor(args)
-    from .model import CLASSES, clip_probabilities
 
     failures = 0
     for path in args.paths:
         try:
-            audio = load_mono(path)
+            record = classify(path, predictor, positions=args.positions)
         except ValueError as exc:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        probs = clip_probabilities(predictor, placed_windows(audio, args.positions), args.positions)
-        k = int(np.argmax(probs))
-        record = {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
-                  "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
-                  "duration": round(len(audio) / 16000, 3)}
         if args.json:
             print(json.dumps(record), flush=True)
         else:
@@ -383,10 +323,11 @@ def cmd_classify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .model import DEFAULT_CHECKPOINT, Predictor
+    from .loading import checkpoint_path
+    from .model import Predictor
     from .onnx_model import OnnxExportError, OnnxPredictor, export_onnx, parity_windows
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    checkpoint = checkpoint_path(args.checkpoint)
     out = Path(args.onnx)
     if out.is_dir():
         raise UsageError(f"--onnx is a directory: {out}")
@@ -407,26 +348,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _alert_sink(tracker, display, writer, webhook=None):
-    """A timeline sink that runs the alert rules and shows/writes/posts what they raise and clear."""
-    def sink(event: dict) -> None:
-        for alert in tracker.update(event):
-            verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
-            display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
-            if writer:
-                writer.write(alert)
-            if webhook is not None:
-                webhook.send(alert)
-    return sink
+def _show_alert(display):
+    """An alert sink that logs raised and cleared alerts on the display."""
+    def show(alert: dict) -> None:
+        verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
+        display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
+    return show
 
 
 def cmd_replay(args) -> int:
-    from .alerts import AlertTracker
-    from .analyzer import Analyzer, AnalyzerConfig
+    from .analyzer import AnalyzerConfig
     from .compliance import ChannelSelectionError, analysed_channels
     from .audio import SAMPLE_RATE, load_audio
     from .dashboard import DashboardInfo, make_display
-    from .stream import StreamConfig, StreamWindower
+    from .pipeline import REPLAY_CHUNK_SECONDS, CallPipeline, channel_names
+    from .stream import StreamConfig
     from .timeline import JsonlWriter
     from .webhook import AlertWebhook
 
@@ -439,12 +375,10 @@ def cmd_replay(args) -> int:
     if audio.shape[1] == 0 or not np.any(audio):
         raise UsageError(f"audio is empty or silent: {args.file}")
     n_channels = audio.shape[0]
-    if args.channel_names:
-        names = tuple(n.strip() for n in args.channel_names.split(","))
-        if len(names) != n_channels or len(set(names)) != len(names) or not all(names):
-            raise UsageError(f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}")
-    else:
-        names = tuple(f"ch{i}" for i in range(n_channels))
+    try:
+        names = channel_names(args.channel_names.split(",") if args.channel_names else None, n_channels)
+    except ValueError:
+        raise UsageError(f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}") from None
     try:
         keep = analysed_channels(names, args.analyse)
     except ChannelSelectionError as exc:
@@ -458,11 +392,10 @@ def cmd_replay(args) -> int:
                          device=str(predictor.device), hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    if args.alert:
-        sinks.append(_alert_sink(AlertTracker(args.alert, stream), display, writer, webhook))
-    analyzer = Analyzer(predictor.predict, stream, names, AnalyzerConfig(smooth=args.smooth, vad=_vad(args)),
-                        args.hop, sinks)
-    windower = StreamWindower(stream, names, stream_cfg)
+    alert_sinks = [_show_alert(display)] + ([writer.write] if writer else []) + ([webhook.send] if webhook is not None else [])
+    pipeline = CallPipeline(predictor.predict, stream, names, stream_config=stream_cfg,
+                            analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=_vad(args)), sinks=sinks,
+                            alert_rules=args.alert, alert_sinks=alert_sinks)
     chunk = int(REPLAY_CHUNK_SECONDS * SAMPLE_RATE)
     interrupted = False
     with display:
@@ -473,14 +406,14 @@ def cmd_replay(args) -> int:
                     wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
-                analyzer.process(windower.push_frames(audio[:, pos:pos + chunk]))
-                display.set_clock(windower.seconds, time.monotonic() - t0)
-            analyzer.process(windower.flush())
-            display.set_clock(windower.seconds, time.monotonic() - t0)
+                pipeline.push(audio[:, pos:pos + chunk])
+                display.set_clock(pipeline.seconds, time.monotonic() - t0)
+            pipeline.flush()
+            display.set_clock(pipeline.seconds, time.monotonic() - t0)
         except KeyboardInterrupt:
             interrupted = True
             display.log("interrupted: summary of the audio so far")
-        summary = analyzer.timeline.summary()
+        summary = pipeline.summary()
         if writer:
             writer.write(summary)
             writer.close()
@@ -773,18 +706,13 @@ def _ray_worker(args, config):
 
 
 def _check_model_files(spec) -> None:
-    """The checkpoint/ONNX file exists here (replicas on other nodes need the same path)."""
-    from .model import DEFAULT_CHECKPOINT
+    """The checkpoint/ONNX file exists here (:func:`emostream.loading.check_model_files`)."""
+    from .loading import ModelOptionsError, check_model_files
 
-    if spec.backend == "onnx":
-        if not spec.onnx:
-            raise UsageError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
-        if not Path(spec.onnx).is_file():
-            raise UsageError(f"no such ONNX file: {spec.onnx}")
-        return
-    path = Path(spec.checkpoint) if spec.checkpoint else DEFAULT_CHECKPOINT
-    if not (path / "model.safetensors").is_file():
-        raise UsageError(f"no checkpoint at {path} (model.safetensors missing)")
+    try:
+        check_model_files(backend=spec.backend, checkpoint=spec.checkpoint, onnx=spec.onnx)
+    except ModelOptionsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_send(args) -> int:
@@ -874,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     from .audio import AudioError
+    from .loading import ModelOptionsError
     from .model import CheckpointError
     from .vad import VadUnavailable
 
@@ -886,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
-    except (AudioError, CheckpointError, VadUnavailable, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (AudioError, CheckpointError, ModelOptionsError, VadUnavailable, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, StreamResampler
+from .audio import SAMPLE_RATE
 
 MIC_BLOCK_SECONDS = 0.1
 MAX_QUEUE_SECONDS = 10.0
@@ -141,11 +141,10 @@ class MicCapture:
             return None
 
 
-def run_capture(capture: MicCapture, analyzer, windower, display=None, max_seconds: float | None = None,
+def run_capture(capture: MicCapture, pipeline, display=None, max_seconds: float | None = None,
                 stop: Callable[[], bool] = lambda: False) -> dict:
     """Consume ``capture`` until ``max_seconds`` of audio, ``stop()`` or a stalled device; returns the
-    summary. Blocks are resampled per channel to 16 kHz and windowed; windows go to ``analyzer``."""
-    resamplers = [StreamResampler(capture.config.sample_rate, SAMPLE_RATE) for _ in windower.channels]
+    summary. Blocks go to ``pipeline`` (a :class:`~emostream.pipeline.CallPipeline` at the capture rate)."""
     received, dropped_seen = 0, 0
     t0 = last = time.monotonic()
     limit = None if max_seconds is None else int(max_seconds * capture.config.sample_rate)
@@ -162,22 +161,15 @@ def run_capture(capture: MicCapture, analyzer, windower, display=None, max_secon
         if limit is not None:
             block = block[: limit - received]
         received += len(block)
-        windows = []
-        for ch, resampler in enumerate(resamplers):
-            x = resampler.push(block[:, ch] if block.shape[1] > ch else block[:, 0])
-            windows += windower.push(ch, x) if len(x) else []
-        analyzer.process(sorted(windows, key=lambda w: (w.end, windower.channels.index(w.channel))))
+        pipeline.push(np.stack([block[:, ch] if block.shape[1] > ch else block[:, 0]
+                                for ch in range(len(pipeline.channels))]))
         if display is not None:
-            display.set_clock(windower.seconds, now - t0)
+            display.set_clock(pipeline.seconds, now - t0)
             if capture.dropped_blocks > dropped_seen:
                 dropped_seen = capture.dropped_blocks
                 display.log(f"model behind real time: {dropped_seen} audio blocks dropped")
-    windows = []
-    for ch, resampler in enumerate(resamplers):
-        x = resampler.flush()
-        windows += windower.push(ch, x) if len(x) else []
-    analyzer.process(windows + windower.flush())
-    summary = analyzer.timeline.summary()
+    pipeline.flush()
+    summary = pipeline.summary()
     summary["dropped_seconds"] = round(capture.dropped_blocks * capture.config.block_seconds, 3)
     return summary
 
@@ -186,9 +178,10 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     """``emostream mic``: list devices, or capture and show the dashboard until Ctrl-C."""
     import sys
 
-    from .analyzer import Analyzer, AnalyzerConfig
+    from .analyzer import AnalyzerConfig
     from .dashboard import DashboardInfo, make_display
-    from .stream import StreamConfig, StreamWindower
+    from .pipeline import CallPipeline
+    from .stream import StreamConfig
     from .timeline import JsonlWriter
     from .vad import VadConfig
 
@@ -220,20 +213,21 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
                          hop_seconds=args.hop)
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    analyzer = Analyzer(predictor.predict, "mic", names, AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)), args.hop, sinks)
-    windower = StreamWindower("mic", names, stream_cfg)
+    pipeline = CallPipeline(predictor.predict, "mic", names, stream_config=stream_cfg,
+                            analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)),
+                            sinks=sinks, sample_rate=config.sample_rate)
     interrupted = False
     with display:
         try:
             with MicCapture(open_stream, config) as capture:
                 try:
-                    summary = run_capture(capture, analyzer, windower, display, args.seconds)
+                    summary = run_capture(capture, pipeline, display, args.seconds)
                 except KeyboardInterrupt:
                     interrupted = True
-                    summary = analyzer.timeline.summary()
+                    summary = pipeline.summary()
         except KeyboardInterrupt:
             interrupted = True
-            summary = analyzer.timeline.summary()
+            summary = pipeline.summary()
         if writer:
             writer.write(summary)
             writer.close()

@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from . import CLASSES, __version__
-from .audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
+from .audio import SAMPLE_RATE, WINDOW_SECONDS
 from .features import FeatureConfig, MelFrontEnd
+from .model_files import META_FILE, WEIGHTS_FILE, default_checkpoint
 
 NUM_CLASSES = len(CLASSES)
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "emostream-resnet50"
+DEFAULT_CHECKPOINT = default_checkpoint()  # resolved at import; code that loads the model calls default_checkpoint()
 
 
 class CheckpointError(ValueError):

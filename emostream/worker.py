@@ -12,7 +12,6 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -247,16 +246,17 @@ class ModelSpec:
                    onnx=getattr(args, "onnx", None), threads=threads)
 
     def load(self) -> tuple[PredictFn, str, dict[str, str]]:
-        """``(predict, device name, model info for /metrics)``; raises the CLI's one-line errors."""
+        """``(predict, device name, model info for /metrics)``; raises :class:`~emostream.loading.ModelOptionsError`
+        or :class:`~emostream.model.CheckpointError` (one-line messages)."""
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
         if self.backend == "constant":
             return constant_predictor(), "none (--no-model)", {"name": "none"}
-        from .cli import _load_predictor, _model_info
+        from .loading import load_predictor, model_info
 
-        args = SimpleNamespace(checkpoint=self.checkpoint, device=self.device, fp32=self.fp32,
-                               backend=self.backend, onnx=self.onnx)
-        predictor = _load_predictor(args)
-        return predictor.predict, str(predictor.device), _model_info(predictor, args)
+        predictor = load_predictor(self.checkpoint, device=self.device, fp32=self.fp32, backend=self.backend,
+                                   onnx=self.onnx)
+        return predictor.predict, str(predictor.device), model_info(predictor, checkpoint=self.checkpoint,
+                                                                    onnx=self.onnx)

@@ -88,7 +88,7 @@ def test_replay_events_stereo(shipped_checkpoint, stereo_file, tmp_path, capsys)
     rc = main(["replay", str(stereo_file), "--fast", "--no-dashboard", "--events", str(out),
                "--channel-names", "agent,customer", "--stream", "call-1", "--vad", "energy"])  # tones, not voices
     assert rc == 0
-    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
     events, summary = lines[:-1], lines[-1]
     assert summary["type"] == "summary" and set(summary["channels"]) == {"agent", "customer"}
     # 7.3 s of audio, hop 1 s: windows end at 1..7 s plus a final one at 7.3 s, per channel

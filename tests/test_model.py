@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emostream.audio import WINDOW_SAMPLES
-from emostream.features import FeatureConfig, MelFrontEnd
+from emostream.features import MelFrontEnd
 from emostream.model import (CLASSES, CheckpointError, EmotionNet, Predictor, load_checkpoint,
                              load_pretrained_backbone, save_checkpoint, select_device)
 

@@ -123,7 +123,7 @@ def test_cell_targets_pool_exactly_the_frames_inside_each_cell():
     teacher.features, teacher.target_centre = feats, None
     teacher.target_mean, teacher.target_scale = np.zeros(2), np.ones(2)
     cells = 6
-    cell = WINDOW_SAMPLES // cells            # 16 000 samples = 50 frames
+    # a cell is WINDOW_SAMPLES // cells = 16 000 samples = 50 frames
     # window 0: clip 0 from its sample 10 f; window 1: clip 1 (2 s) at window sample 3.5 s
     segs = [[(0, 10 * f, 0, WINDOW_SAMPLES)], [(1, 0, 56_000, 100 * f)]]
     out, mask = teacher.cell_embeddings(segs, cells)

@@ -212,7 +212,7 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     # the saved weights (the weight average), loaded the way `emostream` loads them, give the
     # training-time logits of those weights
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
-    from train.engine import build_model, predict_logits
+    from train.engine import build_model
     model = build_model(cfg)
     model.load_state_dict(state["ema"])
     train_logits = predict_logits(model.eval(), [cache.clip(i) for i in val_idx], torch.device("cpu"), False)
@@ -450,7 +450,6 @@ def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
     the config's inference settings: with the same settings it gives the training-time logits (up to
     the checkpoint's fp16 weights), with ``inference_positions`` the averaged windows' logits."""
     from emostream.stream import placed_windows
-    from train.engine import predict_logits
     root, clips, cache, cfg = tiny
     cfg = replace(cfg, epochs=1, folds=2)
     folds = make_folds(clips, 2, "speaker", 0)

@@ -82,7 +82,7 @@ class ServerProcess:
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        line = wait_for(lambda: next((l for l in self.lines if "listening on" in l), None) or self._died(),
+        line = wait_for(lambda: next((line for line in self.lines if "listening on" in line), None) or self._died(),
                         120, "the server's listening line")
         match = re.search(r"listening on \S+?://[^\s:]+:(\d+)", line)
         assert match, f"cannot read the port from {line!r}"

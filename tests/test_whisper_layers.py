@@ -10,7 +10,6 @@ import torch
 from train.config import ConfigError, load_config
 from train.whisper_layers import ModelFileError, WhisperEncoderLayers, read_ct2_variables
 
-from .conftest import ROOT
 from .test_teacher import CONFIGS, TEACHER_DIR, requires_teacher
 
 

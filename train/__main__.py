@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emostream.cli import _positive  # the positive-number argument type of emostream's own CLI
+from emostream.argtypes import positive as _positive  # the positive-number argument type of emostream's CLI
 from emostream.stream import CLIP_POSITIONS
 
 DEFAULT_CACHE = Path(".cache/emostream")
@@ -280,10 +280,10 @@ def _run(args) -> int:
     # from here on ``speed`` holds every copy training may draw from (SpeedCopies or CopySet)
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-        report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                                only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
-                                teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed,
-                                channels=tuple(args.channels or ()))
+        cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
+                       only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
+                       teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed,
+                       channels=tuple(args.channels or ()))
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
@@ -310,9 +310,9 @@ def _run(args) -> int:
         print(f"checkpoint: {res.checkpoint}")
         return 0
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    report = cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                            only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
-                            teacher_features=features, speed_copies=speed)
+    cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
+                   only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
+                   teacher_features=features, speed_copies=speed)
     print((out / "cv_report.md").read_text())
     return 0
 
@@ -399,7 +399,7 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
     from dataclasses import replace
 
     from .data import make_folds
-    from .engine import SUMMARY_METRICS, _summary_rows, nested_teacher_choice, teacher_cv
+    from .engine import SUMMARY_METRICS, summary_rows, nested_teacher_choice, teacher_cv
     from .metrics import summarize_folds
     from .teacher import build_teacher_cache
 
@@ -415,7 +415,7 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
                             out / f"layers_{name}")
         s = report["summary"]["overall"]
         results[name] = {k: s[k] for k in SUMMARY_METRICS}
-        row, = _summary_rows({", ".join(map(str, layers)): s})
+        row, = summary_rows({", ".join(map(str, layers)): s})
         rows.append(row + " " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
     table = ("| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
              "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
@@ -429,7 +429,7 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
                   + "".join(f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
                             + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
                             + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n" for p in picks)
-                  + _summary_rows({"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]},
+                  + summary_rows({"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]},
                                   nested_metrics)[0] + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_layers.md").write_text(

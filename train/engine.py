@@ -370,7 +370,7 @@ def time_cells(model: EmotionNet, device: torch.device) -> int:
 
 
 def make_optimizer(cfg: TrainConfig, model: EmotionNet) -> torch.optim.Optimizer:
-    diff = [p for n, p in model.named_parameters() if any(n.startswith(f"backbone.{l}") for l in cfg.differential_learning_rate_layers)]
+    diff = [p for n, p in model.named_parameters() if any(n.startswith(f"backbone.{layer}") for layer in cfg.differential_learning_rate_layers)]
     diff_ids = {id(p) for p in diff}
     rest = [p for p in model.parameters() if id(p) not in diff_ids]
     groups = [{"params": rest, "lr": cfg.learning_rate}]
@@ -872,14 +872,14 @@ def nested_teacher_choice(cfg: TrainConfig, clips: list[Clip], choices: dict, fo
 SUMMARY_METRICS = ("ua", "macro_f1", "accuracy", "roc_auc")
 
 
-def _summary_rows(summary: dict, metrics: tuple[str, ...] = SUMMARY_METRICS, suffix: str = "") -> list[str]:
+def summary_rows(summary: dict, metrics: tuple[str, ...] = SUMMARY_METRICS, suffix: str = "") -> list[str]:
     """Markdown rows ``| group | mean ± std | ...`` of a :func:`summarize_folds` result."""
     return [f"| {group}{suffix} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |"
             for group, m in summary.items()]
 
 
 def _summary_lines(summary: dict) -> str:
-    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|", *_summary_rows(summary)]
+    lines = ["| set | UA | macro-F1 | accuracy | ROC AUC |", "|---|---|---|---|---|", *summary_rows(summary)]
     return "\n".join(lines) + "\n"
 
 
@@ -1090,13 +1090,13 @@ def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[
 
 
 def cv_markdown(report: dict) -> str:
-    lines = [f"# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
+    lines = ["# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
              "Mean ± std over folds (temperature-calibrated probabilities):", "",
              "| set | UA | macro-F1 | accuracy | ROC AUC | ECE |", "|---|---|---|---|---|---|"]
     # reports before 2026-12-06 called the 8 kHz μ-law round trip (no band-pass) "telephone"
     telephone = " (G.712 telephone)" if "telephone_channel" in report else " (8 kHz μ-law only)"
     for suffix, summary in (("", report["summary"]), (telephone, report["summary_telephone"])):
-        lines += _summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
+        lines += summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
     rows = [("full", report["pooled"]), ("g712" if "telephone_channel" in report else "mulaw", report["pooled_telephone"]),
             *report.get("channels", {}).items()]
     lines += ["", "By channel, pooled out-of-fold (codec rows: the G.712 band, then the codec):", "",

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clips, cache, folds, labels = probe_data(load_config(args.config), args.cache)
     speakers = np.array([c.speaker for c in clips])
-    print(f"| fold | scoring | UA | ROC AUC |\n|---|---|---|---|")
+    print("| fold | scoring | UA | ROC AUC |\n|---|---|---|---|")
     for k in args.folds:
         fold_dir = Path(args.run) / f"fold{k}"
         cached = fold_dir / "embeddings.npz"

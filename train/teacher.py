@@ -12,7 +12,6 @@ two cores).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES
 
 from .config import SPEAKER_CENTRE
 from .data import AudioCache
+from .teacher_dir import TeacherError, check_teacher_dir
 
 log = logging.getLogger("train")
 
@@ -32,30 +32,8 @@ ENCODER_FRAME_SAMPLES = 2 * WHISPER_HOP             # the encoder halves the fra
 CONTEXT_SECONDS = 10
 CONTEXT_SAMPLES = CONTEXT_SECONDS * SAMPLE_RATE
 CONTEXT_FRAMES = CONTEXT_SAMPLES // ENCODER_FRAME_SAMPLES  # 500 encoder frames
-REQUIRED_FILES = ("model.bin", "config.json")
 SHARD_CLIPS = 64
 CELL_MIN_AUDIO = 0.5    # a student time cell gets a frame target when clip audio fills at least half of it
-
-
-class TeacherError(ValueError):
-    """A teacher directory that cannot be used (message names the path)."""
-
-
-def check_teacher_dir(path: str | Path) -> Path:
-    """The teacher directory, checked for the CTranslate2 Whisper layout (clear error naming it)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise TeacherError(f"teacher not found: {path} (expected a faster-whisper model directory)")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise TeacherError(f"teacher {path} is not a CTranslate2 Whisper model: missing {', '.join(missing)}")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TeacherError(f"teacher {path}: config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise TeacherError(f"teacher {path}: config.json is not a JSON object")
-    return path
 
 
 def load_encoder(path: str | Path, threads: int = 0):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emostream.cli import _positive  # the positive-number argument type of emostream's own CLI
+from emostream.argtypes import positive as _positive  # the positive-number argument type of emostream's CLI
 
 from .__main__ import probe_data, probe_parser
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .teacher_dir import check_teacher_dir
+
 # CTranslate2's DataType enum, as written in model.bin
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 _CT2_BINARY_VERSION = 6
@@ -119,8 +121,6 @@ def write_encoder_subset(src: str | Path, dst: str | Path, blocks: int) -> Path:
     carry where the full model cannot go (Whisper base: 22 MB for 3 blocks against 145 MB); CTranslate2
     itself cannot load it (no decoder).
     """
-    from .teacher import check_teacher_dir
-
     src, dst = check_teacher_dir(src), Path(dst)
     if blocks < 1:
         raise ValueError("blocks must be at least 1")
@@ -210,6 +210,4 @@ class WhisperEncoderLayers(torch.nn.Module):
 
 def load_encoder_layers(teacher_dir: str | Path) -> WhisperEncoderLayers:
     """The encoder of the faster-whisper directory ``teacher_dir`` with all its layers exposed."""
-    from .teacher import check_teacher_dir
-
     return WhisperEncoderLayers(read_ct2_variables(check_teacher_dir(teacher_dir) / "model.bin")).eval()

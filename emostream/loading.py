@@ -1,0 +1,101 @@
+"""Model loading: which runtime (torch or ONNX Runtime) runs which model file, and what to report about it.
+
+Every entry point that needs a model (the CLI, the server, batch workers, Ray replicas, the Python
+API) loads it through :func:`load_predictor`, so a model option means the same thing everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from .model_files import default_checkpoint, missing_model_message
+
+BACKENDS = ("torch", "onnx")
+
+
+class ModelOptionsError(ValueError):
+    """Model options that do not fit together (one-line message naming the options)."""
+
+
+def resolve_backend(backend: str | None, onnx: str | Path | None) -> str:
+    """The runtime for these options: ``backend`` when given, else onnx when an ONNX file is named, else torch."""
+    if backend is None:
+        return "onnx" if onnx else "torch"
+    if backend not in BACKENDS:
+        raise ModelOptionsError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def checkpoint_path(checkpoint: str | Path | None) -> Path:
+    """The checkpoint directory for ``checkpoint`` (None: the shipped model, :func:`emostream.model_files.default_checkpoint`)."""
+    return Path(checkpoint) if checkpoint else default_checkpoint()
+
+
+def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto", fp32: bool = False,
+                   backend: str | None = None, onnx: str | Path | None = None):
+    """A loaded predictor (:class:`~emostream.model.Predictor` or :class:`~emostream.onnx_model.OnnxPredictor`).
+
+    ``checkpoint``: a checkpoint directory (None: the shipped model); ``device``: auto (CUDA when
+    present), cpu or cuda[:N]; ``fp32``: no mixed precision; ``backend``: torch or onnx (None: onnx
+    when ``onnx`` names a file); ``onnx``: the file made by ``emostream export --onnx``.
+    Raises :class:`ModelOptionsError` for options that do not fit and
+    :class:`~emostream.model.CheckpointError` for a missing or foreign model.
+    """
+    from .model import CheckpointError, Predictor
+
+    backend = resolve_backend(backend, onnx)
+    requested = None if device == "auto" else device
+    if backend == "onnx":
+        from .onnx_model import OnnxPredictor
+
+        if not onnx:
+            raise ModelOptionsError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
+        if checkpoint:
+            raise ModelOptionsError("--checkpoint does not apply to --backend onnx: the ONNX file holds the model")
+        return OnnxPredictor.from_file(onnx, device=requested)
+    if onnx:
+        raise ModelOptionsError("--onnx is only used with --backend onnx")
+    path = checkpoint_path(checkpoint)
+    if checkpoint is None and not (path / "model.safetensors").is_file():
+        raise CheckpointError(missing_model_message(path))
+    if requested and requested.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelOptionsError(f"--device {requested}: no CUDA device is available")
+    return Predictor.from_checkpoint(path, device=requested, mixed_precision=not fp32)
+
+
+def model_info(predictor: Any, *, checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> dict[str, str]:
+    """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend, the
+    precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
+    the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
+    weights' SHA-256 (the identity to compare between replicas)."""
+    weights = Path(onnx) if onnx else checkpoint_path(checkpoint) / "model.safetensors"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
+    config = (meta.get("training") or {}).get("config") or {}
+    return {"name": weights.stem if onnx else weights.parent.name, "sha256": digest.hexdigest()[:12],
+            "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
+            "backend": "onnx" if onnx else "torch",
+            "precision": "fp32" if onnx else getattr(predictor, "precision", "fp32"),
+            "temperature": f"{float(predictor.temperature):g}"}
+
+
+def check_model_files(*, backend: str, checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> None:
+    """The checkpoint/ONNX file exists here (replicas on other nodes need the same path); raises
+    :class:`ModelOptionsError` naming what is missing."""
+    if backend == "onnx":
+        if not onnx:
+            raise ModelOptionsError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
+        if not Path(onnx).is_file():
+            raise ModelOptionsError(f"no such ONNX file: {onnx}")
+        return
+    path = checkpoint_path(checkpoint)
+    if not (path / "model.safetensors").is_file():
+        raise ModelOptionsError(missing_model_message(path) if checkpoint is None
+                                else f"no checkpoint at {path} (model.safetensors missing)")
