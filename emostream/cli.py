@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the logits over P placements of a short file in the window, as a stream's hops "
                         f"see it (test-time window averaging; P times the compute; default {CLIP_POSITIONS}, "
                         "the cross-validated protocol; 1: the recipe's fixed 6 s chunks)")
+    vad_args(c)
     model_args(c)
 
     b = sub.add_parser("batch", help="analyse a folder of recorded calls: a JSONL timeline per call and a Parquet "
@@ -351,29 +352,33 @@ def _model_info(predictor, args) -> dict[str, str]:
 
 
 def cmd_classify(args) -> int:
-    from .audio import load_mono
-    from .stream import placed_windows
+    from .audio import AudioError
+    from .classify import LONG_FILE_SECONDS, classify_file
 
+    vad = _vad(args)
     predictor = _load_predictor(args)
-    from .model import CLASSES, clip_probabilities
-
     failures = 0
     for path in args.paths:
         try:
-            audio = load_mono(path)
-        except ValueError as exc:
+            record = classify_file(path, predictor, args.positions, vad)
+        except AudioError as exc:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        probs = clip_probabilities(predictor, placed_windows(audio, args.positions), args.positions)
-        k = int(np.argmax(probs))
-        record = {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
-                  "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
-                  "duration": round(len(audio) / 16000, 3)}
+        if not record["speech"]:
+            failures += 1
+            print(f"emostream: {path}: no speech ({record['speech_seconds']:g} s found by --vad {args.vad}, "
+                  f"{vad.min_speech_seconds:g} s needed): not classified", file=sys.stderr, flush=True)
+        elif record["duration"] > LONG_FILE_SECONDS:
+            print(f"emostream: note: {path} is {record['duration'] / 60:.0f} min long; one label for a whole "
+                  f"recording hides how it changes: 'emostream replay --fast {path} --events OUT.jsonl' or "
+                  f"'emostream batch' give a timeline", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps(record), flush=True)
-        else:
+        elif record["speech"]:
             print(f"{path}\t{record['label']}\t{record['confidence']:.2f}", flush=True)
+        else:
+            print(f"{path}\t-\t-", flush=True)
     return 2 if failures else 0
 
 

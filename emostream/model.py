@@ -264,7 +264,14 @@ def clip_probabilities(predictor: Any, windows: np.ndarray, positions: int = 1) 
     fixed chunks when 1): the calibrated softmax of the mean window logit. This is how ``python -m
     train evaluate`` and cross-validation score a clip, so ``emostream classify`` reports the
     decision those figures describe. Works with any predictor that has ``logits``, ``temperature``
-    and ``clip_temperature`` (torch or ONNX)."""
-    mean = torch.as_tensor(predictor.logits(windows)).float().mean(dim=0)
+    and ``clip_temperature`` (torch or ONNX). ``windows`` may also be an iterable of window batches
+    (a long file scored as it is decoded)."""
+    batches = [windows] if isinstance(windows, (np.ndarray, torch.Tensor)) else windows
+    total, count = None, 0
+    for batch in batches:
+        logits = torch.as_tensor(predictor.logits(batch)).float()
+        total = logits.sum(dim=0) if total is None else total + logits.sum(dim=0)
+        count += len(logits)
+    mean = total / count
     t = scoring_temperature(predictor.temperature, predictor.clip_temperature, positions)
     return torch.softmax(mean / t, dim=-1).cpu().numpy()
