@@ -609,9 +609,13 @@ def cmd_report(args) -> int:
     from .report import ReportError, write_report
 
     try:
-        out = write_report(args.jsonl, args.out)
+        out, notes = write_report(args.jsonl, args.out)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # the output cannot be written
+        raise UsageError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    for note in notes:
+        print(f"emostream: note: {note}", file=sys.stderr, flush=True)
     print(f"wrote {out}", flush=True)
     return 0
 

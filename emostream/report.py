@@ -41,6 +41,7 @@ class CallTimeline:
     alerts: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     hop_seconds: float = 1.0
+    notes: list[str] = field(default_factory=list)  # what was left out (a half-written last line)
 
     @property
     def duration(self) -> float:
@@ -48,28 +49,42 @@ class CallTimeline:
 
 
 def load_timeline(path: str | Path) -> CallTimeline:
-    """Parse a timeline written by ``replay --events``, ``serve --events-dir`` or ``batch``."""
+    """Parse a timeline written by ``replay --events``, ``serve --events-dir`` or ``batch``.
+
+    A last line without its newline that is not JSON is a line still being written (a live call's
+    timeline): it is left out, and :attr:`CallTimeline.notes` says so."""
     path = Path(path)
+    if not path.exists():
+        raise ReportError(f"no such file: {path}")
+    if path.is_dir():
+        raise ReportError(f"is a directory, not a JSONL timeline: {path}")
     events: dict[str, list[dict]] = {}
-    alerts, summaries, stream = [], [], None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    alerts, summaries, stream, notes = [], [], None, []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not a JSONL timeline (not text: an audio file? report reads the "
+                          "events of replay --events, serve --events-dir or batch)") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: half-written
+                notes.append(f"{path}:{number}: skipped the last line, not complete (a call in progress?)")
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ReportError(f"{path}:{number}: not a JSON line") from None
-            if not isinstance(obj, dict):
-                raise ReportError(f"{path}:{number}: not a JSON object")
-            kind = obj.get("type", "event")
-            if kind == "summary":
-                summaries.append(obj)
-            elif kind == "alert":
-                alerts.append(obj)
-            elif kind == "event" and "t_end" in obj and "channel" in obj:
-                events.setdefault(obj["channel"], []).append(obj)
-                stream = stream or obj.get("stream")
+            raise ReportError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(obj, dict):
+            raise ReportError(f"{path}:{number}: not a JSON object")
+        kind = obj.get("type", "event")
+        if kind == "summary":
+            summaries.append(obj)
+        elif kind == "alert":
+            alerts.append(obj)
+        elif kind == "event" and "t_end" in obj and "channel" in obj:
+            events.setdefault(obj["channel"], []).append(obj)
+            stream = stream or obj.get("stream")
     if not events:
         raise ReportError(f"no events in {path} (a JSONL timeline from replay --events, serve or batch)")
     for evs in events.values():
@@ -79,11 +94,12 @@ def load_timeline(path: str | Path) -> CallTimeline:
     steps = [b - a for a, b in zip(ends, ends[1:]) if b - a > 1e-6]
     hop = min(steps) if steps else 1.0
     summary = summaries[-1] if len(summaries) == 1 else Timeline(stream or path.stem, channels, hop, events).summary()
-    return CallTimeline(stream or path.stem, channels, events, alerts, summary, hop)
+    return CallTimeline(stream or path.stem, channels, events, alerts, summary, hop, notes)
 
 
-def write_report(source: str | Path, out: str | Path) -> Path:
-    """Write the report of timeline ``source`` to ``out`` (``.html`` or ``.png``)."""
+def write_report(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
+    """Write the report of timeline ``source`` to ``out`` (``.html`` or ``.png``); returns the path
+    and the notes of :func:`load_timeline`."""
     out = Path(out)
     kind = out.suffix.lower().lstrip(".")
     if kind not in FORMATS:
@@ -93,7 +109,7 @@ def write_report(source: str | Path, out: str | Path) -> Path:
         render_png(call, out)
     else:
         out.write_text(render_html(call), encoding="utf-8")
-    return out
+    return out, call.notes
 
 
 def _segments(events: list[dict]) -> list[tuple[float, float, dict]]:

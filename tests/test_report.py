@@ -82,3 +82,31 @@ def test_report_errors_are_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_on_a_wrong_or_live_file(tmp_path):
+    """Issue #42 item 3, as a user meets it (subprocess): an audio file or a missing JSONL is one
+    line and exit 2, never a traceback; a live call's half-written last line is skipped with a note."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "emostream", "report", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    for src, message in ((ROOT / "examples" / "call_mono.flac", "not a JSONL timeline"),
+                         (tmp_path / "missing.jsonl", "no such file")):
+        r = run(str(src), "--out", str(tmp_path / "x.html"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert r.stderr.startswith("emostream: error:") and message in r.stderr
+    live = write_timeline(tmp_path / "live.jsonl", with_summary=False)
+    with open(live, "a") as f:
+        f.write('{"stream": "call-7", "channel": "agent", "t_st')  # the writer is mid-line
+    r = run(str(live), "--out", str(tmp_path / "live.html"))
+    assert r.returncode == 0, r.stderr
+    assert "skipped the last line" in r.stderr and (tmp_path / "live.html").exists()
+    assert load_timeline(live).duration == 12.0
+    (tmp_path / "bad.jsonl").write_text('{"a": 1\n' + live.read_text())  # a broken line inside is an error
+    assert run(str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b.html")).returncode == 2
