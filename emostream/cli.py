@@ -253,7 +253,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
                     help="text (default) or json: one JSON object per line with the call id; never audio or tokens")
     sv.add_argument("--analyse", choices=ANALYSE_CHOICES, default="customer",
                     help="channels to analyse: customer (default; AudioHook external, Twilio inbound, the pcm "
-                         "channel named 'customer'), agent, or all. In the EU, analysing staff is prohibited "
+                         "channel named 'customer': events name it customer on every protocol), agent, or all. In the EU, analysing staff is prohibited "
                          "(AI Act Art. 5(1)(f)): keep 'customer'")
     sv.add_argument("--record", metavar="DIR", default=None,
                     help="also write each call's audio as received to DIR/<call_id>.wav (off by default: "

@@ -269,7 +269,8 @@ class LiveCall:
         if config.alerts:
             sinks.append(self._check_alerts)
         self.analyzer = Analyzer(worker.infer, start.call_id, self.analysed,
-                                 AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks)
+                                 AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks,
+                                 source_channels=dict(zip(start.channels, start.source_channels)))
         if hub is not None:
             hub.publish(self.started_message())
 

@@ -21,7 +21,7 @@ STEREO_SECONDS = 88.910375  # examples/call_stereo.flac
 
 
 @pytest.mark.parametrize("protocol,channels", [
-    ("pcm", ("agent", "customer")), ("twilio", ("inbound", "outbound")), ("audiohook", ("customer", "agent"))])
+    ("pcm", ("agent", "customer")), ("twilio", ("customer", "agent")), ("audiohook", ("customer", "agent"))])
 def test_send_example_call_prints_events_and_summary(protocol, channels, capsys):
     with ServerThread(port=0) as srv:
         args = ["send", str(EXAMPLES / "call_stereo.flac"), srv.url, "--protocol", protocol, "--fast"]
@@ -115,13 +115,14 @@ def test_serve_send_watch_processes(tmp_path):
         printed = [json.loads(line) for line in sent.stdout.splitlines()]
         # serve's default --analyse customer: only the inbound (customer) track has events
         assert printed[-1]["type"] == "summary" and len(printed) == 1 + len(expected_ends(2.5))
-        assert {m["channel"] for m in printed[:-1]} == {"inbound"}
+        assert {m["channel"] for m in printed[:-1]} == {"customer"}
+        assert {m["source_channel"] for m in printed[:-1]} == {"inbound"}  # Twilio's own name, kept
         serve.send_signal(signal.SIGINT)
         assert serve.wait(20) == 0
         out, err = watch.communicate(timeout=20)
         assert watch.returncode == 0, err
-        assert "[proc-call] started (twilio: inbound, outbound)" in out
-        assert "[proc-call] inbound  0.0-2.5s" in out and "[proc-call] ended (completed)" in out
+        assert "[proc-call] started (twilio: customer, agent)" in out
+        assert "[proc-call] customer  0.0-2.5s" in out and "[proc-call] ended (completed)" in out
         lines = (tmp_path / "ev" / "proc-call.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["type"] == "summary"
     finally:
