@@ -38,7 +38,7 @@ from .analyzer import Analyzer, AnalyzerConfig
 from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, read_audio, read_audio_bytes, resample
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
 from .stream import StreamConfig, StreamWindower, Window
-from .timeline import CLASSES, JsonlWriter
+from .timeline import CLASSES, FILE_START_FROM, JsonlWriter, file_start_time
 from .vad import SpeechGate, VadConfig
 from .worker import ModelSpec, PredictFn
 
@@ -261,7 +261,8 @@ def assemble_call(chunks: list[Chunk], config: BatchConfig) -> CallResult:
         analyzer.emit(windows, dict(zip(speech, c.probs if c.probs is not None else [])))
     summary = analyzer.timeline.summary()
     summary.update(call_id=first.call_id, path=first.path,
-                   alerts=[a for a in tracker.history if a["state"] == "raised"])
+                   alerts=[a for a in tracker.history if a["state"] == "raised"],
+                   started_at=file_start_time(first.path, first.audio_seconds), started_at_from=FILE_START_FROM)
     lines.append(summary)
     return CallResult(first.call_id, first.path, lines, audio_seconds=first.audio_seconds)
 
@@ -319,7 +320,8 @@ def _schema():
                       ("t_end", pa.float64())])
     alert = pa.struct([("rule", pa.string()), ("t", pa.float64()), ("since", pa.float64())])
     return pa.schema([("call_id", pa.string()), ("path", pa.string()), ("status", pa.string()),
-                      ("error", pa.string()), ("channel", pa.string()), ("duration", pa.float64()),
+                      ("error", pa.string()), ("started_at", pa.string()), ("model", pa.string()),
+                      ("model_sha256", pa.string()), ("channel", pa.string()), ("duration", pa.float64()),
                       ("speech_seconds", pa.float64()), ("windows", pa.int32()), ("speech_windows", pa.int32()),
                       ("dominant", pa.string())]
                      + [(f"share_{c}", pa.float64()) for c in CLASSES]
@@ -327,27 +329,47 @@ def _schema():
 
 
 def summary_rows(summary: dict) -> list[dict]:
-    """One table row per analysed channel of a finished call's summary line."""
+    """One table row per analysed channel of a finished call's summary line. A channel without
+    speech has null shares (NaN in pandas), not 0."""
     rows = []
+    model = summary.get("model") or {}
     for channel, s in summary.get("channels", {}).items():
         alerts = [{"rule": a["rule"], "t": a["t"], "since": a["since"]}
                   for a in summary.get("alerts", []) if a.get("channel") == channel]
+        speech = bool(s["speech_seconds"])
         rows.append({"call_id": summary.get("call_id", summary.get("stream")), "path": summary.get("path"),
-                     "status": "ok", "error": None, "channel": channel, "duration": summary.get("duration"),
+                     "status": "ok", "error": None, "started_at": summary.get("started_at"),
+                     "model": model.get("name"), "model_sha256": model.get("sha256"),
+                     "channel": channel, "duration": summary.get("duration"),
                      "speech_seconds": s["speech_seconds"], "windows": s["windows"],
                      "speech_windows": s["speech_windows"], "dominant": s["dominant"],
-                     **{f"share_{c}": s["shares"].get(c, 0.0) for c in CLASSES},
+                     **{f"share_{c}": s["shares"].get(c, 0.0) if speech else None for c in CLASSES},
                      "peaks": s["peaks"], "alerts_raised": len(alerts), "alerts": alerts})
     return rows
 
 
-def error_row(result: CallResult) -> dict:
+def error_row(result: CallResult, model: dict | None = None) -> dict:
+    """The row of a call that failed: no channel, no windows (0, so the column stays integer)."""
+    model = model or {}
     return {"call_id": result.call_id, "path": result.path, "status": "error", "error": result.error,
-            "channel": None, "duration": None, "speech_seconds": None, "windows": None, "speech_windows": None,
+            "started_at": None, "model": model.get("name"), "model_sha256": model.get("sha256"),
+            "channel": None, "duration": None, "speech_seconds": None, "windows": 0, "speech_windows": 0,
             "dominant": None, **{f"share_{c}": None for c in CLASSES}, "peaks": [], "alerts_raised": 0, "alerts": []}
 
 
-def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, int]:
+def spec_identity(spec: ModelSpec) -> dict[str, str]:
+    """The model a batch runs, as timelines and the table name it (``model_identity``)."""
+    from .model import model_identity
+
+    if spec.backend == "constant":
+        return {"name": "none", "sha256": ""}
+    try:
+        return model_identity(spec.checkpoint, spec.onnx if spec.backend == "onnx" else None)
+    except OSError:
+        return {}
+
+
+def write_summary_table(out_dir: Path, failed: list[CallResult], model: dict | None = None) -> tuple[Path, int]:
     """``OUT/summary.parquet``: a row per channel of every finished call in ``out_dir`` (this run's
     and earlier runs'), then a row per call that failed in this run, by call id. Returns (path, rows)."""
     import pyarrow as pa
@@ -358,7 +380,7 @@ def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, 
         summary = read_summary(path)
         if summary is not None:
             rows += summary_rows(summary)
-    rows += [error_row(r) for r in sorted(failed, key=lambda r: r.call_id)]  # workers finish in any order
+    rows += [error_row(r, model) for r in sorted(failed, key=lambda r: r.call_id)]  # workers finish in any order
     table = pa.Table.from_pylist(rows, schema=_schema())
     target = out_dir / SUMMARY_FILE
     part = target.with_name(target.name + ".part")
@@ -532,10 +554,12 @@ def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: Ba
     todo = [c for c in calls if c.call_id not in done]
     report = BatchReport(total=len(calls), skipped=len(done))
     reported: set[str] = set()
+    model = spec_identity(spec)
 
     def on_result(result: CallResult) -> None:
         reported.add(result.call_id)
         if result.ok:
+            result.lines[-1]["model"] = model  # the summary line names the model that ran
             try:
                 path = write_call(out_dir, result)
                 if plots:
@@ -577,7 +601,7 @@ def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: Ba
         for call in calls:
             if call.call_id in done and not (out_dir / f"{call.call_id}.{plots}").exists():
                 _plot(out_dir / f"{call.call_id}.jsonl", plots)
-    report.table, report.rows = write_summary_table(out_dir, report.failed)
+    report.table, report.rows = write_summary_table(out_dir, report.failed, model)
     report.wall_seconds = time.monotonic() - t0
     return report
 

@@ -332,19 +332,12 @@ def _model_info(predictor, args) -> dict[str, str]:
     precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
     the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
     weights' SHA-256 (the identity to compare between replicas)."""
-    import hashlib
-
-    from .model import DEFAULT_CHECKPOINT
+    from .model import model_identity
 
     onnx_path = getattr(args, "onnx", None)
-    weights = Path(onnx_path) if onnx_path else (Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT) / "model.safetensors"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
     config = (meta.get("training") or {}).get("config") or {}
-    return {"name": weights.stem if onnx_path else weights.parent.name, "sha256": digest.hexdigest()[:12],
+    return {**model_identity(args.checkpoint, onnx_path),
             "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
             "backend": "onnx" if onnx_path else "torch",
             "precision": "fp32" if onnx_path else getattr(predictor, "precision", "fp32"),
@@ -427,7 +420,8 @@ def cmd_replay(args) -> int:
     from .audio import SAMPLE_RATE, load_audio
     from .dashboard import DashboardInfo, make_display
     from .stream import StreamConfig, StreamWindower
-    from .timeline import JsonlWriter
+    from .model import model_identity
+    from .timeline import FILE_START_FROM, JsonlWriter, file_start_time
     from .webhook import AlertWebhook
 
     try:
@@ -481,6 +475,9 @@ def cmd_replay(args) -> int:
             interrupted = True
             display.log("interrupted: summary of the audio so far")
         summary = analyzer.timeline.summary()
+        summary.update(model=model_identity(args.checkpoint, args.onnx),
+                       started_at=file_start_time(args.file, windower.seconds),
+                       started_at_from=FILE_START_FROM)
         if writer:
             writer.write(summary)
             writer.close()

@@ -189,7 +189,8 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     from .analyzer import Analyzer, AnalyzerConfig
     from .dashboard import DashboardInfo, make_display
     from .stream import StreamConfig, StreamWindower
-    from .timeline import JsonlWriter
+    from .model import model_identity
+    from .timeline import JsonlWriter, iso_utc
     from .vad import VadConfig
 
     sd = import_sounddevice() if open_stream is None or args.list_devices else None
@@ -223,6 +224,7 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     analyzer = Analyzer(predictor.predict, "mic", names, AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)), args.hop, sinks)
     windower = StreamWindower("mic", names, stream_cfg)
     interrupted = False
+    started = time.time()
     with display:
         try:
             with MicCapture(open_stream, config) as capture:
@@ -234,6 +236,8 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
         except KeyboardInterrupt:
             interrupted = True
             summary = analyzer.timeline.summary()
+        summary.update(model=model_identity(args.checkpoint, getattr(args, "onnx", None)),
+                       started_at=iso_utc(started), started_at_from="capture start")
         if writer:
             writer.write(summary)
             writer.close()

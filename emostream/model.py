@@ -205,6 +205,26 @@ def load_checkpoint(directory: str | Path, device: torch.device | str | None = N
     return model.to(select_device(device) if not isinstance(device, torch.device) else device)
 
 
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> dict[str, str]:
+    """``{"name", "sha256"}`` of the weights that run: the checkpoint folder's name (or the ONNX
+    file's stem) and the first 12 hex digits of the weights file's SHA-256 (hashed once per file)."""
+    weights = Path(onnx) if onnx else (Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT) / "model.safetensors"
+    stat = weights.stat()
+    return {"name": weights.stem if onnx else weights.parent.name,
+            "sha256": _sha256(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)[:12]}
+
+
 @dataclass
 class Predictor:
     """One batched entry point used by every source: windows in, class probabilities out."""

@@ -14,7 +14,7 @@ from . import CLASSES
 def make_event(stream: str, channel: str, t_start: float, t_end: float,
                probabilities: np.ndarray | None) -> dict:
     """One timeline event (the stable shape of DESIGN.md). ``None`` probabilities = no speech."""
-    event = {"stream": stream, "channel": channel, "t_start": round(float(t_start), 6),
+    event = {"type": "event", "stream": stream, "channel": channel, "t_start": round(float(t_start), 6),
              "t_end": round(float(t_end), 6), "speech": probabilities is not None}
     if probabilities is None:
         event.update(label=None, confidence=None, probabilities=None)
@@ -24,6 +24,27 @@ def make_event(stream: str, channel: str, t_start: float, t_end: float,
         event.update(label=CLASSES[k], confidence=round(float(p[k]), 4),
                      probabilities={c: round(float(v), 4) for c, v in zip(CLASSES, p)})
     return event
+
+
+def iso_utc(seconds: float | None) -> str | None:
+    """A Unix time as UTC ISO 8601 with milliseconds (``2026-12-06T15:30:00.000Z``)."""
+    from datetime import datetime, timezone
+
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+FILE_START_FROM = "file modification time - duration"  # how a recording's started_at was found
+
+
+def file_start_time(path: str | Path, duration: float) -> str | None:
+    """A recording's wall-clock start as far as the file tells: its modification time (recorders write
+    the file as the call ends) minus its duration, as :func:`iso_utc`; None when it cannot be read."""
+    try:
+        return iso_utc(Path(path).stat().st_mtime - duration)
+    except OSError:
+        return None
 
 
 class Smoother:

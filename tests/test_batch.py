@@ -85,7 +85,9 @@ def test_batch_writes_replay_timelines_and_the_summary_table(batch_run, archive,
         assert r["duration"] == stereo["duration"] == pytest.approx(8.0)
         assert (r["speech_seconds"], r["windows"], r["speech_windows"], r["dominant"]) == (
             s["speech_seconds"], s["windows"], s["speech_windows"], s["dominant"])
-        assert {c: r[f"share_{c}"] for c in s["shares"]} == s["shares"]
+        # a channel without speech has no shares (null, NaN in pandas), not 0.0 (#42 item 9)
+        assert {c: r[f"share_{c}"] for c in s["shares"]} == (s["shares"] if s["speech_seconds"] else
+                                                             dict.fromkeys(s["shares"]))
         assert r["peaks"] == s["peaks"]
         assert r["alerts_raised"] == len(r["alerts"]) == len([a for a in stereo["alerts"] if a["channel"] == r["channel"]])
     errors = {r["call_id"]: r["error"] for r in table if r["status"] == "error"}
@@ -93,6 +95,28 @@ def test_batch_writes_replay_timelines_and_the_summary_table(batch_run, archive,
     assert "cannot read audio" in errors["corrupt"] and "empty" in errors["empty"] and "silent" in errors["silent"]
     assert "not a valid audio file" in errors["corrupt"] and "does not exist" not in errors["corrupt"]
     assert all(r["channel"] is None and r["alerts"] == [] for r in table if r["status"] == "error")
+
+
+def test_every_line_and_row_names_its_type_model_and_start(batch_run, archive):
+    """#42 item 5: a type on every JSONL line; the summary line and each Parquet row name the model
+    (checkpoint name + 12 hex digits of the weights' SHA-256) and the call's UTC ISO 8601 start."""
+    from datetime import datetime
+
+    from emostream.model import model_identity
+    _, out = batch_run
+    model = model_identity()
+    got = lines(out / "stereo.jsonl")
+    assert {x["type"] for x in got[:-1]} <= {"event", "alert"} and got[-1]["type"] == "summary"
+    assert all("type" in x for x in got)
+    summary = got[-1]
+    assert summary["model"] == model and len(model["sha256"]) == 12 and model["name"] == "emostream-resnet50"
+    start = datetime.fromisoformat(summary["started_at"].replace("Z", "+00:00"))
+    assert start.utcoffset().total_seconds() == 0 and summary["started_at"].endswith("Z")
+    mtime = os.stat(archive / "stereo.flac").st_mtime  # a recording: its mtime minus its duration
+    assert start.timestamp() == pytest.approx(mtime - summary["duration"], abs=0.01)
+    table = pq.read_table(out / "summary.parquet").to_pylist()
+    assert all(r["model"] == model["name"] and r["model_sha256"] == model["sha256"] for r in table)
+    assert {r["started_at"] for r in table if r["call_id"] == "stereo"} == {summary["started_at"]}
 
 
 def test_resume_skips_finished_calls(archive, tmp_path, capsys, shipped_checkpoint):

@@ -3,6 +3,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
     assert len(lines) - 1 == len(result.events)
     # one vocabulary for every protocol (#42 item 4); the bridge's own name in source_channel
     assert {(e["channel"], e["source_channel"]) for e in lines[:-1]} == set(zip(names, sources))
+    # every line has a type; the summary names the model and the call's UTC start (#42 item 5)
+    assert {x["type"] for x in lines[:-1]} == {"event"} and isinstance(lines[-1]["model"], dict)  # none here: no model_info
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[-1]["started_at"])
 
 
 def test_example_call_with_the_real_model(predictor, tmp_path):

@@ -15,7 +15,8 @@ def onehot(label: str, p: float = 0.9) -> np.ndarray:
 
 def test_event_shape_matches_design():
     e = make_event("call-42", "customer", 12.0, 18.0, onehot("Angry", 0.81))
-    assert list(e) == ["stream", "channel", "t_start", "t_end", "speech", "label", "confidence", "probabilities"]
+    assert list(e) == ["type", "stream", "channel", "t_start", "t_end", "speech", "label", "confidence", "probabilities"]
+    assert e["type"] == "event"  # every JSONL line has a type (#42 item 5)
     assert e["label"] == "Angry" and e["confidence"] == 0.81 and e["speech"] is True
     assert list(e["probabilities"]) == list(CLASSES)
     assert abs(sum(e["probabilities"].values()) - 1) < 1e-3
