@@ -69,6 +69,18 @@ class Smoother:
         return new
 
 
+def distinct_peaks(events: Iterable[dict], n: int) -> list[dict]:
+    """The ``n`` most confident events whose windows do not overlap: each overlapping group keeps
+    its best window, so one moment is not listed three times (by confidence, ties by time)."""
+    chosen: list[dict] = []
+    for e in sorted(events, key=lambda e: (-e["confidence"], e["t_end"])):
+        if len(chosen) == n:
+            break
+        if all(e["t_end"] <= p["t_start"] or p["t_end"] <= e["t_start"] for p in chosen):
+            chosen.append(e)
+    return chosen
+
+
 @dataclass
 class Timeline:
     """All events of one stream, per channel, and the end-of-stream summary."""
@@ -83,7 +95,7 @@ class Timeline:
 
     def summary(self, peaks: int = 3) -> dict:
         """Per channel: windows, speech time, share of speech time per emotion, dominant emotion and
-        the most confident non-neutral moments. Each window stands for the ``hop`` of new audio it
+        the most confident non-neutral moments (windows that do not overlap). Each window stands for the ``hop`` of new audio it
         adds (its last hop), so shares add up to speech time without double counting overlaps."""
         channels = {}
         duration = 0.0
@@ -99,8 +111,7 @@ class Timeline:
                     speech_seconds += new
                     time_by_label[e["label"]] += new
             shares = {c: (round(t / speech_seconds, 4) if speech_seconds else 0.0) for c, t in time_by_label.items()}
-            ranked = sorted((e for e in evs if e["speech"] and e["label"] != "Neutral"),
-                            key=lambda e: e["confidence"], reverse=True)[:peaks]
+            ranked = distinct_peaks((e for e in evs if e["speech"] and e["label"] != "Neutral"), peaks)
             channels[name] = {
                 "windows": len(evs),
                 "speech_windows": sum(1 for e in evs if e["speech"]),

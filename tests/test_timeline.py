@@ -79,3 +79,16 @@ def test_agreement_over_speech_time():
               make_event("s", "a", 4, 6, None)]              # silence: not scored
     r = agreement(events, segs)
     assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0
+
+
+def test_peaks_do_not_overlap():
+    """#42 item 7: Sad 0.82 at 28-34, 0.74 at 26-32 and 0.73 at 27-33 are one moment: the summary
+    keeps its best window and the next peaks come from other moments."""
+    tl = Timeline("s", ("a",))
+    conf = {32: 0.74, 33: 0.73, 34: 0.82, 35: 0.6, 50: 0.7, 70: 0.65}
+    for t in range(6, 80):
+        tl.add(make_event("s", "a", t - 6, t, onehot("Sad", conf.get(t, 0.3))))
+    peaks = tl.summary()["channels"]["a"]["peaks"]
+    assert [(p["confidence"], p["t_start"], p["t_end"]) for p in peaks] == [(0.82, 28, 34), (0.7, 44, 50), (0.65, 64, 70)]
+    for a, b in zip(peaks, peaks[1:]):
+        assert a["t_end"] <= b["t_start"] or b["t_end"] <= a["t_start"]
