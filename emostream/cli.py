@@ -142,7 +142,9 @@ def backend_args(sp) -> None:
 def alert_args(sp) -> None:
     """``--alert RULE``: escalation rules, and ``--alert-webhook URL`` to POST them."""
     sp.add_argument("--alert", action="append", default=[], metavar="RULE", type=_alert_rule,
-                    help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable)')
+                    help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable); it clears after 5 s '
+                         'below the threshold minus 0.1 (silence counts as below) unless the rule says, e.g. '
+                         '"Angry>=0.7 for 10s clear below 0.5 for 8s"')
     sp.add_argument("--alert-webhook", metavar="URL", default=None,
                     help="also POST every alert (raised and cleared) as JSON to this http(s) URL, in the background, "
                          "retried with backoff; failures are logged and counted, never stop a call")
