@@ -139,14 +139,19 @@ class CallResult:
 
 # --- inputs ---------------------------------------------------------------------------------
 
-def find_inputs(spec: str) -> list[CallInput]:
-    """The recordings of ``INPUT_DIR_OR_GLOB``: a folder (searched recursively for wav, flac, ogg,
-    mp3), a glob pattern (``**`` allowed) or one file. Call ids are the paths relative to the folder
-    (or the pattern's fixed part) without the suffix, ``/`` written as ``__``; two files that would
-    share an id keep their suffix."""
+def find_inputs(spec: str, skipped: list[tuple[str, str]] | None = None) -> list[CallInput]:
+    """The recordings of ``INPUT_DIR_OR_GLOB``: a folder (searched recursively for the formats of
+    ``AUDIO_SUFFIXES``, the ones classify and replay read), a glob pattern (``**`` allowed) or one
+    file. Call ids are the paths relative to the folder (or the pattern's fixed part) without the
+    suffix, ``/`` written as ``__``; two files that would share an id keep their suffix. The files of
+    a folder left out are appended to ``skipped`` as ``(path, why)``."""
     root = Path(spec)
     if root.is_dir():
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        paths = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+        if skipped is not None:
+            skipped += [(str(p), f"not an audio format ({p.suffix or 'no suffix'})") for p in files
+                        if p.suffix.lower() not in AUDIO_SUFFIXES]
         base = root
     elif glob.has_magic(spec):
         paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())

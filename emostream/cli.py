@@ -16,6 +16,7 @@ from .stream import CLIP_POSITIONS
 REPLAY_CHUNK_SECONDS = 0.1  # replay feeds audio in chunks of this size
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
 WEBHOOK_CLOSE_SECONDS = 30.0  # replay/batch: how long queued alert POSTs may still take at the end
+BATCH_SKIPPED_SHOWN = 10      # batch: skipped files named on stderr (the rest counted)
 
 
 class UsageError(Exception):
@@ -510,9 +511,14 @@ def cmd_batch(args) -> int:
     try:
         config = BatchConfig(hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=_vad(args),
                              channel_names=names, analyse=args.analyse, alerts=tuple(args.alert))
-        calls = find_inputs(args.input)
+        skipped: list[tuple[str, str]] = []
+        calls = find_inputs(args.input, skipped)
     except (ValueError, BatchError) as exc:
         raise UsageError(str(exc)) from None
+    if skipped:
+        shown = ", ".join(f"{path} ({why})" for path, why in skipped[:BATCH_SKIPPED_SHOWN])
+        more = f" and {len(skipped) - BATCH_SKIPPED_SHOWN} more" if len(skipped) > BATCH_SKIPPED_SHOWN else ""
+        print(f"emostream: batch: skipped {len(skipped)} file(s): {shown}{more}", file=sys.stderr, flush=True)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out is not a directory: {out}")

@@ -194,3 +194,39 @@ def test_batch_posts_alerts_to_the_webhook(archive, tmp_path, shipped_checkpoint
                      "--alert", "Neutral>=0.0 for 2s", "--alert-webhook", ep.url, "--quiet"]) == 0
     written = [x for x in lines(tmp_path / "out" / "stereo.jsonl") if x.get("type") == "alert"]
     assert written and [b for b, _ in ep.posts] == written
+
+
+def test_batch_takes_every_format_and_says_what_it_skipped(tmp_path, shipped_checkpoint):
+    """#42 item 9, through the CLI: an .opus call (which replay and classify read) is analysed, the
+    files that are not audio are listed on stderr with the reason; in the table a channel without
+    speech has NaN shares and the integer columns stay integers (pandas)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    mono, rate = sf.read(EXAMPLES / "call_mono.flac")
+    with sf.SoundFile(calls / "phone.opus", "w", 48000, 1, format="OGG", subtype="OPUS") as f:
+        from emostream.audio import resample
+        f.write(resample(mono[:6 * rate].astype(np.float32), rate, 48000))
+    left = mono[:6 * rate]
+    sf.write(calls / "one_sided.wav", np.stack([np.zeros_like(left), left], axis=1), rate)  # agent silent
+    (calls / "notes.txt").write_text("not audio")
+    (calls / "call.m4a").write_bytes(b"\0" * 64)
+    (calls / "broken.wav").write_bytes(b"")  # a failed call: its row must not turn the int columns into floats
+    r = subprocess.run([sys.executable, "-m", "emostream", "batch", str(calls), "--out", str(tmp_path / "out"),
+                        "--vad", "energy", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr  # broken.wav failed
+    assert "skipped 2 file(s)" in r.stderr and "notes.txt (not an audio format (.txt))" in r.stderr
+    assert "call.m4a (not an audio format (.m4a))" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl")) == ["one_sided.jsonl", "phone.jsonl"]
+    pd = pytest.importorskip("pandas")
+    df = pd.read_parquet(tmp_path / "out" / "summary.parquet").set_index(["call_id", "channel"])
+    assert df.loc[("phone", "ch0"), "speech_seconds"] > 0
+    agent = df.loc[("one_sided", "agent")]
+    assert agent["speech_seconds"] == 0 and all(np.isnan(agent[f"share_{c}"]) for c in ("Angry", "Neutral", "Sad"))
+    assert df.loc[("one_sided", "customer"), "share_Neutral"] >= 0
+    assert (df["status"] == "error").sum() == 1
+    for column in ("windows", "speech_windows", "alerts_raised"):
+        assert df[column].dtype.kind == "i", column
