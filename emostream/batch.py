@@ -3,7 +3,7 @@
 Every call goes through the windowed timeline of ``replay --fast`` (same windows, same speech gate,
 same model, same smoothing and alert rules), in three steps that both engines share:
 
-1. :func:`prepare_call`: decode and resample the file, pick the analysed channels, cut the windows
+1. :func:`prepare_call`: decode and resample the file block by block, pick the analysed channels, cut the windows
    and run the speech gate, yielding :class:`Chunk` s of at most ``chunk_windows`` windows (bounded
    memory, however long the call);
 2. :func:`classify_chunk`: the model on a chunk's speech windows;
@@ -35,7 +35,7 @@ import numpy as np
 
 from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
-from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, read_audio, read_audio_bytes, resample
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, audio_info, stream_audio
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
 from .stream import StreamConfig, StreamWindower, Window
 from .timeline import CLASSES, FILE_START_FROM, JsonlWriter, file_start_time
@@ -169,19 +169,6 @@ def find_inputs(spec: str, skipped: list[tuple[str, str]] | None = None) -> list
     return [CallInput(i + p.suffix if counts[i] > 1 else i, str(p)) for i, p in zip(ids, paths)]
 
 
-def decode_audio(source: str | bytes, name: str) -> np.ndarray:
-    """Float32 ``(channels, frames)`` at 16 kHz from a path or a file's bytes; :class:`AudioError`
-    (one line) when it cannot be read, is empty or is silent (as ``replay`` refuses them)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        samples, rate = read_audio_bytes(source, name)
-    else:
-        samples, rate = read_audio(source)
-    audio = resample(samples, rate, SAMPLE_RATE)
-    if audio.shape[1] == 0 or not np.any(audio):
-        raise AudioError(f"audio is empty or silent: {name}")
-    return audio
-
-
 def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> tuple[str, ...]:
     """Names of a file's channels: ``given``, else ``ch0`` for mono and ``agent,customer`` for stereo."""
     if given is None:
@@ -194,19 +181,24 @@ def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> 
 # --- the three steps ------------------------------------------------------------------------
 
 def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | None = None) -> Iterator[Chunk]:
-    """Decode, window and gate one call (``source``: the file's bytes, default: read ``call.path``)."""
+    """Decode, window and gate one call (``source``: the file's bytes, default: read ``call.path``),
+    block by block: memory does not grow with the call's length. A silent file, or one that fails
+    to decode part way, ends with an error chunk (the call fails as a whole)."""
+    source = call.path if source is None else source
     try:
-        audio = decode_audio(call.path if source is None else source, call.path)
-        names = channel_names(audio.shape[0], config.channel_names, call.path)
+        info = audio_info(source, call.path)
+        names = channel_names(info.channels, config.channel_names, call.path)
         keep = analysed_channels(names, config.analyse)
+        if info.frames == 0:
+            raise AudioError(f"audio file is empty: {call.path}")
     except (AudioError, ChannelSelectionError) as exc:
         yield Chunk(call.call_id, call.path, 0, True, error=str(exc))
         return
     except Exception as exc:  # anything a decoder throws: this call fails, the batch goes on
         yield Chunk(call.call_id, call.path, 0, True, error=f"cannot analyse {call.path}: {type(exc).__name__}: {exc}")
         return
-    audio, names = audio[list(keep)], tuple(names[i] for i in keep)
-    seconds = audio.shape[1] / SAMPLE_RATE
+    names = tuple(names[i] for i in keep)
+    seconds = info.frames_at(SAMPLE_RATE) / SAMPLE_RATE
     windower = StreamWindower(call.call_id, names, StreamConfig(config.hop_seconds, config.min_seconds))
     gate = SpeechGate(config.vad)
     hop = windower.config.hop_samples
@@ -221,14 +213,26 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
 
     # The gate must see each channel's windows in order, exactly once: it runs per block of windows
     # as they complete; a chunk closes when the next block could take it past chunk_windows.
-    for pos in range(0, audio.shape[1], hop):
-        windows = windower.push_frames(audio[:, pos:pos + hop])
-        if not windows:
-            continue
-        if pending and len(pending) + len(windows) > config.chunk_windows:
-            yield chunk(pending, False)
-            index, pending = index + 1, []
-        pending += windows
+    sound = False
+    try:
+        for block in stream_audio(source, call.path):
+            audio = block[list(keep)]
+            sound = sound or bool(np.any(block))
+            for pos in range(0, audio.shape[1], hop):
+                windows = windower.push_frames(audio[:, pos:pos + hop])
+                if not windows:
+                    continue
+                if pending and len(pending) + len(windows) > config.chunk_windows:
+                    yield chunk(pending, False)
+                    index, pending = index + 1, []
+                pending += windows
+    except Exception as exc:  # a decoder failing part way: the call fails, the batch goes on
+        error = str(exc) if isinstance(exc, AudioError) else f"cannot analyse {call.path}: {type(exc).__name__}: {exc}"
+        yield Chunk(call.call_id, call.path, index, True, error=error)
+        return
+    if not sound:
+        yield Chunk(call.call_id, call.path, index, True, error=f"audio is empty or silent: {call.path}")
+        return
     pending += windower.flush()
     yield chunk(pending, True)
 
@@ -274,7 +278,12 @@ def assemble_call(chunks: list[Chunk], config: BatchConfig) -> CallResult:
 
 def analyse_call(call: CallInput, predict: PredictFn, config: BatchConfig) -> CallResult:
     """All three steps for one call in this process."""
-    chunks = [classify_chunk(c, predict, config.max_batch) if not c.error else c for c in prepare_call(call, config)]
+    chunks = []
+    for c in prepare_call(call, config):
+        if not c.error:
+            classify_chunk(c, predict, config.max_batch)
+            c.samples = np.zeros((0, WINDOW_SAMPLES), np.float32)  # only the probabilities are kept
+        chunks.append(c)
     return assemble_call(chunks, config)
 
 

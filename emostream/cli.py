@@ -515,10 +515,6 @@ def cmd_batch(args) -> int:
         calls = find_inputs(args.input, skipped)
     except (ValueError, BatchError) as exc:
         raise UsageError(str(exc)) from None
-    if skipped:
-        shown = ", ".join(f"{path} ({why})" for path, why in skipped[:BATCH_SKIPPED_SHOWN])
-        more = f" and {len(skipped) - BATCH_SKIPPED_SHOWN} more" if len(skipped) > BATCH_SKIPPED_SHOWN else ""
-        print(f"emostream: batch: skipped {len(skipped)} file(s): {shown}{more}", file=sys.stderr, flush=True)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out is not a directory: {out}")
@@ -540,6 +536,10 @@ def cmd_batch(args) -> int:
     elif args.workers > 1:
         spec = ModelSpec(**{**spec.__dict__, "threads": max(1, (os.cpu_count() or 1) // args.workers)})
         _check_model_files(spec)
+    if skipped:
+        shown = ", ".join(f"{path} ({why})" for path, why in skipped[:BATCH_SKIPPED_SHOWN])
+        more = f" and {len(skipped) - BATCH_SKIPPED_SHOWN} more" if len(skipped) > BATCH_SKIPPED_SHOWN else ""
+        print(f"emostream: batch: skipped {len(skipped)} file(s): {shown}{more}", file=sys.stderr, flush=True)
     webhook = AlertWebhook(webhook_config) if webhook_config else None
     show = _batch_progress(len(calls), args.quiet)
     try:
