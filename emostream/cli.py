@@ -420,7 +420,7 @@ def cmd_replay(args) -> int:
     from .alerts import AlertTracker
     from .analyzer import Analyzer, AnalyzerConfig
     from .compliance import ChannelSelectionError, analysed_channels
-    from .audio import SAMPLE_RATE, load_audio
+    from .audio import SAMPLE_RATE, audio_info, is_silent, stream_audio
     from .dashboard import DashboardInfo, make_display
     from .stream import StreamConfig, StreamWindower
     from .model import model_identity
@@ -432,10 +432,10 @@ def cmd_replay(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     webhook_config = _webhook_config(args)
-    audio = load_audio(args.file)
-    if audio.shape[1] == 0 or not np.any(audio):
+    info = audio_info(args.file)
+    if info.frames == 0 or is_silent(args.file):
         raise UsageError(f"audio is empty or silent: {args.file}")
-    n_channels = audio.shape[0]
+    n_channels = info.channels
     if args.channel_names:
         names = tuple(n.strip() for n in args.channel_names.split(","))
         if len(names) != n_channels or len(set(names)) != len(names) or not all(names):
@@ -446,7 +446,7 @@ def cmd_replay(args) -> int:
         keep = analysed_channels(names, args.analyse)
     except ChannelSelectionError as exc:
         raise UsageError(str(exc)) from None
-    audio, names = audio[list(keep)], tuple(names[i] for i in keep)  # the rest is never analysed
+    names = tuple(names[i] for i in keep)  # the rest is never analysed
     predictor = _load_predictor(args)
     stream = args.stream or Path(args.file).stem
     writer = JsonlWriter(args.events) if args.events else None
@@ -465,13 +465,18 @@ def cmd_replay(args) -> int:
     with display:
         t0 = time.monotonic()
         try:
-            for pos in range(0, audio.shape[1], chunk):
-                if not args.fast:
-                    wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                analyzer.process(windower.push_frames(audio[:, pos:pos + chunk]))
-                display.set_clock(windower.seconds, time.monotonic() - t0)
+            pos = 0
+            for block in stream_audio(args.file):  # decoded block by block: memory bounded however long
+                block = block[list(keep)]
+                for start in range(0, block.shape[1], chunk):
+                    if not args.fast:
+                        wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+                    piece = block[:, start:start + chunk]
+                    analyzer.process(windower.push_frames(piece))
+                    pos += piece.shape[1]
+                    display.set_clock(windower.seconds, time.monotonic() - t0)
             analyzer.process(windower.flush())
             display.set_clock(windower.seconds, time.monotonic() - t0)
         except KeyboardInterrupt:
