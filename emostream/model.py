@@ -12,14 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import CLASSES, __version__
+from . import CLASSES, DEFAULT_CHECKPOINT, __version__
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
 from .features import FeatureConfig, MelFrontEnd
 
 NUM_CLASSES = len(CLASSES)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "emostream-resnet50"
 
 
 class CheckpointError(ValueError):
