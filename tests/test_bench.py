@@ -110,3 +110,17 @@ def test_classify_positions_table(shipped_checkpoint):
     assert int(rows[2][1]) >= 2 * n_clips
     for cells in rows.values():
         assert 0 <= float(cells[5]) <= 1 and 0 <= float(cells[6]) <= 1
+
+
+def test_long_call_quick(shipped_checkpoint, tmp_path):
+    """bench/long_call.py: each file mode on one call as its own process, with its peak RSS (issue #42)."""
+    result = run_bench("long_call", tmp_path, timeout=600)
+    rows = result["rows"]
+    assert [r["mode"] for r in rows] == ["batch", "replay", "classify"] and result["minutes"] == 1.0
+    for r in rows:
+        assert r["rc"] == 0 and r["audio_seconds"] == 60.0
+        assert 100 < r["max_rss_mb"] < 4096 and r["wall_s"] > 0
+        assert r["under_target"] == (r["max_rss_mb"] < 1024)
+    replay, batch = rows[1], rows[0]
+    assert replay["lines"] == 60 + 1 and batch["lines"] == 60 + 1  # a window per second, then the summary
+    assert rows[2]["record"]["speech"] and rows[2]["record"]["duration"] == 60.0
