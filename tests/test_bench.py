@@ -119,7 +119,7 @@ def test_long_call_quick(shipped_checkpoint, tmp_path):
     assert [r["mode"] for r in rows] == ["batch", "replay", "classify"] and result["minutes"] == 1.0
     for r in rows:
         assert r["rc"] == 0 and r["audio_seconds"] == 60.0
-        assert 100 < r["max_rss_mb"] < 4096 and r["wall_s"] > 0
+        assert 100 < r["max_rss_mb"] < 4096 and r["wall_s"] > 0 and 0 < r["max_anon_mb"] <= r["max_rss_mb"]
         assert r["under_target"] == (r["max_rss_mb"] < 1024)
     replay, batch = rows[1], rows[0]
     assert replay["lines"] == 60 + 1 and batch["lines"] == 60 + 1  # a window per second, then the summary
