@@ -146,6 +146,8 @@ def main() -> int:
             if r["rc"] != 0:
                 row["stderr"] = r["stderr"]
             rows.append(row)
+            if args.json:  # after every mode: a long run that is stopped keeps what it measured
+                args.json.write_text(json.dumps({"machine": machine(), "minutes": minutes, "rows": rows}, indent=1))
             print(f"{mode}: rc {r['rc']}, {r['wall_s']} s, max RSS {r['max_rss_mb']} MB (own {r['max_anon_mb']} MB)",
                   file=sys.stderr, flush=True)
     finally:
