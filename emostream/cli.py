@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,14 @@ def _positive(kind):
     return parse
 
 
+def _model_device(text: str) -> str:
+    """``--device``: the model's device in every command (mic's sound card is ``--input-device``)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model device: auto, cpu, cuda or cuda:N "
+                                         "(mic's sound card is --input-device)")
+    return text
+
+
 def _fraction(text: str) -> float:
     """A number in (0, 1] (the EMA weight of ``--smooth``)."""
     try:
@@ -58,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp):
         sp.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
-        sp.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+        sp.add_argument("--device", default="auto", type=_model_device,
+                        help="the model's device: auto (cuda when present), cpu or cuda")
         sp.add_argument("--fp32", action="store_true", help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)")
         backend_args(sp)
 
@@ -129,7 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="file to write")
     e.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
     add_live_commands(sub, model_args, stream_args)
+    for name, sp in sub.choices.items():
+        sp.formatter_class = argparse.RawDescriptionHelpFormatter
+        sp.epilog = "examples:\n" + "\n".join(f"  {line}" for line in HELP_EXAMPLES[name])
     return p
+
+
+# The last lines of each command's --help (they run as written from the repository root).
+HELP_EXAMPLES: dict[str, tuple[str, ...]] = {
+    "replay": ("emostream replay examples/call_stereo.flac --channel-names agent,customer",
+               "emostream replay examples/call_mono.flac --fast --no-dashboard --events timeline.jsonl",
+               'emostream replay call.wav --fast --alert "Angry>=0.7 for 10s"'),
+    "classify": ("emostream classify clip1.wav clip2.flac",
+                 "emostream classify examples/call_mono.flac --json"),
+    "batch": ("emostream batch calls/ --out results/",
+              "emostream batch 'calls/**/*.wav' --out results/ --analyse customer --plots html"),
+    "report": ("emostream report timeline.jsonl --out timeline.html",
+               "emostream report results/call-7.jsonl --out call-7.png"),
+    "export": ("emostream export --onnx emostream.onnx",
+               "emostream classify clip.wav --onnx emostream.onnx"),
+    "serve": ('emostream serve --events-dir calls/ --token "$TOKEN"',
+              "emostream serve --port 8765 --dashboard --no-model"),
+    "send": ("emostream send examples/call_stereo.flac ws://127.0.0.1:8765 --channel-names agent,customer",
+             "emostream send examples/call_mono.flac ws://127.0.0.1:8765 --channel-names customer --fast",
+             "emostream send examples/call_telephone.flac ws://127.0.0.1:8765 --protocol twilio"),
+    "watch": ("emostream watch ws://127.0.0.1:8765",
+              "emostream watch ws://127.0.0.1:8765 --call-id call-7 --no-dashboard"),
+    "mic": ("emostream mic --list-devices",
+            'emostream mic --input-device "USB Headset" --events mic.jsonl',
+            "emostream mic --seconds 30 --no-dashboard --device cpu"),
+}
 
 
 def backend_args(sp) -> None:
@@ -270,9 +309,11 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     ray_args(sv)
 
     sd = sub.add_parser("send", help="stream a recorded call to a server as a bridge would and print the events")
-    sd.add_argument("file")
+    sd.add_argument("file", help="the recorded call to stream (any format replay reads; stereo: one party per channel)")
     sd.add_argument("url", help="server, e.g. ws://127.0.0.1:8765")
-    sd.add_argument("--protocol", choices=("pcm", "twilio", "audiohook"), default="pcm")
+    sd.add_argument("--protocol", choices=("pcm", "twilio", "audiohook"), default="pcm",
+                    help="the bridge to act as: pcm (raw PCM on /v1/pcm, default), twilio (Media Streams on "
+                         "/v1/twilio, 8 kHz mu-law) or audiohook (Genesys AudioHook on /v1/audiohook)")
     sd.add_argument("--fast", action="store_true", help="send as fast as the server takes it (default: real time)")
     sd.add_argument("--token", default=None, help="server token (default: $EMOSTREAM_TOKEN)")
     sd.add_argument("--call-id", default=None, help="call id (default: file name for pcm, random for the others)")
@@ -292,15 +333,17 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     w.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the dashboard")
 
     m = sub.add_parser("mic", help="analyse a microphone (or any audio input) live")
-    m.add_argument("--device", dest="input_device", default=None, metavar="N|NAME",
-                   help="input device index or (part of its) name; default: the system default input")
+    m.add_argument("--input-device", dest="input_device", default=None, metavar="N|NAME",
+                   help="the sound card: input device index or (part of its) name (see --list-devices); "
+                        "default: the system default input")
     m.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     m.add_argument("--rate", type=_positive(int), default=None, help="capture rate (default: the device's)")
     m.add_argument("--channels", type=int, choices=(1, 2), default=1, help="channels to capture (default 1)")
     m.add_argument("--seconds", type=_positive(float), default=None, help="stop after this much audio")
     stream_args(m)
     m.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
-    m.add_argument("--model-device", dest="device", default="auto", help="auto (cuda when present), cpu or cuda")
+    m.add_argument("--device", "--model-device", dest="device", default="auto", type=_model_device,
+                   help="the model's device, as in every command: auto (cuda when present), cpu or cuda")
     m.add_argument("--fp32", action="store_true", help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)")
     backend_args(m)
 
@@ -706,7 +749,8 @@ def cmd_serve(args) -> int:
             raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
         auth = "token required" if config.token else "no token (set --token or EMOSTREAM_TOKEN)"
         print(f"emostream serve: listening on ws://{config.host}:{port} (/v1/pcm /v1/twilio /v1/audiohook "
-              f"/v1/events); model on {device}; {auth}", file=sys.stderr, flush=True)
+              f"/v1/events); model on {device}; {auth}; supervisor page http://{config.host}:{port}/",
+              file=sys.stderr, flush=True)
         view = None
         if args.dashboard:
             from rich.console import Console
@@ -816,6 +860,16 @@ def cmd_send(args) -> int:
         raise UsageError(f"--channel-names must be distinct non-empty names, got {args.channel_names!r}")
     if not Path(args.file).exists():
         raise UsageError(f"no such file: {args.file}")
+    hint = ""
+    if names is None and args.protocol == "pcm":
+        from .audio import AudioError, audio_info
+
+        try:
+            if audio_info(args.file).channels == 1:
+                hint = (f"; {args.file} is mono, sent as channel 'ch0' and serve analyses the customer by default: "
+                        "add --channel-names customer")
+        except AudioError:
+            pass  # send_file says why the file cannot be read
     options = SendOptions(protocol=args.protocol, fast=args.fast, token=_env_default(args.token, "EMOSTREAM_TOKEN"),
                           call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
                           channel_names=names, audiohook_key=key)
@@ -832,7 +886,7 @@ def cmd_send(args) -> int:
         reason = result.close_reason or "connection closed"
         errors = [m.get("message") for m in result.messages if m.get("type") == "error"]
         print(f"emostream: error: call ended without a summary (close {result.close_code}: "
-              f"{errors[0] if errors else reason})", file=sys.stderr)
+              f"{errors[0] if errors else reason}){hint}", file=sys.stderr)
         return 1
     return 0
 
@@ -854,11 +908,14 @@ def cmd_watch(args) -> int:
     view = SupervisorView(args.url, console) if (not args.no_dashboard and console.is_terminal) else PlainWatcher()
     try:
         with view:
-            asyncio.run(watch(args.url, view.update, _env_default(args.token, "EMOSTREAM_TOKEN"), args.call_id))
+            closed = asyncio.run(watch(args.url, view.update, _env_default(args.token, "EMOSTREAM_TOKEN"), args.call_id))
     except InvalidStatus as exc:
         raise UsageError(f"server refused the connection: HTTP {exc.response.status_code}") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise UsageError(f"cannot connect to {args.url}: {exc or type(exc).__name__}") from None
+    if closed is not None:  # the server went away (stopped, restarted, or the network dropped)
+        print(f"emostream: watch: the server closed the connection ({closed})", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

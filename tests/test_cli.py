@@ -246,3 +246,38 @@ def test_replay_bundled_stereo_example_matches_ground_truth_format(shipped_check
     score = agreement(events, segments)
     assert set(score) == {"agent", "customer", "overall"}
     assert score["overall"]["agreement"] > 1 / 7
+
+
+COMMANDS = ("replay", "classify", "batch", "report", "export", "serve", "send", "watch", "mic")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_ends_with_examples(command):
+    """#42 item 10: each command's --help ends with 2-3 examples of that command."""
+    r = run_cli(command, "--help")
+    assert r.returncode == 0
+    tail = r.stdout.rstrip().split("\nexamples:\n")
+    assert len(tail) == 2, r.stdout[-300:]
+    examples = tail[1].splitlines()
+    assert 2 <= len(examples) <= 3 and all(e.startswith(f"  emostream {command} ") or "emostream" in e for e in examples)
+    assert any(e.startswith(f"  emostream {command} ") for e in examples)
+
+
+def test_send_and_mic_options_say_what_they_are(tmp_path):
+    """#42 item 10: send's file and --protocol have help; mic's sound card is --input-device and
+    --device is the model's device as everywhere; a mono file sent as pcm hints at --channel-names."""
+    from emostream.cli import build_parser
+    sd = run_cli("send", "--help").stdout
+    assert "the recorded call to stream" in sd and "the bridge to act as" in sd
+    args = build_parser().parse_args(["mic", "--input-device", "USB", "--device", "cpu"])
+    assert (args.input_device, args.device) == ("USB", "cpu")
+    assert build_parser().parse_args(["mic", "--model-device", "cpu"]).device == "cpu"  # the old name still works
+    bad = run_cli("mic", "--device", "USB Headset", "--seconds", "1")
+    assert bad.returncode == 2 and "--input-device" in bad.stderr and "Traceback" not in bad.stderr
+    from .live_util import ServerThread
+    mono = tmp_path / "mono.wav"
+    sf.write(mono, speechlike(1.0), 16000)
+    with ServerThread(port=0, analyse="customer") as srv:  # serve's default: the customer only
+        r = run_cli("send", str(mono), srv.url, "--fast")
+    assert r.returncode == 1 and "no customer channel" in r.stderr, r.stderr
+    assert r.stderr.strip().endswith("add --channel-names customer") and len(r.stderr.strip().splitlines()) == 1

@@ -104,6 +104,7 @@ def test_serve_send_watch_processes(tmp_path):
         assert match, line
         url = match.group(1)
         assert "token required" in line
+        assert re.search(r"supervisor page http://127\.0\.0\.1:\d+/$", line.strip())  # #42 item 10
         watch = subprocess.Popen([sys.executable, "-m", "emostream", "watch", url, "--no-dashboard"], cwd=ROOT,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)  # let watch subscribe
@@ -120,7 +121,8 @@ def test_serve_send_watch_processes(tmp_path):
         serve.send_signal(signal.SIGINT)
         assert serve.wait(20) == 0
         out, err = watch.communicate(timeout=20)
-        assert watch.returncode == 0, err
+        # the server went away: watch says so and exits non-zero (#42 item 10)
+        assert watch.returncode == 1 and "the server closed the connection (code 1001" in err, err
         assert "[proc-call] started (twilio: customer, agent)" in out
         assert "[proc-call] customer  0.0-2.5s" in out and "[proc-call] ended (completed)" in out
         lines = (tmp_path / "ev" / "proc-call.jsonl").read_text().splitlines()
