@@ -2,25 +2,40 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 EXAMPLE ?= examples/call_stereo.flac
 EXAMPLE_NAMES ?= agent,customer
 
-.PHONY: demo test install browser clean-venv
+.PHONY: demo test install install-test browser clean-venv
 
-# Reinstall only when pyproject.toml changes (the venv is ~5 GB: torch ships CUDA libraries).
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+# Two stamps, so the venv is reused while pyproject.toml is unchanged: `make demo` installs the core
+# package only (torch with its CUDA libraries is most of its size: see the README); `make test` adds the
+# [test] extra (Ray, faster-whisper, Selenium, ...). A venv that has the test extra satisfies the demo.
+CORE_STAMP := $(VENV)/.installed-core
+TEST_STAMP := $(VENV)/.installed
+
+$(CORE_STAMP): pyproject.toml
+	@if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ]; then \
+	  touch $@ && touch $(TEST_STAMP); \
+	else \
+	  set -e; \
+	  test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -m pip install --quiet --upgrade pip; \
+	  $(BIN)/python -m pip install --quiet -e .; \
+	  touch $@; \
+	fi
+
+$(TEST_STAMP): $(CORE_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+install: $(CORE_STAMP)
 
-demo: $(STAMP)
+install-test: $(TEST_STAMP)
+
+demo: $(CORE_STAMP)
 	$(BIN)/emostream replay $(EXAMPLE) --channel-names $(EXAMPLE_NAMES) --speed 4
 
-test: $(STAMP) browser
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m ruff check emostream train tests bench
 	$(BIN)/python -m pytest -q
 

@@ -25,7 +25,7 @@ class Analyzer:
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], stream: str, channels: tuple[str, ...],
                  config: AnalyzerConfig = AnalyzerConfig(), hop_seconds: float = 1.0,
-                 sinks: Iterable[Callable[[dict], None]] = ()):
+                 sinks: Iterable[Callable[[dict], None]] = (), source_channels: dict[str, str] | None = None):
         self.predict = predict
         self.stream = stream
         self.config = config
@@ -33,6 +33,7 @@ class Analyzer:
         self.timeline = Timeline(stream, tuple(channels), hop_seconds)
         self.sinks = list(sinks)
         self.gate = SpeechGate(config.vad)
+        self.source_channels = dict(source_channels or {})  # channel -> the bridge's own name for it
 
     def process(self, windows: list[Window]) -> list[dict]:
         """Classify ``windows`` (any channels, in time order) and emit one event each."""
@@ -69,6 +70,8 @@ class Analyzer:
         for i, w in enumerate(windows):
             p = self.smoother(w.channel, probs.get(i))
             event = make_event(self.stream, w.channel, w.t_start, w.t_end, p)
+            if w.channel in self.source_channels:
+                event["source_channel"] = self.source_channels[w.channel]
             self.timeline.add(event)
             for sink in self.sinks:
                 sink(event)

@@ -14,6 +14,7 @@ The CLI runs the same code: ``emostream replay --fast --events`` writes exactly 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,11 +34,17 @@ def load_model(path: str | Path | None = None, *, device: str = "auto", backend:
     :class:`~emostream.model.CheckpointError` (a ValueError) for a missing or foreign model."""
     from .loading import load_predictor
 
+    from .model import model_identity
+
     if backend == "onnx":
         if path is None:
             raise ValueError("backend onnx needs the path of an ONNX file (make one with: emostream export --onnx FILE)")
-        return load_predictor(device=device, fp32=fp32, backend="onnx", onnx=path)
-    return load_predictor(path, device=device, fp32=fp32, backend=backend)
+        predictor = load_predictor(device=device, fp32=fp32, backend="onnx", onnx=path)
+        predictor.identity = model_identity(onnx=path)
+    else:
+        predictor = load_predictor(path, device=device, fp32=fp32, backend=backend)
+        predictor.identity = model_identity(path)
+    return predictor  # .identity: the "model" field of summaries (name, weights hash)
 
 
 _shipped: list = []
@@ -52,22 +59,17 @@ def _model(model: Model | None) -> Model:
     return _shipped[0]
 
 
-def classify(path: str | Path, model: Model | None = None, *, positions: int = CLIP_POSITIONS) -> dict:
-    """Whole-file emotion of a clip: the dict ``emostream classify --json`` prints (path, label,
-    confidence, probabilities of the 7 classes, duration in seconds). ``positions``: placements of a
-    short clip in the 6 s window whose logits are averaged. Raises ValueError for unreadable audio."""
-    from . import CLASSES
-    from .audio import SAMPLE_RATE, load_mono
-    from .model import clip_probabilities
-    from .stream import placed_windows
+def classify(path: str | Path, model: Model | None = None, *, positions: int = CLIP_POSITIONS,
+             vad: str = "silero") -> dict:
+    """Whole-file emotion of a recording: the dict ``emostream classify --json`` prints (path, label,
+    confidence, probabilities of the 7 classes, duration in seconds, speech, speech_seconds; with less
+    than the gate's minimum of speech, ``speech`` is false and label, confidence and probabilities are
+    None). ``positions``: placements of a short clip in the 6 s window whose logits are averaged;
+    ``vad``: the speech gate (silero, energy, off). Raises ValueError for unreadable audio."""
+    from .vad import VadConfig
+    from .whole_file import classify_file
 
-    predictor = _model(model)
-    audio = load_mono(path)
-    probs = clip_probabilities(predictor, placed_windows(audio, positions), positions)
-    k = int(np.argmax(probs))
-    return {"path": str(path), "label": CLASSES[k], "confidence": round(float(probs[k]), 4),
-            "probabilities": {c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
-            "duration": round(len(audio) / SAMPLE_RATE, 3)}
+    return classify_file(path, _model(model), positions, VadConfig.named(vad))
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,10 @@ class Stream:
         self.channels = tuple(channels)
         rules = tuple(r if isinstance(r, AlertRule) else AlertRule.parse(r) for r in alerts)
         self._out: list[dict] = []
+        self._model = _model(model)
+        self._started = time.time()
         self._pipeline = CallPipeline(
-            _model(model).predict, stream, self.channels,
+            self._model.predict, stream, self.channels,
             stream_config=StreamConfig(hop_seconds=hop, min_seconds=min_seconds),
             analyzer_config=AnalyzerConfig(smooth=smooth, vad=VadConfig.named(vad)),
             sinks=[self._out.append], alert_rules=rules, alert_sinks=[self._out.append], sample_rate=sample_rate)
@@ -154,10 +158,20 @@ class Stream:
         """End of the audio: classify the final windows and return the summary (their events and
         alerts are in :attr:`last_events`)."""
         if self._summary is None:
+            from .model import model_identity
+            from .timeline import iso_utc
+
             self._pipeline.flush()
             self.last_events = self._take()
             self._summary = self._pipeline.summary()
+            self._summary.update(model=getattr(self._model, "identity", None) or model_identity(),
+                                 started_at=iso_utc(self._started), started_at_from="stream start")
         return self._summary
+
+    @property
+    def seconds(self) -> float:
+        """Audio received so far, in seconds (per channel)."""
+        return self._pipeline.seconds
 
     def _take(self) -> list[dict]:
         out, self._out[:] = list(self._out), []
@@ -172,21 +186,26 @@ def analyze(path: str | Path, model: Model | None = None, *, channel_names: Iter
     ``channel_names``: one per channel of the file (default ch0, ch1, ...); ``analyse``: all,
     customer or agent (by channel name: only those channels are read); ``stream``: the stream id in
     events (default: the file name without suffix); the rest as :class:`Stream`."""
-    from .audio import SAMPLE_RATE, AudioError, load_audio
+    from .audio import SAMPLE_RATE, AudioError, audio_info, is_silent, stream_audio
     from .compliance import analysed_channels
     from .pipeline import REPLAY_CHUNK_SECONDS, channel_names as resolve_names
+    from .timeline import FILE_START_FROM, file_start_time
 
-    audio = load_audio(path)
-    if audio.shape[1] == 0 or not np.any(audio):
+    info = audio_info(path)
+    if info.frames == 0 or is_silent(path):
         raise AudioError(f"audio is empty or silent: {path}")
-    names = resolve_names(channel_names, audio.shape[0])
+    names = resolve_names(channel_names, info.channels)
     keep = analysed_channels(names, analyse)
-    audio, names = audio[list(keep)], tuple(names[i] for i in keep)
-    live = Stream(model, channels=names, stream=stream or Path(path).stem, hop=hop, min_seconds=min_seconds,
+    names = tuple(names[i] for i in keep)
+    predictor = _model(model)
+    live = Stream(predictor, channels=names, stream=stream or Path(path).stem, hop=hop, min_seconds=min_seconds,
                   smooth=smooth, vad=vad, alerts=alerts)
     chunk = int(REPLAY_CHUNK_SECONDS * SAMPLE_RATE)
     events = []
-    for pos in range(0, audio.shape[1], chunk):
-        events += live.push(audio[:, pos:pos + chunk].T)
+    for block in stream_audio(path):  # decoded block by block, as replay does: memory bounded however long
+        block = block[list(keep)]
+        for pos in range(0, block.shape[1], chunk):
+            events += live.push(block[:, pos:pos + chunk].T)
     summary = live.close()
+    summary.update(started_at=file_start_time(path, live.seconds), started_at_from=FILE_START_FROM)
     return Analysis(events + live.last_events, summary)

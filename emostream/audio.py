@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -15,7 +17,9 @@ WINDOW_SECONDS = 6
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
 TELEPHONE_RATE = 8000
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+# Every format libsndfile decodes here (classify, replay and batch take the same ones).
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+DECODE_BLOCK_SECONDS = 30.0  # stream_audio: seconds of the file decoded at a time (bounded memory)
 
 
 class AudioError(ValueError):
@@ -89,6 +93,92 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 def load_mono(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read a file as mono (channel mean), resampled; float32 ``(frames,)``."""
     return load_audio(path, sample_rate).mean(axis=0)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says: channels, frames and rate (at the file's own rate)."""
+
+    channels: int
+    frames: int
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+    def frames_at(self, rate: int = SAMPLE_RATE) -> int:
+        """Frames after resampling to ``rate`` (ceil, as :func:`resample` and :class:`StreamResampler`)."""
+        from math import gcd
+
+        g = gcd(rate, self.sample_rate)
+        return -(-self.frames * (rate // g) // (self.sample_rate // g))
+
+
+def _open(source: str | Path | bytes, name: str):
+    """A ``soundfile.SoundFile`` on a path or a file's bytes; :class:`AudioError` (one line) otherwise."""
+    import soundfile as sf
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise AudioError(f"audio file is empty: {name}")
+        source = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise AudioError(f"no such file: {path}")
+        if path.is_dir():
+            raise AudioError(f"is a directory, not an audio file: {path}")
+        source = str(path)
+    try:
+        return sf.SoundFile(source)
+    except Exception as exc:  # soundfile raises several types; all mean unreadable
+        raise AudioError(f"cannot read audio from {name}: {decoder_message(exc)}") from None
+
+
+def audio_info(source: str | Path | bytes, name: str | None = None) -> AudioInfo:
+    """:class:`AudioInfo` of a file (path or bytes) without decoding it."""
+    with _open(source, name or str(source)) as f:
+        return AudioInfo(f.channels, max(0, int(f.frames)), int(f.samplerate))
+
+
+def stream_audio(source: str | Path | bytes, name: str | None = None, sample_rate: int = SAMPLE_RATE,
+                 mono: bool = False, block_seconds: float = DECODE_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """Decode a file block by block, resampled to ``sample_rate``: float32 ``(channels, n)`` blocks
+    (``(1, n)`` with ``mono``, the channel mean) whose concatenation equals :func:`load_audio` (the
+    resampling is :class:`StreamResampler`'s), in memory bounded by ``block_seconds`` however long
+    the file. :class:`AudioError` when it cannot be read or holds no frames."""
+    name = name or str(source)
+    with _open(source, name) as f:
+        rate, channels = int(f.samplerate), 1 if mono else f.channels
+        resamplers = [StreamResampler(rate, sample_rate, block_seconds=block_seconds) for _ in range(channels)]
+        block, total = max(1, int(block_seconds * rate)), 0
+        while True:
+            try:
+                data = f.read(block, dtype="float32", always_2d=True)
+            except Exception as exc:
+                raise AudioError(f"cannot read audio from {name}: {decoder_message(exc)}") from None
+            if len(data) == 0:
+                break
+            total += len(data)
+            data = data.mean(axis=1, keepdims=True) if mono else data
+            out = [r.push(data[:, c]) for c, r in enumerate(resamplers)]
+            if len(out[0]):
+                yield np.stack(out)
+        if total == 0:
+            raise AudioError(f"audio file is empty: {name}")
+        tail = [r.flush() for r in resamplers]
+        if len(tail[0]):
+            yield np.stack(tail)
+
+
+def is_silent(source: str | Path | bytes, name: str | None = None) -> bool:
+    """Whether a file holds only zeros (read block by block at its own rate; stops at the first sound)."""
+    with _open(source, name or str(source)) as f:
+        for data in f.blocks(blocksize=max(1, int(DECODE_BLOCK_SECONDS * f.samplerate)), dtype="float32"):
+            if np.any(data):
+                return False
+    return True
 
 
 # --- sample formats -------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Every call goes through the windowed timeline of ``replay --fast`` (same windows, same speech gate,
 same model, same smoothing and alert rules), in three steps that both engines share:
 
-1. :func:`prepare_call`: decode and resample the file, pick the analysed channels, cut the windows
+1. :func:`prepare_call`: decode and resample the file block by block, pick the analysed channels, cut the windows
    and run the speech gate, yielding :class:`Chunk` s of at most ``chunk_windows`` windows (bounded
    memory, however long the call);
 2. :func:`classify_chunk`: the model on a chunk's speech windows;
@@ -35,10 +35,10 @@ import numpy as np
 
 from .alerts import AlertRule, AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
-from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, read_audio, read_audio_bytes, resample
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, audio_info, stream_audio
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
 from .stream import StreamConfig, StreamWindower, Window
-from .timeline import CLASSES, JsonlWriter
+from .timeline import CLASSES, FILE_START_FROM, JsonlWriter, file_start_time
 from .vad import SpeechGate, VadConfig
 from .worker import ModelSpec, PredictFn
 
@@ -139,14 +139,19 @@ class CallResult:
 
 # --- inputs ---------------------------------------------------------------------------------
 
-def find_inputs(spec: str) -> list[CallInput]:
-    """The recordings of ``INPUT_DIR_OR_GLOB``: a folder (searched recursively for wav, flac, ogg,
-    mp3), a glob pattern (``**`` allowed) or one file. Call ids are the paths relative to the folder
-    (or the pattern's fixed part) without the suffix, ``/`` written as ``__``; two files that would
-    share an id keep their suffix."""
+def find_inputs(spec: str, skipped: list[tuple[str, str]] | None = None) -> list[CallInput]:
+    """The recordings of ``INPUT_DIR_OR_GLOB``: a folder (searched recursively for the formats of
+    ``AUDIO_SUFFIXES``, the ones classify and replay read), a glob pattern (``**`` allowed) or one
+    file. Call ids are the paths relative to the folder (or the pattern's fixed part) without the
+    suffix, ``/`` written as ``__``; two files that would share an id keep their suffix. The files of
+    a folder left out are appended to ``skipped`` as ``(path, why)``."""
     root = Path(spec)
     if root.is_dir():
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        paths = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+        if skipped is not None:
+            skipped += [(str(p), f"not an audio format ({p.suffix or 'no suffix'})") for p in files
+                        if p.suffix.lower() not in AUDIO_SUFFIXES]
         base = root
     elif glob.has_magic(spec):
         paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
@@ -164,19 +169,6 @@ def find_inputs(spec: str) -> list[CallInput]:
     return [CallInput(i + p.suffix if counts[i] > 1 else i, str(p)) for i, p in zip(ids, paths)]
 
 
-def decode_audio(source: str | bytes, name: str) -> np.ndarray:
-    """Float32 ``(channels, frames)`` at 16 kHz from a path or a file's bytes; :class:`AudioError`
-    (one line) when it cannot be read, is empty or is silent (as ``replay`` refuses them)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        samples, rate = read_audio_bytes(source, name)
-    else:
-        samples, rate = read_audio(source)
-    audio = resample(samples, rate, SAMPLE_RATE)
-    if audio.shape[1] == 0 or not np.any(audio):
-        raise AudioError(f"audio is empty or silent: {name}")
-    return audio
-
-
 def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> tuple[str, ...]:
     """Names of a file's channels: ``given``, else ``ch0`` for mono and ``agent,customer`` for stereo."""
     if given is None:
@@ -189,19 +181,24 @@ def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> 
 # --- the three steps ------------------------------------------------------------------------
 
 def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | None = None) -> Iterator[Chunk]:
-    """Decode, window and gate one call (``source``: the file's bytes, default: read ``call.path``)."""
+    """Decode, window and gate one call (``source``: the file's bytes, default: read ``call.path``),
+    block by block: memory does not grow with the call's length. A silent file, or one that fails
+    to decode part way, ends with an error chunk (the call fails as a whole)."""
+    source = call.path if source is None else source
     try:
-        audio = decode_audio(call.path if source is None else source, call.path)
-        names = channel_names(audio.shape[0], config.channel_names, call.path)
+        info = audio_info(source, call.path)
+        names = channel_names(info.channels, config.channel_names, call.path)
         keep = analysed_channels(names, config.analyse)
+        if info.frames == 0:
+            raise AudioError(f"audio file is empty: {call.path}")
     except (AudioError, ChannelSelectionError) as exc:
         yield Chunk(call.call_id, call.path, 0, True, error=str(exc))
         return
     except Exception as exc:  # anything a decoder throws: this call fails, the batch goes on
         yield Chunk(call.call_id, call.path, 0, True, error=f"cannot analyse {call.path}: {type(exc).__name__}: {exc}")
         return
-    audio, names = audio[list(keep)], tuple(names[i] for i in keep)
-    seconds = audio.shape[1] / SAMPLE_RATE
+    names = tuple(names[i] for i in keep)
+    seconds = info.frames_at(SAMPLE_RATE) / SAMPLE_RATE
     windower = StreamWindower(call.call_id, names, StreamConfig(config.hop_seconds, config.min_seconds))
     gate = SpeechGate(config.vad)
     hop = windower.config.hop_samples
@@ -216,14 +213,26 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
 
     # The gate must see each channel's windows in order, exactly once: it runs per block of windows
     # as they complete; a chunk closes when the next block could take it past chunk_windows.
-    for pos in range(0, audio.shape[1], hop):
-        windows = windower.push_frames(audio[:, pos:pos + hop])
-        if not windows:
-            continue
-        if pending and len(pending) + len(windows) > config.chunk_windows:
-            yield chunk(pending, False)
-            index, pending = index + 1, []
-        pending += windows
+    sound = False
+    try:
+        for block in stream_audio(source, call.path):
+            audio = block[list(keep)]
+            sound = sound or bool(np.any(block))
+            for pos in range(0, audio.shape[1], hop):
+                windows = windower.push_frames(audio[:, pos:pos + hop])
+                if not windows:
+                    continue
+                if pending and len(pending) + len(windows) > config.chunk_windows:
+                    yield chunk(pending, False)
+                    index, pending = index + 1, []
+                pending += windows
+    except Exception as exc:  # a decoder failing part way: the call fails, the batch goes on
+        error = str(exc) if isinstance(exc, AudioError) else f"cannot analyse {call.path}: {type(exc).__name__}: {exc}"
+        yield Chunk(call.call_id, call.path, index, True, error=error)
+        return
+    if not sound:
+        yield Chunk(call.call_id, call.path, index, True, error=f"audio is empty or silent: {call.path}")
+        return
     pending += windower.flush()
     yield chunk(pending, True)
 
@@ -261,14 +270,20 @@ def assemble_call(chunks: list[Chunk], config: BatchConfig) -> CallResult:
         analyzer.emit(windows, dict(zip(speech, c.probs if c.probs is not None else [])))
     summary = analyzer.timeline.summary()
     summary.update(call_id=first.call_id, path=first.path,
-                   alerts=[a for a in tracker.history if a["state"] == "raised"])
+                   alerts=[a for a in tracker.history if a["state"] == "raised"],
+                   started_at=file_start_time(first.path, first.audio_seconds), started_at_from=FILE_START_FROM)
     lines.append(summary)
     return CallResult(first.call_id, first.path, lines, audio_seconds=first.audio_seconds)
 
 
 def analyse_call(call: CallInput, predict: PredictFn, config: BatchConfig) -> CallResult:
     """All three steps for one call in this process."""
-    chunks = [classify_chunk(c, predict, config.max_batch) if not c.error else c for c in prepare_call(call, config)]
+    chunks = []
+    for c in prepare_call(call, config):
+        if not c.error:
+            classify_chunk(c, predict, config.max_batch)
+            c.samples = np.zeros((0, WINDOW_SAMPLES), np.float32)  # only the probabilities are kept
+        chunks.append(c)
     return assemble_call(chunks, config)
 
 
@@ -319,7 +334,8 @@ def _schema():
                       ("t_end", pa.float64())])
     alert = pa.struct([("rule", pa.string()), ("t", pa.float64()), ("since", pa.float64())])
     return pa.schema([("call_id", pa.string()), ("path", pa.string()), ("status", pa.string()),
-                      ("error", pa.string()), ("channel", pa.string()), ("duration", pa.float64()),
+                      ("error", pa.string()), ("started_at", pa.string()), ("model", pa.string()),
+                      ("model_sha256", pa.string()), ("channel", pa.string()), ("duration", pa.float64()),
                       ("speech_seconds", pa.float64()), ("windows", pa.int32()), ("speech_windows", pa.int32()),
                       ("dominant", pa.string())]
                      + [(f"share_{c}", pa.float64()) for c in CLASSES]
@@ -327,27 +343,47 @@ def _schema():
 
 
 def summary_rows(summary: dict) -> list[dict]:
-    """One table row per analysed channel of a finished call's summary line."""
+    """One table row per analysed channel of a finished call's summary line. A channel without
+    speech has null shares (NaN in pandas), not 0."""
     rows = []
+    model = summary.get("model") or {}
     for channel, s in summary.get("channels", {}).items():
         alerts = [{"rule": a["rule"], "t": a["t"], "since": a["since"]}
                   for a in summary.get("alerts", []) if a.get("channel") == channel]
+        speech = bool(s["speech_seconds"])
         rows.append({"call_id": summary.get("call_id", summary.get("stream")), "path": summary.get("path"),
-                     "status": "ok", "error": None, "channel": channel, "duration": summary.get("duration"),
+                     "status": "ok", "error": None, "started_at": summary.get("started_at"),
+                     "model": model.get("name"), "model_sha256": model.get("sha256"),
+                     "channel": channel, "duration": summary.get("duration"),
                      "speech_seconds": s["speech_seconds"], "windows": s["windows"],
                      "speech_windows": s["speech_windows"], "dominant": s["dominant"],
-                     **{f"share_{c}": s["shares"].get(c, 0.0) for c in CLASSES},
+                     **{f"share_{c}": s["shares"].get(c, 0.0) if speech else None for c in CLASSES},
                      "peaks": s["peaks"], "alerts_raised": len(alerts), "alerts": alerts})
     return rows
 
 
-def error_row(result: CallResult) -> dict:
+def error_row(result: CallResult, model: dict | None = None) -> dict:
+    """The row of a call that failed: no channel, no windows (0, so the column stays integer)."""
+    model = model or {}
     return {"call_id": result.call_id, "path": result.path, "status": "error", "error": result.error,
-            "channel": None, "duration": None, "speech_seconds": None, "windows": None, "speech_windows": None,
+            "started_at": None, "model": model.get("name"), "model_sha256": model.get("sha256"),
+            "channel": None, "duration": None, "speech_seconds": None, "windows": 0, "speech_windows": 0,
             "dominant": None, **{f"share_{c}": None for c in CLASSES}, "peaks": [], "alerts_raised": 0, "alerts": []}
 
 
-def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, int]:
+def spec_identity(spec: ModelSpec) -> dict[str, str]:
+    """The model a batch runs, as timelines and the table name it (``model_identity``)."""
+    from .model import model_identity
+
+    if spec.backend == "constant":
+        return {"name": "none", "sha256": ""}
+    try:
+        return model_identity(spec.checkpoint, spec.onnx if spec.backend == "onnx" else None)
+    except OSError:
+        return {}
+
+
+def write_summary_table(out_dir: Path, failed: list[CallResult], model: dict | None = None) -> tuple[Path, int]:
     """``OUT/summary.parquet``: a row per channel of every finished call in ``out_dir`` (this run's
     and earlier runs'), then a row per call that failed in this run, by call id. Returns (path, rows)."""
     import pyarrow as pa
@@ -358,7 +394,7 @@ def write_summary_table(out_dir: Path, failed: list[CallResult]) -> tuple[Path, 
         summary = read_summary(path)
         if summary is not None:
             rows += summary_rows(summary)
-    rows += [error_row(r) for r in sorted(failed, key=lambda r: r.call_id)]  # workers finish in any order
+    rows += [error_row(r, model) for r in sorted(failed, key=lambda r: r.call_id)]  # workers finish in any order
     table = pa.Table.from_pylist(rows, schema=_schema())
     target = out_dir / SUMMARY_FILE
     part = target.with_name(target.name + ".part")
@@ -532,10 +568,12 @@ def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: Ba
     todo = [c for c in calls if c.call_id not in done]
     report = BatchReport(total=len(calls), skipped=len(done))
     reported: set[str] = set()
+    model = spec_identity(spec)
 
     def on_result(result: CallResult) -> None:
         reported.add(result.call_id)
         if result.ok:
+            result.lines[-1]["model"] = model  # the summary line names the model that ran
             try:
                 path = write_call(out_dir, result)
                 if plots:
@@ -577,7 +615,7 @@ def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: Ba
         for call in calls:
             if call.call_id in done and not (out_dir / f"{call.call_id}.{plots}").exists():
                 _plot(out_dir / f"{call.call_id}.jsonl", plots)
-    report.table, report.rows = write_summary_table(out_dir, report.failed)
+    report.table, report.rows = write_summary_table(out_dir, report.failed, model)
     report.wall_seconds = time.monotonic() - t0
     return report
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .stream import CLIP_POSITIONS
 
 PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
 WEBHOOK_CLOSE_SECONDS = 30.0  # replay/batch: how long queued alert POSTs may still take at the end
+BATCH_SKIPPED_SHOWN = 10      # batch: skipped files named on stderr (the rest counted)
 
 
 class UsageError(Exception):
@@ -28,6 +30,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _model_device(text: str) -> str:
+    """``--device``: the model's device in every command (mic's sound card is ``--input-device``)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model device: auto, cpu, cuda or cuda:N "
+                                         "(mic's sound card is --input-device)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="emostream", description="Real-time speech emotion analysis for phone calls.")
     p.add_argument("--version", action="version", version=f"emostream {__version__}")
@@ -35,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp):
         sp.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
-        sp.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+        sp.add_argument("--device", default="auto", type=_model_device,
+                        help="the model's device: auto (cuda when present), cpu or cuda")
         sp.add_argument("--fp32", action="store_true", help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)")
         backend_args(sp)
 
@@ -69,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the logits over P placements of a short file in the window, as a stream's hops "
                         f"see it (test-time window averaging; P times the compute; default {CLIP_POSITIONS}, "
                         "the cross-validated protocol; 1: the recipe's fixed 6 s chunks)")
+    vad_args(c)
     model_args(c)
 
     b = sub.add_parser("batch", help="analyse a folder of recorded calls: a JSONL timeline per call and a Parquet "
@@ -105,7 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="file to write")
     e.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
     add_live_commands(sub, model_args, stream_args)
+    for name, sp in sub.choices.items():
+        sp.formatter_class = argparse.RawDescriptionHelpFormatter
+        sp.epilog = "examples:\n" + "\n".join(f"  {line}" for line in HELP_EXAMPLES[name])
     return p
+
+
+# The last lines of each command's --help (they run as written from the repository root).
+HELP_EXAMPLES: dict[str, tuple[str, ...]] = {
+    "replay": ("emostream replay examples/call_stereo.flac --channel-names agent,customer",
+               "emostream replay examples/call_mono.flac --fast --no-dashboard --events timeline.jsonl",
+               'emostream replay call.wav --fast --alert "Angry>=0.7 for 10s"'),
+    "classify": ("emostream classify clip1.wav clip2.flac",
+                 "emostream classify examples/call_mono.flac --json"),
+    "batch": ("emostream batch calls/ --out results/",
+              "emostream batch 'calls/**/*.wav' --out results/ --analyse customer --plots html"),
+    "report": ("emostream report timeline.jsonl --out timeline.html",
+               "emostream report results/call-7.jsonl --out call-7.png"),
+    "export": ("emostream export --onnx emostream.onnx",
+               "emostream classify clip.wav --onnx emostream.onnx"),
+    "serve": ('emostream serve --events-dir calls/ --token "$TOKEN"',
+              "emostream serve --port 8765 --dashboard --no-model"),
+    "send": ("emostream send examples/call_stereo.flac ws://127.0.0.1:8765 --channel-names agent,customer",
+             "emostream send examples/call_mono.flac ws://127.0.0.1:8765 --channel-names customer --fast",
+             "emostream send examples/call_telephone.flac ws://127.0.0.1:8765 --protocol twilio"),
+    "watch": ("emostream watch ws://127.0.0.1:8765",
+              "emostream watch ws://127.0.0.1:8765 --call-id call-7 --no-dashboard"),
+    "mic": ("emostream mic --list-devices",
+            'emostream mic --input-device "USB Headset" --events mic.jsonl',
+            "emostream mic --seconds 30 --no-dashboard --device cpu"),
+}
 
 
 def backend_args(sp) -> None:
@@ -119,7 +160,9 @@ def backend_args(sp) -> None:
 def alert_args(sp) -> None:
     """``--alert RULE``: escalation rules, and ``--alert-webhook URL`` to POST them."""
     sp.add_argument("--alert", action="append", default=[], metavar="RULE", type=_alert_rule,
-                    help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable)')
+                    help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable); it clears after 5 s '
+                         'below the threshold minus 0.1 (silence counts as below) unless the rule says, e.g. '
+                         '"Angry>=0.7 for 10s clear below 0.5 for 8s"')
     sp.add_argument("--alert-webhook", metavar="URL", default=None,
                     help="also POST every alert (raised and cleared) as JSON to this http(s) URL, in the background, "
                          "retried with backoff; failures are logged and counted, never stop a call")
@@ -235,7 +278,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
                     help="text (default) or json: one JSON object per line with the call id; never audio or tokens")
     sv.add_argument("--analyse", choices=ANALYSE_CHOICES, default="customer",
                     help="channels to analyse: customer (default; AudioHook external, Twilio inbound, the pcm "
-                         "channel named 'customer'), agent, or all. In the EU, analysing staff is prohibited "
+                         "channel named 'customer': events name it customer on every protocol), agent, or all. In the EU, analysing staff is prohibited "
                          "(AI Act Art. 5(1)(f)): keep 'customer'")
     sv.add_argument("--record", metavar="DIR", default=None,
                     help="also write each call's audio as received to DIR/<call_id>.wav (off by default: "
@@ -249,9 +292,11 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     ray_args(sv)
 
     sd = sub.add_parser("send", help="stream a recorded call to a server as a bridge would and print the events")
-    sd.add_argument("file")
+    sd.add_argument("file", help="the recorded call to stream (any format replay reads; stereo: one party per channel)")
     sd.add_argument("url", help="server, e.g. ws://127.0.0.1:8765")
-    sd.add_argument("--protocol", choices=("pcm", "twilio", "audiohook"), default="pcm")
+    sd.add_argument("--protocol", choices=("pcm", "twilio", "audiohook"), default="pcm",
+                    help="the bridge to act as: pcm (raw PCM on /v1/pcm, default), twilio (Media Streams on "
+                         "/v1/twilio, 8 kHz mu-law) or audiohook (Genesys AudioHook on /v1/audiohook)")
     sd.add_argument("--fast", action="store_true", help="send as fast as the server takes it (default: real time)")
     sd.add_argument("--token", default=None, help="server token (default: $EMOSTREAM_TOKEN)")
     sd.add_argument("--call-id", default=None, help="call id (default: file name for pcm, random for the others)")
@@ -271,15 +316,17 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     w.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the dashboard")
 
     m = sub.add_parser("mic", help="analyse a microphone (or any audio input) live")
-    m.add_argument("--device", dest="input_device", default=None, metavar="N|NAME",
-                   help="input device index or (part of its) name; default: the system default input")
+    m.add_argument("--input-device", dest="input_device", default=None, metavar="N|NAME",
+                   help="the sound card: input device index or (part of its) name (see --list-devices); "
+                        "default: the system default input")
     m.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     m.add_argument("--rate", type=_positive(int), default=None, help="capture rate (default: the device's)")
     m.add_argument("--channels", type=int, choices=(1, 2), default=1, help="channels to capture (default 1)")
     m.add_argument("--seconds", type=_positive(float), default=None, help="stop after this much audio")
     stream_args(m)
     m.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
-    m.add_argument("--model-device", dest="device", default="auto", help="auto (cuda when present), cpu or cuda")
+    m.add_argument("--device", "--model-device", dest="device", default="auto", type=_model_device,
+                   help="the model's device, as in every command: auto (cuda when present), cpu or cuda")
     m.add_argument("--fp32", action="store_true", help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)")
     backend_args(m)
 
@@ -303,22 +350,33 @@ def _model_info(predictor, args) -> dict[str, str]:
 
 
 def cmd_classify(args) -> int:
-    from .api import classify
+    from .audio import AudioError
+    from .whole_file import LONG_FILE_SECONDS, classify_file
 
+    vad = _vad(args)
     predictor = _load_predictor(args)
-
     failures = 0
     for path in args.paths:
         try:
-            record = classify(path, predictor, positions=args.positions)
-        except ValueError as exc:
+            record = classify_file(path, predictor, args.positions, vad)
+        except AudioError as exc:
             print(f"emostream: error: {exc}", file=sys.stderr)
             failures += 1
             continue
+        if not record["speech"]:
+            failures += 1
+            print(f"emostream: {path}: no speech ({record['speech_seconds']:g} s found by --vad {args.vad}, "
+                  f"{vad.min_speech_seconds:g} s needed): not classified", file=sys.stderr, flush=True)
+        elif record["duration"] > LONG_FILE_SECONDS:
+            print(f"emostream: note: {path} is {record['duration'] / 60:.0f} min long; one label for a whole "
+                  f"recording hides how it changes: 'emostream replay --fast {path} --events OUT.jsonl' or "
+                  f"'emostream batch' give a timeline", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps(record), flush=True)
-        else:
+        elif record["speech"]:
             print(f"{path}\t{record['label']}\t{record['confidence']:.2f}", flush=True)
+        else:
+            print(f"{path}\t-\t-", flush=True)
     return 2 if failures else 0
 
 
@@ -359,11 +417,12 @@ def _show_alert(display):
 def cmd_replay(args) -> int:
     from .analyzer import AnalyzerConfig
     from .compliance import ChannelSelectionError, analysed_channels
-    from .audio import SAMPLE_RATE, load_audio
+    from .audio import SAMPLE_RATE, audio_info, is_silent, stream_audio
     from .dashboard import DashboardInfo, make_display
+    from .model import model_identity
     from .pipeline import REPLAY_CHUNK_SECONDS, CallPipeline, channel_names
     from .stream import StreamConfig
-    from .timeline import JsonlWriter
+    from .timeline import FILE_START_FROM, JsonlWriter, file_start_time
     from .webhook import AlertWebhook
 
     try:
@@ -371,10 +430,10 @@ def cmd_replay(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     webhook_config = _webhook_config(args)
-    audio = load_audio(args.file)
-    if audio.shape[1] == 0 or not np.any(audio):
+    info = audio_info(args.file)
+    if info.frames == 0 or is_silent(args.file):
         raise UsageError(f"audio is empty or silent: {args.file}")
-    n_channels = audio.shape[0]
+    n_channels = info.channels
     try:
         names = channel_names(args.channel_names.split(",") if args.channel_names else None, n_channels)
     except ValueError:
@@ -383,7 +442,7 @@ def cmd_replay(args) -> int:
         keep = analysed_channels(names, args.analyse)
     except ChannelSelectionError as exc:
         raise UsageError(str(exc)) from None
-    audio, names = audio[list(keep)], tuple(names[i] for i in keep)  # the rest is never analysed
+    names = tuple(names[i] for i in keep)  # the rest is never analysed
     predictor = _load_predictor(args)
     stream = args.stream or Path(args.file).stem
     writer = JsonlWriter(args.events) if args.events else None
@@ -401,19 +460,27 @@ def cmd_replay(args) -> int:
     with display:
         t0 = time.monotonic()
         try:
-            for pos in range(0, audio.shape[1], chunk):
-                if not args.fast:
-                    wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                pipeline.push(audio[:, pos:pos + chunk])
-                display.set_clock(pipeline.seconds, time.monotonic() - t0)
+            pos = 0
+            for block in stream_audio(args.file):  # decoded block by block: memory bounded however long
+                block = block[list(keep)]
+                for start in range(0, block.shape[1], chunk):
+                    if not args.fast:
+                        wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+                    piece = block[:, start:start + chunk]
+                    pipeline.push(piece)
+                    pos += piece.shape[1]
+                    display.set_clock(pipeline.seconds, time.monotonic() - t0)
             pipeline.flush()
             display.set_clock(pipeline.seconds, time.monotonic() - t0)
         except KeyboardInterrupt:
             interrupted = True
             display.log("interrupted: summary of the audio so far")
         summary = pipeline.summary()
+        summary.update(model=model_identity(args.checkpoint, args.onnx),
+                       started_at=file_start_time(args.file, pipeline.seconds),
+                       started_at_from=FILE_START_FROM)
         if writer:
             writer.write(summary)
             writer.close()
@@ -444,7 +511,8 @@ def cmd_batch(args) -> int:
     try:
         config = BatchConfig(hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=_vad(args),
                              channel_names=names, analyse=args.analyse, alerts=tuple(args.alert))
-        calls = find_inputs(args.input)
+        skipped: list[tuple[str, str]] = []
+        calls = find_inputs(args.input, skipped)
     except (ValueError, BatchError) as exc:
         raise UsageError(str(exc)) from None
     out = Path(args.out)
@@ -468,6 +536,10 @@ def cmd_batch(args) -> int:
     elif args.workers > 1:
         spec = ModelSpec(**{**spec.__dict__, "threads": max(1, (os.cpu_count() or 1) // args.workers)})
         _check_model_files(spec)
+    if skipped:
+        shown = ", ".join(f"{path} ({why})" for path, why in skipped[:BATCH_SKIPPED_SHOWN])
+        more = f" and {len(skipped) - BATCH_SKIPPED_SHOWN} more" if len(skipped) > BATCH_SKIPPED_SHOWN else ""
+        print(f"emostream: batch: skipped {len(skipped)} file(s): {shown}{more}", file=sys.stderr, flush=True)
     webhook = AlertWebhook(webhook_config) if webhook_config else None
     show = _batch_progress(len(calls), args.quiet)
     try:
@@ -542,9 +614,13 @@ def cmd_report(args) -> int:
     from .report import ReportError, write_report
 
     try:
-        out = write_report(args.jsonl, args.out)
+        out, notes = write_report(args.jsonl, args.out)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # the output cannot be written
+        raise UsageError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    for note in notes:
+        print(f"emostream: note: {note}", file=sys.stderr, flush=True)
     print(f"wrote {out}", flush=True)
     return 0
 
@@ -626,7 +702,8 @@ def cmd_serve(args) -> int:
             raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
         auth = "token required" if config.token else "no token (set --token or EMOSTREAM_TOKEN)"
         print(f"emostream serve: listening on ws://{config.host}:{port} (/v1/pcm /v1/twilio /v1/audiohook "
-              f"/v1/events); model on {device}; {auth}", file=sys.stderr, flush=True)
+              f"/v1/events); model on {device}; {auth}; supervisor page http://{config.host}:{port}/",
+              file=sys.stderr, flush=True)
         view = None
         if args.dashboard:
             from rich.console import Console
@@ -731,6 +808,16 @@ def cmd_send(args) -> int:
         raise UsageError(f"--channel-names must be distinct non-empty names, got {args.channel_names!r}")
     if not Path(args.file).exists():
         raise UsageError(f"no such file: {args.file}")
+    hint = ""
+    if names is None and args.protocol == "pcm":
+        from .audio import AudioError, audio_info
+
+        try:
+            if audio_info(args.file).channels == 1:
+                hint = (f"; {args.file} is mono, sent as channel 'ch0' and serve analyses the customer by default: "
+                        "add --channel-names customer")
+        except AudioError:
+            pass  # send_file says why the file cannot be read
     options = SendOptions(protocol=args.protocol, fast=args.fast, token=_env_default(args.token, "EMOSTREAM_TOKEN"),
                           call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
                           channel_names=names, audiohook_key=key)
@@ -747,7 +834,7 @@ def cmd_send(args) -> int:
         reason = result.close_reason or "connection closed"
         errors = [m.get("message") for m in result.messages if m.get("type") == "error"]
         print(f"emostream: error: call ended without a summary (close {result.close_code}: "
-              f"{errors[0] if errors else reason})", file=sys.stderr)
+              f"{errors[0] if errors else reason}){hint}", file=sys.stderr)
         return 1
     return 0
 
@@ -769,11 +856,14 @@ def cmd_watch(args) -> int:
     view = SupervisorView(args.url, console) if (not args.no_dashboard and console.is_terminal) else PlainWatcher()
     try:
         with view:
-            asyncio.run(watch(args.url, view.update, _env_default(args.token, "EMOSTREAM_TOKEN"), args.call_id))
+            closed = asyncio.run(watch(args.url, view.update, _env_default(args.token, "EMOSTREAM_TOKEN"), args.call_id))
     except InvalidStatus as exc:
         raise UsageError(f"server refused the connection: HTTP {exc.response.status_code}") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise UsageError(f"cannot connect to {args.url}: {exc or type(exc).__name__}") from None
+    if closed is not None:  # the server went away (stopped, restarted, or the network dropped)
+        print(f"emostream: watch: the server closed the connection ({closed})", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

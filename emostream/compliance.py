@@ -6,10 +6,10 @@ Article 5(1)(f)), so a deployment there analyses the customer only: ``--analyse 
 channels that are not analysed are dropped before resampling, windowing and the model, so they
 produce no events, no timeline and no summary entry at all.
 
-Which channel is the customer: AudioHook ``external`` (named ``customer`` by the server), Twilio's
-``inbound`` track (the caller's audio), and on raw PCM and in ``replay`` the channel named
-``customer``; the agent is AudioHook ``internal`` (``agent``), Twilio ``outbound``, or the channel
-named ``agent``.
+Which channel is the customer: AudioHook ``external`` and Twilio's ``inbound`` track (the caller's
+audio), both named ``customer`` by the server (the bridge's own name is kept in ``source_channel``),
+and on raw PCM and in ``replay`` the channel named ``customer``; the agent is AudioHook ``internal``
+and Twilio ``outbound`` (named ``agent``), or the channel named ``agent``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ANALYSE_CHOICES = ("customer", "agent", "all")
 ROLE_CHANNELS = {  # protocol -> role -> channel name
     "pcm": {"customer": "customer", "agent": "agent"},
     "audiohook": {"customer": "customer", "agent": "agent"},
-    "twilio": {"customer": "inbound", "agent": "outbound"},
+    "twilio": {"customer": "customer", "agent": "agent"},  # the server names Twilio's tracks so
     "file": {"customer": "customer", "agent": "agent"},
 }
 SECONDS_PER_DAY = 86400.0

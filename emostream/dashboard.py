@@ -41,6 +41,8 @@ TIMELINE_SILENCE = "·"  # one silence window in the timeline
 LEGEND_SWATCH = "■"     # legend marker (deliberately not the timeline block)
 LOG_LINES = 8           # change-log lines kept on screen
 BAR_WIDTH = 22          # width of the probability bars
+SIDE_BY_SIDE_WIDTH = 44  # columns per channel panel needed to put the panels side by side
+COMPACT_TOP = 3          # compact channel panel: probabilities shown (the screen is too short for all 7)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class _Timeline:
 class _Row:
     """Panels side by side when there is room, otherwise stacked."""
 
-    def __init__(self, panels: list[RenderableType], min_width: int = 44):
+    def __init__(self, panels: list[RenderableType], min_width: int = SIDE_BY_SIDE_WIDTH):
         self.panels = panels
         self.min_width = min_width
 
@@ -144,12 +146,12 @@ class _Row:
             yield from self.panels
 
 
-def legend() -> Text:
-    """One-line legend of the class colours and the silence marker."""
-    text = Text(no_wrap=True, overflow="ellipsis")
+def legend(gap: str = "  ") -> Text:
+    """Legend of the class colours and the silence marker (wraps between entries on a narrow screen)."""
+    text = Text()
     for cls in CLASSES:
         text.append(LEGEND_SWATCH + " ", style=emotion_style(cls))
-        text.append(cls + "  ")
+        text.append(cls + gap)
     text.append(TIMELINE_SILENCE + " ", style=SILENCE_STYLE)
     text.append("silence", style=SILENCE_STYLE)
     return text
@@ -309,20 +311,23 @@ class Dashboard:
     # -- rendering
 
     def _header(self) -> Panel:
-        grid = Table.grid(padding=(0, 3), expand=False)
-        grid.add_row(
-            Text.assemble(("source ", "dim"), (self.info.source, "bold")),
-            Text.assemble(("stream ", "dim"), (self.info.stream, "bold")),
-            Text.assemble(("audio ", "dim"), (format_clock(self._audio_seconds), "bold")),
-            Text.assemble(("speed ", "dim"), (format_rtf(self.real_time_factor), "bold")),
-            Text.assemble(("device ", "dim"), self.info.device),
-            Text.assemble(("hop ", "dim"), f"{self.info.hop_seconds:g}s"),
+        # one line of facts that wraps between them on a narrow terminal (a grid would cut the source)
+        grid = Text.assemble(
+            ("source ", "dim"), (self.info.source, "bold"), "   ",
+            ("stream ", "dim"), (self.info.stream, "bold"), "   ",
+            ("audio ", "dim"), (format_clock(self._audio_seconds), "bold"), "   ",
+            ("speed ", "dim"), (format_rtf(self.real_time_factor), "bold"), "   ",
+            ("device ", "dim"), self.info.device, "   ",
+            ("hop ", "dim"), f"{self.info.hop_seconds:g}s",
         )
         status = Text(" done ", style="bold black on green") if self._finished else Text(" ● live ", style="bold red")
         return Panel(grid, title=Text("emostream", style="bold"), title_align="left",
                      subtitle=status, subtitle_align="right", box=box.ROUNDED)
 
-    def _channel_panel(self, name: str) -> Panel:
+    def _channel_panel(self, name: str, compact: bool = False) -> Panel:
+        """A channel's panel: current emotion, the seven probabilities and the timeline; ``compact``
+        (a short screen): the current emotion, its top ``COMPACT_TOP`` probabilities on one line and
+        the timeline, in five rows."""
         state = self._channels[name]
         event = state.last
         body = Table.grid(padding=(0, 1))
@@ -353,6 +358,15 @@ class Dashboard:
             probs = {}
             border = "dim"
 
+        strip = _Timeline(self._timelines[name])
+        subtitle = Text(f"{state.speech_windows}/{state.windows} windows speech", style="dim")
+        if compact:
+            top = Text(no_wrap=True, overflow="ellipsis")
+            for i, (cls, p) in enumerate(_top_shares(probs, COMPACT_TOP)):
+                top.append(("  " if i else "") + cls, style=emotion_style(cls))
+                top.append(f" {p:.0%}")
+            return Panel(Group(body, top, strip), title=Text(name, style="bold"), title_align="left",
+                         subtitle=subtitle, subtitle_align="right", border_style=border, box=box.ROUNDED)
         body.add_row("", "", "")
         for cls in CLASSES:
             p = probs.get(cls, 0.0)
@@ -361,28 +375,44 @@ class Dashboard:
                          ProgressBar(total=1.0, completed=p, width=BAR_WIDTH, complete_style=color,
                                      finished_style=color),
                          Text(f"{p:4.0%}", style="dim" if p < 0.05 else ""))
-
-        strip = _Timeline(self._timelines[name])
-        subtitle = Text(f"{state.speech_windows}/{state.windows} windows speech", style="dim")
         return Panel(Group(body, Text(""), strip), title=Text(name, style="bold"), title_align="left",
                      subtitle=subtitle, subtitle_align="right", border_style=border, box=box.ROUNDED)
 
-    def _log_panel(self) -> Panel:
-        lines: list[RenderableType] = list(self._log) or [Text("no emotion changes yet", style=SILENCE_STYLE)]
-        return Panel(Group(*lines), title=Text("changes", style="bold"), title_align="left", box=box.ROUNDED)
+    def _log_panel(self, lines: int = LOG_LINES) -> Panel:
+        shown: list[RenderableType] = list(self._log)[-lines:] or [Text("no emotion changes yet", style=SILENCE_STYLE)]
+        return Panel(Group(*shown), title=Text("changes", style="bold"), title_align="left", box=box.ROUNDED)
+
+    def _rows(self, renderable: RenderableType, width: int) -> int:
+        """Terminal rows ``renderable`` takes at ``width`` columns."""
+        return len(self.console.render_lines(renderable, self.console.options.update(width=width, height=None),
+                                             pad=False))
 
     def render(self) -> RenderableType:
-        """The whole screen (used by ``Live`` and by tests)."""
+        """The whole screen (used by ``Live`` and by tests), fitted to the terminal's height: when the
+        full channel panels do not fit (stacked on a narrow screen, e.g. 80 x 24) they become compact,
+        and the change log gets the rows that are left (none: it is left out)."""
         with self._lock:
-            parts: list[RenderableType] = [
-                self._header(),
-                _Row([self._channel_panel(name) for name in self._channels]),
-                legend(),
-                self._log_panel(),
-            ]
-            if self._summary is not None:
-                parts.append(summary_table(self._summary))
-            return Group(*parts)
+            width, height = self.console.size
+            header = self._header()
+            bottom: list[RenderableType] = [summary_table(self._summary)] if self._summary is not None else []
+            key = legend()
+            if self._rows(key, width) > 1:
+                key = legend(" ")
+            fixed = self._rows(header, width) + self._rows(key, width) + sum(self._rows(b, width) for b in bottom)
+            channels = _Row([self._channel_panel(name) for name in self._channels])
+            if fixed + self._rows(channels, width) + 3 > height:  # not even one log line: compact panels
+                channels = _Row([self._channel_panel(name, compact=True) for name in self._channels])
+            log_lines = min(LOG_LINES, height - fixed - self._rows(channels, width) - 2)
+            parts: list[RenderableType] = [header, channels, key]
+            if log_lines > 0:
+                parts.append(self._log_panel(log_lines))
+            elif bottom:  # the summary at the end of a short screen: it stands for the legend, then the panels
+                spare = height - fixed - self._rows(channels, width)
+                if spare < 0:
+                    parts.remove(key)
+                    if spare + self._rows(key, width) < 0:
+                        parts.remove(channels)
+            return Group(*parts, *bottom)
 
     def finish(self, summary: dict | None) -> None:
         """Final render, with the summary table when ``summary`` is given."""

@@ -5,7 +5,6 @@ API) loads it through :func:`load_predictor`, so a model option means the same t
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +71,11 @@ def model_info(predictor: Any, *, checkpoint: str | Path | None = None, onnx: st
     precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
     the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
     weights' SHA-256 (the identity to compare between replicas)."""
-    weights = Path(onnx) if onnx else checkpoint_path(checkpoint) / "model.safetensors"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    from .model import model_identity
+
     meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
     config = (meta.get("training") or {}).get("config") or {}
-    return {"name": weights.stem if onnx else weights.parent.name, "sha256": digest.hexdigest()[:12],
+    return {**model_identity(None if onnx else checkpoint_path(checkpoint), onnx),
             "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
             "backend": "onnx" if onnx else "torch",
             "precision": "fp32" if onnx else getattr(predictor, "precision", "fp32"),

@@ -180,9 +180,10 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
 
     from .analyzer import AnalyzerConfig
     from .dashboard import DashboardInfo, make_display
+    from .model import model_identity
     from .pipeline import CallPipeline
     from .stream import StreamConfig
-    from .timeline import JsonlWriter
+    from .timeline import JsonlWriter, iso_utc
     from .vad import VadConfig
 
     sd = import_sounddevice() if open_stream is None or args.list_devices else None
@@ -217,6 +218,7 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
                             analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)),
                             sinks=sinks, sample_rate=config.sample_rate)
     interrupted = False
+    started = time.time()
     with display:
         try:
             with MicCapture(open_stream, config) as capture:
@@ -228,6 +230,8 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
         except KeyboardInterrupt:
             interrupted = True
             summary = pipeline.summary()
+        summary.update(model=model_identity(args.checkpoint, getattr(args, "onnx", None)),
+                       started_at=iso_utc(started), started_at_from="capture start")
         if writer:
             writer.write(summary)
             writer.close()

@@ -204,6 +204,26 @@ def load_checkpoint(directory: str | Path, device: torch.device | str | None = N
     return model.to(select_device(device) if not isinstance(device, torch.device) else device)
 
 
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> dict[str, str]:
+    """``{"name", "sha256"}`` of the weights that run: the checkpoint folder's name (or the ONNX
+    file's stem) and the first 12 hex digits of the weights file's SHA-256 (hashed once per file)."""
+    weights = Path(onnx) if onnx else (Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT) / "model.safetensors"
+    stat = weights.stat()
+    return {"name": weights.stem if onnx else weights.parent.name,
+            "sha256": _sha256(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)[:12]}
+
+
 @dataclass
 class Predictor:
     """One batched entry point used by every source: windows in, class probabilities out."""
@@ -263,7 +283,14 @@ def clip_probabilities(predictor: Any, windows: np.ndarray, positions: int = 1) 
     fixed chunks when 1): the calibrated softmax of the mean window logit. This is how ``python -m
     train evaluate`` and cross-validation score a clip, so ``emostream classify`` reports the
     decision those figures describe. Works with any predictor that has ``logits``, ``temperature``
-    and ``clip_temperature`` (torch or ONNX)."""
-    mean = torch.as_tensor(predictor.logits(windows)).float().mean(dim=0)
+    and ``clip_temperature`` (torch or ONNX). ``windows`` may also be an iterable of window batches
+    (a long file scored as it is decoded)."""
+    batches = [windows] if isinstance(windows, (np.ndarray, torch.Tensor)) else windows
+    total, count = None, 0
+    for batch in batches:
+        logits = torch.as_tensor(predictor.logits(batch)).float()
+        total = logits.sum(dim=0) if total is None else total + logits.sum(dim=0)
+        count += len(logits)
+    mean = total / count
     t = scoring_temperature(predictor.temperature, predictor.clip_temperature, positions)
     return torch.softmax(mean / t, dim=-1).cpu().numpy()

@@ -50,6 +50,7 @@ AUDIOHOOK_RATE = 8000
 AUDIOHOOK_FORMATS = {"PCMU": 1, "L16": 2}  # bytes per sample
 AUDIOHOOK_CHANNEL_NAMES = {"external": "customer", "internal": "agent"}
 TWILIO_TRACKS = ("inbound", "outbound")
+TWILIO_CHANNEL_NAMES = {"inbound": "customer", "outbound": "agent"}  # one vocabulary in every event
 TWILIO_ENCODING = "audio/x-mulaw"
 
 
@@ -72,6 +73,7 @@ class Start:
     sample_rate: int
     info: dict = field(default_factory=dict)
     persist: bool = True  # False for AudioHook connection probes: no timeline file, no hub entry
+    source_channels: tuple[str, ...] = ()  # the bridge's own names (Twilio tracks, AudioHook channels)
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ class PcmSession(Session):
         self.sample_rate, self.channels, self.encoding = rate, tuple(names), encoding
         self._frame_bytes = PCM_ENCODINGS[encoding] * channels
         info = {"encoding": encoding, "input_rate": rate}
-        return [Start(call_id, self.channels, rate, info),
+        return [Start(call_id, self.channels, rate, info, source_channels=self.channels),
                 Send({"type": "started", "call_id": call_id, "channels": list(self.channels),
                       "sample_rate": rate, "encoding": encoding})]
 
@@ -399,7 +401,8 @@ class TwilioSession(Session):
         self._received = [0] * len(tracks)
         info = {"streamSid": sid, "callSid": start.get("callSid"), "accountSid": start.get("accountSid"),
                 "encoding": TWILIO_ENCODING, "input_rate": TELEPHONE_RATE}
-        return [Start(call_id, self.channels, TELEPHONE_RATE, info)]
+        return [Start(call_id, tuple(TWILIO_CHANNEL_NAMES[t] for t in self.channels), TELEPHONE_RATE, info,
+                      source_channels=self.channels)]
 
     def _media(self, media: Any) -> list[Action]:
         if not isinstance(media, dict):
@@ -585,7 +588,8 @@ class AudioHookSession(Session):
             self.started = True
             info = {"conversationId": conv, "organizationId": org, "participant": participant,
                     "format": self.media["format"], "input_rate": AUDIOHOOK_RATE, "probe": self.probe}
-            actions.append(Start(self.id, self.channels, AUDIOHOOK_RATE, info, persist=not self.probe))
+            actions.append(Start(self.id, self.channels, AUDIOHOOK_RATE, info, persist=not self.probe,
+                                 source_channels=tuple(self.media["channels"])))
         self.state = "ACTIVE"
         actions.append(Send(self.message("opened", opened)))
         return actions

@@ -19,9 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from .model_files import default_checkpoint
 from .dashboard import EMOTION_COLORS
 from .timeline import CLASSES, Timeline
 
+AGGREGATE_AFTER_SECONDS = 15 * 60  # longer calls are drawn as per-bin averages (one window is < 1 px)
+AGGREGATE_SECONDS = 60.0           # the bin of that view: one minute
 SILENCE_COLOR = "#d9dce1"
 ALERT_COLOR = "#ff4d4f"
 FORMATS = ("html", "png")
@@ -41,6 +44,7 @@ class CallTimeline:
     alerts: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     hop_seconds: float = 1.0
+    notes: list[str] = field(default_factory=list)  # what was left out (a half-written last line)
 
     @property
     def duration(self) -> float:
@@ -48,28 +52,42 @@ class CallTimeline:
 
 
 def load_timeline(path: str | Path) -> CallTimeline:
-    """Parse a timeline written by ``replay --events``, ``serve --events-dir`` or ``batch``."""
+    """Parse a timeline written by ``replay --events``, ``serve --events-dir`` or ``batch``.
+
+    A last line without its newline that is not JSON is a line still being written (a live call's
+    timeline): it is left out, and :attr:`CallTimeline.notes` says so."""
     path = Path(path)
+    if not path.exists():
+        raise ReportError(f"no such file: {path}")
+    if path.is_dir():
+        raise ReportError(f"is a directory, not a JSONL timeline: {path}")
     events: dict[str, list[dict]] = {}
-    alerts, summaries, stream = [], [], None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    alerts, summaries, stream, notes = [], [], None, []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not a JSONL timeline (not text: an audio file? report reads the "
+                          "events of replay --events, serve --events-dir or batch)") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: half-written
+                notes.append(f"{path}:{number}: skipped the last line, not complete (a call in progress?)")
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ReportError(f"{path}:{number}: not a JSON line") from None
-            if not isinstance(obj, dict):
-                raise ReportError(f"{path}:{number}: not a JSON object")
-            kind = obj.get("type", "event")
-            if kind == "summary":
-                summaries.append(obj)
-            elif kind == "alert":
-                alerts.append(obj)
-            elif kind == "event" and "t_end" in obj and "channel" in obj:
-                events.setdefault(obj["channel"], []).append(obj)
-                stream = stream or obj.get("stream")
+            raise ReportError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(obj, dict):
+            raise ReportError(f"{path}:{number}: not a JSON object")
+        kind = obj.get("type", "event")
+        if kind == "summary":
+            summaries.append(obj)
+        elif kind == "alert":
+            alerts.append(obj)
+        elif kind == "event" and "t_end" in obj and "channel" in obj:
+            events.setdefault(obj["channel"], []).append(obj)
+            stream = stream or obj.get("stream")
     if not events:
         raise ReportError(f"no events in {path} (a JSONL timeline from replay --events, serve or batch)")
     for evs in events.values():
@@ -79,11 +97,12 @@ def load_timeline(path: str | Path) -> CallTimeline:
     steps = [b - a for a, b in zip(ends, ends[1:]) if b - a > 1e-6]
     hop = min(steps) if steps else 1.0
     summary = summaries[-1] if len(summaries) == 1 else Timeline(stream or path.stem, channels, hop, events).summary()
-    return CallTimeline(stream or path.stem, channels, events, alerts, summary, hop)
+    return CallTimeline(stream or path.stem, channels, events, alerts, summary, hop, notes)
 
 
-def write_report(source: str | Path, out: str | Path) -> Path:
-    """Write the report of timeline ``source`` to ``out`` (``.html`` or ``.png``)."""
+def write_report(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
+    """Write the report of timeline ``source`` to ``out`` (``.html`` or ``.png``); returns the path
+    and the notes of :func:`load_timeline`."""
     out = Path(out)
     kind = out.suffix.lower().lstrip(".")
     if kind not in FORMATS:
@@ -93,7 +112,7 @@ def write_report(source: str | Path, out: str | Path) -> Path:
         render_png(call, out)
     else:
         out.write_text(render_html(call), encoding="utf-8")
-    return out
+    return out, call.notes
 
 
 def _segments(events: list[dict]) -> list[tuple[float, float, dict]]:
@@ -105,6 +124,41 @@ def _segments(events: list[dict]) -> list[tuple[float, float, dict]]:
             out.append((lo, e["t_end"], e))
         prev = max(prev, e["t_end"])
     return out
+
+
+def _plot_segments(call: CallTimeline, channel: str) -> list[tuple[float, float, dict]]:
+    """What a channel's plot draws: each window's span (:func:`_segments`), or for a call longer than
+    ``AGGREGATE_AFTER_SECONDS`` one segment per ``AGGREGATE_SECONDS`` bin holding the speech-time
+    weighted mean probabilities of its speech windows and their top label (no speech: silence)."""
+    segs = _segments(call.events[channel])
+    if call.duration <= AGGREGATE_AFTER_SECONDS:
+        return segs
+    bins: dict[int, list] = {}
+    for lo, hi, e in segs:
+        k = int(lo // AGGREGATE_SECONDS)
+        acc = bins.setdefault(k, [0.0, dict.fromkeys(CLASSES, 0.0)])
+        if e.get("speech") and e.get("probabilities"):
+            w = hi - lo
+            acc[0] += w
+            for c in CLASSES:
+                acc[1][c] += w * float(e["probabilities"].get(c, 0.0))
+    out = []
+    for k in sorted(bins):
+        lo, hi = k * AGGREGATE_SECONDS, min((k + 1) * AGGREGATE_SECONDS, call.duration)
+        weight, sums = bins[k]
+        if weight:
+            probs = {c: v / weight for c, v in sums.items()}
+            out.append((lo, hi, {"speech": True, "label": max(probs, key=probs.get), "probabilities": probs}))
+        else:
+            out.append((lo, hi, {"speech": False, "label": None, "probabilities": None}))
+    return out
+
+
+def _aggregated_note(call: CallTimeline) -> str:
+    if call.duration <= AGGREGATE_AFTER_SECONDS:
+        return ""
+    return (f"Drawn as {AGGREGATE_SECONDS / 60:g}-minute averages of the speech windows (the call is longer than "
+            f"{AGGREGATE_AFTER_SECONDS / 60:g} min); the JSONL holds every window.")
 
 
 def _speech_runs(segs: list[tuple[float, float, dict]]) -> list[list[tuple[float, float, dict]]]:
@@ -121,6 +175,14 @@ def _speech_runs(segs: list[tuple[float, float, dict]]) -> list[list[tuple[float
     return runs
 
 
+def _tick_label(seconds: float, duration: float) -> str:
+    """Axis label: ``h:mm`` for calls of an hour or more, else ``m:ss``."""
+    seconds = int(round(seconds))
+    if duration >= 3600:
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
@@ -134,6 +196,21 @@ def _tick_step(duration: float, max_ticks: int = 12) -> float:
     return 7200.0
 
 
+def accuracy_sentence(checkpoint: Path | None = None) -> str:
+    """How often the model is right, quoted from the model card's source, the checkpoint's
+    ``model.json`` (cross-validated unweighted accuracy of whole clips), so the report and the README
+    cannot disagree."""
+    checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    try:
+        cv = json.loads((checkpoint / "model.json").read_text(encoding="utf-8"))["cv"]
+        ua = float((cv.get("clip_summary") or cv["summary"])["overall"]["ua"]["mean"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "how often the model is right is in the README's model card"
+    return (f"the model ({checkpoint.name}) gets the emotion right about {round(ua * 10)} times in 10 on voices it "
+            f"never heard (unweighted accuracy {ua:.2f}, speaker-grouped cross-validation of full-band acted speech, "
+            f"model.json; much less on phone-line audio: see the model card)")
+
+
 # --- HTML ------------------------------------------------------------------------------------
 
 WIDTH, PLOT_H, STRIP_H, LEFT, RIGHT, TOP = 960, 150, 16, 44, 12, 8
@@ -144,7 +221,7 @@ def _svg_channel(call: CallTimeline, channel: str) -> str:
     inner = WIDTH - LEFT - RIGHT
     x = lambda t: LEFT + inner * t / duration  # noqa: E731
     y = lambda p: TOP + PLOT_H * (1 - p)  # noqa: E731
-    segs = _segments(call.events[channel])
+    segs = _plot_segments(call, channel)
     parts = [f'<rect x="{LEFT}" y="{TOP}" width="{inner}" height="{PLOT_H}" class="bg"/>']
     # stacked probabilities: one step polygon per class, over speech windows only (gaps = silence)
     for run in _speech_runs(segs):
@@ -184,7 +261,7 @@ def _svg_channel(call: CallTimeline, channel: str) -> str:
     t = 0.0
     while t <= duration + 1e-6:
         parts.append(f'<line x1="{x(t):.2f}" x2="{x(t):.2f}" y1="{strip_y + STRIP_H}" y2="{strip_y + STRIP_H + 3}" class="tick"/>'
-                     f'<text x="{x(t):.2f}" y="{axis_y}" class="tl">{_fmt_time(t)}</text>')
+                     f'<text x="{x(t):.2f}" y="{axis_y}" class="tl">{_tick_label(t, duration)}</text>')
         t += step
     for p in (0.0, 0.5, 1.0):
         parts.append(f'<text x="{LEFT - 6}" y="{y(p) + 4:.2f}" class="yl">{p:g}</text>')
@@ -249,9 +326,9 @@ def render_html(call: CallTimeline) -> str:
             out.append("<table class=\"alerts\"><tr><th>alert</th><th>state</th><th>at</th><th>run since</th></tr>" + "".join(
                 f"<tr><td>{e(a['rule'])}</td><td>{e(a['state'])}</td><td>{_fmt_time(a['t'])}</td>"
                 f"<td>{_fmt_time(a['since']) if a.get('since') is not None else ''}</td></tr>" for a in alerts) + "</table>")
-    out.append("<p class=\"muted\">Shares are of speech time; each window stands for the newest hop of audio it adds. "
-               "A label describes 6 s of sound, not a person: the model is right about half the time on voices it "
-               "never heard (see the README's limits).</p></body></html>")
+    out.append("<p class=\"muted\">" + e(_aggregated_note(call)) + " Shares are of speech time; each window "
+               "stands for the newest hop of audio it adds. A label describes 6 s of sound, not a person: "
+               + e(accuracy_sentence()) + " (see the README's limits).</p></body></html>")
     return "\n".join(out)
 
 
@@ -266,6 +343,7 @@ def render_png(call: CallTimeline, out: Path) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
 
     n = len(call.channels)
     fig = plt.figure(figsize=(12, 1.2 + 2.6 * n), dpi=110)
@@ -274,7 +352,7 @@ def render_png(call: CallTimeline, out: Path) -> None:
     for k, ch in enumerate(call.channels):
         ax = fig.add_subplot(grid[2 * k])
         strip = fig.add_subplot(grid[2 * k + 1], sharex=ax)
-        segs = _segments(call.events[ch])
+        segs = _plot_segments(call, ch)
         for run in _speech_runs(segs):
             t = [v for lo, hi, _ in run for v in (lo, hi)]
             base = [0.0] * len(t)
@@ -302,12 +380,15 @@ def render_png(call: CallTimeline, out: Path) -> None:
         ax.set_ylabel("probability")
         ax.tick_params(labelbottom=False)
         strip.set_yticks([])
+        strip.xaxis.set_major_locator(MultipleLocator(_tick_step(duration)))
+        strip.xaxis.set_major_formatter(FuncFormatter(lambda t, _: _tick_label(t, duration)))
         strip.tick_params(labelbottom=k == n - 1)
-        strip.set_xlabel("seconds" if k == n - 1 else "")
+        strip.set_xlabel(f"time ({'h:mm' if duration >= 3600 else 'm:ss'})" if k == n - 1 else "")
     handles = [Patch(color=EMOTION_COLORS[c], label=c) for c in CLASSES] + [Patch(color=SILENCE_COLOR, label="no speech")]
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"{call.stream}  ({_fmt_time(call.duration)}, "
-                 f"{len([a for a in call.alerts if a.get('state') == 'raised'])} alert(s))", x=0.01, y=0.995,
-                 ha="left", fontsize=11)
+                 f"{len([a for a in call.alerts if a.get('state') == 'raised'])} alert(s))"
+                 + (f"  {AGGREGATE_SECONDS / 60:g}-min averages" if call.duration > AGGREGATE_AFTER_SECONDS else ""),
+                 x=0.01, y=0.995, ha="left", fontsize=11)
     fig.savefig(out)
     plt.close(fig)

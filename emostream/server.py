@@ -56,7 +56,7 @@ from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_PO
                         Audio, AudioHookSession, End, Note, PcmSession, ProtocolError, Send, Session,
                         Silence, Start, TwilioSession)
 from .stream import StreamConfig, StreamWindower
-from .timeline import JsonlWriter
+from .timeline import JsonlWriter, iso_utc
 from .vad import VadConfig
 from .webhook import AlertWebhook, WebhookConfig
 from .worker import InferenceWorker, PredictFn, WorkerConfig, WorkerOverloaded
@@ -273,8 +273,10 @@ class LiveCall:
     """One call's pipeline: pick analysed channels -> resample -> window -> classify (shared worker) -> sinks."""
 
     def __init__(self, start: Start, protocol: str, worker: InferenceWorker, hub: EventsHub | None,
-                 config: ServerConfig, metrics: ServerMetrics | None = None, webhook: AlertWebhook | None = None):
+                 config: ServerConfig, metrics: ServerMetrics | None = None, webhook: AlertWebhook | None = None,
+                 model: dict[str, str] | None = None):
         self.call_id = start.call_id
+        self.model = {k: v for k, v in (model or {}).items() if k in ("name", "sha256")}  # named in the summary
         self.protocol = protocol
         self.channels = start.channels
         # Raises ChannelSelectionError before anything is opened: no file, no hub entry.
@@ -319,7 +321,8 @@ class LiveCall:
         if config.alerts:
             sinks.append(self._check_alerts)
         self.analyzer = Analyzer(worker.infer, start.call_id, self.analysed,
-                                 AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks)
+                                 AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks,
+                                 source_channels=dict(zip(start.channels, start.source_channels)))
         self.analyzer.timeline.max_events = config.max_events_kept  # memory: the file has every event
         self._input = [0] * len(analysed)  # samples per analysed channel at the protocol rate, gaps included
         if hub is not None:
@@ -468,6 +471,7 @@ class LiveCall:
         summary["call_id"] = self.call_id
         summary["protocol"] = self.protocol
         summary["end_reason"] = reason
+        summary.update(model=self.model, started_at=iso_utc(self.started_at), started_at_from="connection")
         self.summary = summary
         if self._writer:
             try:
@@ -509,6 +513,7 @@ class EmoServer:
         self._nonces = NonceCache()  # AudioHook signatures already accepted: replays are refused
         self._unstarted: set[ServerConnection] = set()  # call connections accepted, call not started yet
         self.metrics = ServerMetrics(self._metrics_state, model_info)
+        self.model_info = model_info
         self.worker.batch_observers.append(self.metrics.observe_batch)
         for directory in (config.events_dir, config.record_dir):
             if directory is not None:
@@ -911,7 +916,7 @@ class EmoServer:
             raise ProtocolError("server is at its call limit", CLOSE_TRY_LATER)
         try:
             call = LiveCall(start, protocol, self.worker, self.hub if start.persist else None, self.config,
-                            self.metrics, self.webhook)
+                            self.metrics, self.webhook, model=self.model_info)
         except ChannelSelectionError as exc:
             raise ProtocolError(str(exc), CLOSE_POLICY) from None
         except OSError as exc:

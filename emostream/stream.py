@@ -257,22 +257,30 @@ def placed_windows(samples: np.ndarray, positions: int = 1, max_seconds: float =
     stream hold an utterance in turn; a longer clip is read by windows lying wholly inside it, evenly
     spaced from its start to its end, at most ``WINDOW / (P - 1)`` apart (at least P of them).
     """
+    x = np.asarray(samples, dtype=np.float32)[: int(max_seconds * sample_rate)]
+    plan = window_placements(len(x), positions)
+    out = np.zeros((len(plan), WINDOW_SAMPLES), dtype=np.float32)
+    for k, (src, dst) in enumerate(plan):
+        piece = x[src:src + WINDOW_SAMPLES - dst]
+        out[k, dst:dst + len(piece)] = piece
+    return out
+
+
+def window_placements(n_samples: int, positions: int = 1) -> list[tuple[int, int]]:
+    """Where :func:`placed_windows` cuts a clip of ``n_samples``: one ``(src, dst)`` per window, in
+    order of ``src``: window ``k`` holds samples ``[src, src + WINDOW - dst)`` of the clip at offset
+    ``dst`` (zero-padded). Lets a long file be scored while it is decoded, block by block."""
     if positions < 1:
         raise ValueError(f"positions must be >= 1, got {positions}")
     if positions == 1:
-        return fixed_chunks(samples, max_seconds, sample_rate)
-    x = np.asarray(samples, dtype=np.float32)[: int(max_seconds * sample_rate)]
-    spare = abs(WINDOW_SAMPLES - len(x))
+        return [(k * WINDOW_SAMPLES, 0) for k in range(max(1, -(-n_samples // WINDOW_SAMPLES)))]
+    spare = abs(WINDOW_SAMPLES - n_samples)
     step = WINDOW_SAMPLES / (positions - 1)
     n = max(positions, int(np.ceil(spare / step)) + 1)
     starts = np.rint(np.linspace(0, spare, n)).astype(int)
-    out = np.zeros((n, WINDOW_SAMPLES), dtype=np.float32)
-    for k, s in enumerate(starts):
-        if len(x) <= WINDOW_SAMPLES:
-            out[k, s:s + len(x)] = x
-        else:
-            out[k] = x[s:s + WINDOW_SAMPLES]
-    return out
+    if n_samples <= WINDOW_SAMPLES:
+        return [(0, int(s)) for s in starts]
+    return [(int(s), 0) for s in starts]
 
 
 def _ceil_to(x: int, step: int) -> int:

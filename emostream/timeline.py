@@ -15,7 +15,7 @@ from . import CLASSES
 def make_event(stream: str, channel: str, t_start: float, t_end: float,
                probabilities: np.ndarray | None) -> dict:
     """One timeline event (the stable shape of DESIGN.md). ``None`` probabilities = no speech."""
-    event = {"stream": stream, "channel": channel, "t_start": round(float(t_start), 6),
+    event = {"type": "event", "stream": stream, "channel": channel, "t_start": round(float(t_start), 6),
              "t_end": round(float(t_end), 6), "speech": probabilities is not None}
     if probabilities is None:
         event.update(label=None, confidence=None, probabilities=None)
@@ -25,6 +25,27 @@ def make_event(stream: str, channel: str, t_start: float, t_end: float,
         event.update(label=CLASSES[k], confidence=round(float(p[k]), 4),
                      probabilities={c: round(float(v), 4) for c, v in zip(CLASSES, p)})
     return event
+
+
+def iso_utc(seconds: float | None) -> str | None:
+    """A Unix time as UTC ISO 8601 with milliseconds (``2026-12-06T15:30:00.000Z``)."""
+    from datetime import datetime, timezone
+
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+FILE_START_FROM = "file modification time - duration"  # how a recording's started_at was found
+
+
+def file_start_time(path: str | Path, duration: float) -> str | None:
+    """A recording's wall-clock start as far as the file tells: its modification time (recorders write
+    the file as the call ends) minus its duration, as :func:`iso_utc`; None when it cannot be read."""
+    try:
+        return iso_utc(Path(path).stat().st_mtime - duration)
+    except OSError:
+        return None
 
 
 class Smoother:
@@ -49,7 +70,11 @@ class Smoother:
         return new
 
 
-MAX_PEAKS = 10  # most confident moments a running summary keeps per channel
+# Candidates a running summary keeps per channel for its peaks: the most confident non-neutral windows.
+# The peaks are the best windows that do not overlap (distinct_peaks), chosen among these candidates;
+# that equals the choice among all windows while the candidates include every window ranked above the
+# n-th peak: n + (n - 1) * (2 * window / hop - 1) of them at most (49 for 3 peaks at hop 0.5 s).
+MAX_PEAKS = 64
 
 
 @dataclass
@@ -62,7 +87,7 @@ class ChannelTally:
     prev_end: float = 0.0
     duration: float = 0.0
     time_by_label: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0.0))
-    peaks: list[dict] = field(default_factory=list)  # non-neutral events, most confident first, ties in time order
+    peaks: list[dict] = field(default_factory=list)  # peak candidates, most confident first, ties in time order
 
     def add(self, e: dict) -> None:
         self.windows += 1
@@ -78,6 +103,18 @@ class ChannelTally:
             keys = [-p["confidence"] for p in self.peaks]
             self.peaks.insert(bisect.bisect_right(keys, -e["confidence"]), e)
             del self.peaks[MAX_PEAKS:]
+
+
+def distinct_peaks(events: Iterable[dict], n: int) -> list[dict]:
+    """The ``n`` most confident events whose windows do not overlap: each overlapping group keeps
+    its best window, so one moment is not listed three times (by confidence, ties by time)."""
+    chosen: list[dict] = []
+    for e in sorted(events, key=lambda e: (-e["confidence"], e["t_end"])):
+        if len(chosen) == n:
+            break
+        if all(e["t_end"] <= p["t_start"] or p["t_end"] <= e["t_start"] for p in chosen):
+            chosen.append(e)
+    return chosen
 
 
 @dataclass
@@ -109,7 +146,7 @@ class Timeline:
 
     def summary(self, peaks: int = 3) -> dict:
         """Per channel: windows, speech time, share of speech time per emotion, dominant emotion and
-        the most confident non-neutral moments (at most ``MAX_PEAKS``). Each window stands for the
+        the most confident non-neutral moments (windows that do not overlap). Each window stands for the
         ``hop`` of new audio it adds (its last hop), so shares add up to speech time without double
         counting overlaps."""
         channels = {}
@@ -119,7 +156,7 @@ class Timeline:
             duration = max(duration, tally.duration)
             speech_seconds, time_by_label = tally.speech_seconds, tally.time_by_label
             shares = {c: (round(t / speech_seconds, 4) if speech_seconds else 0.0) for c, t in time_by_label.items()}
-            ranked = tally.peaks[:peaks]
+            ranked = distinct_peaks(tally.peaks, peaks)
             channels[name] = {
                 "windows": tally.windows,
                 "speech_windows": tally.speech_windows,

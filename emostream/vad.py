@@ -202,3 +202,45 @@ class SpeechGate:
     def select(self, windows: list[Window]) -> list[int]:
         """Indices of the windows to classify (each channel's windows must come in time order)."""
         return [i for i, w in enumerate(windows) if self.is_speech(w)]
+
+
+class SpeechCounter:
+    """Seconds of speech in one channel fed in order, by the gate's detector (``classify``'s test
+    of whether a file holds speech at all; the same frames and thresholds as :class:`SpeechGate`)."""
+
+    def __init__(self, config: VadConfig = VadConfig(), sample_rate: int = SAMPLE_RATE):
+        self.config = config
+        self.sample_rate = sample_rate
+        self.frames = 0                     # detector frames above the threshold
+        self.samples = 0                    # samples fed
+        self._pending = np.zeros(0, np.float32)
+        self._silero = SileroStream() if config.kind == "silero" else None
+
+    def feed(self, samples: np.ndarray) -> None:
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self.samples += len(x)
+        if self._silero is not None:  # in pieces the stream's history holds, so no frame is missed
+            step = self._silero.history * FRAME
+            for pos in range(0, len(x), step):
+                before = self._silero.next_frame
+                self._silero.feed(x[pos:pos + step])
+                new = self._silero.next_frame - before
+                if new:
+                    self.frames += int((self._silero.probs[-new:] >= self.config.threshold).sum())
+        elif self.config.kind == "energy":
+            x = np.concatenate([self._pending, x])
+            whole = len(x) // FRAME * FRAME
+            self.frames += int((frame_levels_db(x[:whole], FRAME) > self.config.threshold).sum())
+            self._pending = x[whole:]
+
+    @property
+    def seconds(self) -> float:
+        """Speech found so far (``off``: all audio)."""
+        if self.config.kind == "off":
+            return self.samples / self.sample_rate
+        return self.frames * FRAME / self.sample_rate
+
+    @property
+    def has_speech(self) -> bool:
+        """Enough speech for one window of the gate (``min_speech_seconds``, and some)."""
+        return self.seconds > 0 and self.seconds >= self.config.min_speech_seconds

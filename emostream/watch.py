@@ -201,8 +201,9 @@ def events_url(url: str, call_id: str | None = None) -> str:
 
 
 async def watch(url: str, on_message: Callable[[dict], None], token: str | None = None,
-                call_id: str | None = None, stop_after: float | None = None) -> None:
-    """Read ``/v1/events`` until the server closes (or ``stop_after`` seconds pass)."""
+                call_id: str | None = None, stop_after: float | None = None) -> str | None:
+    """Read ``/v1/events`` until the server closes (or ``stop_after`` seconds pass). Returns how the
+    server closed it (``"code 1001: going away"``, ``"connection lost"``), None after ``stop_after``."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -221,6 +222,9 @@ async def watch(url: str, on_message: Callable[[dict], None], token: str | None 
             try:
                 await asyncio.wait_for(pump(), stop_after)
             except asyncio.TimeoutError:
-                pass
+                return None
+        if ws.close_code is None:
+            return "connection lost"
+        return f"code {ws.close_code}" + (f": {ws.close_reason}" if ws.close_reason else "")
 
 

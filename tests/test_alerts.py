@@ -28,7 +28,8 @@ def test_parse_rules():
 
 
 def test_raised_after_the_duration_and_cleared_by_the_first_break():
-    tracker = AlertTracker([AlertRule.parse("Angry>=0.7 for 3s")], "s")
+    """Without hysteresis (clear below the raise threshold at once) the first break clears."""
+    tracker = AlertTracker([AlertRule.parse("Angry>=0.7 for 3s clear below 0.7")], "s")
     angry = [0.2, 0.8, 0.9, 0.7, 0.95, 0.9, 0.5, 0.9]  # window ends 1..8
     fired = {}
     for t, p in enumerate(angry, start=1):
@@ -39,6 +40,46 @@ def test_raised_after_the_duration_and_cleared_by_the_first_break():
     assert fired[5]["state"] == "raised" and fired[5]["since"] == 2.0 and fired[5]["t"] == 5.0
     assert fired[7]["state"] == "cleared"
     assert tracker.active == []
+
+
+def test_parse_clear_clause_and_defaults():
+    r = AlertRule.parse("Sad>=0.6 for 3s")
+    assert (r.clear_threshold, r.clear_after) == (pytest.approx(0.5), 5.0)  # the defaults: 0.1 lower, 5 s
+    assert r.name == "Sad>=0.6 for 3s"  # rule names of existing deployments do not change
+    r = AlertRule.parse("sad >= 0.6 for 3s clear below 0.4 for 8s")
+    assert (r.label, r.threshold, r.seconds, r.clear_threshold, r.clear_after) == ("Sad", 0.6, 3.0, 0.4, 8.0)
+    assert r.name == "Sad>=0.6 for 3s clear below 0.4 for 8s" and AlertRule.parse(r.name) == r
+    assert AlertRule.parse("Angry>0.7, clear < 0.5").clear_after == 0.0
+    assert AlertRule.parse("Neutral>=0.05").clear_threshold == 0.0
+    for bad in ("Sad>=0.6 clear below 0.7", "Sad>=0.6 clear above 0.4", "Sad>=0.6 for 3s clear"):
+        with pytest.raises(ValueError):
+            AlertRule.parse(bad)
+
+
+def test_hysteresis_holds_through_dips_and_clears_after_a_quiet_run():
+    """#42 item 6: Sad>=0.6 for 3s was raised at 12 s and cleared at 13 s, again at 34/35: now a dip
+    holds the alert, and it clears only after 5 s below 0.5 (silence counts as below)."""
+    tracker = AlertTracker([AlertRule.parse("Sad>=0.6 for 3s")], "s")
+    sad = {t: 0.3 for t in range(1, 41)}
+    sad.update({t: 0.7 for t in range(9, 13)})   # run 9..12: raised at 12
+    sad.update({13: 0.55, 14: 0.45, 15: 0.4, 16: 0.65, 17: 0.7})  # between, 2 s below, back up: held
+    sad.update({t: 0.2 for t in range(18, 23)})  # 18..22 below (18 + 5 s = 23)
+    states = []
+    for t in range(1, 41):
+        speech = t != 20  # a pause inside the quiet run counts towards clearing
+        e = {"stream": "s", "channel": "customer", "t_start": max(0.0, t - 6), "t_end": float(t), "speech": speech,
+             "probabilities": {c: (sad[t] if c == "Sad" else (1 - sad[t]) / 6) for c in CLASSES} if speech else None}
+        states += [(m["state"], m["t"], m["since"]) for m in tracker.update(e)]
+    assert states == [("raised", 12.0, 9.0), ("cleared", 23.0, 9.0)]
+    cleared = tracker.history[-1]
+    assert cleared["clear_below"] == pytest.approx(0.5) and cleared["clear_seconds"] == 5.0
+
+
+def test_raise_again_after_a_clear_needs_a_new_run():
+    tracker = AlertTracker([AlertRule.parse("Angry>=0.7 for 2s clear below 0.5 for 1s")], "s")
+    seq = [0.8, 0.8, 0.8, 0.4, 0.4, 0.8, 0.8, 0.8]  # raised at 3, cleared at 5, raised again at 8
+    out = [(m["state"], m["t"]) for t, p in enumerate(seq, start=1) for m in tracker.update(event(t, p))]
+    assert out == [("raised", 3.0), ("cleared", 5.0), ("raised", 8.0)]
 
 
 def test_silence_breaks_the_run_and_channels_are_independent():

@@ -69,7 +69,9 @@ def test_stream_gives_the_same_events_whatever_the_pieces(model):
         events = []
         for piece in pieces:
             events += stream.push(piece)
-        summary = stream.close()
+        summary = dict(stream.close())
+        started = summary.pop("started_at")  # the wall clock when the stream was made: differs run to run
+        assert started.endswith("Z") and summary["started_at_from"] == "stream start"
         return events + stream.last_events, summary
 
     whole = run([pcm])
@@ -80,6 +82,7 @@ def test_stream_gives_the_same_events_whatever_the_pieces(model):
     assert run(pieces) == whole
     events, summary = whole
     assert {e["channel"] for e in events} == {"agent", "customer"} and summary["duration"] == pytest.approx(20, abs=0.1)
+    assert summary["model"]["name"] == "emostream-resnet50" and len(summary["model"]["sha256"]) == 12
     assert sum(e["speech"] for e in events) > 10
 
 
@@ -90,16 +93,23 @@ def test_stream_refuses_the_wrong_channel_count(model):
 
 
 def test_classify_equals_the_cli_json(model, tmp_path, capsys):
+    """The API's dict is the CLI's --json line: for speech (a piece of an example call) and for a
+    clip the speech gate finds no speech in (no label, exit 2)."""
     from emostream.cli import main
 
     from .conftest import speechlike
 
-    path = tmp_path / "clip.wav"
-    sf.write(path, speechlike(3.5, seed=3), 16000, subtype="PCM_16")
-    assert main(["classify", str(path), "--json", "--device", "cpu"]) == 0
+    speech = tmp_path / "speech.wav"
+    sf.write(speech, load_audio(EXAMPLES / "call_mono.flac")[0, 16000 * 2:16000 * 6], 16000, subtype="PCM_16")
+    assert main(["classify", str(speech), "--json", "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert emostream.classify(path, model=model) == printed
-    assert set(printed["probabilities"]) == set(emostream.CLASSES) and printed["duration"] == 3.5
+    assert emostream.classify(speech, model=model) == printed
+    assert printed["speech"] and set(printed["probabilities"]) == set(emostream.CLASSES) and printed["duration"] == 4.0
+    tone = tmp_path / "tone.wav"
+    sf.write(tone, speechlike(3.5, seed=3), 16000, subtype="PCM_16")
+    assert main(["classify", str(tone), "--json", "--device", "cpu"]) == 2
+    printed = json.loads(capsys.readouterr().out)
+    assert emostream.classify(tone, model=model) == printed and printed["speech"] is False and printed["label"] is None
 
 
 def test_load_model_names_a_missing_path(tmp_path):

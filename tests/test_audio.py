@@ -107,3 +107,25 @@ def test_telephone_channel_removes_high_band():
     y = audio.telephone_channel(x)
     spec = np.abs(np.fft.rfft(y))
     assert spec[6000] < 0.01 * spec[300]
+
+
+@pytest.mark.parametrize("rate,channels,fmt,subtype", [(44100, 2, "WAV", "PCM_16"), (8000, 1, "FLAC", "PCM_16"),
+                                                       (48000, 1, "OGG", "OPUS"), (16000, 1, "WAV", "FLOAT")])
+def test_stream_audio_equals_load_audio(tmp_path, rate, channels, fmt, subtype):
+    """#42 item 8: decoding block by block (bounded memory) gives what decoding the whole file gives."""
+    from emostream.audio import audio_info, is_silent, load_audio, stream_audio
+    from .conftest import speechlike
+    x = np.stack([speechlike(9.3, rate, f0=120 + 40 * c, seed=c) for c in range(channels)], axis=1)
+    path = tmp_path / f"a.{'ogg' if fmt == 'OGG' else fmt.lower()}"
+    with sf.SoundFile(path, "w", rate, channels, format=fmt, subtype=subtype) as f:
+        for i in range(0, len(x), rate):
+            f.write(x[i:i + rate])
+    whole = load_audio(path)
+    blocks = list(stream_audio(path, block_seconds=2.0))
+    assert len(blocks) > 3 and all(b.shape[0] == channels for b in blocks)
+    np.testing.assert_allclose(np.concatenate(blocks, axis=1), whole, atol=1e-5)
+    mono = np.concatenate([b[0] for b in stream_audio(path, mono=True, block_seconds=2.0)])
+    np.testing.assert_allclose(mono, whole.mean(axis=0), atol=1e-5)
+    assert audio_info(path).frames_at() == whole.shape[1] and not is_silent(path)
+    sf.write(tmp_path / "z.wav", np.zeros(4000), 16000)
+    assert is_silent(tmp_path / "z.wav")

@@ -85,7 +85,9 @@ def test_batch_writes_replay_timelines_and_the_summary_table(batch_run, archive,
         assert r["duration"] == stereo["duration"] == pytest.approx(8.0)
         assert (r["speech_seconds"], r["windows"], r["speech_windows"], r["dominant"]) == (
             s["speech_seconds"], s["windows"], s["speech_windows"], s["dominant"])
-        assert {c: r[f"share_{c}"] for c in s["shares"]} == s["shares"]
+        # a channel without speech has no shares (null, NaN in pandas), not 0.0 (#42 item 9)
+        assert {c: r[f"share_{c}"] for c in s["shares"]} == (s["shares"] if s["speech_seconds"] else
+                                                             dict.fromkeys(s["shares"]))
         assert r["peaks"] == s["peaks"]
         assert r["alerts_raised"] == len(r["alerts"]) == len([a for a in stereo["alerts"] if a["channel"] == r["channel"]])
     errors = {r["call_id"]: r["error"] for r in table if r["status"] == "error"}
@@ -93,6 +95,28 @@ def test_batch_writes_replay_timelines_and_the_summary_table(batch_run, archive,
     assert "cannot read audio" in errors["corrupt"] and "empty" in errors["empty"] and "silent" in errors["silent"]
     assert "not a valid audio file" in errors["corrupt"] and "does not exist" not in errors["corrupt"]
     assert all(r["channel"] is None and r["alerts"] == [] for r in table if r["status"] == "error")
+
+
+def test_every_line_and_row_names_its_type_model_and_start(batch_run, archive):
+    """#42 item 5: a type on every JSONL line; the summary line and each Parquet row name the model
+    (checkpoint name + 12 hex digits of the weights' SHA-256) and the call's UTC ISO 8601 start."""
+    from datetime import datetime
+
+    from emostream.model import model_identity
+    _, out = batch_run
+    model = model_identity()
+    got = lines(out / "stereo.jsonl")
+    assert {x["type"] for x in got[:-1]} <= {"event", "alert"} and got[-1]["type"] == "summary"
+    assert all("type" in x for x in got)
+    summary = got[-1]
+    assert summary["model"] == model and len(model["sha256"]) == 12 and model["name"] == "emostream-resnet50"
+    start = datetime.fromisoformat(summary["started_at"].replace("Z", "+00:00"))
+    assert start.utcoffset().total_seconds() == 0 and summary["started_at"].endswith("Z")
+    mtime = os.stat(archive / "stereo.flac").st_mtime  # a recording: its mtime minus its duration
+    assert start.timestamp() == pytest.approx(mtime - summary["duration"], abs=0.01)
+    table = pq.read_table(out / "summary.parquet").to_pylist()
+    assert all(r["model"] == model["name"] and r["model_sha256"] == model["sha256"] for r in table)
+    assert {r["started_at"] for r in table if r["call_id"] == "stereo"} == {summary["started_at"]}
 
 
 def test_resume_skips_finished_calls(archive, tmp_path, capsys, shipped_checkpoint):
@@ -170,3 +194,39 @@ def test_batch_posts_alerts_to_the_webhook(archive, tmp_path, shipped_checkpoint
                      "--alert", "Neutral>=0.0 for 2s", "--alert-webhook", ep.url, "--quiet"]) == 0
     written = [x for x in lines(tmp_path / "out" / "stereo.jsonl") if x.get("type") == "alert"]
     assert written and [b for b, _ in ep.posts] == written
+
+
+def test_batch_takes_every_format_and_says_what_it_skipped(tmp_path, shipped_checkpoint):
+    """#42 item 9, through the CLI: an .opus call (which replay and classify read) is analysed, the
+    files that are not audio are listed on stderr with the reason; in the table a channel without
+    speech has NaN shares and the integer columns stay integers (pandas)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    mono, rate = sf.read(EXAMPLES / "call_mono.flac")
+    with sf.SoundFile(calls / "phone.opus", "w", 48000, 1, format="OGG", subtype="OPUS") as f:
+        from emostream.audio import resample
+        f.write(resample(mono[:6 * rate].astype(np.float32), rate, 48000))
+    left = mono[:6 * rate]
+    sf.write(calls / "one_sided.wav", np.stack([np.zeros_like(left), left], axis=1), rate)  # agent silent
+    (calls / "notes.txt").write_text("not audio")
+    (calls / "call.m4a").write_bytes(b"\0" * 64)
+    (calls / "broken.wav").write_bytes(b"")  # a failed call: its row must not turn the int columns into floats
+    r = subprocess.run([sys.executable, "-m", "emostream", "batch", str(calls), "--out", str(tmp_path / "out"),
+                        "--vad", "energy", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr  # broken.wav failed
+    assert "skipped 2 file(s)" in r.stderr and "notes.txt (not an audio format (.txt))" in r.stderr
+    assert "call.m4a (not an audio format (.m4a))" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jsonl")) == ["one_sided.jsonl", "phone.jsonl"]
+    pd = pytest.importorskip("pandas")
+    df = pd.read_parquet(tmp_path / "out" / "summary.parquet").set_index(["call_id", "channel"])
+    assert df.loc[("phone", "ch0"), "speech_seconds"] > 0
+    agent = df.loc[("one_sided", "agent")]
+    assert agent["speech_seconds"] == 0 and all(np.isnan(agent[f"share_{c}"]) for c in ("Angry", "Neutral", "Sad"))
+    assert df.loc[("one_sided", "customer"), "share_Neutral"] >= 0
+    assert (df["status"] == "error").sum() == 1
+    for column in ("windows", "speech_windows", "alerts_raised"):
+        assert df[column].dtype.kind == "i", column

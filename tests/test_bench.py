@@ -129,3 +129,15 @@ def test_soak_quick(tmp_path):
     assert not any("1011" in codes for codes in attacks.values())
     assert result["fast_sender"]["completed"] >= 1 and result["drops"]["calls"] >= 1
     assert result["server_log"]["error_lines"] == 0 and result["server_log"]["tracebacks"] == 0
+def test_long_call_quick(shipped_checkpoint, tmp_path):
+    """bench/long_call.py: each file mode on one call as its own process, with its peak RSS (issue #42)."""
+    result = run_bench("long_call", tmp_path, timeout=600)
+    rows = result["rows"]
+    assert [r["mode"] for r in rows] == ["batch", "replay", "classify"] and result["minutes"] == 1.0
+    for r in rows:
+        assert r["rc"] == 0 and r["audio_seconds"] == 60.0
+        assert 100 < r["max_rss_mb"] < 4096 and r["wall_s"] > 0 and 0 < r["max_anon_mb"] <= r["max_rss_mb"]
+        assert r["under_target"] == (r["max_rss_mb"] < 1024)
+    replay, batch = rows[1], rows[0]
+    assert replay["lines"] == 60 + 1 and batch["lines"] == 60 + 1  # a window per second, then the summary
+    assert rows[2]["record"]["speech"] and rows[2]["record"]["duration"] == 60.0

@@ -20,7 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_classify_json_shape(shipped_checkpoint, wav_file, stereo_file, capsys):
-    assert main(["classify", str(wav_file), str(stereo_file), "--json", "--device", "cpu"]) == 0
+    assert main(["classify", str(wav_file), str(stereo_file), "--json", "--device", "cpu", "--vad", "energy"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for line, path in zip(lines, (wav_file, stereo_file)):
@@ -48,7 +48,7 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
     assert predictor.temperature == pytest.approx(1.28, abs=0.005)
     assert predictor.clip_temperature == pytest.approx(1.12, abs=0.005)
     for positions, windows in ((1, fixed_chunks(audio)), (4, placed_windows(audio, 4)), (None, placed_windows(audio, 5))):
-        args = ["classify", str(path), "--json", "--device", "cpu"] + (["--positions", str(positions)] if positions else [])
+        args = ["classify", str(path), "--json", "--device", "cpu", "--vad", "energy"] + (["--positions", str(positions)] if positions else [])
         assert main(args) == 0
         rec = json.loads(capsys.readouterr().out)
         mean_logit = predictor.logits(windows).numpy().mean(axis=0)
@@ -60,6 +60,67 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
     assert len(placed_windows(audio, 4)) == 4
     assert main(["classify", str(path), "--positions", "0"]) == 2
     assert "--positions" in capsys.readouterr().err
+
+
+def _quiet_files(tmp_path):
+    """Files a user may hand to classify that hold no speech: 10 s of zeros, 0.2 s, -70 dBFS noise."""
+    rng = np.random.default_rng(0)
+    files = {"zeros.wav": np.zeros(10 * 16000, np.float32), "short.wav": speechlike(0.2),
+             "noise.wav": (10 ** (-70 / 20) * np.sqrt(2) * rng.standard_normal(10 * 16000)).astype(np.float32)}
+    for name, x in files.items():
+        sf.write(tmp_path / name, x, 16000, subtype="FLOAT")
+    return [tmp_path / name for name in files]
+
+
+def test_classify_labels_no_silence(shipped_checkpoint, tmp_path):
+    """Issue #42 item 1: silence, a 0.2 s file and -70 dBFS noise get "speech": false and no label
+    (the streaming speech gate decides), with a note each and exit 2; speech is still labelled."""
+    quiet = _quiet_files(tmp_path)
+    r = run_cli("classify", *map(str, quiet), str(ROOT / "examples" / "call_mono.flac"), "--json")
+    assert r.returncode == 2, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["speech"] for rec in records] == [False, False, False, True]
+    for rec in records[:3]:
+        assert rec["label"] is None and rec["probabilities"] is None and rec["confidence"] is None
+        assert f"{rec['path']}: no speech" in r.stderr
+    assert records[3]["label"] in CLASSES and records[3]["speech_seconds"] > 5
+    assert "Traceback" not in r.stderr
+    plain = run_cli("classify", str(quiet[0]))  # plain output: no label either
+    assert plain.returncode == 2 and plain.stdout.split("\t")[1:] == ["-", "-\n"]
+
+
+def test_classify_scores_the_whole_file(tmp_path):
+    """Issue #42 item 2: a file longer than 600 s is read to its end; the windows cut while it is
+    decoded block by block are exactly placed_windows of the whole file (no 600 s cap)."""
+    from emostream.audio import audio_info, load_mono, stream_audio
+    from emostream.whole_file import cut_windows
+    from emostream.stream import placed_windows
+    path = tmp_path / "long.flac"
+    rng = np.random.default_rng(1)
+    sf.write(path, (0.05 * rng.standard_normal(8000 * 650)).astype(np.float32), 8000)  # 650 s, 8 kHz
+    n = audio_info(path).frames_at()
+    assert n == 650 * 16000
+    for positions in (1, 5):
+        seen = []
+        blocks = (b[0] for b in stream_audio(path, mono=True, block_seconds=7))
+        got = np.concatenate(list(cut_windows(blocks, n, positions, seen.append)))
+        whole = load_mono(path)
+        expected = placed_windows(whole, positions, max_seconds=700)
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+        assert sum(len(b) for b in seen) == n
+    assert np.abs(got[-1] - whole[-len(got[-1]):]).max() < 1e-5  # the last window ends at the file's end
+    assert len(got) > len(placed_windows(whole, 5))  # the old 600 s cap scored fewer windows
+
+
+def test_classify_hints_at_a_timeline_for_long_recordings(shipped_checkpoint, tmp_path):
+    """Issue #42 item 2: one label for a whole long recording: classify says so and names replay/batch."""
+    path = tmp_path / "call.wav"
+    sf.write(path, speechlike(130.0), 16000)
+    r = run_cli("classify", str(path), "--json", "--vad", "energy", "--positions", "1")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["duration"] == 130.0 and rec["speech"]
+    assert "replay --fast" in r.stderr and "batch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_model_info_names_the_precision_that_runs(predictor, monkeypatch):
@@ -78,7 +139,7 @@ def test_model_info_names_the_precision_that_runs(predictor, monkeypatch):
 
 
 def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):
-    assert main(["classify", str(wav_file)]) == 0
+    assert main(["classify", str(wav_file), "--vad", "energy"]) == 0  # tones: sound, not a voice
     path, label, conf = capsys.readouterr().out.strip().split("\t")
     assert path == str(wav_file) and label in CLASSES and 0 < float(conf) <= 1
 
@@ -185,3 +246,38 @@ def test_replay_bundled_stereo_example_matches_ground_truth_format(shipped_check
     score = agreement(events, segments)
     assert set(score) == {"agent", "customer", "overall"}
     assert score["overall"]["agreement"] > 1 / 7
+
+
+COMMANDS = ("replay", "classify", "batch", "report", "export", "serve", "send", "watch", "mic")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_ends_with_examples(command):
+    """#42 item 10: each command's --help ends with 2-3 examples of that command."""
+    r = run_cli(command, "--help")
+    assert r.returncode == 0
+    tail = r.stdout.rstrip().split("\nexamples:\n")
+    assert len(tail) == 2, r.stdout[-300:]
+    examples = tail[1].splitlines()
+    assert 2 <= len(examples) <= 3 and all(e.startswith(f"  emostream {command} ") or "emostream" in e for e in examples)
+    assert any(e.startswith(f"  emostream {command} ") for e in examples)
+
+
+def test_send_and_mic_options_say_what_they_are(tmp_path):
+    """#42 item 10: send's file and --protocol have help; mic's sound card is --input-device and
+    --device is the model's device as everywhere; a mono file sent as pcm hints at --channel-names."""
+    from emostream.cli import build_parser
+    sd = run_cli("send", "--help").stdout
+    assert "the recorded call to stream" in sd and "the bridge to act as" in sd
+    args = build_parser().parse_args(["mic", "--input-device", "USB", "--device", "cpu"])
+    assert (args.input_device, args.device) == ("USB", "cpu")
+    assert build_parser().parse_args(["mic", "--model-device", "cpu"]).device == "cpu"  # the old name still works
+    bad = run_cli("mic", "--device", "USB Headset", "--seconds", "1")
+    assert bad.returncode == 2 and "--input-device" in bad.stderr and "Traceback" not in bad.stderr
+    from .live_util import ServerThread
+    mono = tmp_path / "mono.wav"
+    sf.write(mono, speechlike(1.0), 16000)
+    with ServerThread(port=0, analyse="customer") as srv:  # serve's default: the customer only
+        r = run_cli("send", str(mono), srv.url, "--fast")
+    assert r.returncode == 1 and "no customer channel" in r.stderr, r.stderr
+    assert r.stderr.strip().endswith("add --channel-names customer") and len(r.stderr.strip().splitlines()) == 1

@@ -21,7 +21,7 @@ STEREO_SECONDS = 88.910375  # examples/call_stereo.flac
 
 
 @pytest.mark.parametrize("protocol,channels", [
-    ("pcm", ("agent", "customer")), ("twilio", ("inbound", "outbound")), ("audiohook", ("customer", "agent"))])
+    ("pcm", ("agent", "customer")), ("twilio", ("customer", "agent")), ("audiohook", ("customer", "agent"))])
 def test_send_example_call_prints_events_and_summary(protocol, channels, capsys):
     with ServerThread(port=0) as srv:
         args = ["send", str(EXAMPLES / "call_stereo.flac"), srv.url, "--protocol", protocol, "--fast"]
@@ -104,6 +104,7 @@ def test_serve_send_watch_processes(tmp_path):
         assert match, line
         url = match.group(1)
         assert "token required" in line
+        assert re.search(r"supervisor page http://127\.0\.0\.1:\d+/$", line.strip())  # #42 item 10
         watch = subprocess.Popen([sys.executable, "-m", "emostream", "watch", url, "--no-dashboard"], cwd=ROOT,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)  # let watch subscribe
@@ -115,13 +116,15 @@ def test_serve_send_watch_processes(tmp_path):
         printed = [json.loads(line) for line in sent.stdout.splitlines()]
         # serve's default --analyse customer: only the inbound (customer) track has events
         assert printed[-1]["type"] == "summary" and len(printed) == 1 + len(expected_ends(2.5))
-        assert {m["channel"] for m in printed[:-1]} == {"inbound"}
+        assert {m["channel"] for m in printed[:-1]} == {"customer"}
+        assert {m["source_channel"] for m in printed[:-1]} == {"inbound"}  # Twilio's own name, kept
         serve.send_signal(signal.SIGINT)
         assert serve.wait(20) == 0
         out, err = watch.communicate(timeout=20)
-        assert watch.returncode == 0, err
-        assert "[proc-call] started (twilio: inbound, outbound)" in out
-        assert "[proc-call] inbound  0.0-2.5s" in out and "[proc-call] ended (completed)" in out
+        # the server went away: watch says so and exits non-zero (#42 item 10)
+        assert watch.returncode == 1 and "the server closed the connection (code 1001" in err, err
+        assert "[proc-call] started (twilio: customer, agent)" in out
+        assert "[proc-call] customer  0.0-2.5s" in out and "[proc-call] ended (completed)" in out
         lines = (tmp_path / "ev" / "proc-call.jsonl").read_text().splitlines()
         assert json.loads(lines[-1])["type"] == "summary"
     finally:

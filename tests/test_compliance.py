@@ -20,8 +20,8 @@ from emostream.vad import VadConfig
 from .conftest import speechlike
 from .live_util import ServerThread, expected_ends
 
-CUSTOMER = {"pcm": "customer", "twilio": "inbound", "audiohook": "customer"}
-AGENT = {"pcm": "agent", "twilio": "outbound", "audiohook": "agent"}
+CUSTOMER = {"pcm": "customer", "twilio": "customer", "audiohook": "customer"}  # one vocabulary (#42 item 4)
+AGENT = {"pcm": "agent", "twilio": "agent", "audiohook": "agent"}
 
 
 def agent_silent_call(path: Path, seconds: float = 4.0, sr: int = 16000) -> Path:
@@ -34,8 +34,8 @@ def agent_silent_call(path: Path, seconds: float = 4.0, sr: int = 16000) -> Path
 def test_analysed_channels_by_role_and_protocol():
     assert analysed_channels(("agent", "customer"), "customer", "pcm") == (1,)
     assert analysed_channels(("agent", "customer"), "agent", "pcm") == (0,)
-    assert analysed_channels(("inbound", "outbound"), "customer", "twilio") == (0,)
-    assert analysed_channels(("inbound", "outbound"), "agent", "twilio") == (1,)
+    assert analysed_channels(("customer", "agent"), "customer", "twilio") == (0,)  # the server's names
+    assert analysed_channels(("customer", "agent"), "agent", "twilio") == (1,)
     assert analysed_channels(("customer", "agent"), "customer", "audiohook") == (0,)
     assert analysed_channels(("ch0", "ch1"), "all") == (0, 1)
     with pytest.raises(ChannelSelectionError, match="no customer channel.*ch0.*--analyse all"):

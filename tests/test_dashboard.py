@@ -221,3 +221,36 @@ def test_classes_have_one_definition_and_the_web_page_agrees() -> None:
     js = (files("emostream") / "web" / "app.js").read_text()
     listed = re.search(r"const CLASSES = \[([^\]]*)\]", js)
     assert listed and tuple(re.findall(r"'(\w+)'", listed.group(1))) == CLASSES
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_dashboard_fits_an_80x24_terminal(finished: bool) -> None:
+    """#42 item 10: on 80 x 24 the stereo panels stack and go compact; every line fits, nothing is
+    cut (no ellipsis, at most 24 rows), the legend is whole and the change log keeps what rows are left."""
+    console = Console(record=True, width=80, height=24, force_terminal=True, color_system="truecolor")
+    dash = fed_dashboard(console)
+    for t in range(9, 30):
+        dash.update(speech("customer", float(t), ("Sad", "Angry")[t % 2], 0.7))
+    if finished:
+        dash.finish(SUMMARY)
+    else:
+        console.print(dash.render())
+    lines = console.export_text().rstrip("\n").splitlines()
+    assert len(lines) <= 24 and max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "…" not in text and "..." not in text
+    assert "customer" in text and "agent" in text and "Angry" in text and "Happy" in text
+    assert "windows speech" in text  # both panels' bottom borders
+    if finished:  # the summary, whole, takes the rows of the change log and of the legend
+        assert "Summary" in text and "Neutral 70%" in text and "60.0s (60/80 win)" in text
+    else:
+        assert "■ Surprised" in text and "silence" in text  # the legend's last entries
+        assert "changes" in text and "Sad → Angry" in text
+
+
+def test_dashboard_keeps_full_panels_where_they_fit() -> None:
+    console = Console(record=True, width=120, height=50, force_terminal=True, color_system="truecolor")
+    console.print(fed_dashboard(console).render())
+    text = console.export_text()
+    assert text.count("Surprised") >= 3  # a bar per class in both panels, and the legend
+    assert "changes" in text

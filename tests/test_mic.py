@@ -147,7 +147,7 @@ def test_no_input_device_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no audio input device found" in err[0]
     monkeypatch.setattr(mic, "import_sounddevice", lambda: FakeSd(DEVICES))
-    assert main(["mic", "--device", "nothing-like-this"]) == 2
+    assert main(["mic", "--input-device", "nothing-like-this"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "input devices: 1: USB Headset Mic (1 ch, 48000 Hz); 2: Built-in Microphone" in err[0]
 
@@ -183,8 +183,8 @@ def test_real_portaudio_path_on_alsa_virtual_device(tmp_path, shipped_checkpoint
     if "emostream_test" not in listed.stdout:
         pytest.skip(f"ALSA virtual device not available: {listed.stdout or listed.stderr}")
     out = tmp_path / "mic.jsonl"
-    run = subprocess.run([sys.executable, "-m", "emostream", "mic", "--device", "emostream_test", "--seconds", "2.5",
-                          "--no-dashboard", "--events", str(out), "--model-device", "cpu", "--vad", "energy"], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "emostream", "mic", "--input-device", "emostream_test", "--seconds", "2.5",
+                          "--no-dashboard", "--events", str(out), "--device", "cpu", "--vad", "energy"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]

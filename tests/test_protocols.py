@@ -111,7 +111,8 @@ def test_twilio_tracks_become_channels_and_timestamps_fill_gaps():
     s = TwilioSession()
     assert s.on_text(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})) == []
     (start,) = s.on_text(twilio_start())
-    assert start.call_id == "CA1" and start.channels == ("inbound", "outbound") and start.sample_rate == 8000
+    assert start.call_id == "CA1" and start.channels == ("customer", "agent") and start.sample_rate == 8000
+    assert start.source_channels == ("inbound", "outbound")
     x = speechlike(0.02, 8000)
     (a,) = s.on_text(twilio_media("outbound", 0, x))
     assert a.channel == 1 and len(a.samples) == 160

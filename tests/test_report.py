@@ -82,3 +82,68 @@ def test_report_errors_are_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_on_a_wrong_or_live_file(tmp_path):
+    """Issue #42 item 3, as a user meets it (subprocess): an audio file or a missing JSONL is one
+    line and exit 2, never a traceback; a live call's half-written last line is skipped with a note."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "emostream", "report", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    for src, message in ((ROOT / "examples" / "call_mono.flac", "not a JSONL timeline"),
+                         (tmp_path / "missing.jsonl", "no such file")):
+        r = run(str(src), "--out", str(tmp_path / "x.html"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert r.stderr.startswith("emostream: error:") and message in r.stderr
+    live = write_timeline(tmp_path / "live.jsonl", with_summary=False)
+    with open(live, "a") as f:
+        f.write('{"stream": "call-7", "channel": "agent", "t_st')  # the writer is mid-line
+    r = run(str(live), "--out", str(tmp_path / "live.html"))
+    assert r.returncode == 0, r.stderr
+    assert "skipped the last line" in r.stderr and (tmp_path / "live.html").exists()
+    assert load_timeline(live).duration == 12.0
+    (tmp_path / "bad.jsonl").write_text('{"a": 1\n' + live.read_text())  # a broken line inside is an error
+    assert run(str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b.html")).returncode == 2
+
+
+def test_two_hour_call_report_is_readable_and_small(tmp_path):
+    """#42 item 8: a 2-hour timeline: h:mm ticks, per-minute averages past 15 minutes, HTML < 1 MB;
+    #42 item 10: the footer quotes the model card's accuracy from model.json (not "about half")."""
+    import numpy as np
+
+    from emostream.report import accuracy_sentence
+    rng = np.random.default_rng(0)
+    timeline, path = Timeline("long-call", ("agent", "customer")), tmp_path / "long.jsonl"
+    with open(path, "w") as f:
+        for t in range(1, 7201):
+            for ch in ("agent", "customer"):
+                p = rng.dirichlet(np.ones(len(CLASSES))) if (t // 300) % 4 else None  # 5 min silent in 20
+                e = make_event("long-call", ch, max(0, t - 6), t, p)
+                timeline.add(e)
+                f.write(json.dumps(e) + "\n")
+        f.write(json.dumps(timeline.summary()) + "\n")
+    assert main(["report", str(path), "--out", str(tmp_path / "long.html")]) == 0
+    page = (tmp_path / "long.html").read_text()
+    assert len(page.encode()) < 1_000_000
+    assert "1-minute averages" in page
+    ticks = re.findall(r'class="tl">([^<]+)<', page)
+    assert ticks[:5] == ["0:00", "0:10", "0:20", "0:30", "0:40"] and ticks[-1] == "2:00"  # h:mm, every 10 min
+    customer = page.split("<svg")[2]
+    assert customer.count("<polygon") == 7 * 6  # six runs of speech, each minute one step
+    assert "6 times in 10" in page and "about half" not in page and accuracy_sentence() in page.replace("&#x27;", "'")
+    pytest.importorskip("matplotlib")
+    assert main(["report", str(path), "--out", str(tmp_path / "long.png")]) == 0
+    assert (tmp_path / "long.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_short_call_keeps_every_window():
+    from emostream.report import _plot_segments, _segments, _tick_label
+    call = load_timeline(write_timeline(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "c.jsonl"))
+    assert _plot_segments(call, "customer") == _segments(call.events["customer"])
+    assert (_tick_label(90, 600), _tick_label(5400, 7200)) == ("1:30", "1:30")

@@ -3,6 +3,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
     with ServerThread(port=0, events_dir=tmp_path / "events") as srv:
         result = asyncio.run(send_file(audio, srv.url, SendOptions(protocol=protocol, fast=True)))
     assert result.close_code == 1000 and result.summary is not None
-    names = {"pcm": ("agent", "customer"), "twilio": ("inbound", "outbound"), "audiohook": ("customer", "agent")}[protocol]
+    names = {"pcm": ("agent", "customer"), "twilio": ("customer", "agent"), "audiohook": ("customer", "agent")}[protocol]
+    sources = {"pcm": names, "twilio": ("inbound", "outbound"), "audiohook": ("external", "internal")}[protocol]
     channels = by_channel(result.events)
     assert set(channels) == set(names) == set(result.summary["channels"])
     for name in names:
@@ -72,6 +74,11 @@ def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "events" / f"{result.call_id}.jsonl").read_text().splitlines()]
     assert lines[-1]["type"] == "summary" and lines[-1]["end_reason"] == "completed"
     assert len(lines) - 1 == len(result.events)
+    # one vocabulary for every protocol (#42 item 4); the bridge's own name in source_channel
+    assert {(e["channel"], e["source_channel"]) for e in lines[:-1]} == set(zip(names, sources))
+    # every line has a type; the summary names the model and the call's UTC start (#42 item 5)
+    assert {x["type"] for x in lines[:-1]} == {"event"} and isinstance(lines[-1]["model"], dict)  # none here: no model_info
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[-1]["started_at"])
 
 
 def test_example_call_with_the_real_model(predictor, tmp_path):

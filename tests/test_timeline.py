@@ -15,7 +15,8 @@ def onehot(label: str, p: float = 0.9) -> np.ndarray:
 
 def test_event_shape_matches_design():
     e = make_event("call-42", "customer", 12.0, 18.0, onehot("Angry", 0.81))
-    assert list(e) == ["stream", "channel", "t_start", "t_end", "speech", "label", "confidence", "probabilities"]
+    assert list(e) == ["type", "stream", "channel", "t_start", "t_end", "speech", "label", "confidence", "probabilities"]
+    assert e["type"] == "event"  # every JSONL line has a type (#42 item 5)
     assert e["label"] == "Angry" and e["confidence"] == 0.81 and e["speech"] is True
     assert list(e["probabilities"]) == list(CLASSES)
     assert abs(sum(e["probabilities"].values()) - 1) < 1e-3
@@ -122,3 +123,14 @@ def test_running_summary_matches_all_events_while_keeping_few():
     assert all(7 <= len(v) <= 7 + 7 // 4 + 1 for v in kept.events.values())
     assert kept.events["a"][-1] is every["a"][-1]
     assert Timeline("s", ("a", "b"), 1.0, every).summary() == kept.summary()  # built from events (report)
+def test_peaks_do_not_overlap():
+    """#42 item 7: Sad 0.82 at 28-34, 0.74 at 26-32 and 0.73 at 27-33 are one moment: the summary
+    keeps its best window and the next peaks come from other moments."""
+    tl = Timeline("s", ("a",))
+    conf = {32: 0.74, 33: 0.73, 34: 0.82, 35: 0.6, 50: 0.7, 70: 0.65}
+    for t in range(6, 80):
+        tl.add(make_event("s", "a", t - 6, t, onehot("Sad", conf.get(t, 0.3))))
+    peaks = tl.summary()["channels"]["a"]["peaks"]
+    assert [(p["confidence"], p["t_start"], p["t_end"]) for p in peaks] == [(0.82, 28, 34), (0.7, 44, 50), (0.65, 64, 70)]
+    for a, b in zip(peaks, peaks[1:]):
+        assert a["t_end"] <= b["t_start"] or b["t_end"] <= a["t_start"]
