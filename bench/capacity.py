@@ -28,11 +28,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +42,7 @@ import torch
 from emostream.audio import SAMPLE_RATE, float32_to_int16, load_mono
 from emostream.metrics import ServerMetrics
 from emostream.model import precision_name
+from serve_process import ServeProcess
 from emostream.protocols import Start
 from emostream.server import LiveCall, ServerConfig
 from emostream.vad import VadConfig
@@ -190,8 +188,10 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class ServerProcess:
+class ServerProcess(ServeProcess):
     """``emostream serve`` in a child process on a free port of 127.0.0.1."""
+
+    stop_seconds = 30.0
 
     def __init__(self, cfg: RunConfig, onnx_path: str | None, max_calls: int):
         cmd = [sys.executable, "-m", "emostream", "serve", "--port", "0", "--max-calls", str(max_calls),
@@ -201,37 +201,18 @@ class ServerProcess:
             cmd.append("--fp32")
         elif cfg.backend == "onnx":
             cmd += ["--backend", "onnx", "--onnx", str(onnx_path)]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
-        self.lines: list[str] = []
-        port = None
-        deadline = time.monotonic() + 300
-        while port is None and time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-        if port is None:
-            self.stop()
-            raise RuntimeError("emostream serve did not start: " + "".join(self.lines[-5:]))
+        super().__init__(cmd)
+        port = self.port
         self.url = f"ws://127.0.0.1:{port}/v1/pcm"
-        while time.monotonic() < deadline:  # the model warms up after the server listens: wait for /readyz
+        while time.monotonic() < self.deadline:  # the model warms up after the server listens: wait for /readyz
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
-        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
+        self.keep_reading()
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> dict:

@@ -34,8 +34,6 @@ import http.client
 import json
 import os
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from emostream.audio import SAMPLE_RATE, TELEPHONE_RATE, float32_to_int16, load_mono, mulaw_encode
+from serve_process import ServeProcess
 from emostream.protocols import format_duration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +87,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-class Server:
+class Server(ServeProcess):
     """``emostream serve`` on a free port of 127.0.0.1, its stderr (JSON log lines) collected."""
 
     def __init__(self, cfg: SoakConfig, events_dir: Path):
@@ -99,24 +98,10 @@ class Server:
             cmd.append("--no-model")
         else:
             cmd.append("--warm-up")  # every batch size before /readyz, as a deployment (and capacity.py) runs it
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
-        self.lines: list[str] = []
-        port = None
-        deadline = time.monotonic() + 300
-        while port is None and time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if m := re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-        if port is None:
-            self.stop()
-            raise RuntimeError("emostream serve did not start: " + "".join(self.lines[-5:]))
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}"
-        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stderr], daemon=True).start()
-        while time.monotonic() < deadline and get(port, "/readyz")[0] != 200:
+        super().__init__(cmd)
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.keep_reading()
+        while time.monotonic() < self.deadline and get(self.port, "/readyz")[0] != 200:
             time.sleep(0.2)
 
     def rss_mb(self) -> float:
@@ -140,13 +125,6 @@ class Server:
                 samples.append(str(entry.get("message"))[:160])
         return {"error_lines": errors, "tracebacks": tracebacks, "examples": samples[:5]}
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def get(port: int, path: str) -> tuple[int, float]:

@@ -105,7 +105,7 @@ def test_long_gap_is_one_record_and_the_schedule_restarts(tmp_path):
     assert code == 1000 and elapsed < 5 and health < 1000
     lines = jsonl(tmp_path / ("CA" + "1" * 32 + ".jsonl"))
     gaps = [x for x in lines if x.get("type") == "gap"]
-    assert gaps == [{"type": "gap", "stream": "CA" + "1" * 32, "channel": "inbound", "t_start": 1.0,
+    assert gaps == [{"type": "gap", "stream": "CA" + "1" * 32, "channel": "customer", "t_start": 1.0,
                      "t_end": pytest.approx(3601.0, abs=1e-3)}]
     ends = [e["t_end"] for e in read_events(tmp_path / ("CA" + "1" * 32 + ".jsonl"))]
     assert ends == pytest.approx([1.0, 3602.0, 3603.0, 3603.5], abs=2e-3)  # restarted at 3601 s
