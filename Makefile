@@ -7,6 +7,12 @@ EXAMPLE_NAMES ?= agent,customer
 
 .PHONY: demo test install install-test browser clean-venv
 
+# torch, torchaudio and torchvision of one release, the set tested here (.ci/constraints.txt says why)
+CONSTRAINTS := $(wildcard .ci/constraints.txt)
+ifneq ($(CONSTRAINTS),)
+export PIP_CONSTRAINT := $(abspath $(CONSTRAINTS))
+endif
+
 # Two stamps, so the venv is reused while pyproject.toml is unchanged: `make demo` installs the core
 # package only (torch with its CUDA libraries is most of its size: see the README); `make test` adds the
 # [test] extra (Ray, faster-whisper, Selenium, ...). A venv that has the test extra satisfies the demo.
