@@ -330,6 +330,44 @@ def test_speed_copies_get_their_originals_heads_on_their_own_features():
     assert np.allclose(got, want) and not np.allclose(got, teacher.logits(np.array([i]), start, length)[0])
 
 
+def test_phone_lines_labelled_by_their_own_encoding_join_the_heads_fit():
+    """``phone_targets: copy``: the heads are fitted on the training clips and their lines together
+    (never on a validation speaker's), and a line's target is its source's head on its own features;
+    ``source`` keeps the heads of the clean clips alone."""
+    from dataclasses import replace
+
+    from train.data import Clip
+    from train.engine import fold_teacher
+
+    feats, labels, speakers = _synthetic()
+    n = len(labels)
+    rng = np.random.default_rng(6)
+    line_frames = np.concatenate([feats.clip(i).astype(np.float32) * 0.5 + rng.normal(size=(1, feats.frames.shape[1]))
+                                  for i in range(n)]).astype(np.float16)
+    both = feats.extended(TeacherFeatures(line_frames, feats.offsets))
+    clips = [Clip(f"c{i}.wav", CLASSES[y], s) for i, (y, s) in enumerate(zip(labels, speakers))]
+    clips_x = clips + [Clip(f"c{i}.wav#phone0", c.label, c.speaker) for i, c in enumerate(clips)]
+    phone = (n + np.arange(n))[:, None]
+    cfg = load_config(CONFIGS / "distill_layer3_phone_copy.yaml")
+    train = np.array([i for i, s in enumerate(speakers) if s not in ("s0", "s1")])
+    plain = fold_teacher(cfg, clips, feats, train)
+    source = fold_teacher(replace(cfg, distill=replace(cfg.distill, phone_targets="source")), clips_x, both, train,
+                          phone=phone)
+    copy = fold_teacher(cfg, clips_x, both, train, phone=phone)
+    assert np.allclose(plain.head.coef, source.head.coef)
+    assert not np.allclose(plain.head.coef, copy.head.coef)
+    # the same fit as heads on the clips and their lines, and by speaker: a line shares its source's head
+    from train.teacher import fit_head
+
+    lines_too = np.concatenate([train, phone[train, 0]])
+    x = np.stack([both.pool(int(i)) for i in lines_too])
+    want = fit_head(x, labels[np.concatenate([train, train])], len(CLASSES), cfg.distill.head_c, cfg.seed)
+    assert np.allclose(copy.head.coef, want.coef)
+    assert np.array_equal(copy.head_of[phone[train, 0]], copy.head_of[train]) and (copy.head_of[train] >= 0).all()
+    held = np.setdiff1d(np.arange(n), train)
+    assert (copy.head_of[held] == -1).all() and (copy.head_of[phone[held, 0]] == -1).all()
+
+
 def test_mixup_mixes_labels_and_every_teacher_target_with_the_same_pairs():
     """Mixup (recipe augmentation.mix_*): each window is lam * its own + (1 - lam) * a partner's, and
     the labels, the teacher's distribution (at temperature T) and its embedding follow the same pairs."""
@@ -535,3 +573,26 @@ def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tm
     assert len(list((tmp_path / "cache").glob("speed-*.offsets.npy"))) == 1
     assert len(list((tmp_path / "cache").glob("teacher-*.offsets.npy"))) == 2  # the originals' and the copies'
     assert "speed copies at 0.9, 1.1" in (out / "train.log").read_text()
+
+
+@requires_teacher
+def test_cv_cli_labels_phone_lines_by_the_teacher_on_the_line_itself(tmp_path, capsys):
+    pytest.importorskip("ctranslate2")
+    from train.__main__ import main
+
+    write_tiny_set(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
+                   "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n    layers: [1]\n"
+                   "    phone_targets: copy\n  augment:\n    phone_copies: 1\n    phone_probability: 0.5\n")
+    out = tmp_path / "out"
+    assert main(["cv", "--config", str(cfg), "--data", str(tmp_path), "--teacher", str(TEACHER_DIR), "--epochs", "1",
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "cv_report.json").read_text())
+    assert report["pooled"]["overall"]["n"] == 8  # the original clips only
+    assert report["config"]["distill"]["phone_targets"] == "copy"
+    assert len(list((tmp_path / "cache").glob("phone-*.offsets.npy"))) == 1
+    # the originals' and the lines' own encodings, each through the encoder cut after block 1
+    assert len(list((tmp_path / "cache").glob("teacher-*-B1.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("teacher-*-L1.npy"))) == 2

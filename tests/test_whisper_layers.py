@@ -281,3 +281,20 @@ def test_feature_extractor_loads_without_ctranslate2_or_av(tmp_path, monkeypatch
     assert type(extractor).__module__ == "_faster_whisper_feature_extractor"
     audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
     assert np.array_equal(extractor(audio, padding=0), fw.FeatureExtractor()(audio, padding=0))
+
+
+def test_encoder_cut_in_memory_gives_the_same_states_as_the_full_one(tmp_path):
+    """``load_encoder_layers(dir, blocks)`` runs only the first blocks: states 0..blocks exactly the
+    full encoder's (the last one without the final layer norm), as the cut file gives them."""
+    from train.whisper_layers import load_encoder_layers, write_encoder_subset
+
+    full_dir = _teacher_dir(tmp_path / "full", layers=3)
+    mel = torch.randn(1, 80, 40)
+    states = load_encoder_layers(full_dir)(mel)
+    cut = load_encoder_layers(full_dir, blocks=2)
+    assert cut.n_layers == 2 and "layer_norm__gamma" not in cut.params
+    assert torch.equal(cut(mel), states[:3])
+    assert torch.equal(cut(mel), load_encoder_layers(write_encoder_subset(full_dir, tmp_path / "cut", 2))(mel))
+    assert torch.equal(load_encoder_layers(full_dir, blocks=3)(mel), states)  # every block: the encoder itself
+    with pytest.raises(ValueError, match="at least 1"):
+        load_encoder_layers(full_dir, blocks=0)

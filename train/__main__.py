@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="compare teachers built on these encoder hidden states instead of the config's: each "
                          "argument one layer or a comma list averaged (0 = after the stem, 6 = Whisper base's "
                          "output); one report per choice and a table teacher_layers.md")
+    te.add_argument("--channels", type=_channel_list, metavar="C,C,...",
+                    help="also probe the teacher through these telephone channels (g712, mulaw, grid or codec "
+                         "names): heads fitted on clean (and clean + channel) clips, scored on each channel; "
+                         "teacher_channels.md")
     en = sub.add_parser("ensemble", help="report the mean probabilities of finished CV runs on the same folds "
                                          "(no training): what an ensemble of them would score")
     en.add_argument("--config", required=True, help="the runs' config (its seed fixes the folds)")
@@ -253,8 +257,14 @@ def _run(args) -> int:
     if args.command == "teacher":
         from .engine import teacher_cv
 
-        teacher_cv(cfg, clips, features, make_folds(clips, cfg.folds, cfg.group_by, cfg.seed), out)
+        folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+        teacher_cv(cfg, clips, features, folds, out)
         print((out / "teacher_report.md").read_text())
+        channels = [c for c in args.channels or () if c != "full"]
+        if channels:
+            from .teacher_channels import teacher_channel_probe
+
+            print(teacher_channel_probe(cfg, clips, cache, features, channels, folds, args.cache, out))
         return 0
     speed = None
     if cfg.augment.speed_factors:
@@ -273,7 +283,12 @@ def _run(args) -> int:
 
         n_sources = len(speed.clips) if speed else len(clips)
         speed = with_phone_copies(clips, cache, speed, cfg.augment.phone_copies, cfg.seed, args.cache)
-        if features is not None:  # a phone line is labelled by the teacher on its clean source
+        if features is not None and cfg.distill.phone_targets == "copy":  # the teacher on the line itself
+            from .teacher import build_teacher_cache
+
+            features = features.extended(build_teacher_cache(speed.phone_cache, cfg.distill.teacher, args.cache,
+                                                             threads=cfg.threads or 0, layers=cfg.distill.layers))
+        elif features is not None:  # a phone line is labelled by the teacher on its clean source
             features = features.extended(features.repeated(np.tile(np.arange(n_sources), cfg.augment.phone_copies)))
         log.info("phone copies: %d random lines of each of %d clips, %.1f min of audio more",
                  cfg.augment.phone_copies, n_sources, (speed.cache.offsets[-1] - speed.cache.offsets[n_sources]) / 16000 / 60)

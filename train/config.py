@@ -72,6 +72,8 @@ class Distill:
     layers: tuple[int, ...] = ()      # encoder hidden states averaged into the teacher's features: () = the
                                       # encoder output (CTranslate2); else 0 = after the stem, k = after block k
                                       # (6 = the output of Whisper base), read by train.whisper_layers
+    phone_targets: str = "source"     # a phone line's targets: the teacher on its clean "source" clip, or on
+                                      # the line's own audio ("copy", as speed copies are; one more encoding each)
 
 
 @dataclass(frozen=True)
@@ -552,6 +554,8 @@ def _extensions(body: dict, u: dict) -> None:
                 raise ConfigError("emostream.distill.temperature and head_c must be positive")
             d = replace(d, speaker_centre=_choice("emostream.distill.speaker_centre", d.speaker_centre,
                                                   {v: v for v in SPEAKER_CENTRE}))
+            d = replace(d, phone_targets=_choice("emostream.distill.phone_targets", d.phone_targets,
+                                                 {"source": "source", "copy": "copy"}))
             for name in ("embed_weight", "frame_weight"):
                 if getattr(d, name) < 0:
                     raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")

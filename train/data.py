@@ -203,7 +203,7 @@ def build_speed_copies(clips: list[Clip], cache: AudioCache, factors: tuple[floa
                        cache_dir: str | Path) -> SpeedCopies:
     """:class:`SpeedCopies` of ``clips`` (decoded in ``cache``), the copies computed once and cached
     beside the decode cache (keyed by the audio and the factors)."""
-    copies_cache = _cached_copies(cache, "speed", repr(tuple(float(f) for f in factors)),
+    copies_cache = cached_copies(cache, "speed", repr(tuple(float(f) for f in factors)),
                                   [lambda x, f=f: speed_perturb(x, f) for f in factors], cache_dir,
                                   f"at factors {', '.join(f'{f:g}' for f in factors)}")
     n = len(clips)
@@ -245,7 +245,7 @@ def build_phone_copies(clips: list[Clip], cache: AudioCache, count: int, seed: i
             return channel.apply(x, rng, babble_sources=sources)[0]
         return apply
 
-    copies_cache = _cached_copies(cache, "phone", f"{count}:{seed}:{channel.config}:{channel.codecs}",
+    copies_cache = cached_copies(cache, "phone", f"{count}:{seed}:{channel.config}:{channel.codecs}",
                                   [line(j) for j in range(count)], cache_dir, f"through {count} random phone lines",
                                   with_index=True)
     n = len(clips)
@@ -265,6 +265,7 @@ class CopySet:
     cache: AudioCache
     copies: np.ndarray | None
     phone: np.ndarray | None = None
+    phone_cache: AudioCache | None = None   # the lines alone, in ``phone``'s order (for their own teacher targets)
 
 
 def with_phone_copies(clips: list[Clip], cache: AudioCache, speed: SpeedCopies | None, count: int, seed: int,
@@ -272,10 +273,11 @@ def with_phone_copies(clips: list[Clip], cache: AudioCache, speed: SpeedCopies |
     """:class:`CopySet` of ``clips`` with ``count`` phone lines of every original and speed copy."""
     sources, source_cache = (speed.clips, speed.cache) if speed is not None else (clips, cache)
     phone = build_phone_copies(sources, source_cache, count, seed, cache_dir)
-    return CopySet(phone.clips, phone.cache, speed.copies if speed is not None else None, phone.copies)
+    return CopySet(phone.clips, phone.cache, speed.copies if speed is not None else None, phone.copies,
+                   phone.copies_cache)
 
 
-def _cached_copies(cache: AudioCache, kind: str, key: str, transforms: list, cache_dir: str | Path, what: str,
+def cached_copies(cache: AudioCache, kind: str, key: str, transforms: list, cache_dir: str | Path, what: str,
                    with_index: bool = False) -> AudioCache:
     """Every clip of ``cache`` through each of ``transforms`` in turn (``transform(x)``, or
     ``transform(x, i)`` ``with_index``), stored once as ``<kind>-<hash>.npy`` beside the decode cache."""

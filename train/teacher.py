@@ -230,13 +230,20 @@ def encode_clip_layers(encoder, extractor, audio: np.ndarray) -> np.ndarray:
 
 def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layers: tuple[int, ...],
                     threads: int) -> TeacherFeatures:
-    """The mean of hidden states ``layers`` per frame (cached), from the all-layer cache."""
+    """The mean of hidden states ``layers`` per frame (cached), from a cache of hidden states: the
+    all-layer one when it exists, else one of states ``0..max(layers)`` only (the encoder cut after the
+    last block needed: the same values, fewer blocks to run)."""
     key = _cache_key(cache, teacher_dir, ":layers")
     name = "-".join(str(k) for k in layers)
     frames_path = cache_dir / f"teacher-{key}-L{name}.npy"
     index_path = cache_dir / f"teacher-{key}.offsets.npy"
     if frames_path.exists() and index_path.exists():
         return TeacherFeatures(np.load(frames_path, mmap_mode="r"), np.load(index_path))
+    from .whisper_layers import encoder_blocks_needed
+
+    all_states = cache_dir / f"teacher-{key}.npy"
+    blocks = None if all_states.exists() or not layers or min(layers) < 0 else max(1, encoder_blocks_needed(layers))
+    states_path = all_states if blocks is None else cache_dir / f"teacher-{key}-B{blocks}.npy"
 
     def load_encode():
         import torch
@@ -248,11 +255,11 @@ def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layer
         if threads:
             torch.set_num_threads(threads)
         device = select_device()  # as the student: the GPU when present
-        encoder, extractor = load_encoder_layers(teacher_dir).to(device), whisper_feature_extractor()
-        log.info("teacher layers on %s", device)
+        encoder, extractor = load_encoder_layers(teacher_dir, blocks).to(device), whisper_feature_extractor()
+        log.info("teacher layers on %s%s", device, f" (blocks 0-{encoder.n_layers - 1})" if blocks else "")
         return lambda i: encode_clip_layers(encoder, extractor, cache.clip(i))
 
-    every = _encode_all(len(cache), load_encode, cache_dir / f"teacher-{key}.npy", index_path, "teacher layer cache")
+    every = _encode_all(len(cache), load_encode, states_path, index_path, "teacher layer cache")
     n_states = every.frames.shape[1]
     bad = [k for k in layers if not 0 <= k < n_states]
     if bad:

@@ -208,6 +208,16 @@ class WhisperEncoderLayers(torch.nn.Module):
         return torch.stack(states)
 
 
-def load_encoder_layers(teacher_dir: str | Path) -> WhisperEncoderLayers:
-    """The encoder of the faster-whisper directory ``teacher_dir`` with all its layers exposed."""
-    return WhisperEncoderLayers(read_ct2_variables(check_teacher_dir(teacher_dir) / "model.bin")).eval()
+def load_encoder_layers(teacher_dir: str | Path, blocks: int | None = None) -> WhisperEncoderLayers:
+    """The encoder of the faster-whisper directory ``teacher_dir`` with all its layers exposed; with
+    ``blocks``, only its first ``blocks`` transformer blocks (as :func:`write_encoder_subset` cuts it,
+    in memory: hidden states ``0..blocks`` equal the full encoder's, at a fraction of its cost)."""
+    variables = read_ct2_variables(check_teacher_dir(teacher_dir) / "model.bin")
+    n_blocks = sum(1 for k in variables if k.endswith("self_attention/linear_0/weight"))
+    if blocks is not None and blocks < n_blocks:
+        if blocks < 1:
+            raise ValueError("blocks must be at least 1")
+        variables = {k: v for k, v in variables.items()
+                     if not k.startswith("layer_norm/")
+                     and not ((m := re.match(r"layer_(\d+)/", k)) and int(m.group(1)) >= blocks)}
+    return WhisperEncoderLayers(variables).eval()
