@@ -37,8 +37,9 @@ from emostream.model import DEFAULT_CHECKPOINT, Predictor, select_device
 def gmac_per_window(predictor: Predictor) -> float:
     """Multiply-accumulates of one window through front end + backbone, in units of 1e9."""
     x = torch.zeros(1, WINDOW_SAMPLES, device=predictor.device)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        predictor.model(x)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), \
+            emostream.model.autocast_for(predictor.device, predictor.mixed_precision):
+        predictor.model(x)  # under the predictor's autocast: its weights may be stored in bf16
     return counter.get_total_flops() / 2 / 1e9
 
 

@@ -8,7 +8,8 @@ peak resident memory of that process (``ru_maxrss`` from ``os.wait4``) and its w
 included. Issue #42's target: under 1 GB in every mode for a 2-hour call, i.e. memory that does not
 grow with the call's length.
 
-    python bench/long_call.py [--minutes 120] [--modes batch,replay,classify] [--repo PATH] [--json OUT] [--quick]
+    python bench/long_call.py [--minutes 120] [--modes batch,replay,classify] [--onnx MODEL.onnx]
+                              [--repo PATH] [--json OUT] [--quick]
 
 ``--repo`` runs another checkout's ``emostream`` on the same file (a before/after comparison);
 ``--quick`` is a 1-minute call (the test of this script).
@@ -57,13 +58,15 @@ def make_call(path: Path, minutes: float, gated: bool = False) -> float:
     return total / rate
 
 
-def command(mode: str, call: Path, out: Path) -> list[str]:
-    """The user's command for ``mode`` on ``call`` (outputs under ``out``)."""
+def command(mode: str, call: Path, out: Path, onnx: Path | None = None) -> list[str]:
+    """The user's command for ``mode`` on ``call`` (outputs under ``out``; ``onnx``: that exported
+    model on ONNX Runtime instead of the checkpoint on torch)."""
+    model = ["--onnx", str(onnx)] if onnx else []
     if mode == "batch":
-        return ["batch", str(call), "--out", str(out / "batch"), "--quiet"]
+        return ["batch", str(call), "--out", str(out / "batch"), "--quiet", *model]
     if mode == "replay":
-        return ["replay", str(call), "--fast", "--no-dashboard", "--events", str(out / "replay.jsonl")]
-    return ["classify", str(call), "--json"]
+        return ["replay", str(call), "--fast", "--no-dashboard", "--events", str(out / "replay.jsonl"), *model]
+    return ["classify", str(call), "--json", *model]
 
 
 def run_mode(argv: list[str], cwd: Path) -> dict:
@@ -125,6 +128,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="a 1-minute call")
     p.add_argument("--gated", action="store_true", help="speech at the start and the end only, noise between")
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="run the model from this file (emostream export --onnx) on ONNX Runtime: no torch in the process")
     args = p.parse_args()
     minutes = 1.0 if args.quick else args.minutes
     work = args.work or Path(tempfile.mkdtemp(prefix="emostream-long-"))
@@ -137,7 +142,7 @@ def main() -> int:
             out = work / f"out-{mode}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
-            argv = command(mode, call, out)
+            argv = command(mode, call, out, args.onnx.resolve() if args.onnx else None)
             r = run_mode(argv, args.repo.resolve())
             row = {"mode": mode, "command": "emostream " + " ".join(argv).replace(str(work) + "/", ""),
                    "audio_seconds": round(seconds, 1), "rc": r["rc"], "wall_s": r["wall_s"],

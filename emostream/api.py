@@ -34,7 +34,7 @@ def load_model(path: str | Path | None = None, *, device: str = "auto", backend:
     :class:`~emostream.model.CheckpointError` (a ValueError) for a missing or foreign model."""
     from .loading import load_predictor
 
-    from .model import model_identity
+    from .model_files import model_identity
 
     if backend == "onnx":
         if path is None:
@@ -158,7 +158,7 @@ class Stream:
         """End of the audio: classify the final windows and return the summary (their events and
         alerts are in :attr:`last_events`)."""
         if self._summary is None:
-            from .model import model_identity
+            from .model_files import model_identity
             from .timeline import iso_utc
 
             self._pipeline.flush()

@@ -64,7 +64,7 @@ class BatchConfig:
     analyse: str = "all"
     alerts: tuple[AlertRule, ...] = ()
     chunk_windows: int = 32        # windows per chunk (its speech windows are one model request)
-    max_batch: int = 32            # windows per model call
+    max_batch: int = 16            # windows per model call (32: +65 MB of activations, no faster; issue #42)
 
     def __post_init__(self):
         StreamConfig(hop_seconds=self.hop_seconds, min_seconds=self.min_seconds)  # validates
@@ -373,7 +373,7 @@ def error_row(result: CallResult, model: dict | None = None) -> dict:
 
 def spec_identity(spec: ModelSpec) -> dict[str, str]:
     """The model a batch runs, as timelines and the table name it (``model_identity``)."""
-    from .model import model_identity
+    from .model_files import model_identity
 
     if spec.backend == "constant":
         return {"name": "none", "sha256": ""}

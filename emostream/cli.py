@@ -419,7 +419,7 @@ def cmd_replay(args) -> int:
     from .compliance import ChannelSelectionError, analysed_channels
     from .audio import SAMPLE_RATE, audio_info, is_silent, stream_audio
     from .dashboard import DashboardInfo, make_display
-    from .model import model_identity
+    from .model_files import model_identity
     from .pipeline import REPLAY_CHUNK_SECONDS, CallPipeline, channel_names
     from .stream import StreamConfig
     from .timeline import FILE_START_FROM, JsonlWriter, file_start_time
@@ -498,15 +498,13 @@ def cmd_batch(args) -> int:
     from .webhook import AlertWebhook
     from .worker import ModelSpec
 
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise UsageError("batch writes its summary table with pyarrow: pip install 'emostream[scale]'") from None
-    if args.plots == "png":
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plots png needs matplotlib: pip install 'emostream[report]' (or use --plots html)") from None
+    from importlib.util import find_spec
+
+    # checked, not imported: pyarrow is loaded for the summary table once the model is gone (issue #42)
+    if find_spec("pyarrow") is None:
+        raise UsageError("batch writes its summary table with pyarrow: pip install 'emostream[scale]'")
+    if args.plots == "png" and find_spec("matplotlib") is None:
+        raise UsageError("--plots png needs matplotlib: pip install 'emostream[report]' (or use --plots html)")
     names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
     try:
         config = BatchConfig(hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=_vad(args),
@@ -893,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .audio import AudioError
     from .loading import ModelOptionsError
-    from .model import CheckpointError
+    from .model_files import CheckpointError
     from .vad import VadUnavailable
 
     previous = None
@@ -916,5 +914,36 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The console script and ``python -m emostream``: :func:`main`, then the interpreter's own exit
+    steps (atexit handlers, other threads, flushed output) and a plain process exit. Skipped: the
+    module and shared-library teardown, which touched ~125 MB of torch's and its CUDA libraries'
+    pages after a call was done, the top of a long call's peak memory (issue #42)."""
+    import atexit
+    import os
+    import threading
+
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: --help, usage errors
+        code = exc.code
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

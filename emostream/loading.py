@@ -41,7 +41,7 @@ def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto"
     Raises :class:`ModelOptionsError` for options that do not fit and
     :class:`~emostream.model.CheckpointError` for a missing or foreign model.
     """
-    from .model import CheckpointError, Predictor
+    from .model_files import CheckpointError
 
     backend = resolve_backend(backend, onnx)
     requested = None if device == "auto" else device
@@ -63,6 +63,8 @@ def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto"
 
         if not torch.cuda.is_available():
             raise ModelOptionsError(f"--device {requested}: no CUDA device is available")
+    from .model import Predictor  # torch: imported only for the torch backend
+
     return Predictor.from_checkpoint(path, device=requested, mixed_precision=not fp32)
 
 
@@ -71,7 +73,7 @@ def model_info(predictor: Any, *, checkpoint: str | Path | None = None, onnx: st
     precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
     the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
     weights' SHA-256 (the identity to compare between replicas)."""
-    from .model import model_identity
+    from .model_files import model_identity
 
     meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
     config = (meta.get("training") or {}).get("config") or {}

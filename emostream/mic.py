@@ -180,7 +180,7 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
 
     from .analyzer import AnalyzerConfig
     from .dashboard import DashboardInfo, make_display
-    from .model import model_identity
+    from .model_files import model_identity
     from .pipeline import CallPipeline
     from .stream import StreamConfig
     from .timeline import JsonlWriter, iso_utc

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES
-from .model import CLASSES, DEFAULT_CHECKPOINT, CheckpointError
+from . import CLASSES
+from .model_files import CheckpointError, default_checkpoint
 
 METADATA_PREFIX = "emostream."
 FORMAT = "emostream-onnx/1"
@@ -58,7 +59,7 @@ def _exportable(model, temperature: float):
     return Pipeline().eval()
 
 
-def export_onnx(checkpoint: str | Path = DEFAULT_CHECKPOINT, out: str | Path = "emostream.onnx") -> Path:
+def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostream.onnx") -> Path:
     """Export the checkpoint's full pipeline (front end included) to a single ``.onnx`` file."""
     try:
         import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
@@ -73,6 +74,7 @@ def export_onnx(checkpoint: str | Path = DEFAULT_CHECKPOINT, out: str | Path = "
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory for the ONNX file does not exist: {out.parent}")
+    checkpoint = default_checkpoint() if checkpoint is None else checkpoint
     model = load_checkpoint(checkpoint, "cpu")
     wrapper = _exportable(model, model.model_config.temperature)
     example = torch.zeros(2, WINDOW_SAMPLES)

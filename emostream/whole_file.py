@@ -63,7 +63,7 @@ def cut_windows(blocks: Iterable[np.ndarray], n_samples: int, positions: int,
 
 def classify_file(path: str | Path, predictor, positions: int, vad: VadConfig) -> dict:
     """The ``classify --json`` record of one file (``speech`` false: no label, no probabilities)."""
-    from .model import clip_probabilities
+    from .scoring import clip_probabilities
 
     n_samples = audio_info(path).frames_at(SAMPLE_RATE)
     counter = SpeechCounter(vad)

@@ -215,6 +215,28 @@ def test_error_in_subprocess_has_no_traceback(tmp_path):
     assert r.stderr.strip().startswith("emostream: error:") and "Traceback" not in r.stderr
 
 
+def test_console_entry_keeps_mains_exit_codes_and_output(tmp_path):
+    """``python -m emostream`` (and the console script) leaves through ``cli.run``: main's exit code,
+    argparse's, and every line written before the plain process exit."""
+    ok = run_cli("--version")
+    assert ok.returncode == 0 and ok.stdout.startswith("emostream ")
+    usage = run_cli("nonsense")
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+    out = tmp_path / "x.html"
+    report = run_cli("report", str(tmp_path / "missing.jsonl"), "--out", str(out))
+    assert report.returncode == 2 and report.stderr.count("\n") == 1
+
+
+def test_console_script_entry_point_is_run():
+    import tomllib
+    from pathlib import Path
+
+    from emostream.cli import run
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["emostream"] == "emostream.cli:run" and callable(run)
+
+
 def test_silent_file_is_an_error(tmp_path, capsys):
     path = tmp_path / "zeros.wav"
     sf.write(path, np.zeros(16000), 16000)

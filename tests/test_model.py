@@ -104,6 +104,30 @@ def test_bf16_autocast_predict_close_to_fp32(net, tmp_path, monkeypatch):
     assert torch.allclose(fp32, bf16, atol=0.25 * fp32.abs().max().item() + 0.05)
 
 
+def test_bf16_predictor_stores_the_weights_autocast_would_cast(net, tmp_path, monkeypatch):
+    """On a bf16 CPU the predictor keeps conv/linear weights in bf16 (half the memory, no per-call
+    copies) and gives exactly what autocast over fp32 weights gives; batch norms stay fp32."""
+    import copy
+
+    import emostream.model
+    from emostream.model import autocast_for, cast_autocast_weights
+
+    monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda: True)
+    save_checkpoint(net, tmp_path / "ck", half=False)
+    p = Predictor.from_checkpoint(tmp_path / "ck", device="cpu")
+    backbone = p.model.backbone
+    assert backbone.conv1.weight.dtype == torch.bfloat16 and backbone.fc.weight.dtype == torch.bfloat16
+    assert backbone.bn1.weight.dtype == torch.float32 and backbone.bn1.running_var.dtype == torch.float32
+    x = np.stack([speechlike(6.0, seed=s) for s in range(3)])
+    reference = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast_for(torch.device("cpu")):
+        want = reference(torch.from_numpy(x)).float()
+    assert torch.equal(p.logits(x), want)
+    assert cast_autocast_weights(copy.deepcopy(net).backbone, torch.bfloat16) == 54  # ResNet50: 53 convs + fc
+    fp32 = Predictor.from_checkpoint(tmp_path / "ck", device="cpu", mixed_precision=False)
+    assert fp32.model.backbone.conv1.weight.dtype == torch.float32
+
+
 def test_mixed_precision_follows_the_cpu(net, monkeypatch):
     """Mixed precision is fp16 on CUDA and bf16 on a CPU only where oneDNN has fast bf16 kernels; on
     a CPU without them (AVX2 only) bf16 autocast is several times slower than fp32, so it stays off."""
@@ -134,6 +158,23 @@ def test_checkpoint_errors(tmp_path, net):
     meta["classes"] = ["a", "b"]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="classes"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_checkpoint_with_other_shapes_or_names_is_refused(tmp_path, net):
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(net, tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    state = load_file(str(weights))
+    state["backbone.fc.weight"] = state["backbone.fc.weight"][:3]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"backbone.fc.weight is \(3, 2048\)"):
+        load_checkpoint(tmp_path / "ck")
+    del state["backbone.fc.weight"]
+    state["backbone.extra"] = torch.zeros(1)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="missing \\['backbone.fc.weight'\\], unexpected \\['backbone.extra'\\]"):
         load_checkpoint(tmp_path / "ck")
 
 

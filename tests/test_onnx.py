@@ -81,6 +81,31 @@ def test_classify_with_onnx_backend(onnx_file, wav_file, capsys):
     assert abs(sum(record["probabilities"].values()) - 1) < 1e-3
 
 
+NO_TORCH_PROBE = """
+import json, sys
+from emostream.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"rc": code, "imported": [m for m in ("torch", "torchaudio", "timm") if m in sys.modules]}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["classify", "replay", "batch"])
+def test_the_onnx_backend_runs_without_torch(mode, onnx_file, tmp_path):
+    # the low-memory path for long calls (issue #42): torch alone is ~0.7 GB of a process's memory
+    import subprocess
+    import sys
+
+    call = tmp_path / "call.flac"
+    sf.write(call, load_audio(EXAMPLES / "call_mono.flac")[0, : 20 * SAMPLE_RATE], SAMPLE_RATE)
+    argv = {"classify": ["classify", str(call), "--json"],
+            "replay": ["replay", str(call), "--fast", "--no-dashboard", "--events", str(tmp_path / "r.jsonl")],
+            "batch": ["batch", str(call), "--out", str(tmp_path / "out"), "--quiet"]}[mode]
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *argv, "--onnx", str(onnx_file)],
+                         capture_output=True, text=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 0, "imported": []}, out.stderr[-500:]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--backend", "onnx"], "needs --onnx"),
     (["--backend", "torch", "--onnx", "{onnx}"], "only used with --backend onnx"),
