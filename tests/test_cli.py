@@ -129,7 +129,7 @@ def test_model_info_names_the_precision_that_runs(predictor, monkeypatch):
     from types import SimpleNamespace
 
     import emostream.model
-    from emostream.cli import _model_info
+    from emostream.cli.common import command_model_info as _model_info
     args = SimpleNamespace(checkpoint=None, onnx=None)
     for fast, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda fast=fast: fast)

@@ -161,7 +161,7 @@ def test_model_info_of_the_onnx_backend(onnx_file, predictor):
     live-window temperature as the checkpoint it was exported from (read from the graph's metadata)."""
     from types import SimpleNamespace
 
-    from emostream.cli import _model_info
+    from emostream.cli.common import command_model_info as _model_info
     info = _model_info(OnnxPredictor.from_file(onnx_file), SimpleNamespace(checkpoint=None, onnx=str(onnx_file)))
     assert (info["backend"], info["precision"], info["name"]) == ("onnx", "fp32", onnx_file.stem)
     assert float(info["temperature"]) == pytest.approx(predictor.temperature, rel=1e-5) and len(info["sha256"]) == 12

@@ -1,0 +1,224 @@
+"""The live commands: ``serve``, ``send``, ``watch`` and ``mic``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import (UsageError, command_model_info, env_default, import_scale, load_command_predictor,
+                     require_model_files, vad_config, alert_webhook_config)
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from ..auth import AudioHookKey
+    from ..logs import configure as configure_logs
+    from ..server import EmoServer, ServerConfig
+    from ..worker import WorkerConfig, constant_predictor
+
+    try:
+        keys = tuple(AudioHookKey.parse(k) for k in args.audiohook_key)
+        config = ServerConfig(
+            host=args.host, port=args.port, token=env_default(args.token, "EMOSTREAM_TOKEN"),
+            max_calls=args.max_calls, events_dir=Path(args.events_dir) if args.events_dir else None,
+            hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=vad_config(args),
+            idle_timeout=args.idle_timeout, start_timeout=args.start_timeout, max_unstarted=args.max_unstarted,
+            max_call_seconds=args.max_call_minutes * 60,
+            max_message_bytes=args.max_message_kb * 1024,
+            twilio_auth_token=env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
+            public_url=args.public_url, audiohook_keys=keys,
+            worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                max_pending=max(4096, args.max_batch)), warm_up=args.warm_up,
+            analyse=args.analyse, record_dir=Path(args.record) if args.record else None,
+            events_retention_days=args.events_retention_days, record_retention_days=args.record_retention_days,
+            alerts=tuple(args.alert),
+            alert_webhook=alert_webhook_config(args))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for flag, directory in (("--events-dir", config.events_dir), ("--record", config.record_dir)):
+        if directory is not None and directory.exists() and not directory.is_dir():
+            raise UsageError(f"{flag} is not a directory: {directory}")
+    # JSON logs are for a log pipeline: everything at INFO. Text logs stay quiet unless --verbose.
+    configure_logs(args.log_format, logging.INFO if args.verbose or args.log_format == "json" else logging.WARNING)
+    ray_started, worker = False, None
+    if args.ray is not None:
+        worker, device, model_info, ray_started = ray_worker(args, config)
+        predict = None
+    elif args.no_model:
+        predict, device, model_info = constant_predictor(), "none (--no-model)", {"name": "none"}
+    else:
+        predictor = load_command_predictor(args)
+        predict, device, model_info = predictor.predict, str(predictor.device), command_model_info(predictor, args)
+    server = EmoServer(config, predict, device=device, model_info=model_info, worker=worker)
+
+    async def run() -> None:
+        import signal
+
+        # A service manager stops the server with SIGTERM: finish like Ctrl-C (calls get their summaries).
+        main_task = asyncio.current_task()
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+        except (NotImplementedError, RuntimeError):  # not the main thread / no signal support
+            pass
+        try:
+            port = await server.start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        auth = "token required" if config.token else "no token (set --token or EMOSTREAM_TOKEN)"
+        print(f"emostream serve: listening on ws://{config.host}:{port} (/v1/pcm /v1/twilio /v1/audiohook "
+              f"/v1/events); model on {device}; {auth}; supervisor page http://{config.host}:{port}/",
+              file=sys.stderr, flush=True)
+        view = None
+        if args.dashboard:
+            from rich.console import Console
+
+            from ..watch import PlainWatcher, SupervisorView
+
+            console = Console()
+            view = SupervisorView(f"serve :{port}", console) if console.is_terminal else PlainWatcher()
+            server.hub.listeners.append(view.update)
+            view.__enter__()
+        try:
+            await asyncio.Future()
+        finally:
+            await server.stop()
+            if view is not None:
+                view.__exit__(None, None, None)
+
+    try:
+        asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("emostream serve: stopped", file=sys.stderr)
+    finally:
+        if ray_started:
+            from ..scale import shutdown
+
+            shutdown(ray_started)
+    return 0
+
+
+def ray_worker(args, config):
+    """``serve --ray``: join Ray, start (or reuse) the Serve deployment, and the worker that calls it."""
+    from ..worker import ModelSpec
+
+    scale = import_scale()
+    try:
+        low, high = scale.parse_replicas(args.ray_replicas)
+        serve_config = scale.ServeConfig(app_name=args.ray_app, min_replicas=low, max_replicas=high,
+                                         target_ongoing_requests=args.ray_target_requests, cpus=args.ray_cpus,
+                                         gpus=args.ray_gpus, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                         warm_up=args.warm_up)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    device = args.device if args.device != "auto" else ("cuda" if args.ray_gpus > 0 else "cpu")
+    spec = ModelSpec.from_args(args)
+    spec = ModelSpec(**{**spec.__dict__, "device": device,
+                        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                        "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
+                        "threads": max(1, int(args.ray_cpus)) if args.ray_gpus == 0 else None})
+    if spec.backend != "constant":
+        require_model_files(spec)
+    started = False
+    try:
+        started = scale.connect(args.ray)
+        handle, info, deployed = scale.deploy(spec, serve_config, args.ray_redeploy)
+    except scale.ScaleError as exc:
+        if started:
+            scale.shutdown(started)
+        raise UsageError(str(exc)) from None
+    if deployed:
+        print(f"emostream serve: deployed Ray Serve application {serve_config.app_name!r} ({args.ray_replicas} "
+              f"replica(s), {serve_config.cpus:g} CPU / {serve_config.gpus:g} GPU each, model on {info.get('device')})",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"emostream serve: using the running Ray Serve application {serve_config.app_name!r} (model on "
+              f"{info.get('device')}; its replica settings stay as deployed, --ray-redeploy replaces them)",
+              file=sys.stderr, flush=True)
+    model_info = {k: v for k, v in info.items() if k != "device"}
+    return scale.RayWorker(handle, config.worker), f"ray:{info.get('device')}", model_info, started
+
+
+def cmd_send(args) -> int:
+    import asyncio
+
+    from ..auth import AudioHookKey
+    from ..client import SendError, SendOptions, endpoint_url, send_file
+
+    try:
+        endpoint_url(args.url, args.protocol)
+        key = AudioHookKey.parse(args.audiohook_key) if args.audiohook_key else None
+    except (SendError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
+    if names is not None and (len(set(names)) != len(names) or not all(names)):
+        raise UsageError(f"--channel-names must be distinct non-empty names, got {args.channel_names!r}")
+    if not Path(args.file).exists():
+        raise UsageError(f"no such file: {args.file}")
+    hint = ""
+    if names is None and args.protocol == "pcm":
+        from ..audio import AudioError, audio_info
+
+        try:
+            if audio_info(args.file).channels == 1:
+                hint = (f"; {args.file} is mono, sent as channel 'ch0' and serve analyses the customer by default: "
+                        "add --channel-names customer")
+        except AudioError:
+            pass  # send_file says why the file cannot be read
+    options = SendOptions(protocol=args.protocol, fast=args.fast, token=env_default(args.token, "EMOSTREAM_TOKEN"),
+                          call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
+                          channel_names=names, audiohook_key=key)
+
+    def show(message: dict) -> None:
+        if not args.quiet or message.get("type") == "summary":
+            print(json.dumps(message), flush=True)
+
+    try:
+        result = asyncio.run(send_file(args.file, args.url, options, show))
+    except SendError as exc:
+        raise UsageError(str(exc)) from None
+    if result.summary is None:
+        reason = result.close_reason or "connection closed"
+        errors = [m.get("message") for m in result.messages if m.get("type") == "error"]
+        print(f"emostream: error: call ended without a summary (close {result.close_code}: "
+              f"{errors[0] if errors else reason}){hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_watch(args) -> int:
+    import asyncio
+
+    from websockets.exceptions import InvalidStatus
+
+    from ..watch import PlainWatcher, SupervisorView, events_url, watch
+
+    try:
+        events_url(args.url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from rich.console import Console
+
+    console = Console()
+    view = SupervisorView(args.url, console) if (not args.no_dashboard and console.is_terminal) else PlainWatcher()
+    try:
+        with view:
+            closed = asyncio.run(watch(args.url, view.update, env_default(args.token, "EMOSTREAM_TOKEN"), args.call_id))
+    except InvalidStatus as exc:
+        raise UsageError(f"server refused the connection: HTTP {exc.response.status_code}") from None
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise UsageError(f"cannot connect to {args.url}: {exc or type(exc).__name__}") from None
+    if closed is not None:  # the server went away (stopped, restarted, or the network dropped)
+        print(f"emostream: watch: the server closed the connection ({closed})", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def cmd_mic(args) -> int:
+    from ..mic import MicError, run_mic_command
+
+    try:
+        return run_mic_command(args, load_command_predictor)
+    except MicError as exc:
+        raise UsageError(str(exc)) from None
