@@ -4,7 +4,7 @@ N simulated calls stream real speech (``examples/call_mono.flac``, each call fro
 looped) at real-time pace in 20 ms frames, each call starting at a random phase of the hop, through
 the live pipeline of ``emostream serve``:
 
-- ``inproc``: every call is a server :class:`~emostream.server.LiveCall` (resampler, windower,
+- ``inproc``: every call is a server :class:`~emostream.live_call.LiveCall` (resampler, windower,
   speech gate, analyzer) fed in one event loop, all sharing one :class:`InferenceWorker`;
 - ``ws``: ``emostream serve`` runs as its own process and every call is a ``/v1/pcm`` websocket
   client on 127.0.0.1 (this script is the load generator; its CPU use is reported too).
@@ -44,7 +44,8 @@ from emostream.metrics import ServerMetrics
 from emostream.model import precision_name
 from serve_process import ServeProcess
 from emostream.protocols import Start
-from emostream.server import LiveCall, ServerConfig
+from emostream.live_call import LiveCall
+from emostream.server_config import ServerConfig
 from emostream.vad import VadConfig
 from emostream.worker import InferenceWorker, WorkerConfig
 
