@@ -48,10 +48,11 @@ from .keepalive import KeepaliveServerConnection
 from .live_call import EndedCall, LiveCall
 from .logs import set_call_id
 from .metrics import ServerMetrics
-from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER,
-                        Audio, AudioHookSession, End, Note, PcmSession, ProtocolError, Send, Session,
-                        Silence, Start, TwilioSession)
+from .audiohook import AudioHookSession
+from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER, Audio, End, Note,
+                        PcmSession, ProtocolError, Send, Session, Silence, Start)
 from .server_config import ServerConfig
+from .twilio_media import TwilioSession
 from .webhook import AlertWebhook
 from .worker import InferenceWorker, PredictFn, WorkerOverloaded
 

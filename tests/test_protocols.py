@@ -14,8 +14,10 @@ from emostream.audio import (StreamResampler, alaw_encode, float32_to_int16, mul
                              resample)
 from emostream.auth import (AudioHookKey, request_token, sign_audiohook_request, token_ok, twilio_signature,
                             twilio_signature_ok, verify_audiohook_request)
-from emostream.protocols import (CLOSE_POLICY, NULL_UUID, Audio, AudioHookSession, End, PcmSession, ProtocolError,
-                                 Send, Silence, Start, TwilioSession, format_duration, parse_duration)
+from emostream.audiohook import NULL_UUID, AudioHookSession
+from emostream.protocols import (CLOSE_POLICY, Audio, End, PcmSession, ProtocolError, Send, Silence, Start,
+                                 format_duration, parse_duration)
+from emostream.twilio_media import TwilioSession
 from emostream.stream import StreamWindower
 from emostream.vad import VadConfig
 from emostream.worker import InferenceWorker, WorkerConfig, WorkerOverloaded, constant_predictor
