@@ -6,11 +6,10 @@ This module imports neither torch nor numpy, so the display starts fast.
 """
 from __future__ import annotations
 
-import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -95,7 +94,7 @@ def _probabilities(event: Mapping[str, Any]) -> dict[str, float]:
     return {c: float(p) for c, p in zip(CLASSES, probs)}
 
 
-def _is_speech(event: Mapping[str, Any]) -> bool:
+def is_speech(event: Mapping[str, Any]) -> bool:
     return bool(event.get("speech")) and event.get("label") is not None
 
 
@@ -106,7 +105,7 @@ def _change_time(event: Mapping[str, Any], hop_seconds: float) -> float:
     return max(t_start, t_end - hop_seconds) if hop_seconds > 0 else t_start
 
 
-def _top_shares(shares: Mapping[str, float], n: int = 3) -> list[tuple[str, float]]:
+def top_shares(shares: Mapping[str, float], n: int = 3) -> list[tuple[str, float]]:
     ranked = sorted(((c, float(s)) for c, s in shares.items() if s and float(s) > 0), key=lambda x: -x[1])
     return ranked[:n]
 
@@ -171,7 +170,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         dominant = ch.get("dominant")
         dom = Text(dominant, style=f"bold {emotion_style(dominant)}") if dominant else Text("no speech", style=SILENCE_STYLE)
         shares = Text()
-        for i, (cls, share) in enumerate(_top_shares(ch.get("shares") or {})):
+        for i, (cls, share) in enumerate(top_shares(ch.get("shares") or {})):
             if i:
                 shares.append("  ")
             shares.append(cls, style=emotion_style(cls))
@@ -263,7 +262,7 @@ class Dashboard:
             state.windows += 1
             state.last = event
             self._audio_seconds = max(self._audio_seconds, float(event.get("t_end") or 0.0))
-            if not _is_speech(event):
+            if not is_speech(event):
                 self._timelines[channel].append(None)
                 return
             label = str(event["label"])
@@ -339,7 +338,7 @@ class Dashboard:
             body.add_row(Text("waiting", style=SILENCE_STYLE), "", "")
             probs: dict[str, float] = {}
             border = "dim"
-        elif _is_speech(event):
+        elif is_speech(event):
             label = str(event["label"])
             conf = float(event.get("confidence") or 0.0)
             color = emotion_style(label)
@@ -362,7 +361,7 @@ class Dashboard:
         subtitle = Text(f"{state.speech_windows}/{state.windows} windows speech", style="dim")
         if compact:
             top = Text(no_wrap=True, overflow="ellipsis")
-            for i, (cls, p) in enumerate(_top_shares(probs, COMPACT_TOP)):
+            for i, (cls, p) in enumerate(top_shares(probs, COMPACT_TOP)):
                 top.append(("  " if i else "") + cls, style=emotion_style(cls))
                 top.append(f" {p:.0%}")
             return Panel(Group(body, top, strip), title=Text(name, style="bold"), title_align="left",
@@ -424,82 +423,3 @@ class Dashboard:
             self._live.refresh()
         else:
             self.console.print(self.render())
-
-
-# --------------------------------------------------------------------------- plain output
-
-
-class PlainPrinter:
-    """One plain text line per event (no colours, no escape codes): for pipes, logs, ``--no-dashboard``."""
-
-    def __init__(self, info: DashboardInfo, file: IO[str] | None = None):
-        self.info = info
-        self.file = file if file is not None else sys.stdout
-        self._width = max([len(c) for c in info.channels] + [1])
-        self._audio_seconds = 0.0
-        self._wall_seconds = 0.0
-
-    def __enter__(self) -> "PlainPrinter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.flush()
-
-    def _write(self, line: str) -> None:
-        self.file.write(line + "\n")
-        self.file.flush()
-
-    def format_event(self, event: Mapping[str, Any]) -> str:
-        """The line for one event, e.g. ``[call-42] customer  12.0-18.0s  Angry     0.81``."""
-        stream = event.get("stream", self.info.stream)
-        channel = str(event.get("channel", "?"))
-        span = f"{float(event.get('t_start') or 0.0):.1f}-{float(event.get('t_end') or 0.0):.1f}s"
-        head = f"[{stream}] {channel:<{self._width}}  {span}  "
-        if not _is_speech(event):
-            return head + "silence"
-        return head + f"{event['label']:<9} {float(event.get('confidence') or 0.0):.2f}"
-
-    def update(self, event: dict) -> None:
-        """Print one line for the event (summary dicts go to :meth:`finish`)."""
-        if event.get("type") == "summary":
-            self.finish(event)
-            return
-        self._width = max(self._width, len(str(event.get("channel", ""))))
-        self._audio_seconds = max(self._audio_seconds, float(event.get("t_end") or 0.0))
-        self._write(self.format_event(event))
-
-    def set_clock(self, audio_seconds: float, wall_seconds: float) -> None:
-        """Record progress (printed by :meth:`finish`)."""
-        self._audio_seconds = max(self._audio_seconds, float(audio_seconds))
-        self._wall_seconds = float(wall_seconds)
-
-    def log(self, message: str) -> None:
-        """Print a free-text line, marked with ``#``."""
-        self._write(f"# [{self.info.stream}] {message}")
-
-    def finish(self, summary: dict | None) -> None:
-        """Print the audio time / speed line and one summary line per channel."""
-        rtf = self._audio_seconds / self._wall_seconds if self._wall_seconds > 0 else None
-        stream = (summary or {}).get("stream", self.info.stream)
-        duration = float((summary or {}).get("duration") or self._audio_seconds)
-        self._write(f"[{stream}] done  {format_clock(duration)} of audio  {format_rtf(rtf)}")
-        if not summary:
-            return
-        for name, ch in (summary.get("channels") or {}).items():
-            shares = " ".join(f"{c} {s:.0%}" for c, s in _top_shares(ch.get("shares") or {}))
-            dominant = ch.get("dominant") or "none"
-            line = (f"[{stream}] {name:<{self._width}}  dominant {dominant}  "
-                    f"speech {float(ch.get('speech_seconds') or 0.0):.1f}s "
-                    f"({ch.get('speech_windows', 0)}/{ch.get('windows', 0)} windows)")
-            if shares:
-                line += f"  {shares}"
-            self._write(line)
-
-
-def make_display(info: DashboardInfo, enabled: bool, console: Console | None = None) -> Dashboard | PlainPrinter:
-    """A :class:`Dashboard` when ``enabled`` and the console is an interactive terminal,
-    else a :class:`PlainPrinter` writing to the console's file."""
-    console = console if console is not None else Console()
-    if enabled and console.is_terminal and not console.is_dumb_terminal:
-        return Dashboard(info, console=console)
-    return PlainPrinter(info, file=console.file)

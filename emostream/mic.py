@@ -179,7 +179,8 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     import sys
 
     from .analyzer import AnalyzerConfig
-    from .dashboard import DashboardInfo, make_display
+    from .dashboard import DashboardInfo
+    from .display import make_display
     from .model_files import model_identity
     from .pipeline import CallPipeline
     from .stream import StreamConfig

@@ -14,11 +14,10 @@ from emostream.dashboard import (
     TIMELINE_BLOCK,
     Dashboard,
     DashboardInfo,
-    PlainPrinter,
     format_clock,
     format_rtf,
-    make_display,
 )
+from emostream.display import PlainPrinter, make_display
 
 INFO = DashboardInfo(source="replay examples/call_stereo.flac", stream="call-42",
                      channels=("customer", "agent"), device="cpu", hop_seconds=1.0)

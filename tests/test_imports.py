@@ -1,5 +1,5 @@
 """The import graph of emostream/ and train/: no cycles, no CLI imported by the library, no private
-names taken from another module.
+names taken from another module, no module over 500 lines.
 
 An AST walk, so nothing is imported. Function-level (lazy) imports count like module-level ones: a
 lazy import only postpones a cycle to the first call, and the layering it hides is the same. Edges
@@ -157,3 +157,13 @@ def test_the_walk_sees_cycles_lazy_imports_and_private_names(tmp_path, monkeypat
     assert me.cycles(edges) == [["toy.a", "toy.b"]]
     with pytest.raises(AssertionError, match="private names"):
         me.test_no_private_names_taken_from_another_module("toy")
+
+
+MAX_MODULE_LINES = 500  # issue #41: modules split by job, none over this
+
+
+def test_no_module_of_the_package_is_over_500_lines():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules("emostream").items()}
+    assert len(sizes) > 20
+    too_long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {too_long}"

@@ -84,7 +84,8 @@ def cmd_replay(args) -> int:
     from ..analyzer import AnalyzerConfig
     from ..compliance import ChannelSelectionError, analysed_channels
     from ..audio import SAMPLE_RATE, audio_info, is_silent, stream_audio
-    from ..dashboard import DashboardInfo, make_display
+    from ..dashboard import DashboardInfo
+    from ..display import make_display
     from ..model_files import model_identity
     from ..pipeline import REPLAY_CHUNK_SECONDS, CallPipeline, channel_names
     from ..stream import StreamConfig
@@ -160,7 +161,8 @@ def cmd_replay(args) -> int:
 def cmd_batch(args) -> int:
     import os
 
-    from ..batch import BatchConfig, BatchError, find_inputs, run_batch
+    from ..batch import BatchConfig, BatchError, find_inputs
+    from ..batch_run import run_batch
     from ..webhook import AlertWebhook
     from ..worker import ModelSpec
 
