@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import secrets
 import time
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from . import __version__
-from .auth import token_ok
+from .auth import token_ok, twilio_signature_ok, verify_audiohook_request
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger("emostream.server")
 
 CALL_PATHS = {"/v1/pcm": "pcm", "/v1/twilio": "twilio", "/v1/audiohook": "audiohook"}
 EVENTS_PATH = "/v1/events"
@@ -138,3 +143,65 @@ def http_route(server: Any, request: Request, path: str) -> Response:
         return json_response(HTTPStatus.OK, call.detail())
     server.metrics.rejected.labels("unknown_path").inc()
     return json_response(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+
+def upgrade_response(server: Any, connection: ServerConnection, request: Request) -> Response | None:
+    """The HTTP stage of every request to ``server`` (an :class:`~emostream.server.EmoServer`): plain
+    routes (:func:`http_route`), then websocket routing, authentication (token, ticket, Twilio or
+    AudioHook signature) and capacity. None lets the upgrade go on; else the refusal."""
+    split = urlsplit(request.path)
+    path = split.path.rstrip("/") or "/"
+    cfg = server.config
+    upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+    if request.method != "GET":
+        server.metrics.rejected.labels("method_not_allowed").inc()
+        return json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method[:20]} not allowed; use GET"},
+                              {"Allow": "GET"})
+    if path not in CALL_PATHS and path != EVENTS_PATH:
+        if upgrade:
+            server.metrics.rejected.labels("unknown_path").inc()
+            return connection.respond(HTTPStatus.NOT_FOUND, "unknown path; use /v1/pcm, /v1/twilio, /v1/audiohook or /v1/events\n")
+        return http_route(server, request, path)
+    if not upgrade:
+        return json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": f"{path} is a websocket endpoint"})
+    headers = request.headers
+    authenticated = cfg.token is None
+    if cfg.token is not None and token_ok(cfg.token, headers, request.path):
+        authenticated = True
+    if path == EVENTS_PATH and not authenticated:
+        ticket = parse_qs(split.query).get("ticket", [None])[0]
+        if ticket is not None:
+            if not server.tickets.redeem(ticket):
+                server.metrics.rejected.labels("bad_ticket").inc()
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: ticket unknown, used or expired\n")
+            authenticated = True
+    if path == "/v1/twilio" and cfg.twilio_auth_token:
+        url = (cfg.public_url or f"wss://{headers.get('Host', '')}").rstrip("/") + request.path
+        if not twilio_signature_ok(cfg.twilio_auth_token, headers.get("X-Twilio-Signature"), url):
+            server.metrics.rejected.labels("unauthorized").inc()
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+        authenticated = True
+    elif path == "/v1/audiohook" and server.audiohook_keys:
+        failure = verify_audiohook_request(headers, request.path, server.audiohook_keys, nonces=server.nonces)
+        if failure is not None:
+            log.info("audiohook signature rejected: %s", failure)
+            server.metrics.rejected.labels("unauthorized").inc()
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+        authenticated = True
+    if not authenticated and path != "/v1/twilio":  # Twilio may carry the token in start
+        server.metrics.rejected.labels("unauthorized").inc()
+        return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+    if path in CALL_PATHS and len(server.calls) >= cfg.max_calls:
+        server.metrics.rejected.labels("at_capacity").inc()
+        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its call limit\n")
+    if path in CALL_PATHS:
+        server.unstarted = {c for c in server.unstarted if c.state is not State.CLOSED}
+        if len(server.unstarted) >= cfg.max_unstarted:
+            server.metrics.rejected.labels("too_many_unstarted").inc()
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections waiting to start\n")
+        server.unstarted.add(connection)  # until its call starts or it closes (start_timeout)
+    if path == EVENTS_PATH and server.hub.subscribers >= cfg.max_subscribers:
+        server.metrics.rejected.labels("too_many_subscribers").inc()
+        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many event subscribers\n")
+    connection.emostream_authenticated = authenticated  # read by _handle
+    return None

@@ -29,20 +29,17 @@ import asyncio
 import json
 import logging
 import time
-from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
-from .auth import NonceCache, token_ok, twilio_signature_ok, verify_audiohook_request
+from .auth import NonceCache
 from .compliance import ROLE_CHANNELS, ChannelSelectionError, expire_recordings, expire_timelines
-from .http_routes import (CALL_PATHS, EVENTS_PATH, Tickets, close_reason_text, closed_reason, http_route,
-                          json_response)
+from .http_routes import CALL_PATHS, EVENTS_PATH, Tickets, close_reason_text, closed_reason, upgrade_response
 from .hub import EventsHub, serve_subscriber
 from .keepalive import KeepaliveServerConnection
 from .live_call import EndedCall, LiveCall
@@ -93,9 +90,9 @@ class EmoServer:
         self._server = None
         self._tasks: list[asyncio.Task] = []
         self.tickets = Tickets()  # single-use /v1/events tickets
-        self._audiohook_keys = {k.key: k.secret for k in config.audiohook_keys}
-        self._nonces = NonceCache()  # AudioHook signatures already accepted: replays are refused
-        self._unstarted: set[ServerConnection] = set()  # call connections accepted, call not started yet
+        self.audiohook_keys = {k.key: k.secret for k in config.audiohook_keys}
+        self.nonces = NonceCache()  # AudioHook signatures already accepted: replays are refused
+        self.unstarted: set[ServerConnection] = set()  # call connections accepted, call not started yet
         self.metrics = ServerMetrics(self._metrics_state, model_info)
         self.model_info = model_info
         self.worker.batch_observers.append(self.metrics.observe_batch)
@@ -216,62 +213,7 @@ class EmoServer:
     # -- HTTP stage: plain HTTP routes, then websocket routing, authentication, capacity
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        split = urlsplit(request.path)
-        path = split.path.rstrip("/") or "/"
-        cfg = self.config
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if request.method != "GET":
-            self.metrics.rejected.labels("method_not_allowed").inc()
-            return json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method[:20]} not allowed; use GET"},
-                                  {"Allow": "GET"})
-        if path not in CALL_PATHS and path != EVENTS_PATH:
-            if upgrade:
-                self.metrics.rejected.labels("unknown_path").inc()
-                return connection.respond(HTTPStatus.NOT_FOUND, "unknown path; use /v1/pcm, /v1/twilio, /v1/audiohook or /v1/events\n")
-            return http_route(self, request, path)
-        if not upgrade:
-            return json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": f"{path} is a websocket endpoint"})
-        headers = request.headers
-        authenticated = cfg.token is None
-        if cfg.token is not None and token_ok(cfg.token, headers, request.path):
-            authenticated = True
-        if path == EVENTS_PATH and not authenticated:
-            ticket = parse_qs(split.query).get("ticket", [None])[0]
-            if ticket is not None:
-                if not self.tickets.redeem(ticket):
-                    self.metrics.rejected.labels("bad_ticket").inc()
-                    return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: ticket unknown, used or expired\n")
-                authenticated = True
-        if path == "/v1/twilio" and cfg.twilio_auth_token:
-            url = (cfg.public_url or f"wss://{headers.get('Host', '')}").rstrip("/") + request.path
-            if not twilio_signature_ok(cfg.twilio_auth_token, headers.get("X-Twilio-Signature"), url):
-                self.metrics.rejected.labels("unauthorized").inc()
-                return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
-            authenticated = True
-        elif path == "/v1/audiohook" and self._audiohook_keys:
-            failure = verify_audiohook_request(headers, request.path, self._audiohook_keys, nonces=self._nonces)
-            if failure is not None:
-                log.info("audiohook signature rejected: %s", failure)
-                self.metrics.rejected.labels("unauthorized").inc()
-                return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
-            authenticated = True
-        if not authenticated and path != "/v1/twilio":  # Twilio may carry the token in start
-            self.metrics.rejected.labels("unauthorized").inc()
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
-        if path in CALL_PATHS and len(self.calls) >= cfg.max_calls:
-            self.metrics.rejected.labels("at_capacity").inc()
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its call limit\n")
-        if path in CALL_PATHS:
-            self._unstarted = {c for c in self._unstarted if c.state is not State.CLOSED}
-            if len(self._unstarted) >= cfg.max_unstarted:
-                self.metrics.rejected.labels("too_many_unstarted").inc()
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections waiting to start\n")
-            self._unstarted.add(connection)  # until its call starts or it closes (start_timeout)
-        if path == EVENTS_PATH and self.hub.subscribers >= cfg.max_subscribers:
-            self.metrics.rejected.labels("too_many_subscribers").inc()
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many event subscribers\n")
-        connection.emostream_authenticated = authenticated  # read by _handle
-        return None
+        return upgrade_response(self, connection, request)
 
     # -- websocket stage
 
@@ -330,7 +272,7 @@ class EmoServer:
             while True:
                 established = session.established
                 if established:
-                    self._unstarted.discard(ws)
+                    self.unstarted.discard(ws)
                     left = self.config.idle_timeout - (loop.time() - active_at)
                 else:
                     left = self.config.start_timeout - (loop.time() - connected_at)
@@ -379,7 +321,7 @@ class EmoServer:
                         elif isinstance(action, Start):
                             set_call_id(action.call_id)  # on every log line of this connection from now on
                             call = self._open_call(action, protocol)
-                            self._unstarted.discard(ws)
+                            self.unstarted.discard(ws)
                             active_at = loop.time()
                         elif isinstance(action, Note):
                             log.info("call %s: %s", call.call_id if call else "-", action.text)
@@ -412,7 +354,7 @@ class EmoServer:
             except ConnectionClosed:
                 pass
         finally:
-            self._unstarted.discard(ws)
+            self.unstarted.discard(ws)
             if call is not None:
                 self.calls.pop(call.call_id, None)
                 if not call.finished:
