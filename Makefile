@@ -42,6 +42,7 @@ demo: $(CORE_STAMP)
 	$(BIN)/emostream replay $(EXAMPLE) --channel-names $(EXAMPLE_NAMES) --speed 4
 
 test: $(TEST_STAMP) browser
+	$(BIN)/python -m ruff format --check emostream train tests bench
 	$(BIN)/python -m ruff check emostream train tests bench
 	$(BIN)/python -m pytest -q
 

@@ -7,6 +7,7 @@ weighted by that speech time. Windows flagged as silence are not scored.
 
     python bench/agreement.py [--checkpoint DIR] [--hop 1.0] [--vad silero|energy|off] [--json OUT.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,25 @@ def read_segments(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def score_example(entry: dict, hop: float, checkpoint: str | None, workdir: Path,
-                  extra: Sequence[str] = (), audio: Path | None = None) -> dict:
+def score_example(
+    entry: dict, hop: float, checkpoint: str | None, workdir: Path, extra: Sequence[str] = (), audio: Path | None = None
+) -> dict:
     """Replay one example call (or ``audio``, a variant of it) with extra CLI options and score its
     events against its segments."""
     events_path = workdir / (Path(entry["file"]).stem + ".jsonl")
-    argv = ["replay", str(audio or EXAMPLES / entry["file"]), "--fast", "--no-dashboard", "--hop", str(hop),
-            "--events", str(events_path), "--channel-names", ",".join(entry["channels"]), *extra]
+    argv = [
+        "replay",
+        str(audio or EXAMPLES / entry["file"]),
+        "--fast",
+        "--no-dashboard",
+        "--hop",
+        str(hop),
+        "--events",
+        str(events_path),
+        "--channel-names",
+        ",".join(entry["channels"]),
+        *extra,
+    ]
     if checkpoint:
         argv += ["--checkpoint", checkpoint]
     rc = emostream_main(argv)
@@ -71,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         for ch, v in r.items():
             if isinstance(v, dict) and ch != "overall":
                 print(f"| {name} | {ch} | {v['agreement']:.3f} | {v['seconds']:.1f} | |")
-        print(f"| {name} | all | **{r['overall']['agreement']:.3f}** | {r['overall']['seconds']:.1f} | "
-              f"{r['windows']} ({r['silence_windows']}) |")
+        print(
+            f"| {name} | all | **{r['overall']['agreement']:.3f}** | {r['overall']['seconds']:.1f} | "
+            f"{r['windows']} ({r['silence_windows']}) |"
+        )
     print(f"| all calls | all | **{total_a / total_t:.3f}** | {total_t:.1f} | |")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"hop": args.hop, "vad": args.vad, "results": results,
-                                                   "overall": total_a / total_t}, indent=2))
+        Path(args.json_out).write_text(
+            json.dumps({"hop": args.hop, "vad": args.vad, "results": results, "overall": total_a / total_t}, indent=2)
+        )
     return 0
 
 

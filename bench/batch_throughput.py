@@ -17,6 +17,7 @@ and the whole command's wall time; the throughput is audio seconds per batch wal
 
     python bench/batch_throughput.py [--copies 3] [--configs local:1,local:2,ray:1,ray:2] [--json OUT] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,18 @@ def run(config: str, archive: Path, out: Path) -> dict:
     """One ``emostream batch`` process; its figures."""
     engine, workers = config.split(":")
     cores = os.cpu_count() or 1
-    argv = [sys.executable, "-m", "emostream", "batch", str(archive), "--out", str(out), "--workers", workers, "--quiet"]
+    argv = [
+        sys.executable,
+        "-m",
+        "emostream",
+        "batch",
+        str(archive),
+        "--out",
+        str(out),
+        "--workers",
+        workers,
+        "--quiet",
+    ]
     if engine == "ray":
         argv += ["--ray", "--ray-cpus", str(max(1, cores // int(workers)))]
     t0 = time.monotonic()
@@ -66,9 +78,16 @@ def run(config: str, archive: Path, out: Path) -> dict:
     if not m:
         raise SystemExit(f"{config}: no summary line in {proc.stdout[-500:]!r}")
     calls, audio, wall = int(m.group(1)), float(m.group(2)), float(m.group(3))
-    return {"engine": engine, "workers": int(workers), "calls": calls, "audio_seconds": audio,
-            "batch_seconds": wall, "command_seconds": round(total, 1),
-            "audio_per_second": round(audio / wall, 2), "audio_per_second_command": round(audio / total, 2)}
+    return {
+        "engine": engine,
+        "workers": int(workers),
+        "calls": calls,
+        "audio_seconds": audio,
+        "batch_seconds": wall,
+        "command_seconds": round(total, 1),
+        "audio_per_second": round(audio / wall, 2),
+        "audio_per_second_command": round(audio / total, 2),
+    }
 
 
 def machine() -> str:
@@ -78,6 +97,7 @@ def machine() -> str:
 
     try:
         import ray
+
         ray_version = ray.__version__
     except ImportError:
         ray_version = "not installed"
@@ -107,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             row = run(config, archive, out)
             shutil.rmtree(out)
             rows.append(row)
-            print(f"{row['engine']:5s} workers {row['workers']}: {row['audio_seconds']:.0f} s of audio in "
-                  f"{row['batch_seconds']:.1f} s = {row['audio_per_second']:.1f} s/s "
-                  f"(whole command {row['command_seconds']:.1f} s = {row['audio_per_second_command']:.1f} s/s)", flush=True)
+            print(
+                f"{row['engine']:5s} workers {row['workers']}: {row['audio_seconds']:.0f} s of audio in "
+                f"{row['batch_seconds']:.1f} s = {row['audio_per_second']:.1f} s/s "
+                f"(whole command {row['command_seconds']:.1f} s = {row['audio_per_second_command']:.1f} s/s)",
+                flush=True,
+            )
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"machine": machine(), "copies": args.copies,
-                                                   "seconds": args.seconds, "rows": rows}, indent=2))
+        Path(args.json_out).write_text(
+            json.dumps({"machine": machine(), "copies": args.copies, "seconds": args.seconds, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ on a CPU with fast bf16 kernels, fp32 on one without (each row's ``precision`` s
                              [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--device cpu|cuda]
                              [--json OUT] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from serve_process import ServeProcess
 
 from emostream.audio import SAMPLE_RATE, float32_to_int16, load_mono
+from emostream.live_call import LiveCall
 from emostream.metrics import ServerMetrics
 from emostream.model import precision_name
-from serve_process import ServeProcess
 from emostream.protocols import Start
-from emostream.live_call import LiveCall
 from emostream.server_config import ServerConfig
 from emostream.vad import VadConfig
 from emostream.worker import InferenceWorker, WorkerConfig
@@ -59,17 +60,17 @@ TARGET_P99_MS = 300.0
 class RunConfig:
     """One measurement: a mode, a backend, a hop and a number of calls."""
 
-    mode: str = "inproc"          # inproc | ws
-    backend: str = "torch-bf16"   # torch-bf16 | torch-fp32 | onnx
+    mode: str = "inproc"  # inproc | ws
+    backend: str = "torch-bf16"  # torch-bf16 | torch-fp32 | onnx
     hop: float = 1.0
     calls: int = 1
-    seconds: float = 30.0         # audio per call
+    seconds: float = 30.0  # audio per call
     frame_ms: float = 20.0
     vad: str = "off"
     max_batch: int = 32
     max_wait_ms: float = 10.0
     seed: int = 0
-    device: str = "cpu"           # cpu | cuda (torch backends; torch-bf16 is fp16 autocast there)
+    device: str = "cpu"  # cpu | cuda (torch backends; torch-bf16 is fp16 autocast there)
 
 
 def call_audio(source: np.ndarray, seconds: float, offset: int) -> np.ndarray:
@@ -124,10 +125,19 @@ def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: 
     lat = np.array(tracker.latencies) * 1000 if tracker.latencies else np.array([np.nan])
     p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
     expected = tracker.total * cfg.calls
-    row = {**asdict(cfg), "events": int(len(tracker.latencies)), "expected_events": int(expected),
-           "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1),
-           "max_ms": round(float(np.nanmax(lat)), 1), "cpu_cores": round(cpu / wall, 2),
-           "max_backlog": tracker.max_backlog, "precision": run_precision(cfg.backend, cfg.device), **extra}
+    row = {
+        **asdict(cfg),
+        "events": int(len(tracker.latencies)),
+        "expected_events": int(expected),
+        "p50_ms": round(p50, 1),
+        "p95_ms": round(p95, 1),
+        "p99_ms": round(p99, 1),
+        "max_ms": round(float(np.nanmax(lat)), 1),
+        "cpu_cores": round(cpu / wall, 2),
+        "max_backlog": tracker.max_backlog,
+        "precision": run_precision(cfg.backend, cfg.device),
+        **extra,
+    }
     row["realtime"] = bool(len(tracker.latencies) >= 0.98 * expected and p99 < 1000 * cfg.hop)
     row["meets_target"] = bool(row["realtime"] and p99 < TARGET_P99_MS)
     return row
@@ -142,6 +152,7 @@ def schedule(cfg: RunConfig, loop: asyncio.AbstractEventLoop, lead: float = 0.5)
 
 # --- in-process ----------------------------------------------------------------------------------
 
+
 async def run_inproc(cfg: RunConfig, predict, source: np.ndarray, worker: InferenceWorker) -> dict:
     loop = asyncio.get_running_loop()
     server_cfg = ServerConfig(hop_seconds=cfg.hop, vad=VadConfig.named(cfg.vad), worker=worker.config)
@@ -153,14 +164,15 @@ async def run_inproc(cfg: RunConfig, predict, source: np.ndarray, worker: Infere
 
     async def one(i: int) -> None:
         # a mono customer stream, with the server's metrics (as in emostream serve)
-        call = LiveCall(Start(f"call-{i}", ("customer",), SAMPLE_RATE, persist=False), "pcm", worker, None,
-                        server_cfg, metrics)
+        call = LiveCall(
+            Start(f"call-{i}", ("customer",), SAMPLE_RATE, persist=False), "pcm", worker, None, server_cfg, metrics
+        )
         x = call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i]))
         for k in range(n_frames):
             delay = t0s[i] + (k + 1) * frame / SAMPLE_RATE - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            events = await call.push([(0, x[k * frame:(k + 1) * frame])])
+            events = await call.push([(0, x[k * frame : (k + 1) * frame])])
             now = loop.time()
             for e in events:
                 tracker.event(i, e["t_end"], now)
@@ -176,12 +188,17 @@ async def run_inproc(cfg: RunConfig, predict, source: np.ndarray, worker: Infere
     await sampler
     batches = worker.stats.batches - stats0[0]
     windows = worker.stats.windows - stats0[1]
-    extra = {"batches": batches, "mean_batch": round(windows / max(1, batches), 2),
-             "model_busy": round((worker.stats.busy_seconds - stats0[2]) / wall, 2), "client_cpu_cores": None}
+    extra = {
+        "batches": batches,
+        "mean_batch": round(windows / max(1, batches), 2),
+        "model_busy": round((worker.stats.busy_seconds - stats0[2]) / wall, 2),
+        "client_cpu_cores": None,
+    }
     return summarize(cfg, tracker, wall, cpu, extra)
 
 
 # --- over websocket -------------------------------------------------------------------------------
+
 
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of a process (Linux /proc)."""
@@ -195,9 +212,29 @@ class ServerProcess(ServeProcess):
     stop_seconds = 30.0
 
     def __init__(self, cfg: RunConfig, onnx_path: str | None, max_calls: int):
-        cmd = [sys.executable, "-m", "emostream", "serve", "--port", "0", "--max-calls", str(max_calls),
-               "--hop", str(cfg.hop), "--vad", cfg.vad, "--max-batch", str(cfg.max_batch),
-               "--max-wait-ms", str(cfg.max_wait_ms), "--warm-up", "--device", cfg.device, "--idle-timeout", "120"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "emostream",
+            "serve",
+            "--port",
+            "0",
+            "--max-calls",
+            str(max_calls),
+            "--hop",
+            str(cfg.hop),
+            "--vad",
+            cfg.vad,
+            "--max-batch",
+            str(cfg.max_batch),
+            "--max-wait-ms",
+            str(cfg.max_wait_ms),
+            "--warm-up",
+            "--device",
+            cfg.device,
+            "--idle-timeout",
+            "120",
+        ]
         if cfg.backend == "torch-fp32":
             cmd.append("--fp32")
         elif cfg.backend == "onnx":
@@ -215,7 +252,6 @@ class ServerProcess(ServeProcess):
         self.keep_reading()
 
 
-
 async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> dict:
     from websockets.asyncio.client import connect
 
@@ -228,10 +264,23 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
     errors: list[str] = []
 
     async def one(i: int, ws) -> None:
-        pcm = float32_to_int16(call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i]))).astype("<i2").tobytes()
-        await ws.send(json.dumps({"type": "start", "call_id": f"cap-{cfg.seed}-{cfg.calls}-{i}",
-                                  "sample_rate": SAMPLE_RATE, "channels": 1, "encoding": "pcm_s16le",
-                                  "channel_names": ["customer"]}))
+        pcm = (
+            float32_to_int16(call_audio(source, n_frames * frame / SAMPLE_RATE, int(offsets[i])))
+            .astype("<i2")
+            .tobytes()
+        )
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "start",
+                    "call_id": f"cap-{cfg.seed}-{cfg.calls}-{i}",
+                    "sample_rate": SAMPLE_RATE,
+                    "channels": 1,
+                    "encoding": "pcm_s16le",
+                    "channel_names": ["customer"],
+                }
+            )
+        )
 
         async def receive() -> None:
             async for message in ws:
@@ -249,7 +298,7 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
             delay = t0s[i] + (k + 1) * frame / SAMPLE_RATE - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await ws.send(pcm[k * step:(k + 1) * step])
+            await ws.send(pcm[k * step : (k + 1) * step])
         await ws.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(reader, 120)
         await ws.close()
@@ -262,14 +311,20 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
     cpu, srv = time.process_time() - start_cpu, proc_cpu_seconds(server.proc.pid) - start_srv
     stop.set()
     await sampler
-    row = summarize(cfg, tracker, wall, srv, {"batches": None, "mean_batch": None, "model_busy": None,
-                                              "client_cpu_cores": round(cpu / wall, 2)})
+    row = summarize(
+        cfg,
+        tracker,
+        wall,
+        srv,
+        {"batches": None, "mean_batch": None, "model_busy": None, "client_cpu_cores": round(cpu / wall, 2)},
+    )
     if errors:
         row["errors"] = errors[:3]
     return row
 
 
 # --- sweeps ----------------------------------------------------------------------------------------
+
 
 def load_predict(backend: str, onnx_path: str | None, device: str = "cpu"):
     if backend == "onnx":
@@ -281,15 +336,17 @@ def load_predict(backend: str, onnx_path: str | None, device: str = "cpu"):
     return Predictor.from_checkpoint(device=device, mixed_precision=backend == "torch-bf16").predict
 
 
-def sweep(base: RunConfig, calls: list[int], source: np.ndarray, onnx_path: str | None, keep_going: bool,
-          show) -> list[dict]:
+def sweep(
+    base: RunConfig, calls: list[int], source: np.ndarray, onnx_path: str | None, keep_going: bool, show
+) -> list[dict]:
     """Runs of increasing N for one mode/backend/hop; stops after the first that is not real time."""
     rows = []
 
     async def inproc() -> None:
-        worker = InferenceWorker(load_predict(base.backend, onnx_path, base.device),
-                                 WorkerConfig(max_batch=base.max_batch, max_wait_ms=base.max_wait_ms,
-                                              max_pending=max(4096, base.max_batch)))
+        worker = InferenceWorker(
+            load_predict(base.backend, onnx_path, base.device),
+            WorkerConfig(max_batch=base.max_batch, max_wait_ms=base.max_wait_ms, max_pending=max(4096, base.max_batch)),
+        )
         await worker.start()
         await worker.warm_up()
         try:
@@ -318,7 +375,6 @@ def sweep(base: RunConfig, calls: list[int], source: np.ndarray, onnx_path: str 
 
 def machine() -> str:
     import torch
-
     from inference import cpu_name  # bench/inference.py, beside this script
 
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -326,14 +382,19 @@ def machine() -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| mode | backend | hop s | calls | p50 ms | p95 ms | p99 ms | CPU cores (client) | max backlog | "
-           "mean batch | real time | p99 < 300 ms |", "|" + "---|" * 12]
+    out = [
+        "| mode | backend | hop s | calls | p50 ms | p95 ms | p99 ms | CPU cores (client) | max backlog | "
+        "mean batch | real time | p99 < 300 ms |",
+        "|" + "---|" * 12,
+    ]
     for r in rows:
         client = f" ({r['client_cpu_cores']:.2f})" if r.get("client_cpu_cores") is not None else ""
         mean_batch = "" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"
-        out.append(f"| {r['mode']} | {r['backend']} ({r['precision']}) | {r['hop']:g} | {r['calls']} | {r['p50_ms']:.0f} | "
-                   f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_cores']:.2f}{client} | {r['max_backlog']} | "
-                   f"{mean_batch} | {'yes' if r['realtime'] else 'no'} | {'yes' if r['meets_target'] else 'no'} |")
+        out.append(
+            f"| {r['mode']} | {r['backend']} ({r['precision']}) | {r['hop']:g} | {r['calls']} | {r['p50_ms']:.0f} | "
+            f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_cores']:.2f}{client} | {r['max_backlog']} | "
+            f"{mean_batch} | {'yes' if r['realtime'] else 'no'} | {'yes' if r['meets_target'] else 'no'} |"
+        )
     return "\n".join(out)
 
 
@@ -347,9 +408,17 @@ def capacity_summary(rows: list[dict]) -> list[dict]:
         rt = [r["calls"] for r in rs if r["realtime"]]
         tg = [r["calls"] for r in rs if r["meets_target"]]
         single = next((r["p50_ms"] for r in rs if r["calls"] == 1), None)
-        out.append({"mode": mode, "backend": backend, "hop": hop, "max_realtime_calls": max(rt, default=0),
-                    "max_calls_p99_under_300ms": max(tg, default=0), "single_call_p50_ms": single,
-                    "largest_tried": max(r["calls"] for r in rs)})
+        out.append(
+            {
+                "mode": mode,
+                "backend": backend,
+                "hop": hop,
+                "max_realtime_calls": max(rt, default=0),
+                "max_calls_p99_under_300ms": max(tg, default=0),
+                "single_call_p50_ms": single,
+                "largest_tried": max(r["calls"] for r in rs),
+            }
+        )
     return out
 
 
@@ -390,16 +459,26 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         for backend in backends:
             for hop in (float(h) for h in args.hops.split(",")):
-                base = RunConfig(mode=mode, backend=backend, hop=hop, seconds=args.seconds, vad=args.vad,
-                                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device)
+                base = RunConfig(
+                    mode=mode,
+                    backend=backend,
+                    hop=hop,
+                    seconds=args.seconds,
+                    vad=args.vad,
+                    max_batch=args.max_batch,
+                    max_wait_ms=args.max_wait_ms,
+                    device=args.device,
+                )
                 rows += sweep(base, calls, source, onnx_path, args.keep_going, show)
     summary = capacity_summary(rows)
     print("\n" + markdown(rows) + "\n")
     print("| mode | backend | hop s | largest N real time | largest N with p99 < 300 ms | single call p50 ms |")
     print("|---|---|---|---|---|---|")
     for s in summary:
-        print(f"| {s['mode']} | {s['backend']} | {s['hop']:g} | {s['max_realtime_calls']} (tried up to "
-              f"{s['largest_tried']}) | {s['max_calls_p99_under_300ms']} | {s['single_call_p50_ms']} |")
+        print(
+            f"| {s['mode']} | {s['backend']} | {s['hop']:g} | {s['max_realtime_calls']} (tried up to "
+            f"{s['largest_tried']}) | {s['max_calls_p99_under_300ms']} | {s['single_call_p50_ms']} |"
+        )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine(), "rows": rows, "summary": summary}, indent=2))
     if tmp is not None:

@@ -9,6 +9,7 @@ the real-time factor (audio seconds per wall second) and accuracy / UA.
 
     python bench/classify_positions.py [--positions 1 3 5] [--checkpoint DIR] [--data ../shared/data/emotion-speech]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     audio_seconds = sum(len(c) for c in clips) / SAMPLE_RATE
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     clip_probabilities(predictor, placed_windows(clips[0], 5))  # warm-up (allocator, oneDNN kernels)
-    print(f"{len(clips)} clips ({audio_seconds:.0f} s of audio) of {', '.join(sorted(speakers))}; "
-          f"device {predictor.device}\n")
+    print(
+        f"{len(clips)} clips ({audio_seconds:.0f} s of audio) of {', '.join(sorted(speakers))}; "
+        f"device {predictor.device}\n"
+    )
     print("| placements | windows | wall s | files/s | real-time factor | accuracy | UA |")
     print("|---|---|---|---|---|---|---|")
     for positions in args.positions:
@@ -47,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             probs.append(clip_probabilities(predictor, w))
         wall = time.perf_counter() - start
         pred = np.stack(probs).argmax(1)
-        print(f"| {positions} | {windows} | {wall:.1f} | {len(clips) / wall:.1f} | {audio_seconds / wall:.0f}× | "
-              f"{accuracy_ua(pred, y)} |", flush=True)
+        print(
+            f"| {positions} | {windows} | {wall:.1f} | {len(clips) / wall:.1f} | {audio_seconds / wall:.0f}× | "
+            f"{accuracy_ua(pred, y)} |",
+            flush=True,
+        )
     return 0
 
 

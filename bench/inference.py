@@ -5,15 +5,16 @@ softmax) on random 6 s windows, for fp32 and for mixed precision as ``emostream`
 autocast on CUDA; bf16 autocast + channels_last on a CPU with fast bf16 kernels, fp32 on one
 without: :func:`emostream.model.mixed_precision_dtype`; each row names what ran), optionally bf16
 forced on such a CPU (``--forced-bf16``: the cost that choice avoids), and optionally the same
-pipeline exported to ONNX on ONNX Runtime (fp32). The work per window is counted with ``torch.utils.flop_counter`` (GMAC = 1e9
-multiply-accumulates = FLOPs / 2); the achieved GMAC/s is compared with the best dense matmul rate
-torch reaches on this machine in the same precision (the measured matmul peak: the practical
-compute limit; on CPUs whose BLAS does not use every vector unit, the model's oneDNN convolutions can
-exceed it: see BENCHMARKS.md).
+pipeline exported to ONNX on ONNX Runtime (fp32). The work per window is counted with
+``torch.utils.flop_counter`` (GMAC = 1e9 multiply-accumulates = FLOPs / 2); the achieved GMAC/s is
+compared with the best dense matmul rate torch reaches on this machine in the same precision (the
+measured matmul peak: the practical compute limit; on CPUs whose BLAS does not use every vector
+unit, the model's oneDNN convolutions can exceed it: see BENCHMARKS.md).
 
     python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10]
                               [--backends torch,onnx] [--onnx MODEL.onnx] [--forced-bf16] [--json OUT] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,19 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from emostream.audio import WINDOW_SAMPLES
 import emostream.model
+from emostream.audio import WINDOW_SAMPLES
 from emostream.model import DEFAULT_CHECKPOINT, Predictor, select_device
 
 
 def gmac_per_window(predictor: Predictor) -> float:
     """Multiply-accumulates of one window through front end + backbone, in units of 1e9."""
     x = torch.zeros(1, WINDOW_SAMPLES, device=predictor.device)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(), \
-            emostream.model.autocast_for(predictor.device, predictor.mixed_precision):
+    with (
+        FlopCounterMode(display=False) as counter,
+        torch.inference_mode(),
+        emostream.model.autocast_for(predictor.device, predictor.mixed_precision),
+    ):
         predictor.model(x)  # under the predictor's autocast: its weights may be stored in bf16
     return counter.get_total_flops() / 2 / 1e9
 
@@ -56,8 +60,9 @@ def forced_cpu_bf16():
         emostream.model.cpu_has_fast_bf16 = detected
 
 
-def matmul_peak_gflops(device: torch.device, precision: str, seconds: float = 2.0,
-                       sizes: tuple[int, ...] = (1024, 2048, 4096)) -> float:
+def matmul_peak_gflops(
+    device: torch.device, precision: str, seconds: float = 2.0, sizes: tuple[int, ...] = (1024, 2048, 4096)
+) -> float:
     """Best measured dense-matmul throughput (GFLOP/s) in the precision the model runs in, over
     square sizes 1024-4096 (the machine's practical compute limit for this precision)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -98,10 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--batches", default="1,4,8,16,32")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per batch size")
-    p.add_argument("--backends", default="torch", help="torch (fp32 and mixed precision) and/or onnx (ONNX Runtime fp32)")
+    p.add_argument(
+        "--backends", default="torch", help="torch (fp32 and mixed precision) and/or onnx (ONNX Runtime fp32)"
+    )
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
-    p.add_argument("--forced-bf16", action="store_true",
-                   help="on a CPU without fast bf16 kernels (where mixed precision runs fp32), also time bf16 autocast")
+    p.add_argument(
+        "--forced-bf16",
+        action="store_true",
+        help="on a CPU without fast bf16 kernels (where mixed precision runs fp32), also time bf16 autocast",
+    )
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="batches 1 and 8, short timings (< 1 min)")
     args = p.parse_args(argv)
@@ -112,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",")
     # (backend, mixed precision, bf16 forced)
     variants = [("torch", False, False), ("torch", True, False)] if "torch" in backends else []
-    if args.forced_bf16 and "torch" in backends and emostream.model.precision_name(select_device(args.device)) == "fp32":
+    if (
+        args.forced_bf16
+        and "torch" in backends
+        and emostream.model.precision_name(select_device(args.device)) == "fp32"
+    ):
         variants.append(("torch", True, True))
     variants += [("onnx", False, False)] if "onnx" in backends else []
     rows, peaks = [], {}
@@ -123,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if (predictor.device.type, precision) not in peaks:
             # bf16 matmul without fast kernels runs at ~1 GFLOP/s: one 4096^3 product would take minutes
             sizes = gemm_sizes[:1] if forced else gemm_sizes
-            peaks[predictor.device.type, precision] = matmul_peak_gflops(predictor.device, precision, gemm_seconds, sizes)
+            peaks[predictor.device.type, precision] = matmul_peak_gflops(
+                predictor.device, precision, gemm_seconds, sizes
+            )
         peak = peaks[predictor.device.type, precision]
         runner = predictor
         if backend == "onnx":
@@ -132,24 +148,48 @@ def main(argv: list[str] | None = None) -> int:
             with forced_cpu_bf16() if forced else contextlib.nullcontext():
                 wps, ms = windows_per_second(runner, batch, args.seconds)
             achieved = gmac * wps  # GMAC/s
-            rows.append({"backend": backend, "mixed": mixed, "precision": precision, "forced": forced, "batch": batch, "windows_per_s": round(wps, 2),
-                         "ms_per_batch": round(ms, 1), "gmac_per_window": round(gmac, 3),
-                         "achieved_gmacs": round(achieved, 2), "peak_gmacs": round(peak / 2, 3),
-                         "fraction_of_peak": round(2 * achieved / peak, 3),
-                         # the same in FLOP units (earlier versions of this script)
-                         "achieved_gflops": round(2 * achieved, 1), "gemm_gflops": round(peak, 3)})
+            rows.append(
+                {
+                    "backend": backend,
+                    "mixed": mixed,
+                    "precision": precision,
+                    "forced": forced,
+                    "batch": batch,
+                    "windows_per_s": round(wps, 2),
+                    "ms_per_batch": round(ms, 1),
+                    "gmac_per_window": round(gmac, 3),
+                    "achieved_gmacs": round(achieved, 2),
+                    "peak_gmacs": round(peak / 2, 3),
+                    "fraction_of_peak": round(2 * achieved / peak, 3),
+                    # the same in FLOP units (earlier versions of this script)
+                    "achieved_gflops": round(2 * achieved, 1),
+                    "gemm_gflops": round(peak, 3),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     device = str(predictor.device)
-    machine = (torch.cuda.get_device_name() if device.startswith("cuda")
-               else f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    machine = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    )
     print(f"\nmachine: {machine}; torch {torch.__version__}\n")
-    print("| backend | precision | batch | windows/s | ms/batch | GMAC/window | achieved GMAC/s | matmul peak GMAC/s | of peak |")
+    print(
+        "| backend | precision | batch | windows/s | ms/batch | GMAC/window | achieved GMAC/s "
+        "| matmul peak GMAC/s | of peak |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        label = f"{r['precision']} (forced)" if r["forced"] else (f"mixed: {r['precision']}" if r["mixed"] else r["precision"])
-        print(f"| {r['backend']} | {label} | {r['batch']} | {r['windows_per_s']:.1f} | {r['ms_per_batch']:.1f} | "
-              f"{r['gmac_per_window']:.2f} | {r['achieved_gmacs']:.0f} | {r['peak_gmacs']:.3g} | "
-              f"{100 * r['fraction_of_peak']:.0f}% |")
+        label = (
+            f"{r['precision']} (forced)"
+            if r["forced"]
+            else (f"mixed: {r['precision']}" if r["mixed"] else r["precision"])
+        )
+        print(
+            f"| {r['backend']} | {label} | {r['batch']} | {r['windows_per_s']:.1f} | {r['ms_per_batch']:.1f} | "
+            f"{r['gmac_per_window']:.2f} | {r['achieved_gmacs']:.0f} | {r['peak_gmacs']:.3g} | "
+            f"{100 * r['fraction_of_peak']:.0f}% |"
+        )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine, "device": device, "rows": rows}, indent=2))
     return 0

@@ -14,6 +14,7 @@ grow with the call's length.
 ``--repo`` runs another checkout's ``emostream`` on the same file (a before/after comparison);
 ``--quick`` is a 1-minute call (the test of this script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ SOURCE = ROOT / "examples" / "call_mono.flac"
 MODES = ("batch", "replay", "classify")
 RSS_TARGET_MB = 1024  # issue #42: < 1 GB RSS for a 2-hour call in each mode
 SAMPLE_SECONDS = 0.1  # how often the process's own (anonymous) memory is read
-NOISE_DBFS = -70.0    # --gated: level of the line noise between the speech at the start and the end
+NOISE_DBFS = -70.0  # --gated: level of the line noise between the speech at the start and the end
 
 
 def make_call(path: Path, minutes: float, gated: bool = False) -> float:
@@ -51,8 +52,11 @@ def make_call(path: Path, minutes: float, gated: bool = False) -> float:
         while written < total:
             piece = audio[: total - written]
             if gated and len(audio) <= written < total - 2 * len(audio):
-                piece = (10 ** (NOISE_DBFS / 20) * np.sqrt(2) * rng.standard_normal(min(len(audio), total - 2 * len(audio)
-                                                                                         - written))).astype(np.float32)
+                piece = (
+                    10 ** (NOISE_DBFS / 20)
+                    * np.sqrt(2)
+                    * rng.standard_normal(min(len(audio), total - 2 * len(audio) - written))
+                ).astype(np.float32)
             f.write(piece)
             written += len(piece)
     return total / rate
@@ -75,8 +79,9 @@ def run_mode(argv: list[str], cwd: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(cwd)}
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
-        proc = subprocess.Popen([sys.executable, "-m", "emostream", *argv], cwd=cwd, env=env,
-                                stdout=out_f, stderr=err_f)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emostream", *argv], cwd=cwd, env=env, stdout=out_f, stderr=err_f
+        )
         anon = [0]
         sampler = threading.Thread(target=_sample_anon, args=(proc.pid, anon), daemon=True)
         sampler.start()
@@ -86,8 +91,14 @@ def run_mode(argv: list[str], cwd: Path) -> dict:
         out_f.seek(0)
         err_f.seek(0)
         out, err = out_f.read().decode(errors="replace"), err_f.read().decode(errors="replace")
-    return {"rc": proc.returncode, "wall_s": round(time.monotonic() - t0, 1),
-            "max_rss_mb": round(usage.ru_maxrss / 1024), "max_anon_mb": round(anon[0] / 1024), "stdout": out[-2000:], "stderr": err[-500:]}
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "max_rss_mb": round(usage.ru_maxrss / 1024),
+        "max_anon_mb": round(anon[0] / 1024),
+        "stdout": out[-2000:],
+        "stderr": err[-500:],
+    }
 
 
 def _sample_anon(pid: int, peak: list[int]) -> None:
@@ -128,8 +139,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="a 1-minute call")
     p.add_argument("--gated", action="store_true", help="speech at the start and the end only, noise between")
-    p.add_argument("--onnx", type=Path, default=None,
-                   help="run the model from this file (emostream export --onnx) on ONNX Runtime: no torch in the process")
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="run the model from this file (emostream export --onnx) on ONNX Runtime: no torch in the process",
+    )
     args = p.parse_args()
     minutes = 1.0 if args.quick else args.minutes
     work = args.work or Path(tempfile.mkdtemp(prefix="emostream-long-"))
@@ -144,10 +159,17 @@ def main() -> int:
             out.mkdir()
             argv = command(mode, call, out, args.onnx.resolve() if args.onnx else None)
             r = run_mode(argv, args.repo.resolve())
-            row = {"mode": mode, "command": "emostream " + " ".join(argv).replace(str(work) + "/", ""),
-                   "audio_seconds": round(seconds, 1), "rc": r["rc"], "wall_s": r["wall_s"],
-                   "max_rss_mb": r["max_rss_mb"], "max_anon_mb": r["max_anon_mb"], "under_target": r["max_rss_mb"] < RSS_TARGET_MB,
-                   "repo": str(args.repo.resolve())}
+            row = {
+                "mode": mode,
+                "command": "emostream " + " ".join(argv).replace(str(work) + "/", ""),
+                "audio_seconds": round(seconds, 1),
+                "rc": r["rc"],
+                "wall_s": r["wall_s"],
+                "max_rss_mb": r["max_rss_mb"],
+                "max_anon_mb": r["max_anon_mb"],
+                "under_target": r["max_rss_mb"] < RSS_TARGET_MB,
+                "repo": str(args.repo.resolve()),
+            }
             if mode == "replay":
                 lines = (out / "replay.jsonl").read_text().splitlines() if (out / "replay.jsonl").exists() else []
                 row["lines"] = len(lines)
@@ -161,21 +183,31 @@ def main() -> int:
             rows.append(row)
             if args.json:  # after every mode: a long run that is stopped keeps what it measured
                 args.json.write_text(json.dumps({"machine": machine(), "minutes": minutes, "rows": rows}, indent=1))
-            print(f"{mode}: rc {r['rc']}, {r['wall_s']} s, max RSS {r['max_rss_mb']} MB (own {r['max_anon_mb']} MB)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{mode}: rc {r['rc']}, {r['wall_s']} s, max RSS {r['max_rss_mb']} MB (own {r['max_anon_mb']} MB)",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
             call.unlink(missing_ok=True)
-    result = {"machine": machine(), "minutes": minutes, "gated": args.gated, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "rows": rows}
+    result = {
+        "machine": machine(),
+        "minutes": minutes,
+        "gated": args.gated,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": rows,
+    }
     print(f"{result['date']} · {result['machine']} · {minutes:g}-minute mono call (examples/call_mono.flac looped)")
     print("| mode | command | audio | wall time | max RSS | of which its own (peak RssAnon) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | `{r['command']}` | {r['audio_seconds'] / 60:.0f} min | {r['wall_s']:.0f} s | "
-              f"{r['max_rss_mb']} MB | {r['max_anon_mb']} MB |")
+        print(
+            f"| {r['mode']} | `{r['command']}` | {r['audio_seconds'] / 60:.0f} min | {r['wall_s']:.0f} s | "
+            f"{r['max_rss_mb']} MB | {r['max_anon_mb']} MB |"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if all(r["rc"] in (0,) for r in rows) else 1

@@ -1,5 +1,6 @@
 """An `emostream serve` subprocess for the benchmarks that load the server from outside
 (`capacity.py`, `soak.py`): started, its port found on its log, its stderr kept, stopped cleanly."""
+
 from __future__ import annotations
 
 import re

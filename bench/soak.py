@@ -25,6 +25,7 @@ Targets (issue 40, 20 innocent calls on the 2-core machine): p99 < 200 ms, 0 inn
     python bench/soak.py [--calls 20] [--minutes 5] [--call-seconds 60] [--drops 4] [--attackers 2]
                          [--no-model] [--json OUT] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from serve_process import ServeProcess
 
 from emostream.audio import SAMPLE_RATE, TELEPHONE_RATE, float32_to_int16, load_mono, mulaw_encode
-from serve_process import ServeProcess
 from emostream.protocols import format_duration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +62,17 @@ ATTACKS = ("gap_jump", "audiohook_discard", "no_audio", "unauthenticated", "deep
 class SoakConfig:
     """One soak run."""
 
-    calls: int = 20               # innocent real-time calls at any time
-    seconds: float = 300.0        # soak length
-    call_seconds: float = 60.0    # audio per innocent call
-    drops: int = 4                # real-time calls that vanish at a random moment, then redial
-    fast_seconds: float = 120.0   # audio per fast-sender call
-    attackers: int = 2            # connections per attack kind
-    probe_ms: float = 250.0       # /healthz probe period
-    rss_seconds: float = 5.0      # RSS sample period
-    warmup: float = 0.3           # share of the run before RSS flatness is judged
-    idle_timeout: float = 60.0    # serve --idle-timeout
-    start_timeout: float = 5.0    # serve --start-timeout
+    calls: int = 20  # innocent real-time calls at any time
+    seconds: float = 300.0  # soak length
+    call_seconds: float = 60.0  # audio per innocent call
+    drops: int = 4  # real-time calls that vanish at a random moment, then redial
+    fast_seconds: float = 120.0  # audio per fast-sender call
+    attackers: int = 2  # connections per attack kind
+    probe_ms: float = 250.0  # /healthz probe period
+    rss_seconds: float = 5.0  # RSS sample period
+    warmup: float = 0.3  # share of the run before RSS flatness is judged
+    idle_timeout: float = 60.0  # serve --idle-timeout
+    start_timeout: float = 5.0  # serve --start-timeout
     no_model: bool = False
     vad: str = "silero"
     seed: int = 0
@@ -91,9 +92,26 @@ class Server(ServeProcess):
     """``emostream serve`` on a free port of 127.0.0.1, its stderr (JSON log lines) collected."""
 
     def __init__(self, cfg: SoakConfig, events_dir: Path):
-        cmd = [sys.executable, "-m", "emostream", "serve", "--port", "0", "--max-calls", "128",
-               "--events-dir", str(events_dir), "--vad", cfg.vad, "--log-format", "json",
-               "--idle-timeout", str(cfg.idle_timeout), "--start-timeout", str(cfg.start_timeout)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "emostream",
+            "serve",
+            "--port",
+            "0",
+            "--max-calls",
+            "128",
+            "--events-dir",
+            str(events_dir),
+            "--vad",
+            cfg.vad,
+            "--log-format",
+            "json",
+            "--idle-timeout",
+            str(cfg.idle_timeout),
+            "--start-timeout",
+            str(cfg.start_timeout),
+        ]
         if cfg.no_model:
             cmd.append("--no-model")
         else:
@@ -126,7 +144,6 @@ class Server(ServeProcess):
         return {"error_lines": errors, "tracebacks": tracebacks, "examples": samples[:5]}
 
 
-
 def get(port: int, path: str) -> tuple[int, float]:
     """``GET path``: (status, milliseconds); status 0 when the request failed."""
     t0 = time.perf_counter()
@@ -150,7 +167,10 @@ class Monitor:
         self.rss: list[tuple[float, float]] = []
         self.t0 = time.monotonic()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._probe, daemon=True), threading.Thread(target=self._sample, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._probe, daemon=True),
+            threading.Thread(target=self._sample, daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
@@ -201,13 +221,33 @@ class Soak:
         call_id = f"soak-{uuid.uuid4().hex[:12]}"
         data = self.pcm(seconds)
         frame = int(FRAME_SECONDS * SAMPLE_RATE) * 2
-        out = {"call_id": call_id, "seconds": seconds, "expected": expected_windows(seconds), "events": 0,
-               "summary": False, "code": None, "reason": "", "latencies": [], "max_send_lag_s": 0.0}
+        out = {
+            "call_id": call_id,
+            "seconds": seconds,
+            "expected": expected_windows(seconds),
+            "events": 0,
+            "summary": False,
+            "code": None,
+            "reason": "",
+            "latencies": [],
+            "max_send_lag_s": 0.0,
+        }
         loop = asyncio.get_running_loop()
-        async with connect(self.server.url + "/v1/pcm", max_size=2**22, open_timeout=30,
-                           create_connection=KeepaliveClientConnection) as ws:
-            await ws.send(json.dumps({"type": "start", "call_id": call_id, "sample_rate": SAMPLE_RATE, "channels": 1,
-                                      "encoding": "pcm_s16le", "channel_names": ["customer"]}))
+        async with connect(
+            self.server.url + "/v1/pcm", max_size=2**22, open_timeout=30, create_connection=KeepaliveClientConnection
+        ) as ws:
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "start",
+                        "call_id": call_id,
+                        "sample_rate": SAMPLE_RATE,
+                        "channels": 1,
+                        "encoding": "pcm_s16le",
+                        "channel_names": ["customer"],
+                    }
+                )
+            )
             t0 = loop.time()
 
             async def reader() -> None:
@@ -236,7 +276,7 @@ class Soak:
                         ws.transport.abort()  # vanish: no close frame, no stop
                         out["vanished_at"] = round(k * FRAME_SECONDS, 2)
                         break
-                    await ws.send(data[pos:pos + frame])
+                    await ws.send(data[pos : pos + frame])
                 else:
                     await ws.send(json.dumps({"type": "stop"}))
             except ConnectionClosed:
@@ -273,9 +313,13 @@ class Soak:
         loop = asyncio.get_running_loop()
         while loop.time() < self.deadline - 1:
             try:
-                async with connect(self.server.url + ATTACK_PATHS[kind], max_size=2**22, open_timeout=30,
-                                   additional_headers=AUDIOHOOK_HEADERS() if kind == "audiohook_discard" else None,
-                                   close_timeout=2) as ws:
+                async with connect(
+                    self.server.url + ATTACK_PATHS[kind],
+                    max_size=2**22,
+                    open_timeout=30,
+                    additional_headers=AUDIOHOOK_HEADERS() if kind == "audiohook_discard" else None,
+                    close_timeout=2,
+                ) as ws:
                     try:
                         await asyncio.wait_for(ATTACK_STEPS[kind](ws), self.deadline - loop.time())
                         await asyncio.wait_for(ws.wait_closed(), max(0.1, self.deadline - loop.time()))
@@ -301,6 +345,7 @@ class Soak:
 
 # --- attacks --------------------------------------------------------------------------------------
 
+
 def _mulaw_frame(seconds: float = FRAME_SECONDS) -> str:
     codes = mulaw_encode(float32_to_int16(np.zeros(int(seconds * TELEPHONE_RATE), np.float32) + 0.01))
     return base64.b64encode(codes.tobytes()).decode()
@@ -310,13 +355,31 @@ async def attack_gap_jump(ws) -> None:
     """Twilio media whose timestamps jump an hour at a time: O(1) per jump, then the call length limit."""
     sid = f"MZ{uuid.uuid4().hex}"
     await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-    await ws.send(json.dumps({"event": "start", "streamSid": sid, "start": {
-        "streamSid": sid, "callSid": f"CA{uuid.uuid4().hex}", "tracks": ["inbound"],
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+    await ws.send(
+        json.dumps(
+            {
+                "event": "start",
+                "streamSid": sid,
+                "start": {
+                    "streamSid": sid,
+                    "callSid": f"CA{uuid.uuid4().hex}",
+                    "tracks": ["inbound"],
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+            }
+        )
+    )
     payload = _mulaw_frame()
     for hour in range(6):
-        await ws.send(json.dumps({"event": "media", "streamSid": sid, "media": {
-            "track": "inbound", "timestamp": str(hour * 3_600_000), "payload": payload}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "event": "media",
+                    "streamSid": sid,
+                    "media": {"track": "inbound", "timestamp": str(hour * 3_600_000), "payload": payload},
+                }
+            )
+        )
         await asyncio.sleep(0.5)
 
 
@@ -328,12 +391,27 @@ async def attack_audiohook_discard(ws) -> None:
     async def message(kind: str, **params) -> None:
         nonlocal seq
         seq += 1
-        await ws.send(json.dumps({"version": "2", "type": kind, "seq": seq, "serverseq": 0, "id": sid,
-                                  "position": format_duration(0), "parameters": params}))
+        await ws.send(
+            json.dumps(
+                {
+                    "version": "2",
+                    "type": kind,
+                    "seq": seq,
+                    "serverseq": 0,
+                    "id": sid,
+                    "position": format_duration(0),
+                    "parameters": params,
+                }
+            )
+        )
 
-    await message("open", organizationId=str(uuid.uuid4()), conversationId=str(uuid.uuid4()),
-                  participant={"id": str(uuid.uuid4())},
-                  media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
+    await message(
+        "open",
+        organizationId=str(uuid.uuid4()),
+        conversationId=str(uuid.uuid4()),
+        participant={"id": str(uuid.uuid4())},
+        media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}],
+    )
     for k in range(6):
         await message("discarded", start=format_duration(k * 3600), discarded="PT3600S")
         await asyncio.sleep(0.5)
@@ -341,8 +419,17 @@ async def attack_audiohook_discard(ws) -> None:
 
 async def attack_no_audio(ws) -> None:
     """A started call that sends zero-length frames instead of audio (the idle timeout must count audio)."""
-    await ws.send(json.dumps({"type": "start", "call_id": f"idle-{uuid.uuid4().hex[:12]}", "sample_rate": 16000,
-                              "channels": 1, "channel_names": ["customer"]}))
+    await ws.send(
+        json.dumps(
+            {
+                "type": "start",
+                "call_id": f"idle-{uuid.uuid4().hex[:12]}",
+                "sample_rate": 16000,
+                "channels": 1,
+                "channel_names": ["customer"],
+            }
+        )
+    )
     while True:
         await ws.send(b"")
         await asyncio.sleep(1.0)
@@ -360,18 +447,33 @@ async def attack_deep_json(ws) -> None:
     await ws.send("[" * 100_000)
 
 
-ATTACK_PATHS = {"gap_jump": "/v1/twilio", "audiohook_discard": "/v1/audiohook", "no_audio": "/v1/pcm",
-                "unauthenticated": "/v1/twilio", "deep_json": "/v1/pcm"}
-ATTACK_STEPS = {"gap_jump": attack_gap_jump, "audiohook_discard": attack_audiohook_discard,
-                "no_audio": attack_no_audio, "unauthenticated": attack_unauthenticated, "deep_json": attack_deep_json}
+ATTACK_PATHS = {
+    "gap_jump": "/v1/twilio",
+    "audiohook_discard": "/v1/audiohook",
+    "no_audio": "/v1/pcm",
+    "unauthenticated": "/v1/twilio",
+    "deep_json": "/v1/pcm",
+}
+ATTACK_STEPS = {
+    "gap_jump": attack_gap_jump,
+    "audiohook_discard": attack_audiohook_discard,
+    "no_audio": attack_no_audio,
+    "unauthenticated": attack_unauthenticated,
+    "deep_json": attack_deep_json,
+}
 
 
 def AUDIOHOOK_HEADERS() -> dict:  # noqa: N802 - a fresh set per connection
-    return {"Audiohook-Organization-Id": str(uuid.uuid4()), "Audiohook-Correlation-Id": str(uuid.uuid4()),
-            "Audiohook-Session-Id": str(uuid.uuid4()), "X-API-KEY": "soak"}
+    return {
+        "Audiohook-Organization-Id": str(uuid.uuid4()),
+        "Audiohook-Correlation-Id": str(uuid.uuid4()),
+        "Audiohook-Session-Id": str(uuid.uuid4()),
+        "X-API-KEY": "soak",
+    }
 
 
 # --- report -----------------------------------------------------------------------------------------
+
 
 def report(cfg: SoakConfig, soak: Soak, monitor: Monitor, server: Server, wall: float) -> dict:
     calls = soak.innocent
@@ -382,29 +484,49 @@ def report(cfg: SoakConfig, soak: Soak, monitor: Monitor, server: Server, wall: 
     after = [mb for t, mb in rss if t >= cfg.warmup * wall]
     base = after[0] if after else float("nan")
     return {
-        "config": asdict(cfg), "wall_seconds": round(wall, 1),
-        "healthz": {"probes": len(monitor.healthz), "failed": monitor.failed_probes,
-                    "p50_ms": round(percentile(monitor.healthz, 50), 1), "p99_ms": round(percentile(monitor.healthz, 99), 1),
-                    "max_ms": round(max(monitor.healthz, default=float("nan")), 1)},
-        "innocent": {"calls": len(calls), "closed": len(closed),
-                     "keepalive_closed": sum("keepalive" in c["reason"] for c in closed),
-                     "closes": dict(Counter(f"{c['code']} {c['reason']}".strip() for c in closed)),
-                     "windows_expected": sum(c["expected"] for c in calls), "windows_received": sum(c["events"] for c in calls),
-                     "windows_lost": sum(lost), "max_lost_per_call": max(lost, default=0),
-                     "event_latency_s": {"p50": round(percentile(latencies, 50), 3), "p99": round(percentile(latencies, 99), 3),
-                                         "max": round(max(latencies, default=float("nan")), 3)},
-                     "max_send_lag_s": round(max((c["max_send_lag_s"] for c in calls), default=0.0), 3)},
+        "config": asdict(cfg),
+        "wall_seconds": round(wall, 1),
+        "healthz": {
+            "probes": len(monitor.healthz),
+            "failed": monitor.failed_probes,
+            "p50_ms": round(percentile(monitor.healthz, 50), 1),
+            "p99_ms": round(percentile(monitor.healthz, 99), 1),
+            "max_ms": round(max(monitor.healthz, default=float("nan")), 1),
+        },
+        "innocent": {
+            "calls": len(calls),
+            "closed": len(closed),
+            "keepalive_closed": sum("keepalive" in c["reason"] for c in closed),
+            "closes": dict(Counter(f"{c['code']} {c['reason']}".strip() for c in closed)),
+            "windows_expected": sum(c["expected"] for c in calls),
+            "windows_received": sum(c["events"] for c in calls),
+            "windows_lost": sum(lost),
+            "max_lost_per_call": max(lost, default=0),
+            "event_latency_s": {
+                "p50": round(percentile(latencies, 50), 3),
+                "p99": round(percentile(latencies, 99), 3),
+                "max": round(max(latencies, default=float("nan")), 3),
+            },
+            "max_send_lag_s": round(max((c["max_send_lag_s"] for c in calls), default=0.0), 3),
+        },
         "drops": {"calls": len(soak.drops)},
-        "fast_sender": {"calls": len(soak.fast), "completed": sum(c["code"] == 1000 and c["summary"] for c in soak.fast),
-                        "closes": dict(Counter(f"{c['code']} {c['reason']}".strip() for c in soak.fast)),
-                        "windows_lost": sum(max(0, c["expected"] - c["events"]) for c in soak.fast if c["summary"])},
+        "fast_sender": {
+            "calls": len(soak.fast),
+            "completed": sum(c["code"] == 1000 and c["summary"] for c in soak.fast),
+            "closes": dict(Counter(f"{c['code']} {c['reason']}".strip() for c in soak.fast)),
+            "windows_lost": sum(max(0, c["expected"] - c["events"]) for c in soak.fast if c["summary"]),
+        },
         "attacks": {k: dict(v) for k, v in soak.attacks.items()},
         "server_log": server.log_problems(),
         "rss_mb": rss,
-        "rss_after_warmup": {"first_mb": base, "last_mb": after[-1] if after else float("nan"),
-                             "min_mb": min(after, default=float("nan")), "max_mb": max(after, default=float("nan")),
-                             "change": round((after[-1] - base) / base, 4) if after else float("nan"),
-                             "spread": round((max(after) - min(after)) / base, 4) if after else float("nan")},
+        "rss_after_warmup": {
+            "first_mb": base,
+            "last_mb": after[-1] if after else float("nan"),
+            "min_mb": min(after, default=float("nan")),
+            "max_mb": max(after, default=float("nan")),
+            "change": round((after[-1] - base) / base, 4) if after else float("nan"),
+            "spread": round((max(after) - min(after)) / base, 4) if after else float("nan"),
+        },
     }
 
 
@@ -421,11 +543,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="2 calls, 15 s, no model, short timeouts (a few seconds)")
     args = p.parse_args(argv)
-    cfg = SoakConfig(calls=args.calls, seconds=args.minutes * 60, call_seconds=args.call_seconds, drops=args.drops,
-                     fast_seconds=args.fast_seconds, attackers=args.attackers, no_model=args.no_model, vad=args.vad)
+    cfg = SoakConfig(
+        calls=args.calls,
+        seconds=args.minutes * 60,
+        call_seconds=args.call_seconds,
+        drops=args.drops,
+        fast_seconds=args.fast_seconds,
+        attackers=args.attackers,
+        no_model=args.no_model,
+        vad=args.vad,
+    )
     if args.quick:
-        cfg = SoakConfig(calls=2, seconds=12.0, call_seconds=4.0, drops=1, fast_seconds=6.0, attackers=1, probe_ms=100,
-                         rss_seconds=1.0, idle_timeout=3.0, start_timeout=2.0, no_model=True, vad="energy")
+        cfg = SoakConfig(
+            calls=2,
+            seconds=12.0,
+            call_seconds=4.0,
+            drops=1,
+            fast_seconds=6.0,
+            attackers=1,
+            probe_ms=100,
+            rss_seconds=1.0,
+            idle_timeout=3.0,
+            start_timeout=2.0,
+            no_model=True,
+            vad="energy",
+        )
     source = load_mono(SOURCE)
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(cfg, Path(tmp))
@@ -442,17 +584,25 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = f"{os.cpu_count()} cores"
     h, i, r = result["healthz"], result["innocent"], result["rss_after_warmup"]
     print(f"/healthz p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms ({h['probes']} probes)")
-    print(f"innocent calls: {i['calls']}, closed {i['closed']} (keepalive {i['keepalive_closed']}), windows lost "
-          f"{i['windows_lost']} of {i['windows_expected']} (max {i['max_lost_per_call']} per call)")
+    print(
+        f"innocent calls: {i['calls']}, closed {i['closed']} (keepalive {i['keepalive_closed']}), windows lost "
+        f"{i['windows_lost']} of {i['windows_expected']} (max {i['max_lost_per_call']} per call)"
+    )
     lat = i["event_latency_s"]
-    print(f"innocent event latency p50 {lat['p50']} s, p99 {lat['p99']} s, max {lat['max']} s "
-          f"(this script's own send lag at most {i['max_send_lag_s']} s)")
-    print(f"RSS after warm-up: {r['first_mb']} -> {r['last_mb']} MB (change {r['change']:+.1%}, spread {r['spread']:.1%})")
+    print(
+        f"innocent event latency p50 {lat['p50']} s, p99 {lat['p99']} s, max {lat['max']} s "
+        f"(this script's own send lag at most {i['max_send_lag_s']} s)"
+    )
+    print(
+        f"RSS after warm-up: {r['first_mb']} -> {r['last_mb']} MB (change {r['change']:+.1%}, spread {r['spread']:.1%})"
+    )
     print(f"attacks: {json.dumps(result['attacks'])}")
     print(f"fast sender: {json.dumps(result['fast_sender'])}; drops: {result['drops']['calls']}")
     print(f"server log: {json.dumps(result['server_log'])}")
     met = (h["p99_ms"] < TARGET_P99_MS, i["closed"] == 0, i["windows_lost"] == 0, abs(r["change"]) <= TARGET_RSS_CHANGE)
-    print("targets (p99 < 200 ms, 0 closed, 0 lost, RSS within 5 %): " + ", ".join("met" if m else "MISSED" for m in met))
+    print(
+        "targets (p99 < 200 ms, 0 closed, 0 lost, RSS within 5 %): " + ", ".join("met" if m else "MISSED" for m in met)
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return 0

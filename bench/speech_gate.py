@@ -16,6 +16,7 @@ both channels, a noisy line.
 
     python bench/speech_gate.py [--calls call_stereo.flac,...] [--noisy -45] [--json OUT] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ def covered_seconds(events: list[dict], segments: list[dict], hop: float) -> tup
     for s in segments:
         a, b = float(s["t_start"]), float(s["t_end"])
         total += b - a
-        spans = sorted((max(e["t_start"], e["t_end"] - hop), e["t_end"]) for e in events
-                       if e["speech"] and e["channel"] == s["channel"] and e["t_end"] > a and e["t_end"] - hop < b)
+        spans = sorted(
+            (max(e["t_start"], e["t_end"] - hop), e["t_end"])
+            for e in events
+            if e["speech"] and e["channel"] == s["channel"] and e["t_end"] > a and e["t_end"] - hop < b
+        )
         end = a
         for lo, hi in spans:
             lo, hi = max(lo, end), min(hi, b)
@@ -76,24 +80,42 @@ def frame_detection(audio: np.ndarray, channels: list[str], segments: list[dict]
             inside_n += int(inside.sum())
             outside_hits += int(speech[~inside].sum())
             outside_n += int((~inside).sum())
-        out[kind] = {"speech_in_segments": round(inside_hits / max(1, inside_n), 3),
-                     "speech_outside_segments": round(outside_hits / max(1, outside_n), 3)}
+        out[kind] = {
+            "speech_in_segments": round(inside_hits / max(1, inside_n), 3),
+            "speech_outside_segments": round(outside_hits / max(1, outside_n), 3),
+        }
     return out
 
 
-def run_call(entry: dict, gates: list[str], hop: float, checkpoint: str | None, workdir: Path,
-             audio_path: Path | None = None, label: str | None = None) -> list[dict]:
+def run_call(
+    entry: dict,
+    gates: list[str],
+    hop: float,
+    checkpoint: str | None,
+    workdir: Path,
+    audio_path: Path | None = None,
+    label: str | None = None,
+) -> list[dict]:
     segments = read_segments(EXAMPLES / entry["segments"])
     rows, base = [], None
     for gate in gates:
         r = score_example(entry, hop, checkpoint, workdir, ["--vad", gate], audio=audio_path)
         classified = r["windows"] - r["silence_windows"]
         covered, total = covered_seconds(r["events"], segments, hop)
-        row = {"call": label or entry["file"], "vad": gate, "windows": r["windows"], "classified": classified,
-               "agreement": round(r["overall"]["agreement"], 4), "scored_seconds": r["overall"]["seconds"],
-               "speech_covered": round(covered / total, 3),
-               "per_channel": {ch: round(v["agreement"], 4) for ch, v in r.items()
-                               if isinstance(v, dict) and ch not in ("overall",) and "agreement" in v}}
+        row = {
+            "call": label or entry["file"],
+            "vad": gate,
+            "windows": r["windows"],
+            "classified": classified,
+            "agreement": round(r["overall"]["agreement"], 4),
+            "scored_seconds": r["overall"]["seconds"],
+            "speech_covered": round(covered / total, 3),
+            "per_channel": {
+                ch: round(v["agreement"], 4)
+                for ch, v in r.items()
+                if isinstance(v, dict) and ch not in ("overall",) and "agreement" in v
+            },
+        }
         if gate == "off":
             base = classified
         row["skipped_vs_off"] = round(1 - classified / base, 3) if base else None
@@ -108,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gates", default=",".join(GATES))
     p.add_argument("--hop", type=float, default=1.0)
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--noisy", type=float, default=None, metavar="DBFS",
-                   help="also run the stereo call with white noise at this level (e.g. -45)")
+    p.add_argument(
+        "--noisy",
+        type=float,
+        default=None,
+        metavar="DBFS",
+        help="also run the stereo call with white noise at this level (e.g. -45)",
+    )
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="the stereo call only, gates off and silero (< 1 min)")
     args = p.parse_args(argv)
@@ -125,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for entry in entries:
             audio = load_audio(EXAMPLES / entry["file"])
-            detection[entry["file"]] = frame_detection(audio, entry["channels"], read_segments(EXAMPLES / entry["segments"]))
+            detection[entry["file"]] = frame_detection(
+                audio, entry["channels"], read_segments(EXAMPLES / entry["segments"])
+            )
             rows += run_call(entry, gates, args.hop, args.checkpoint, Path(tmp))
         stereo = next((e for e in index if e["file"] == "call_stereo.flac"), None)
         if args.noisy is not None and stereo is not None:
@@ -140,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| call | vad | windows | classified | skipped vs off | agreement | speech covered |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['call']} | {r['vad']} | {r['windows']} | {r['classified']} | "
-              f"{100 * (r['skipped_vs_off'] or 0):.0f}% | {r['agreement']:.3f} | {100 * r['speech_covered']:.0f}% |")
+        print(
+            f"| {r['call']} | {r['vad']} | {r['windows']} | {r['classified']} | "
+            f"{100 * (r['skipped_vs_off'] or 0):.0f}% | {r['agreement']:.3f} | {100 * r['speech_covered']:.0f}% |"
+        )
     print("\n| call | detector | frames called speech inside segments | outside segments |")
     print("|---|---|---|---|")
     for call, d in detection.items():
         for kind, v in d.items():
-            print(f"| {call} | {kind} | {100 * v['speech_in_segments']:.0f}% | {100 * v['speech_outside_segments']:.1f}% |")
+            print(
+                f"| {call} | {kind} | {100 * v['speech_in_segments']:.0f}% "
+                f"| {100 * v['speech_outside_segments']:.1f}% |"
+            )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"hop": args.hop, "rows": rows, "detection": detection}, indent=2))
     return 0

@@ -14,6 +14,7 @@ ran), and on request ``bf16``: bf16 autocast forced on such a CPU (the cost that
                                      [--batch-size 32] [--precisions fp32,mixed,bf16] [--prefetch 0,2]
                                      [--json OUT] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `train` is a top-level package of the repository
 
+from inference import forced_cpu_bf16  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from emostream.audio import SAMPLE_RATE, float32_to_int16  # noqa: E402
 from emostream.model import CLASSES, select_device  # noqa: E402
-from inference import forced_cpu_bf16  # noqa: E402  (bench/ is on sys.path when run as a script)
 from train.config import load_config  # noqa: E402
 from train.data import AudioCache, Clip  # noqa: E402
 from train.engine import PREFETCH_BATCHES, fit  # noqa: E402
@@ -56,8 +58,9 @@ def synthetic_clips(n: int, seed: int = 0) -> tuple[list[Clip], AudioCache]:
     return clips, AudioCache(np.concatenate(pieces), np.asarray(offsets, dtype=np.int64))
 
 
-def measure(config: Path, requested: str, steps: int, batch_size: int, device: str | None,
-            prefetch: int = PREFETCH_BATCHES) -> dict:
+def measure(
+    config: Path, requested: str, steps: int, batch_size: int, device: str | None, prefetch: int = PREFETCH_BATCHES
+) -> dict:
     """Two epochs of ``steps`` batches through :func:`fit`; the second epoch's rate. ``requested``:
     fp32, mixed (what training chooses here) or bf16 (forced on the CPU); ``prefetch``: batches
     made ahead on a thread (0: serially)."""
@@ -70,16 +73,33 @@ def measure(config: Path, requested: str, steps: int, batch_size: int, device: s
     clips, cache = synthetic_clips(steps * batch_size)
     with tempfile.TemporaryDirectory() as tmp, forced_cpu_bf16() if forced else contextlib.nullcontext():
         t0 = time.perf_counter()
-        result = fit(cfg, clips, cache, np.arange(len(clips)), None, Path(tmp), device=device,
-                     show_progress=False, telephone_eval=False, prefetch=prefetch)
+        result = fit(
+            cfg,
+            clips,
+            cache,
+            np.arange(len(clips)),
+            None,
+            Path(tmp),
+            device=device,
+            show_progress=False,
+            telephone_eval=False,
+            prefetch=prefetch,
+        )
         total = time.perf_counter() - t0
     warm = result.history[-1]
-    return {"requested": requested, "precision": warm["precision"], "batch_size": batch_size, "steps_per_epoch": steps,
-            "prefetch": prefetch,
-            "samples_per_s": round(warm["samples_per_second"], 2),
-            "first_epoch_samples_per_s": round(result.history[0]["samples_per_second"], 2),
-            "seconds_per_step": round(batch_size / warm["samples_per_second"], 3), "wall_s": round(total, 1),
-            "config": str(Path(config).name), "augment": cfg.augment.__dict__ != type(cfg.augment)().__dict__}
+    return {
+        "requested": requested,
+        "precision": warm["precision"],
+        "batch_size": batch_size,
+        "steps_per_epoch": steps,
+        "prefetch": prefetch,
+        "samples_per_s": round(warm["samples_per_second"], 2),
+        "first_epoch_samples_per_s": round(result.history[0]["samples_per_second"], 2),
+        "seconds_per_step": round(batch_size / warm["samples_per_second"], 3),
+        "wall_s": round(total, 1),
+        "config": str(Path(config).name),
+        "augment": cfg.augment.__dict__ != type(cfg.augment)().__dict__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="the recipe's batch size is 32")
     p.add_argument("--device", default=None)
     p.add_argument("--precisions", default="fp32,mixed", help="any of fp32, mixed (as training chooses), bf16 (forced)")
-    p.add_argument("--prefetch", default=str(PREFETCH_BATCHES),
-                   help="comma-separated batches made ahead on a thread, e.g. 0,2 (0: serially)")
+    p.add_argument(
+        "--prefetch",
+        default=str(PREFETCH_BATCHES),
+        help="comma-separated batches made ahead on a thread, e.g. 0,2 (0: serially)",
+    )
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="one batch of 8 per epoch (< 1 min)")
     args = p.parse_args(argv)
@@ -113,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| requested | ran in | batches made ahead | batch | samples/s | s/step | first epoch samples/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['requested']} | {r['precision']} + channels_last | {r['prefetch']} | {r['batch_size']} | {r['samples_per_s']:.1f} | "
-              f"{r['seconds_per_step']:.2f} | {r['first_epoch_samples_per_s']:.1f} |")
+        print(
+            f"| {r['requested']} | {r['precision']} + channels_last | {r['prefetch']} | {r['batch_size']} "
+            f"| {r['samples_per_s']:.1f} | "
+            f"{r['seconds_per_step']:.2f} | {r['first_epoch_samples_per_s']:.1f} |"
+        )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     return 0

@@ -8,6 +8,7 @@ default it uses the clips of the speakers reserved for ``examples/`` (never trai
 
     python bench/window_position.py [--checkpoint DIR] [--data ../shared/data/emotion-speech]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def place(clip: np.ndarray, where: str, floor_dbfs: float | None, rng: np.random
     clip = clip[:WINDOW_SAMPLES]
     window = np.zeros(WINDOW_SAMPLES, np.float32)
     offset = {"start": 0, "middle": (WINDOW_SAMPLES - len(clip)) // 2, "end": WINDOW_SAMPLES - len(clip)}[where]
-    window[offset:offset + len(clip)] = clip
+    window[offset : offset + len(clip)] = clip
     if floor_dbfs is not None:
         window += rng.standard_normal(WINDOW_SAMPLES).astype(np.float32) * np.float32(10 ** (floor_dbfs / 20))
     return window
@@ -38,8 +39,11 @@ def add_heldout_args(p: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--data`` and ``--speakers``: the model and the held-out clips to score."""
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "emotion-speech"))
-    p.add_argument("--speakers", default=str(ROOT / "examples" / "reserved_speakers.txt"),
-                   help="file with one speaker id per line (default: the examples' reserved speakers)")
+    p.add_argument(
+        "--speakers",
+        default=str(ROOT / "examples" / "reserved_speakers.txt"),
+        help="file with one speaker id per line (default: the examples' reserved speakers)",
+    )
 
 
 def load_heldout(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarray, set[str]]:
@@ -72,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         for floor in (None, -70.0, -60.0):
             rng = np.random.default_rng(0)
             x = np.stack([place(c, where, floor, rng) for c in clips])
-            pred = np.concatenate([predictor.predict(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1)
-            print(f"| {where} | {'none (zeros)' if floor is None else f'{floor:.0f} dBFS'} | "
-                  f"{accuracy_ua(pred, y)} |", flush=True)
+            pred = np.concatenate([predictor.predict(x[i : i + 32]) for i in range(0, len(x), 32)]).argmax(1)
+            print(
+                f"| {where} | {'none (zeros)' if floor is None else f'{floor:.0f} dBFS'} | {accuracy_ua(pred, y)} |",
+                flush=True,
+            )
     return 0
 
 

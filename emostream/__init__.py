@@ -11,6 +11,7 @@ The Python API (see :mod:`emostream.api`)::
 The API's names are imported on first use, so ``import emostream`` (and ``emostream.CLASSES``)
 loads neither numpy nor torch.
 """
+
 __version__ = "0.1.0"
 
 # The model's output classes, in its logit order: the one definition every module (and the event

@@ -18,6 +18,7 @@ clear is one message::
 ``t`` is the end of the window that raised or cleared it, ``since`` the start of the run that raised
 it, both in seconds of the stream.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,11 +26,14 @@ from dataclasses import dataclass
 
 from .timeline import CLASSES
 
-DEFAULT_CLEAR_MARGIN = 0.1   # probability: the default clear threshold is this far below the raise threshold
+DEFAULT_CLEAR_MARGIN = 0.1  # probability: the default clear threshold is this far below the raise threshold
 DEFAULT_CLEAR_SECONDS = 5.0  # seconds below the clear threshold before an alert is cleared, by default
 _NUM = r"([0-9]*\.?[0-9]+)"
-_RULE = re.compile(rf"^\s*([A-Za-z]+)\s*(>=|>)\s*{_NUM}\s*(?:for\s+{_NUM}\s*s?)?"
-                   rf"\s*(?:,?\s*clear\s+(?:below|<)\s*{_NUM}\s*(?:for\s+{_NUM}\s*s?)?)?\s*$", re.IGNORECASE)
+_RULE = re.compile(
+    rf"^\s*([A-Za-z]+)\s*(>=|>)\s*{_NUM}\s*(?:for\s+{_NUM}\s*s?)?"
+    rf"\s*(?:,?\s*clear\s+(?:below|<)\s*{_NUM}\s*(?:for\s+{_NUM}\s*s?)?)?\s*$",
+    re.IGNORECASE,
+)
 _FORM = "'Angry>=0.7 for 10s' (optionally followed by 'clear below 0.6 for 5s')"
 
 
@@ -147,7 +151,18 @@ class AlertTracker:
         return out
 
     def _message(self, rule: AlertRule, channel: str, state: str, t: float, since: float | None) -> dict:
-        return {"type": "alert", "stream": self.stream, "call_id": self.stream, "channel": channel,
-                "rule": rule.name, "label": rule.label, "threshold": rule.threshold, "seconds": rule.seconds,
-                "clear_below": rule.clear_threshold, "clear_seconds": rule.clear_after,
-                "state": state, "t": round(float(t), 6), "since": None if since is None else round(float(since), 6)}
+        return {
+            "type": "alert",
+            "stream": self.stream,
+            "call_id": self.stream,
+            "channel": channel,
+            "rule": rule.name,
+            "label": rule.label,
+            "threshold": rule.threshold,
+            "seconds": rule.seconds,
+            "clear_below": rule.clear_threshold,
+            "clear_seconds": rule.clear_after,
+            "state": state,
+            "t": round(float(t), 6),
+            "since": None if since is None else round(float(since), 6),
+        }

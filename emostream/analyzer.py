@@ -1,4 +1,5 @@
 """Windows in, timeline events out: speech gate, batched model call, smoothing, sinks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .vad import SpeechGate, VadConfig
 class AnalyzerConfig:
     """How windows become events."""
 
-    smooth: float = 1.0           # EMA weight of the newest window (1 = no smoothing)
+    smooth: float = 1.0  # EMA weight of the newest window (1 = no smoothing)
     vad: VadConfig = VadConfig()  # speech gate: windows without enough speech are not classified
     max_batch: int = 32
 
@@ -23,9 +24,16 @@ class AnalyzerConfig:
 class Analyzer:
     """Classifies windows of one stream in batches and fans events out to sinks."""
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], stream: str, channels: tuple[str, ...],
-                 config: AnalyzerConfig = AnalyzerConfig(), hop_seconds: float = 1.0,
-                 sinks: Iterable[Callable[[dict], None]] = (), source_channels: dict[str, str] | None = None):
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        stream: str,
+        channels: tuple[str, ...],
+        config: AnalyzerConfig = AnalyzerConfig(),
+        hop_seconds: float = 1.0,
+        sinks: Iterable[Callable[[dict], None]] = (),
+        source_channels: dict[str, str] | None = None,
+    ):
         self.predict = predict
         self.stream = stream
         self.config = config
@@ -42,13 +50,14 @@ class Analyzer:
         idx = self.speech_indices(windows)
         probs: dict[int, np.ndarray] = {}
         for b in range(0, len(idx), self.config.max_batch):
-            chunk = idx[b:b + self.config.max_batch]
+            chunk = idx[b : b + self.config.max_batch]
             out = self.predict(np.stack([windows[i].samples for i in chunk]))
             probs.update(zip(chunk, out))
         return self.emit(windows, probs)
 
-    async def process_async(self, windows: list[Window],
-                            infer: Callable[[np.ndarray], Awaitable[np.ndarray]]) -> list[dict]:
+    async def process_async(
+        self, windows: list[Window], infer: Callable[[np.ndarray], Awaitable[np.ndarray]]
+    ) -> list[dict]:
         """:meth:`process` with an awaitable model call (the server's shared inference worker)."""
         if not windows:
             return []

@@ -12,6 +12,7 @@
 The CLI runs the same code: ``emostream replay --fast --events`` writes exactly the lines of
 :func:`analyze` (``result.lines``), and ``emostream classify --json`` prints :func:`classify`'s dict.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,19 +27,21 @@ from .stream import CLIP_POSITIONS
 Model = Any  # a loaded predictor: emostream.model.Predictor (torch) or emostream.onnx_model.OnnxPredictor
 
 
-def load_model(path: str | Path | None = None, *, device: str = "auto", backend: str = "torch",
-               fp32: bool = False) -> Model:
+def load_model(
+    path: str | Path | None = None, *, device: str = "auto", backend: str = "torch", fp32: bool = False
+) -> Model:
     """The model at ``path``: a checkpoint directory (backend torch; None: the shipped model, or
     ``$EMOSTREAM_CHECKPOINT``) or an ONNX file made by ``emostream export --onnx`` (backend onnx).
     ``device``: auto (CUDA when present), cpu or cuda[:N]; ``fp32``: no mixed precision. Raises
     :class:`~emostream.model.CheckpointError` (a ValueError) for a missing or foreign model."""
     from .loading import load_predictor
-
     from .model_files import model_identity
 
     if backend == "onnx":
         if path is None:
-            raise ValueError("backend onnx needs the path of an ONNX file (make one with: emostream export --onnx FILE)")
+            raise ValueError(
+                "backend onnx needs the path of an ONNX file (make one with: emostream export --onnx FILE)"
+            )
         predictor = load_predictor(device=device, fp32=fp32, backend="onnx", onnx=path)
         predictor.identity = model_identity(onnx=path)
     else:
@@ -59,8 +62,9 @@ def _model(model: Model | None) -> Model:
     return _shipped[0]
 
 
-def classify(path: str | Path, model: Model | None = None, *, positions: int = CLIP_POSITIONS,
-             vad: str = "silero") -> dict:
+def classify(
+    path: str | Path, model: Model | None = None, *, positions: int = CLIP_POSITIONS, vad: str = "silero"
+) -> dict:
     """Whole-file emotion of a recording: the dict ``emostream classify --json`` prints (path, label,
     confidence, probabilities of the 7 classes, duration in seconds, speech, speech_seconds; with less
     than the gate's minimum of speech, ``speech`` is false and label, confidence and probabilities are
@@ -102,8 +106,9 @@ class Analysis:
             probs = e.get("probabilities") or {}
             row.update({c: probs.get(c, float("nan")) for c in CLASSES})
             rows.append(row)
-        return pd.DataFrame(rows, columns=["stream", "channel", "t_start", "t_end", "speech", "label", "confidence",
-                                           *CLASSES])
+        return pd.DataFrame(
+            rows, columns=["stream", "channel", "t_start", "t_end", "speech", "label", "confidence", *CLASSES]
+        )
 
 
 class Stream:
@@ -116,9 +121,19 @@ class Stream:
     messages come back among the events). The events do not depend on how the audio is cut into pushes.
     """
 
-    def __init__(self, model: Model | None = None, *, channels: Iterable[str] = ("ch0",), sample_rate: int = 16000,
-                 stream: str = "stream", hop: float = 1.0, min_seconds: float = 1.0, smooth: float = 1.0,
-                 vad: str = "silero", alerts: Iterable[str] = ()):
+    def __init__(
+        self,
+        model: Model | None = None,
+        *,
+        channels: Iterable[str] = ("ch0",),
+        sample_rate: int = 16000,
+        stream: str = "stream",
+        hop: float = 1.0,
+        min_seconds: float = 1.0,
+        smooth: float = 1.0,
+        vad: str = "silero",
+        alerts: Iterable[str] = (),
+    ):
         from .alerts import AlertRule
         from .analyzer import AnalyzerConfig
         from .pipeline import CallPipeline
@@ -131,10 +146,16 @@ class Stream:
         self._model = _model(model)
         self._started = time.time()
         self._pipeline = CallPipeline(
-            self._model.predict, stream, self.channels,
+            self._model.predict,
+            stream,
+            self.channels,
             stream_config=StreamConfig(hop_seconds=hop, min_seconds=min_seconds),
             analyzer_config=AnalyzerConfig(smooth=smooth, vad=VadConfig.named(vad)),
-            sinks=[self._out.append], alert_rules=rules, alert_sinks=[self._out.append], sample_rate=sample_rate)
+            sinks=[self._out.append],
+            alert_rules=rules,
+            alert_sinks=[self._out.append],
+            sample_rate=sample_rate,
+        )
         self._summary: dict | None = None
         self.last_events: list[dict] = []  # what close() completed
 
@@ -164,8 +185,11 @@ class Stream:
             self._pipeline.flush()
             self.last_events = self._take()
             self._summary = self._pipeline.summary()
-            self._summary.update(model=getattr(self._model, "identity", None) or model_identity(),
-                                 started_at=iso_utc(self._started), started_at_from="stream start")
+            self._summary.update(
+                model=getattr(self._model, "identity", None) or model_identity(),
+                started_at=iso_utc(self._started),
+                started_at_from="stream start",
+            )
         return self._summary
 
     @property
@@ -178,9 +202,19 @@ class Stream:
         return out
 
 
-def analyze(path: str | Path, model: Model | None = None, *, channel_names: Iterable[str] | None = None,
-            analyse: str = "all", stream: str | None = None, hop: float = 1.0, min_seconds: float = 1.0,
-            smooth: float = 1.0, vad: str = "silero", alerts: Iterable[str] = ()) -> Analysis:
+def analyze(
+    path: str | Path,
+    model: Model | None = None,
+    *,
+    channel_names: Iterable[str] | None = None,
+    analyse: str = "all",
+    stream: str | None = None,
+    hop: float = 1.0,
+    min_seconds: float = 1.0,
+    smooth: float = 1.0,
+    vad: str = "silero",
+    alerts: Iterable[str] = (),
+) -> Analysis:
     """A recorded call's timeline, as ``emostream replay FILE --fast --events OUT`` writes it.
 
     ``channel_names``: one per channel of the file (default ch0, ch1, ...); ``analyse``: all,
@@ -188,7 +222,8 @@ def analyze(path: str | Path, model: Model | None = None, *, channel_names: Iter
     events (default: the file name without suffix); the rest as :class:`Stream`."""
     from .audio import SAMPLE_RATE, AudioError, audio_info, is_silent, stream_audio
     from .compliance import analysed_channels
-    from .pipeline import REPLAY_CHUNK_SECONDS, channel_names as resolve_names
+    from .pipeline import REPLAY_CHUNK_SECONDS
+    from .pipeline import channel_names as resolve_names
     from .timeline import FILE_START_FROM, file_start_time
 
     info = audio_info(path)
@@ -198,14 +233,22 @@ def analyze(path: str | Path, model: Model | None = None, *, channel_names: Iter
     keep = analysed_channels(names, analyse)
     names = tuple(names[i] for i in keep)
     predictor = _model(model)
-    live = Stream(predictor, channels=names, stream=stream or Path(path).stem, hop=hop, min_seconds=min_seconds,
-                  smooth=smooth, vad=vad, alerts=alerts)
+    live = Stream(
+        predictor,
+        channels=names,
+        stream=stream or Path(path).stem,
+        hop=hop,
+        min_seconds=min_seconds,
+        smooth=smooth,
+        vad=vad,
+        alerts=alerts,
+    )
     chunk = int(REPLAY_CHUNK_SECONDS * SAMPLE_RATE)
     events = []
     for block in stream_audio(path):  # decoded block by block, as replay does: memory bounded however long
         block = block[list(keep)]
         for pos in range(0, block.shape[1], chunk):
-            events += live.push(block[:, pos:pos + chunk].T)
+            events += live.push(block[:, pos : pos + chunk].T)
     summary = live.close()
     summary.update(started_at=file_start_time(path, live.seconds), started_at_from=FILE_START_FROM)
     return Analysis(events + live.last_events, summary)

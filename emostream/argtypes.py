@@ -1,4 +1,5 @@
 """argparse value types shared by the command lines (``emostream`` and ``python -m train``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ Number = TypeVar("Number", int, float)
 
 def positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
     """An argparse type: ``kind(text)`` that must be > 0 (one-line errors)."""
+
     def parse(text: str) -> Number:
         try:
             value = kind(text)
@@ -17,6 +19,7 @@ def positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
         return value
+
     return parse
 
 

@@ -2,6 +2,7 @@
 
 Everything downstream works on float32 samples in [-1, 1] at ``SAMPLE_RATE``.
 """
+
 from __future__ import annotations
 
 import io
@@ -142,8 +143,13 @@ def audio_info(source: str | Path | bytes, name: str | None = None) -> AudioInfo
         return AudioInfo(f.channels, max(0, int(f.frames)), int(f.samplerate))
 
 
-def stream_audio(source: str | Path | bytes, name: str | None = None, sample_rate: int = SAMPLE_RATE,
-                 mono: bool = False, block_seconds: float = DECODE_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+def stream_audio(
+    source: str | Path | bytes,
+    name: str | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    mono: bool = False,
+    block_seconds: float = DECODE_BLOCK_SECONDS,
+) -> Iterator[np.ndarray]:
     """Decode a file block by block, resampled to ``sample_rate``: float32 ``(channels, n)`` blocks
     (``(1, n)`` with ``mono``, the channel mean) whose concatenation equals :func:`load_audio` (the
     resampling is :class:`StreamResampler`'s), in memory bounded by ``block_seconds`` however long
@@ -183,6 +189,7 @@ def is_silent(source: str | Path | bytes, name: str | None = None) -> bool:
 
 # --- sample formats -------------------------------------------------------------------------
 
+
 def int16_to_float32(pcm: np.ndarray | bytes) -> np.ndarray:
     """int16 PCM (array or little-endian bytes) to float32 in [-1, 1)."""
     if isinstance(pcm, (bytes, bytearray, memoryview)):
@@ -196,6 +203,7 @@ def float32_to_int16(samples: np.ndarray) -> np.ndarray:
 
 
 # --- G.711 μ-law and A-law (ITU-T G.711 decoding tables, built once with numpy) --------------
+
 
 def _mulaw_table() -> np.ndarray:
     codes = ~np.arange(256, dtype=np.int32) & 0xFF
@@ -294,8 +302,7 @@ class StreamResampler:
     output is kept, so block edges leave no clicks. Latency: one block plus the look-ahead.
     """
 
-    def __init__(self, orig_rate: int, new_rate: int = SAMPLE_RATE, block_seconds: float = 0.1,
-                 context: int = 256):
+    def __init__(self, orig_rate: int, new_rate: int = SAMPLE_RATE, block_seconds: float = 0.1, context: int = 256):
         from math import gcd
 
         if orig_rate <= 0 or new_rate <= 0:
@@ -350,6 +357,6 @@ class StreamResampler:
         piece = self._pending[: c + n + c]
         out = self._resample(piece)
         first = c * self._up // self._down
-        kept = out[first:first + n * self._up // self._down]
+        kept = out[first : first + n * self._up // self._down]
         self._pending = self._pending[n:]  # the last `c` samples of this block become history
         return np.ascontiguousarray(kept, dtype=np.float32)

@@ -1,5 +1,6 @@
 """``/v1/audiohook``: the server side of Genesys AudioHook protocol v2 as a pure state machine (see
 :mod:`emostream.protocols`)."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,23 @@ import re
 from typing import Any
 
 from .audio import int16_to_float32, mulaw_decode
-from .protocols import (DURATION_PATTERN, Action, Audio, End, Note, ProtocolError, Send, Session, Silence, Start,
-                        check_gap, deinterleave, format_duration, is_int, parse_duration)
+from .protocols import (
+    DURATION_PATTERN,
+    Action,
+    Audio,
+    End,
+    Note,
+    ProtocolError,
+    Send,
+    Session,
+    Silence,
+    Start,
+    check_gap,
+    deinterleave,
+    format_duration,
+    is_int,
+    parse_duration,
+)
 
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
 UUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")  # fullmatch
@@ -36,8 +52,12 @@ class AudioHookSession(Session):
     protocol = "audiohook"
     graceful_errors = True
 
-    def __init__(self, session_id: str | None = None, supported_languages: tuple[str, ...] = ("en-US",),
-                 analysable: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        session_id: str | None = None,
+        supported_languages: tuple[str, ...] = ("en-US",),
+        analysable: tuple[str, ...] | None = None,
+    ):
         """``analysable``: the channel names (customer, agent) the server may analyse (None: any);
         offers without one of them are answered with an empty media selection."""
         super().__init__()
@@ -69,17 +89,26 @@ class AudioHookSession(Session):
     def message(self, kind: str, parameters: dict) -> dict:
         """A server message with the next ``seq``."""
         self.seq += 1
-        return {"version": "2", "type": kind, "seq": self.seq, "clientseq": self.clientseq,
-                "id": self.id, "parameters": parameters}
+        return {
+            "version": "2",
+            "type": kind,
+            "seq": self.seq,
+            "clientseq": self.clientseq,
+            "id": self.id,
+            "parameters": parameters,
+        }
 
     def event_message(self, event: dict) -> dict | None:
         if self.state not in ("ACTIVE", "PAUSED", "CLOSING") or self.probe:
             return None
         ch = self.channels.index(event["channel"]) if event["channel"] in self.channels else 0
-        data = {"channel": event["channel"], "channelId": ch,
-                "offset": format_duration(event["t_start"]),
-                "duration": format_duration(event["t_end"] - event["t_start"]),
-                **{k: event[k] for k in ("speech", "label", "confidence", "probabilities")}}
+        data = {
+            "channel": event["channel"],
+            "channelId": ch,
+            "offset": format_duration(event["t_start"]),
+            "duration": format_duration(event["t_end"] - event["t_start"]),
+            **{k: event[k] for k in ("speech", "label", "confidence", "probabilities")},
+        }
         return self.message("event", {"entities": [{"type": "emostream.emotion", "data": data}]})
 
     def summary_messages(self, summary: dict | None) -> list[dict]:
@@ -122,20 +151,36 @@ class AudioHookSession(Session):
             else:
                 raise ProtocolError("Session identifier mismatch")
         kind, params = msg["type"], msg["parameters"]
-        handler = {"open": self._open, "ping": self._ping, "close": lambda p: self._close(),
-                   "update": self._update, "paused": self._paused, "resumed": self._resumed,
-                   "discarded": self._discarded, "error": self._error}.get(kind)
+        handler = {
+            "open": self._open,
+            "ping": self._ping,
+            "close": lambda p: self._close(),
+            "update": self._update,
+            "paused": self._paused,
+            "resumed": self._resumed,
+            "discarded": self._discarded,
+            "error": self._error,
+        }.get(kind)
         if handler is None:
             raise ProtocolError(f"Invalid Message: '{str(kind)[:40]}' is not a supported client message")
         return handler(params)
 
     @staticmethod
     def _well_formed(msg: Any) -> bool:
-        return (isinstance(msg, dict) and msg.get("version") == "2" and isinstance(msg.get("type"), str)
-                and isinstance(msg.get("id"), str) and bool(UUID_PATTERN.fullmatch(msg["id"]))
-                and is_int(msg.get("seq")) and msg["seq"] >= 0 and is_int(msg.get("serverseq")) and msg["serverseq"] >= 0
-                and isinstance(msg.get("position"), str) and bool(DURATION_PATTERN.fullmatch(msg["position"]))
-                and isinstance(msg.get("parameters"), dict))
+        return (
+            isinstance(msg, dict)
+            and msg.get("version") == "2"
+            and isinstance(msg.get("type"), str)
+            and isinstance(msg.get("id"), str)
+            and bool(UUID_PATTERN.fullmatch(msg["id"]))
+            and is_int(msg.get("seq"))
+            and msg["seq"] >= 0
+            and is_int(msg.get("serverseq"))
+            and msg["serverseq"] >= 0
+            and isinstance(msg.get("position"), str)
+            and bool(DURATION_PATTERN.fullmatch(msg["position"]))
+            and isinstance(msg.get("parameters"), dict)
+        )
 
     def _open(self, params: dict) -> list[Action]:
         if self.state != "PREPARING":
@@ -143,9 +188,14 @@ class AudioHookSession(Session):
         org, conv = params.get("organizationId"), params.get("conversationId")
         participant = params.get("participant")
         media = params.get("media")
-        if (not isinstance(org, str) or not UUID_PATTERN.fullmatch(org) or not isinstance(conv, str)
-                or not UUID_PATTERN.fullmatch(conv) or not isinstance(participant, dict)
-                or not isinstance(media, list)):
+        if (
+            not isinstance(org, str)
+            or not UUID_PATTERN.fullmatch(org)
+            or not isinstance(conv, str)
+            or not UUID_PATTERN.fullmatch(conv)
+            or not isinstance(participant, dict)
+            or not isinstance(media, list)
+        ):
             raise ProtocolError("Invalid Message: Invalid/missing parameters")
         self.probe = conv == NULL_UUID or participant.get("id") == NULL_UUID
         language = params.get("language")
@@ -157,16 +207,34 @@ class AudioHookSession(Session):
         actions: list[Action] = []
         if not self.media and self.select_media(media) is not None:  # usable audio, but none we may analyse
             self.not_analysed = True
-            actions.append(Note(f"not analysed: no offered channel may be analysed "
-                                f"({', '.join(self.analysable or ())} wanted); opened with no media"))
+            actions.append(
+                Note(
+                    f"not analysed: no offered channel may be analysed "
+                    f"({', '.join(self.analysable or ())} wanted); opened with no media"
+                )
+            )
         if self.media:
             self.channels = tuple(AUDIOHOOK_CHANNEL_NAMES[c] for c in self.media["channels"])
             self._bytes_per_sample = AUDIOHOOK_FORMATS[self.media["format"]]
             self.started = True
-            info = {"conversationId": conv, "organizationId": org, "participant": participant,
-                    "format": self.media["format"], "input_rate": AUDIOHOOK_RATE, "probe": self.probe}
-            actions.append(Start(self.id, self.channels, AUDIOHOOK_RATE, info, persist=not self.probe,
-                                 source_channels=tuple(self.media["channels"])))
+            info = {
+                "conversationId": conv,
+                "organizationId": org,
+                "participant": participant,
+                "format": self.media["format"],
+                "input_rate": AUDIOHOOK_RATE,
+                "probe": self.probe,
+            }
+            actions.append(
+                Start(
+                    self.id,
+                    self.channels,
+                    AUDIOHOOK_RATE,
+                    info,
+                    persist=not self.probe,
+                    source_channels=tuple(self.media["channels"]),
+                )
+            )
         self.state = "ACTIVE"
         actions.append(Send(self.message("opened", opened)))
         return actions
@@ -176,12 +244,20 @@ class AudioHookSession(Session):
         """The offer to accept: audio, PCMU or L16, 8000 Hz, channels from external/internal
         (with ``analysable``: at least one of them maps to such a channel name);
         the first stereo one, else the first mono one. Returned unchanged (the same object)."""
-        good = [m for m in offers if isinstance(m, dict) and m.get("type") == "audio"
-                and isinstance(m.get("format"), str) and m["format"] in AUDIOHOOK_FORMATS and m.get("rate") == AUDIOHOOK_RATE
-                and isinstance(m.get("channels"), list) and 1 <= len(m["channels"]) <= 2
-                and len(set(map(str, m["channels"]))) == len(m["channels"])
-                and all(isinstance(c, str) and c in AUDIOHOOK_CHANNEL_NAMES for c in m["channels"])
-                and (analysable is None or any(AUDIOHOOK_CHANNEL_NAMES[c] in analysable for c in m["channels"]))]
+        good = [
+            m
+            for m in offers
+            if isinstance(m, dict)
+            and m.get("type") == "audio"
+            and isinstance(m.get("format"), str)
+            and m["format"] in AUDIOHOOK_FORMATS
+            and m.get("rate") == AUDIOHOOK_RATE
+            and isinstance(m.get("channels"), list)
+            and 1 <= len(m["channels"]) <= 2
+            and len(set(map(str, m["channels"]))) == len(m["channels"])
+            and all(isinstance(c, str) and c in AUDIOHOOK_CHANNEL_NAMES for c in m["channels"])
+            and (analysable is None or any(AUDIOHOOK_CHANNEL_NAMES[c] in analysable for c in m["channels"]))
+        ]
         stereo = [m for m in good if len(m["channels"]) == 2]
         return (stereo or good or [None])[0]
 

@@ -10,6 +10,7 @@
   passed (3 s clock skew allowed), as in Genesys's reference implementation. The client secret is
   base64; a key registered with an empty secret accepts unsigned requests.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,14 @@ from urllib.parse import parse_qs, urlsplit
 MAX_CLOCK_SKEW = 3
 MAX_SIGNATURE_AGE = 10
 MIN_NONCE_LENGTH = 22
-AUDIOHOOK_REQUIRED_COMPONENTS = ("@request-target", "@authority", "audiohook-organization-id",
-                                 "audiohook-session-id", "audiohook-correlation-id", "x-api-key")
+AUDIOHOOK_REQUIRED_COMPONENTS = (
+    "@request-target",
+    "@authority",
+    "audiohook-organization-id",
+    "audiohook-session-id",
+    "audiohook-correlation-id",
+    "x-api-key",
+)
 
 
 def _same(a: str, b: str) -> bool:
@@ -53,6 +60,7 @@ def token_ok(expected: str, headers: Mapping[str, str], path: str) -> bool:
 
 # --- Twilio --------------------------------------------------------------------------------------
 
+
 def twilio_signature(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> str:
     """Twilio's request signature: base64 HMAC-SHA1 of the URL followed by the sorted POST
     parameters (key then value), keyed with the account's auth token."""
@@ -67,6 +75,7 @@ def twilio_signature_ok(auth_token: str, signature: str | None, url: str) -> boo
 
 
 # --- AudioHook (HTTP message signatures) ----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AudioHookKey:
@@ -88,7 +97,7 @@ class AudioHookKey:
         return cls(key, raw)
 
 
-_TOKEN = re.compile(r'\s*([a-z*][a-z0-9_.*-]*)\s*')
+_TOKEN = re.compile(r"\s*([a-z*][a-z0-9_.*-]*)\s*")
 
 
 class _SfParser:
@@ -129,7 +138,7 @@ class _SfParser:
                     out.append(c)
         if c == ":":
             end = self.s.index(":", self.i + 1)
-            raw = self.s[self.i + 1:end]
+            raw = self.s[self.i + 1 : end]
             self.i = end + 1
             return base64.b64decode(raw, validate=True)
         if c == "?":
@@ -251,9 +260,13 @@ class NonceCache:
         return True
 
 
-def verify_audiohook_request(headers: Mapping[str, str], request_target: str,
-                             keys: Mapping[str, bytes], now: float | None = None,
-                             nonces: NonceCache | None = None) -> str | None:
+def verify_audiohook_request(
+    headers: Mapping[str, str],
+    request_target: str,
+    keys: Mapping[str, bytes],
+    now: float | None = None,
+    nonces: NonceCache | None = None,
+) -> str | None:
     """Check an AudioHook upgrade request; ``None`` when valid, else the reason it fails. With
     ``nonces``, a signature whose nonce was already accepted is refused (a replay)."""
     now = time.time() if now is None else now
@@ -331,8 +344,15 @@ def verify_audiohook_request(headers: Mapping[str, str], request_target: str,
     return None
 
 
-def sign_audiohook_request(headers: dict[str, str], request_target: str, key: str, secret: bytes,
-                           created: int | None = None, expires_in: int = 10, nonce: str | None = None) -> dict[str, str]:
+def sign_audiohook_request(
+    headers: dict[str, str],
+    request_target: str,
+    key: str,
+    secret: bytes,
+    created: int | None = None,
+    expires_in: int = 10,
+    nonce: str | None = None,
+) -> dict[str, str]:
     """Add ``Signature-Input`` and ``Signature`` to ``headers`` (which need ``host``, the three
     ``audiohook-*`` headers and ``x-api-key``) as an AudioHook client does; returns ``headers``."""
     lower = {k.lower(): v for k, v in headers.items()}
@@ -341,8 +361,13 @@ def sign_audiohook_request(headers: dict[str, str], request_target: str, key: st
         values[name] = lower[name]
     created = int(time.time()) if created is None else created
     nonce = nonce or base64.b64encode(os.urandom(18)).decode()
-    params: list[tuple[str, object]] = [("keyid", key), ("nonce", nonce), ("alg", "hmac-sha256"),
-                                        ("created", created), ("expires", created + expires_in)]
+    params: list[tuple[str, object]] = [
+        ("keyid", key),
+        ("nonce", nonce),
+        ("alg", "hmac-sha256"),
+        ("created", created),
+        ("expires", created + expires_in),
+    ]
     components = list(AUDIOHOOK_REQUIRED_COMPONENTS)
     digest = hmac.new(secret, signature_base(components, values, params).encode(), hashlib.sha256).digest()
     headers["Signature-Input"] = "sig1=" + signature_params(components, params)

@@ -11,14 +11,15 @@ same model, same smoothing and alert rules), in three steps that both engines sh
    lines ``replay --events`` would write.
 
 Locally (:func:`emostream.batch_run.run_local`) the steps run in this process, or in ``workers``
-processes with a model each; on Ray (:func:`emostream.batch_run.run_ray`) files are read with ``read_binary_files`` and steps 1-2 run in a pool
-of model actors, step 3 in the driver as the chunks stream back. The driver writes one
-``OUT/<call_id>.jsonl`` per call (written to ``.jsonl.part`` and renamed when complete, so a call is
-done exactly when its ``.jsonl`` exists: that is what resuming skips) and, at the end, the table of
-per-call summaries ``OUT/summary.parquet`` built from every finished call in ``OUT`` plus one row per
-call that failed in this run. A file that cannot be read or analysed becomes such a row; it never
-stops the batch.
+processes with a model each; on Ray (:func:`emostream.batch_run.run_ray`) files are read with
+``read_binary_files`` and steps 1-2 run in a pool of model actors, step 3 in the driver as the
+chunks stream back. The driver writes one ``OUT/<call_id>.jsonl`` per call (written to
+``.jsonl.part`` and renamed when complete, so a call is done exactly when its ``.jsonl`` exists:
+that is what resuming skips) and, at the end, the table of per-call summaries
+``OUT/summary.parquet`` built from every finished call in ``OUT`` plus one row per call that failed
+in this run. A file that cannot be read or analysed becomes such a row; it never stops the batch.
 """
+
 from __future__ import annotations
 
 import glob
@@ -61,15 +62,16 @@ class BatchConfig:
     channel_names: tuple[str, ...] | None = None  # default: ch0 for mono, agent,customer for stereo
     analyse: str = "all"
     alerts: tuple[AlertRule, ...] = ()
-    chunk_windows: int = 32        # windows per chunk (its speech windows are one model request)
-    max_batch: int = 16            # windows per model call (32: +65 MB of activations, no faster; issue #42)
+    chunk_windows: int = 32  # windows per chunk (its speech windows are one model request)
+    max_batch: int = 16  # windows per model call (32: +65 MB of activations, no faster; issue #42)
 
     def __post_init__(self):
         StreamConfig(hop_seconds=self.hop_seconds, min_seconds=self.min_seconds)  # validates
         if self.analyse not in ANALYSE_CHOICES:
             raise ValueError(f"analyse must be one of {', '.join(ANALYSE_CHOICES)}, got {self.analyse!r}")
-        if self.channel_names is not None and (len(set(self.channel_names)) != len(self.channel_names)
-                                               or not all(self.channel_names)):
+        if self.channel_names is not None and (
+            len(set(self.channel_names)) != len(self.channel_names) or not all(self.channel_names)
+        ):
             raise ValueError(f"channel names must be distinct and non-empty: {','.join(self.channel_names)}")
         if self.chunk_windows < 2 or self.max_batch < 1:
             raise ValueError("chunk windows must be >= 2 and max batch >= 1")
@@ -105,19 +107,34 @@ class Chunk:
 
     def to_row(self) -> dict:
         """A flat row (for Ray Data): arrays as bytes, lists as JSON."""
-        return {"call_id": self.call_id, "path": self.path, "index": self.index, "last": self.last,
-                "channels": json.dumps(list(self.channels)), "windows": json.dumps(self.windows),
-                "samples": np.ascontiguousarray(self.samples, np.float32).tobytes(),
-                "probs": b"" if self.probs is None else np.ascontiguousarray(self.probs, np.float32).tobytes(),
-                "error": self.error or "", "audio_seconds": float(self.audio_seconds)}
+        return {
+            "call_id": self.call_id,
+            "path": self.path,
+            "index": self.index,
+            "last": self.last,
+            "channels": json.dumps(list(self.channels)),
+            "windows": json.dumps(self.windows),
+            "samples": np.ascontiguousarray(self.samples, np.float32).tobytes(),
+            "probs": b"" if self.probs is None else np.ascontiguousarray(self.probs, np.float32).tobytes(),
+            "error": self.error or "",
+            "audio_seconds": float(self.audio_seconds),
+        }
 
     @classmethod
     def from_row(cls, row: dict) -> "Chunk":
         probs = np.frombuffer(row["probs"], np.float32).reshape(-1, len(CLASSES)) if len(row["probs"]) else None
-        return cls(str(row["call_id"]), str(row["path"]), int(row["index"]), bool(row["last"]),
-                   tuple(json.loads(row["channels"])), [tuple(w) for w in json.loads(row["windows"])],
-                   np.frombuffer(row["samples"], np.float32).reshape(-1, WINDOW_SAMPLES), probs,
-                   str(row["error"]) or None, float(row["audio_seconds"]))
+        return cls(
+            str(row["call_id"]),
+            str(row["path"]),
+            int(row["index"]),
+            bool(row["last"]),
+            tuple(json.loads(row["channels"])),
+            [tuple(w) for w in json.loads(row["windows"])],
+            np.frombuffer(row["samples"], np.float32).reshape(-1, WINDOW_SAMPLES),
+            probs,
+            str(row["error"]) or None,
+            float(row["audio_seconds"]),
+        )
 
 
 @dataclass
@@ -137,6 +154,7 @@ class CallResult:
 
 # --- inputs ---------------------------------------------------------------------------------
 
+
 def find_inputs(spec: str, skipped: list[tuple[str, str]] | None = None) -> list[CallInput]:
     """The recordings of ``INPUT_DIR_OR_GLOB``: a folder (searched recursively for the formats of
     ``AUDIO_SUFFIXES``, the ones classify and replay read), a glob pattern (``**`` allowed) or one
@@ -148,8 +166,11 @@ def find_inputs(spec: str, skipped: list[tuple[str, str]] | None = None) -> list
         files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
         paths = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
         if skipped is not None:
-            skipped += [(str(p), f"not an audio format ({p.suffix or 'no suffix'})") for p in files
-                        if p.suffix.lower() not in AUDIO_SUFFIXES]
+            skipped += [
+                (str(p), f"not an audio format ({p.suffix or 'no suffix'})")
+                for p in files
+                if p.suffix.lower() not in AUDIO_SUFFIXES
+            ]
         base = root
     elif glob.has_magic(spec):
         paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
@@ -178,6 +199,7 @@ def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> 
 
 # --- the three steps ------------------------------------------------------------------------
 
+
 def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | None = None) -> Iterator[Chunk]:
     """Decode, window and gate one call (``source``: the file's bytes, default: read ``call.path``),
     block by block: memory does not grow with the call's length. A silent file, or one that fails
@@ -205,8 +227,11 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
     def chunk(windows: list[Window], last: bool) -> Chunk:
         picked = set(gate.select(windows))
         rows = [(names.index(w.channel), w.start, w.end, w.final, i in picked) for i, w in enumerate(windows)]
-        samples = (np.stack([windows[i].samples for i in sorted(picked)]) if picked
-                   else np.zeros((0, WINDOW_SAMPLES), np.float32))
+        samples = (
+            np.stack([windows[i].samples for i in sorted(picked)])
+            if picked
+            else np.zeros((0, WINDOW_SAMPLES), np.float32)
+        )
         return Chunk(call.call_id, call.path, index, last, names, rows, samples, audio_seconds=seconds)
 
     # The gate must see each channel's windows in order, exactly once: it runs per block of windows
@@ -217,7 +242,7 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
             audio = block[list(keep)]
             sound = sound or bool(np.any(block))
             for pos in range(0, audio.shape[1], hop):
-                windows = windower.push_frames(audio[:, pos:pos + hop])
+                windows = windower.push_frames(audio[:, pos : pos + hop])
                 if not windows:
                     continue
                 if pending and len(pending) + len(windows) > config.chunk_windows:
@@ -239,8 +264,9 @@ def classify_chunk(chunk: Chunk, predict: PredictFn, max_batch: int = 32) -> Chu
     """The model's probabilities for the chunk's speech windows (in slices of ``max_batch``)."""
     n = len(chunk.samples)
     if n:
-        chunk.probs = np.concatenate([np.asarray(predict(chunk.samples[i:i + max_batch]), np.float32)
-                                      for i in range(0, n, max_batch)])
+        chunk.probs = np.concatenate(
+            [np.asarray(predict(chunk.samples[i : i + max_batch]), np.float32) for i in range(0, n, max_batch)]
+        )
     else:
         chunk.probs = np.zeros((0, len(CLASSES)), np.float32)
     return chunk
@@ -260,16 +286,28 @@ def assemble_call(chunks: list[Chunk], config: BatchConfig) -> CallResult:
     def alert_sink(event: dict) -> None:
         lines.extend(tracker.update(event))
 
-    analyzer = Analyzer(None, first.call_id, names, AnalyzerConfig(smooth=config.smooth, vad=VadConfig.named("off")),
-                        config.hop_seconds, [lines.append] + ([alert_sink] if config.alerts else []))
+    analyzer = Analyzer(
+        None,
+        first.call_id,
+        names,
+        AnalyzerConfig(smooth=config.smooth, vad=VadConfig.named("off")),
+        config.hop_seconds,
+        [lines.append] + ([alert_sink] if config.alerts else []),
+    )
     for c in chunks:
-        windows = [Window(names[ch], start, end, np.zeros(0, np.float32), final) for ch, start, end, final, _ in c.windows]
+        windows = [
+            Window(names[ch], start, end, np.zeros(0, np.float32), final) for ch, start, end, final, _ in c.windows
+        ]
         speech = [i for i, row in enumerate(c.windows) if row[4]]
         analyzer.emit(windows, dict(zip(speech, c.probs if c.probs is not None else [])))
     summary = analyzer.timeline.summary()
-    summary.update(call_id=first.call_id, path=first.path,
-                   alerts=[a for a in tracker.history if a["state"] == "raised"],
-                   started_at=file_start_time(first.path, first.audio_seconds), started_at_from=FILE_START_FROM)
+    summary.update(
+        call_id=first.call_id,
+        path=first.path,
+        alerts=[a for a in tracker.history if a["state"] == "raised"],
+        started_at=file_start_time(first.path, first.audio_seconds),
+        started_at_from=FILE_START_FROM,
+    )
     lines.append(summary)
     return CallResult(first.call_id, first.path, lines, audio_seconds=first.audio_seconds)
 
@@ -286,6 +324,7 @@ def analyse_call(call: CallInput, predict: PredictFn, config: BatchConfig) -> Ca
 
 
 # --- outputs ---------------------------------------------------------------------------------
+
 
 def done_calls(out_dir: Path, calls: Iterable[CallInput]) -> set[str]:
     """Ids of the calls whose timeline is complete in ``out_dir`` (resume skips them)."""
@@ -328,16 +367,29 @@ def read_summary(path: Path) -> dict | None:
 def _schema():
     import pyarrow as pa
 
-    peak = pa.struct([("label", pa.string()), ("confidence", pa.float64()), ("t_start", pa.float64()),
-                      ("t_end", pa.float64())])
+    peak = pa.struct(
+        [("label", pa.string()), ("confidence", pa.float64()), ("t_start", pa.float64()), ("t_end", pa.float64())]
+    )
     alert = pa.struct([("rule", pa.string()), ("t", pa.float64()), ("since", pa.float64())])
-    return pa.schema([("call_id", pa.string()), ("path", pa.string()), ("status", pa.string()),
-                      ("error", pa.string()), ("started_at", pa.string()), ("model", pa.string()),
-                      ("model_sha256", pa.string()), ("channel", pa.string()), ("duration", pa.float64()),
-                      ("speech_seconds", pa.float64()), ("windows", pa.int32()), ("speech_windows", pa.int32()),
-                      ("dominant", pa.string())]
-                     + [(f"share_{c}", pa.float64()) for c in CLASSES]
-                     + [("peaks", pa.list_(peak)), ("alerts_raised", pa.int32()), ("alerts", pa.list_(alert))])
+    return pa.schema(
+        [
+            ("call_id", pa.string()),
+            ("path", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("started_at", pa.string()),
+            ("model", pa.string()),
+            ("model_sha256", pa.string()),
+            ("channel", pa.string()),
+            ("duration", pa.float64()),
+            ("speech_seconds", pa.float64()),
+            ("windows", pa.int32()),
+            ("speech_windows", pa.int32()),
+            ("dominant", pa.string()),
+        ]
+        + [(f"share_{c}", pa.float64()) for c in CLASSES]
+        + [("peaks", pa.list_(peak)), ("alerts_raised", pa.int32()), ("alerts", pa.list_(alert))]
+    )
 
 
 def summary_rows(summary: dict) -> list[dict]:
@@ -346,27 +398,58 @@ def summary_rows(summary: dict) -> list[dict]:
     rows = []
     model = summary.get("model") or {}
     for channel, s in summary.get("channels", {}).items():
-        alerts = [{"rule": a["rule"], "t": a["t"], "since": a["since"]}
-                  for a in summary.get("alerts", []) if a.get("channel") == channel]
+        alerts = [
+            {"rule": a["rule"], "t": a["t"], "since": a["since"]}
+            for a in summary.get("alerts", [])
+            if a.get("channel") == channel
+        ]
         speech = bool(s["speech_seconds"])
-        rows.append({"call_id": summary.get("call_id", summary.get("stream")), "path": summary.get("path"),
-                     "status": "ok", "error": None, "started_at": summary.get("started_at"),
-                     "model": model.get("name"), "model_sha256": model.get("sha256"),
-                     "channel": channel, "duration": summary.get("duration"),
-                     "speech_seconds": s["speech_seconds"], "windows": s["windows"],
-                     "speech_windows": s["speech_windows"], "dominant": s["dominant"],
-                     **{f"share_{c}": s["shares"].get(c, 0.0) if speech else None for c in CLASSES},
-                     "peaks": s["peaks"], "alerts_raised": len(alerts), "alerts": alerts})
+        rows.append(
+            {
+                "call_id": summary.get("call_id", summary.get("stream")),
+                "path": summary.get("path"),
+                "status": "ok",
+                "error": None,
+                "started_at": summary.get("started_at"),
+                "model": model.get("name"),
+                "model_sha256": model.get("sha256"),
+                "channel": channel,
+                "duration": summary.get("duration"),
+                "speech_seconds": s["speech_seconds"],
+                "windows": s["windows"],
+                "speech_windows": s["speech_windows"],
+                "dominant": s["dominant"],
+                **{f"share_{c}": s["shares"].get(c, 0.0) if speech else None for c in CLASSES},
+                "peaks": s["peaks"],
+                "alerts_raised": len(alerts),
+                "alerts": alerts,
+            }
+        )
     return rows
 
 
 def error_row(result: CallResult, model: dict | None = None) -> dict:
     """The row of a call that failed: no channel, no windows (0, so the column stays integer)."""
     model = model or {}
-    return {"call_id": result.call_id, "path": result.path, "status": "error", "error": result.error,
-            "started_at": None, "model": model.get("name"), "model_sha256": model.get("sha256"),
-            "channel": None, "duration": None, "speech_seconds": None, "windows": 0, "speech_windows": 0,
-            "dominant": None, **{f"share_{c}": None for c in CLASSES}, "peaks": [], "alerts_raised": 0, "alerts": []}
+    return {
+        "call_id": result.call_id,
+        "path": result.path,
+        "status": "error",
+        "error": result.error,
+        "started_at": None,
+        "model": model.get("name"),
+        "model_sha256": model.get("sha256"),
+        "channel": None,
+        "duration": None,
+        "speech_seconds": None,
+        "windows": 0,
+        "speech_windows": 0,
+        "dominant": None,
+        **{f"share_{c}": None for c in CLASSES},
+        "peaks": [],
+        "alerts_raised": 0,
+        "alerts": [],
+    }
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, str]:

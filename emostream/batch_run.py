@@ -1,6 +1,7 @@
 """The engines of ``emostream batch`` (:mod:`emostream.batch` has the steps they share): in this
 process or a process pool (:func:`run_local`), or on Ray Data (:func:`run_ray`); :func:`run_batch`
 drives either, writes each finished call and, at the end, the summary table."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,21 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .audio import WINDOW_SAMPLES
-from .batch import (BatchConfig, BatchError, CallInput, CallResult, Chunk, analyse_call, assemble_call, classify_chunk,
-                    done_calls, prepare_call, spec_identity, write_call, write_summary_table)
+from .batch import (
+    BatchConfig,
+    BatchError,
+    CallInput,
+    CallResult,
+    Chunk,
+    analyse_call,
+    assemble_call,
+    classify_chunk,
+    done_calls,
+    prepare_call,
+    spec_identity,
+    write_call,
+    write_summary_table,
+)
 from .worker import ModelSpec, PredictFn
 
 log = logging.getLogger("emostream.batch")
@@ -39,8 +53,14 @@ def _process_call(call: CallInput) -> CallResult:
         return CallResult(call.call_id, call.path, error=f"{type(exc).__name__}: {exc}")
 
 
-def run_local(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, workers: int,
-              on_result: ResultFn, predict: PredictFn | None = None) -> None:
+def run_local(
+    calls: list[CallInput],
+    spec: ModelSpec,
+    config: BatchConfig,
+    workers: int,
+    on_result: ResultFn,
+    predict: PredictFn | None = None,
+) -> None:
     """Analyse ``calls`` here: in this process (``workers`` 1) or in ``workers`` processes, each
     with its own model and ``cores / workers`` torch threads. A worker process that dies (a decoder
     crash) is replaced; the files it held are retried one at a time, and the one that kills a worker
@@ -58,8 +78,8 @@ def run_local(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, work
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    queue = list(calls)               # not tried yet
-    retry: list[CallInput] = []       # in flight when a worker died: each is retried on its own
+    queue = list(calls)  # not tried yet
+    retry: list[CallInput] = []  # in flight when a worker died: each is retried on its own
     while queue or retry:
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(spec, config))
         running: dict = {}
@@ -86,8 +106,9 @@ def run_local(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, work
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         if lost == [alone] and alone is not None:
-            on_result(CallResult(alone.call_id, alone.path,
-                                 error=f"the worker process died while analysing {alone.path}"))
+            on_result(
+                CallResult(alone.call_id, alone.path, error=f"the worker process died while analysing {alone.path}")
+            )
         elif lost:
             log.warning("a batch worker process died; retrying its %d call(s) one at a time", len(lost))
             retry = lost + [c for c in retry if c not in lost]
@@ -109,15 +130,27 @@ class _PrepareAndClassify:
                     try:
                         classify_chunk(chunk, self.predict, self.config.max_batch)
                     except Exception as exc:  # this call fails; the actor and the batch go on
-                        chunk = Chunk(chunk.call_id, chunk.path, chunk.index, chunk.last,
-                                      error=f"inference failed: {type(exc).__name__}: {exc}")
+                        chunk = Chunk(
+                            chunk.call_id,
+                            chunk.path,
+                            chunk.index,
+                            chunk.last,
+                            error=f"inference failed: {type(exc).__name__}: {exc}",
+                        )
                 chunk.samples = np.zeros((0, WINDOW_SAMPLES), np.float32)  # the driver needs probabilities only
                 row = chunk.to_row()
                 yield {k: np.array([v], dtype=object if isinstance(v, (bytes, str)) else None) for k, v in row.items()}
 
 
-def run_ray(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, workers: int,
-            on_result: ResultFn, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> None:
+def run_ray(
+    calls: list[CallInput],
+    spec: ModelSpec,
+    config: BatchConfig,
+    workers: int,
+    on_result: ResultFn,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+) -> None:
     """Analyse ``calls`` on the connected Ray cluster with Ray Data: ``read_binary_files`` (the paths
     must be readable where the read tasks run: a shared file system, or the same path on every node)
     -> a pool of ``workers`` actors that decode, window, gate and classify -> the chunks stream back
@@ -129,11 +162,18 @@ def run_ray(calls: list[CallInput], spec: ModelSpec, config: BatchConfig, worker
     ctx.execution_options.preserve_order = False
     by_path = {_key(c.path): c for c in calls}
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ds = ray.data.read_binary_files([c.path for c in calls], include_paths=True,
-                                    num_cpus=0)  # reading is I/O: it never waits for the actors' CPUs
-    ds = ds.map_batches(_PrepareAndClassify, fn_constructor_args=(spec, config, by_path), batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
-                        num_gpus=gpus_per_worker or None, batch_format="numpy")
+    ds = ray.data.read_binary_files(
+        [c.path for c in calls], include_paths=True, num_cpus=0
+    )  # reading is I/O: it never waits for the actors' CPUs
+    ds = ds.map_batches(
+        _PrepareAndClassify,
+        fn_constructor_args=(spec, config, by_path),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker or None,
+        batch_format="numpy",
+    )
     partial: dict[str, dict[int, Chunk]] = {}
     last: dict[str, int] = {}
     for row in ds.iter_rows():
@@ -159,19 +199,30 @@ class BatchReport:
     """What a batch run did."""
 
     total: int = 0
-    skipped: int = 0                 # already done in OUT (resume)
+    skipped: int = 0  # already done in OUT (resume)
     ok: int = 0
     failed: list[CallResult] = field(default_factory=list)
-    audio_seconds: float = 0.0       # audio analysed in this run (all channels of a call count once)
+    audio_seconds: float = 0.0  # audio analysed in this run (all channels of a call count once)
     wall_seconds: float = 0.0
     table: Path | None = None
     rows: int = 0
 
 
-def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: BatchConfig, *, workers: int = 1,
-              use_ray: bool = False, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-              plots: str | None = None, webhook=None, progress: Callable[[CallResult], None] | None = None,
-              predict: PredictFn | None = None) -> BatchReport:
+def run_batch(
+    calls: list[CallInput],
+    out_dir: Path,
+    spec: ModelSpec,
+    config: BatchConfig,
+    *,
+    workers: int = 1,
+    use_ray: bool = False,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    plots: str | None = None,
+    webhook=None,
+    progress: Callable[[CallResult], None] | None = None,
+    predict: PredictFn | None = None,
+) -> BatchReport:
     """Analyse every call of ``calls`` not yet done in ``out_dir``, write its timeline (and report
     with ``plots`` html|png), POST its alerts to ``webhook``, then write the summary table."""
     import time
@@ -223,8 +274,13 @@ def run_batch(calls: list[CallInput], out_dir: Path, spec: ModelSpec, config: Ba
             log.error("%s", engine_error)
     for call in todo:
         if call.call_id not in reported:
-            on_result(CallResult(call.call_id, call.path,
-                                 error=f"not analysed: {engine_error or 'the engine returned nothing for it'}"))
+            on_result(
+                CallResult(
+                    call.call_id,
+                    call.path,
+                    error=f"not analysed: {engine_error or 'the engine returned nothing for it'}",
+                )
+            )
     if plots:
         for call in calls:
             if call.call_id in done and not (out_dir / f"{call.call_id}.{plots}").exists():

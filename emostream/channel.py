@@ -12,6 +12,7 @@ G.726 and G.722 through PyAV's FFmpeg, where the installed build encodes them) a
 concealment. Filters come from ``scipy.signal``; every draw comes from the caller's
 ``numpy.random.Generator``, so a seed gives the same line.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,15 +21,24 @@ from functools import lru_cache
 
 import numpy as np
 
-from .audio import (SAMPLE_RATE, TELEPHONE_RATE, alaw_decode, alaw_encode, float32_to_int16, int16_to_float32,
-                    mulaw_decode, mulaw_encode, resample)
+from .audio import (
+    SAMPLE_RATE,
+    TELEPHONE_RATE,
+    alaw_decode,
+    alaw_encode,
+    float32_to_int16,
+    int16_to_float32,
+    mulaw_decode,
+    mulaw_encode,
+    resample,
+)
 
 G712_LOW_HZ = 300.0
 G712_HIGH_HZ = 3400.0
-G712_ORDER = 6                     # scipy.signal.butter order (per band edge) of the reference band-pass
-PACKET_SECONDS = 0.02              # one RTP packet of telephone audio (20 ms)
+G712_ORDER = 6  # scipy.signal.butter order (per band edge) of the reference band-pass
+PACKET_SECONDS = 0.02  # one RTP packet of telephone audio (20 ms)
 PACKET_SAMPLES = int(PACKET_SECONDS * TELEPHONE_RATE)
-CONCEALMENT_FADE = 0.5             # each further lost packet repeats the last good one at this gain
+CONCEALMENT_FADE = 0.5  # each further lost packet repeats the last good one at this gain
 
 
 @dataclass(frozen=True)
@@ -43,17 +53,20 @@ class Codec:
     bit_rate: int | None = None
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (
-    Codec("g711_mulaw", "pcm_mulaw", "wav"),
-    Codec("g711_alaw", "pcm_alaw", "wav"),
-    Codec("amr_nb_12.2k", "libopencore_amrnb", "amr", bit_rate=12200),
-    Codec("amr_nb_4.75k", "libopencore_amrnb", "amr", bit_rate=4750),
-    Codec("opus_8k", "libopus", "ogg", bit_rate=8000),
-    Codec("opus_16k", "libopus", "ogg", bit_rate=16000),
-    Codec("g726_32k", "adpcm_g726", "wav", bit_rate=32000),
-    Codec("g726_16k", "adpcm_g726", "wav", bit_rate=16000),
-    Codec("g722_64k", "adpcm_g722", "wav", rate=16000, bit_rate=64000),
-)}
+CODECS: dict[str, Codec] = {
+    c.name: c
+    for c in (
+        Codec("g711_mulaw", "pcm_mulaw", "wav"),
+        Codec("g711_alaw", "pcm_alaw", "wav"),
+        Codec("amr_nb_12.2k", "libopencore_amrnb", "amr", bit_rate=12200),
+        Codec("amr_nb_4.75k", "libopencore_amrnb", "amr", bit_rate=4750),
+        Codec("opus_8k", "libopus", "ogg", bit_rate=8000),
+        Codec("opus_16k", "libopus", "ogg", bit_rate=16000),
+        Codec("g726_32k", "adpcm_g726", "wav", bit_rate=32000),
+        Codec("g726_16k", "adpcm_g726", "wav", bit_rate=16000),
+        Codec("g722_64k", "adpcm_g722", "wav", rate=16000, bit_rate=64000),
+    )
+}
 G711 = ("g711_mulaw", "g711_alaw")
 
 
@@ -74,8 +87,9 @@ def available_codecs() -> tuple[str, ...]:
     return tuple(names)
 
 
-def butter_bandpass(samples: np.ndarray, sample_rate: int, low_hz: float, high_hz: float,
-                    order: int = G712_ORDER) -> np.ndarray:
+def butter_bandpass(
+    samples: np.ndarray, sample_rate: int, low_hz: float, high_hz: float, order: int = G712_ORDER
+) -> np.ndarray:
     """``samples`` through a Butterworth band-pass (``scipy.signal.butter(order, ...)``, causal, as a
     line filters), float32."""
     from scipy.signal import butter, sosfilt
@@ -142,7 +156,7 @@ def codec_roundtrip(samples: np.ndarray, codec: str) -> np.ndarray:
             stream.bit_rate = spec.bit_rate
         step = 960
         for start in range(0, len(pcm), step):
-            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + step], format="s16", layout="mono")
+            frame = av.AudioFrame.from_ndarray(pcm[None, start : start + step], format="s16", layout="mono")
             frame.sample_rate, frame.pts = spec.rate, start
             for packet in stream.encode(frame):
                 out.mux(packet)
@@ -160,8 +174,9 @@ def codec_roundtrip(samples: np.ndarray, codec: str) -> np.ndarray:
     return _fit(decoded, len(samples))
 
 
-def packet_loss(samples: np.ndarray, rate: float, rng: np.random.Generator,
-                packet: int = PACKET_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+def packet_loss(
+    samples: np.ndarray, rate: float, rng: np.random.Generator, packet: int = PACKET_SAMPLES
+) -> tuple[np.ndarray, np.ndarray]:
     """Lose each ``packet``-sample frame with probability ``rate`` and conceal it by repeating the
     last received frame, fading by :data:`CONCEALMENT_FADE` per further loss (G.711 Appendix I's
     idea, simplified). Returns the signal and the boolean mask of lost frames."""
@@ -170,10 +185,10 @@ def packet_loss(samples: np.ndarray, rate: float, rng: np.random.Generator,
     lost = rng.random(frames) < rate
     last, gain = np.zeros(packet, np.float32), 1.0
     for k in range(frames):
-        piece = x[k * packet:(k + 1) * packet]
+        piece = x[k * packet : (k + 1) * packet]
         if lost[k]:
             gain *= CONCEALMENT_FADE
-            piece[:] = (last[:len(piece)] * gain)
+            piece[:] = last[: len(piece)] * gain
         else:
             last, gain = np.pad(piece, (0, packet - len(piece))).copy(), 1.0
     return x, lost
@@ -214,14 +229,22 @@ def babble(sources: list[np.ndarray], length: int, rng: np.random.Generator, tal
     return (out / rms(out)).astype(np.float32)
 
 
-def compress(samples: np.ndarray, sample_rate: int, target_dbfs: float = -20.0, max_gain_db: float = 20.0,
-             attack_s: float = 0.01, release_s: float = 0.3) -> np.ndarray:
+def compress(
+    samples: np.ndarray,
+    sample_rate: int,
+    target_dbfs: float = -20.0,
+    max_gain_db: float = 20.0,
+    attack_s: float = 0.01,
+    release_s: float = 0.3,
+) -> np.ndarray:
     """AGC-like compression: a 10 ms RMS envelope followed with fast attack and slow release, and a
     gain toward ``target_dbfs`` (at most ``max_gain_db`` of boost), applied smoothly."""
     x = np.asarray(samples, dtype=np.float32)
     hop = max(1, int(0.01 * sample_rate))
     frames = -(-len(x) // hop)
-    env = np.sqrt(np.array([np.mean(np.square(x[k * hop:(k + 1) * hop], dtype=np.float64)) for k in range(frames)]) + 1e-12)
+    env = np.sqrt(
+        np.array([np.mean(np.square(x[k * hop : (k + 1) * hop], dtype=np.float64)) for k in range(frames)]) + 1e-12
+    )
     a_up, a_down = np.exp(-0.01 / attack_s), np.exp(-0.01 / release_s)
     smooth, level = np.empty(frames), env[0]
     for k, e in enumerate(env):
@@ -243,20 +266,20 @@ def _fit(x: np.ndarray, length: int) -> np.ndarray:
 class PhoneChannelConfig:
     """Ranges and probabilities of :class:`PhoneChannel`'s random line (each effect drawn per call)."""
 
-    low_hz: tuple[float, float] = (150.0, 400.0)       # band-pass low edge
-    high_hz: tuple[float, float] = (3100.0, 3600.0)    # band-pass high edge
-    orders: tuple[int, ...] = (2, 4, 6, 8)             # Butterworth orders (slopes) drawn from
-    codecs: tuple[str, ...] = tuple(CODECS)            # drawn equally among those available here
-    loss_probability: float = 0.3                      # share of lines with packet loss
+    low_hz: tuple[float, float] = (150.0, 400.0)  # band-pass low edge
+    high_hz: tuple[float, float] = (3100.0, 3600.0)  # band-pass high edge
+    orders: tuple[int, ...] = (2, 4, 6, 8)  # Butterworth orders (slopes) drawn from
+    codecs: tuple[str, ...] = tuple(CODECS)  # drawn equally among those available here
+    loss_probability: float = 0.3  # share of lines with packet loss
     loss_rate: tuple[float, float] = (0.01, 0.05)
     noise_probability: float = 0.5
     snr_db: tuple[float, float] = (5.0, 25.0)
-    babble_share: float = 0.5                          # of noisy lines, babble (when sources given) vs coloured
+    babble_share: float = 0.5  # of noisy lines, babble (when sources given) vs coloured
     babble_talkers: tuple[int, int] = (3, 8)
-    gain_db: tuple[float, float] = (-20.0, 6.0)        # level change before the line (then clipped at full scale)
+    gain_db: tuple[float, float] = (-20.0, 6.0)  # level change before the line (then clipped at full scale)
     agc_probability: float = 0.3
     clip_probability: float = 0.1
-    clip_level: tuple[float, float] = (0.2, 0.6)       # clipping threshold as a share of the clip's peak
+    clip_level: tuple[float, float] = (0.2, 0.6)  # clipping threshold as a share of the clip's peak
 
     def __post_init__(self) -> None:
         for name in ("loss_probability", "noise_probability", "babble_share", "agc_probability", "clip_probability"):
@@ -294,8 +317,13 @@ class PhoneChannel:
         usable = set(available_codecs())
         self.codecs = tuple(c for c in config.codecs if c in usable) or G711
 
-    def apply(self, samples: np.ndarray, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE,
-              babble_sources: list[np.ndarray] | None = None) -> tuple[np.ndarray, ChannelDraw]:
+    def apply(
+        self,
+        samples: np.ndarray,
+        rng: np.random.Generator,
+        sample_rate: int = SAMPLE_RATE,
+        babble_sources: list[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, ChannelDraw]:
         """``samples`` through one random line; same length and rate. ``babble_sources``: other
         talkers' audio at ``sample_rate`` for babble noise (coloured noise without them)."""
         c, d = self.config, ChannelDraw()
@@ -308,7 +336,9 @@ class PhoneChannel:
             d.snr_db = float(rng.uniform(*c.snr_db))
             if babble_sources and rng.random() < c.babble_share:
                 d.noise = "babble"
-                noise = babble(babble_sources, len(x), rng, int(rng.integers(c.babble_talkers[0], c.babble_talkers[1] + 1)))
+                noise = babble(
+                    babble_sources, len(x), rng, int(rng.integers(c.babble_talkers[0], c.babble_talkers[1] + 1))
+                )
             else:
                 exponent = float(rng.choice([0.0, 1.0, 2.0]))
                 d.noise = f"colored({exponent:g})"

@@ -11,6 +11,7 @@
 
 Real-time pace unless ``fast``. Every JSON message received is handed to ``on_message``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,13 +51,13 @@ class SendOptions:
     fast: bool = False
     token: str | None = None
     call_id: str | None = None
-    encoding: str = "pcm_s16le"          # pcm only: pcm_s16le, mulaw or alaw
-    sample_rate: int | None = None       # pcm only: default 16000 (8000 for mulaw/alaw)
+    encoding: str = "pcm_s16le"  # pcm only: pcm_s16le, mulaw or alaw
+    sample_rate: int | None = None  # pcm only: default 16000 (8000 for mulaw/alaw)
     channel_names: tuple[str, ...] | None = None  # the file's channels; default ch0 (mono), agent,customer (stereo)
-    audiohook_key: AudioHookKey | None = None     # sign AudioHook requests with this key
+    audiohook_key: AudioHookKey | None = None  # sign AudioHook requests with this key
     frame_ms: int = FRAME_MS
-    abort_after: float | None = None     # stop sending after this many seconds of audio and drop the
-                                         # connection without a close (tests: a vanishing client)
+    abort_after: float | None = None  # stop sending after this many seconds of audio and drop the
+    # connection without a close (tests: a vanishing client)
 
 
 @dataclass
@@ -102,8 +103,9 @@ async def _pace(t0: float, k: int, frame_ms: int, fast: bool) -> None:
         await asyncio.sleep(wait)
 
 
-async def send_file(path: str | Path, url: str, options: SendOptions = SendOptions(),
-                    on_message: Callable[[dict], None] | None = None) -> SendResult:
+async def send_file(
+    path: str | Path, url: str, options: SendOptions = SendOptions(), on_message: Callable[[dict], None] | None = None
+) -> SendResult:
     """Send ``path`` to the server at ``url``; returns every message received and the summary."""
     if options.protocol not in PROTOCOLS:
         raise SendError(f"unknown protocol {options.protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -157,7 +159,9 @@ def file_channel_names(path: Path, channels: int, names: tuple[str, ...] | None)
     if names is None:
         names = STEREO_NAMES if channels == 2 else tuple(f"ch{i}" for i in range(channels))
     if len(names) != channels or len(set(names)) != len(names) or not all(names):
-        raise SendError(f"{path} has {channels} channel(s): need {channels} distinct channel names, got {','.join(names)}")
+        raise SendError(
+            f"{path} has {channels} channel(s): need {channels} distinct channel names, got {','.join(names)}"
+        )
     return list(names)
 
 
@@ -182,11 +186,25 @@ async def _send_pcm(path: Path, url: str, opt: SendOptions, received, result: Se
     call_id = opt.call_id or path.stem
     result.call_id = call_id
     pcm = float32_to_int16(audio.T)  # (n, channels) interleaved
-    async with connect(endpoint_url(url, "pcm"), additional_headers=_bearer(opt.token), open_timeout=10,
-                       create_connection=KeepaliveClientConnection,
-                       max_size=2**22) as ws:
-        await ws.send(json.dumps({"type": "start", "call_id": call_id, "sample_rate": rate, "channels": channels,
-                                  "encoding": opt.encoding, "channel_names": names}))
+    async with connect(
+        endpoint_url(url, "pcm"),
+        additional_headers=_bearer(opt.token),
+        open_timeout=10,
+        create_connection=KeepaliveClientConnection,
+        max_size=2**22,
+    ) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "start",
+                    "call_id": call_id,
+                    "sample_rate": rate,
+                    "channels": channels,
+                    "encoding": opt.encoding,
+                    "channel_names": names,
+                }
+            )
+        )
         reader = asyncio.create_task(_reader(ws, received, result))
         t0 = time.monotonic()
         try:
@@ -238,29 +256,44 @@ async def _send_twilio(path: Path, url: str, opt: SendOptions, received, result:
         if message.get("type") in ("summary", "call_ended"):
             done.set()
 
-    async with connect(events_url, additional_headers=_bearer(opt.token), open_timeout=10,
-                       create_connection=KeepaliveClientConnection) as events_ws:
+    async with connect(
+        events_url, additional_headers=_bearer(opt.token), open_timeout=10, create_connection=KeepaliveClientConnection
+    ) as events_ws:
         hello = json.loads(await asyncio.wait_for(events_ws.recv(), 10))
         if hello.get("type") != "hello":
             raise SendError("unexpected first message from /v1/events")
         events_task = asyncio.create_task(_hub_reader(events_ws, on_event, done))
-        async with connect(endpoint_url(url, "twilio"), open_timeout=10,
-                           create_connection=KeepaliveClientConnection) as ws:
+        async with connect(
+            endpoint_url(url, "twilio"), open_timeout=10, create_connection=KeepaliveClientConnection
+        ) as ws:
             seq = 0
 
             async def emit(message: dict) -> None:
                 nonlocal seq
                 if message["event"] != "connected":  # every later message is numbered from 1
                     seq += 1
-                    message = {"event": message["event"], "sequenceNumber": str(seq), **message,
-                               "streamSid": stream_sid}
+                    message = {
+                        "event": message["event"],
+                        "sequenceNumber": str(seq),
+                        **message,
+                        "streamSid": stream_sid,
+                    }
                 await ws.send(json.dumps(message))
 
             await emit({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-            await emit({"event": "start", "start": {
-                "accountSid": "AC" + uuid.uuid4().hex, "streamSid": stream_sid, "callSid": call_sid,
-                "tracks": tracks, "customParameters": params,
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": TELEPHONE_RATE, "channels": 1}}})
+            await emit(
+                {
+                    "event": "start",
+                    "start": {
+                        "accountSid": "AC" + uuid.uuid4().hex,
+                        "streamSid": stream_sid,
+                        "callSid": call_sid,
+                        "tracks": tracks,
+                        "customParameters": params,
+                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": TELEPHONE_RATE, "channels": 1},
+                    },
+                }
+            )
             closed = asyncio.create_task(ws.wait_closed())
             t0 = time.monotonic()
             try:
@@ -272,9 +305,17 @@ async def _send_twilio(path: Path, url: str, opt: SendOptions, received, result:
                     if closed.done():
                         break
                     for track, c in zip(tracks, codes):
-                        await emit({"event": "media", "media": {
-                            "track": track, "chunk": str(k + 1), "timestamp": str(a * 1000 // TELEPHONE_RATE),
-                            "payload": base64.b64encode(c[a:b].tobytes()).decode("ascii")}})
+                        await emit(
+                            {
+                                "event": "media",
+                                "media": {
+                                    "track": track,
+                                    "chunk": str(k + 1),
+                                    "timestamp": str(a * 1000 // TELEPHONE_RATE),
+                                    "payload": base64.b64encode(c[a:b].tobytes()).decode("ascii"),
+                                },
+                            }
+                        )
                 if not closed.done():
                     await emit({"event": "stop", "stop": {"accountSid": "", "callSid": call_sid}})
                     await asyncio.wait_for(ws.wait_closed(), REPLY_TIMEOUT)
@@ -308,8 +349,11 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
     result.call_id = session_id
     target = endpoint_url(url, "audiohook")
     parts = urlsplit(target)
-    headers = {"Audiohook-Organization-Id": str(uuid.uuid4()), "Audiohook-Correlation-Id": str(uuid.uuid4()),
-               "Audiohook-Session-Id": session_id}
+    headers = {
+        "Audiohook-Organization-Id": str(uuid.uuid4()),
+        "Audiohook-Correlation-Id": str(uuid.uuid4()),
+        "Audiohook-Session-Id": session_id,
+    }
     if opt.audiohook_key is not None:
         headers["X-API-KEY"] = opt.audiohook_key.key
         if opt.audiohook_key.secret:
@@ -320,8 +364,9 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
     elif opt.token:
         headers["X-API-KEY"] = opt.token
     stereo = audio.shape[0] == 2
-    offers = ([{"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}] if stereo else []) \
-        + [{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}]
+    offers = (
+        [{"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}] if stereo else []
+    ) + [{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}]
     codes = np.stack([mulaw_encode(float32_to_int16(ch)) for ch in audio])
     state = {"seq": 0, "serverseq": 0, "position": 0}
     opened = asyncio.Event()
@@ -339,10 +384,15 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
             for entity in params.get("entities") or []:
                 data = entity.get("data") or {}
                 if entity.get("type") == "emostream.emotion":
-                    received({"type": "event", "stream": session_id, **{k: v for k, v in data.items()
-                                                                      if k not in ("offset", "duration")},
-                              "t_start": float(data["offset"][2:-1]),
-                              "t_end": float(data["offset"][2:-1]) + float(data["duration"][2:-1])})
+                    received(
+                        {
+                            "type": "event",
+                            "stream": session_id,
+                            **{k: v for k, v in data.items() if k not in ("offset", "duration")},
+                            "t_start": float(data["offset"][2:-1]),
+                            "t_end": float(data["offset"][2:-1]) + float(data["duration"][2:-1]),
+                        }
+                    )
                 elif entity.get("type") == "emostream.summary":
                     received(data)
         elif kind == "disconnect":
@@ -362,21 +412,42 @@ async def _send_audiohook(path: Path, url: str, opt: SendOptions, received, resu
         opened.set()
         closed.set()
 
-    async with connect(target, additional_headers=headers, open_timeout=10, max_size=2**22,
-                       create_connection=KeepaliveClientConnection) as ws:
+    async with connect(
+        target, additional_headers=headers, open_timeout=10, max_size=2**22, create_connection=KeepaliveClientConnection
+    ) as ws:
+
         async def message(kind: str, parameters: dict) -> None:
             state["seq"] += 1
-            await ws.send(json.dumps({"version": "2", "type": kind, "seq": state["seq"],
-                                      "serverseq": state["serverseq"], "id": session_id,
-                                      "position": format_duration(state["position"] / TELEPHONE_RATE),
-                                      "parameters": parameters}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "version": "2",
+                        "type": kind,
+                        "seq": state["seq"],
+                        "serverseq": state["serverseq"],
+                        "id": session_id,
+                        "position": format_duration(state["position"] / TELEPHONE_RATE),
+                        "parameters": parameters,
+                    }
+                )
+            )
 
         task = asyncio.create_task(reader(ws))
-        await message("open", {
-            "organizationId": headers["Audiohook-Organization-Id"], "conversationId": str(uuid.uuid4()),
-            "participant": {"id": str(uuid.uuid4()), "ani": "+15551230000", "aniName": "emostream send",
-                            "dnis": "+15559870000"},
-            "media": offers, "language": "en-US"})
+        await message(
+            "open",
+            {
+                "organizationId": headers["Audiohook-Organization-Id"],
+                "conversationId": str(uuid.uuid4()),
+                "participant": {
+                    "id": str(uuid.uuid4()),
+                    "ani": "+15551230000",
+                    "aniName": "emostream send",
+                    "dnis": "+15559870000",
+                },
+                "media": offers,
+                "language": "en-US",
+            },
+        )
         await asyncio.wait_for(opened.wait(), REPLY_TIMEOUT)
         try:
             if media and not closed.is_set():

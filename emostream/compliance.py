@@ -11,6 +11,7 @@ audio), both named ``customer`` by the server (the bridge's own name is kept in 
 and on raw PCM and in ``replay`` the channel named ``customer``; the agent is AudioHook ``internal``
 and Twilio ``outbound`` (named ``agent``), or the channel named ``agent``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,7 +51,8 @@ def analysed_channels(channels: tuple[str, ...] | list[str], analyse: str, proto
     if not picked:
         raise ChannelSelectionError(
             f"no {analyse} channel to analyse (channels: {', '.join(channels) or 'none'}; the {analyse} is the "
-            f"channel named {wanted!r}); name it so, or analyse every channel with --analyse all")
+            f"channel named {wanted!r}); name it so, or analyse every channel with --analyse all"
+        )
     return picked
 
 
@@ -105,22 +107,30 @@ class CallRecorder:
         self._file.close()
 
 
-def expire_timelines(events_dir: Path, days: float, keep: set[Path] | frozenset = frozenset(),
-                     now: float | None = None) -> list[Path]:
+def expire_timelines(
+    events_dir: Path, days: float, keep: set[Path] | frozenset = frozenset(), now: float | None = None
+) -> list[Path]:
     """Delete ``*.jsonl`` timelines in ``events_dir`` last written more than ``days`` ago, except
     ``keep`` (the files of live calls). Returns the deleted paths."""
     return expire_files(events_dir, "*.jsonl", days, keep, now, what="timeline")
 
 
-def expire_recordings(record_dir: Path, days: float, keep: set[Path] | frozenset = frozenset(),
-                      now: float | None = None) -> list[Path]:
+def expire_recordings(
+    record_dir: Path, days: float, keep: set[Path] | frozenset = frozenset(), now: float | None = None
+) -> list[Path]:
     """Delete ``*.wav`` call recordings in ``record_dir`` last written more than ``days`` ago,
     except ``keep`` (the recordings of live calls). Returns the deleted paths."""
     return expire_files(record_dir, "*.wav", days, keep, now, what="recording")
 
 
-def expire_files(directory: Path, pattern: str, days: float, keep: set[Path] | frozenset = frozenset(),
-                 now: float | None = None, what: str = "file") -> list[Path]:
+def expire_files(
+    directory: Path,
+    pattern: str,
+    days: float,
+    keep: set[Path] | frozenset = frozenset(),
+    now: float | None = None,
+    what: str = "file",
+) -> list[Path]:
     """Delete the files matching ``pattern`` in ``directory`` last written more than ``days`` ago,
     except ``keep``. Returns the deleted paths."""
     if days <= 0:

@@ -4,6 +4,7 @@ Events are the plain dicts of :mod:`emostream.timeline` (one per analysis window
 ``speech: false`` marks silence, with ``label``, ``confidence`` and ``probabilities`` set to ``None``.
 This module imports neither torch nor numpy, so the display starts fast.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,27 +22,26 @@ from rich.text import Text
 
 from . import CLASSES
 
-
 # Fixed colour per class (hex, so that every colour system and HTML export agree).
 EMOTION_COLORS: dict[str, str] = {
-    "Angry": "#e53935",      # red
+    "Angry": "#e53935",  # red
     "Disgusted": "#8d9a2a",  # olive green
-    "Fearful": "#b05bd6",    # purple / magenta
-    "Happy": "#f4c430",      # yellow
-    "Neutral": "#a8a8a8",    # grey
-    "Sad": "#3a7bd5",        # blue
+    "Fearful": "#b05bd6",  # purple / magenta
+    "Happy": "#f4c430",  # yellow
+    "Neutral": "#a8a8a8",  # grey
+    "Sad": "#3a7bd5",  # blue
     "Surprised": "#26c6da",  # cyan
 }
 SILENCE_STYLE = "dim"
 UNKNOWN_COLOR = "white"
 
-TIMELINE_BLOCK = "█"   # one speech window in the timeline
+TIMELINE_BLOCK = "█"  # one speech window in the timeline
 TIMELINE_SILENCE = "·"  # one silence window in the timeline
-LEGEND_SWATCH = "■"     # legend marker (deliberately not the timeline block)
-LOG_LINES = 8           # change-log lines kept on screen
-BAR_WIDTH = 22          # width of the probability bars
+LEGEND_SWATCH = "■"  # legend marker (deliberately not the timeline block)
+LOG_LINES = 8  # change-log lines kept on screen
+BAR_WIDTH = 22  # width of the probability bars
 SIDE_BY_SIDE_WIDTH = 44  # columns per channel panel needed to put the panels side by side
-COMPACT_TOP = 3          # compact channel panel: probabilities shown (the screen is too short for all 7)
+COMPACT_TOP = 3  # compact channel panel: probabilities shown (the screen is too short for all 7)
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,12 @@ def legend(gap: str = "  ") -> Text:
 def summary_table(summary: Mapping[str, Any]) -> Table:
     """Table of an end-of-stream summary: channel, dominant emotion, top shares, speech time, peak."""
     duration = float(summary.get("duration") or 0.0)
-    table = Table(title=f"Summary · {summary.get('stream', '')} · {format_clock(duration)} of audio",
-                  box=box.SIMPLE_HEAD, expand=True, title_justify="left")
+    table = Table(
+        title=f"Summary · {summary.get('stream', '')} · {format_clock(duration)} of audio",
+        box=box.SIMPLE_HEAD,
+        expand=True,
+        title_justify="left",
+    )
     table.add_column("Channel", style="bold", no_wrap=True)
     table.add_column("Dominant", no_wrap=True)
     table.add_column("Top shares")
@@ -168,7 +172,11 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_column("Strongest moment")
     for name, ch in (summary.get("channels") or {}).items():
         dominant = ch.get("dominant")
-        dom = Text(dominant, style=f"bold {emotion_style(dominant)}") if dominant else Text("no speech", style=SILENCE_STYLE)
+        dom = (
+            Text(dominant, style=f"bold {emotion_style(dominant)}")
+            if dominant
+            else Text("no speech", style=SILENCE_STYLE)
+        )
         shares = Text()
         for i, (cls, share) in enumerate(top_shares(ch.get("shares") or {})):
             if i:
@@ -194,8 +202,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
 
 @dataclass
 class _ChannelState:
-    last: dict | None = None          # latest event
-    last_speech: dict | None = None   # latest speech event
+    last: dict | None = None  # latest event
+    last_speech: dict | None = None  # latest speech event
     windows: int = 0
     speech_windows: int = 0
 
@@ -204,8 +212,13 @@ class Dashboard:
     """Full-screen live view (``rich.Live``) for a terminal: header, one panel per channel with
     the current emotion, probability bars and a colour timeline, a legend, and a log of changes."""
 
-    def __init__(self, info: DashboardInfo, console: Console | None = None, timeline_width: int = 60,
-                 refresh_per_second: float = 4):
+    def __init__(
+        self,
+        info: DashboardInfo,
+        console: Console | None = None,
+        timeline_width: int = 60,
+        refresh_per_second: float = 4,
+    ):
         if timeline_width < 1:
             raise ValueError(f"timeline_width must be >= 1, got {timeline_width}")
         self.info = info
@@ -228,8 +241,12 @@ class Dashboard:
 
     def __enter__(self) -> "Dashboard":
         """Start the live display."""
-        self._live = Live(get_renderable=self.render, console=self.console,
-                          refresh_per_second=self.refresh_per_second, transient=False)
+        self._live = Live(
+            get_renderable=self.render,
+            console=self.console,
+            refresh_per_second=self.refresh_per_second,
+            transient=False,
+        )
         self._live.start(refresh=True)
         return self
 
@@ -312,16 +329,33 @@ class Dashboard:
     def _header(self) -> Panel:
         # one line of facts that wraps between them on a narrow terminal (a grid would cut the source)
         grid = Text.assemble(
-            ("source ", "dim"), (self.info.source, "bold"), "   ",
-            ("stream ", "dim"), (self.info.stream, "bold"), "   ",
-            ("audio ", "dim"), (format_clock(self._audio_seconds), "bold"), "   ",
-            ("speed ", "dim"), (format_rtf(self.real_time_factor), "bold"), "   ",
-            ("device ", "dim"), self.info.device, "   ",
-            ("hop ", "dim"), f"{self.info.hop_seconds:g}s",
+            ("source ", "dim"),
+            (self.info.source, "bold"),
+            "   ",
+            ("stream ", "dim"),
+            (self.info.stream, "bold"),
+            "   ",
+            ("audio ", "dim"),
+            (format_clock(self._audio_seconds), "bold"),
+            "   ",
+            ("speed ", "dim"),
+            (format_rtf(self.real_time_factor), "bold"),
+            "   ",
+            ("device ", "dim"),
+            self.info.device,
+            "   ",
+            ("hop ", "dim"),
+            f"{self.info.hop_seconds:g}s",
         )
         status = Text(" done ", style="bold black on green") if self._finished else Text(" ● live ", style="bold red")
-        return Panel(grid, title=Text("emostream", style="bold"), title_align="left",
-                     subtitle=status, subtitle_align="right", box=box.ROUNDED)
+        return Panel(
+            grid,
+            title=Text("emostream", style="bold"),
+            title_align="left",
+            subtitle=status,
+            subtitle_align="right",
+            box=box.ROUNDED,
+        )
 
     def _channel_panel(self, name: str, compact: bool = False) -> Panel:
         """A channel's panel: current emotion, the seven probabilities and the timeline; ``compact``
@@ -342,10 +376,11 @@ class Dashboard:
             label = str(event["label"])
             conf = float(event.get("confidence") or 0.0)
             color = emotion_style(label)
-            body.add_row(Text(label, style=f"bold {color}"),
-                         ProgressBar(total=1.0, completed=conf, width=BAR_WIDTH, complete_style=color,
-                                     finished_style=color),
-                         Text(f"{conf:.2f}", style="bold"))
+            body.add_row(
+                Text(label, style=f"bold {color}"),
+                ProgressBar(total=1.0, completed=conf, width=BAR_WIDTH, complete_style=color, finished_style=color),
+                Text(f"{conf:.2f}", style="bold"),
+            )
             probs = _probabilities(event)
             border = color
         else:
@@ -364,18 +399,33 @@ class Dashboard:
             for i, (cls, p) in enumerate(top_shares(probs, COMPACT_TOP)):
                 top.append(("  " if i else "") + cls, style=emotion_style(cls))
                 top.append(f" {p:.0%}")
-            return Panel(Group(body, top, strip), title=Text(name, style="bold"), title_align="left",
-                         subtitle=subtitle, subtitle_align="right", border_style=border, box=box.ROUNDED)
+            return Panel(
+                Group(body, top, strip),
+                title=Text(name, style="bold"),
+                title_align="left",
+                subtitle=subtitle,
+                subtitle_align="right",
+                border_style=border,
+                box=box.ROUNDED,
+            )
         body.add_row("", "", "")
         for cls in CLASSES:
             p = probs.get(cls, 0.0)
             color = emotion_style(cls)
-            body.add_row(Text(cls, style=color),
-                         ProgressBar(total=1.0, completed=p, width=BAR_WIDTH, complete_style=color,
-                                     finished_style=color),
-                         Text(f"{p:4.0%}", style="dim" if p < 0.05 else ""))
-        return Panel(Group(body, Text(""), strip), title=Text(name, style="bold"), title_align="left",
-                     subtitle=subtitle, subtitle_align="right", border_style=border, box=box.ROUNDED)
+            body.add_row(
+                Text(cls, style=color),
+                ProgressBar(total=1.0, completed=p, width=BAR_WIDTH, complete_style=color, finished_style=color),
+                Text(f"{p:4.0%}", style="dim" if p < 0.05 else ""),
+            )
+        return Panel(
+            Group(body, Text(""), strip),
+            title=Text(name, style="bold"),
+            title_align="left",
+            subtitle=subtitle,
+            subtitle_align="right",
+            border_style=border,
+            box=box.ROUNDED,
+        )
 
     def _log_panel(self, lines: int = LOG_LINES) -> Panel:
         shown: list[RenderableType] = list(self._log)[-lines:] or [Text("no emotion changes yet", style=SILENCE_STYLE)]
@@ -383,8 +433,9 @@ class Dashboard:
 
     def _rows(self, renderable: RenderableType, width: int) -> int:
         """Terminal rows ``renderable`` takes at ``width`` columns."""
-        return len(self.console.render_lines(renderable, self.console.options.update(width=width, height=None),
-                                             pad=False))
+        return len(
+            self.console.render_lines(renderable, self.console.options.update(width=width, height=None), pad=False)
+        )
 
     def render(self) -> RenderableType:
         """The whole screen (used by ``Live`` and by tests), fitted to the terminal's height: when the

@@ -1,6 +1,7 @@
 """What a file or microphone source shows while it runs: the live :class:`~emostream.dashboard.Dashboard`
 on an interactive terminal, else :class:`PlainPrinter`'s one line per event (pipes, logs,
 ``--no-dashboard``); :func:`make_display` picks."""
+
 from __future__ import annotations
 
 import sys
@@ -70,9 +71,11 @@ class PlainPrinter:
         for name, ch in (summary.get("channels") or {}).items():
             shares = " ".join(f"{c} {s:.0%}" for c, s in top_shares(ch.get("shares") or {}))
             dominant = ch.get("dominant") or "none"
-            line = (f"[{stream}] {name:<{self._width}}  dominant {dominant}  "
-                    f"speech {float(ch.get('speech_seconds') or 0.0):.1f}s "
-                    f"({ch.get('speech_windows', 0)}/{ch.get('windows', 0)} windows)")
+            line = (
+                f"[{stream}] {name:<{self._width}}  dominant {dominant}  "
+                f"speech {float(ch.get('speech_seconds') or 0.0):.1f}s "
+                f"({ch.get('speech_windows', 0)}/{ch.get('windows', 0)} windows)"
+            )
             if shares:
                 line += f"  {shares}"
             self._write(line)

@@ -1,14 +1,14 @@
 """The mel front end shared by training, inference, export and benchmarks."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 import torchaudio
+from torch import nn
 
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES
-
 
 NORMALIZATIONS = ("none", "utterance", "utterance_bins")
 UTTERANCE_FLOOR_DB = 80.0
@@ -72,7 +72,7 @@ class MelFrontEnd(nn.Module):
             if warp is None:
                 power = self.mel(waveform.float())
             else:
-                spec = self.mel.spectrogram(waveform.float())                 # (B, freqs, frames)
+                spec = self.mel.spectrogram(waveform.float())  # (B, freqs, frames)
                 banks = vtlp_filterbanks(self.mel.mel_scale.fb, warp.float())  # (B, freqs, mels)
                 power = torch.einsum("bft,bfm->bmt", spec, banks)
             spec = self.to_db(power)
@@ -103,10 +103,10 @@ def vtlp_filterbanks(fb: torch.Tensor, alpha: torch.Tensor, cutoff: float = VTLP
     ``fb`` itself. Works in bin units on ``fb`` ``(freqs, mels)``, interpolating between its rows."""
     top = fb.shape[0] - 1
     g = torch.arange(fb.shape[0], dtype=fb.dtype, device=fb.device)[None, :]  # (1, freqs)
-    a = alpha.to(fb.device, fb.dtype)[:, None]                                # (B, 1)
+    a = alpha.to(fb.device, fb.dtype)[:, None]  # (B, 1)
     knee = cutoff * top * torch.clamp(1.0 / a, max=1.0)
     upper = a * knee + (top - a * knee) * (g - knee) / (top - knee)
-    pos = torch.where(g <= knee, a * g, upper).clamp(0, top)                  # (B, freqs)
+    pos = torch.where(g <= knee, a * g, upper).clamp(0, top)  # (B, freqs)
     lo = pos.floor().long().clamp(max=top - 1)
     frac = (pos - lo.to(fb.dtype)).unsqueeze(-1)
     return fb[lo] * (1 - frac) + fb[lo + 1] * frac

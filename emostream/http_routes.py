@@ -2,6 +2,7 @@
 (package data ``emostream/web``), single-use ``/v1/events`` tickets and the GET routes
 (:func:`http_route`: ``/``, ``/static/*``, ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/ticket``,
 ``/v1/calls``, ``/v1/calls/<id>``)."""
+
 from __future__ import annotations
 
 import email.utils
@@ -30,21 +31,34 @@ CALL_PATHS = {"/v1/pcm": "pcm", "/v1/twilio": "twilio", "/v1/audiohook": "audioh
 EVENTS_PATH = "/v1/events"
 TICKET_PATH = "/v1/ticket"
 CALLS_PATH = "/v1/calls"
-TICKET_SECONDS = 30.0           # a /v1/events ticket is valid this long, once
-WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-             "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
+TICKET_SECONDS = 30.0  # a /v1/events ticket is valid this long, once
+WEB_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
 PAGE_HEADERS = {  # the page loads nothing from anywhere but this server
     "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+    "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
 }
-MAX_CLOSE_REASON = 120          # bytes; RFC 6455 allows 123
+MAX_CLOSE_REASON = 120  # bytes; RFC 6455 allows 123
 
 
 def response(status: HTTPStatus, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> Response:
-    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
-                       ("Content-Length", str(len(body))), ("Content-Type", content_type),
-                       ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
     for name, value in (extra or {}).items():
         headers[name] = value
     return Response(status.value, status.phrase, headers, body)
@@ -110,12 +124,14 @@ def http_route(server: Any, request: Request, path: str) -> Response:
     if path in ("/", "/index.html"):
         return static_response("index.html")
     if path.startswith("/static/"):
-        name = path[len("/static/"):]
+        name = path[len("/static/") :]
         if name in WEB_FILES:
             return static_response(name)
     elif path == "/healthz":
-        return json_response(HTTPStatus.OK, {"status": "ok", "version": __version__,
-                                              "uptime_seconds": round(time.time() - server.started_at, 1)})
+        return json_response(
+            HTTPStatus.OK,
+            {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - server.started_at, 1)},
+        )
     elif path == "/readyz":
         reason = None if server.ready else (server.ready_error or "warming up the model")
         body = {"ready": server.ready, "device": server.device, "live_calls": len(server.calls)}
@@ -125,8 +141,9 @@ def http_route(server: Any, request: Request, path: str) -> Response:
     elif path in ("/metrics", TICKET_PATH, CALLS_PATH) or path.startswith(CALLS_PATH + "/"):
         if server.config.token is not None and not token_ok(server.config.token, request.headers, request.path):
             server.metrics.rejected.labels("unauthorized").inc()
-            return json_response(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"},
-                                  {"WWW-Authenticate": 'Bearer realm="emostream"'})
+            return json_response(
+                HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"}, {"WWW-Authenticate": 'Bearer realm="emostream"'}
+            )
         if path == "/metrics":
             return response(HTTPStatus.OK, server.metrics.render(), METRICS_CONTENT_TYPE)
         if path == TICKET_PATH:
@@ -136,7 +153,7 @@ def http_route(server: Any, request: Request, path: str) -> Response:
             calls = [c.listing() for c in server.calls.values() if c.hub is not None]
             calls += [c.listing() for c in server.ended.values() if c.call_id not in server.calls]
             return json_response(HTTPStatus.OK, {"calls": calls})
-        call_id = unquote(path[len(CALLS_PATH) + 1:])
+        call_id = unquote(path[len(CALLS_PATH) + 1 :])
         call = server.calls.get(call_id) or server.ended.get(call_id)
         if call is None or (call.hub is None):
             return json_response(HTTPStatus.NOT_FOUND, {"error": f"no live or recent call {call_id[:80]!r}"})
@@ -155,12 +172,15 @@ def upgrade_response(server: Any, connection: ServerConnection, request: Request
     upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
     if request.method != "GET":
         server.metrics.rejected.labels("method_not_allowed").inc()
-        return json_response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method[:20]} not allowed; use GET"},
-                              {"Allow": "GET"})
+        return json_response(
+            HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{request.method[:20]} not allowed; use GET"}, {"Allow": "GET"}
+        )
     if path not in CALL_PATHS and path != EVENTS_PATH:
         if upgrade:
             server.metrics.rejected.labels("unknown_path").inc()
-            return connection.respond(HTTPStatus.NOT_FOUND, "unknown path; use /v1/pcm, /v1/twilio, /v1/audiohook or /v1/events\n")
+            return connection.respond(
+                HTTPStatus.NOT_FOUND, "unknown path; use /v1/pcm, /v1/twilio, /v1/audiohook or /v1/events\n"
+            )
         return http_route(server, request, path)
     if not upgrade:
         return json_response(HTTPStatus.UPGRADE_REQUIRED, {"error": f"{path} is a websocket endpoint"})

@@ -1,6 +1,7 @@
 """The server's fan-out of live calls: lifecycle messages, events, alerts and summaries to every
 ``/v1/events`` subscriber (the supervisor page, ``emostream watch``) and in-process listeners (the
 ``serve --dashboard`` view)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,7 @@ from .protocols import CLOSE_POLICY, CLOSE_TRY_LATER
 
 log = logging.getLogger("emostream.server")
 
-SUBSCRIBER_QUEUE = 2000         # messages buffered per /v1/events subscriber before it is dropped
+SUBSCRIBER_QUEUE = 2000  # messages buffered per /v1/events subscriber before it is dropped
 
 
 class EventsHub:

@@ -19,6 +19,7 @@ kernel holds it). A peer that vanished without a TCP reset still fails: once the
 and nothing more arrives, ``ping_timeout`` applies (and the server's idle timeout closes a call
 whose audio stopped).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +69,9 @@ class _BacklogAwareKeepalive:
                             continue  # the pong is behind data this end has not read or written yet
                         async with self.send_context():
                             self.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-                        raise AssertionError("send_context() should wait for connection_lost(), "
-                                             "which cancels keepalive()")
+                        raise AssertionError(
+                            "send_context() should wait for connection_lost(), which cancels keepalive()"
+                        )
         except Exception:
             self.logger.error("keepalive ping failed", exc_info=True)
 

@@ -2,6 +2,7 @@
 streaming resampler -> windower -> speech gate and model through the shared worker -> sinks: the
 call's JSONL file, the :class:`~emostream.hub.EventsHub`, metrics, alerts) and :class:`EndedCall`,
 what the page keeps of it once it has ended."""
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,9 @@ from .worker import InferenceWorker
 
 log = logging.getLogger("emostream.server")
 
-SILENCE_CHUNK_SECONDS = 1.0     # silence gaps are fed in pieces of this length
-GAP_FILL_SECONDS = 6.0          # gaps up to this (one window) are filled with silence; longer ones are
-                                # collapsed into one ``gap`` record and the window schedule restarts after them
+SILENCE_CHUNK_SECONDS = 1.0  # silence gaps are fed in pieces of this length
+GAP_FILL_SECONDS = 6.0  # gaps up to this (one window) are filled with silence; longer ones are
+# collapsed into one ``gap`` record and the window schedule restarts after them
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,17 @@ class EndedCall:
 class LiveCall:
     """One call's pipeline: pick analysed channels -> resample -> window -> classify (shared worker) -> sinks."""
 
-    def __init__(self, start: Start, protocol: str, worker: InferenceWorker, hub: EventsHub | None,
-                 config: ServerConfig, metrics: ServerMetrics | None = None, webhook: AlertWebhook | None = None,
-                 model: dict[str, str] | None = None):
+    def __init__(
+        self,
+        start: Start,
+        protocol: str,
+        worker: InferenceWorker,
+        hub: EventsHub | None,
+        config: ServerConfig,
+        metrics: ServerMetrics | None = None,
+        webhook: AlertWebhook | None = None,
+        model: dict[str, str] | None = None,
+    ):
         self.call_id = start.call_id
         self.model = {k: v for k, v in (model or {}).items() if k in ("name", "sha256")}  # named in the summary
         self.protocol = protocol
@@ -89,11 +98,13 @@ class LiveCall:
             self._writer = JsonlWriter(self._file)
         self.path = Path(config.events_dir) / f"{start.call_id}.jsonl" if self._writer else None
         if config.record_dir is not None and start.persist:
-            self.recorder = CallRecorder(Path(config.record_dir) / f"{start.call_id}.wav", start.sample_rate,
-                                         len(start.channels))
+            self.recorder = CallRecorder(
+                Path(config.record_dir) / f"{start.call_id}.wav", start.sample_rate, len(start.channels)
+            )
         self.resamplers = [StreamResampler(start.sample_rate, SAMPLE_RATE) for _ in analysed]
-        self.windower = StreamWindower(start.call_id, self.analysed,
-                                       StreamConfig(hop_seconds=config.hop_seconds, min_seconds=config.min_seconds))
+        self.windower = StreamWindower(
+            start.call_id, self.analysed, StreamConfig(hop_seconds=config.hop_seconds, min_seconds=config.min_seconds)
+        )
         self.alerts = AlertTracker(config.alerts, start.call_id)
         sinks: list[Callable[[dict], None]] = []
         if self._writer:
@@ -104,9 +115,15 @@ class LiveCall:
             sinks.append(metrics.count_event)
         if config.alerts:
             sinks.append(self._check_alerts)
-        self.analyzer = Analyzer(worker.infer, start.call_id, self.analysed,
-                                 AnalyzerConfig(smooth=config.smooth, vad=config.vad), config.hop_seconds, sinks,
-                                 source_channels=dict(zip(start.channels, start.source_channels)))
+        self.analyzer = Analyzer(
+            worker.infer,
+            start.call_id,
+            self.analysed,
+            AnalyzerConfig(smooth=config.smooth, vad=config.vad),
+            config.hop_seconds,
+            sinks,
+            source_channels=dict(zip(start.channels, start.source_channels)),
+        )
         self.analyzer.timeline.max_events = config.max_events_kept  # memory: the file has every event
         self._input = [0] * len(analysed)  # samples per analysed channel at the protocol rate, gaps included
         if hub is not None:
@@ -114,22 +131,31 @@ class LiveCall:
 
     def started_message(self) -> dict:
         """The ``call_started`` message of this call (also the base of its ``/v1/calls`` entry)."""
-        return {"type": "call_started", "call_id": self.call_id, "protocol": self.protocol,
-                "channels": list(self.channels), "analysed": list(self.analysed), "hop_seconds": self.hop_seconds,
-                "started_at": round(self.started_at, 3), "info": self.info}
+        return {
+            "type": "call_started",
+            "call_id": self.call_id,
+            "protocol": self.protocol,
+            "channels": list(self.channels),
+            "analysed": list(self.analysed),
+            "hop_seconds": self.hop_seconds,
+            "started_at": round(self.started_at, 3),
+            "info": self.info,
+        }
 
     def listing(self) -> dict:
         """This call as ``GET /v1/calls`` lists it."""
-        return {**self.started_message(), "ended_at": None if self.ended_at is None else round(self.ended_at, 3),
-                "end_reason": self.end_reason}
+        return {
+            **self.started_message(),
+            "ended_at": None if self.ended_at is None else round(self.ended_at, 3),
+            "end_reason": self.end_reason,
+        }
 
     def detail(self) -> dict:
         """Everything of this call so far, for ``GET /v1/calls/<id>``."""
         order = {ch: k for k, ch in enumerate(self.analysed)}
         events = [e for ch in self.analysed for e in self.analyzer.timeline.events.get(ch, [])]
         events.sort(key=lambda e: (e["t_end"], order[e["channel"]]))
-        return {"call": self.listing(), "events": events, "alerts": list(self.alerts.history),
-                "summary": self.summary}
+        return {"call": self.listing(), "events": events, "alerts": list(self.alerts.history), "summary": self.summary}
 
     def _check_alerts(self, event: dict) -> None:
         for alert in self.alerts.update(event):
@@ -208,13 +234,24 @@ class LiveCall:
             gap_end = max(gap_start, round(self._input[ch] * SAMPLE_RATE / rate))
             windows += self.windower.skip(ch, gap_end - gap_start)
             self.resamplers[ch] = StreamResampler(rate, SAMPLE_RATE)  # fresh: silence before the new audio
-            records.append({"type": "gap", "stream": self.call_id, "channel": self.analysed[ch],
-                            "t_start": round(gap_start / SAMPLE_RATE, 6), "t_end": round(gap_end / SAMPLE_RATE, 6)})
+            records.append(
+                {
+                    "type": "gap",
+                    "stream": self.call_id,
+                    "channel": self.analysed[ch],
+                    "t_start": round(gap_start / SAMPLE_RATE, 6),
+                    "t_end": round(gap_end / SAMPLE_RATE, 6),
+                }
+            )
         windows.sort(key=self._order)
         events = await self.analyzer.process_async(windows, self.worker.infer)
         for record in records:
-            log.info("call %s: gap of %.1f s on %s collapsed", self.call_id, record["t_end"] - record["t_start"],
-                     record["channel"])
+            log.info(
+                "call %s: gap of %.1f s on %s collapsed",
+                self.call_id,
+                record["t_end"] - record["t_start"],
+                record["channel"],
+            )
             if self._writer:
                 self._writer.write(record)
             if self.hub is not None:

@@ -3,6 +3,7 @@
 Every entry point that needs a model (the CLI, the server, batch workers, Ray replicas, the Python
 API) loads it through :func:`load_predictor`, so a model option means the same thing everywhere.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,12 +28,19 @@ def resolve_backend(backend: str | None, onnx: str | Path | None) -> str:
 
 
 def checkpoint_path(checkpoint: str | Path | None) -> Path:
-    """The checkpoint directory for ``checkpoint`` (None: the shipped model, :func:`emostream.model_files.default_checkpoint`)."""
+    """The checkpoint directory for ``checkpoint`` (None: the shipped model,
+    :func:`emostream.model_files.default_checkpoint`)."""
     return Path(checkpoint) if checkpoint else default_checkpoint()
 
 
-def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto", fp32: bool = False,
-                   backend: str | None = None, onnx: str | Path | None = None):
+def load_predictor(
+    checkpoint: str | Path | None = None,
+    *,
+    device: str = "auto",
+    fp32: bool = False,
+    backend: str | None = None,
+    onnx: str | Path | None = None,
+):
     """A loaded predictor (:class:`~emostream.model.Predictor` or :class:`~emostream.onnx_model.OnnxPredictor`).
 
     ``checkpoint``: a checkpoint directory (None: the shipped model); ``device``: auto (CUDA when
@@ -49,7 +57,9 @@ def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto"
         from .onnx_model import OnnxPredictor
 
         if not onnx:
-            raise ModelOptionsError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
+            raise ModelOptionsError(
+                "--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)"
+            )
         if checkpoint:
             raise ModelOptionsError("--checkpoint does not apply to --backend onnx: the ONNX file holds the model")
         return OnnxPredictor.from_file(onnx, device=requested)
@@ -68,7 +78,9 @@ def load_predictor(checkpoint: str | Path | None = None, *, device: str = "auto"
     return Predictor.from_checkpoint(path, device=requested, mixed_precision=not fp32)
 
 
-def model_info(predictor: Any, *, checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> dict[str, str]:
+def model_info(
+    predictor: Any, *, checkpoint: str | Path | None = None, onnx: str | Path | None = None
+) -> dict[str, str]:
     """What ``/metrics`` reports as the model: checkpoint name, experiment, backbone, backend, the
     precision it runs in here (mixed precision depends on the CPU: :func:`emostream.model.precision_name`),
     the softmax temperature live windows are calibrated with, and the first 12 hex digits of the
@@ -77,11 +89,14 @@ def model_info(predictor: Any, *, checkpoint: str | Path | None = None, onnx: st
 
     meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
     config = (meta.get("training") or {}).get("config") or {}
-    return {**model_identity(None if onnx else checkpoint_path(checkpoint), onnx),
-            "experiment": str(config.get("experiment_name", "")), "backbone": str((meta.get("model") or {}).get("backbone", "")),
-            "backend": "onnx" if onnx else "torch",
-            "precision": "fp32" if onnx else getattr(predictor, "precision", "fp32"),
-            "temperature": f"{float(predictor.temperature):g}"}
+    return {
+        **model_identity(None if onnx else checkpoint_path(checkpoint), onnx),
+        "experiment": str(config.get("experiment_name", "")),
+        "backbone": str((meta.get("model") or {}).get("backbone", "")),
+        "backend": "onnx" if onnx else "torch",
+        "precision": "fp32" if onnx else getattr(predictor, "precision", "fp32"),
+        "temperature": f"{float(predictor.temperature):g}",
+    }
 
 
 def check_model_files(*, backend: str, checkpoint: str | Path | None = None, onnx: str | Path | None = None) -> None:
@@ -89,11 +104,16 @@ def check_model_files(*, backend: str, checkpoint: str | Path | None = None, onn
     :class:`ModelOptionsError` naming what is missing."""
     if backend == "onnx":
         if not onnx:
-            raise ModelOptionsError("--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)")
+            raise ModelOptionsError(
+                "--backend onnx needs --onnx MODEL.onnx (make one with: emostream export --onnx MODEL.onnx)"
+            )
         if not Path(onnx).is_file():
             raise ModelOptionsError(f"no such ONNX file: {onnx}")
         return
     path = checkpoint_path(checkpoint)
     if not (path / "model.safetensors").is_file():
-        raise ModelOptionsError(missing_model_message(path) if checkpoint is None
-                                else f"no checkpoint at {path} (model.safetensors missing)")
+        raise ModelOptionsError(
+            missing_model_message(path)
+            if checkpoint is None
+            else f"no checkpoint at {path} (model.safetensors missing)"
+        )

@@ -6,6 +6,7 @@ The call id comes from a context variable that the server sets while it handles 
 carries it without passing it around. Audio is never logged; tokens, tickets, signatures and
 ``Authorization`` values are replaced by ``***`` in every message, whatever logger wrote it.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -20,9 +21,11 @@ from typing import Iterator
 LOG_FORMATS = ("text", "json")
 
 _call_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("emostream_call_id", default=None)
-_SECRET = re.compile(r"(?i)((?:authorization|x-api-key|signature)\"?\s*[:=]\s*\"?(?:(?:bearer|basic)\s+)?)[^\s\",]+"
-                     r"|((?:token|ticket|signature|secret|key)=)[^&\s\"']+"
-                     r"|((?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]+")
+_SECRET = re.compile(
+    r"(?i)((?:authorization|x-api-key|signature)\"?\s*[:=]\s*\"?(?:(?:bearer|basic)\s+)?)[^\s\",]+"
+    r"|((?:token|ticket|signature|secret|key)=)[^&\s\"']+"
+    r"|((?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]+"
+)
 
 
 def redact(text: str) -> str:
@@ -72,9 +75,13 @@ class JsonFormatter(logging.Formatter):
     the line is not about a call), ``msg``, and ``exc`` when an exception is attached."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                 "level": record.levelname, "logger": record.name, "call_id": getattr(record, "call_id", None),
-                 "msg": redact(record.getMessage())}
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "call_id": getattr(record, "call_id", None),
+            "msg": redact(record.getMessage()),
+        }
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)

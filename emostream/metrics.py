@@ -4,6 +4,7 @@ Counters and histograms are updated where things happen (calls, windows, batches
 connections); gauges that mirror live state (calls by protocol, queue depth, subscribers, readiness)
 are read at scrape time by :class:`_LiveState`, so they can never drift from the server.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -18,8 +19,16 @@ PROTOCOLS = ("pcm", "twilio", "audiohook")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-REJECT_REASONS = ("unknown_path", "unauthorized", "at_capacity", "too_many_subscribers", "bad_ticket",
-                  "method_not_allowed", "too_many_unstarted", "start_timeout")
+REJECT_REASONS = (
+    "unknown_path",
+    "unauthorized",
+    "at_capacity",
+    "too_many_subscribers",
+    "bad_ticket",
+    "method_not_allowed",
+    "too_many_unstarted",
+    "start_timeout",
+)
 CALL_OUTCOMES = ("completed", "error", "disconnected", "idle_timeout", "stopped", "not_analysed", "other")
 WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -33,8 +42,9 @@ def call_outcome(reason: str) -> str:
         return "error"
     if reason.startswith("peer closed"):
         return "disconnected"
-    return {"peer disconnected": "disconnected", "idle timeout": "idle_timeout",
-            "server stopped": "stopped"}.get(reason, "other")
+    return {"peer disconnected": "disconnected", "idle timeout": "idle_timeout", "server stopped": "stopped"}.get(
+        reason, "other"
+    )
 
 
 class _LiveState:
@@ -53,13 +63,19 @@ class _LiveState:
         for protocol in PROTOCOLS:
             live.add_metric([protocol], state["live_calls"].get(protocol, 0))
         yield live
-        yield GaugeMetricFamily("emostream_inference_queue_windows",
-                                "Windows waiting for or in the running model batch", value=state["queue"])
-        yield GaugeMetricFamily("emostream_event_subscribers", "Connected /v1/events subscribers",
-                                value=state["subscribers"])
-        yield CounterMetricFamily("emostream_windows_dropped",
-                                  "Windows refused by the overloaded inference worker (their call is closed)",
-                                  value=state["dropped"])
+        yield GaugeMetricFamily(
+            "emostream_inference_queue_windows",
+            "Windows waiting for or in the running model batch",
+            value=state["queue"],
+        )
+        yield GaugeMetricFamily(
+            "emostream_event_subscribers", "Connected /v1/events subscribers", value=state["subscribers"]
+        )
+        yield CounterMetricFamily(
+            "emostream_windows_dropped",
+            "Windows refused by the overloaded inference worker (their call is closed)",
+            value=state["dropped"],
+        )
         yield GaugeMetricFamily("emostream_ready", "1 once the model is loaded and warmed up", value=state["ready"])
         yield InfoMetricFamily("emostream_build", "Package and model versions", value=self.info)
 
@@ -70,24 +86,41 @@ class ServerMetrics:
     def __init__(self, read_state: Callable[[], dict], model: dict[str, str] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.calls = Counter("emostream_calls", "Calls finished, by protocol and outcome",
-                             ["protocol", "outcome"], registry=r)
-        self.windows = Counter("emostream_windows", "Windows analysed: classified by the model or skipped as silence",
-                               ["result"], registry=r)
-        self.late = Counter("emostream_windows_late", "Events sent more than one hop after their window ended",
-                            registry=r)
-        self.batch_size = Histogram("emostream_inference_batch_size", "Windows per model call",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("emostream_inference_seconds", "Duration of one model call",
-                                           buckets=INFERENCE_BUCKETS, registry=r)
-        self.event_latency = Histogram("emostream_event_latency_seconds",
-                                       "From a window's last audio frame arriving to its event being sent",
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("emostream_rejected_connections", "Connections refused, by reason",
-                                ["reason"], registry=r)
+        self.calls = Counter(
+            "emostream_calls", "Calls finished, by protocol and outcome", ["protocol", "outcome"], registry=r
+        )
+        self.windows = Counter(
+            "emostream_windows",
+            "Windows analysed: classified by the model or skipped as silence",
+            ["result"],
+            registry=r,
+        )
+        self.late = Counter(
+            "emostream_windows_late", "Events sent more than one hop after their window ended", registry=r
+        )
+        self.batch_size = Histogram(
+            "emostream_inference_batch_size", "Windows per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "emostream_inference_seconds", "Duration of one model call", buckets=INFERENCE_BUCKETS, registry=r
+        )
+        self.event_latency = Histogram(
+            "emostream_event_latency_seconds",
+            "From a window's last audio frame arriving to its event being sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "emostream_rejected_connections", "Connections refused, by reason", ["reason"], registry=r
+        )
         self.alerts = Counter("emostream_alerts", "Escalation alerts raised, by rule", ["rule"], registry=r)
-        self.webhook = Counter("emostream_alert_webhook", "Alert webhook POSTs: delivered, retried (attempts after "
-                               "the first), failed (given up) or dropped (queue full)", ["outcome"], registry=r)
+        self.webhook = Counter(
+            "emostream_alert_webhook",
+            "Alert webhook POSTs: delivered, retried (attempts after "
+            "the first), failed (given up) or dropped (queue full)",
+            ["outcome"],
+            registry=r,
+        )
         for outcome in WEBHOOK_OUTCOMES:
             self.webhook.labels(outcome)
         for reason in REJECT_REASONS:  # every series exists from the start (alerts on rate() need it)

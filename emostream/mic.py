@@ -6,6 +6,7 @@ If the model falls behind by more than ``max_queue_seconds`` of audio, blocks ar
 counted (reported in the dashboard log and at the end), never silently. ``sounddevice`` is imported
 only inside functions of this module.
 """
+
 from __future__ import annotations
 
 import queue
@@ -19,8 +20,8 @@ from .audio import SAMPLE_RATE
 
 MIC_BLOCK_SECONDS = 0.1
 MAX_QUEUE_SECONDS = 10.0
-READ_TIMEOUT = 0.5     # seconds the consumer waits for a block before checking for stop
-STALL_TIMEOUT = 5.0    # no block for this long: the device stopped delivering audio
+READ_TIMEOUT = 0.5  # seconds the consumer waits for a block before checking for stop
+STALL_TIMEOUT = 5.0  # no block for this long: the device stopped delivering audio
 
 
 class MicError(Exception):
@@ -34,8 +35,10 @@ def import_sounddevice():
     except ImportError:
         raise MicError("the mic command needs the sounddevice package: pip install 'emostream[mic]'") from None
     except OSError:
-        raise MicError("PortAudio library not found: install it (Debian/Ubuntu: apt-get install libportaudio2; "
-                       "macOS: brew install portaudio)") from None
+        raise MicError(
+            "PortAudio library not found: install it (Debian/Ubuntu: apt-get install libportaudio2; "
+            "macOS: brew install portaudio)"
+        ) from None
     return sounddevice
 
 
@@ -45,9 +48,11 @@ def input_devices(sd) -> list[dict]:
         devices = sd.query_devices()
     except Exception as exc:
         raise MicError(f"cannot list audio devices: {exc}") from None
-    return [{"index": i, "name": d["name"], "channels": int(d["max_input_channels"]),
-             "rate": int(d["default_samplerate"])}
-            for i, d in enumerate(devices) if int(d["max_input_channels"]) > 0]
+    return [
+        {"index": i, "name": d["name"], "channels": int(d["max_input_channels"]), "rate": int(d["default_samplerate"])}
+        for i, d in enumerate(devices)
+        if int(d["max_input_channels"]) > 0
+    ]
 
 
 def describe_devices(devices: list[dict]) -> str:
@@ -99,7 +104,8 @@ class MicCapture:
         self.open_stream = open_stream
         self.blocksize = max(1, int(config.block_seconds * config.sample_rate))
         self._queue: queue.Queue[np.ndarray] = queue.Queue(
-            max(1, round(config.max_queue_seconds / config.block_seconds)))
+            max(1, round(config.max_queue_seconds / config.block_seconds))
+        )
         self.dropped_blocks = 0
         self.status_flags: list[str] = []
         self._stream = None
@@ -115,9 +121,14 @@ class MicCapture:
 
     def __enter__(self) -> "MicCapture":
         try:
-            self._stream = self.open_stream(device=self.config.device, channels=self.config.channels,
-                                            samplerate=self.config.sample_rate, dtype="float32",
-                                            blocksize=self.blocksize, callback=self.callback)
+            self._stream = self.open_stream(
+                device=self.config.device,
+                channels=self.config.channels,
+                samplerate=self.config.sample_rate,
+                dtype="float32",
+                blocksize=self.blocksize,
+                callback=self.callback,
+            )
             self._stream.start()
         except MicError:
             raise
@@ -141,8 +152,13 @@ class MicCapture:
             return None
 
 
-def run_capture(capture: MicCapture, pipeline, display=None, max_seconds: float | None = None,
-                stop: Callable[[], bool] = lambda: False) -> dict:
+def run_capture(
+    capture: MicCapture,
+    pipeline,
+    display=None,
+    max_seconds: float | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> dict:
     """Consume ``capture`` until ``max_seconds`` of audio, ``stop()`` or a stalled device; returns the
     summary. Blocks go to ``pipeline`` (a :class:`~emostream.pipeline.CallPipeline` at the capture rate)."""
     received, dropped_seen = 0, 0
@@ -161,8 +177,9 @@ def run_capture(capture: MicCapture, pipeline, display=None, max_seconds: float 
         if limit is not None:
             block = block[: limit - received]
         received += len(block)
-        pipeline.push(np.stack([block[:, ch] if block.shape[1] > ch else block[:, 0]
-                                for ch in range(len(pipeline.channels))]))
+        pipeline.push(
+            np.stack([block[:, ch] if block.shape[1] > ch else block[:, 0] for ch in range(len(pipeline.channels))])
+        )
         if display is not None:
             display.set_clock(pipeline.seconds, now - t0)
             if capture.dropped_blocks > dropped_seen:
@@ -202,7 +219,9 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     if sd is not None:
         device = resolve_device(sd, args.input_device)
         if args.channels > device["channels"]:
-            raise MicError(f"device {device['name']!r} has {device['channels']} input channel(s), asked for {args.channels}")
+            raise MicError(
+                f"device {device['name']!r} has {device['channels']} input channel(s), asked for {args.channels}"
+            )
         config = MicConfig(device["index"], args.rate or device["rate"], args.channels)
         open_stream, source = sd.InputStream, f"mic: {device['name']}"
     else:
@@ -211,13 +230,20 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
     predictor = load_predictor(args)
     names = ("mic",) if args.channels == 1 else ("left", "right")
     writer = JsonlWriter(args.events) if args.events else None
-    info = DashboardInfo(source=source, stream="mic", channels=names, device=str(predictor.device),
-                         hop_seconds=args.hop)
+    info = DashboardInfo(
+        source=source, stream="mic", channels=names, device=str(predictor.device), hop_seconds=args.hop
+    )
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    pipeline = CallPipeline(predictor.predict, "mic", names, stream_config=stream_cfg,
-                            analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)),
-                            sinks=sinks, sample_rate=config.sample_rate)
+    pipeline = CallPipeline(
+        predictor.predict,
+        "mic",
+        names,
+        stream_config=stream_cfg,
+        analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)),
+        sinks=sinks,
+        sample_rate=config.sample_rate,
+    )
     interrupted = False
     started = time.time()
     with display:
@@ -231,13 +257,18 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
         except KeyboardInterrupt:
             interrupted = True
             summary = pipeline.summary()
-        summary.update(model=model_identity(args.checkpoint, getattr(args, "onnx", None)),
-                       started_at=iso_utc(started), started_at_from="capture start")
+        summary.update(
+            model=model_identity(args.checkpoint, getattr(args, "onnx", None)),
+            started_at=iso_utc(started),
+            started_at_from="capture start",
+        )
         if writer:
             writer.write(summary)
             writer.close()
         display.finish(summary)
     if summary.get("dropped_seconds"):
-        print(f"emostream: warning: {summary['dropped_seconds']} s of audio dropped (model slower than real time)",
-              file=sys.stderr)
+        print(
+            f"emostream: warning: {summary['dropped_seconds']} s of audio dropped (model slower than real time)",
+            file=sys.stderr,
+        )
     return 130 if interrupted else 0

@@ -1,4 +1,5 @@
 """ResNet50 emotion classifier: mel front end + timm backbone, checkpoint I/O and batched predict."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,14 @@ class EmotionNet(nn.Module):
             drop_path_rate=model_config.drop_path,
         )
 
-    def forward(self, waveform: torch.Tensor, spec_augment=None, return_embedding: bool = False,
-                return_feature_map: bool = False, warp: torch.Tensor | None = None):
+    def forward(
+        self,
+        waveform: torch.Tensor,
+        spec_augment=None,
+        return_embedding: bool = False,
+        return_feature_map: bool = False,
+        warp: torch.Tensor | None = None,
+    ):
         """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch and
         ``warp`` (training only) gives each item a VTLP factor (:func:`emostream.features.vtlp_filterbanks`).
         Training only: with ``return_embedding`` also the pooled backbone features ``(B, C)``, with
@@ -136,15 +143,19 @@ def load_pretrained_backbone(model: EmotionNet, path: str | Path) -> list[str]:
         state["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)
     missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
-        raise CheckpointError(f"pretrained weights do not fit {model.model_config.backbone}: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"pretrained weights do not fit {model.model_config.backbone}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return missing
 
 
 # --- checkpoints ---------------------------------------------------------------------------
 
-def save_checkpoint(model: EmotionNet, directory: str | Path, metadata: dict[str, Any] | None = None,
-                    half: bool = True) -> Path:
+
+def save_checkpoint(
+    model: EmotionNet, directory: str | Path, metadata: dict[str, Any] | None = None, half: bool = True
+) -> Path:
     """Write ``model.safetensors`` (fp16 by default) and ``model.json`` metadata into ``directory``."""
     from safetensors.torch import save_file
 
@@ -199,14 +210,17 @@ def load_checkpoint(directory: str | Path, device: torch.device | str | None = N
         missing = [k for k in own if k not in names and not k.startswith("frontend.")]
         unexpected = [k for k in names if k not in own]
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint weights do not match the model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
+            raise CheckpointError(
+                f"checkpoint weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         with torch.no_grad():
             for k in names:
                 value = f.get_tensor(k)
                 if value.shape != own[k].shape:
-                    raise CheckpointError(f"checkpoint weights do not match the model: {k} is "
-                                          f"{tuple(value.shape)}, the model's {tuple(own[k].shape)}")
+                    raise CheckpointError(
+                        f"checkpoint weights do not match the model: {k} is "
+                        f"{tuple(value.shape)}, the model's {tuple(own[k].shape)}"
+                    )
                 own[k].copy_(value)
     model.metadata = meta
     model.eval()
@@ -238,8 +252,9 @@ class Predictor:
     mixed_precision: bool = True
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path = DEFAULT_CHECKPOINT, device: str | None = None,
-                        mixed_precision: bool = True) -> "Predictor":
+    def from_checkpoint(
+        cls, directory: str | Path = DEFAULT_CHECKPOINT, device: str | None = None, mixed_precision: bool = True
+    ) -> "Predictor":
         dev = select_device(device)
         model = load_checkpoint(directory, dev)
         if dev.type == "cpu":

@@ -3,6 +3,7 @@
 Free of torch and numpy, so code that only reads a checkpoint's metadata (reports, the model card),
 names its path or identifies its weights need not load the model's code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,10 @@ def default_checkpoint() -> Path:
 
 def missing_model_message(path: Path) -> str:
     """The one-line error when the shipped model is not found: both places it is looked for."""
-    return (f"no shipped model at {path}: set {CHECKPOINT_ENV} to a checkpoint directory, or install an emostream "
-            f"wheel, which carries it as {PACKAGED_CHECKPOINT}")
+    return (
+        f"no shipped model at {path}: set {CHECKPOINT_ENV} to a checkpoint directory, or install an emostream "
+        f"wheel, which carries it as {PACKAGED_CHECKPOINT}"
+    )
 
 
 class CheckpointError(ValueError):
@@ -56,5 +59,7 @@ def model_identity(checkpoint: str | Path | None = None, onnx: str | Path | None
     file's stem) and the first 12 hex digits of the weights file's SHA-256 (hashed once per file)."""
     weights = Path(onnx) if onnx else (Path(checkpoint) if checkpoint else default_checkpoint()) / WEIGHTS_FILE
     stat = weights.stat()
-    return {"name": weights.stem if onnx else weights.parent.name,
-            "sha256": _sha256(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)[:12]}
+    return {
+        "name": weights.stem if onnx else weights.parent.name,
+        "sha256": _sha256(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)[:12],
+    }

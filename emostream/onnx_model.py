@@ -13,6 +13,7 @@ rate and window length travel as ONNX metadata, so the file is all a runtime nee
 Export needs ``torch.onnx.export(dynamo=True)`` and thus the ``onnx``/``onnxscript`` packages
 (``pip install 'emostream[onnx]'``); running needs only ``onnxruntime``. ONNX Runtime runs in fp32.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, WINDOW_SAMPLES
 from . import CLASSES
+from .audio import SAMPLE_RATE, WINDOW_SAMPLES
 from .model_files import CheckpointError, default_checkpoint
 
 METADATA_PREFIX = "emostream."
@@ -65,8 +66,9 @@ def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostre
         import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise OnnxExportError(f"ONNX export needs the onnx extra ({exc.name} is missing): "
-                              "pip install 'emostream[onnx]'") from None
+        raise OnnxExportError(
+            f"ONNX export needs the onnx extra ({exc.name} is missing): pip install 'emostream[onnx]'"
+        ) from None
     import torch
 
     from .model import load_checkpoint
@@ -82,9 +84,17 @@ def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostre
     chatter = io.StringIO()  # the exporter prints progress lines; keep the command's output clean
     with warnings.catch_warnings(), torch.no_grad(), redirect_stdout(chatter), redirect_stderr(chatter):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=OPSET,
-                                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
     meta = getattr(model, "metadata", {})
     props = {
         "format": FORMAT,
@@ -143,8 +153,9 @@ class OnnxPredictor:
         label = "cpu (onnxruntime)"
         if device and device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise CheckpointError("--device cuda with --backend onnx needs onnxruntime-gpu "
-                                      "(CUDAExecutionProvider is not available)")
+                raise CheckpointError(
+                    "--device cuda with --backend onnx needs onnxruntime-gpu (CUDAExecutionProvider is not available)"
+                )
             providers, label = ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda (onnxruntime)"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -159,15 +170,23 @@ class OnnxPredictor:
         get = lambda key: props.get(METADATA_PREFIX + key)  # noqa: E731
         if get("format") != FORMAT:
             raise CheckpointError(f"{path} is not an emostream ONNX export (made by emostream export --onnx)")
-        if json.loads(get("classes") or "[]") != list(CLASSES) or get("sample_rate") != str(SAMPLE_RATE) \
-                or get("window_samples") != str(WINDOW_SAMPLES):
+        if (
+            json.loads(get("classes") or "[]") != list(CLASSES)
+            or get("sample_rate") != str(SAMPLE_RATE)
+            or get("window_samples") != str(WINDOW_SAMPLES)
+        ):
             raise CheckpointError(f"{path} was exported for other classes, rate or window length")
         names = [o.name for o in session.get_outputs()]
         if [i.name for i in session.get_inputs()] != [INPUT_NAME] or names[:2] != list(OUTPUT_NAMES):
             raise CheckpointError(f"{path} has unexpected inputs/outputs")
         clip_t = get("clip_temperature")  # absent in exports made before it existed
-        return cls(session=session, path=path, temperature=float(get("temperature")),
-                   clip_temperature=float(clip_t) if clip_t not in (None, "None") else None, device=label)
+        return cls(
+            session=session,
+            path=path,
+            temperature=float(get("temperature")),
+            clip_temperature=float(clip_t) if clip_t not in (None, "None") else None,
+            device=label,
+        )
 
     def _run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(np.asarray(windows, dtype=np.float32))

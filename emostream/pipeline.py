@@ -5,6 +5,7 @@ alerts and summary.
 :class:`emostream.Stream`) run a call through :class:`CallPipeline`, so a file gives the same events
 from any of them.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -41,14 +42,24 @@ class CallPipeline:
     partial window); :meth:`summary` is the end-of-call summary line.
     """
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], stream: str, channels: tuple[str, ...], *,
-                 stream_config: StreamConfig = StreamConfig(), analyzer_config: AnalyzerConfig = AnalyzerConfig(),
-                 sinks: Iterable[Sink] = (), alert_rules: Iterable = (), alert_sinks: Iterable[Sink] = (),
-                 sample_rate: int = SAMPLE_RATE):
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        stream: str,
+        channels: tuple[str, ...],
+        *,
+        stream_config: StreamConfig = StreamConfig(),
+        analyzer_config: AnalyzerConfig = AnalyzerConfig(),
+        sinks: Iterable[Sink] = (),
+        alert_rules: Iterable = (),
+        alert_sinks: Iterable[Sink] = (),
+        sample_rate: int = SAMPLE_RATE,
+    ):
         self.stream = stream
         self.channels = tuple(channels)
-        self.resamplers = (None if sample_rate == SAMPLE_RATE
-                           else [StreamResampler(sample_rate, SAMPLE_RATE) for _ in self.channels])
+        self.resamplers = (
+            None if sample_rate == SAMPLE_RATE else [StreamResampler(sample_rate, SAMPLE_RATE) for _ in self.channels]
+        )
         self.windower = StreamWindower(stream, self.channels, stream_config)
         sinks = list(sinks)
         self.alerts = None

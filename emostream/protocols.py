@@ -16,6 +16,7 @@ a one-line reason. The server owns sockets, models and files; these classes only
 This module holds the actions, the base :class:`Session`, the helpers the protocols share and the PCM
 protocol; the other two have a module each.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,17 @@ from .audio import alaw_decode, int16_to_float32, mulaw_decode
 # --- websocket close codes (RFC 6455 section 7.4.1) --------------------------------------------
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-CLOSE_INVALID = 1007      # malformed or out-of-protocol data
-CLOSE_POLICY = 1008       # authentication / policy
+CLOSE_INVALID = 1007  # malformed or out-of-protocol data
+CLOSE_POLICY = 1008  # authentication / policy
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
-CLOSE_TRY_LATER = 1013    # capacity
+CLOSE_TRY_LATER = 1013  # capacity
 
 SUPPORTED_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
 PCM_ENCODINGS = {"pcm_s16le": 2, "mulaw": 1, "alaw": 1}  # bytes per sample
 CALL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch
 MAX_CHANNEL_NAME = 64
-MAX_GAP_SECONDS = 3600.0       # longest gap one message may claim (longer: close 1007)
+MAX_GAP_SECONDS = 3600.0  # longest gap one message may claim (longer: close 1007)
 DURATION_PATTERN = re.compile(r"PT(\d*\.)?\d+S")  # fullmatch
 
 
@@ -54,6 +55,7 @@ class ProtocolError(Exception):
 
 
 # --- actions -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Start:
@@ -108,6 +110,7 @@ Action = Union[Start, Audio, Silence, Send, Note, End]
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def parse_json_object(text: str | bytes, what: str = "message") -> dict:
     """A JSON object from a text frame, or a :class:`ProtocolError` saying what is wrong."""
@@ -202,6 +205,7 @@ class Session:
 
 # --- /v1/pcm ---------------------------------------------------------------------------------
 
+
 class PcmSession(Session):
     """emostream's raw bridge protocol.
 
@@ -240,8 +244,10 @@ class PcmSession(Session):
             raise ProtocolError("call_id must be 1-128 letters, digits, '.', '_' or '-'")
         rate = msg.get("sample_rate")
         if not is_int(rate) or rate not in SUPPORTED_RATES:
-            raise ProtocolError(f"sample_rate {str(rate)[:20]} not supported; use 8000 or 16000 "
-                                f"(also accepted: {', '.join(map(str, SUPPORTED_RATES))})")
+            raise ProtocolError(
+                f"sample_rate {str(rate)[:20]} not supported; use 8000 or 16000 "
+                f"(also accepted: {', '.join(map(str, SUPPORTED_RATES))})"
+            )
         channels = msg.get("channels", 1)
         if not is_int(channels) or channels not in (1, 2):
             raise ProtocolError(f"channels must be 1 or 2, got {str(channels)[:20]}")
@@ -251,16 +257,29 @@ class PcmSession(Session):
         names = msg.get("channel_names")
         if names is None:
             names = [f"ch{i}" for i in range(channels)]
-        if (not isinstance(names, list) or len(names) != channels or len(set(map(str, names))) != channels
-                or not all(isinstance(n, str) and 0 < len(n) <= MAX_CHANNEL_NAME for n in names)):
+        if (
+            not isinstance(names, list)
+            or len(names) != channels
+            or len(set(map(str, names))) != channels
+            or not all(isinstance(n, str) and 0 < len(n) <= MAX_CHANNEL_NAME for n in names)
+        ):
             raise ProtocolError(f"channel_names must be {channels} distinct non-empty strings")
         self.started = True
         self.sample_rate, self.channels, self.encoding = rate, tuple(names), encoding
         self._frame_bytes = PCM_ENCODINGS[encoding] * channels
         info = {"encoding": encoding, "input_rate": rate}
-        return [Start(call_id, self.channels, rate, info, source_channels=self.channels),
-                Send({"type": "started", "call_id": call_id, "channels": list(self.channels),
-                      "sample_rate": rate, "encoding": encoding})]
+        return [
+            Start(call_id, self.channels, rate, info, source_channels=self.channels),
+            Send(
+                {
+                    "type": "started",
+                    "call_id": call_id,
+                    "channels": list(self.channels),
+                    "sample_rate": rate,
+                    "encoding": encoding,
+                }
+            ),
+        ]
 
     def on_binary(self, data: bytes) -> list[Action]:
         if not self.started:
@@ -270,8 +289,10 @@ class PcmSession(Session):
         if len(data) == 0:
             return []
         if len(data) % self._frame_bytes:
-            raise ProtocolError(f"audio frame of {len(data)} bytes is not a whole number of "
-                                f"{self._frame_bytes}-byte sample frames ({self.encoding}, {len(self.channels)} ch)")
+            raise ProtocolError(
+                f"audio frame of {len(data)} bytes is not a whole number of "
+                f"{self._frame_bytes}-byte sample frames ({self.encoding}, {len(self.channels)} ch)"
+            )
         if self.encoding == "pcm_s16le":
             samples = int16_to_float32(data)
         elif self.encoding == "mulaw":

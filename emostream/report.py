@@ -10,6 +10,7 @@ Two formats, chosen by the output's suffix: ``.html``, one self-contained file (
 no script, nothing loaded from anywhere), needs nothing beyond the core package; ``.png`` needs
 matplotlib (``emostream[report]``).
 """
+
 from __future__ import annotations
 
 import html
@@ -19,12 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .model_files import default_checkpoint
 from .dashboard import EMOTION_COLORS
+from .model_files import default_checkpoint
 from .timeline import CLASSES, Timeline
 
 AGGREGATE_AFTER_SECONDS = 15 * 60  # longer calls are drawn as per-bin averages (one window is < 1 px)
-AGGREGATE_SECONDS = 60.0           # the bin of that view: one minute
+AGGREGATE_SECONDS = 60.0  # the bin of that view: one minute
 SILENCE_COLOR = "#d9dce1"
 ALERT_COLOR = "#ff4d4f"
 FORMATS = ("html", "png")
@@ -66,8 +67,10 @@ def load_timeline(path: str | Path) -> CallTimeline:
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError:
-        raise ReportError(f"{path} is not a JSONL timeline (not text: an audio file? report reads the "
-                          "events of replay --events, serve --events-dir or batch)") from None
+        raise ReportError(
+            f"{path} is not a JSONL timeline (not text: an audio file? report reads the "
+            "events of replay --events, serve --events-dir or batch)"
+        ) from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -157,8 +160,10 @@ def _plot_segments(call: CallTimeline, channel: str) -> list[tuple[float, float,
 def _aggregated_note(call: CallTimeline) -> str:
     if call.duration <= AGGREGATE_AFTER_SECONDS:
         return ""
-    return (f"Drawn as {AGGREGATE_SECONDS / 60:g}-minute averages of the speech windows (the call is longer than "
-            f"{AGGREGATE_AFTER_SECONDS / 60:g} min); the JSONL holds every window.")
+    return (
+        f"Drawn as {AGGREGATE_SECONDS / 60:g}-minute averages of the speech windows (the call is longer than "
+        f"{AGGREGATE_AFTER_SECONDS / 60:g} min); the JSONL holds every window."
+    )
 
 
 def _speech_runs(segs: list[tuple[float, float, dict]]) -> list[list[tuple[float, float, dict]]]:
@@ -185,8 +190,11 @@ def _tick_label(seconds: float, duration: float) -> str:
 
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def _tick_step(duration: float, max_ticks: int = 12) -> float:
@@ -206,9 +214,11 @@ def accuracy_sentence(checkpoint: Path | None = None) -> str:
         ua = float((cv.get("clip_summary") or cv["summary"])["overall"]["ua"]["mean"])
     except (OSError, ValueError, KeyError, TypeError):
         return "how often the model is right is in the README's model card"
-    return (f"the model ({checkpoint.name}) gets the emotion right about {round(ua * 10)} times in 10 on voices it "
-            f"never heard (unweighted accuracy {ua:.2f}, speaker-grouped cross-validation of full-band acted speech, "
-            f"model.json; much less on phone-line audio: see the model card)")
+    return (
+        f"the model ({checkpoint.name}) gets the emotion right about {round(ua * 10)} times in 10 on voices it "
+        f"never heard (unweighted accuracy {ua:.2f}, speaker-grouped cross-validation of full-band acted speech, "
+        f"model.json; much less on phone-line audio: see the model card)"
+    )
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -229,8 +239,9 @@ def _svg_channel(call: CallTimeline, channel: str) -> str:
         for c in CLASSES:
             top = [b + float(p.get(c, 0.0)) for b, (_, _, p) in zip(base, run)]
             upper = " ".join(f"{x(lo):.2f},{y(t):.2f} {x(hi):.2f},{y(t):.2f}" for (lo, hi, _), t in zip(run, top))
-            lower = " ".join(f"{x(hi):.2f},{y(b):.2f} {x(lo):.2f},{y(b):.2f}"
-                             for (lo, hi, _), b in reversed(list(zip(run, base))))
+            lower = " ".join(
+                f"{x(hi):.2f},{y(b):.2f} {x(lo):.2f},{y(b):.2f}" for (lo, hi, _), b in reversed(list(zip(run, base)))
+            )
             parts.append(f'<polygon points="{upper} {lower}" fill="{EMOTION_COLORS[c]}"><title>{c}</title></polygon>')
             base = top
     # label strip, equal neighbours merged
@@ -244,30 +255,41 @@ def _svg_channel(call: CallTimeline, channel: str) -> str:
             merged.append([lo, hi, label])
     for lo, hi, label in merged:
         color = EMOTION_COLORS.get(label, SILENCE_COLOR) if label else SILENCE_COLOR
-        parts.append(f'<rect x="{x(lo):.2f}" y="{strip_y}" width="{max(x(hi) - x(lo), 0.5):.2f}" height="{STRIP_H}" '
-                     f'fill="{color}"><title>{_fmt_time(lo)}-{_fmt_time(hi)} {label or "no speech"}</title></rect>')
+        parts.append(
+            f'<rect x="{x(lo):.2f}" y="{strip_y}" width="{max(x(hi) - x(lo), 0.5):.2f}" height="{STRIP_H}" '
+            f'fill="{color}"><title>{_fmt_time(lo)}-{_fmt_time(hi)} {label or "no speech"}</title></rect>'
+        )
     # alerts: the run that raised each one, and the moment
     for a in call.alerts:
         if a.get("channel") != channel or a.get("state") != "raised":
             continue
         since = a.get("since") if a.get("since") is not None else a["t"]
-        parts.append(f'<rect x="{x(since):.2f}" y="{TOP}" width="{max(x(a["t"]) - x(since), 1):.2f}" '
-                     f'height="{PLOT_H}" class="alert-run"/>')
-        parts.append(f'<line x1="{x(a["t"]):.2f}" x2="{x(a["t"]):.2f}" y1="{TOP}" y2="{strip_y + STRIP_H}" class="alert">'
-                     f'<title>{html.escape(a["rule"])} raised at {_fmt_time(a["t"])}</title></line>')
+        parts.append(
+            f'<rect x="{x(since):.2f}" y="{TOP}" width="{max(x(a["t"]) - x(since), 1):.2f}" '
+            f'height="{PLOT_H}" class="alert-run"/>'
+        )
+        parts.append(
+            f'<line x1="{x(a["t"]):.2f}" x2="{x(a["t"]):.2f}" y1="{TOP}" y2="{strip_y + STRIP_H}" class="alert">'
+            f"<title>{html.escape(a['rule'])} raised at {_fmt_time(a['t'])}</title></line>"
+        )
     # axes
     step = _tick_step(duration)
     axis_y = strip_y + STRIP_H + 14
     t = 0.0
     while t <= duration + 1e-6:
-        parts.append(f'<line x1="{x(t):.2f}" x2="{x(t):.2f}" y1="{strip_y + STRIP_H}" y2="{strip_y + STRIP_H + 3}" class="tick"/>'
-                     f'<text x="{x(t):.2f}" y="{axis_y}" class="tl">{_tick_label(t, duration)}</text>')
+        parts.append(
+            f'<line x1="{x(t):.2f}" x2="{x(t):.2f}" y1="{strip_y + STRIP_H}" '
+            f'y2="{strip_y + STRIP_H + 3}" class="tick"/>'
+            f'<text x="{x(t):.2f}" y="{axis_y}" class="tl">{_tick_label(t, duration)}</text>'
+        )
         t += step
     for p in (0.0, 0.5, 1.0):
         parts.append(f'<text x="{LEFT - 6}" y="{y(p) + 4:.2f}" class="yl">{p:g}</text>')
     height = axis_y + 6
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="100%" '
-            f'role="img" aria-label="{html.escape(channel)} emotion timeline">' + "".join(parts) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" width="100%" '
+        f'role="img" aria-label="{html.escape(channel)} emotion timeline">' + "".join(parts) + "</svg>"
+    )
 
 
 CSS = """
@@ -279,7 +301,8 @@ td, th { padding: 3px 10px 3px 0; text-align: left; vertical-align: top; } th { 
 .sw { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 4px; vertical-align: -1px; }
 .legend span { margin-right: 12px; white-space: nowrap; }
 .bar { display: inline-block; height: 10px; vertical-align: 0; }
-svg .bg { fill: #f4f5f7; } svg .tick { stroke: #8d97a5; } svg .tl { font-size: 11px; fill: #6b7480; text-anchor: middle; }
+svg .bg { fill: #f4f5f7; } svg .tick { stroke: #8d97a5; }
+svg .tl { font-size: 11px; fill: #6b7480; text-anchor: middle; }
 svg .yl { font-size: 11px; fill: #6b7480; text-anchor: end; }
 svg .alert { stroke: #ff4d4f; stroke-width: 2; } svg .alert-run { fill: #ff4d4f; fill-opacity: 0.12; }
 .alerts td { color: #b3261e; }
@@ -292,47 +315,69 @@ def render_html(call: CallTimeline) -> str:
     s = call.summary
     channels = s.get("channels", {})
     speech = {ch: channels.get(ch, {}).get("speech_seconds", 0.0) for ch in call.channels}
-    out = ["<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-           f"<title>{e(call.stream)}: emotion timeline</title>",
-           "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
-           f"<style>{CSS}</style></head><body>",
-           f"<h1>{e(call.stream)}</h1>",
-           f"<div class=\"muted\">duration {_fmt_time(call.duration)} &middot; channels {e(', '.join(call.channels))}"
-           f" &middot; {sum(len(v) for v in call.events.values())} windows &middot; "
-           f"{len([a for a in call.alerts if a.get('state') == 'raised'])} alert(s) &middot; "
-           f"emostream {e(__version__)}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
-           "<p class=\"legend\">" + "".join(f"<span><i class=\"sw\" style=\"background:{EMOTION_COLORS[c]}\"></i>{c}</span>"
-                                           for c in CLASSES)
-           + f"<span><i class=\"sw\" style=\"background:{SILENCE_COLOR}\"></i>no speech</span>"
-           f"<span><i class=\"sw\" style=\"background:{ALERT_COLOR}\"></i>alert</span></p>"]
+    out = [
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(call.stream)}: emotion timeline</title>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{e(call.stream)}</h1>",
+        f'<div class="muted">duration {_fmt_time(call.duration)} &middot; channels {e(", ".join(call.channels))}'
+        f" &middot; {sum(len(v) for v in call.events.values())} windows &middot; "
+        f"{len([a for a in call.alerts if a.get('state') == 'raised'])} alert(s) &middot; "
+        f"emostream {e(__version__)}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
+        '<p class="legend">'
+        + "".join(f'<span><i class="sw" style="background:{EMOTION_COLORS[c]}"></i>{c}</span>' for c in CLASSES)
+        + f'<span><i class="sw" style="background:{SILENCE_COLOR}"></i>no speech</span>'
+        f'<span><i class="sw" style="background:{ALERT_COLOR}"></i>alert</span></p>',
+    ]
     for ch in call.channels:
         cs = channels.get(ch, {})
         out.append(f"<h2>{e(ch)}</h2>")
         out.append(_svg_channel(call, ch))
         shares = cs.get("shares", {})
         rows = "".join(
-            f"<tr><td><i class=\"sw\" style=\"background:{EMOTION_COLORS[c]}\"></i>{c}</td>"
-            f"<td>{100 * shares.get(c, 0.0):.0f}%</td><td><span class=\"bar\" style=\"width:{200 * shares.get(c, 0.0):.0f}px;"
-            f"background:{EMOTION_COLORS[c]}\"></span></td></tr>" for c in CLASSES)
-        peaks = ", ".join(f"{p['label']} {p['confidence']:.2f} at {_fmt_time(p['t_start'])}-{_fmt_time(p['t_end'])}"
-                          for p in cs.get("peaks", [])) or "none"
-        out.append(f"<table><tr><th>speech</th><td colspan=2>{_fmt_time(speech[ch])} of {_fmt_time(call.duration)} "
-                   f"({cs.get('speech_windows', 0)} of {cs.get('windows', 0)} windows)</td></tr>"
-                   f"<tr><th>dominant</th><td colspan=2>{e(str(cs.get('dominant') or 'none'))}</td></tr>"
-                   f"<tr><th>peaks</th><td colspan=2>{e(peaks)}</td></tr></table>")
+            f'<tr><td><i class="sw" style="background:{EMOTION_COLORS[c]}"></i>{c}</td>'
+            f"<td>{100 * shares.get(c, 0.0):.0f}%</td>"
+            f'<td><span class="bar" style="width:{200 * shares.get(c, 0.0):.0f}px;'
+            f'background:{EMOTION_COLORS[c]}"></span></td></tr>'
+            for c in CLASSES
+        )
+        peaks = (
+            ", ".join(
+                f"{p['label']} {p['confidence']:.2f} at {_fmt_time(p['t_start'])}-{_fmt_time(p['t_end'])}"
+                for p in cs.get("peaks", [])
+            )
+            or "none"
+        )
+        out.append(
+            f"<table><tr><th>speech</th><td colspan=2>{_fmt_time(speech[ch])} of {_fmt_time(call.duration)} "
+            f"({cs.get('speech_windows', 0)} of {cs.get('windows', 0)} windows)</td></tr>"
+            f"<tr><th>dominant</th><td colspan=2>{e(str(cs.get('dominant') or 'none'))}</td></tr>"
+            f"<tr><th>peaks</th><td colspan=2>{e(peaks)}</td></tr></table>"
+        )
         out.append(f"<table>{rows}</table>")
         alerts = [a for a in call.alerts if a.get("channel") == ch]
         if alerts:
-            out.append("<table class=\"alerts\"><tr><th>alert</th><th>state</th><th>at</th><th>run since</th></tr>" + "".join(
-                f"<tr><td>{e(a['rule'])}</td><td>{e(a['state'])}</td><td>{_fmt_time(a['t'])}</td>"
-                f"<td>{_fmt_time(a['since']) if a.get('since') is not None else ''}</td></tr>" for a in alerts) + "</table>")
-    out.append("<p class=\"muted\">" + e(_aggregated_note(call)) + " Shares are of speech time; each window "
-               "stands for the newest hop of audio it adds. A label describes 6 s of sound, not a person: "
-               + e(accuracy_sentence()) + " (see the README's limits).</p></body></html>")
+            out.append(
+                '<table class="alerts"><tr><th>alert</th><th>state</th><th>at</th><th>run since</th></tr>'
+                + "".join(
+                    f"<tr><td>{e(a['rule'])}</td><td>{e(a['state'])}</td><td>{_fmt_time(a['t'])}</td>"
+                    f"<td>{_fmt_time(a['since']) if a.get('since') is not None else ''}</td></tr>"
+                    for a in alerts
+                )
+                + "</table>"
+            )
+    out.append(
+        '<p class="muted">' + e(_aggregated_note(call)) + " Shares are of speech time; each window "
+        "stands for the newest hop of audio it adds. A label describes 6 s of sound, not a person: "
+        + e(accuracy_sentence())
+        + " (see the README's limits).</p></body></html>"
+    )
     return "\n".join(out)
 
 
 # --- PNG -------------------------------------------------------------------------------------
+
 
 def render_png(call: CallTimeline, out: Path) -> None:
     """The same report as a PNG (matplotlib, Agg)."""
@@ -364,7 +409,9 @@ def render_png(call: CallTimeline, out: Path) -> None:
         for lo, hi, e in segs:
             spans.setdefault(e.get("label") if e.get("speech") else None, []).append((lo, hi - lo))
         for label, ranges in spans.items():
-            strip.broken_barh(ranges, (0, 1), color=EMOTION_COLORS.get(label, SILENCE_COLOR) if label else SILENCE_COLOR)
+            strip.broken_barh(
+                ranges, (0, 1), color=EMOTION_COLORS.get(label, SILENCE_COLOR) if label else SILENCE_COLOR
+            )
         for a in call.alerts:
             if a.get("channel") == ch and a.get("state") == "raised":
                 since = a.get("since") if a.get("since") is not None else a["t"]
@@ -372,9 +419,15 @@ def render_png(call: CallTimeline, out: Path) -> None:
                 ax.axvline(a["t"], color=ALERT_COLOR, linewidth=1.5)
         cs = call.summary.get("channels", {}).get(ch, {})
         shares = cs.get("shares", {})
-        top = ", ".join(f"{c} {100 * shares[c]:.0f}%" for c in sorted(shares, key=shares.get, reverse=True)[:3] if shares[c] > 0)
-        ax.set_title(f"{ch}: speech {_fmt_time(cs.get('speech_seconds', 0.0))}, dominant {cs.get('dominant') or 'none'}"
-                     f"{' (' + top + ')' if top else ''}", loc="left", fontsize=10)
+        top = ", ".join(
+            f"{c} {100 * shares[c]:.0f}%" for c in sorted(shares, key=shares.get, reverse=True)[:3] if shares[c] > 0
+        )
+        ax.set_title(
+            f"{ch}: speech {_fmt_time(cs.get('speech_seconds', 0.0))}, dominant {cs.get('dominant') or 'none'}"
+            f"{' (' + top + ')' if top else ''}",
+            loc="left",
+            fontsize=10,
+        )
         ax.set_xlim(0, duration)
         ax.set_ylim(0, 1)
         ax.set_ylabel("probability")
@@ -384,11 +437,18 @@ def render_png(call: CallTimeline, out: Path) -> None:
         strip.xaxis.set_major_formatter(FuncFormatter(lambda t, _: _tick_label(t, duration)))
         strip.tick_params(labelbottom=k == n - 1)
         strip.set_xlabel(f"time ({'h:mm' if duration >= 3600 else 'm:ss'})" if k == n - 1 else "")
-    handles = [Patch(color=EMOTION_COLORS[c], label=c) for c in CLASSES] + [Patch(color=SILENCE_COLOR, label="no speech")]
+    handles = [Patch(color=EMOTION_COLORS[c], label=c) for c in CLASSES] + [
+        Patch(color=SILENCE_COLOR, label="no speech")
+    ]
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"{call.stream}  ({_fmt_time(call.duration)}, "
-                 f"{len([a for a in call.alerts if a.get('state') == 'raised'])} alert(s))"
-                 + (f"  {AGGREGATE_SECONDS / 60:g}-min averages" if call.duration > AGGREGATE_AFTER_SECONDS else ""),
-                 x=0.01, y=0.995, ha="left", fontsize=11)
+    fig.suptitle(
+        f"{call.stream}  ({_fmt_time(call.duration)}, "
+        f"{len([a for a in call.alerts if a.get('state') == 'raised'])} alert(s))"
+        + (f"  {AGGREGATE_SECONDS / 60:g}-min averages" if call.duration > AGGREGATE_AFTER_SECONDS else ""),
+        x=0.01,
+        y=0.995,
+        ha="left",
+        fontsize=11,
+    )
     fig.savefig(out)
     plt.close(fig)

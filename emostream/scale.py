@@ -14,6 +14,7 @@ Each replica reports the model calls it ran in the answer to the first request o
 ``emostream_inference_batch_size`` and ``emostream_inference_seconds`` still count windows per
 model call, summed over the front ends.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,13 +45,13 @@ class ServeConfig:
 
     app_name: str = APP_NAME
     min_replicas: int = 1
-    max_replicas: int = 1            # > min_replicas: autoscaling between the two
+    max_replicas: int = 1  # > min_replicas: autoscaling between the two
     target_ongoing_requests: float = 16.0  # autoscaling target per replica (a request = one call's windows)
-    cpus: float = 1.0                # per replica
-    gpus: float = 0.0                # per replica (> 0: the model runs on CUDA there)
-    max_batch: int = 32              # windows per model call (@serve.batch max_batch_size, in windows)
-    max_wait_ms: float = 10.0        # @serve.batch batch_wait_timeout_s
-    warm_up: bool = False            # warm every batch size up in each replica (default: batch 1)
+    cpus: float = 1.0  # per replica
+    gpus: float = 0.0  # per replica (> 0: the model runs on CUDA there)
+    max_batch: int = 32  # windows per model call (@serve.batch max_batch_size, in windows)
+    max_wait_ms: float = 10.0  # @serve.batch batch_wait_timeout_s
+    warm_up: bool = False  # warm every batch size up in each replica (default: batch 1)
 
     def __post_init__(self):
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -61,12 +62,17 @@ class ServeConfig:
             raise ValueError("max batch must be >= 1, max wait >= 0, target requests > 0")
 
     def deployment_options(self) -> dict:
-        options = {"ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
-                   "max_ongoing_requests": max(4 * self.max_batch, 2 * int(self.target_ongoing_requests) + 1)}
+        options = {
+            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
+            "max_ongoing_requests": max(4 * self.max_batch, 2 * int(self.target_ongoing_requests) + 1),
+        }
         if self.max_replicas > self.min_replicas:
-            options["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                                             "initial_replicas": self.min_replicas,
-                                             "target_ongoing_requests": self.target_ongoing_requests}
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "initial_replicas": self.min_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
         else:
             options["num_replicas"] = self.min_replicas
         return options
@@ -131,7 +137,7 @@ class EmotionModel:
         out, calls = [], []
         for i in range(0, len(windows), self.max_batch):
             t0 = time.perf_counter()
-            out.append(np.asarray(self.predict_fn(windows[i:i + self.max_batch]), np.float32))
+            out.append(np.asarray(self.predict_fn(windows[i : i + self.max_batch]), np.float32))
             calls.append((len(out[-1]), time.perf_counter() - t0))
         return np.concatenate(out), calls
 
@@ -141,7 +147,7 @@ class EmotionModel:
         probs, calls = await asyncio.to_thread(self._run, np.concatenate(requests))
         answers, pos = [], 0
         for k, r in enumerate(requests):
-            answers.append((probs[pos:pos + len(r)], calls if k == 0 else []))
+            answers.append((probs[pos : pos + len(r)], calls if k == 0 else []))
             pos += len(r)
         return answers
 
@@ -161,7 +167,8 @@ def deploy(spec: ModelSpec, config: ServeConfig, redeploy: bool = False) -> tupl
         else:
             serve.start(proxy_location="Disabled")  # the front ends use handles; no HTTP proxy needed
             app = EmotionModel.options(**config.deployment_options()).bind(
-                spec, config.max_batch, config.max_wait_ms, config.warm_up)
+                spec, config.max_batch, config.max_wait_ms, config.warm_up
+            )
             handle = serve.run(app, name=config.app_name, route_prefix=None)
             deployed = True
         info = handle.describe.remote().result(timeout_s=600)
@@ -228,8 +235,9 @@ class RayWorker:
         self._pending += n
         step = self.config.max_batch
         try:
-            answers = await asyncio.gather(*[self.handle.predict.remote(windows[i:i + step])
-                                             for i in range(0, n, step)])
+            answers = await asyncio.gather(
+                *[self.handle.predict.remote(windows[i : i + step]) for i in range(0, n, step)]
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a replica died, the deployment is gone, ...: this request fails
@@ -243,7 +251,7 @@ class RayWorker:
                 self.stats.windows += size
                 self.stats.busy_seconds += seconds
                 self.stats.largest_batch = max(self.stats.largest_batch, size)
-                self.stats.batch_sizes = (self.stats.batch_sizes + [size])[-self.KEEP_BATCH_SIZES:]
+                self.stats.batch_sizes = (self.stats.batch_sizes + [size])[-self.KEEP_BATCH_SIZES :]
                 for observe in self.batch_observers:
                     observe(size, seconds)
         return np.concatenate([probs for probs, _ in answers])

@@ -1,5 +1,6 @@
 """How window logits become a clip's calibrated probabilities: the same for the torch and the ONNX
 backends, and free of torch, so a process that runs the ONNX model never imports it."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable

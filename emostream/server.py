@@ -23,6 +23,7 @@ This module is the connection handling; the configuration is :mod:`emostream.ser
 plain HTTP routes :mod:`emostream.http_routes`, one call :mod:`emostream.live_call` and the fan-out
 :mod:`emostream.hub`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,6 +38,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from .audiohook import AudioHookSession
 from .auth import NonceCache
 from .compliance import ROLE_CHANNELS, ChannelSelectionError, expire_recordings, expire_timelines
 from .http_routes import CALL_PATHS, EVENTS_PATH, Tickets, close_reason_text, closed_reason, upgrade_response
@@ -45,9 +47,22 @@ from .keepalive import KeepaliveServerConnection
 from .live_call import EndedCall, LiveCall
 from .logs import set_call_id
 from .metrics import ServerMetrics
-from .audiohook import AudioHookSession
-from .protocols import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_TRY_LATER, Audio, End, Note,
-                        PcmSession, ProtocolError, Send, Session, Silence, Start)
+from .protocols import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_TRY_LATER,
+    Audio,
+    End,
+    Note,
+    PcmSession,
+    ProtocolError,
+    Send,
+    Session,
+    Silence,
+    Start,
+)
 from .server_config import ServerConfig
 from .twilio_media import TwilioSession
 from .webhook import AlertWebhook
@@ -57,19 +72,25 @@ __all__ = ["EmoServer", "ServerConfig", "LiveCall"]
 
 log = logging.getLogger("emostream.server")
 
-ENDED_CALL_SECONDS = 60.0       # ended calls stay listed (and greyed on the page) this long
+ENDED_CALL_SECONDS = 60.0  # ended calls stay listed (and greyed on the page) this long
 RETENTION_CHECK_SECONDS = 3600.0
-RECV_QUEUE_FRAMES = 16          # frames a connection buffers before reading pauses (x max_message_bytes)
-ENDED_PRUNE_SECONDS = 10.0      # how often ended calls past ENDED_CALL_SECONDS are dropped
-AUDIOHOOK_ERROR_GRACE = 5.0     # after a disconnect(error), wait this long for the client's close
-WEBHOOK_CLOSE_SECONDS = 5.0     # on stop, queued alert POSTs get this long
+RECV_QUEUE_FRAMES = 16  # frames a connection buffers before reading pauses (x max_message_bytes)
+ENDED_PRUNE_SECONDS = 10.0  # how often ended calls past ENDED_CALL_SECONDS are dropped
+AUDIOHOOK_ERROR_GRACE = 5.0  # after a disconnect(error), wait this long for the client's close
+WEBHOOK_CLOSE_SECONDS = 5.0  # on stop, queued alert POSTs get this long
 
 
 class EmoServer:
     """The websocket server. ``await start()``, then ``await stop()`` (or ``serve_forever``)."""
 
-    def __init__(self, config: ServerConfig, predict: PredictFn | None, device: str = "cpu",
-                 model_info: dict[str, str] | None = None, worker: InferenceWorker | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        predict: PredictFn | None,
+        device: str = "cpu",
+        model_info: dict[str, str] | None = None,
+        worker: InferenceWorker | None = None,
+    ):
         """``predict`` runs in the shared in-process worker; or pass a ready ``worker`` with the same
         interface (``emostream.scale.RayWorker``: inference on a Ray Serve deployment)."""
         if worker is None and predict is None:
@@ -112,12 +133,19 @@ class EmoServer:
         if self.config.events_retention_days is not None or self.config.record_retention_days is not None:
             self._apply_retention()
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="emostream-retention"))
-        self._server = await serve(self._handle, self.config.host, self.config.port,
-                                   process_request=self._process_request,
-                                   max_size=self.config.max_message_bytes, max_queue=RECV_QUEUE_FRAMES,
-                                   ping_interval=self.config.ping_interval, ping_timeout=self.config.ping_timeout,
-                                   close_timeout=5, server_header="emostream",
-                                   create_connection=KeepaliveServerConnection)
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            max_size=self.config.max_message_bytes,
+            max_queue=RECV_QUEUE_FRAMES,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_timeout,
+            close_timeout=5,
+            server_header="emostream",
+            create_connection=KeepaliveServerConnection,
+        )
         self._tasks.append(asyncio.create_task(self._warm_up(), name="emostream-warm-up"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="emostream-prune-ended"))
         sock = next(iter(self._server.sockets))
@@ -132,8 +160,11 @@ class EmoServer:
             log.error("model warm-up failed: %s", exc)
             return
         self.ready = True
-        log.info("ready: model warmed up for batch sizes %s in %.1f s",
-                 f"1-{self.config.worker.max_batch}" if sizes is None else "1", seconds)
+        log.info(
+            "ready: model warmed up for batch sizes %s in %.1f s",
+            f"1-{self.config.worker.max_batch}" if sizes is None else "1",
+            seconds,
+        )
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the warm-up is done (raises RuntimeError when it failed)."""
@@ -200,8 +231,13 @@ class EmoServer:
         live: dict[str, int] = {}
         for call in self.calls.values():
             live[call.protocol] = live.get(call.protocol, 0) + 1
-        return {"live_calls": live, "queue": self.worker.pending, "subscribers": self.hub.subscribers,
-                "ready": int(self.ready), "dropped": self.worker.stats.refused}
+        return {
+            "live_calls": live,
+            "queue": self.worker.pending,
+            "subscribers": self.hub.subscribers,
+            "ready": int(self.ready),
+            "dropped": self.worker.stats.refused,
+        }
 
     async def serve_forever(self) -> None:
         await self.start()
@@ -242,8 +278,9 @@ class EmoServer:
         if protocol == "twilio":
             return TwilioSession(token=None if authenticated else self.config.token)
         analysable = None if self.config.analyse == "all" else (ROLE_CHANNELS["audiohook"][self.config.analyse],)
-        return AudioHookSession(ws.request.headers.get("Audiohook-Session-Id"), self.config.supported_languages,
-                                analysable)
+        return AudioHookSession(
+            ws.request.headers.get("Audiohook-Session-Id"), self.config.supported_languages, analysable
+        )
 
     async def _handle_call(self, ws: ServerConnection, protocol: str, authenticated: bool) -> None:
         session = self._session(protocol, ws, authenticated)
@@ -288,8 +325,12 @@ class EmoServer:
                     else:
                         end_reason = "start timeout"
                         self.metrics.rejected.labels("start_timeout").inc()
-                        log.info("%s connection %s closed: no start within %g s", protocol, ws.remote_address,
-                                 self.config.start_timeout)
+                        log.info(
+                            "%s connection %s closed: no start within %g s",
+                            protocol,
+                            ws.remote_address,
+                            self.config.start_timeout,
+                        )
                         await ws.close(CLOSE_POLICY, f"no start within {self.config.start_timeout:g} s")
                     return
                 except ConnectionClosed as closed:
@@ -389,8 +430,16 @@ class EmoServer:
         if len(self.calls) >= self.config.max_calls:
             raise ProtocolError("server is at its call limit", CLOSE_TRY_LATER)
         try:
-            call = LiveCall(start, protocol, self.worker, self.hub if start.persist else None, self.config,
-                            self.metrics, self.webhook, model=self.model_info)
+            call = LiveCall(
+                start,
+                protocol,
+                self.worker,
+                self.hub if start.persist else None,
+                self.config,
+                self.metrics,
+                self.webhook,
+                model=self.model_info,
+            )
         except ChannelSelectionError as exc:
             raise ProtocolError(str(exc), CLOSE_POLICY) from None
         except OSError as exc:
@@ -401,6 +450,12 @@ class EmoServer:
 
     def status(self) -> dict:
         """Counters for logs and tests."""
-        return {"calls": len(self.calls), "connections": self.connections, "completed": self.completed,
-                "errors": self.errors, "subscribers": self.hub.subscribers, "worker": self.worker.stats.as_dict(),
-                "webhook": self.webhook.stats.as_dict() if self.webhook is not None else None}
+        return {
+            "calls": len(self.calls),
+            "connections": self.connections,
+            "completed": self.completed,
+            "errors": self.errors,
+            "subscribers": self.hub.subscribers,
+            "worker": self.worker.stats.as_dict(),
+            "webhook": self.webhook.stats.as_dict() if self.webhook is not None else None,
+        }

@@ -1,4 +1,5 @@
 """What ``emostream serve`` can be told: :class:`ServerConfig`, validated when made."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,28 +26,28 @@ class ServerConfig:
     hop_seconds: float = 1.0
     min_seconds: float = 1.0
     smooth: float = 1.0
-    vad: VadConfig = VadConfig()         # speech gate of every call
-    idle_timeout: float = 60.0           # seconds without audio before a call is closed (1001)
-    start_timeout: float = 5.0           # seconds from connecting to the call's start (1008)
-    max_unstarted: int = 32              # connections not yet started (unauthenticated ones included); more: 503
-    ping_interval: float = 20.0          # websocket keepalive ping every this many seconds
-    ping_timeout: float = 20.0           # no pong this long (and no backlog on our side): close 1011
-    max_events_kept: int = 900           # events per channel a call keeps for the page (the summary counts all)
-    max_ended_calls: int = 100           # ended calls the page lists (for ENDED_CALL_SECONDS at most)
+    vad: VadConfig = VadConfig()  # speech gate of every call
+    idle_timeout: float = 60.0  # seconds without audio before a call is closed (1001)
+    start_timeout: float = 5.0  # seconds from connecting to the call's start (1008)
+    max_unstarted: int = 32  # connections not yet started (unauthenticated ones included); more: 503
+    ping_interval: float = 20.0  # websocket keepalive ping every this many seconds
+    ping_timeout: float = 20.0  # no pong this long (and no backlog on our side): close 1011
+    max_events_kept: int = 900  # events per channel a call keeps for the page (the summary counts all)
+    max_ended_calls: int = 100  # ended calls the page lists (for ENDED_CALL_SECONDS at most)
     max_call_seconds: float = 4 * 3600.0  # audio (gaps included) one call may stream
     max_message_bytes: int = 256 * 1024  # larger frames close the connection (1009)
     max_subscribers: int = 64
     twilio_auth_token: str | None = None
-    public_url: str | None = None        # e.g. wss://calls.example.com, for Twilio signatures
+    public_url: str | None = None  # e.g. wss://calls.example.com, for Twilio signatures
     audiohook_keys: tuple[AudioHookKey, ...] = ()
     supported_languages: tuple[str, ...] = ("en-US", "de-DE")
     worker: WorkerConfig = field(default_factory=WorkerConfig)
-    warm_up: bool = False                # warm every batch size up (default: batch 1 only) before /readyz
-    analyse: str = "customer"            # customer | agent | all (AI Act: customer only in the EU)
-    record_dir: Path | None = None       # write each call's audio here (off unless asked for)
+    warm_up: bool = False  # warm every batch size up (default: batch 1 only) before /readyz
+    analyse: str = "customer"  # customer | agent | all (AI Act: customer only in the EU)
+    record_dir: Path | None = None  # write each call's audio here (off unless asked for)
     events_retention_days: float | None = None  # delete timelines in events_dir older than this
     record_retention_days: float | None = None  # delete recordings in record_dir older than this
-    alerts: tuple[AlertRule, ...] = ()   # escalation rules applied to every analysed channel
+    alerts: tuple[AlertRule, ...] = ()  # escalation rules applied to every analysed channel
     alert_webhook: WebhookConfig | None = None  # also POST every alert message there
 
     def __post_init__(self):

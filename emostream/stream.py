@@ -15,6 +15,7 @@ of the stream (the final partial window) and restarts it at the gap's end: windo
 ``gap_end + k * hop`` and never reach back before ``gap_end``, as if a new stream began there, on the
 same absolute clock.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,10 +76,10 @@ class RingBuffer:
             return
         if n >= self.capacity:  # only the newest `capacity` samples can be kept
             self.total += n - self.capacity
-            samples, n = samples[-self.capacity:], self.capacity
+            samples, n = samples[-self.capacity :], self.capacity
         pos = self.total % self.capacity
         first = min(n, self.capacity - pos)
-        self._data[pos:pos + first] = samples[:first]
+        self._data[pos : pos + first] = samples[:first]
         if first < n:
             self._data[: n - first] = samples[first:]
         self.total += n
@@ -100,7 +101,7 @@ class RingBuffer:
         pos = start % self.capacity
         first = min(n, self.capacity - pos)
         out = np.empty(n, dtype=np.float32)
-        out[:first] = self._data[pos:pos + first]
+        out[:first] = self._data[pos : pos + first]
         if first < n:
             out[first:] = self._data[: n - first]
         return out
@@ -161,7 +162,7 @@ class ChannelWindower:
         pos = 0
         while pos < len(samples):
             take = min(len(samples) - pos, max(1, self.next_end - self.buffer.total))
-            self.buffer.append(samples[pos:pos + take])
+            self.buffer.append(samples[pos : pos + take])
             pos += take
             while self.buffer.total >= self.next_end:
                 windows.append(self._window(self.next_end, final=False))
@@ -235,7 +236,7 @@ def fixed_chunks(samples: np.ndarray, max_seconds: float = 600.0, sample_rate: i
     n = max(1, -(-len(x) // WINDOW_SAMPLES))
     out = np.zeros((n, WINDOW_SAMPLES), dtype=np.float32)
     for k in range(n):
-        piece = x[k * WINDOW_SAMPLES:(k + 1) * WINDOW_SAMPLES]
+        piece = x[k * WINDOW_SAMPLES : (k + 1) * WINDOW_SAMPLES]
         out[k, : len(piece)] = piece
     return out
 
@@ -246,8 +247,9 @@ def fixed_chunks(samples: np.ndarray, max_seconds: float = 600.0, sample_rate: i
 CLIP_POSITIONS = 5
 
 
-def placed_windows(samples: np.ndarray, positions: int = 1, max_seconds: float = 600.0,
-                   sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def placed_windows(
+    samples: np.ndarray, positions: int = 1, max_seconds: float = 600.0, sample_rate: int = SAMPLE_RATE
+) -> np.ndarray:
     """Test-time window averaging: the windows ``(n, WINDOW_SAMPLES)`` whose logits a clip's
     prediction averages.
 
@@ -261,8 +263,8 @@ def placed_windows(samples: np.ndarray, positions: int = 1, max_seconds: float =
     plan = window_placements(len(x), positions)
     out = np.zeros((len(plan), WINDOW_SAMPLES), dtype=np.float32)
     for k, (src, dst) in enumerate(plan):
-        piece = x[src:src + WINDOW_SAMPLES - dst]
-        out[k, dst:dst + len(piece)] = piece
+        piece = x[src : src + WINDOW_SAMPLES - dst]
+        out[k, dst : dst + len(piece)] = piece
     return out
 
 
@@ -287,8 +289,13 @@ def _ceil_to(x: int, step: int) -> int:
     return -(-x // step) * step
 
 
-def speech_activity(samples: np.ndarray, threshold_db: float = -50.0, frame: int = 512,
-                    min_active_seconds: float = 0.1, sample_rate: int = SAMPLE_RATE) -> bool:
+def speech_activity(
+    samples: np.ndarray,
+    threshold_db: float = -50.0,
+    frame: int = 512,
+    min_active_seconds: float = 0.1,
+    sample_rate: int = SAMPLE_RATE,
+) -> bool:
     """Energy check: at least ``min_active_seconds`` of 32 ms frames above ``threshold_db`` dBFS.
 
     This only separates near-silence (line hiss, pauses) from sound; it is not a voice detector.
@@ -303,4 +310,4 @@ def frame_levels_db(samples: np.ndarray, frame: int = 512) -> np.ndarray:
     """Level in dBFS (RMS) of each whole ``frame``-sample frame; a trailing partial frame is dropped."""
     n = len(samples) // frame
     frames = np.asarray(samples[: n * frame], dtype=np.float32).reshape(n, frame)
-    return 10 * np.log10(np.mean(frames ** 2, axis=1) + 1e-12)
+    return 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)

@@ -1,4 +1,5 @@
 """Emotion events, per-channel timelines, smoothing, JSON lines output and call summaries."""
+
 from __future__ import annotations
 
 import bisect
@@ -12,18 +13,26 @@ import numpy as np
 from . import CLASSES
 
 
-def make_event(stream: str, channel: str, t_start: float, t_end: float,
-               probabilities: np.ndarray | None) -> dict:
+def make_event(stream: str, channel: str, t_start: float, t_end: float, probabilities: np.ndarray | None) -> dict:
     """One timeline event (the stable shape of DESIGN.md). ``None`` probabilities = no speech."""
-    event = {"type": "event", "stream": stream, "channel": channel, "t_start": round(float(t_start), 6),
-             "t_end": round(float(t_end), 6), "speech": probabilities is not None}
+    event = {
+        "type": "event",
+        "stream": stream,
+        "channel": channel,
+        "t_start": round(float(t_start), 6),
+        "t_end": round(float(t_end), 6),
+        "speech": probabilities is not None,
+    }
     if probabilities is None:
         event.update(label=None, confidence=None, probabilities=None)
     else:
         p = np.asarray(probabilities, dtype=np.float64)
         k = int(p.argmax())
-        event.update(label=CLASSES[k], confidence=round(float(p[k]), 4),
-                     probabilities={c: round(float(v), 4) for c, v in zip(CLASSES, p)})
+        event.update(
+            label=CLASSES[k],
+            confidence=round(float(p[k]), 4),
+            probabilities={c: round(float(v), 4) for c, v in zip(CLASSES, p)},
+        )
     return event
 
 
@@ -141,7 +150,7 @@ class Timeline:
         kept = self.events.setdefault(event["channel"], [])
         kept.append(event)
         if self.max_events is not None and len(kept) > self.max_events + self.max_events // 4 + 1:
-            del kept[:len(kept) - self.max_events]  # amortised O(1) per event
+            del kept[: len(kept) - self.max_events]  # amortised O(1) per event
         self._tallies.setdefault(event["channel"], ChannelTally()).add(event)
 
     def summary(self, peaks: int = 3) -> dict:
@@ -228,7 +237,9 @@ def agreement(events: Iterable[dict], segments: list[dict]) -> dict:
                 acc[1] += overlap
                 if s["label"] == e["label"]:
                     acc[0] += overlap
-    out = {ch: {"agreement": (a / t if t else float("nan")), "seconds": round(t, 3)} for ch, (a, t) in per_channel.items()}
+    out = {
+        ch: {"agreement": (a / t if t else float("nan")), "seconds": round(t, 3)} for ch, (a, t) in per_channel.items()
+    }
     total_a = sum(a for a, _ in per_channel.values())
     total_t = sum(t for _, t in per_channel.values())
     out["overall"] = {"agreement": total_a / total_t if total_t else float("nan"), "seconds": round(total_t, 3)}

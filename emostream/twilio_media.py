@@ -1,4 +1,5 @@
 """``/v1/twilio``: Twilio Media Streams as a pure state machine (see :mod:`emostream.protocols`)."""
+
 from __future__ import annotations
 
 import base64
@@ -7,10 +8,22 @@ import hmac
 from typing import Any
 
 from .audio import TELEPHONE_RATE, int16_to_float32, mulaw_decode
-from .protocols import (CLOSE_POLICY, Action, Audio, End, Note, ProtocolError, Session, Silence, Start, check_gap,
-                        parse_json_object, valid_call_id)
+from .protocols import (
+    CLOSE_POLICY,
+    Action,
+    Audio,
+    End,
+    Note,
+    ProtocolError,
+    Session,
+    Silence,
+    Start,
+    check_gap,
+    parse_json_object,
+    valid_call_id,
+)
 
-TWILIO_GAP_TOLERANCE_MS = 40   # timestamp jitter below this is not a gap
+TWILIO_GAP_TOLERANCE_MS = 40  # timestamp jitter below this is not a gap
 TWILIO_TRACKS = ("inbound", "outbound")
 TWILIO_CHANNEL_NAMES = {"inbound": "customer", "outbound": "agent"}  # one vocabulary in every event
 TWILIO_ENCODING = "audio/x-mulaw"
@@ -92,14 +105,22 @@ class TwilioSession(Session):
         if not isinstance(fmt, dict):
             raise ProtocolError("start.mediaFormat missing")
         if fmt.get("encoding") != TWILIO_ENCODING:
-            raise ProtocolError(f"mediaFormat.encoding {str(fmt.get('encoding'))[:30]!r} not supported (expected {TWILIO_ENCODING})")
+            raise ProtocolError(
+                f"mediaFormat.encoding {str(fmt.get('encoding'))[:30]!r} not supported (expected {TWILIO_ENCODING})"
+            )
         if fmt.get("sampleRate") != TELEPHONE_RATE:
-            raise ProtocolError(f"mediaFormat.sampleRate {str(fmt.get('sampleRate'))[:20]} not supported (expected 8000)")
+            raise ProtocolError(
+                f"mediaFormat.sampleRate {str(fmt.get('sampleRate'))[:20]} not supported (expected 8000)"
+            )
         if fmt.get("channels", 1) != 1:
             raise ProtocolError("mediaFormat.channels must be 1 (one message per track)")
         tracks = start.get("tracks", ["inbound"])
-        if (not isinstance(tracks, list) or not tracks or len(set(map(str, tracks))) != len(tracks)
-                or not all(t in TWILIO_TRACKS for t in tracks)):
+        if (
+            not isinstance(tracks, list)
+            or not tracks
+            or len(set(map(str, tracks))) != len(tracks)
+            or not all(t in TWILIO_TRACKS for t in tracks)
+        ):
             raise ProtocolError(f"start.tracks must list distinct tracks out of {', '.join(TWILIO_TRACKS)}")
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
@@ -115,10 +136,22 @@ class TwilioSession(Session):
         self.stream_sid = sid
         self.channels = tuple(tracks)
         self._received = [0] * len(tracks)
-        info = {"streamSid": sid, "callSid": start.get("callSid"), "accountSid": start.get("accountSid"),
-                "encoding": TWILIO_ENCODING, "input_rate": TELEPHONE_RATE}
-        return [Start(call_id, tuple(TWILIO_CHANNEL_NAMES[t] for t in self.channels), TELEPHONE_RATE, info,
-                      source_channels=self.channels)]
+        info = {
+            "streamSid": sid,
+            "callSid": start.get("callSid"),
+            "accountSid": start.get("accountSid"),
+            "encoding": TWILIO_ENCODING,
+            "input_rate": TELEPHONE_RATE,
+        }
+        return [
+            Start(
+                call_id,
+                tuple(TWILIO_CHANNEL_NAMES[t] for t in self.channels),
+                TELEPHONE_RATE,
+                info,
+                source_channels=self.channels,
+            )
+        ]
 
     def _media(self, media: Any) -> list[Action]:
         if not isinstance(media, dict):

@@ -17,6 +17,7 @@ keeps its original rule (0.1 s of sound anywhere in the window). Looking only at
 sits at the start of the window where the model is most accurate: that cost agreement on the
 example calls. ``bench/speech_gate.py`` measures the gates on the example calls.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,10 +31,10 @@ from .audio import SAMPLE_RATE
 from .stream import Window, frame_levels_db
 
 VAD_KINDS = ("silero", "energy", "off")
-FRAME = 512              # samples per detector frame (32 ms at 16 kHz)
-SILERO_CONTEXT = 64      # samples of the previous frame the Silero model sees
+FRAME = 512  # samples per detector frame (32 ms at 16 kHz)
+SILERO_CONTEXT = 64  # samples of the previous frame the Silero model sees
 SILERO_MODEL = "silero_vad_16k_sequence.onnx"  # one ONNX call for a block of frames, LSTM state in/out
-HISTORY_FRAMES = 256     # frame probabilities kept per channel (8 s, more than one window)
+HISTORY_FRAMES = 256  # frame probabilities kept per channel (8 s, more than one window)
 
 
 class VadUnavailable(RuntimeError):
@@ -45,9 +46,9 @@ class VadConfig:
     """Which detector gates windows, and how much speech a window needs."""
 
     kind: str = "silero"
-    threshold: float = 0.5            # silero: speech probability; energy: dBFS
-    recent_seconds: float = 6.0       # only the newest S seconds of the window are looked at (6 = all)
-    min_speech_seconds: float = 0.5   # speech needed in them
+    threshold: float = 0.5  # silero: speech probability; energy: dBFS
+    recent_seconds: float = 6.0  # only the newest S seconds of the window are looked at (6 = all)
+    min_speech_seconds: float = 0.5  # speech needed in them
 
     def __post_init__(self):
         if self.kind not in VAD_KINDS:
@@ -60,9 +61,11 @@ class VadConfig:
     @classmethod
     def named(cls, kind: str, **overrides) -> "VadConfig":
         """The default configuration of a detector kind, with ``overrides``."""
-        base = {"silero": cls("silero", 0.5, 6.0, 0.5),
-                "energy": cls("energy", -50.0, 6.0, 0.1),
-                "off": cls("off", 0.5, 6.0, 0.0)}
+        base = {
+            "silero": cls("silero", 0.5, 6.0, 0.5),
+            "energy": cls("energy", -50.0, 6.0, 0.1),
+            "off": cls("off", 0.5, 6.0, 0.0),
+        }
         if kind not in base:
             raise ValueError(f"vad must be one of {', '.join(VAD_KINDS)}, got {kind!r}")
         return replace(base[kind], **overrides)
@@ -73,8 +76,7 @@ def silero_model_path() -> Path:
     the package: its ``__init__`` sets torch to one thread for the whole process)."""
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise VadUnavailable("--vad silero needs the silero-vad package: pip install silero-vad "
-                             "(or use --vad energy)")
+        raise VadUnavailable("--vad silero needs the silero-vad package: pip install silero-vad (or use --vad energy)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / SILERO_MODEL
     if not path.is_file():
         raise VadUnavailable(f"the installed silero-vad has no {SILERO_MODEL} (need silero-vad >= 6.2)")
@@ -111,13 +113,13 @@ class SileroStream:
 
     def __init__(self, session=None, history: int = HISTORY_FRAMES):
         self.session = session or silero_session()
-        self.history = history                   # frame probabilities kept
+        self.history = history  # frame probabilities kept
         self.h = np.zeros((1, 1, 128), np.float32)
         self.c = np.zeros((1, 1, 128), np.float32)
         self.context = np.zeros(SILERO_CONTEXT, np.float32)
-        self.pending = np.zeros(0, np.float32)   # samples after the last whole frame
-        self.next_frame = 0                      # index of the first frame not yet computed
-        self.probs = np.zeros(0, np.float32)     # probabilities of frames [first_frame, next_frame)
+        self.pending = np.zeros(0, np.float32)  # samples after the last whole frame
+        self.next_frame = 0  # index of the first frame not yet computed
+        self.probs = np.zeros(0, np.float32)  # probabilities of frames [first_frame, next_frame)
         self.first_frame = 0
 
     @property
@@ -136,7 +138,7 @@ class SileroStream:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         x = np.concatenate([self.pending, x]) if len(self.pending) else x
         n = len(x) // FRAME
-        self.pending = x[n * FRAME:].copy()
+        self.pending = x[n * FRAME :].copy()
         if n == 0:
             return
         frames = x[: n * FRAME].reshape(n, FRAME)
@@ -144,9 +146,11 @@ class SileroStream:
         contexts[0] = self.context
         contexts[1:] = frames[:-1, -SILERO_CONTEXT:]
         self.context = frames[-1, -SILERO_CONTEXT:].copy()
-        p, self.h, self.c = self.session.run(["speech_probs", "hn", "cn"], {
-            "input": np.concatenate([contexts, frames], axis=1), "h": self.h, "c": self.c})
-        self.probs = np.concatenate([self.probs, np.asarray(p, np.float32).reshape(-1)])[-self.history:]
+        p, self.h, self.c = self.session.run(
+            ["speech_probs", "hn", "cn"],
+            {"input": np.concatenate([contexts, frames], axis=1), "h": self.h, "c": self.c},
+        )
+        self.probs = np.concatenate([self.probs, np.asarray(p, np.float32).reshape(-1)])[-self.history :]
         self.next_frame += n
         self.first_frame = self.next_frame - len(self.probs)
 
@@ -156,7 +160,7 @@ class SileroStream:
         hi = min(end // FRAME, self.next_frame)
         if hi <= lo:
             return np.zeros(0, np.float32)
-        return self.probs[lo - self.first_frame:hi - self.first_frame]
+        return self.probs[lo - self.first_frame : hi - self.first_frame]
 
 
 class SpeechGate:
@@ -175,7 +179,7 @@ class SpeechGate:
         lo = max(window.start, window.end - int(round(cfg.recent_seconds * self.sample_rate)))
         frame_seconds = FRAME / self.sample_rate
         if cfg.kind == "energy":
-            db = frame_levels_db(window.samples[lo - window.start: window.end - window.start], FRAME)
+            db = frame_levels_db(window.samples[lo - window.start : window.end - window.start], FRAME)
             return float((db > cfg.threshold).sum() * frame_seconds)
         if cfg.kind == "off":
             return float((window.end - lo) / self.sample_rate)
@@ -186,11 +190,12 @@ class SpeechGate:
         if window.end > vad.position:
             if window.start > vad.position:  # a gap (hop longer than the window): start afresh
                 vad.reset_to(window.start)
-            vad.feed(window.samples[vad.position - window.start: window.end - window.start])
+            vad.feed(window.samples[vad.position - window.start : window.end - window.start])
             if window.final and vad.pending.size:  # end of stream: the last partial frame, zero-padded
                 vad.feed(np.zeros(FRAME - len(vad.pending), np.float32))
-        return float((vad.frames(lo, window.end + (FRAME if window.final else 0)) >= cfg.threshold).sum()
-                     * frame_seconds)
+        return float(
+            (vad.frames(lo, window.end + (FRAME if window.final else 0)) >= cfg.threshold).sum() * frame_seconds
+        )
 
     def is_speech(self, window: Window) -> bool:
         """Whether ``window`` is classified."""
@@ -211,8 +216,8 @@ class SpeechCounter:
     def __init__(self, config: VadConfig = VadConfig(), sample_rate: int = SAMPLE_RATE):
         self.config = config
         self.sample_rate = sample_rate
-        self.frames = 0                     # detector frames above the threshold
-        self.samples = 0                    # samples fed
+        self.frames = 0  # detector frames above the threshold
+        self.samples = 0  # samples fed
         self._pending = np.zeros(0, np.float32)
         self._silero = SileroStream() if config.kind == "silero" else None
 
@@ -223,7 +228,7 @@ class SpeechCounter:
             step = self._silero.history * FRAME
             for pos in range(0, len(x), step):
                 before = self._silero.next_frame
-                self._silero.feed(x[pos:pos + step])
+                self._silero.feed(x[pos : pos + step])
                 new = self._silero.next_frame - before
                 if new:
                     self.frames += int((self._silero.probs[-new:] >= self.config.threshold).sum())

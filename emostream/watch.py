@@ -5,6 +5,7 @@ Fed with the messages of ``/v1/events`` (``hello``, ``call_started``, ``event``,
 confidence, active escalation alerts, colour timeline of recent windows, speech windows) for a
 terminal, or one plain line per message.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,9 +24,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .dashboard import (SILENCE_STYLE, TIMELINE_BLOCK, TIMELINE_SILENCE, emotion_style, format_clock, legend)
+from .dashboard import SILENCE_STYLE, TIMELINE_BLOCK, TIMELINE_SILENCE, emotion_style, format_clock, legend
 
-STRIP_WIDTH = 40       # windows shown per channel
+STRIP_WIDTH = 40  # windows shown per channel
 ALERT_STYLE = "bold white on red"
 ENDED_CALLS_KEPT = 10  # finished calls stay on screen (dimmed) until this many newer ones ended
 
@@ -111,8 +112,12 @@ class SupervisorView:
         """The whole screen: header line, the call table, the legend."""
         with self._lock:
             live = sum(1 for c in self.calls.values() if c.ended is None)
-            table = Table(box=box.SIMPLE_HEAD, expand=True,
-                          title=f"emostream · {self.source} · {live} live call(s)", title_justify="left")
+            table = Table(
+                box=box.SIMPLE_HEAD,
+                expand=True,
+                title=f"emostream · {self.source} · {live} live call(s)",
+                title_justify="left",
+            )
             table.add_column("Call", no_wrap=True, style="bold")
             table.add_column("Channel", no_wrap=True)
             table.add_column("Now", no_wrap=True)
@@ -134,8 +139,7 @@ class SupervisorView:
                         now.append(f"  ALERT {', '.join(ch.alerts)}", style=ALERT_STYLE)
                     strip = Text(no_wrap=True, overflow="crop")
                     for label in ch.strip:
-                        strip.append(TIMELINE_SILENCE if label is None else TIMELINE_BLOCK,
-                                     style=emotion_style(label))
+                        strip.append(TIMELINE_SILENCE if label is None else TIMELINE_BLOCK, style=emotion_style(label))
                     table.add_row(who, name, now, format_clock(ch.t_end), strip, f"{ch.speech}/{ch.windows}")
             return Group(table, legend())
 
@@ -167,17 +171,23 @@ class PlainWatcher:
         """The text for one message (``None`` for messages not shown)."""
         kind = message.get("type")
         if kind == "call_started":
-            return f"[{message.get('call_id')}] started ({message.get('protocol')}: {', '.join(message.get('channels') or [])})"
+            channels = ", ".join(message.get("channels") or [])
+            return f"[{message.get('call_id')}] started ({message.get('protocol')}: {channels})"
         if kind == "event":
-            head = f"[{message.get('stream')}] {message.get('channel')}  {float(message.get('t_start') or 0):.1f}-{float(message.get('t_end') or 0):.1f}s  "
+            span = f"{float(message.get('t_start') or 0):.1f}-{float(message.get('t_end') or 0):.1f}s"
+            head = f"[{message.get('stream')}] {message.get('channel')}  {span}  "
             if not message.get("speech"):
                 return head + "silence"
             return head + f"{message.get('label'):<9} {float(message.get('confidence') or 0):.2f}"
         if kind == "alert":
-            return (f"[{message.get('call_id') or message.get('stream')}] {message.get('channel')}  "
-                    f"ALERT {message.get('state')}: {message.get('rule')} at {float(message.get('t') or 0):.1f}s")
+            return (
+                f"[{message.get('call_id') or message.get('stream')}] {message.get('channel')}  "
+                f"ALERT {message.get('state')}: {message.get('rule')} at {float(message.get('t') or 0):.1f}s"
+            )
         if kind == "summary":
-            parts = [f"{name} {ch.get('dominant') or 'no speech'}" for name, ch in (message.get("channels") or {}).items()]
+            parts = [
+                f"{name} {ch.get('dominant') or 'no speech'}" for name, ch in (message.get("channels") or {}).items()
+            ]
             return f"[{message.get('call_id') or message.get('stream')}] summary  {'  '.join(parts)}"
         if kind == "call_ended":
             return f"[{message.get('call_id')}] ended ({message.get('reason')})"
@@ -197,11 +207,18 @@ def events_url(url: str, call_id: str | None = None) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.netloc:
         raise ValueError(f"URL must look like ws://HOST:PORT, got {url!r}")
-    return urlunsplit((parts.scheme, parts.netloc, "/v1/events", urlencode({"call_id": call_id}) if call_id else "", ""))
+    return urlunsplit(
+        (parts.scheme, parts.netloc, "/v1/events", urlencode({"call_id": call_id}) if call_id else "", "")
+    )
 
 
-async def watch(url: str, on_message: Callable[[dict], None], token: str | None = None,
-                call_id: str | None = None, stop_after: float | None = None) -> str | None:
+async def watch(
+    url: str,
+    on_message: Callable[[dict], None],
+    token: str | None = None,
+    call_id: str | None = None,
+    stop_after: float | None = None,
+) -> str | None:
     """Read ``/v1/events`` until the server closes (or ``stop_after`` seconds pass). Returns how the
     server closed it (``"code 1001: going away"``, ``"connection lost"``), None after ``stop_after``."""
     from websockets.asyncio.client import connect
@@ -209,6 +226,7 @@ async def watch(url: str, on_message: Callable[[dict], None], token: str | None 
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with connect(events_url(url, call_id), additional_headers=headers, open_timeout=10) as ws:
+
         async def pump() -> None:
             try:
                 async for data in ws:
@@ -226,5 +244,3 @@ async def watch(url: str, on_message: Callable[[dict], None], token: str | None 
         if ws.close_code is None:
             return "connection lost"
         return f"code {ws.close_code}" + (f": {ws.close_reason}" if ws.close_reason else "")
-
-

@@ -8,6 +8,7 @@ timeout, 408, 429 or a 5xx answer is retried after ``backoff_seconds``, doubling
 out of attempts give it up. Every outcome is counted and logged (URL without its query string or
 credentials); a full queue drops the new message (counted) instead of holding a call up.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,10 @@ class WebhookConfig:
     """Where and how persistently alerts are POSTed."""
 
     url: str
-    retries: int = 3                # attempts after the first one
-    backoff_seconds: float = 0.5    # wait before the first retry, doubled for each next one
-    timeout_seconds: float = 5.0    # per attempt (connect + answer)
-    max_queue: int = 1000           # messages waiting; beyond that new ones are dropped
+    retries: int = 3  # attempts after the first one
+    backoff_seconds: float = 0.5  # wait before the first retry, doubled for each next one
+    timeout_seconds: float = 5.0  # per attempt (connect + answer)
+    max_queue: int = 1000  # messages waiting; beyond that new ones are dropped
     headers: tuple[tuple[str, str], ...] = ()  # extra request headers, e.g. (("Authorization", "Bearer T"),)
 
     def __post_init__(self):
@@ -61,14 +62,19 @@ class WebhookStats:
     """What happened to the messages so far."""
 
     delivered: int = 0
-    failed: int = 0      # given up: attempts exhausted or refused by the endpoint
-    dropped: int = 0     # never tried: the queue was full or the sender closed
-    retries: int = 0     # attempts after a message's first
+    failed: int = 0  # given up: attempts exhausted or refused by the endpoint
+    dropped: int = 0  # never tried: the queue was full or the sender closed
+    retries: int = 0  # attempts after a message's first
     last_error: str | None = None
 
     def as_dict(self) -> dict:
-        return {"delivered": self.delivered, "failed": self.failed, "dropped": self.dropped,
-                "retries": self.retries, "last_error": self.last_error}
+        return {
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "retries": self.retries,
+            "last_error": self.last_error,
+        }
 
 
 @dataclass
@@ -81,8 +87,8 @@ class AlertWebhook:
 
     def __post_init__(self):
         self._queue: queue.Queue = queue.Queue(self.config.max_queue)
-        self._closing = threading.Event()   # no new messages
-        self._abort = threading.Event()     # stop retrying: close's deadline passed
+        self._closing = threading.Event()  # no new messages
+        self._abort = threading.Event()  # stop retrying: close's deadline passed
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="emostream-webhook", daemon=True)
         self._thread.start()
@@ -109,8 +115,11 @@ class AlertWebhook:
 
     def _count(self, outcome: str, error: str | None = None) -> None:
         with self._lock:
-            setattr(self.stats, outcome if outcome != "retry" else "retries",
-                    getattr(self.stats, outcome if outcome != "retry" else "retries") + 1)
+            setattr(
+                self.stats,
+                outcome if outcome != "retry" else "retries",
+                getattr(self.stats, outcome if outcome != "retry" else "retries") + 1,
+            )
             if error:
                 self.stats.last_error = error
         if self.on_outcome is not None:
@@ -151,8 +160,9 @@ class AlertWebhook:
                 return
             if not retry:
                 break
-        log.warning("alert webhook %s: gave up on %s after %d attempt(s): %s",
-                    redact_url(cfg.url), what, attempt + 1, error)
+        log.warning(
+            "alert webhook %s: gave up on %s after %d attempt(s): %s", redact_url(cfg.url), what, attempt + 1, error
+        )
         self._count("failed", error)
 
     def _post(self, body: bytes, headers: dict) -> tuple[str | None, bool]:
@@ -171,8 +181,9 @@ class AlertWebhook:
             return f"{type(exc).__name__}: {exc}"[:200], False
 
 
-def webhook_from_args(url: str | None, token: str | None = None,
-                      on_outcome: Callable[[str], None] | None = None) -> AlertWebhook | None:
+def webhook_from_args(
+    url: str | None, token: str | None = None, on_outcome: Callable[[str], None] | None = None
+) -> AlertWebhook | None:
     """The sender for ``--alert-webhook URL`` (``token`` becomes a Bearer header), or None."""
     if not url:
         return None

@@ -7,6 +7,7 @@ batches, their logits summed (:func:`~emostream.model.clip_probabilities`); the 
 through the speech gate's detector. A file with less speech than one window of a stream needs
 (:attr:`~emostream.vad.SpeechCounter.has_speech`) gets ``"speech": false`` and no label.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +20,11 @@ from .stream import window_placements
 from .timeline import CLASSES
 from .vad import SpeechCounter, VadConfig
 
-CLASSIFY_BATCH = 16       # windows per model call
+CLASSIFY_BATCH = 16  # windows per model call
 LONG_FILE_SECONDS = 120.0  # longer files get a hint: a timeline (replay, batch) shows what one label hides
 
 
-def cut_windows(blocks: Iterable[np.ndarray], n_samples: int, positions: int,
-                on_block=None) -> Iterator[np.ndarray]:
+def cut_windows(blocks: Iterable[np.ndarray], n_samples: int, positions: int, on_block=None) -> Iterator[np.ndarray]:
     """Batches ``(<= CLASSIFY_BATCH, WINDOW_SAMPLES)`` of the placed windows of a clip of
     ``n_samples`` whose samples arrive as mono ``blocks``; only the samples a window still needs are
     kept. ``on_block(block)`` sees every block (the speech counter). A clip shorter than announced is
@@ -40,8 +40,8 @@ def cut_windows(blocks: Iterable[np.ndarray], n_samples: int, positions: int,
             if not final and end > buf_start + len(buf):
                 break
             window = np.zeros(WINDOW_SAMPLES, np.float32)
-            piece = buf[max(0, src - buf_start): max(0, end - buf_start)]
-            window[dst:dst + len(piece)] = piece
+            piece = buf[max(0, src - buf_start) : max(0, end - buf_start)]
+            window[dst : dst + len(piece)] = piece
             batch.append(window)
             k += 1
             if len(batch) == CLASSIFY_BATCH:
@@ -69,11 +69,20 @@ def classify_file(path: str | Path, predictor, positions: int, vad: VadConfig) -
     counter = SpeechCounter(vad)
     blocks = (b[0] for b in stream_audio(path, mono=True))
     probs = clip_probabilities(predictor, cut_windows(blocks, n_samples, positions, counter.feed), positions)
-    record = {"path": str(path), "speech": counter.has_speech, "label": None, "confidence": None,
-              "probabilities": None, "duration": round(counter.samples / SAMPLE_RATE, 3),
-              "speech_seconds": round(counter.seconds, 3)}
+    record = {
+        "path": str(path),
+        "speech": counter.has_speech,
+        "label": None,
+        "confidence": None,
+        "probabilities": None,
+        "duration": round(counter.samples / SAMPLE_RATE, 3),
+        "speech_seconds": round(counter.seconds, 3),
+    }
     if counter.has_speech:
         k = int(np.argmax(probs))
-        record.update(label=CLASSES[k], confidence=round(float(probs[k]), 4),
-                      probabilities={c: round(float(p), 4) for c, p in zip(CLASSES, probs)})
+        record.update(
+            label=CLASSES[k],
+            confidence=round(float(probs[k]), 4),
+            probabilities={c: round(float(p), 4) for c, p in zip(CLASSES, probs)},
+        )
     return record

@@ -6,6 +6,7 @@ single background thread (so a slow batch never blocks socket I/O), and hands ea
 Pending work is bounded: a request that would exceed ``max_pending`` windows is refused with
 :class:`WorkerOverloaded` and counted, never silently dropped.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,9 +35,9 @@ class WorkerStopped(RuntimeError):
 class WorkerConfig:
     """Micro-batching limits."""
 
-    max_batch: int = 32        # windows per model call
+    max_batch: int = 32  # windows per model call
     max_wait_ms: float = 10.0  # how long the first waiting window may wait for company
-    max_pending: int = 4096    # windows queued or running before requests are refused
+    max_pending: int = 4096  # windows queued or running before requests are refused
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -59,8 +60,13 @@ class WorkerStats:
     batch_sizes: list[int] = field(default_factory=list)  # the last few, newest last
 
     def as_dict(self) -> dict:
-        return {"batches": self.batches, "windows": self.windows, "refused": self.refused,
-                "largest_batch": self.largest_batch, "busy_seconds": round(self.busy_seconds, 3)}
+        return {
+            "batches": self.batches,
+            "windows": self.windows,
+            "refused": self.refused,
+            "largest_batch": self.largest_batch,
+            "busy_seconds": round(self.busy_seconds, 3),
+        }
 
 
 @dataclass
@@ -118,7 +124,7 @@ class InferenceWorker:
             raise WorkerStopped("inference worker is not running")
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        for n in (range(1, self.config.max_batch + 1) if sizes is None else sizes):
+        for n in range(1, self.config.max_batch + 1) if sizes is None else sizes:
             await loop.run_in_executor(self._executor, self.predict, np.zeros((n, WINDOW_SAMPLES), np.float32))
         return time.perf_counter() - t0
 
@@ -170,7 +176,7 @@ class InferenceWorker:
     def _predict_batches(self, windows: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         step = self.config.max_batch
-        out = [np.asarray(self.predict(windows[i:i + step])) for i in range(0, len(windows), step)]
+        out = [np.asarray(self.predict(windows[i : i + step])) for i in range(0, len(windows), step)]
         return np.concatenate(out), time.perf_counter() - t0
 
     async def _run(self) -> None:
@@ -196,14 +202,14 @@ class InferenceWorker:
             self.stats.windows += len(batch)
             self.stats.busy_seconds += seconds
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-            self.stats.batch_sizes = (self.stats.batch_sizes + [len(batch)])[-self.KEEP_BATCH_SIZES:]
+            self.stats.batch_sizes = (self.stats.batch_sizes + [len(batch)])[-self.KEEP_BATCH_SIZES :]
             for observe in self.batch_observers:
                 observe(len(batch), seconds)
             pos = 0
             for j in jobs:
                 n = len(j.windows)
                 if not j.future.done():
-                    j.future.set_result(probs[pos:pos + n])
+                    j.future.set_result(probs[pos : pos + n])
                 pos += n
 
 
@@ -229,12 +235,12 @@ class ModelSpec:
     """Which model to load, as a small picklable value: what a worker process, a Ray Data actor or a
     Ray Serve replica needs to load the same model as the command that started it."""
 
-    checkpoint: str | None = None   # checkpoint directory; None = the shipped model
-    device: str = "auto"            # auto | cpu | cuda[:N]
-    fp32: bool = False              # no bf16/fp16 autocast
-    backend: str = "torch"          # torch | onnx | constant (no model: the fixed Neutral answer)
-    onnx: str | None = None         # the ONNX file for backend onnx
-    threads: int | None = None      # torch intra-op threads in the loading process (None: leave as is)
+    checkpoint: str | None = None  # checkpoint directory; None = the shipped model
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    fp32: bool = False  # no bf16/fp16 autocast
+    backend: str = "torch"  # torch | onnx | constant (no model: the fixed Neutral answer)
+    onnx: str | None = None  # the ONNX file for backend onnx
+    threads: int | None = None  # torch intra-op threads in the loading process (None: leave as is)
 
     @classmethod
     def from_args(cls, args, threads: int | None = None) -> "ModelSpec":
@@ -242,8 +248,14 @@ class ModelSpec:
         if getattr(args, "no_model", False):
             return cls(backend="constant", threads=threads)
         backend = getattr(args, "backend", None) or ("onnx" if getattr(args, "onnx", None) else "torch")
-        return cls(checkpoint=args.checkpoint, device=args.device, fp32=args.fp32, backend=backend,
-                   onnx=getattr(args, "onnx", None), threads=threads)
+        return cls(
+            checkpoint=args.checkpoint,
+            device=args.device,
+            fp32=args.fp32,
+            backend=backend,
+            onnx=getattr(args, "onnx", None),
+            threads=threads,
+        )
 
     def load(self) -> tuple[PredictFn, str, dict[str, str]]:
         """``(predict, device name, model info for /metrics)``; raises :class:`~emostream.loading.ModelOptionsError`
@@ -256,7 +268,11 @@ class ModelSpec:
             return constant_predictor(), "none (--no-model)", {"name": "none"}
         from .loading import load_predictor, model_info
 
-        predictor = load_predictor(self.checkpoint, device=self.device, fp32=self.fp32, backend=self.backend,
-                                   onnx=self.onnx)
-        return predictor.predict, str(predictor.device), model_info(predictor, checkpoint=self.checkpoint,
-                                                                    onnx=self.onnx)
+        predictor = load_predictor(
+            self.checkpoint, device=self.device, fp32=self.fp32, backend=self.backend, onnx=self.onnx
+        )
+        return (
+            predictor.predict,
+            str(predictor.device),
+            model_info(predictor, checkpoint=self.checkpoint, onnx=self.onnx),
+        )

@@ -1,4 +1,5 @@
 """Shared fixtures: paths, the shipped checkpoint, small generated audio."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,5 +67,6 @@ def stereo_file(tmp_path) -> Path:
 
 
 def requires_shared():
-    return pytest.mark.skipif(not (SHARED_DATA / "manifest.csv").exists(),
-                              reason=f"shared data not found at {SHARED_DATA}")
+    return pytest.mark.skipif(
+        not (SHARED_DATA / "manifest.csv").exists(), reason=f"shared data not found at {SHARED_DATA}"
+    )

@@ -1,4 +1,5 @@
 """Helpers for the live-source tests: a server on 127.0.0.1 in a background thread, test audio."""
+
 from __future__ import annotations
 
 import asyncio

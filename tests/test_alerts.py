@@ -1,4 +1,5 @@
 """Escalation alert rules on constructed timelines: they fire exactly when the rule holds."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,16 @@ from .conftest import ROOT
 
 def event(t_end, angry, channel="customer", speech=True):
     probs = {c: (angry if c == "Angry" else (1 - angry) / 6) for c in CLASSES}
-    return {"stream": "s", "channel": channel, "t_start": max(0.0, t_end - 6), "t_end": float(t_end),
-            "speech": speech, "label": None, "confidence": None, "probabilities": probs if speech else None}
+    return {
+        "stream": "s",
+        "channel": channel,
+        "t_start": max(0.0, t_end - 6),
+        "t_end": float(t_end),
+        "speech": speech,
+        "label": None,
+        "confidence": None,
+        "probabilities": probs if speech else None,
+    }
 
 
 def test_parse_rules():
@@ -61,14 +70,20 @@ def test_hysteresis_holds_through_dips_and_clears_after_a_quiet_run():
     holds the alert, and it clears only after 5 s below 0.5 (silence counts as below)."""
     tracker = AlertTracker([AlertRule.parse("Sad>=0.6 for 3s")], "s")
     sad = {t: 0.3 for t in range(1, 41)}
-    sad.update({t: 0.7 for t in range(9, 13)})   # run 9..12: raised at 12
+    sad.update({t: 0.7 for t in range(9, 13)})  # run 9..12: raised at 12
     sad.update({13: 0.55, 14: 0.45, 15: 0.4, 16: 0.65, 17: 0.7})  # between, 2 s below, back up: held
     sad.update({t: 0.2 for t in range(18, 23)})  # 18..22 below (18 + 5 s = 23)
     states = []
     for t in range(1, 41):
         speech = t != 20  # a pause inside the quiet run counts towards clearing
-        e = {"stream": "s", "channel": "customer", "t_start": max(0.0, t - 6), "t_end": float(t), "speech": speech,
-             "probabilities": {c: (sad[t] if c == "Sad" else (1 - sad[t]) / 6) for c in CLASSES} if speech else None}
+        e = {
+            "stream": "s",
+            "channel": "customer",
+            "t_start": max(0.0, t - 6),
+            "t_end": float(t),
+            "speech": speech,
+            "probabilities": {c: (sad[t] if c == "Sad" else (1 - sad[t]) / 6) for c in CLASSES} if speech else None,
+        }
         states += [(m["state"], m["t"], m["since"]) for m in tracker.update(e)]
     assert states == [("raised", 12.0, 9.0), ("cleared", 23.0, 9.0)]
     cleared = tracker.history[-1]
@@ -102,17 +117,38 @@ def test_strict_threshold_and_zero_duration():
 def test_replay_writes_alerts_to_the_events_file(tmp_path):
     """The CLI path: replay --alert puts alert messages into the JSONL next to the events."""
     out = tmp_path / "e.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "emostream", "replay", str(ROOT / "examples" / "call_mono.flac"),
-                           "--fast", "--no-dashboard", "--events", str(out), "--alert", "Neutral>=0.0 for 2s",
-                           "--vad", "energy"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emostream",
+            "replay",
+            str(ROOT / "examples" / "call_mono.flac"),
+            "--fast",
+            "--no-dashboard",
+            "--events",
+            str(out),
+            "--alert",
+            "Neutral>=0.0 for 2s",
+            "--vad",
+            "energy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     alerts = [x for x in lines if x.get("type") == "alert"]
     first_speech = min(x["t_end"] for x in lines if x.get("speech"))
     assert alerts and alerts[0]["state"] == "raised" and alerts[0]["t"] >= first_speech + 2
     assert "ALERT: ch0 Neutral>=0 for 2s" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "emostream", "replay", "x.wav", "--alert", "Grumpy>=1"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "emostream", "replay", "x.wav", "--alert", "Grumpy>=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown emotion" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -166,8 +202,15 @@ class Endpoint:
 
 
 def alert_message(n=0):
-    return {"type": "alert", "call_id": f"c{n}", "channel": "customer", "rule": "Angry>=0.7 for 10s", "state": "raised",
-            "t": 12.0, "since": 2.0}
+    return {
+        "type": "alert",
+        "call_id": f"c{n}",
+        "channel": "customer",
+        "rule": "Angry>=0.7 for 10s",
+        "state": "raised",
+        "t": 12.0,
+        "since": 2.0,
+    }
 
 
 def test_webhook_delivers_in_order_with_headers():
@@ -238,17 +281,25 @@ def test_server_posts_alerts_and_a_failing_endpoint_never_breaks_the_call(tmp_pa
     rule = AlertRule.parse("Neutral>=0.5 for 2s")  # the constant test predictor answers 0.7 Neutral
     for statuses, delivered in (([200], True), ([500], False)):
         with Endpoint(statuses) as ep:
-            config = ServerConfig(port=0, vad=VadConfig.named("energy"), analyse="all", alerts=(rule,),
-                                  alert_webhook=WebhookConfig(ep.url, retries=2, backoff_seconds=0.05))
+            config = ServerConfig(
+                port=0,
+                vad=VadConfig.named("energy"),
+                analyse="all",
+                alerts=(rule,),
+                alert_webhook=WebhookConfig(ep.url, retries=2, backoff_seconds=0.05),
+            )
             with ServerThread(config) as srv:
                 result = asyncio.run(send_file(audio, srv.url, SendOptions(protocol="pcm", fast=True)))
                 assert result.close_code == 1000 and result.summary is not None
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and (srv.server.webhook.stats.delivered + srv.server.webhook.stats.failed) < 1:
+                while (
+                    time.monotonic() < deadline
+                    and (srv.server.webhook.stats.delivered + srv.server.webhook.stats.failed) < 1
+                ):
                     time.sleep(0.05)
                 metrics = srv.server.metrics.render().decode()
         if delivered:
-            (body, _), = ep.posts
+            ((body, _),) = ep.posts
             assert body["type"] == "alert" and body["state"] == "raised" and body["rule"] == "Neutral>=0.5 for 2s"
             assert body["call_id"] == result.call_id and body["t"] == 3.0
             assert 'emostream_alert_webhook_total{outcome="delivered"} 1.0' in metrics
@@ -264,10 +315,24 @@ def test_replay_posts_alerts_to_the_webhook(tmp_path, capsys):
     from emostream.cli import main
 
     audio, rate = sf.read(ROOT / "examples" / "call_mono.flac")
-    sf.write(tmp_path / "call.flac", audio[:12 * rate], rate)
+    sf.write(tmp_path / "call.flac", audio[: 12 * rate], rate)
     with Endpoint() as ep:
-        rc = main(["replay", str(tmp_path / "call.flac"), "--fast", "--no-dashboard", "--vad", "energy",
-                   "--alert", "Neutral>=0.0 for 2s", "--alert-webhook", ep.url, "--events", str(tmp_path / "e.jsonl")])
+        rc = main(
+            [
+                "replay",
+                str(tmp_path / "call.flac"),
+                "--fast",
+                "--no-dashboard",
+                "--vad",
+                "energy",
+                "--alert",
+                "Neutral>=0.0 for 2s",
+                "--alert-webhook",
+                ep.url,
+                "--events",
+                str(tmp_path / "e.jsonl"),
+            ]
+        )
     assert rc == 0
     written = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [b for b, _ in ep.posts] == [x for x in written if x.get("type") == "alert"] and ep.posts

@@ -1,4 +1,5 @@
 """The Python API (emostream.load_model, analyze, classify, Stream) gives what the CLI gives."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def mono_analysis(model):
 
 
 def test_import_emostream_loads_neither_numpy_nor_torch():
-    code = ("import sys, emostream; assert emostream.CLASSES[0] == 'Angry'; "
-            "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, emostream; assert emostream.CLASSES[0] == 'Angry'; "
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert set(emostream.__all__) >= {"load_model", "analyze", "classify", "Stream", "CLASSES"}
@@ -38,9 +41,27 @@ def test_import_emostream_loads_neither_numpy_nor_torch():
 
 def test_analyze_writes_exactly_what_replay_fast_writes(mono_analysis, tmp_path):
     out = tmp_path / "replay.jsonl"
-    done = subprocess.run([sys.executable, "-m", "emostream", "replay", str(EXAMPLES / "call_mono.flac"), "--fast",
-                           "--no-dashboard", "--events", str(out), "--device", "cpu", "--alert", ALERT],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emostream",
+            "replay",
+            str(EXAMPLES / "call_mono.flac"),
+            "--fast",
+            "--no-dashboard",
+            "--events",
+            str(out),
+            "--device",
+            "cpu",
+            "--alert",
+            ALERT,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     replayed = [json.loads(line) for line in out.read_text().splitlines()]
     assert mono_analysis.lines == replayed
@@ -61,7 +82,7 @@ def test_analysis_as_a_table(mono_analysis):
 
 def test_stream_gives_the_same_events_whatever_the_pieces(model):
     """Two channels of 8 kHz int16, as a bridge delivers them: one push, or random-size pieces."""
-    audio = load_audio(EXAMPLES / "call_stereo.flac")[:, :16000 * 20]
+    audio = load_audio(EXAMPLES / "call_stereo.flac")[:, : 16000 * 20]
     pcm = float32_to_int16(resample(audio, 16000, 8000)).T  # (frames, 2)
 
     def run(pieces):
@@ -100,7 +121,7 @@ def test_classify_equals_the_cli_json(model, tmp_path, capsys):
     from .conftest import speechlike
 
     speech = tmp_path / "speech.wav"
-    sf.write(speech, load_audio(EXAMPLES / "call_mono.flac")[0, 16000 * 2:16000 * 6], 16000, subtype="PCM_16")
+    sf.write(speech, load_audio(EXAMPLES / "call_mono.flac")[0, 16000 * 2 : 16000 * 6], 16000, subtype="PCM_16")
     assert main(["classify", str(speech), "--json", "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert emostream.classify(speech, model=model) == printed

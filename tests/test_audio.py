@@ -3,8 +3,17 @@ import pytest
 import soundfile as sf
 
 from emostream import audio
-from emostream.audio import (ALAW_TO_INT16, MULAW_TO_INT16, AudioError, alaw_decode, alaw_encode,
-                             float32_to_int16, int16_to_float32, mulaw_decode, mulaw_encode)
+from emostream.audio import (
+    ALAW_TO_INT16,
+    MULAW_TO_INT16,
+    AudioError,
+    alaw_decode,
+    alaw_encode,
+    float32_to_int16,
+    int16_to_float32,
+    mulaw_decode,
+    mulaw_encode,
+)
 
 
 def test_constants():
@@ -13,14 +22,28 @@ def test_constants():
 
 
 # ITU-T G.711 reference values, checked against CPython 3.11 audioop.ulaw2lin / alaw2lin over all 256 codes
-@pytest.mark.parametrize("code,value", [(0x00, -32124), (0x7F, 0), (0xFF, 0), (0x80, 32124), (0x0F, -16764),
-                                        (0x70, -120), (0xF0, 120), (0x7E, -8), (0xFE, 8)])
+@pytest.mark.parametrize(
+    "code,value",
+    [
+        (0x00, -32124),
+        (0x7F, 0),
+        (0xFF, 0),
+        (0x80, 32124),
+        (0x0F, -16764),
+        (0x70, -120),
+        (0xF0, 120),
+        (0x7E, -8),
+        (0xFE, 8),
+    ],
+)
 def test_mulaw_reference_values(code, value):
     assert mulaw_decode(bytes([code]))[0] == value
 
 
-@pytest.mark.parametrize("code,value", [(0x55, -8), (0xD5, 8), (0x2A, -32256), (0xAA, 32256), (0x00, -5504),
-                                        (0x80, 5504), (0x54, -24), (0x45, -264)])
+@pytest.mark.parametrize(
+    "code,value",
+    [(0x55, -8), (0xD5, 8), (0x2A, -32256), (0xAA, 32256), (0x00, -5504), (0x80, 5504), (0x54, -24), (0x45, -264)],
+)
 def test_alaw_reference_values(code, value):
     assert alaw_decode(bytes([code]))[0] == value
 
@@ -109,17 +132,21 @@ def test_telephone_channel_removes_high_band():
     assert spec[6000] < 0.01 * spec[300]
 
 
-@pytest.mark.parametrize("rate,channels,fmt,subtype", [(44100, 2, "WAV", "PCM_16"), (8000, 1, "FLAC", "PCM_16"),
-                                                       (48000, 1, "OGG", "OPUS"), (16000, 1, "WAV", "FLOAT")])
+@pytest.mark.parametrize(
+    "rate,channels,fmt,subtype",
+    [(44100, 2, "WAV", "PCM_16"), (8000, 1, "FLAC", "PCM_16"), (48000, 1, "OGG", "OPUS"), (16000, 1, "WAV", "FLOAT")],
+)
 def test_stream_audio_equals_load_audio(tmp_path, rate, channels, fmt, subtype):
     """#42 item 8: decoding block by block (bounded memory) gives what decoding the whole file gives."""
     from emostream.audio import audio_info, is_silent, load_audio, stream_audio
+
     from .conftest import speechlike
+
     x = np.stack([speechlike(9.3, rate, f0=120 + 40 * c, seed=c) for c in range(channels)], axis=1)
     path = tmp_path / f"a.{'ogg' if fmt == 'OGG' else fmt.lower()}"
     with sf.SoundFile(path, "w", rate, channels, format=fmt, subtype=subtype) as f:
         for i in range(0, len(x), rate):
-            f.write(x[i:i + rate])
+            f.write(x[i : i + rate])
     whole = load_audio(path)
     blocks = list(stream_audio(path, block_seconds=2.0))
     assert len(blocks) > 3 and all(b.shape[0] == channels for b in blocks)

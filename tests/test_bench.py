@@ -3,6 +3,7 @@
 Figures are not asserted (they depend on the machine and on what else runs); structure, counts and
 machine-independent facts are.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ from .conftest import ROOT, requires_shared
 def run_bench(script: str, tmp_path, *args: str, timeout: int = 300) -> dict:
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--json", str(out), *args],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--json", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -48,10 +55,19 @@ def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
     result = run_bench("inference", tmp_path, "--backends", "torch,onnx", "--onnx", str(onnx_file), "--forced-bf16")
     rows = result["rows"]
     mixed = precision_name(torch.device("cpu"))  # bf16 on a CPU with fast bf16 kernels, else fp32
-    forced = [("torch", True, "bf16", True)] if mixed == "fp32" else []  # --forced-bf16 adds a row only where it is not the default
+    forced = (
+        [("torch", True, "bf16", True)] if mixed == "fp32" else []
+    )  # --forced-bf16 adds a row only where it is not the default
     assert sorted((r["backend"], r["mixed"], r["precision"], r["forced"], r["batch"]) for r in rows) == sorted(
-        (b, m, p, f, n) for b, m, p, f in [("torch", False, "fp32", False), ("torch", True, mixed, False),
-                                           ("onnx", False, "fp32", False)] + forced for n in (1, 8))
+        (b, m, p, f, n)
+        for b, m, p, f in [
+            ("torch", False, "fp32", False),
+            ("torch", True, mixed, False),
+            ("onnx", False, "fp32", False),
+        ]
+        + forced
+        for n in (1, 8)
+    )
     for r in rows:
         assert 1.5 < r["gmac_per_window"] < 2.5  # ResNet50 on a 128 x 188 mel image
         # (the JSON rounds achieved GMAC/s to 0.01, the peak to 0.001 and the fraction to 0.001: the peak of
@@ -67,6 +83,7 @@ def test_train_throughput_quick(tmp_path):
     assert [r["precision"] for r in rows] == ["fp32", precision_name(torch.device("cpu"))]
     assert all(r["samples_per_s"] > 0 and r["batch_size"] == 8 for r in rows)
     from train.engine import PREFETCH_BATCHES
+
     assert all(r["prefetch"] == PREFETCH_BATCHES for r in rows)  # what fit does by default
 
 
@@ -99,12 +116,24 @@ def test_classify_positions_table(shipped_checkpoint):
     """bench/classify_positions.py scores the held-out clips by classify's path for each P: one
     window per short clip with 1 placement, at least P with P, and a well-formed table row."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "classify_positions.py"), "--positions", "1", "2"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "classify_positions.py"), "--positions", "1", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     n_clips = int(run.stdout.split(" clips", 1)[0])
-    rows = {int(c[0]): c for c in (line.strip("|").split("|") for line in run.stdout.splitlines()
-                                      if line.startswith("| ") and line[2].isdigit())}
+    rows = {
+        int(c[0]): c
+        for c in (
+            line.strip("|").split("|")
+            for line in run.stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()
+        )
+    }
     assert set(rows) == {1, 2}
     assert n_clips <= int(rows[1][1]) < 2 * n_clips  # clips longer than 6 s take more than one chunk
     assert int(rows[2][1]) >= 2 * n_clips
@@ -129,6 +158,8 @@ def test_soak_quick(tmp_path):
     assert not any("1011" in codes for codes in attacks.values())
     assert result["fast_sender"]["completed"] >= 1 and result["drops"]["calls"] >= 1
     assert result["server_log"]["error_lines"] == 0 and result["server_log"]["tracebacks"] == 0
+
+
 def test_long_call_quick(shipped_checkpoint, tmp_path):
     """bench/long_call.py: each file mode on one call as its own process, with its peak RSS (issue #42)."""
     result = run_bench("long_call", tmp_path, timeout=600)

@@ -1,12 +1,28 @@
 """The phone channel simulator: each effect does what it must, and a seed gives the same line."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from emostream.channel import (CODECS, G711, PACKET_SAMPLES, PhoneChannel, PhoneChannelConfig, add_noise,
-                               available_codecs, babble, butter_bandpass, codec_channel, colored_noise, compress,
-                               g711, g712_telephone, packet_loss, rms)
+from emostream.channel import (
+    CODECS,
+    G711,
+    PACKET_SAMPLES,
+    PhoneChannel,
+    PhoneChannelConfig,
+    add_noise,
+    available_codecs,
+    babble,
+    butter_bandpass,
+    codec_channel,
+    colored_noise,
+    compress,
+    g711,
+    g712_telephone,
+    packet_loss,
+    rms,
+)
 
 from .conftest import speechlike
 
@@ -54,9 +70,10 @@ def test_g712_is_the_telephone_band_at_8khz_with_mulaw():
     # the μ-law step: G.712 output sits on the 8 kHz μ-law grid before upsampling, so it differs
     # from the band-pass alone by quantisation noise only (about 38-45 dB SNR for a loud tone)
     from emostream.audio import resample
+
     narrow = butter_bandpass(resample(tone(1000), SR, 8000), 8000, 300, 3400)
     coded = g711(narrow)
-    snr = 10 * np.log10(np.sum(narrow ** 2) / np.sum((coded - narrow) ** 2))
+    snr = 10 * np.log10(np.sum(narrow**2) / np.sum((coded - narrow) ** 2))
     assert 30 < snr < 50 and not np.array_equal(coded, narrow)
 
 
@@ -64,7 +81,7 @@ def test_g711_laws_round_trip_with_their_own_quantisation():
     x = tone(440, sr=8000)
     mu, a = g711(x, "mulaw"), g711(x, "alaw")
     for y in (mu, a):
-        assert 10 * np.log10(np.sum(x ** 2) / np.sum((y - x) ** 2)) > 30
+        assert 10 * np.log10(np.sum(x**2) / np.sum((y - x) ** 2)) > 30
     assert not np.array_equal(mu, a)
     with pytest.raises(ValueError, match="law"):
         g711(x, "blaw")
@@ -92,10 +109,10 @@ def test_codecs_probed_and_each_codes_the_speech_band():
 def aligned_snr(y: np.ndarray, reference: np.ndarray, max_lag: int = 800) -> float:
     """SNR of ``y`` against ``reference`` after the codec's delay (the lag of best correlation)."""
     n = len(reference) - max_lag
-    lag = int(np.argmax([np.dot(y[k:k + n], reference[:n]) for k in range(max_lag)]))
-    a, r = y[lag:lag + n], reference[:n]
+    lag = int(np.argmax([np.dot(y[k : k + n], reference[:n]) for k in range(max_lag)]))
+    a, r = y[lag : lag + n], reference[:n]
     gain = np.dot(a, r) / np.dot(a, a)
-    return float(10 * np.log10(np.sum(r ** 2) / (np.sum((r - gain * a) ** 2) + 1e-20)))
+    return float(10 * np.log10(np.sum(r**2) / (np.sum((r - gain * a) ** 2) + 1e-20)))
 
 
 def test_packet_loss_conceals_the_lost_share_by_repeating_with_fade():
@@ -119,7 +136,7 @@ def test_noise_at_the_requested_snr_and_colours():
         noise = colored_noise(len(x), rng, 1.0)
         y = add_noise(x, noise, snr)
         assert abs(20 * np.log10(rms(x) / rms(y - x)) - snr) < 0.05
-    white, pink = colored_noise(2 ** 16, rng, 0.0), colored_noise(2 ** 16, rng, 1.0)
+    white, pink = colored_noise(2**16, rng, 0.0), colored_noise(2**16, rng, 1.0)
     for n in (white, pink):
         assert abs(rms(n) - 1.0) < 1e-3
     # pink: equal power per octave, so the density at 200 Hz is ~16x (12 dB) that at 3.2 kHz; white: flat
@@ -142,7 +159,7 @@ def test_compression_narrows_the_level_difference_between_quiet_and_loud_speech(
     quiet, loud = tone(300, 1.0, amplitude=0.01), tone(300, 1.0, amplitude=0.3)  # ~30 dB apart
     y = compress(np.concatenate([quiet, loud]), SR)
     before = 20 * np.log10(rms(loud) / rms(quiet))
-    after = 20 * np.log10(rms(y[SR + SR // 2:]) / rms(y[SR // 2:SR]))
+    after = 20 * np.log10(rms(y[SR + SR // 2 :]) / rms(y[SR // 2 : SR]))
     assert before > 29 and after < 12
 
 
@@ -172,8 +189,11 @@ def test_phone_channel_is_seeded_and_draws_within_its_ranges():
     assert len(codecs) >= 4 and {"none", "babble", "colored"} <= noises
     hum = tone(60, seconds=3)
     for seed in range(5):
-        y, d = PhoneChannel(PhoneChannelConfig(noise_probability=0, agc_probability=0, clip_probability=0,
-                                               loss_probability=0, gain_db=(0.0, 0.0))).apply(hum, np.random.default_rng(seed))
+        y, d = PhoneChannel(
+            PhoneChannelConfig(
+                noise_probability=0, agc_probability=0, clip_probability=0, loss_probability=0, gain_db=(0.0, 0.0)
+            )
+        ).apply(hum, np.random.default_rng(seed))
         assert level_db(y, hum) < -30, d
     empty, _ = channel.apply(np.zeros(0, np.float32), np.random.default_rng(0))
     assert len(empty) == 0
@@ -181,9 +201,18 @@ def test_phone_channel_is_seeded_and_draws_within_its_ranges():
 
 def test_phone_channel_clipping_and_config_checks():
     x = tone(700, seconds=1)
-    y, d = PhoneChannel(PhoneChannelConfig(clip_probability=1.0, noise_probability=0, agc_probability=0,
-                                           loss_probability=0, gain_db=(0.0, 0.0), codecs=("g711_mulaw",),
-                                           orders=(2,), low_hz=(150.0, 150.0))).apply(x, np.random.default_rng(0))
+    y, d = PhoneChannel(
+        PhoneChannelConfig(
+            clip_probability=1.0,
+            noise_probability=0,
+            agc_probability=0,
+            loss_probability=0,
+            gain_db=(0.0, 0.0),
+            codecs=("g711_mulaw",),
+            orders=(2,),
+            low_hz=(150.0, 150.0),
+        )
+    ).apply(x, np.random.default_rng(0))
     assert d.clip_level is not None and 0.2 <= d.clip_level <= 0.6
     assert rms(y) < rms(x) * 0.95  # the clipped tone lost level
     with pytest.raises(ValueError, match="probability"):

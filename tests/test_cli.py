@@ -15,8 +15,9 @@ from .conftest import ROOT, speechlike
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emostream", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "emostream", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def test_classify_json_shape(shipped_checkpoint, wav_file, stereo_file, capsys):
@@ -38,6 +39,7 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
     default is the cross-validated 5 placements (run 25)."""
     from emostream.model import Predictor
     from emostream.stream import CLIP_POSITIONS, fixed_chunks, placed_windows
+
     path = tmp_path / "short.wav"
     audio = speechlike(2.5)
     sf.write(path, audio, 16000, subtype="FLOAT")
@@ -47,8 +49,14 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
     # 1.12 for the mean of 5 placements), so a wrong choice moves the probabilities
     assert predictor.temperature == pytest.approx(1.28, abs=0.005)
     assert predictor.clip_temperature == pytest.approx(1.12, abs=0.005)
-    for positions, windows in ((1, fixed_chunks(audio)), (4, placed_windows(audio, 4)), (None, placed_windows(audio, 5))):
-        args = ["classify", str(path), "--json", "--device", "cpu", "--vad", "energy"] + (["--positions", str(positions)] if positions else [])
+    for positions, windows in (
+        (1, fixed_chunks(audio)),
+        (4, placed_windows(audio, 4)),
+        (None, placed_windows(audio, 5)),
+    ):
+        args = ["classify", str(path), "--json", "--device", "cpu", "--vad", "energy"] + (
+            ["--positions", str(positions)] if positions else []
+        )
         assert main(args) == 0
         rec = json.loads(capsys.readouterr().out)
         mean_logit = predictor.logits(windows).numpy().mean(axis=0)
@@ -65,8 +73,11 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
 def _quiet_files(tmp_path):
     """Files a user may hand to classify that hold no speech: 10 s of zeros, 0.2 s, -70 dBFS noise."""
     rng = np.random.default_rng(0)
-    files = {"zeros.wav": np.zeros(10 * 16000, np.float32), "short.wav": speechlike(0.2),
-             "noise.wav": (10 ** (-70 / 20) * np.sqrt(2) * rng.standard_normal(10 * 16000)).astype(np.float32)}
+    files = {
+        "zeros.wav": np.zeros(10 * 16000, np.float32),
+        "short.wav": speechlike(0.2),
+        "noise.wav": (10 ** (-70 / 20) * np.sqrt(2) * rng.standard_normal(10 * 16000)).astype(np.float32),
+    }
     for name, x in files.items():
         sf.write(tmp_path / name, x, 16000, subtype="FLOAT")
     return [tmp_path / name for name in files]
@@ -93,8 +104,9 @@ def test_classify_scores_the_whole_file(tmp_path):
     """Issue #42 item 2: a file longer than 600 s is read to its end; the windows cut while it is
     decoded block by block are exactly placed_windows of the whole file (no 600 s cap)."""
     from emostream.audio import audio_info, load_mono, stream_audio
-    from emostream.whole_file import cut_windows
     from emostream.stream import placed_windows
+    from emostream.whole_file import cut_windows
+
     path = tmp_path / "long.flac"
     rng = np.random.default_rng(1)
     sf.write(path, (0.05 * rng.standard_normal(8000 * 650)).astype(np.float32), 8000)  # 650 s, 8 kHz
@@ -108,7 +120,7 @@ def test_classify_scores_the_whole_file(tmp_path):
         expected = placed_windows(whole, positions, max_seconds=700)
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
         assert sum(len(b) for b in seen) == n
-    assert np.abs(got[-1] - whole[-len(got[-1]):]).max() < 1e-5  # the last window ends at the file's end
+    assert np.abs(got[-1] - whole[-len(got[-1]) :]).max() < 1e-5  # the last window ends at the file's end
     assert len(got) > len(placed_windows(whole, 5))  # the old 600 s cap scored fewer windows
 
 
@@ -130,6 +142,7 @@ def test_model_info_names_the_precision_that_runs(predictor, monkeypatch):
 
     import emostream.model
     from emostream.cli.common import command_model_info as _model_info
+
     args = SimpleNamespace(checkpoint=None, onnx=None)
     for fast, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda fast=fast: fast)
@@ -146,8 +159,22 @@ def test_classify_plain_output(shipped_checkpoint, wav_file, capsys):
 
 def test_replay_events_stereo(shipped_checkpoint, stereo_file, tmp_path, capsys):
     out = tmp_path / "e.jsonl"
-    rc = main(["replay", str(stereo_file), "--fast", "--no-dashboard", "--events", str(out),
-               "--channel-names", "agent,customer", "--stream", "call-1", "--vad", "energy"])  # tones, not voices
+    rc = main(
+        [
+            "replay",
+            str(stereo_file),
+            "--fast",
+            "--no-dashboard",
+            "--events",
+            str(out),
+            "--channel-names",
+            "agent,customer",
+            "--stream",
+            "call-1",
+            "--vad",
+            "energy",
+        ]
+    )  # tones, not voices
     assert rc == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     events, summary = lines[:-1], lines[-1]
@@ -166,6 +193,7 @@ def test_replay_half_second_hop_and_realtime_pacing(shipped_checkpoint, tmp_path
     sf.write(path, speechlike(2.0), 16000)
     out = tmp_path / "e.jsonl"
     import time
+
     t0 = time.monotonic()
     assert main(["replay", str(path), "--speed", "2", "--hop", "0.5", "--no-dashboard", "--events", str(out)]) == 0
     assert time.monotonic() - t0 >= 0.9  # 2 s of audio at double speed
@@ -182,22 +210,25 @@ def test_replay_silence_is_not_classified(shipped_checkpoint, tmp_path):
     assert events[0]["speech"] and not events[-1]["speech"] and events[-1]["label"] is None
 
 
-@pytest.mark.parametrize("args,message", [
-    (["replay", "missing.wav"], "no such file"),
-    (["replay", "examples"], "directory"),
-    (["replay", "{bad}", "--hop", "0"], "must be > 0"),
-    (["replay", "{bad}", "--hop", "abc"], "not a number"),
-    (["replay", "{wav}", "--smooth", "2"], "--smooth"),
-    (["replay", "{wav}", "--min-seconds", "7"], "min-seconds"),
-    (["replay", "{wav}", "--channel-names", "a,b"], "--channel-names"),
-    (["replay", "{bad}"], "cannot read audio"),
-    (["replay", "{empty}"], "empty"),
-    (["replay", "{wav}", "--checkpoint", "/nonexistent/ck"], "no checkpoint"),
-    (["replay", "{wav}", "--events", "/nonexistent/dir/e.jsonl"], "does not exist"),
-    (["classify", "{bad}"], "cannot read audio"),
-    (["classify", "{wav}", "--checkpoint", "/nonexistent/ck"], "no checkpoint"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["replay", "missing.wav"], "no such file"),
+        (["replay", "examples"], "directory"),
+        (["replay", "{bad}", "--hop", "0"], "must be > 0"),
+        (["replay", "{bad}", "--hop", "abc"], "not a number"),
+        (["replay", "{wav}", "--smooth", "2"], "--smooth"),
+        (["replay", "{wav}", "--min-seconds", "7"], "min-seconds"),
+        (["replay", "{wav}", "--channel-names", "a,b"], "--channel-names"),
+        (["replay", "{bad}"], "cannot read audio"),
+        (["replay", "{empty}"], "empty"),
+        (["replay", "{wav}", "--checkpoint", "/nonexistent/ck"], "no checkpoint"),
+        (["replay", "{wav}", "--events", "/nonexistent/dir/e.jsonl"], "does not exist"),
+        (["classify", "{bad}"], "cannot read audio"),
+        (["classify", "{wav}", "--checkpoint", "/nonexistent/ck"], "no checkpoint"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_errors_are_one_line_exit_2(args, message, tmp_path, wav_file, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF nonsense")
@@ -228,8 +259,9 @@ def test_console_entry_keeps_mains_exit_codes_and_output(tmp_path):
 
 
 def test_console_script_entry_point_is_run():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from emostream.cli import run
 
@@ -254,8 +286,12 @@ def test_replay_bundled_stereo_example_matches_ground_truth_format(shipped_check
 
     wav = ROOT / "examples" / "call_stereo.flac"
     out = tmp_path / "e.jsonl"
-    assert main(["replay", str(wav), "--fast", "--no-dashboard", "--events", str(out),
-                 "--channel-names", "agent,customer"]) == 0
+    assert (
+        main(
+            ["replay", str(wav), "--fast", "--no-dashboard", "--events", str(out), "--channel-names", "agent,customer"]
+        )
+        == 0
+    )
     seconds = load_audio(wav).shape[1] / 16000
     ends = [float(t) for t in range(1, int(seconds) + 1)] + [seconds]  # exact sample times
     events = read_events(out)
@@ -281,7 +317,9 @@ def test_help_ends_with_examples(command):
     tail = r.stdout.rstrip().split("\nexamples:\n")
     assert len(tail) == 2, r.stdout[-300:]
     examples = tail[1].splitlines()
-    assert 2 <= len(examples) <= 3 and all(e.startswith(f"  emostream {command} ") or "emostream" in e for e in examples)
+    assert 2 <= len(examples) <= 3 and all(
+        e.startswith(f"  emostream {command} ") or "emostream" in e for e in examples
+    )
     assert any(e.startswith(f"  emostream {command} ") for e in examples)
 
 
@@ -289,6 +327,7 @@ def test_send_and_mic_options_say_what_they_are(tmp_path):
     """#42 item 10: send's file and --protocol have help; mic's sound card is --input-device and
     --device is the model's device as everywhere; a mono file sent as pcm hints at --channel-names."""
     from emostream.cli import build_parser
+
     sd = run_cli("send", "--help").stdout
     assert "the recorded call to stream" in sd and "the bridge to act as" in sd
     args = build_parser().parse_args(["mic", "--input-device", "USB", "--device", "cpu"])
@@ -297,6 +336,7 @@ def test_send_and_mic_options_say_what_they_are(tmp_path):
     bad = run_cli("mic", "--device", "USB Headset", "--seconds", "1")
     assert bad.returncode == 2 and "--input-device" in bad.stderr and "Traceback" not in bad.stderr
     from .live_util import ServerThread
+
     mono = tmp_path / "mono.wav"
     sf.write(mono, speechlike(1.0), 16000)
     with ServerThread(port=0, analyse="customer") as srv:  # serve's default: the customer only

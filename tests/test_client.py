@@ -1,4 +1,5 @@
 """The live-source commands: ``emostream send``, ``serve``, ``watch`` (CLI behaviour and errors)."""
+
 import json
 import os
 import re
@@ -20,8 +21,10 @@ from .live_util import ServerThread, expected_ends, write_call
 STEREO_SECONDS = 88.910375  # examples/call_stereo.flac
 
 
-@pytest.mark.parametrize("protocol,channels", [
-    ("pcm", ("agent", "customer")), ("twilio", ("customer", "agent")), ("audiohook", ("customer", "agent"))])
+@pytest.mark.parametrize(
+    "protocol,channels",
+    [("pcm", ("agent", "customer")), ("twilio", ("customer", "agent")), ("audiohook", ("customer", "agent"))],
+)
 def test_send_example_call_prints_events_and_summary(protocol, channels, capsys):
     with ServerThread(port=0) as srv:
         args = ["send", str(EXAMPLES / "call_stereo.flac"), srv.url, "--protocol", protocol, "--fast"]
@@ -94,10 +97,15 @@ def test_serve_send_watch_processes(tmp_path):
     env = {**os.environ, "EMOSTREAM_TOKEN": "tok"}
     # A shell without job control starts background jobs with SIGINT ignored, and children inherit
     # that: give the server the default disposition, as a terminal would.
-    serve = subprocess.Popen([sys.executable, "-m", "emostream", "serve", "--port", "0", "--no-model",
-                              "--events-dir", str(tmp_path / "ev")], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "emostream", "serve", "--port", "0", "--no-model", "--events-dir", str(tmp_path / "ev")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         line = serve.stderr.readline()
         match = re.search(r"listening on (ws://127\.0\.0\.1:\d+)", line)
@@ -105,13 +113,36 @@ def test_serve_send_watch_processes(tmp_path):
         url = match.group(1)
         assert "token required" in line
         assert re.search(r"supervisor page http://127\.0\.0\.1:\d+/$", line.strip())  # #42 item 10
-        watch = subprocess.Popen([sys.executable, "-m", "emostream", "watch", url, "--no-dashboard"], cwd=ROOT,
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "emostream", "watch", url, "--no-dashboard"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1.5)  # let watch subscribe
         audio = write_call(tmp_path / "a.wav", 2.5)
-        sent = subprocess.run([sys.executable, "-m", "emostream", "send", str(audio), url, "--fast",
-                               "--call-id", "proc-call", "--protocol", "twilio"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+        sent = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "emostream",
+                "send",
+                str(audio),
+                url,
+                "--fast",
+                "--call-id",
+                "proc-call",
+                "--protocol",
+                "twilio",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert sent.returncode == 0, sent.stderr
         printed = [json.loads(line) for line in sent.stdout.splitlines()]
         # serve's default --analyse customer: only the inbound (customer) track has events
@@ -135,9 +166,13 @@ def test_serve_send_watch_processes(tmp_path):
 
 def test_serve_stops_cleanly_on_sigterm(tmp_path):
     """A service manager's SIGTERM ends the server like Ctrl-C: exit 0, open calls get a summary."""
-    serve = subprocess.Popen([sys.executable, "-m", "emostream", "serve", "--port", "0", "--no-model",
-                              "--events-dir", str(tmp_path / "ev")], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "emostream", "serve", "--port", "0", "--no-model", "--events-dir", str(tmp_path / "ev")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = serve.stderr.readline()
         assert "listening on" in line, line
@@ -156,10 +191,28 @@ def test_supervisor_view_renders_calls():
     messages = [
         {"type": "hello", "calls": []},
         {"type": "call_started", "call_id": "c-1", "protocol": "pcm", "channels": ["agent", "customer"]},
-        {"type": "event", "stream": "c-1", "channel": "agent", "t_start": 0.0, "t_end": 1.0, "speech": True,
-         "label": "Angry", "confidence": 0.81, "probabilities": {}},
-        {"type": "event", "stream": "c-1", "channel": "customer", "t_start": 0.0, "t_end": 1.0, "speech": False,
-         "label": None, "confidence": None, "probabilities": None},
+        {
+            "type": "event",
+            "stream": "c-1",
+            "channel": "agent",
+            "t_start": 0.0,
+            "t_end": 1.0,
+            "speech": True,
+            "label": "Angry",
+            "confidence": 0.81,
+            "probabilities": {},
+        },
+        {
+            "type": "event",
+            "stream": "c-1",
+            "channel": "customer",
+            "t_start": 0.0,
+            "t_end": 1.0,
+            "speech": False,
+            "label": None,
+            "confidence": None,
+            "probabilities": None,
+        },
         {"type": "summary", "stream": "c-1", "call_id": "c-1", "channels": {"agent": {"dominant": "Angry"}}},
         {"type": "call_ended", "call_id": "c-1", "reason": "completed"},
     ]
@@ -178,11 +231,33 @@ def test_supervisor_view_renders_calls():
 
 def test_supervisor_view_shows_alerts_while_raised():
     view, plain = SupervisorView("test"), PlainWatcher()
-    alert = {"type": "alert", "stream": "c-2", "call_id": "c-2", "channel": "customer", "rule": "Angry>=0.7 for 10s",
-             "label": "Angry", "threshold": 0.7, "seconds": 10.0, "state": "raised", "t": 23.0, "since": 13.0}
+    alert = {
+        "type": "alert",
+        "stream": "c-2",
+        "call_id": "c-2",
+        "channel": "customer",
+        "rule": "Angry>=0.7 for 10s",
+        "label": "Angry",
+        "threshold": 0.7,
+        "seconds": 10.0,
+        "state": "raised",
+        "t": 23.0,
+        "since": 13.0,
+    }
     view.update({"type": "call_started", "call_id": "c-2", "protocol": "twilio", "channels": ["customer"]})
-    view.update({"type": "event", "stream": "c-2", "channel": "customer", "t_start": 17.0, "t_end": 23.0,
-                 "speech": True, "label": "Angry", "confidence": 0.9, "probabilities": {}})
+    view.update(
+        {
+            "type": "event",
+            "stream": "c-2",
+            "channel": "customer",
+            "t_start": 17.0,
+            "t_end": 23.0,
+            "speech": True,
+            "label": "Angry",
+            "confidence": 0.9,
+            "probabilities": {},
+        }
+    )
     view.update(alert)
 
     def screen() -> str:

@@ -1,5 +1,6 @@
 """Privacy and compliance controls: --analyse per protocol, no audio on disk unless --record,
 retention of timelines."""
+
 import asyncio
 import json
 import os
@@ -11,8 +12,13 @@ import pytest
 import soundfile as sf
 
 from emostream.client import SendError, SendOptions, send_file
-from emostream.compliance import (CallRecorder, ChannelSelectionError, analysed_channels, expire_recordings,
-                                  expire_timelines)
+from emostream.compliance import (
+    CallRecorder,
+    ChannelSelectionError,
+    analysed_channels,
+    expire_recordings,
+    expire_timelines,
+)
 from emostream.server import ServerConfig
 from emostream.timeline import read_events
 from emostream.vad import VadConfig
@@ -53,7 +59,9 @@ def test_analyse_customer_yields_customer_events_only(protocol, tmp_path):
     cfg = ServerConfig(port=0, analyse="customer", events_dir=tmp_path / "ev", vad=VadConfig.named("energy"))
     with ServerThread(cfg) as srv:
         srv.server.hub.listeners.append(hub_messages.append)
-        result = asyncio.run(send_file(audio, srv.url, SendOptions(protocol=protocol, fast=True, call_id="c-" + protocol)))
+        result = asyncio.run(
+            send_file(audio, srv.url, SendOptions(protocol=protocol, fast=True, call_id="c-" + protocol))
+        )
     assert result.close_code == 1000
     customer = CUSTOMER[protocol]
     assert {e["channel"] for e in result.events} == {customer}
@@ -99,7 +107,7 @@ def test_send_needs_agent_and_customer_names_for_stereo_telephony(tmp_path):
 def _audio_like_files(root: Path, payload: bytes) -> list[Path]:
     """Files under ``root`` that are audio: decodable by libsndfile, or holding a 4 KiB run of the
     raw PCM the call sent (any headerless dump)."""
-    probes = [payload[i:i + 4096] for i in range(0, len(payload) - 4096, len(payload) // 8)]
+    probes = [payload[i : i + 4096] for i in range(0, len(payload) - 4096, len(payload) // 8)]
     found = []
     for path in root.rglob("*"):
         if not path.is_file():
@@ -126,8 +134,13 @@ def test_no_audio_on_disk_unless_record(record, tmp_path, tmp_path_factory, monk
     data = np.stack([speechlike(seconds, 16000, f0=140, seed=1), speechlike(seconds, 16000, f0=210, seed=2)], axis=1)
     sf.write(source, data, 16000, subtype="PCM_16")
     payload = (np.clip(data, -1, 1) * 32767).astype("<i2").tobytes()
-    cfg = ServerConfig(port=0, analyse="all", events_dir=work / "events",
-                       record_dir=(work / "recordings") if record else None, vad=VadConfig.named("energy"))
+    cfg = ServerConfig(
+        port=0,
+        analyse="all",
+        events_dir=work / "events",
+        record_dir=(work / "recordings") if record else None,
+        vad=VadConfig.named("energy"),
+    )
     with ServerThread(cfg) as srv:
         result = asyncio.run(send_file(source, srv.url, SendOptions(fast=True, call_id="privacy-1")))
     assert result.close_code == 1000

@@ -1,4 +1,5 @@
 """Tests of the live dashboard and the plain printer (no TTY needed)."""
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,13 @@ from emostream.dashboard import (
 )
 from emostream.display import PlainPrinter, make_display
 
-INFO = DashboardInfo(source="replay examples/call_stereo.flac", stream="call-42",
-                     channels=("customer", "agent"), device="cpu", hop_seconds=1.0)
+INFO = DashboardInfo(
+    source="replay examples/call_stereo.flac",
+    stream="call-42",
+    channels=("customer", "agent"),
+    device="cpu",
+    hop_seconds=1.0,
+)
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -28,27 +34,68 @@ ANSI = re.compile(r"\x1b\[")
 def speech(channel: str, t: float, label: str, confidence: float) -> dict:
     rest = (1.0 - confidence) / (len(CLASSES) - 1)
     probs = {c: (confidence if c == label else rest) for c in CLASSES}
-    return {"stream": "call-42", "channel": channel, "t_start": t, "t_end": t + 6.0, "speech": True,
-            "label": label, "confidence": confidence, "probabilities": probs}
+    return {
+        "stream": "call-42",
+        "channel": channel,
+        "t_start": t,
+        "t_end": t + 6.0,
+        "speech": True,
+        "label": label,
+        "confidence": confidence,
+        "probabilities": probs,
+    }
 
 
 def silence(channel: str, t: float) -> dict:
-    return {"stream": "call-42", "channel": channel, "t_start": t, "t_end": t + 6.0, "speech": False,
-            "label": None, "confidence": None, "probabilities": None}
+    return {
+        "stream": "call-42",
+        "channel": channel,
+        "t_start": t,
+        "t_end": t + 6.0,
+        "speech": False,
+        "label": None,
+        "confidence": None,
+        "probabilities": None,
+    }
 
 
 SUMMARY = {
-    "type": "summary", "stream": "call-42", "duration": 84.0,
+    "type": "summary",
+    "stream": "call-42",
+    "duration": 84.0,
     "channels": {
-        "customer": {"windows": 80, "speech_windows": 70, "speech_seconds": 70.0,
-                     "shares": {"Angry": 0.4, "Disgusted": 0.0, "Fearful": 0.05, "Happy": 0.0,
-                                "Neutral": 0.35, "Sad": 0.2, "Surprised": 0.0},
-                     "dominant": "Angry",
-                     "peaks": [{"label": "Angry", "confidence": 0.93, "t_start": 30.0, "t_end": 36.0}]},
-        "agent": {"windows": 80, "speech_windows": 60, "speech_seconds": 60.0,
-                  "shares": {"Angry": 0.0, "Disgusted": 0.0, "Fearful": 0.0, "Happy": 0.3,
-                             "Neutral": 0.7, "Sad": 0.0, "Surprised": 0.0},
-                  "dominant": "Neutral", "peaks": []},
+        "customer": {
+            "windows": 80,
+            "speech_windows": 70,
+            "speech_seconds": 70.0,
+            "shares": {
+                "Angry": 0.4,
+                "Disgusted": 0.0,
+                "Fearful": 0.05,
+                "Happy": 0.0,
+                "Neutral": 0.35,
+                "Sad": 0.2,
+                "Surprised": 0.0,
+            },
+            "dominant": "Angry",
+            "peaks": [{"label": "Angry", "confidence": 0.93, "t_start": 30.0, "t_end": 36.0}],
+        },
+        "agent": {
+            "windows": 80,
+            "speech_windows": 60,
+            "speech_seconds": 60.0,
+            "shares": {
+                "Angry": 0.0,
+                "Disgusted": 0.0,
+                "Fearful": 0.0,
+                "Happy": 0.3,
+                "Neutral": 0.7,
+                "Sad": 0.0,
+                "Surprised": 0.0,
+            },
+            "dominant": "Neutral",
+            "peaks": [],
+        },
     },
 }
 
@@ -167,8 +214,12 @@ def test_live_context_runs() -> None:
 
 def test_plain_printer_one_line_per_event_without_escape_codes() -> None:
     buf = io.StringIO()
-    events = [speech("customer", 12.0, "Angry", 0.81), silence("agent", 12.0),
-              speech("agent", 13.0, "Surprised", 0.5), speech("customer", 13.0, "Neutral", 0.7)]
+    events = [
+        speech("customer", 12.0, "Angry", 0.81),
+        silence("agent", 12.0),
+        speech("agent", 13.0, "Surprised", 0.5),
+        speech("customer", 13.0, "Neutral", 0.7),
+    ]
     with PlainPrinter(INFO, file=buf) as printer:
         for e in events:
             printer.update(e)
@@ -181,7 +232,7 @@ def test_plain_printer_one_line_per_event_without_escape_codes() -> None:
     assert not ANSI.search(buf.getvalue())
 
     printer.finish(SUMMARY)
-    tail = buf.getvalue().splitlines()[len(events):]
+    tail = buf.getvalue().splitlines()[len(events) :]
     assert len(tail) == 1 + len(SUMMARY["channels"])
     assert "x19.0" in tail[0]
     assert "dominant Angry" in tail[1] and "Angry 40%" in tail[1]

@@ -1,8 +1,9 @@
 """The mel front end: per-window (utterance) normalisation, VTLP (training only)."""
+
 import pytest
 import torch
 
-from emostream.features import FeatureConfig, MelFrontEnd, UTTERANCE_FLOOR_DB, normalize_utterance, vtlp_filterbanks
+from emostream.features import UTTERANCE_FLOOR_DB, FeatureConfig, MelFrontEnd, normalize_utterance, vtlp_filterbanks
 
 
 def _speechlike(seed: int = 0, seconds: float = 6.0) -> torch.Tensor:
@@ -47,7 +48,9 @@ def test_default_is_the_recipe_and_bad_value_rejected():
 def _band_hz(config: FeatureConfig) -> torch.Tensor:
     """Centre frequency of each mel band (HTK mel scale, as torchaudio's default)."""
     mel = lambda f: 2595 * torch.log10(1 + f / 700)  # noqa: E731
-    pts = torch.linspace(float(mel(torch.tensor(config.f_min))), float(mel(torch.tensor(config.f_max))), config.n_mels + 2)
+    pts = torch.linspace(
+        float(mel(torch.tensor(config.f_min))), float(mel(torch.tensor(config.f_max))), config.n_mels + 2
+    )
     return (700 * (10 ** (pts / 2595) - 1))[1:-1]
 
 

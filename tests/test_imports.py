@@ -8,6 +8,7 @@ package at module level: it is imported before any of its modules anyway, and ``
 defines ``CLASSES`` import-free so every module can use it (its API names load on first use).
 Attribute access on an imported module (``module._name``) is not checked.
 """
+
 from __future__ import annotations
 
 import ast
@@ -117,19 +118,26 @@ def test_no_import_cycles(package):
 @pytest.mark.parametrize("package", PACKAGES)
 def test_package_init_imports_nothing_of_the_package_at_module_level(package):
     _, found = graph(package)
-    eager = [(line, target) for name, line, target, _, at_top in found
-             if name == package and at_top and (target == package or target.startswith(package + "."))]
+    eager = [
+        (line, target)
+        for name, line, target, _, at_top in found
+        if name == package and at_top and (target == package or target.startswith(package + "."))
+    ]
     assert not eager, f"{package}/__init__.py imports its own modules at module level: {eager}"
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_the_cli_is_not_imported_by_library_code(package):
     _, found = graph(package)
+
     def in_cli(module: str) -> bool:
         return module == "emostream.cli" or module.startswith("emostream.cli.")
 
-    offenders = [(name, line) for name, line, target, _, _ in found
-                 if in_cli(target) and not in_cli(name) and name not in CLI_ENTRY]
+    offenders = [
+        (name, line)
+        for name, line, target, _, _ in found
+        if in_cli(target) and not in_cli(name) and name not in CLI_ENTRY
+    ]
     assert not offenders, f"emostream.cli imported from {offenders}: library code goes in a library module"
 
 
@@ -137,8 +145,12 @@ def test_the_cli_is_not_imported_by_library_code(package):
 def test_no_private_names_taken_from_another_module(package):
     _, found = graph(package)
     project = {m for p in PACKAGES for m in modules(p)}
-    private = [(name, line, f"{target}.{n}") for name, line, target, names, _ in found for n in names
-               if n.startswith("_") and not n.startswith("__") and target in project and target != name]
+    private = [
+        (name, line, f"{target}.{n}")
+        for name, line, target, names, _ in found
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and target in project and target != name
+    ]
     assert not private, f"private names used across modules: {private} (give them a public name)"
 
 

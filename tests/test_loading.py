@@ -1,4 +1,5 @@
 """emostream.loading: one place that turns model options into a loaded model."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,11 +17,14 @@ def test_backend_follows_the_onnx_file_unless_named():
         resolve_backend("tflite", None)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"backend": "onnx"}, "needs --onnx"),
-    ({"backend": "torch", "onnx": "m.onnx"}, "only used with --backend onnx"),
-    ({"onnx": "m.onnx", "checkpoint": "ckpt"}, "does not apply"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"backend": "onnx"}, "needs --onnx"),
+        ({"backend": "torch", "onnx": "m.onnx"}, "only used with --backend onnx"),
+        ({"onnx": "m.onnx", "checkpoint": "ckpt"}, "does not apply"),
+    ],
+)
 def test_options_that_do_not_fit_are_refused_before_loading(kwargs, message):
     with pytest.raises(ModelOptionsError, match=message):
         load_predictor(**kwargs)

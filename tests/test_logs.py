@@ -1,4 +1,5 @@
 """Structured logs: one JSON object per line, the call id on every line of a call, no secrets."""
+
 import asyncio
 import io
 import json
@@ -30,8 +31,10 @@ def captured_logs():
 
 
 def test_redact_scrubs_tokens_tickets_and_authorization():
-    text = ("GET /v1/events?ticket=abc123&call_id=x /v1/pcm?token=s3cret Authorization: Bearer s3cret "
-            "X-API-KEY: s3cret signature=:AbCd==: {\"authorization\": \"Basic dXNlcg==\"}")
+    text = (
+        "GET /v1/events?ticket=abc123&call_id=x /v1/pcm?token=s3cret Authorization: Bearer s3cret "
+        'X-API-KEY: s3cret signature=:AbCd==: {"authorization": "Basic dXNlcg=="}'
+    )
     out = redact(text)
     assert "s3cret" not in out and "abc123" not in out and "dXNlcg" not in out and "AbCd" not in out
     assert "call_id=x" in out and "ticket=***" in out
@@ -42,6 +45,7 @@ def test_json_lines_carry_the_call_id():
     with call_context("call-7"):
         logging.getLogger().handlers  # noqa: B018
         from emostream.logs import _ContextFilter
+
         _ContextFilter().filter(record)
     line = json.loads(JsonFormatter().format(record))
     assert line["call_id"] == "call-7" and line["level"] == "INFO" and line["msg"] == "hello token=***"
@@ -52,14 +56,18 @@ def test_json_lines_carry_the_call_id():
 
 def test_server_logs_are_json_with_call_ids_and_no_token(captured_logs, tmp_path):
     audio = write_call(tmp_path / "call.wav", 3.0)
-    cfg = ServerConfig(port=0, token="sup3r-s3cret", analyse="all", vad=VadConfig.named("energy"),
-                       alerts=(AlertRule.parse("Neutral>=0.5"),))
+    cfg = ServerConfig(
+        port=0,
+        token="sup3r-s3cret",
+        analyse="all",
+        vad=VadConfig.named("energy"),
+        alerts=(AlertRule.parse("Neutral>=0.5"),),
+    )
     with ServerThread(cfg) as srv:
         url = srv.url + "/?token=sup3r-s3cret"  # the token in the query string, as some bridges do
         result = asyncio.run(send_file(audio, url, SendOptions(fast=True, call_id="logged-call")))
         assert result.close_code == 1000
-        bad = asyncio.run(send_file(audio, srv.url, SendOptions(fast=True, token="sup3r-s3cret",
-                                                                 call_id="bad call!")))
+        bad = asyncio.run(send_file(audio, srv.url, SendOptions(fast=True, token="sup3r-s3cret", call_id="bad call!")))
         assert bad.close_code == 1007
     text = captured_logs.getvalue()
     lines = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object

@@ -1,6 +1,7 @@
 """The Makefile's install targets (issue #42 item 11), run for real on a copy with a stand-in Python:
 ``make demo`` installs the core package only, the test extra comes with ``make install-test`` (what
 ``make test`` runs before pytest), and the venv is reused while pyproject.toml is unchanged."""
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,24 @@ def project(tmp_path):
 
 
 def make(project_dir, *targets):
-    run = subprocess.run(["make", "-s", *targets, f"PYTHON={project_dir / 'python3'}"], cwd=project_dir,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["make", "-s", *targets, f"PYTHON={project_dir / 'python3'}"],
+        cwd=project_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     return run
 
 
 def pip_installs(log):
     lines = log.read_text().splitlines() if log.exists() else []
-    return [line.split(" install --quiet ", 1)[1] for line in lines if "-m pip install --quiet " in line
-            and "--upgrade pip" not in line]
+    return [
+        line.split(" install --quiet ", 1)[1]
+        for line in lines
+        if "-m pip install --quiet " in line and "--upgrade pip" not in line
+    ]
 
 
 def test_demo_installs_the_core_package_only_and_reuses_the_venv(project):

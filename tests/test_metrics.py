@@ -1,4 +1,5 @@
 """/healthz, /readyz and /metrics of ``emostream serve``, over real HTTP on 127.0.0.1."""
+
 import asyncio
 import json
 import threading
@@ -53,8 +54,12 @@ def test_healthz_and_readyz_before_and_after_warm_up():
         status, _, body = http(srv, "/healthz")
         assert status == 200 and json.loads(body)["status"] == "ok"
         status, _, body = http(srv, "/readyz")
-        assert status == 503 and json.loads(body) == {"ready": False, "device": "cpu", "live_calls": 0,
-                                                      "reason": "warming up the model"}
+        assert status == 503 and json.loads(body) == {
+            "ready": False,
+            "device": "cpu",
+            "live_calls": 0,
+            "reason": "warming up the model",
+        }
         assert scrape(srv)[("emostream_ready", ())] == 0
         gate.set()
         srv.call(srv.server.wait_ready(10))
@@ -78,6 +83,7 @@ def test_metrics_counters_move_by_exactly_the_windows_of_a_call(tmp_path):
     # one channel silent (silence windows), one speaking (classified windows)
     audio = write_call(tmp_path / "call.wav", 5.5)
     import soundfile as sf
+
     x, sr = sf.read(audio, dtype="float32")
     x[:, 0] = 0
     sf.write(audio, x, sr, subtype="PCM_16")
@@ -115,8 +121,17 @@ def test_metrics_count_rejected_connections_and_need_the_token():
             with pytest.raises(InvalidStatus):
                 connect(srv.url + path, additional_headers=headers)
         with connect(srv.url + "/v1/pcm", additional_headers={"Authorization": "Bearer tok"}) as ws:
-            ws.send(json.dumps({"type": "start", "call_id": "busy", "sample_rate": 16000, "channels": 1,
-                                "channel_names": ["customer"]}))
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "start",
+                        "call_id": "busy",
+                        "sample_rate": 16000,
+                        "channels": 1,
+                        "channel_names": ["customer"],
+                    }
+                )
+            )
             assert json.loads(ws.recv(timeout=5))["type"] == "started"
             with pytest.raises(InvalidStatus):
                 connect(srv.url + "/v1/pcm", additional_headers={"Authorization": "Bearer tok"})
@@ -144,8 +159,17 @@ def test_page_ticket_and_call_listing():
             connect(srv.url + f"/v1/events?ticket={ticket}")
         assert info.value.response.status_code == 401
         with connect(srv.url + "/v1/pcm", additional_headers={"Authorization": "Bearer tok"}) as ws:
-            ws.send(json.dumps({"type": "start", "call_id": "page-1", "sample_rate": 16000, "channels": 1,
-                                "channel_names": ["customer"]}))
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "start",
+                        "call_id": "page-1",
+                        "sample_rate": 16000,
+                        "channels": 1,
+                        "channel_names": ["customer"],
+                    }
+                )
+            )
             ws.recv(timeout=5)
             ws.send((np.ones(16000 * 2, "<i2") * 3000).tobytes())
             while json.loads(ws.recv(timeout=5)).get("t_end") != 2.0:

@@ -1,5 +1,6 @@
 """``emostream mic``: the callback path with a fake stream, device selection, errors, and a smoke
 test of the real PortAudio path on an ALSA file/null virtual device when available."""
+
 import argparse
 import json
 import os
@@ -33,7 +34,7 @@ class FakeStream:
         for pos in range(0, len(self.audio), self.blocksize):
             if self._stop.is_set():
                 return
-            block = self.audio[pos:pos + self.blocksize]
+            block = self.audio[pos : pos + self.blocksize]
             self.callback(np.repeat(block[:, None], self.channels, axis=1), len(block), None, None)
             self._stop.wait(0.002)
 
@@ -55,9 +56,22 @@ class FakePredictor:
 
 
 def mic_args(tmp_path, **kw):
-    base = dict(list_devices=False, input_device=None, rate=44100, channels=1, seconds=3.3, hop=1.0, min_seconds=1.0,
-                smooth=1.0, events=str(tmp_path / "mic.jsonl"), no_dashboard=True, checkpoint=None, device="cpu",
-                fp32=False, vad="energy")  # the test tone is sound, not a voice
+    base = dict(
+        list_devices=False,
+        input_device=None,
+        rate=44100,
+        channels=1,
+        seconds=3.3,
+        hop=1.0,
+        min_seconds=1.0,
+        smooth=1.0,
+        events=str(tmp_path / "mic.jsonl"),
+        no_dashboard=True,
+        checkpoint=None,
+        device="cpu",
+        fp32=False,
+        vad="energy",
+    )  # the test tone is sound, not a voice
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -80,8 +94,11 @@ def test_callback_path_resamples_and_windows(tmp_path, capsys):
 
 
 def test_stereo_capture_names_channels(tmp_path):
-    rc = mic.run_mic_command(mic_args(tmp_path, channels=2, rate=16000, seconds=1.5),
-                             lambda args: FakePredictor(), lambda **kw: FakeStream(**kw))
+    rc = mic.run_mic_command(
+        mic_args(tmp_path, channels=2, rate=16000, seconds=1.5),
+        lambda args: FakePredictor(),
+        lambda **kw: FakeStream(**kw),
+    )
     assert rc == 0
     lines = [json.loads(line) for line in (tmp_path / "mic.jsonl").read_text().splitlines()]
     assert set(lines[-1]["channels"]) == {"left", "right"}
@@ -105,9 +122,11 @@ class FakeSd:
         return self._devices
 
 
-DEVICES = [{"name": "Speakers", "max_input_channels": 0, "default_samplerate": 48000.0},
-           {"name": "USB Headset Mic", "max_input_channels": 1, "default_samplerate": 48000.0},
-           {"name": "Built-in Microphone", "max_input_channels": 2, "default_samplerate": 44100.0}]
+DEVICES = [
+    {"name": "Speakers", "max_input_channels": 0, "default_samplerate": 48000.0},
+    {"name": "USB Headset Mic", "max_input_channels": 1, "default_samplerate": 48000.0},
+    {"name": "Built-in Microphone", "max_input_channels": 2, "default_samplerate": 44100.0},
+]
 
 
 def test_device_selection():
@@ -178,14 +197,41 @@ def test_real_portaudio_path_on_alsa_virtual_device(tmp_path, shipped_checkpoint
     infile.write_bytes((speechlike(3.0) * 20000).astype("<i2").tobytes())
     (tmp_path / ".asoundrc").write_text(ASOUNDRC.format(infile=infile))
     env = {**os.environ, "HOME": str(tmp_path)}
-    listed = subprocess.run([sys.executable, "-m", "emostream", "mic", "--list-devices"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [sys.executable, "-m", "emostream", "mic", "--list-devices"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if "emostream_test" not in listed.stdout:
         pytest.skip(f"ALSA virtual device not available: {listed.stdout or listed.stderr}")
     out = tmp_path / "mic.jsonl"
-    run = subprocess.run([sys.executable, "-m", "emostream", "mic", "--input-device", "emostream_test", "--seconds", "2.5",
-                          "--no-dashboard", "--events", str(out), "--device", "cpu", "--vad", "energy"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emostream",
+            "mic",
+            "--input-device",
+            "emostream_test",
+            "--seconds",
+            "2.5",
+            "--no-dashboard",
+            "--events",
+            str(out),
+            "--device",
+            "cpu",
+            "--vad",
+            "energy",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [e["t_end"] for e in lines[:-1]] == [1.0, 2.0, 2.5]

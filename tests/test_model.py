@@ -6,8 +6,16 @@ import torch
 
 from emostream.audio import WINDOW_SAMPLES
 from emostream.features import MelFrontEnd
-from emostream.model import (CLASSES, CheckpointError, EmotionNet, Predictor, load_checkpoint,
-                             load_pretrained_backbone, save_checkpoint, select_device)
+from emostream.model import (
+    CLASSES,
+    CheckpointError,
+    EmotionNet,
+    Predictor,
+    load_checkpoint,
+    load_pretrained_backbone,
+    save_checkpoint,
+    select_device,
+)
 
 from .conftest import speechlike
 
@@ -21,16 +29,25 @@ def net():
 def test_frontend_shape_and_recipe_parameters():
     fe = MelFrontEnd()
     cfg = fe.config
-    assert (cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.f_min, cfg.f_max) == (16000, 2048, 512, 128, 50, 8000)
+    assert (cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.f_min, cfg.f_max) == (
+        16000,
+        2048,
+        512,
+        128,
+        50,
+        8000,
+    )
     spec = fe(torch.zeros(2, WINDOW_SAMPLES) + 0.01)
     assert spec.shape == (2, 1, 128, cfg.frames()) == (2, 1, 128, 188)
 
 
 def test_frontend_matches_torchaudio_reference():
     import torchaudio
+
     x = torch.from_numpy(speechlike(2.0))[None]
-    ref = torchaudio.transforms.AmplitudeToDB()(torchaudio.transforms.MelSpectrogram(
-        16000, n_fft=2048, hop_length=512, n_mels=128, f_min=50, f_max=8000)(x))
+    ref = torchaudio.transforms.AmplitudeToDB()(
+        torchaudio.transforms.MelSpectrogram(16000, n_fft=2048, hop_length=512, n_mels=128, f_min=50, f_max=8000)(x)
+    )
     assert torch.allclose(MelFrontEnd()(x)[:, 0], ref, atol=1e-4)
 
 
@@ -46,6 +63,7 @@ def test_drop_path_is_stochastic_in_training_and_off_in_eval(net, tmp_path):
     only: in eval mode the same weights give the plain network's logits, so a checkpoint trained
     with it streams exactly like one without; ``model.json`` records it and loads back."""
     from emostream.model import ModelConfig
+
     plain, deep = EmotionNet(), EmotionNet(ModelConfig(drop_path=0.5))
     state = net.state_dict()
     for name in state:  # timm zero-initialises each block's last BN scale: give the residual branches a voice
@@ -93,6 +111,7 @@ def test_checkpoint_fp16_is_compact_and_close(net, tmp_path):
 
 def test_bf16_autocast_predict_close_to_fp32(net, tmp_path, monkeypatch):
     import emostream.model
+
     monkeypatch.setattr(emostream.model, "cpu_has_fast_bf16", lambda: True)  # bf16 even on a CPU without fast kernels
     save_checkpoint(net, tmp_path / "ck", half=False)
     x = np.stack([speechlike(6.0, seed=s) for s in range(2)])
@@ -132,6 +151,7 @@ def test_mixed_precision_follows_the_cpu(net, monkeypatch):
     """Mixed precision is fp16 on CUDA and bf16 on a CPU only where oneDNN has fast bf16 kernels; on
     a CPU without them (AVX2 only) bf16 autocast is several times slower than fp32, so it stays off."""
     import emostream.model as m
+
     cpu = torch.device("cpu")
     assert isinstance(m.cpu_has_fast_bf16(), bool)  # oneDNN's own answer for this machine
     assert m.mixed_precision_dtype(torch.device("cuda")) == torch.float16
@@ -180,6 +200,7 @@ def test_checkpoint_with_other_shapes_or_names_is_refused(tmp_path, net):
 
 def test_pretrained_loader_adapts_conv1_and_drops_head(tmp_path):
     import timm
+
     rgb = timm.create_model("resnet50", pretrained=False, num_classes=1000)
     torch.save(rgb.state_dict(), tmp_path / "resnet50.pth")
     net = EmotionNet()

@@ -1,4 +1,5 @@
 """ONNX export of the whole pipeline and the ONNX Runtime backend: parity with torch, CLI, errors."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def real_windows() -> np.ndarray:
     windows = w.push_frames(stereo[:, : 40 * SAMPLE_RATE])
     picked = [x.samples for x in windows if x.t_end in (2.0, 12.0, 17.0, 33.0)]
     tel = load_audio(EXAMPLES / "call_telephone.flac")[0]
-    picked.append(tel[20 * SAMPLE_RATE: 20 * SAMPLE_RATE + WINDOW_SAMPLES])
+    picked.append(tel[20 * SAMPLE_RATE : 20 * SAMPLE_RATE + WINDOW_SAMPLES])
     return np.stack(picked).astype(np.float32)
 
 
@@ -54,7 +55,7 @@ def test_logits_match_torch(onnx_file, torch_fp32, capsys):
 def test_batch_dimension_is_dynamic(onnx_file):
     onnx = OnnxPredictor.from_file(onnx_file)
     x = real_windows()
-    one_by_one = np.concatenate([onnx.logits(x[i:i + 1]) for i in range(len(x))])
+    one_by_one = np.concatenate([onnx.logits(x[i : i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(onnx.logits(x), one_by_one, atol=1e-4)
     assert onnx.predict(x[0]).shape == (1, 7)
     with pytest.raises(ValueError, match="96000"):
@@ -63,11 +64,13 @@ def test_batch_dimension_is_dynamic(onnx_file):
 
 def test_replay_with_onnx_backend_equals_torch_fp32(onnx_file, tmp_path):
     clip = tmp_path / "call.flac"
-    sf.write(clip, load_audio(EXAMPLES / "call_stereo.flac")[:, 8 * SAMPLE_RATE: 20 * SAMPLE_RATE].T, SAMPLE_RATE)
+    sf.write(clip, load_audio(EXAMPLES / "call_stereo.flac")[:, 8 * SAMPLE_RATE : 20 * SAMPLE_RATE].T, SAMPLE_RATE)
     runs = {}
     for name, extra in (("torch", ["--fp32"]), ("onnx", ["--backend", "onnx", "--onnx", str(onnx_file)])):
         out = tmp_path / f"{name}.jsonl"
-        assert main(["replay", str(clip), "--fast", "--no-dashboard", "--events", str(out), "--vad", "off"] + extra) == 0
+        assert (
+            main(["replay", str(clip), "--fast", "--no-dashboard", "--events", str(out), "--vad", "off"] + extra) == 0
+        )
         runs[name] = read_events(out)
     assert len(runs["torch"]) == len(runs["onnx"]) == 2 * 12
     for a, b in zip(runs["torch"], runs["onnx"]):
@@ -97,36 +100,55 @@ def test_the_onnx_backend_runs_without_torch(mode, onnx_file, tmp_path):
 
     call = tmp_path / "call.flac"
     sf.write(call, load_audio(EXAMPLES / "call_mono.flac")[0, : 20 * SAMPLE_RATE], SAMPLE_RATE)
-    argv = {"classify": ["classify", str(call), "--json"],
-            "replay": ["replay", str(call), "--fast", "--no-dashboard", "--events", str(tmp_path / "r.jsonl")],
-            "batch": ["batch", str(call), "--out", str(tmp_path / "out"), "--quiet"]}[mode]
-    out = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *argv, "--onnx", str(onnx_file)],
-                         capture_output=True, text=True, timeout=300)
+    argv = {
+        "classify": ["classify", str(call), "--json"],
+        "replay": ["replay", str(call), "--fast", "--no-dashboard", "--events", str(tmp_path / "r.jsonl")],
+        "batch": ["batch", str(call), "--out", str(tmp_path / "out"), "--quiet"],
+    }[mode]
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_PROBE, *argv, "--onnx", str(onnx_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"rc": 0, "imported": []}, out.stderr[-500:]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--backend", "onnx"], "needs --onnx"),
-    (["--backend", "torch", "--onnx", "{onnx}"], "only used with --backend onnx"),
-    (["--onnx", "{onnx}", "--checkpoint", "{ckpt}"], "does not apply"),
-    (["--onnx", "{missing}"], "no ONNX model"),
-    (["--onnx", "{corrupt}"], "cannot load ONNX model"),
-    (["--onnx", "{foreign}"], "not an emostream ONNX export"),
-])
-def test_bad_onnx_input_is_one_line_and_exit_2(argv, message, onnx_file, shipped_checkpoint, wav_file, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--backend", "onnx"], "needs --onnx"),
+        (["--backend", "torch", "--onnx", "{onnx}"], "only used with --backend onnx"),
+        (["--onnx", "{onnx}", "--checkpoint", "{ckpt}"], "does not apply"),
+        (["--onnx", "{missing}"], "no ONNX model"),
+        (["--onnx", "{corrupt}"], "cannot load ONNX model"),
+        (["--onnx", "{foreign}"], "not an emostream ONNX export"),
+    ],
+)
+def test_bad_onnx_input_is_one_line_and_exit_2(
+    argv, message, onnx_file, shipped_checkpoint, wav_file, tmp_path, capsys
+):
     import onnx
     from onnx import TensorProto, helper
 
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(onnx_file.read_bytes()[:5000])
     foreign = tmp_path / "foreign.onnx"
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph), foreign)
-    paths = {"{onnx}": onnx_file, "{ckpt}": shipped_checkpoint, "{missing}": tmp_path / "nope.onnx",
-             "{corrupt}": corrupt, "{foreign}": foreign}
+    paths = {
+        "{onnx}": onnx_file,
+        "{ckpt}": shipped_checkpoint,
+        "{missing}": tmp_path / "nope.onnx",
+        "{corrupt}": corrupt,
+        "{foreign}": foreign,
+    }
     argv = [str(paths.get(a, a)) for a in argv]
     for command in (["replay", str(wav_file), "--fast", "--no-dashboard"], ["serve", "--port", "0"]):
         assert main(command + argv) == 2
@@ -162,6 +184,7 @@ def test_model_info_of_the_onnx_backend(onnx_file, predictor):
     from types import SimpleNamespace
 
     from emostream.cli.common import command_model_info as _model_info
+
     info = _model_info(OnnxPredictor.from_file(onnx_file), SimpleNamespace(checkpoint=None, onnx=str(onnx_file)))
     assert (info["backend"], info["precision"], info["name"]) == ("onnx", "fp32", onnx_file.stem)
     assert float(info["temperature"]) == pytest.approx(predictor.temperature, rel=1e-5) and len(info["sha256"]) == 12

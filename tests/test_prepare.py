@@ -1,5 +1,6 @@
 """Corpus preparation (python -m train prepare) on tiny generated corpora laid out like the real ones,
 combined manifests, and leave-one-corpus-out folds and reports."""
+
 import csv
 import json
 from dataclasses import replace
@@ -12,7 +13,7 @@ import soundfile as sf
 from emostream.model import CLASSES
 from train.__main__ import main as train_main
 from train.config import load_config
-from train.data import DataError, Clip, fold_config, load_dataset, make_folds
+from train.data import Clip, DataError, fold_config, load_dataset, make_folds
 from train.prepare import CORPORA, MANIFEST_COLUMNS, PrepareError, combine, mono, prepare
 
 from .conftest import ROOT, SHARED_DATA, requires_shared, speechlike
@@ -29,31 +30,43 @@ def _wav(path: Path, sr: int, seed: int, seconds: float = 0.6, channels: int = 1
 # each corpus: files (relative path -> (expected label or None when dropped, expected speaker, sex)),
 # the original sample rate
 LAYOUTS = {
-    "tess": (24414, {
-        "OAF_angry/OAF_back_angry.wav": ("Angry", "tess_OAF", "f"),
-        "YAF_pleasant_surprised/YAF_back_ps.wav": ("Surprised", "tess_YAF", "f"),
-        "OAF_neutral/OA_bite_neutral.wav": ("Neutral", "tess_OAF", "f"),   # the release's one misnamed file
-        "datasets/train/12trainYAF_keen_disgust46.wav": ("Disgusted", "tess_YAF", "f"),  # a mirror's renaming
-        "YAF_fear/YAF_dog_fear.wav": ("Fearful", "tess_YAF", "f"),
-    }),
-    "nemo": (24000, {
-        "samples/SM0_anger_54.wav": ("Angry", "nemo_SM0", "m"),
-        "samples/EB0_surprised_2.wav": ("Surprised", "nemo_EB0", "f"),
-        "samples/EB0_happiness_3.wav": ("Happy", "nemo_EB0", "f"),
-        "samples/SM0_sadness_4.wav": ("Sad", "nemo_SM0", "m"),
-    }),
-    "turevdb": (44100, {
-        "Sound Source/Angry/1157_kz_acik.wav": ("Angry", "turevdb_1157", ""),
-        "Sound Source/Happy/1234_hl_cay.wav": ("Happy", "turevdb_1234", ""),
-        "Sound Source/Sad/1234_mt_dil.wav": ("Sad", "turevdb_1234", ""),
-        "Sound Source/Calm/1157_sk_okul.wav": (None, "", ""),             # calm has no class: dropped
-    }),
-    "urdu": (44100, {
-        "Angry/SM1_F10_A010.wav": ("Angry", "urdu_SM1", "m"),
-        "Happy/SF2_F1_H01.wav": ("Happy", "urdu_SF2", "f"),
-        "Neutral/SM1_F11_N011.wav": ("Neutral", "urdu_SM1", "m"),
-        "Sad/SF2_F2_S02.wav": ("Sad", "urdu_SF2", "f"),
-    }),
+    "tess": (
+        24414,
+        {
+            "OAF_angry/OAF_back_angry.wav": ("Angry", "tess_OAF", "f"),
+            "YAF_pleasant_surprised/YAF_back_ps.wav": ("Surprised", "tess_YAF", "f"),
+            "OAF_neutral/OA_bite_neutral.wav": ("Neutral", "tess_OAF", "f"),  # the release's one misnamed file
+            "datasets/train/12trainYAF_keen_disgust46.wav": ("Disgusted", "tess_YAF", "f"),  # a mirror's renaming
+            "YAF_fear/YAF_dog_fear.wav": ("Fearful", "tess_YAF", "f"),
+        },
+    ),
+    "nemo": (
+        24000,
+        {
+            "samples/SM0_anger_54.wav": ("Angry", "nemo_SM0", "m"),
+            "samples/EB0_surprised_2.wav": ("Surprised", "nemo_EB0", "f"),
+            "samples/EB0_happiness_3.wav": ("Happy", "nemo_EB0", "f"),
+            "samples/SM0_sadness_4.wav": ("Sad", "nemo_SM0", "m"),
+        },
+    ),
+    "turevdb": (
+        44100,
+        {
+            "Sound Source/Angry/1157_kz_acik.wav": ("Angry", "turevdb_1157", ""),
+            "Sound Source/Happy/1234_hl_cay.wav": ("Happy", "turevdb_1234", ""),
+            "Sound Source/Sad/1234_mt_dil.wav": ("Sad", "turevdb_1234", ""),
+            "Sound Source/Calm/1157_sk_okul.wav": (None, "", ""),  # calm has no class: dropped
+        },
+    ),
+    "urdu": (
+        44100,
+        {
+            "Angry/SM1_F10_A010.wav": ("Angry", "urdu_SM1", "m"),
+            "Happy/SF2_F1_H01.wav": ("Happy", "urdu_SF2", "f"),
+            "Neutral/SM1_F11_N011.wav": ("Neutral", "urdu_SM1", "m"),
+            "Sad/SF2_F2_S02.wav": ("Sad", "urdu_SF2", "f"),
+        },
+    ),
 }
 
 
@@ -65,9 +78,11 @@ def make_corpus(root: Path, name: str) -> Path:
         _wav(src / rel, sr, seed=i)
     (src / "README.md").write_text("not audio\n")
     if name == "nemo":
-        (src / "data.tsv").write_text("file_id\temotion\traw_text\tnormalized_text\tspeaker_id\tgender\tage\n"
-                                      "SM0_anger_54.wav\tanger\tx\tx\t        SM0\tmale\t30\n"
-                                      "EB0_surprised_2.wav\tsurprised\tx\tx\t        EB0\tfemale\t27\n")
+        (src / "data.tsv").write_text(
+            "file_id\temotion\traw_text\tnormalized_text\tspeaker_id\tgender\tage\n"
+            "SM0_anger_54.wav\tanger\tx\tx\t        SM0\tmale\t30\n"
+            "EB0_surprised_2.wav\tsurprised\tx\tx\t        EB0\tfemale\t27\n"
+        )
     return src
 
 
@@ -116,13 +131,15 @@ def test_stereo_keeps_the_louder_channel(tmp_path):
 
 def test_unknown_labels_are_skipped_and_counted_not_dropped_as_a_class(tmp_path):
     _wav(tmp_path / "tess" / "OAF_back_angry.wav", 24414, 0)
-    _wav(tmp_path / "tess" / "OAF_back_bored.wav", 24414, 1)      # no such TESS emotion
+    _wav(tmp_path / "tess" / "OAF_back_bored.wav", 24414, 1)  # no such TESS emotion
     _wav(tmp_path / "turevdb" / "Sound Source" / "Calm" / "1157_kz_x.wav", 44100, 2)
     _wav(tmp_path / "turevdb" / "Sound Source" / "Sad" / "1157_kz_y.wav", 44100, 3)
     _wav(tmp_path / "turevdb" / "Sound Source" / "Bored" / "1157_kz_z.wav", 44100, 4)
     assert prepare("tess", tmp_path / "tess", tmp_path / "out1")["dropped"] == {"name not recognised": 1}
     assert prepare("turevdb", tmp_path / "turevdb", tmp_path / "out2")["dropped"] == {
-        "class dropped": 1, "name not recognised": 1}
+        "class dropped": 1,
+        "name not recognised": 1,
+    }
 
 
 def test_bad_source_path_is_a_one_line_error(tmp_path, capsys):
@@ -146,8 +163,19 @@ def test_combine_writes_one_manifest_with_paths_relative_to_itself(tmp_path):
     for name in ("tess", "urdu"):
         prepare(name, make_corpus(tmp_path / "src", name), tmp_path / "extra" / name)
     out = tmp_path / "elsewhere" / "all"
-    assert train_main(["prepare", "combine", str(tmp_path / "extra" / "tess"), str(tmp_path / "extra" / "urdu"),
-                       "--out", str(out)]) == 0
+    assert (
+        train_main(
+            [
+                "prepare",
+                "combine",
+                str(tmp_path / "extra" / "tess"),
+                str(tmp_path / "extra" / "urdu"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     columns, rows = read_rows(out)
     assert tuple(columns) == MANIFEST_COLUMNS and len(rows) == 5 + 4
     assert all(r["path"].startswith("../../extra/") for r in rows)
@@ -161,10 +189,15 @@ def test_combine_writes_one_manifest_with_paths_relative_to_itself(tmp_path):
 
 # --- leave-one-corpus-out ----------------------------------------------------------------------------
 
+
 def _clips(corpora: dict[str, int]) -> list[Clip]:
     """Clips of the given corpora, 3 speakers each, ``n`` classes per corpus (the first n)."""
-    return [Clip(f"/x/{c}/{s}_{label}.flac", label, f"{c}_{s}", c)
-            for c, n in corpora.items() for s in range(3) for label in CLASSES[:n]]
+    return [
+        Clip(f"/x/{c}/{s}_{label}.flac", label, f"{c}_{s}", c)
+        for c, n in corpora.items()
+        for s in range(3)
+        for label in CLASSES[:n]
+    ]
 
 
 def test_leave_one_corpus_out_folds_hold_out_exactly_one_corpus_each():
@@ -205,9 +238,26 @@ def test_loco_report_has_a_row_per_held_out_corpus_even_when_it_lacks_classes(tm
         (run / f"fold{k}").mkdir(parents=True)
         for name in ("val_logits.npy", "val_telephone_logits.npy"):
             np.save(run / f"fold{k}" / name, rng.normal(0, 2, ((folds == k).sum(), len(CLASSES))).astype(np.float32))
-    assert train_main(["ensemble", "--config", str(CONFIGS / "loco.yaml"), "--data", str(root), "--cache",
-                       str(tmp_path / "cache"), "--folds", "0,1,2", "--runs", str(run), "--out",
-                       str(tmp_path / "loco")]) == 0
+    assert (
+        train_main(
+            [
+                "ensemble",
+                "--config",
+                str(CONFIGS / "loco.yaml"),
+                "--data",
+                str(root),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--folds",
+                "0,1,2",
+                "--runs",
+                str(run),
+                "--out",
+                str(tmp_path / "loco"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "loco" / "cv_report.json").read_text())
     assert report["protocol"].startswith("leave-one-corpus-out CV (3 folds")
     held = report["held_out_corpora"]
@@ -226,7 +276,7 @@ def test_shared_corpora_and_a_prepared_one_make_four_loco_folds(tmp_path):
     prepare("urdu", make_corpus(tmp_path / "src", "urdu"), tmp_path / "urdu")
     combine([SHARED_DATA, tmp_path / "urdu"], tmp_path / "all")
     clips = load_dataset(tmp_path / "all")
-    assert len(clips) == 1782 + 4 and all(Path(c.path).exists() for c in clips[:: 97])
+    assert len(clips) == 1782 + 4 and all(Path(c.path).exists() for c in clips[::97])
     cfg = fold_config(load_config(CONFIGS / "loco.yaml", data=str(tmp_path / "all")), clips)
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     assert cfg.folds == 4
@@ -256,8 +306,9 @@ def test_tiny_leave_one_corpus_out_cv_trains_each_fold_without_its_corpus(tmp_pa
     cfg = load_config(CONFIGS / "augmented.yaml")
     cfg = fold_config(replace(cfg, epochs=1, batch_size=2, exclude_speakers=(), group_by="corpus"), clips)
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    report = cross_validate(cfg, clips, build_cache(clips, tmp_path / "cache"), folds, tmp_path / "cv",
-                            show_progress=False)
+    report = cross_validate(
+        cfg, clips, build_cache(clips, tmp_path / "cache"), folds, tmp_path / "cv", show_progress=False
+    )
     assert report["protocol"].startswith("leave-one-corpus-out CV (2 folds")
     assert [r["corpus"] for r in report["held_out_corpora"]] == ["aa", "bb"]
     for k, corpus in enumerate(("aa", "bb")):

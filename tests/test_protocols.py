@@ -1,4 +1,5 @@
 """Pure protocol state machines, authentication helpers, streaming resampler and worker."""
+
 import asyncio
 import base64
 import hashlib
@@ -10,15 +11,31 @@ import numpy as np
 import pytest
 
 from emostream.analyzer import Analyzer, AnalyzerConfig
-from emostream.audio import (StreamResampler, alaw_encode, float32_to_int16, mulaw_decode, mulaw_encode,
-                             resample)
-from emostream.auth import (AudioHookKey, request_token, sign_audiohook_request, token_ok, twilio_signature,
-                            twilio_signature_ok, verify_audiohook_request)
+from emostream.audio import StreamResampler, alaw_encode, float32_to_int16, mulaw_decode, mulaw_encode, resample
 from emostream.audiohook import NULL_UUID, AudioHookSession
-from emostream.protocols import (CLOSE_POLICY, Audio, End, PcmSession, ProtocolError, Send, Silence, Start,
-                                 format_duration, parse_duration)
-from emostream.twilio_media import TwilioSession
+from emostream.auth import (
+    AudioHookKey,
+    request_token,
+    sign_audiohook_request,
+    token_ok,
+    twilio_signature,
+    twilio_signature_ok,
+    verify_audiohook_request,
+)
+from emostream.protocols import (
+    CLOSE_POLICY,
+    Audio,
+    End,
+    PcmSession,
+    ProtocolError,
+    Send,
+    Silence,
+    Start,
+    format_duration,
+    parse_duration,
+)
 from emostream.stream import StreamWindower
+from emostream.twilio_media import TwilioSession
 from emostream.vad import VadConfig
 from emostream.worker import InferenceWorker, WorkerConfig, WorkerOverloaded, constant_predictor
 
@@ -32,9 +49,16 @@ PART = "883efee8-3d6c-4537-b500-6d7ca4b92fa0"
 
 # --- PCM -------------------------------------------------------------------------------------
 
+
 def pcm_start(**kw):
-    msg = {"type": "start", "call_id": "c1", "sample_rate": 16000, "channels": 2, "encoding": "pcm_s16le",
-           "channel_names": ["agent", "customer"]}
+    msg = {
+        "type": "start",
+        "call_id": "c1",
+        "sample_rate": 16000,
+        "channels": 2,
+        "encoding": "pcm_s16le",
+        "channel_names": ["agent", "customer"],
+    }
     msg.update(kw)
     return json.dumps(msg)
 
@@ -62,20 +86,23 @@ def test_pcm_g711_decoding(encoding, encode):
     assert np.abs(a.samples - x).max() < 0.01
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("{nope", "malformed JSON"),
-    ("[1, 2]", "JSON object"),
-    ('{"type": "hello"}', "unknown message type"),
-    ('{"type": "stop"}', "stop before start"),
-    (pcm_start(encoding="opus"), "encoding 'opus' not supported"),
-    (pcm_start(sample_rate=7), "sample_rate 7 not supported"),
-    (pcm_start(sample_rate=10**9), "not supported"),
-    (pcm_start(sample_rate="16000"), "not supported"),
-    (pcm_start(channels=3), "channels must be 1 or 2"),
-    (pcm_start(channel_names=["a", "a"]), "distinct"),
-    (pcm_start(call_id="../etc/passwd"), "call_id"),
-    (pcm_start(call_id=""), "call_id"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("{nope", "malformed JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"type": "hello"}', "unknown message type"),
+        ('{"type": "stop"}', "stop before start"),
+        (pcm_start(encoding="opus"), "encoding 'opus' not supported"),
+        (pcm_start(sample_rate=7), "sample_rate 7 not supported"),
+        (pcm_start(sample_rate=10**9), "not supported"),
+        (pcm_start(sample_rate="16000"), "not supported"),
+        (pcm_start(channels=3), "channels must be 1 or 2"),
+        (pcm_start(channel_names=["a", "a"]), "distinct"),
+        (pcm_start(call_id="../etc/passwd"), "call_id"),
+        (pcm_start(call_id=""), "call_id"),
+    ],
+)
 def test_pcm_rejects(text, fragment):
     with pytest.raises(ProtocolError, match=fragment) as info:
         PcmSession().on_text(text)
@@ -96,17 +123,35 @@ def test_pcm_rejects_bad_frames():
 
 # --- Twilio ----------------------------------------------------------------------------------
 
+
 def twilio_start(**custom):
-    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": {
-        "accountSid": "AC1", "streamSid": "MZ1", "callSid": "CA1", "tracks": ["inbound", "outbound"],
-        "customParameters": custom,
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": "MZ1",
+            "start": {
+                "accountSid": "AC1",
+                "streamSid": "MZ1",
+                "callSid": "CA1",
+                "tracks": ["inbound", "outbound"],
+                "customParameters": custom,
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+        }
+    )
 
 
 def twilio_media(track, ts, samples, chunk=1):
     payload = base64.b64encode(mulaw_encode(float32_to_int16(samples)).tobytes()).decode()
-    return json.dumps({"event": "media", "sequenceNumber": "2", "streamSid": "MZ1",
-                       "media": {"track": track, "chunk": str(chunk), "timestamp": str(ts), "payload": payload}})
+    return json.dumps(
+        {
+            "event": "media",
+            "sequenceNumber": "2",
+            "streamSid": "MZ1",
+            "media": {"track": track, "chunk": str(chunk), "timestamp": str(ts), "payload": payload},
+        }
+    )
 
 
 def test_twilio_tracks_become_channels_and_timestamps_fill_gaps():
@@ -123,23 +168,30 @@ def test_twilio_tracks_become_channels_and_timestamps_fill_gaps():
     gap, audio = s.on_text(twilio_media("outbound", 1000, x))  # 960 ms missing
     assert isinstance(gap, Silence) and gap.channel == 1 and gap.samples == 8000 - 320
     assert isinstance(audio, Audio)
-    assert [type(a) for a in s.on_text(json.dumps({"event": "dtmf", "streamSid": "MZ1",
-                                                    "dtmf": {"track": "inbound_track", "digit": "5"}}))] != []
+    assert [
+        type(a)
+        for a in s.on_text(
+            json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"track": "inbound_track", "digit": "5"}})
+        )
+    ] != []
     s.on_text(json.dumps({"event": "mark", "streamSid": "MZ1", "mark": {"name": "greeting"}}))
     assert s.dtmf == ["5"] and s.marks == ["greeting"]
     assert isinstance(s.on_text(json.dumps({"event": "stop", "streamSid": "MZ1", "stop": {}}))[0], End)
 
 
-@pytest.mark.parametrize("setup,message,fragment", [
-    (False, twilio_media("inbound", 0, np.zeros(160)), "before start"),
-    (False, twilio_start().replace("audio/x-mulaw", "audio/x-alaw"), "encoding"),
-    (False, twilio_start().replace('"sampleRate": 8000', '"sampleRate": 16000'), "sampleRate"),
-    (True, '{"event": "media", "streamSid": "MZ1", "media": {"track": "inbound", "payload": "***"}}', "base64"),
-    (True, '{"event": "media", "streamSid": "MZ1", "media": {"track": "both", "payload": ""}}', "track"),
-    (True, '{"event": "media", "streamSid": "MZ9", "media": {"track": "inbound", "payload": ""}}', "streamSid"),
-    (True, '{"event": "hangup"}', "unknown event"),
-    (True, "not json", "malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "setup,message,fragment",
+    [
+        (False, twilio_media("inbound", 0, np.zeros(160)), "before start"),
+        (False, twilio_start().replace("audio/x-mulaw", "audio/x-alaw"), "encoding"),
+        (False, twilio_start().replace('"sampleRate": 8000', '"sampleRate": 16000'), "sampleRate"),
+        (True, '{"event": "media", "streamSid": "MZ1", "media": {"track": "inbound", "payload": "***"}}', "base64"),
+        (True, '{"event": "media", "streamSid": "MZ1", "media": {"track": "both", "payload": ""}}', "track"),
+        (True, '{"event": "media", "streamSid": "MZ9", "media": {"track": "inbound", "payload": ""}}', "streamSid"),
+        (True, '{"event": "hangup"}', "unknown event"),
+        (True, "not json", "malformed JSON"),
+    ],
+)
 def test_twilio_rejects(setup, message, fragment):
     s = TwilioSession()
     if setup:
@@ -160,6 +212,7 @@ def test_twilio_binary_frames_and_token():
 
 # --- AudioHook -------------------------------------------------------------------------------
 
+
 class Client:
     """A minimal AudioHook client state: seq and serverseq bookkeeping."""
 
@@ -168,8 +221,17 @@ class Client:
 
     def msg(self, kind, **params):
         self.seq += 1
-        return json.dumps({"version": "2", "type": kind, "seq": self.seq, "serverseq": self.serverseq,
-                           "id": self.id, "position": format_duration(self.position), "parameters": params})
+        return json.dumps(
+            {
+                "version": "2",
+                "type": kind,
+                "seq": self.seq,
+                "serverseq": self.serverseq,
+                "id": self.id,
+                "position": format_duration(self.position),
+                "parameters": params,
+            }
+        )
 
     def got(self, message):
         self.serverseq = message["seq"]
@@ -184,16 +246,28 @@ OFFERS = [
 
 
 def open_params(media=OFFERS, conv=CONV, part=PART, **kw):
-    return dict(organizationId=ORG, conversationId=conv, participant={"id": part, "ani": "+1", "aniName": "", "dnis": "+2"},
-                media=media, language="en-US", **kw)
+    return dict(
+        organizationId=ORG,
+        conversationId=conv,
+        participant={"id": part, "ani": "+1", "aniName": "", "dnis": "+2"},
+        media=media,
+        language="en-US",
+        **kw,
+    )
 
 
 def test_audiohook_open_ping_close_sequence():
     s, c = AudioHookSession(SID, ("en-US", "de-DE")), Client()
     start, sent = s.on_text(c.msg("open", **open_params(supportedLanguages=True)))
     opened = c.got(sent.message)
-    assert opened == {"version": "2", "type": "opened", "seq": 1, "clientseq": 1, "id": SID, "parameters": {
-        "startPaused": False, "media": [OFFERS[1]], "supportedLanguages": ["en-US", "de-DE"]}}
+    assert opened == {
+        "version": "2",
+        "type": "opened",
+        "seq": 1,
+        "clientseq": 1,
+        "id": SID,
+        "parameters": {"startPaused": False, "media": [OFFERS[1]], "supportedLanguages": ["en-US", "de-DE"]},
+    }
     assert json.dumps(opened["parameters"]["media"][0]) == json.dumps(OFFERS[1])  # exact copy, key order kept
     assert start.channels == ("customer", "agent") and start.call_id == SID and start.persist
     (pong,) = s.on_text(c.msg("ping", rtt="PT0.05S"))
@@ -201,17 +275,29 @@ def test_audiohook_open_ping_close_sequence():
     frame = mulaw_encode(float32_to_int16(np.zeros(320))).tobytes()  # 160 stereo samples
     a, b = s.on_binary(frame)
     assert (a.channel, b.channel, len(a.samples)) == (0, 1, 160) and s.position == 160
-    for kind, params in [("paused", {}), ("update", {"language": "de-DE"}),
-                         ("resumed", {"start": "PT0.02S", "discarded": "PT1S"}),
-                         ("discarded", {"start": "PT1.02S", "discarded": "PT0.5S"}),
-                         ("error", {"code": 500, "message": "oops"})]:
+    for kind, params in [
+        ("paused", {}),
+        ("update", {"language": "de-DE"}),
+        ("resumed", {"start": "PT0.02S", "discarded": "PT1S"}),
+        ("discarded", {"start": "PT1.02S", "discarded": "PT0.5S"}),
+        ("error", {"code": 500, "message": "oops"}),
+    ]:
         actions = s.on_text(c.msg(kind, **params))
         assert not any(isinstance(x, Send) for x in actions)
     assert s.language == "de-DE" and s.position == int(1.52 * 8000) and s.state == "ACTIVE"
     (end,) = s.on_text(c.msg("close", reason="end"))
     assert isinstance(end, End)
-    event = s.event_message({"channel": "agent", "t_start": 0.0, "t_end": 1.0, "speech": False, "label": None,
-                             "confidence": None, "probabilities": None})
+    event = s.event_message(
+        {
+            "channel": "agent",
+            "t_start": 0.0,
+            "t_end": 1.0,
+            "speech": False,
+            "label": None,
+            "confidence": None,
+            "probabilities": None,
+        }
+    )
     closing = s.summary_messages({"type": "summary", "channels": {}})
     seqs = [event["seq"]] + [m["seq"] for m in closing]
     assert seqs == [3, 4, 5] and [m["type"] for m in closing] == ["event", "closed"]
@@ -221,7 +307,10 @@ def test_audiohook_open_ping_close_sequence():
 
 def test_audiohook_select_media_and_probe():
     assert AudioHookSession.select_media([OFFERS[0]]) is OFFERS[0]
-    assert AudioHookSession.select_media([{"type": "audio", "format": "opus", "channels": ["external"], "rate": 8000}]) is None
+    assert (
+        AudioHookSession.select_media([{"type": "audio", "format": "opus", "channels": ["external"], "rate": 8000}])
+        is None
+    )
     s, c = AudioHookSession(None), Client(SID)
     start, sent = s.on_text(c.msg("open", **open_params(conv=NULL_UUID, part=NULL_UUID)))
     assert s.id == SID and not start.persist and s.probe
@@ -232,21 +321,27 @@ def test_audiohook_select_media_and_probe():
 
 def test_audiohook_no_acceptable_media():
     s, c = AudioHookSession(SID), Client()
-    (sent,) = s.on_text(c.msg("open", **open_params(media=[{"type": "audio", "format": "opus",
-                                                            "channels": ["external"], "rate": 48000}])))
+    (sent,) = s.on_text(
+        c.msg(
+            "open", **open_params(media=[{"type": "audio", "format": "opus", "channels": ["external"], "rate": 48000}])
+        )
+    )
     assert sent.message["parameters"]["media"] == []
     with pytest.raises(ProtocolError, match="No media selected"):
         s.on_binary(b"\x00\x00")
 
 
-@pytest.mark.parametrize("mutate,fragment", [
-    (lambda m: {**m, "seq": 5}, "Invalid seq"),
-    (lambda m: {**m, "serverseq": 9}, "Invalid serverseq"),
-    (lambda m: {**m, "id": "11111111-2222-4333-8444-555555555555"}, "Session identifier mismatch"),
-    (lambda m: {**m, "version": "1"}, "well-formed"),
-    (lambda m: {**m, "position": "5 seconds"}, "well-formed"),
-    (lambda m: {**m, "type": "dance"}, "not a supported client message"),
-])
+@pytest.mark.parametrize(
+    "mutate,fragment",
+    [
+        (lambda m: {**m, "seq": 5}, "Invalid seq"),
+        (lambda m: {**m, "serverseq": 9}, "Invalid serverseq"),
+        (lambda m: {**m, "id": "11111111-2222-4333-8444-555555555555"}, "Session identifier mismatch"),
+        (lambda m: {**m, "version": "1"}, "well-formed"),
+        (lambda m: {**m, "position": "5 seconds"}, "well-formed"),
+        (lambda m: {**m, "type": "dance"}, "not a supported client message"),
+    ],
+)
 def test_audiohook_errors_become_disconnect_then_close_is_answered(mutate, fragment):
     s, c = AudioHookSession(SID), Client()
     s.on_text(c.msg("open", **open_params()))
@@ -284,6 +379,7 @@ def test_durations():
 
 # --- authentication --------------------------------------------------------------------------
 
+
 def test_request_token_sources():
     assert request_token({"Authorization": "Bearer abc"}, "/v1/pcm") == "abc"
     assert request_token({"X-API-KEY": "abc"}, "/v1/pcm") == "abc"
@@ -299,13 +395,20 @@ def test_twilio_signature_is_hmac_sha1_of_url():
     assert twilio_signature_ok("tok", expected, url)
     assert not twilio_signature_ok("tok", expected, url + "x") and not twilio_signature_ok("tok", None, url)
     # POST form parameters are appended sorted, key then value (Twilio's webhook rule)
-    assert twilio_signature("tok", "https://a/b", {"b": "2", "a": "1"}) == base64.b64encode(
-        hmac.new(b"tok", b"https://a/ba1b2", hashlib.sha1).digest()).decode()
+    assert (
+        twilio_signature("tok", "https://a/b", {"b": "2", "a": "1"})
+        == base64.b64encode(hmac.new(b"tok", b"https://a/ba1b2", hashlib.sha1).digest()).decode()
+    )
 
 
 def audiohook_headers():
-    return {"host": "calls.example.com", "audiohook-organization-id": ORG, "audiohook-session-id": SID,
-            "audiohook-correlation-id": CONV, "x-api-key": "key1"}
+    return {
+        "host": "calls.example.com",
+        "audiohook-organization-id": ORG,
+        "audiohook-session-id": SID,
+        "audiohook-correlation-id": CONV,
+        "x-api-key": "key1",
+    }
 
 
 def test_audiohook_signature_roundtrip_and_failures():
@@ -325,7 +428,9 @@ def test_audiohook_signature_roundtrip_and_failures():
     assert verify_audiohook_request(audiohook_headers(), "/v1/audiohook", {"key1": b""}, now=now) is None
     short = sign_audiohook_request(audiohook_headers(), "/v1/audiohook", "key1", secret, created=now, nonce="abc")
     assert verify_audiohook_request(short, "/v1/audiohook", keys, now=now) == "missing or short nonce"
-    other_key = sign_audiohook_request({**audiohook_headers(), "x-api-key": "key2"}, "/v1/audiohook", "key1", secret, created=now)
+    other_key = sign_audiohook_request(
+        {**audiohook_headers(), "x-api-key": "key2"}, "/v1/audiohook", "key1", secret, created=now
+    )
     assert "keyid" in verify_audiohook_request(other_key, "/v1/audiohook", keys, now=now)
     assert verify_audiohook_request({**signed, "Signature": "garbage"}, "/v1/audiohook", keys, now=now)
 
@@ -334,10 +439,15 @@ def test_audiohook_signature_base_matches_reference_layout():
     """The signature base is the RFC 9421 layout the reference implementation signs."""
     from emostream.auth import signature_base
 
-    base = signature_base(["@request-target", "x-api-key"], {"@request-target": "/a?b=1", "x-api-key": "k"},
-                          [("keyid", "k"), ("nonce", "n"), ("alg", "hmac-sha256"), ("created", 1), ("expires", 2)])
-    assert base == ('"@request-target": /a?b=1\n"x-api-key": k\n'
-                    '"@signature-params": ("@request-target" "x-api-key");keyid="k";nonce="n";alg="hmac-sha256";created=1;expires=2')
+    base = signature_base(
+        ["@request-target", "x-api-key"],
+        {"@request-target": "/a?b=1", "x-api-key": "k"},
+        [("keyid", "k"), ("nonce", "n"), ("alg", "hmac-sha256"), ("created", 1), ("expires", 2)],
+    )
+    assert base == (
+        '"@request-target": /a?b=1\n"x-api-key": k\n'
+        '"@signature-params": ("@request-target" "x-api-key");keyid="k";nonce="n";alg="hmac-sha256";created=1;expires=2'
+    )
 
 
 def test_audiohook_key_parsing():
@@ -351,6 +461,7 @@ def test_audiohook_key_parsing():
 
 # --- streaming resampler, analyzer async path, worker ----------------------------------------
 
+
 @pytest.mark.parametrize("orig", [8000, 11025, 44100, 48000])
 def test_stream_resampler_matches_whole_signal(orig):
     rng = np.random.default_rng(orig)
@@ -359,7 +470,7 @@ def test_stream_resampler_matches_whole_signal(orig):
     parts, pos = [], 0
     while pos < len(x):
         k = int(rng.integers(1, 500))
-        parts.append(r.push(x[pos:pos + k]))
+        parts.append(r.push(x[pos : pos + k]))
         pos += k
     y = np.concatenate(parts + [r.flush()])
     ref = resample(x, orig, 16000)
@@ -437,19 +548,80 @@ def test_worker_warm_up_runs_every_batch_size_in_the_worker_thread():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-KEYS = ["type", "event", "call_id", "sample_rate", "channels", "encoding", "channel_names", "start", "media",
-        "streamSid", "track", "payload", "timestamp", "mediaFormat", "tracks", "customParameters", "version",
-        "id", "seq", "serverseq", "position", "parameters", "organizationId", "conversationId", "participant",
-        "format", "rate", "discarded", "language", "supportedLanguages"]
+KEYS = [
+    "type",
+    "event",
+    "call_id",
+    "sample_rate",
+    "channels",
+    "encoding",
+    "channel_names",
+    "start",
+    "media",
+    "streamSid",
+    "track",
+    "payload",
+    "timestamp",
+    "mediaFormat",
+    "tracks",
+    "customParameters",
+    "version",
+    "id",
+    "seq",
+    "serverseq",
+    "position",
+    "parameters",
+    "organizationId",
+    "conversationId",
+    "participant",
+    "format",
+    "rate",
+    "discarded",
+    "language",
+    "supportedLanguages",
+]
 VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.sampled_from(["start", "stop", "media", "open", "ping", "close", "paused", "resumed", "discarded",
-                       "inbound", "outbound", "PCMU", "L16", "external", "internal", "audio", "PT1S", "2",
-                       "pcm_s16le", "mulaw", SID, NULL_UUID, "audio/x-mulaw", "AAAA"]) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(
+        [
+            "start",
+            "stop",
+            "media",
+            "open",
+            "ping",
+            "close",
+            "paused",
+            "resumed",
+            "discarded",
+            "inbound",
+            "outbound",
+            "PCMU",
+            "L16",
+            "external",
+            "internal",
+            "audio",
+            "PT1S",
+            "2",
+            "pcm_s16le",
+            "mulaw",
+            SID,
+            NULL_UUID,
+            "audio/x-mulaw",
+            "AAAA",
+        ]
+    )
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
-    max_leaves=12)
-FRAMES = st.one_of(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6).map(json.dumps),
-                   st.text(max_size=30), st.binary(max_size=64))
+    max_leaves=12,
+)
+FRAMES = st.one_of(
+    st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6).map(json.dumps),
+    st.text(max_size=30),
+    st.binary(max_size=64),
+)
 
 OPENERS = {
     PcmSession: [pcm_start()],
@@ -484,6 +656,7 @@ def test_pcm_frames_split_anywhere_on_sample_frames(cuts):
     s = PcmSession()
     s.on_text(pcm_start(sample_rate=8000))
     bounds = sorted({min(4 * c, len(stereo)) for c in cuts} | {0, len(stereo)})
-    left = np.concatenate([a.samples for lo, hi in zip(bounds, bounds[1:]) for a in s.on_binary(stereo[lo:hi])
-                           if a.channel == 0])
+    left = np.concatenate(
+        [a.samples for lo, hi in zip(bounds, bounds[1:]) for a in s.on_binary(stereo[lo:hi]) if a.channel == 0]
+    )
     np.testing.assert_array_equal(left, pcm / 32768.0)

@@ -1,4 +1,5 @@
 """emostream report: a constructed timeline as self-contained HTML (inline SVG) and as PNG."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,19 @@ def write_timeline(path, with_summary=True):
             e = make_event("call-7", ch, max(0, t - 6), t, probs)
             timeline.add(e)
             events.append(e)
-    alert = {"type": "alert", "stream": "call-7", "call_id": "call-7", "channel": "customer",
-             "rule": "Angry>=0.7 for 3s", "label": "Angry", "threshold": 0.7, "seconds": 3.0, "state": "raised",
-             "t": 8.0, "since": 5.0}
+    alert = {
+        "type": "alert",
+        "stream": "call-7",
+        "call_id": "call-7",
+        "channel": "customer",
+        "rule": "Angry>=0.7 for 3s",
+        "label": "Angry",
+        "threshold": 0.7,
+        "seconds": 3.0,
+        "state": "raised",
+        "t": 8.0,
+        "since": 5.0,
+    }
     with open(path, "w") as f:
         for e in events[:15]:
             f.write(json.dumps(e) + "\n")
@@ -75,10 +86,12 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     src = write_timeline(tmp_path / "call.jsonl")
     (tmp_path / "junk.jsonl").write_text("this is not json\n")
     (tmp_path / "empty.jsonl").write_text(json.dumps({"type": "summary", "channels": {}}) + "\n")
-    for argv, message in ((["report", str(src), "--out", str(tmp_path / "x.pdf")], "must end in .html or .png"),
-                          (["report", str(tmp_path / "junk.jsonl"), "--out", str(tmp_path / "j.html")], "not a JSON line"),
-                          (["report", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "e.html")], "no events"),
-                          (["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m.html")], "missing.jsonl")):
+    for argv, message in (
+        (["report", str(src), "--out", str(tmp_path / "x.pdf")], "must end in .html or .png"),
+        (["report", str(tmp_path / "junk.jsonl"), "--out", str(tmp_path / "j.html")], "not a JSON line"),
+        (["report", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "e.html")], "no events"),
+        (["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m.html")], "missing.jsonl"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -93,11 +106,14 @@ def test_report_on_a_wrong_or_live_file(tmp_path):
     from .conftest import ROOT
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "emostream", "report", *args], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "emostream", "report", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
 
-    for src, message in ((ROOT / "examples" / "call_mono.flac", "not a JSONL timeline"),
-                         (tmp_path / "missing.jsonl", "no such file")):
+    for src, message in (
+        (ROOT / "examples" / "call_mono.flac", "not a JSONL timeline"),
+        (tmp_path / "missing.jsonl", "no such file"),
+    ):
         r = run(str(src), "--out", str(tmp_path / "x.html"))
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert r.stderr.startswith("emostream: error:") and message in r.stderr
@@ -118,6 +134,7 @@ def test_two_hour_call_report_is_readable_and_small(tmp_path):
     import numpy as np
 
     from emostream.report import accuracy_sentence
+
     rng = np.random.default_rng(0)
     timeline, path = Timeline("long-call", ("agent", "customer")), tmp_path / "long.jsonl"
     with open(path, "w") as f:
@@ -144,6 +161,7 @@ def test_two_hour_call_report_is_readable_and_small(tmp_path):
 
 def test_short_call_keeps_every_window():
     from emostream.report import _plot_segments, _segments, _tick_label
+
     call = load_timeline(write_timeline(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "c.jsonl"))
     assert _plot_segments(call, "customer") == _segments(call.events["customer"])
     assert (_tick_label(90, 600), _tick_label(5400, 7200)) == ("1:30", "1:30")

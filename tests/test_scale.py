@@ -2,6 +2,7 @@
 the Serve deployment behind the websocket front end gives the in-process server's events for
 concurrent calls; serve --ray auto joins that instance; batch --ray (Ray Data) writes what the local
 batch writes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,13 @@ def ray_session():
     """One small local Ray instance for the whole module (2 CPUs, no dashboard), shut down at the end."""
     if ray.is_initialized():
         pytest.skip("a Ray session is already running in this process")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-             logging_level="WARNING")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     serve.start(proxy_location="Disabled")
     yield ray
     serve.shutdown()
@@ -50,7 +56,7 @@ def call_files(tmp_path, n=3, seconds=6):
     for k in range(n):
         start = (10 + 25 * k) * rate
         paths.append(tmp_path / f"call{k}.flac")
-        sf.write(paths[-1], audio[start:start + seconds * rate], rate)
+        sf.write(paths[-1], audio[start : start + seconds * rate], rate)
     return paths
 
 
@@ -68,8 +74,9 @@ def assert_same_events(got, want):
     assert got.keys() == want.keys()
     for call_id in want:
         a, b = got[call_id], want[call_id]
-        assert [(e["channel"], e["t_start"], e["t_end"], e["speech"]) for e in a] == \
-               [(e["channel"], e["t_start"], e["t_end"], e["speech"]) for e in b]
+        assert [(e["channel"], e["t_start"], e["t_end"], e["speech"]) for e in a] == [
+            (e["channel"], e["t_start"], e["t_end"], e["speech"]) for e in b
+        ]
         for x, y in zip(a, b):
             if y["speech"]:
                 diff = max(abs(x["probabilities"][c] - y["probabilities"][c]) for c in y["probabilities"])
@@ -78,13 +85,15 @@ def assert_same_events(got, want):
                 assert x["label"] == y["label"] or top[1] - top[0] < 4e-3
 
 
-def test_serve_deployment_answers_concurrent_calls_like_the_in_process_server(ray_session, tmp_path,
-                                                                              shipped_checkpoint, predictor):
+def test_serve_deployment_answers_concurrent_calls_like_the_in_process_server(
+    ray_session, tmp_path, shipped_checkpoint, predictor
+):
     from emostream.scale import RayWorker, ServeConfig, deploy
 
     paths = call_files(tmp_path)
-    config = ServerConfig(port=0, analyse="all", vad=VadConfig.named("silero"),
-                          worker=WorkerConfig(max_batch=8, max_wait_ms=20))
+    config = ServerConfig(
+        port=0, analyse="all", vad=VadConfig.named("silero"), worker=WorkerConfig(max_batch=8, max_wait_ms=20)
+    )
     with ServerThread(config, predict=predictor.predict) as srv:
         srv.call(srv.server.wait_ready(60))
         local = asyncio.run(send_all(srv.url, paths))
@@ -131,10 +140,33 @@ def test_serve_cli_joins_the_running_ray_instance(ray_session, tmp_path):
     the deployment's model. (--no-model keeps it quick: the replica answers a fixed Neutral.)"""
     path = call_files(tmp_path, n=1, seconds=4)[0]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "emostream", "serve", "--ray", "auto", "--port", "0", "--token", "t0k",
-                             "--no-model", "--analyse", "all", "--vad", "energy", "--ray-cpus", "0.5",
-                             "--ray-app", "emostream-cli"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emostream",
+            "serve",
+            "--ray",
+            "auto",
+            "--port",
+            "0",
+            "--token",
+            "t0k",
+            "--no-model",
+            "--analyse",
+            "all",
+            "--vad",
+            "energy",
+            "--ray-cpus",
+            "0.5",
+            "--ray-app",
+            "emostream-cli",
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port, lines = None, []
         deadline = time.monotonic() + 120
@@ -147,7 +179,9 @@ def test_serve_cli_joins_the_running_ray_instance(ray_session, tmp_path):
             port = int(m.group(1)) if m else None
         assert port, "".join(lines)[-3000:]
         assert any("deployed Ray Serve application 'emostream-cli'" in x for x in lines)
-        result = asyncio.run(send_file(path, f"ws://127.0.0.1:{port}", SendOptions(protocol="pcm", fast=True, token="t0k")))
+        result = asyncio.run(
+            send_file(path, f"ws://127.0.0.1:{port}", SendOptions(protocol="pcm", fast=True, token="t0k"))
+        )
         assert result.close_code == 1000 and result.summary is not None
         assert {e["label"] for e in result.events if e["speech"]} == {"Neutral"}
         with pytest.raises(Exception):  # same auth: no token, no call
@@ -173,21 +207,53 @@ def test_batch_on_ray_data_writes_what_the_local_batch_writes(ray_session, tmp_p
 
     archive = make_folder(tmp_path / "calls", seconds=6)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert main(["batch", str(archive), "--out", str(local), "--vad", "energy", "--alert", "Sad>=0.3 for 2s",
-                 "--quiet"]) == 2
+    assert (
+        main(["batch", str(archive), "--out", str(local), "--vad", "energy", "--alert", "Sad>=0.3 for 2s", "--quiet"])
+        == 2
+    )
     capsys.readouterr()
     # ray is initialised in this process: --ray uses it (a separate process would say --ray auto)
-    assert main(["batch", str(archive), "--out", str(on_ray), "--ray", "auto", "--workers", "2", "--ray-cpus", "0.5",
-                 "--vad", "energy", "--alert", "Sad>=0.3 for 2s", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "batch",
+                str(archive),
+                "--out",
+                str(on_ray),
+                "--ray",
+                "auto",
+                "--workers",
+                "2",
+                "--ray-cpus",
+                "0.5",
+                "--vad",
+                "energy",
+                "--alert",
+                "Sad>=0.3 for 2s",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     out = capsys.readouterr()
     assert "5 call(s): 2 analysed" in out.out and "3 failed" in out.out
-    assert {line.split(":")[2].strip() for line in out.err.splitlines() if line.startswith("emostream: error")} == \
-           {"corrupt", "empty", "silent"}
+    assert {line.split(":")[2].strip() for line in out.err.splitlines() if line.startswith("emostream: error")} == {
+        "corrupt",
+        "empty",
+        "silent",
+    }
     for name in ("stereo.jsonl", "2024-05__mono.jsonl"):
         assert (on_ray / name).read_text() == (local / name).read_text()
-    rows = lambda p: sorted(pq.read_table(p / "summary.parquet").to_pylist(), key=lambda r: (r["call_id"], r["channel"] or ""))  # noqa: E731
+
+    def rows(p):
+        return sorted(
+            pq.read_table(p / "summary.parquet").to_pylist(), key=lambda r: (r["call_id"], r["channel"] or "")
+        )
+
     a, b = rows(on_ray), rows(local)
-    assert [(r["call_id"], r["status"], r["channel"]) for r in a] == [(r["call_id"], r["status"], r["channel"]) for r in b]
+    assert [(r["call_id"], r["status"], r["channel"]) for r in a] == [
+        (r["call_id"], r["status"], r["channel"]) for r in b
+    ]
     assert [r for r in a if r["status"] == "ok"] == [r for r in b if r["status"] == "ok"]
     # resume on Ray: a finished call is skipped (nothing is sent to Ray Data)
     assert main(["batch", str(archive / "stereo.flac"), "--out", str(on_ray), "--ray", "auto", "--quiet"]) == 0
@@ -202,8 +268,10 @@ def test_missing_ray_extra_is_one_line(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setitem(sys.modules, "emostream.scale", None)  # as if ray were not importable
     monkeypatch.delattr(emostream, "scale", raising=False)
-    for argv in (["serve", "--ray", "--no-model", "--port", "0"],
-                 ["batch", str(tmp_path), "--ray", "--out", str(tmp_path / "out")]):
+    for argv in (
+        ["serve", "--ray", "--no-model", "--port", "0"],
+        ["batch", str(tmp_path), "--ray", "--out", str(tmp_path / "out")],
+    ):
         (tmp_path / "a.wav").write_bytes(b"")
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The websocket server over 127.0.0.1: protocols end to end, auth, bad input, load, vanishing peers."""
+
 import asyncio
 import base64
 import json
@@ -55,13 +56,16 @@ def by_channel(events):
 
 # --- end to end per protocol ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", ["pcm", "twilio", "audiohook"])
 def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
     audio = write_call(tmp_path / "call.wav", 4.5)
     with ServerThread(port=0, events_dir=tmp_path / "events") as srv:
         result = asyncio.run(send_file(audio, srv.url, SendOptions(protocol=protocol, fast=True)))
     assert result.close_code == 1000 and result.summary is not None
-    names = {"pcm": ("agent", "customer"), "twilio": ("customer", "agent"), "audiohook": ("customer", "agent")}[protocol]
+    names = {"pcm": ("agent", "customer"), "twilio": ("customer", "agent"), "audiohook": ("customer", "agent")}[
+        protocol
+    ]
     sources = {"pcm": names, "twilio": ("inbound", "outbound"), "audiohook": ("external", "internal")}[protocol]
     channels = by_channel(result.events)
     assert set(channels) == set(names) == set(result.summary["channels"])
@@ -77,7 +81,9 @@ def test_call_per_protocol_timestamps_summary_and_jsonl(protocol, tmp_path):
     # one vocabulary for every protocol (#42 item 4); the bridge's own name in source_channel
     assert {(e["channel"], e["source_channel"]) for e in lines[:-1]} == set(zip(names, sources))
     # every line has a type; the summary names the model and the call's UTC start (#42 item 5)
-    assert {x["type"] for x in lines[:-1]} == {"event"} and isinstance(lines[-1]["model"], dict)  # none here: no model_info
+    assert {x["type"] for x in lines[:-1]} == {"event"} and isinstance(
+        lines[-1]["model"], dict
+    )  # none here: no model_info
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[-1]["started_at"])
 
 
@@ -89,9 +95,14 @@ def test_example_call_with_the_real_model(predictor, tmp_path):
     data, sr = sf.read(ROOT / "examples" / "call_stereo.flac", dtype="float32")
     sf.write(tmp_path / "short.wav", data[: int(3.5 * sr)], sr)
     with ServerThread(port=0, predict=predictor.predict) as srv:
+
         async def calls():
-            return await asyncio.gather(*[send_file(tmp_path / "short.wav", srv.url, SendOptions(protocol=p, fast=True))
-                                          for p in ("pcm", "twilio", "audiohook")])
+            return await asyncio.gather(
+                *[
+                    send_file(tmp_path / "short.wav", srv.url, SendOptions(protocol=p, fast=True))
+                    for p in ("pcm", "twilio", "audiohook")
+                ]
+            )
 
         results = asyncio.run(calls())
         stats = srv.server.worker.stats
@@ -106,21 +117,45 @@ def test_example_call_with_the_real_model(predictor, tmp_path):
 
 # --- Twilio ----------------------------------------------------------------------------------
 
+
 def twilio_messages(call_sid="CA" + "1" * 32, token=None, gap_ms=0, seconds=2.0):
     params = {"token": token} if token else {}
     yield {"event": "connected", "protocol": "Call", "version": "1.0.0"}
-    yield {"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": {
-        "accountSid": "AC1", "streamSid": "MZ1", "callSid": call_sid, "tracks": ["inbound"],
-        "customParameters": params, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+    yield {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": "MZ1",
+        "start": {
+            "accountSid": "AC1",
+            "streamSid": "MZ1",
+            "callSid": call_sid,
+            "tracks": ["inbound"],
+            "customParameters": params,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
     codes = mulaw_encode(float32_to_int16(speechlike(seconds, 8000)))
     half = len(codes) // 2
     for k, pos in enumerate(range(0, len(codes), 160)):
         ts = pos // 8 + (gap_ms if pos >= half else 0)
-        yield {"event": "media", "sequenceNumber": str(k + 2), "streamSid": "MZ1", "media": {
-            "track": "inbound", "chunk": str(k + 1), "timestamp": str(ts),
-            "payload": base64.b64encode(codes[pos:pos + 160].tobytes()).decode()}}
+        yield {
+            "event": "media",
+            "sequenceNumber": str(k + 2),
+            "streamSid": "MZ1",
+            "media": {
+                "track": "inbound",
+                "chunk": str(k + 1),
+                "timestamp": str(ts),
+                "payload": base64.b64encode(codes[pos : pos + 160].tobytes()).decode(),
+            },
+        }
     yield {"event": "mark", "sequenceNumber": "999", "streamSid": "MZ1", "mark": {"name": "end"}}
-    yield {"event": "stop", "sequenceNumber": "1000", "streamSid": "MZ1", "stop": {"accountSid": "AC1", "callSid": call_sid}}
+    yield {
+        "event": "stop",
+        "sequenceNumber": "1000",
+        "streamSid": "MZ1",
+        "stop": {"accountSid": "AC1", "callSid": call_sid},
+    }
 
 
 def test_twilio_gap_in_timestamps_keeps_track_on_twilio_clock(tmp_path):
@@ -173,8 +208,19 @@ class AhClient:
 
     def send(self, kind, **params):
         self.seq += 1
-        self.ws.send(json.dumps({"version": "2", "type": kind, "seq": self.seq, "serverseq": self.serverseq,
-                                 "id": self.id, "position": format_duration(self.samples / 8000), "parameters": params}))
+        self.ws.send(
+            json.dumps(
+                {
+                    "version": "2",
+                    "type": kind,
+                    "seq": self.seq,
+                    "serverseq": self.serverseq,
+                    "id": self.id,
+                    "position": format_duration(self.samples / 8000),
+                    "parameters": params,
+                }
+            )
+        )
 
     def recv(self):
         m = json.loads(self.ws.recv(timeout=20))
@@ -183,21 +229,36 @@ class AhClient:
 
 
 def ah_headers(session_id, key="k"):
-    return {"Audiohook-Organization-Id": ORG, "Audiohook-Correlation-Id": str(uuid.uuid4()),
-            "Audiohook-Session-Id": session_id, "X-API-KEY": key}
+    return {
+        "Audiohook-Organization-Id": ORG,
+        "Audiohook-Correlation-Id": str(uuid.uuid4()),
+        "Audiohook-Session-Id": session_id,
+        "X-API-KEY": key,
+    }
 
 
 def test_audiohook_message_sequence(tmp_path):
     sid = str(uuid.uuid4())
-    offers = [{"type": "audio", "format": "L16", "channels": ["external"], "rate": 8000},
-              {"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}]
+    offers = [
+        {"type": "audio", "format": "L16", "channels": ["external"], "rate": 8000},
+        {"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000},
+    ]
     with ServerThread(port=0, events_dir=tmp_path) as srv:
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
-            c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART, "ani": "", "aniName": "", "dnis": ""},
-                   media=offers, language="en-US", supportedLanguages=True)
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=CONV,
+                participant={"id": PART, "ani": "", "aniName": "", "dnis": ""},
+                media=offers,
+                language="en-US",
+                supportedLanguages=True,
+            )
             opened = c.recv()
-            assert opened["type"] == "opened" and opened["seq"] == 1 and opened["clientseq"] == 1 and opened["id"] == sid
+            assert (
+                opened["type"] == "opened" and opened["seq"] == 1 and opened["clientseq"] == 1 and opened["id"] == sid
+            )
             assert opened["version"] == "2" and opened["parameters"]["media"] == [offers[1]]
             assert opened["parameters"]["supportedLanguages"] == ["en-US", "de-DE"]
             c.send("ping", rtt="PT0.01S")
@@ -207,7 +268,7 @@ def test_audiohook_message_sequence(tmp_path):
             codes = mulaw_encode(float32_to_int16(stereo.reshape(-1)))
             received = []
             for pos in range(0, len(codes), 320):
-                ws.send(codes[pos:pos + 320].tobytes())
+                ws.send(codes[pos : pos + 320].tobytes())
                 c.samples += 160
             c.send("paused")
             c.send("resumed", start=format_duration(1.5), discarded="PT1S")  # 1 s not sent: a gap
@@ -240,8 +301,13 @@ def test_audiohook_probe_and_bad_seq(tmp_path):
         sid = str(uuid.uuid4())
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
-            c.send("open", organizationId=ORG, conversationId=null, participant={"id": null, "ani": "", "aniName": "", "dnis": ""},
-                   media=[{"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}])
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=null,
+                participant={"id": null, "ani": "", "aniName": "", "dnis": ""},
+                media=[{"type": "audio", "format": "PCMU", "channels": ["external", "internal"], "rate": 8000}],
+            )
             assert c.recv()["type"] == "opened"
             ws.send(b"")  # probes may send a 0-byte frame
             c.send("close", reason="end")
@@ -250,8 +316,13 @@ def test_audiohook_probe_and_bad_seq(tmp_path):
         sid = str(uuid.uuid4())
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
-            c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART},
-                   media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=CONV,
+                participant={"id": PART},
+                media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}],
+            )
             c.recv()
             c.seq += 5  # skip sequence numbers
             c.send("ping")
@@ -266,37 +337,59 @@ def test_audiohook_signed_connections():
     secret = os.urandom(32)
     key = AudioHookKey("key1", secret)
     with ServerThread(ServerConfig(port=0, audiohook_keys=(key,))) as srv:
+
         def headers(sign=True, created=None, api_key="key1", target="/v1/audiohook"):
             h = ah_headers(str(uuid.uuid4()), api_key)
             if sign:
-                signed = sign_audiohook_request({**h, "Host": f"127.0.0.1:{srv.port}"}, target, "key1", secret, created=created)
+                signed = sign_audiohook_request(
+                    {**h, "Host": f"127.0.0.1:{srv.port}"}, target, "key1", secret, created=created
+                )
                 h["Signature-Input"], h["Signature"] = signed["Signature-Input"], signed["Signature"]
             return h
 
         with connect(srv.url + "/v1/audiohook", additional_headers=headers()):
             pass
-        for bad in (headers(sign=False), headers(created=int(time.time()) - 120), headers(api_key="key2"),
-                    headers(target="/v1/other"), {**headers(), "Audiohook-Session-Id": str(uuid.uuid4())}):
+        for bad in (
+            headers(sign=False),
+            headers(created=int(time.time()) - 120),
+            headers(api_key="key2"),
+            headers(target="/v1/other"),
+            {**headers(), "Audiohook-Session-Id": str(uuid.uuid4())},
+        ):
             with pytest.raises(InvalidStatus) as info:
                 connect(srv.url + "/v1/audiohook", additional_headers=bad)
             assert info.value.response.status_code == 401
-        result = asyncio.run(send_file(ROOT / "examples" / "call_mono.flac", srv.url,
-                                       SendOptions(protocol="audiohook", fast=True, audiohook_key=key)))
+        result = asyncio.run(
+            send_file(
+                ROOT / "examples" / "call_mono.flac",
+                srv.url,
+                SendOptions(protocol="audiohook", fast=True, audiohook_key=key),
+            )
+        )
         assert result.summary is not None and set(result.summary["channels"]) == {"customer"}
 
 
 # --- auth, routing, limits -------------------------------------------------------------------
 
+
 def test_token_auth_and_routing():
     with ServerThread(ServerConfig(port=0, token="s3cret")) as srv:
-        for path, headers in (("/v1/pcm", {"Authorization": "Bearer s3cret"}), ("/v1/pcm", {"X-API-KEY": "s3cret"}),
-                              ("/v1/pcm?token=s3cret", {}), ("/v1/events?token=s3cret", {})):
+        for path, headers in (
+            ("/v1/pcm", {"Authorization": "Bearer s3cret"}),
+            ("/v1/pcm", {"X-API-KEY": "s3cret"}),
+            ("/v1/pcm?token=s3cret", {}),
+            ("/v1/events?token=s3cret", {}),
+        ):
             with connect(srv.url + path, additional_headers=headers):
                 pass
-        for path, headers, status in (("/v1/pcm", {}, 401), ("/v1/pcm", {"Authorization": "Bearer nope"}, 401),
-                                      ("/v1/audiohook", {"X-API-KEY": "nope"}, 401), ("/v1/events", {}, 401),
-                                      ("/v2/anything", {"Authorization": "Bearer s3cret"}, 404),
-                                      ("/v1/nothere?token=nope", {}, 404)):
+        for path, headers, status in (
+            ("/v1/pcm", {}, 401),
+            ("/v1/pcm", {"Authorization": "Bearer nope"}, 401),
+            ("/v1/audiohook", {"X-API-KEY": "nope"}, 401),
+            ("/v1/events", {}, 401),
+            ("/v2/anything", {"Authorization": "Bearer s3cret"}, 404),
+            ("/v1/nothere?token=nope", {}, 404),
+        ):
             with pytest.raises(InvalidStatus) as info:
                 connect(srv.url + path, additional_headers=headers)
             assert info.value.response.status_code == status
@@ -328,8 +421,15 @@ BAD_INPUTS = [
     ("pcm", [b"\x00\x00"], 1007, "audio before the start"),
     ("pcm", [json.dumps(PCM_START), b"\x00" * (300 * 1024)], 1009, ""),
     ("twilio", [b"\x00\x01"], 1007, "JSON text frames"),
-    ("twilio", ['{"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": {"encoding": "audio/L16", '
-                '"sampleRate": 8000, "channels": 1}}}'], 1007, "encoding"),
+    (
+        "twilio",
+        [
+            '{"event": "start", "start": {"streamSid": "MZ1", "mediaFormat": {"encoding": "audio/L16", '
+            '"sampleRate": 8000, "channels": 1}}}'
+        ],
+        1007,
+        "encoding",
+    ),
     ("twilio", ['{"event": "bogus"}'], 1007, "unknown event"),
 ]
 
@@ -339,6 +439,7 @@ def test_bad_input_closes_only_that_call(tmp_path):
     server keeps serving."""
     good = write_call(tmp_path / "good.wav", 6.0, channels=1)
     with ServerThread(port=0, events_dir=tmp_path / "ev") as srv:
+
         async def good_call():
             return await send_file(good, srv.url, SendOptions(protocol="pcm", call_id="good-call"))
 
@@ -385,12 +486,17 @@ def test_resampled_rates_and_g711(tmp_path):
     with ServerThread(port=0) as srv:
         for rate, encoding in ((8000, "pcm_s16le"), (44100, "pcm_s16le"), (8000, "mulaw"), (8000, "alaw")):
             with connect(srv.url + "/v1/pcm") as ws:
-                ws.send(json.dumps({**PCM_START, "call_id": f"r{rate}{encoding}", "sample_rate": rate, "encoding": encoding}))
+                ws.send(
+                    json.dumps(
+                        {**PCM_START, "call_id": f"r{rate}{encoding}", "sample_rate": rate, "encoding": encoding}
+                    )
+                )
                 x = float32_to_int16(speechlike(2.2, rate))
                 if encoding == "mulaw":
                     data = mulaw_encode(x).tobytes()
                 elif encoding == "alaw":
                     from emostream.audio import alaw_encode
+
                     data = alaw_encode(x).tobytes()
                 else:
                     data = x.astype("<i2").tobytes()
@@ -404,6 +510,7 @@ def test_resampled_rates_and_g711(tmp_path):
 
 
 # --- /v1/events ------------------------------------------------------------------------------
+
 
 def test_events_feed_sees_every_call(tmp_path):
     audio = write_call(tmp_path / "c.wav", 2.5)
@@ -426,14 +533,25 @@ def test_events_feed_sees_every_call(tmp_path):
 
 # --- load and vanishing peers ------------------------------------------------------------------
 
+
 def test_twenty_concurrent_calls(tmp_path):
     audio = write_call(tmp_path / "c.wav", 3.2)
-    with ServerThread(ServerConfig(port=0, events_dir=tmp_path / "ev", max_calls=20, vad=VadConfig.named("energy"))) as srv:
+    with ServerThread(
+        ServerConfig(port=0, events_dir=tmp_path / "ev", max_calls=20, vad=VadConfig.named("energy"))
+    ) as srv:
+
         async def all_calls():
             protocols = ["pcm", "twilio", "audiohook", "pcm"] * 5
-            return await asyncio.gather(*[
-                send_file(audio, srv.url, SendOptions(protocol=p, fast=True, call_id=f"load-{i}" if p != "audiohook" else None))
-                for i, p in enumerate(protocols)])
+            return await asyncio.gather(
+                *[
+                    send_file(
+                        audio,
+                        srv.url,
+                        SendOptions(protocol=p, fast=True, call_id=f"load-{i}" if p != "audiohook" else None),
+                    )
+                    for i, p in enumerate(protocols)
+                ]
+            )
 
         t0 = time.monotonic()
         results = asyncio.run(all_calls())
@@ -450,9 +568,12 @@ def test_twenty_concurrent_calls(tmp_path):
 def test_killed_client_leaves_complete_jsonl(tmp_path):
     audio = write_call(tmp_path / "long.wav", 30.0, channels=1)
     with ServerThread(port=0, events_dir=tmp_path / "ev") as srv:
-        proc = subprocess.Popen([sys.executable, "-m", "emostream", "send", str(audio), srv.url,
-                                 "--call-id", "victim", "--quiet"], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "emostream", "send", str(audio), srv.url, "--call-id", "victim", "--quiet"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         path = tmp_path / "ev" / "victim.jsonl"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not path.exists() or len(path.read_text().splitlines()) < 3):

@@ -1,5 +1,6 @@
 """Issue 40: the live server under abuse, overload and broken peers (websocket clients against a real
 server on 127.0.0.1, as tests/test_server.py). One test (or a few) per numbered item of the issue."""
+
 import asyncio
 import base64
 import http.client
@@ -76,11 +77,21 @@ def healthz_ms(port: int) -> float:
 
 def media(ts_ms: int, seconds: float = 0.02, k: int = 1) -> dict:
     codes = mulaw_encode(float32_to_int16(speechlike(seconds, 8000)))
-    return {"event": "media", "sequenceNumber": str(k), "streamSid": "MZ1", "media": {
-        "track": "inbound", "chunk": str(k), "timestamp": str(ts_ms), "payload": base64.b64encode(codes.tobytes()).decode()}}
+    return {
+        "event": "media",
+        "sequenceNumber": str(k),
+        "streamSid": "MZ1",
+        "media": {
+            "track": "inbound",
+            "chunk": str(k),
+            "timestamp": str(ts_ms),
+            "payload": base64.b64encode(codes.tobytes()).decode(),
+        },
+    }
 
 
 # --- 1. a gap costs O(1) ---------------------------------------------------------------------
+
 
 def test_long_gap_is_one_record_and_the_schedule_restarts(tmp_path):
     """A Twilio timestamp 1 h ahead: one ``gap`` record, the windows before it end with a final one,
@@ -105,8 +116,15 @@ def test_long_gap_is_one_record_and_the_schedule_restarts(tmp_path):
     assert code == 1000 and elapsed < 5 and health < 1000
     lines = jsonl(tmp_path / ("CA" + "1" * 32 + ".jsonl"))
     gaps = [x for x in lines if x.get("type") == "gap"]
-    assert gaps == [{"type": "gap", "stream": "CA" + "1" * 32, "channel": "customer", "t_start": 1.0,
-                     "t_end": pytest.approx(3601.0, abs=1e-3)}]
+    assert gaps == [
+        {
+            "type": "gap",
+            "stream": "CA" + "1" * 32,
+            "channel": "customer",
+            "t_start": 1.0,
+            "t_end": pytest.approx(3601.0, abs=1e-3),
+        }
+    ]
     ends = [e["t_end"] for e in read_events(tmp_path / ("CA" + "1" * 32 + ".jsonl"))]
     assert ends == pytest.approx([1.0, 3602.0, 3603.0, 3603.5], abs=2e-3)  # restarted at 3601 s
     assert len(lines) < 10
@@ -119,15 +137,23 @@ def test_gap_limits_per_message_and_audiohook_discards(tmp_path, caplog):
     with ServerThread(config(events_dir=tmp_path, max_call_seconds=6 * 3600)) as srv:
         with connect(srv.url + "/v1/twilio") as ws:
             head = list(twilio_messages(seconds=1.0))[:2]
-            send_frames(ws, [json.dumps(m) for m in head] + [json.dumps(media(0)),
-                                                              json.dumps(media(int((MAX_GAP_SECONDS + 60) * 1000)))])
+            send_frames(
+                ws,
+                [json.dumps(m) for m in head]
+                + [json.dumps(media(0)), json.dumps(media(int((MAX_GAP_SECONDS + 60) * 1000)))],
+            )
             _, code, reason = recv_all(ws)
         assert code == 1007 and "jumps" in reason
         sid = str(uuid.uuid4())
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
-            c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART},
-                   media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=CONV,
+                participant={"id": PART},
+                media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}],
+            )
             assert c.recv()["type"] == "opened"
             t0 = time.monotonic()
             for k in range(5):
@@ -142,11 +168,17 @@ def test_gap_limits_per_message_and_audiohook_discards(tmp_path, caplog):
     assert len(received) < 10
     lines = jsonl(tmp_path / f"{sid}.jsonl")
     assert [(g["t_start"], g["t_end"]) for g in lines if g.get("type") == "gap"] == [
-        (0.0, 3600.0), (3600.0, 7200.0), (7200.0, 10800.0), (10800.0, 14400.0), (14400.0, 18000.0)]
+        (0.0, 3600.0),
+        (3600.0, 7200.0),
+        (7200.0, 10800.0),
+        (10800.0, 14400.0),
+        (14400.0, 18000.0),
+    ]
     no_errors_logged(caplog)
 
 
 # --- 2. connections must start, send audio, and are bounded before they start ----------------------
+
 
 def test_start_deadline_idle_counts_audio_and_unstarted_are_bounded(caplog):
     cfg = config(idle_timeout=1.0, start_timeout=1.0, max_unstarted=2, token="tok")
@@ -210,13 +242,22 @@ def test_audiohook_ping_before_open_meets_the_start_deadline():
 
 # --- 3. bad input is 1007 (or an AudioHook disconnect), never 1011 ---------------------------------
 
+
 def test_deep_json_and_infinite_timestamps_are_bad_input(caplog):
     with ServerThread(config()) as srv:
-        for path, frames in (("/v1/pcm", ["[" * 100_000]), ("/v1/twilio", ["[" * 100_000]),
-                             ("/v1/pcm", [json.dumps({**PCM_START, "encoding": ["pcm_s16le"]})]),  # unhashable
-                             ("/v1/twilio", [json.dumps(m) for m in list(twilio_messages())[:2]]
-                              + ['{"event": "media", "streamSid": "MZ1", "media": {"track": "inbound", '
-                                 '"timestamp": Infinity, "payload": ""}}'])):
+        for path, frames in (
+            ("/v1/pcm", ["[" * 100_000]),
+            ("/v1/twilio", ["[" * 100_000]),
+            ("/v1/pcm", [json.dumps({**PCM_START, "encoding": ["pcm_s16le"]})]),  # unhashable
+            (
+                "/v1/twilio",
+                [json.dumps(m) for m in list(twilio_messages())[:2]]
+                + [
+                    '{"event": "media", "streamSid": "MZ1", "media": {"track": "inbound", '
+                    '"timestamp": Infinity, "payload": ""}}'
+                ],
+            ),
+        ):
             with connect(srv.url + path, max_size=None) as ws:
                 send_frames(ws, frames)
                 _, code, reason = recv_all(ws)
@@ -235,11 +276,19 @@ def test_deep_json_and_infinite_timestamps_are_bad_input(caplog):
         sid = str(uuid.uuid4())
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
-            c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART},
-                   media=[{"type": "audio", "format": ["PCMU"], "channels": [["external"]], "rate": 8000},
-                          {"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
-            assert c.recv()["parameters"]["media"] == [{"type": "audio", "format": "PCMU", "channels": ["external"],
-                                                      "rate": 8000}]  # unhashable offers skipped, not a crash
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=CONV,
+                participant={"id": PART},
+                media=[
+                    {"type": "audio", "format": ["PCMU"], "channels": [["external"]], "rate": 8000},
+                    {"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000},
+                ],
+            )
+            assert c.recv()["parameters"]["media"] == [
+                {"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}
+            ]  # unhashable offers skipped, not a crash
             c.send("discarded", start="PT" + "9" * 400 + "S", discarded="PT1S")  # overflows a float
             disconnect = c.recv()
             assert disconnect["type"] == "disconnect" and disconnect["parameters"]["reason"] == "error"
@@ -248,6 +297,7 @@ def test_deep_json_and_infinite_timestamps_are_bad_input(caplog):
 
 
 # --- 4. call ids are matched in full ---------------------------------------------------------------
+
 
 def test_call_id_with_trailing_newline_is_refused(tmp_path):
     with ServerThread(config(events_dir=tmp_path)) as srv:
@@ -262,15 +312,23 @@ def test_call_id_with_trailing_newline_is_refused(tmp_path):
             _, code, reason = recv_all(ws)
         assert code == 1007 and "call id" in reason
         sid = str(uuid.uuid4())
-        with connect(srv.url + "/v1/audiohook", additional_headers={**ah_headers(sid), "Audiohook-Session-Id": "-"}) as ws:
+        with connect(
+            srv.url + "/v1/audiohook", additional_headers={**ah_headers(sid), "Audiohook-Session-Id": "-"}
+        ) as ws:
             c = AhClient(ws, sid + "\n")  # an id with a newline in the messages
-            c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART},
-                   media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}])
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=CONV,
+                participant={"id": PART},
+                media=[{"type": "audio", "format": "PCMU", "channels": ["external"], "rate": 8000}],
+            )
             assert c.recv()["type"] == "disconnect"
     assert list(tmp_path.iterdir()) == []
 
 
 # --- 5. a vanished peer is a normal event; what arrived is analysed ------------------------------
+
 
 def test_peer_closing_mid_stream_loses_no_audio_and_logs_no_error(tmp_path, caplog):
     """The peer sends 4 s and closes without ``stop`` while the (slow) model is behind: every frame the
@@ -281,7 +339,7 @@ def test_peer_closing_mid_stream_loses_no_audio_and_logs_no_error(tmp_path, capl
             ws.send(json.dumps({**PCM_START, "call_id": "closer"}))
             data = pcm_bytes(4.0)
             for pos in range(0, len(data), 640):
-                ws.send(data[pos:pos + 640])
+                ws.send(data[pos : pos + 640])
         path = tmp_path / "closer.jsonl"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not path.exists() or '"summary"' not in path.read_text()):
@@ -291,7 +349,7 @@ def test_peer_closing_mid_stream_loses_no_audio_and_logs_no_error(tmp_path, capl
             ws.send(json.dumps({**PCM_START, "call_id": "reset"}))
             data = pcm_bytes(2.0)
             for pos in range(0, len(data), 640):
-                ws.send(data[pos:pos + 640])
+                ws.send(data[pos : pos + 640])
             time.sleep(0.5)
             ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             ws.socket.close()  # a TCP reset: no close frame
@@ -310,16 +368,21 @@ def test_peer_closing_mid_stream_loses_no_audio_and_logs_no_error(tmp_path, capl
 
 # --- 6. keepalive does not cut calls whose pongs wait behind our own backlog ------------------------
 
+
 def test_keepalive_spares_fast_calls_behind_a_slow_model(tmp_path):
     """Three ``send --fast`` calls against a model slower than they send, with pings every 0.3 s and
     a 0.3 s pong timeout: the pongs wait behind audio the server has not read yet. The stock keepalive
     closes all three with 1011 "keepalive ping timeout"; this one lets them finish with every window."""
     audio = write_call(tmp_path / "c.wav", 12.0, channels=1)
     with ServerThread(config(ping_interval=0.3, ping_timeout=0.3), predict=slow_predictor(0.15)) as srv:
+
         async def calls():
-            return await asyncio.gather(*[send_file(audio, srv.url, SendOptions(protocol="pcm", fast=True,
-                                                                                  call_id=f"fast-{i}"))
-                                          for i in range(3)])
+            return await asyncio.gather(
+                *[
+                    send_file(audio, srv.url, SendOptions(protocol="pcm", fast=True, call_id=f"fast-{i}"))
+                    for i in range(3)
+                ]
+            )
 
         results = asyncio.run(calls())
     for r in results:
@@ -332,14 +395,15 @@ async def _fast_pcm_call(url: str, factory, seconds: float) -> tuple[int, int | 
     side: (events received, close code)."""
     from websockets.asyncio.client import connect as async_connect
 
-    async with async_connect(url + "/v1/pcm", ping_interval=0.3, ping_timeout=0.3, close_timeout=1,
-                             create_connection=factory) as ws:
+    async with async_connect(
+        url + "/v1/pcm", ping_interval=0.3, ping_timeout=0.3, close_timeout=1, create_connection=factory
+    ) as ws:
         await ws.send(json.dumps({**PCM_START, "call_id": f"client-{uuid.uuid4().hex[:8]}"}))
         data = pcm_bytes(seconds)
         events = 0
         try:
             for pos in range(0, len(data), 640):
-                await ws.send(data[pos:pos + 640])
+                await ws.send(data[pos : pos + 640])
             await ws.send(json.dumps({"type": "stop"}))
             async for message in ws:
                 events += json.loads(message).get("type") == "event"
@@ -364,14 +428,18 @@ def test_keepalive_still_closes_a_silent_peer(tmp_path):
     from websockets.asyncio.client import connect as async_connect
 
     with ServerThread(config(ping_interval=0.2, ping_timeout=0.2, idle_timeout=30, events_dir=tmp_path)) as srv:
+
         async def silent() -> float:
             async with async_connect(srv.url + "/v1/pcm", ping_interval=None, close_timeout=0.5) as ws:
                 await ws.send(json.dumps(PCM_START))
                 await ws.recv()
                 ws.transport.pause_reading()  # pings go unanswered
                 t0 = time.monotonic()
-                while (tmp_path / "c1.jsonl").exists() and '"summary"' not in (tmp_path / "c1.jsonl").read_text() \
-                        and time.monotonic() - t0 < 15:
+                while (
+                    (tmp_path / "c1.jsonl").exists()
+                    and '"summary"' not in (tmp_path / "c1.jsonl").read_text()
+                    and time.monotonic() - t0 < 15
+                ):
                     await asyncio.sleep(0.05)
                 return time.monotonic() - t0
 
@@ -380,6 +448,7 @@ def test_keepalive_still_closes_a_silent_peer(tmp_path):
 
 
 # --- 7. end_reason says who closed and why ------------------------------------------------------
+
 
 def test_end_reason_names_the_server_closing(tmp_path):
     with ServerThread(config(events_dir=tmp_path)) as srv:
@@ -407,6 +476,7 @@ def test_end_reason_names_the_server_closing(tmp_path):
 
 
 # --- 8. nonces, methods, an AudioHook call with nothing to analyse, SIGTERM -------------------
+
 
 def test_replayed_audiohook_signature_is_refused():
     secret = os.urandom(32)
@@ -438,8 +508,13 @@ def test_audiohook_offering_only_the_agent_opens_with_no_media(tmp_path):
         sid = str(uuid.uuid4())
         with connect(srv.url + "/v1/audiohook", additional_headers=ah_headers(sid)) as ws:
             c = AhClient(ws, sid)
-            c.send("open", organizationId=ORG, conversationId=CONV, participant={"id": PART},
-                   media=[{"type": "audio", "format": "PCMU", "channels": ["internal"], "rate": 8000}])
+            c.send(
+                "open",
+                organizationId=ORG,
+                conversationId=CONV,
+                participant={"id": PART},
+                media=[{"type": "audio", "format": "PCMU", "channels": ["internal"], "rate": 8000}],
+            )
             opened = c.recv()
             assert opened["type"] == "opened" and opened["parameters"]["media"] == []
             c.send("ping")
@@ -449,16 +524,25 @@ def test_audiohook_offering_only_the_agent_opens_with_no_media(tmp_path):
             _, code, _ = recv_all(ws)
         assert code == 1000
         metrics = srv.server.metrics.render().decode().splitlines()
-    assert [line for line in metrics if line.startswith("emostream_calls_total") and 'outcome="not_analysed"' in line
-            and 'protocol="audiohook"' in line] == ['emostream_calls_total{outcome="not_analysed",protocol="audiohook"} 1.0']
+    assert [
+        line
+        for line in metrics
+        if line.startswith("emostream_calls_total")
+        and 'outcome="not_analysed"' in line
+        and 'protocol="audiohook"' in line
+    ] == ['emostream_calls_total{outcome="not_analysed",protocol="audiohook"} 1.0']
     assert list(tmp_path.iterdir()) == []  # nothing analysed, nothing stored
 
 
 def test_sigterm_ends_replay_with_a_summary(shipped_checkpoint, tmp_path):
     audio = write_call(tmp_path / "long.wav", 60.0, channels=1)
     out = tmp_path / "events.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "emostream", "replay", str(audio), "--no-dashboard",
-                             "--events", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emostream", "replay", str(audio), "--no-dashboard", "--events", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
         time.sleep(0.1)
@@ -470,10 +554,12 @@ def test_sigterm_ends_replay_with_a_summary(shipped_checkpoint, tmp_path):
 
 # --- 9. memory: bounded events per live call, bounded ended calls ----------------------------
 
+
 def test_live_call_keeps_bounded_events_and_the_page_bounded_ended_calls(tmp_path):
     audio = write_call(tmp_path / "c.wav", 30.0, channels=1)
     short = write_call(tmp_path / "s.wav", 1.5, channels=1)
     with ServerThread(config(max_events_kept=8, max_ended_calls=2)) as srv:
+
         def ended_calls() -> list[str]:
             return srv.call(_ended(srv.server))
 

@@ -1,4 +1,5 @@
 """The speaker-centring probe (train/speaker_centring.py): context sampling and the scorings."""
+
 import numpy as np
 
 from train.speaker_centring import context_indices, probe_fold
@@ -46,6 +47,6 @@ def test_probe_sees_speaker_offsets_and_same_emotion_contexts():
     raw = res["raw embedding, linear head"][0]
     random20 = next(v for k, v in res.items() if k.startswith("centred by 20 other clips, random"))[0]
     same8 = next(v for k, v in res.items() if k.startswith("centred by 8 other clips, 100%"))[0]
-    assert abs(res["own head"][0] - 1 / 7) < 1e-3            # constant logits: chance
+    assert abs(res["own head"][0] - 1 / 7) < 1e-3  # constant logits: chance
     assert random20 > raw + 0.1 and res["centred by all of the speaker's clips"][0] > raw + 0.1
     assert same8 < random20 - 0.2

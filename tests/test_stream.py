@@ -4,8 +4,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES
-from emostream.stream import (ChannelWindower, RingBuffer, StreamConfig, StreamWindower, fixed_chunks, placed_windows,
-                              speech_activity)
+from emostream.stream import (
+    ChannelWindower,
+    RingBuffer,
+    StreamConfig,
+    StreamWindower,
+    fixed_chunks,
+    placed_windows,
+    speech_activity,
+)
 
 
 def ramp(n: int, start: int = 0) -> np.ndarray:
@@ -60,8 +67,11 @@ def window_ends(cfg: StreamConfig, total: int, chunks) -> list:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 40000), min_size=1, max_size=30), st.sampled_from([0.5, 1.0, 0.25]),
-       st.integers(SAMPLE_RATE // 2, 15 * SAMPLE_RATE))
+@given(
+    st.lists(st.integers(1, 40000), min_size=1, max_size=30),
+    st.sampled_from([0.5, 1.0, 0.25]),
+    st.integers(SAMPLE_RATE // 2, 15 * SAMPLE_RATE),
+)
 def test_windows_independent_of_chunking(chunks, hop, total):
     cfg = StreamConfig(hop_seconds=hop, min_seconds=1.0)
     got = window_ends(cfg, total, chunks)
@@ -71,7 +81,7 @@ def test_windows_independent_of_chunking(chunks, hop, total):
         assert w.samples.shape == (WINDOW_SAMPLES,)
         n = w.end - w.start
         assert np.array_equal(w.samples[:n], ramp(n, w.start))  # exact samples of [start, end)
-        assert not w.samples[n:].any()                            # zero padding after
+        assert not w.samples[n:].any()  # zero padding after
 
 
 def test_window_schedule_exact_times():
@@ -110,8 +120,14 @@ def test_stream_windower_stereo_channels_and_order():
     sw = StreamWindower("call", ("agent", "customer"), StreamConfig())
     frames = np.stack([ramp(3 * SAMPLE_RATE), -ramp(3 * SAMPLE_RATE)])
     windows = sw.push_frames(frames) + sw.flush()
-    assert [(w.channel, w.t_end) for w in windows] == [("agent", 1.0), ("customer", 1.0), ("agent", 2.0),
-                                                       ("customer", 2.0), ("agent", 3.0), ("customer", 3.0)]
+    assert [(w.channel, w.t_end) for w in windows] == [
+        ("agent", 1.0),
+        ("customer", 1.0),
+        ("agent", 2.0),
+        ("customer", 2.0),
+        ("agent", 3.0),
+        ("customer", 3.0),
+    ]
     assert windows[1].samples[5] == -5
     with pytest.raises(ValueError):
         sw.push_frames(np.zeros((3, 10)))
@@ -142,8 +158,8 @@ def test_placed_windows_move_a_short_clip_across_the_window():
     spare = WINDOW_SAMPLES - len(x)
     assert starts == [0, spare // 4, spare // 2, 3 * spare // 4, spare]
     for row, s in zip(w, starts):  # the whole clip, unchanged, and silence around it
-        np.testing.assert_array_equal(row[s:s + len(x)], x)
-        assert not row[:s].any() and not row[s + len(x):].any()
+        np.testing.assert_array_equal(row[s : s + len(x)], x)
+        assert not row[:s].any() and not row[s + len(x) :].any()
 
 
 def test_placed_windows_read_a_long_clip_from_inside():
@@ -153,7 +169,7 @@ def test_placed_windows_read_a_long_clip_from_inside():
     assert starts[0] == 0 and starts[-1] == len(x) - WINDOW_SAMPLES
     assert np.diff(starts).max() <= WINDOW_SAMPLES / 4 and len(w) >= 5
     for row, s in zip(w, starts):  # every window lies wholly inside the clip
-        np.testing.assert_array_equal(row, x[s:s + WINDOW_SAMPLES])
+        np.testing.assert_array_equal(row, x[s : s + WINDOW_SAMPLES])
 
 
 def test_speech_activity():

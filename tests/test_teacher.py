@@ -1,4 +1,5 @@
 """Distillation teacher: directory checks, frame pooling, honest per-fold heads, a tiny KD run."""
+
 import json
 from dataclasses import replace
 
@@ -8,10 +9,27 @@ import torch
 
 from emostream.model import CLASSES
 from train.config import ConfigError, load_config
-from train.engine import (FrameProjector, crop_layout, crop_span, embedding_loss, frame_embedding_loss, loss_fn,
-                          make_batch, time_cells, window_segments)
-from train.teacher import (CELL_MIN_AUDIO, ENCODER_FRAME_SAMPLES, FoldTeacher, TeacherError, TeacherFeatures, check_teacher_dir,
-                           clip_frames, frame_span)
+from train.engine import (
+    FrameProjector,
+    crop_layout,
+    crop_span,
+    embedding_loss,
+    frame_embedding_loss,
+    loss_fn,
+    make_batch,
+    time_cells,
+    window_segments,
+)
+from train.teacher import (
+    CELL_MIN_AUDIO,
+    ENCODER_FRAME_SAMPLES,
+    FoldTeacher,
+    TeacherError,
+    TeacherFeatures,
+    check_teacher_dir,
+    clip_frames,
+    frame_span,
+)
 
 from .conftest import ROOT
 
@@ -20,6 +38,7 @@ TEACHER_DIR = ROOT.parent / "shared" / "models" / "faster-whisper-base"
 
 
 # --- teacher directory ---------------------------------------------------------------------------
+
 
 def test_missing_teacher_is_a_clear_error_naming_the_path(tmp_path):
     with pytest.raises(TeacherError, match=str(tmp_path / "nope")):
@@ -37,8 +56,17 @@ def test_missing_teacher_is_a_clear_error_naming_the_path(tmp_path):
 def test_train_cli_reports_a_bad_teacher_in_one_line(tmp_path, capsys):
     from train.__main__ import main
 
-    code = main(["teacher", "--config", str(CONFIGS / "distill.yaml"), "--teacher", str(tmp_path / "missing"),
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "teacher",
+            "--config",
+            str(CONFIGS / "distill.yaml"),
+            "--teacher",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: teacher not found") and str(tmp_path / "missing") in err
     assert len(err.strip().splitlines()) == 1
@@ -71,20 +99,21 @@ def test_distill_config_keys_are_checked(tmp_path):
 
 # --- frames and pooling --------------------------------------------------------------------------
 
+
 def test_frame_span_covers_exactly_the_crop():
     f = ENCODER_FRAME_SAMPLES
     assert clip_frames(1) == 1 and clip_frames(f) == 1 and clip_frames(f + 1) == 2
     assert frame_span(0, f, 100) == (0, 1)
     assert frame_span(10 * f, 5 * f, 100) == (10, 15)
-    assert frame_span(10 * f + 5, 5 * f, 100) == (10, 16)   # partly covered frames count
-    assert frame_span(0, 10_000 * f, 100) == (0, 100)      # clipped to the clip
-    assert frame_span(99 * f + 300, 1, 100) == (99, 100)   # never empty
+    assert frame_span(10 * f + 5, 5 * f, 100) == (10, 16)  # partly covered frames count
+    assert frame_span(0, 10_000 * f, 100) == (0, 100)  # clipped to the clip
+    assert frame_span(99 * f + 300, 1, 100) == (99, 100)  # never empty
 
 
 def test_pool_averages_only_the_frames_of_the_crop():
     frames = np.arange(20, dtype=np.float16)[:, None].repeat(3, axis=1)  # frame i holds value i
     feats = TeacherFeatures(frames, np.array([0, 8, 20]))
-    assert feats.pool(0)[0] == pytest.approx(3.5)                     # clip 0 = frames 0..7
+    assert feats.pool(0)[0] == pytest.approx(3.5)  # clip 0 = frames 0..7
     assert feats.pool(1, 2 * ENCODER_FRAME_SAMPLES, 3 * ENCODER_FRAME_SAMPLES)[0] == pytest.approx(11.0)  # 10,11,12
 
 
@@ -92,7 +121,7 @@ def test_crop_span_reports_what_the_window_holds():
     rng = np.random.default_rng(0)
     long = np.arange(200_000, dtype=np.float32)
     window, start, length = crop_span(long, rng, random_offset=False)
-    assert length == len(window) == 96_000 and np.array_equal(window, long[start:start + length])
+    assert length == len(window) == 96_000 and np.array_equal(window, long[start : start + length])
     short = np.ones(16_000, dtype=np.float32)
     window, start, length = crop_span(short, rng, random_offset=True)
     assert (start, length) == (0, 16_000) and window.sum() == 16_000
@@ -102,12 +131,15 @@ def test_window_segments_say_where_each_clip_sits_in_the_window():
     rng = np.random.default_rng(3)
     short = np.arange(1, 16_001, dtype=np.float32)
     window, start, length, offset = crop_layout(short, rng, random_offset=True)
-    assert np.array_equal(window[offset:offset + length], short) and not window[:offset].any()
+    assert np.array_equal(window[offset : offset + length], short) and not window[:offset].any()
     # a turn: clip 5 (30 000 samples) at 0, clip 7 (70 000) at 40 000; window from sample 20 000
     segs = window_segments([(5, 0, 30_000), (7, 40_000, 70_000)], 20_000, 0)
     assert segs == [(5, 20_000, 0, 10_000), (7, 0, 20_000, 70_000)]
     # a turn shorter than the window is placed whole at the offset
-    assert window_segments([(5, 0, 30_000), (7, 40_000, 20_000)], 0, 1_000) == [(5, 0, 1_000, 30_000), (7, 0, 41_000, 20_000)]
+    assert window_segments([(5, 0, 30_000), (7, 40_000, 20_000)], 0, 1_000) == [
+        (5, 0, 1_000, 30_000),
+        (7, 0, 41_000, 20_000),
+    ]
 
 
 def test_cell_targets_pool_exactly_the_frames_inside_each_cell():
@@ -129,11 +161,11 @@ def test_cell_targets_pool_exactly_the_frames_inside_each_cell():
     out, mask = teacher.cell_embeddings(segs, cells)
     assert out.shape == (2, cells, 2) and mask[0].all()
     for c in range(cells):
-        assert out[0, c, 0] == pytest.approx(10 + 50 * c + 24.5)   # frames 10+50c .. 10+50c+49
+        assert out[0, c, 0] == pytest.approx(10 + 50 * c + 24.5)  # frames 10+50c .. 10+50c+49
     # clip 1 fills window samples 56 000-88 000: cells 3 (half: 56 000-64 000) and 4 (whole), 5 (half)
     assert mask[1].tolist() == [False, False, False, True, True, True]
     assert CELL_MIN_AUDIO == 0.5 and not out[1, :3].any()
-    assert out[1, 3, 0] == pytest.approx(np.arange(0, 25).mean())          # its first 0.5 s
+    assert out[1, 3, 0] == pytest.approx(np.arange(0, 25).mean())  # its first 0.5 s
     assert out[1, 4, 0] == pytest.approx(np.arange(25, 75).mean())
     # the standardisation of the pooled embedding applies to every cell
     teacher.target_mean, teacher.target_scale = np.full(2, 10.0), np.full(2, 2.0)
@@ -150,7 +182,7 @@ def test_frame_loss_ignores_masked_cells_and_the_projector_keeps_the_cells():
     target = torch.randn(2, 6, 8)
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
     noisy = target.clone()
-    noisy[1, 2:] = -target[1, 2:]                              # wrong only where masked
+    noisy[1, 2:] = -target[1, 2:]  # wrong only where masked
     assert float(frame_embedding_loss(noisy * 2.0, target, mask)) == pytest.approx(0.0, abs=1e-6)
     assert float(frame_embedding_loss(-target, target, mask)) == pytest.approx(2.0, abs=1e-5)
     assert float(frame_embedding_loss(target, target, torch.zeros(2, 6, dtype=torch.bool))) == 0.0
@@ -159,7 +191,7 @@ def test_frame_loss_ignores_masked_cells_and_the_projector_keeps_the_cells():
     torch.manual_seed(0)
     model = EmotionNet(ModelConfig()).train()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    assert time_cells(model, torch.device("cpu")) == 6 and model.training   # 6 s window: ~1 s cells
+    assert time_cells(model, torch.device("cpu")) == 6 and model.training  # 6 s window: ~1 s cells
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no statistics moved
     model.eval()
     with torch.no_grad():
@@ -170,6 +202,7 @@ def test_frame_loss_ignores_masked_cells_and_the_projector_keeps_the_cells():
 
 
 # --- honest heads --------------------------------------------------------------------------------
+
 
 def _synthetic(n_speakers=8, per_class=2, dim=16, seed=0):
     rng = np.random.default_rng(seed)
@@ -203,8 +236,10 @@ def test_nested_teacher_choice_picks_the_informative_features_without_validation
     assert [p["fold"] for p in picks] == list(range(cfg.folds)) and all(p["chosen"] == "signal" for p in picks)
     assert all(p["inner_ua"]["signal"] > p["inner_ua"]["noise"] + 0.3 and p["ua"] > 0.6 for p in picks)
     # relabel fold 0's validation clips: fold 0's choice and inner scores stay, its validation UA drops
-    relabelled = [replace(c, label=CLASSES[(CLASSES.index(c.label) + 1) % len(CLASSES)]) if f == 0 else c
-                  for c, f in zip(clips, folds)]
+    relabelled = [
+        replace(c, label=CLASSES[(CLASSES.index(c.label) + 1) % len(CLASSES)]) if f == 0 else c
+        for c, f in zip(clips, folds)
+    ]
     again = nested_teacher_choice(cfg, relabelled, {"noise": noise, "signal": feats}, folds)
     assert again[0]["chosen"] == "signal" and again[0]["inner_ua"] == picks[0]["inner_ua"]
     assert again[0]["ua"] < 0.2 and again[1]["inner_ua"] != picks[1]["inner_ua"]
@@ -219,14 +254,24 @@ def test_fold_teacher_never_sees_validation_speakers(centre):
     # scramble everything the validation speakers hold: the teacher must not change
     frames = np.array(feats.frames, dtype=np.float32)
     for i in val:
-        frames[feats.offsets[i]:feats.offsets[i + 1]] = np.random.default_rng(i).normal(size=(1, frames.shape[1])) * 50
+        frames[feats.offsets[i] : feats.offsets[i + 1]] = (
+            np.random.default_rng(i).normal(size=(1, frames.shape[1])) * 50
+        )
     scrambled_labels = labels.copy()
     scrambled_labels[val] = (labels[val] + 3) % len(CLASSES)
-    b = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), scrambled_labels, speakers, train, len(CLASSES),
-                    speaker_centre=centre)
+    b = FoldTeacher(
+        TeacherFeatures(frames.astype(np.float16), feats.offsets),
+        scrambled_labels,
+        speakers,
+        train,
+        len(CLASSES),
+        speaker_centre=centre,
+    )
     assert np.allclose(a.head.coef, b.head.coef) and np.allclose(a.head.intercept, b.head.intercept)
     probe = train[:5]
-    assert np.allclose(a.logits(probe, np.zeros(5, int), np.full(5, 10**6)), b.logits(probe, np.zeros(5, int), np.full(5, 10**6)))
+    assert np.allclose(
+        a.logits(probe, np.zeros(5, int), np.full(5, 10**6)), b.logits(probe, np.zeros(5, int), np.full(5, 10**6))
+    )
     assert (a.head_of[val] == -1).all() and (a.head_of[train] >= 0).all()
     # and the teacher is a real classifier: well above chance on the held-out speakers
     acc = (a.clip_logits(val).argmax(1) == labels[val]).mean()
@@ -244,14 +289,17 @@ def test_speaker_centred_teacher_ignores_who_is_speaking():
     frames = np.array(feats.frames, dtype=np.float32)
     shift = {s: rng.normal(size=frames.shape[1]) * 6 for s in np.unique(spk)}
     for i, s in enumerate(speakers):
-        frames[feats.offsets[i]:feats.offsets[i + 1]] += shift[s]
+        frames[feats.offsets[i] : feats.offsets[i + 1]] += shift[s]
     shifted = TeacherFeatures(frames.astype(np.float16), feats.offsets)
     val = np.where(np.isin(spk, ["s0", "s1", "s2"]))[0]
     train = np.where(~np.isin(spk, ["s0", "s1", "s2"]))[0]
     plain = FoldTeacher(shifted, labels, speakers, train, len(CLASSES))
     centred = FoldTeacher(shifted, labels, speakers, train, len(CLASSES), speaker_centre="all")
     heads = FoldTeacher(shifted, labels, speakers, train, len(CLASSES), speaker_centre="heads")
-    acc = {name: (t.clip_logits(val).argmax(1) == labels[val]).mean() for name, t in (("plain", plain), ("centred", centred))}
+    acc = {
+        name: (t.clip_logits(val).argmax(1) == labels[val]).mean()
+        for name, t in (("plain", plain), ("centred", centred))
+    }
     assert acc["centred"] > acc["plain"] + 0.1 and acc["centred"] > 0.6
     zeros, whole = np.zeros(5, int), np.full(5, 10**6)
     assert np.allclose(heads.logits(train[:5], zeros, whole), centred.logits(train[:5], zeros, whole))
@@ -263,20 +311,33 @@ def test_speaker_centred_teacher_ignores_who_is_speaking():
     assert np.allclose(centred.target_mean, centred.head.mean) and np.allclose(centred.target_scale, centred.head.scale)
     # "heads" keeps the plain embedding target, exactly the uncentred teacher's
     assert np.allclose(heads.embeddings(train[:5], zeros, whole), plain.embeddings(train[:5], zeros, whole))
-    assert not np.allclose(heads.embeddings(train[:5], zeros, whole), centred.embeddings(train[:5], zeros, whole), atol=0.1)
+    assert not np.allclose(
+        heads.embeddings(train[:5], zeros, whole), centred.embeddings(train[:5], zeros, whole), atol=0.1
+    )
     # moving one training speaker's voice moves nothing the centred teacher gives
     s3 = np.where(spk == "s3")[0]
     moved = frames.copy()
     for j in s3:
-        moved[feats.offsets[j]:feats.offsets[j + 1]] += 4.0
-    again = FoldTeacher(TeacherFeatures(moved.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES),
-                        speaker_centre="all")
+        moved[feats.offsets[j] : feats.offsets[j + 1]] += 4.0
+    again = FoldTeacher(
+        TeacherFeatures(moved.astype(np.float16), feats.offsets),
+        labels,
+        speakers,
+        train,
+        len(CLASSES),
+        speaker_centre="all",
+    )
     assert np.allclose(again.head.coef, centred.head.coef, atol=1e-2)
     zeros, whole = np.zeros(len(s3), int), np.full(len(s3), 10**6)
     assert np.allclose(again.logits(s3, zeros, whole), centred.logits(s3, zeros, whole), atol=2e-2)
     assert np.allclose(again.embeddings(s3, zeros, whole), centred.embeddings(s3, zeros, whole), atol=2e-2)
-    assert not np.allclose(FoldTeacher(TeacherFeatures(moved.astype(np.float16), feats.offsets), labels, speakers, train,
-                                       len(CLASSES)).logits(s3, zeros, whole), plain.logits(s3, zeros, whole), atol=2e-2)
+    assert not np.allclose(
+        FoldTeacher(
+            TeacherFeatures(moved.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES)
+        ).logits(s3, zeros, whole),
+        plain.logits(s3, zeros, whole),
+        atol=2e-2,
+    )
     with pytest.raises(ValueError, match="speaker_centre"):
         FoldTeacher(shifted, labels, speakers, train, len(CLASSES), speaker_centre="yes")
 
@@ -292,8 +353,10 @@ def test_training_targets_come_from_a_head_without_the_clips_speaker():
         # scramble the held-out speakers' audio features: head j (their targets' head) must not move
         frames = np.array(feats.frames, dtype=np.float32)
         for i in held:
-            frames[feats.offsets[i]:feats.offsets[i + 1]] *= -3.0
-        again = FoldTeacher(TeacherFeatures(frames.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES))
+            frames[feats.offsets[i] : feats.offsets[i + 1]] *= -3.0
+        again = FoldTeacher(
+            TeacherFeatures(frames.astype(np.float16), feats.offsets), labels, speakers, train, len(CLASSES)
+        )
         assert np.array_equal(again.head_of, teacher.head_of)
         assert np.allclose(again.inner_heads[j].coef, teacher.inner_heads[j].coef)
 
@@ -308,10 +371,13 @@ def test_speed_copies_get_their_originals_heads_on_their_own_features():
     feats, labels, speakers = _synthetic()
     n = len(labels)
     rng = np.random.default_rng(5)
-    copy_frames = np.concatenate([feats.clip(i).astype(np.float32) + rng.normal(size=(1, feats.frames.shape[1]))
-                                  for i in range(n)]).astype(np.float16)
+    copy_frames = np.concatenate(
+        [feats.clip(i).astype(np.float32) + rng.normal(size=(1, feats.frames.shape[1])) for i in range(n)]
+    ).astype(np.float16)
     both = feats.extended(TeacherFeatures(copy_frames, feats.offsets))
-    assert len(both.offsets) == 2 * n + 1 and np.array_equal(both.clip(n + 3), copy_frames[feats.offsets[3]:feats.offsets[4]])
+    assert len(both.offsets) == 2 * n + 1 and np.array_equal(
+        both.clip(n + 3), copy_frames[feats.offsets[3] : feats.offsets[4]]
+    )
     clips = [Clip(f"c{i}.wav", CLASSES[y], s) for i, (y, s) in enumerate(zip(labels, speakers))]
     clips_x = clips + [Clip(f"c{i}.wav#speed1.1", c.label, c.speaker) for i, c in enumerate(clips)]
     copies = (n + np.arange(n))[:, None]
@@ -342,8 +408,9 @@ def test_phone_lines_labelled_by_their_own_encoding_join_the_heads_fit():
     feats, labels, speakers = _synthetic()
     n = len(labels)
     rng = np.random.default_rng(6)
-    line_frames = np.concatenate([feats.clip(i).astype(np.float32) * 0.5 + rng.normal(size=(1, feats.frames.shape[1]))
-                                  for i in range(n)]).astype(np.float16)
+    line_frames = np.concatenate(
+        [feats.clip(i).astype(np.float32) * 0.5 + rng.normal(size=(1, feats.frames.shape[1])) for i in range(n)]
+    ).astype(np.float16)
     both = feats.extended(TeacherFeatures(line_frames, feats.offsets))
     clips = [Clip(f"c{i}.wav", CLASSES[y], s) for i, (y, s) in enumerate(zip(labels, speakers))]
     clips_x = clips + [Clip(f"c{i}.wav#phone0", c.label, c.speaker) for i, c in enumerate(clips)]
@@ -351,8 +418,9 @@ def test_phone_lines_labelled_by_their_own_encoding_join_the_heads_fit():
     cfg = load_config(CONFIGS / "distill_layer3_phone_copy.yaml")
     train = np.array([i for i, s in enumerate(speakers) if s not in ("s0", "s1")])
     plain = fold_teacher(cfg, clips, feats, train)
-    source = fold_teacher(replace(cfg, distill=replace(cfg.distill, phone_targets="source")), clips_x, both, train,
-                          phone=phone)
+    source = fold_teacher(
+        replace(cfg, distill=replace(cfg.distill, phone_targets="source")), clips_x, both, train, phone=phone
+    )
     copy = fold_teacher(cfg, clips_x, both, train, phone=phone)
     assert np.allclose(plain.head.coef, source.head.coef)
     assert not np.allclose(plain.head.coef, copy.head.coef)
@@ -403,11 +471,16 @@ def test_mixup_mixes_labels_and_every_teacher_target_with_the_same_pairs():
         assert fits, f"window {i} is not a mix of two plain windows"
         j, lam = fits[0]
         lams.add(round(lam, 4))
-        assert np.allclose(mixed.targets[i].numpy(), lam * plain.targets[i].numpy() + (1 - lam) * plain.targets[j].numpy(), atol=1e-4)
+        assert np.allclose(
+            mixed.targets[i].numpy(), lam * plain.targets[i].numpy() + (1 - lam) * plain.targets[j].numpy(), atol=1e-4
+        )
         assert np.allclose(p_mixed[i], lam * p_plain[i] + (1 - lam) * p_plain[j], atol=1e-4)
-        assert np.allclose(mixed.teacher_embedding[i].numpy(),
-                           lam * plain.teacher_embedding[i].numpy() + (1 - lam) * plain.teacher_embedding[j].numpy(), atol=1e-3)
-    assert len(lams) == 1 and 0.0 < lams.pop() < 1.0   # one lam per batch, a real mix
+        assert np.allclose(
+            mixed.teacher_embedding[i].numpy(),
+            lam * plain.teacher_embedding[i].numpy() + (1 - lam) * plain.teacher_embedding[j].numpy(),
+            atol=1e-3,
+        )
+    assert len(lams) == 1 and 0.0 < lams.pop() < 1.0  # one lam per batch, a real mix
     assert not np.allclose(m, w)
 
 
@@ -438,8 +511,9 @@ def test_embedding_regression_loss_and_the_models_pooled_features():
 
 # --- tiny distillation run with the real teacher ---------------------------------------------------
 
-requires_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model.bin").exists(),
-                                      reason=f"no Whisper teacher at {TEACHER_DIR}")
+requires_teacher = pytest.mark.skipif(
+    not (TEACHER_DIR / "model.bin").exists(), reason=f"no Whisper teacher at {TEACHER_DIR}"
+)
 
 
 def write_tiny_set(folder, long_first_speaker: bool = False) -> None:
@@ -472,27 +546,52 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     cache = build_cache(clips, tmp_path / "cache")
     feats = build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache")
     assert feats.frames.shape[1] == 512
-    assert [feats.offsets[i + 1] - feats.offsets[i] for i in range(len(clips))] == \
-        [clip_frames(cache.clip_length(i)) for i in range(len(clips))]
+    assert [feats.offsets[i + 1] - feats.offsets[i] for i in range(len(clips))] == [
+        clip_frames(cache.clip_length(i)) for i in range(len(clips))
+    ]
     assert build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache").frames.shape == feats.frames.shape  # reused
     cfg = load_config(CONFIGS / "distill.yaml")
-    cfg = replace(cfg, epochs=1, batch_size=2, folds=2, exclude_speakers=(),
-                  distill=replace(cfg.distill, teacher=str(TEACHER_DIR), inner_folds=2))
+    cfg = replace(
+        cfg,
+        epochs=1,
+        batch_size=2,
+        folds=2,
+        exclude_speakers=(),
+        distill=replace(cfg.distill, teacher=str(TEACHER_DIR), inner_folds=2),
+    )
     folds = make_folds(clips, 2, "speaker", 0)
     # the batch carries teacher logits for its crops
     from train.engine import fold_teacher
+
     teacher = fold_teacher(cfg, clips, feats, np.where(folds == 1)[0])
-    batch = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
-                       np.random.default_rng(0), teacher=teacher)
+    batch = make_batch(
+        cache,
+        np.where(folds == 1)[0][:2],
+        np.array([CLASSES.index(c.label) for c in clips]),
+        cfg,
+        np.random.default_rng(0),
+        teacher=teacher,
+    )
     assert batch.teacher_logits.shape == (2, 7) and torch.isfinite(batch.teacher_logits).all()
     assert batch.teacher_embedding is None  # embed_weight 0: no embedding target
-    plain = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
-                       np.random.default_rng(0))
+    plain = make_batch(
+        cache,
+        np.where(folds == 1)[0][:2],
+        np.array([CLASSES.index(c.label) for c in clips]),
+        cfg,
+        np.random.default_rng(0),
+    )
     assert plain.teacher_logits is None and torch.equal(plain.waves, batch.waves)  # the teacher draws no random numbers
     # embedding regression: the target is the standardised pooled encoder output of the same crop
     cfg = replace(cfg, distill=replace(cfg.distill, embed_weight=1.0))
-    emb = make_batch(cache, np.where(folds == 1)[0][:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
-                     np.random.default_rng(0), teacher=teacher)
+    emb = make_batch(
+        cache,
+        np.where(folds == 1)[0][:2],
+        np.array([CLASSES.index(c.label) for c in clips]),
+        cfg,
+        np.random.default_rng(0),
+        teacher=teacher,
+    )
     assert torch.equal(emb.waves, batch.waves) and emb.teacher_embedding.shape == (2, feats.frames.shape[1])
     i = int(np.where(folds == 1)[0][0])
     whole = (feats.pool(i) - teacher.head.mean) / teacher.head.scale
@@ -500,6 +599,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert np.allclose(one[0], whole, atol=1e-4)
     # the teacher alone on the same folds (`python -m train teacher`), plain and speaker-centred
     from train.engine import teacher_cv
+
     plain_report = teacher_cv(cfg, clips, feats, folds, tmp_path / "teacher")
     assert (tmp_path / "teacher" / "teacher_report.md").exists() and "centred" not in plain_report["protocol"]
     assert 0 <= plain_report["summary"]["overall"]["ua"]["mean"] <= 1
@@ -526,10 +626,23 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     # frame regression: the batch carries per-cell teacher targets for the crops taken, drawing no
     # random numbers, and resuming restores the training-only 1x1 projection exactly
     cfg = replace(cfg, distill=replace(cfg.distill, frame_weight=1.0))
-    fb = make_batch(cache, train_idx[:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
-                    np.random.default_rng(0), teacher=teacher, frame_cells=6)
-    eb = make_batch(cache, train_idx[:2], np.array([CLASSES.index(c.label) for c in clips]), cfg,
-                    np.random.default_rng(0), teacher=teacher)
+    fb = make_batch(
+        cache,
+        train_idx[:2],
+        np.array([CLASSES.index(c.label) for c in clips]),
+        cfg,
+        np.random.default_rng(0),
+        teacher=teacher,
+        frame_cells=6,
+    )
+    eb = make_batch(
+        cache,
+        train_idx[:2],
+        np.array([CLASSES.index(c.label) for c in clips]),
+        cfg,
+        np.random.default_rng(0),
+        teacher=teacher,
+    )
     assert torch.equal(fb.waves, eb.waves) and eb.teacher_frames is None
     assert fb.teacher_frames.shape == (2, 6, feats.frames.shape[1]) and fb.teacher_frame_mask.any()
     assert torch.isfinite(fb.teacher_frames).all() and not fb.teacher_frames[~fb.teacher_frame_mask].any()
@@ -543,8 +656,9 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     from safetensors.torch import load_file
 
-    assert set(load_file(tmp_path / "ffull" / "checkpoint" / "model.safetensors")) == \
-        set(load_file(tmp_path / "full" / "checkpoint" / "model.safetensors"))  # no frame projector shipped
+    assert set(load_file(tmp_path / "ffull" / "checkpoint" / "model.safetensors")) == set(
+        load_file(tmp_path / "full" / "checkpoint" / "model.safetensors")
+    )  # no frame projector shipped
 
     from emostream.model import EmotionNet
 
@@ -560,12 +674,33 @@ def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tm
 
     write_tiny_set(tmp_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
-                   "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n"
-                   "  augment:\n    speed_factors: [0.9, 1.1]\n    speed_probability: 0.5\n")
+    cfg.write_text(
+        f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
+        "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n"
+        "  augment:\n    speed_factors: [0.9, 1.1]\n    speed_probability: 0.5\n"
+    )
     out = tmp_path / "out"
-    assert main(["cv", "--config", str(cfg), "--data", str(tmp_path), "--teacher", str(TEACHER_DIR), "--epochs", "1",
-                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "cv",
+                "--config",
+                str(cfg),
+                "--data",
+                str(tmp_path),
+                "--teacher",
+                str(TEACHER_DIR),
+                "--epochs",
+                "1",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     report = json.loads((out / "cv_report.json").read_text())
     assert report["pooled"]["overall"]["n"] == 8  # the original clips only
@@ -582,12 +717,33 @@ def test_cv_cli_labels_phone_lines_by_the_teacher_on_the_line_itself(tmp_path, c
 
     write_tiny_set(tmp_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
-                   "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n    layers: [1]\n"
-                   "    phone_targets: copy\n  augment:\n    phone_copies: 1\n    phone_probability: 0.5\n")
+    cfg.write_text(
+        f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
+        "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n    layers: [1]\n"
+        "    phone_targets: copy\n  augment:\n    phone_copies: 1\n    phone_probability: 0.5\n"
+    )
     out = tmp_path / "out"
-    assert main(["cv", "--config", str(cfg), "--data", str(tmp_path), "--teacher", str(TEACHER_DIR), "--epochs", "1",
-                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "cv",
+                "--config",
+                str(cfg),
+                "--data",
+                str(tmp_path),
+                "--teacher",
+                str(TEACHER_DIR),
+                "--epochs",
+                "1",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     report = json.loads((out / "cv_report.json").read_text())
     assert report["pooled"]["overall"]["n"] == 8  # the original clips only

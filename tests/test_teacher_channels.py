@@ -1,4 +1,5 @@
 """The teacher's probe through telephone channels (train/teacher_channels.py)."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """The student-teacher gap probe (train/teacher_gap.py): its figures and the teacher's targets."""
+
 import numpy as np
 import pytest
 
@@ -22,7 +23,10 @@ def test_gap_metrics_agreement_and_kl():
     p = np.exp(teacher / 2) / np.exp(teacher / 2).sum(1, keepdims=True)
     assert flat["kl"] == pytest.approx(np.mean(np.sum(p * np.log(p * 7), 1)), rel=1e-2)  # KL to uniform
     # a softer temperature brings the two distributions closer
-    assert gap_metrics(np.zeros((70, 7)), teacher, labels, 8.0)["kl"] < gap_metrics(np.zeros((70, 7)), teacher, labels, 2.0)["kl"]
+    assert (
+        gap_metrics(np.zeros((70, 7)), teacher, labels, 8.0)["kl"]
+        < gap_metrics(np.zeros((70, 7)), teacher, labels, 2.0)["kl"]
+    )
 
 
 def test_teacher_targets_are_the_training_targets_and_the_reported_teacher():
@@ -38,12 +42,14 @@ def test_teacher_targets_are_the_training_targets_and_the_reported_teacher():
 
 def test_cli_needs_a_teacher_and_a_checkpoint(tmp_path, capsys):
     from .test_teacher import CONFIGS
+
     assert main(["--config", str(CONFIGS / "augmented.yaml"), "--run", str(tmp_path)]) == 2
     assert "no emostream.distill.teacher" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_placement_count_below_one(tmp_path, capsys):
     from .test_teacher import CONFIGS
+
     with pytest.raises(SystemExit) as exit_:
         main(["--config", str(CONFIGS / "distill_layer3.yaml"), "--run", str(tmp_path), "--positions", "0"])
     assert exit_.value.code == 2 and "--positions" in capsys.readouterr().err

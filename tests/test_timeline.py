@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from emostream.timeline import (CLASSES, JsonlWriter, Smoother, Timeline, agreement, make_event,
-                                read_events)
+from emostream.timeline import CLASSES, JsonlWriter, Smoother, Timeline, agreement, make_event, read_events
 
 
 def onehot(label: str, p: float = 0.9) -> np.ndarray:
@@ -15,7 +14,17 @@ def onehot(label: str, p: float = 0.9) -> np.ndarray:
 
 def test_event_shape_matches_design():
     e = make_event("call-42", "customer", 12.0, 18.0, onehot("Angry", 0.81))
-    assert list(e) == ["type", "stream", "channel", "t_start", "t_end", "speech", "label", "confidence", "probabilities"]
+    assert list(e) == [
+        "type",
+        "stream",
+        "channel",
+        "t_start",
+        "t_end",
+        "speech",
+        "label",
+        "confidence",
+        "probabilities",
+    ]
     assert e["type"] == "event"  # every JSONL line has a type (#42 item 5)
     assert e["label"] == "Angry" and e["confidence"] == 0.81 and e["speech"] is True
     assert list(e["probabilities"]) == list(CLASSES)
@@ -30,7 +39,7 @@ def test_smoother_ema():
     a = s("x", onehot("Angry", 1.0 - 1e-9))
     b = s("x", onehot("Sad", 1.0 - 1e-9))
     assert np.isclose(b[CLASSES.index("Angry")], 0.5, atol=1e-6)
-    assert s("x", None) is None           # silence passes through
+    assert s("x", None) is None  # silence passes through
     assert s("y", onehot("Happy"))[3] == pytest.approx(0.9)  # channels independent
     assert Smoother(1.0)("x", a) is a
     with pytest.raises(ValueError):
@@ -72,11 +81,15 @@ def test_jsonl_writer_flushes_each_event(tmp_path):
 
 
 def test_agreement_over_speech_time():
-    segs = [{"channel": "a", "t_start": 0.0, "t_end": 4.0, "label": "Angry"},
-            {"channel": "a", "t_start": 6.0, "t_end": 10.0, "label": "Sad"}]
-    events = [make_event("s", "a", 0, 6, onehot("Angry")),   # 4 s speech, all agree
-              make_event("s", "a", 4, 10, onehot("Angry")),  # 4 s speech, none agree
-              make_event("s", "a", 4, 6, None)]              # silence: not scored
+    segs = [
+        {"channel": "a", "t_start": 0.0, "t_end": 4.0, "label": "Angry"},
+        {"channel": "a", "t_start": 6.0, "t_end": 10.0, "label": "Sad"},
+    ]
+    events = [
+        make_event("s", "a", 0, 6, onehot("Angry")),  # 4 s speech, all agree
+        make_event("s", "a", 4, 10, onehot("Angry")),  # 4 s speech, none agree
+        make_event("s", "a", 4, 6, None),
+    ]  # silence: not scored
     r = agreement(events, segs)
     assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0
 
@@ -96,12 +109,17 @@ def _summary_from_all_events(timeline: Timeline, events: dict, peaks: int = 3) -
                 speech_seconds += new
                 time_by_label[e["label"]] += new
         shares = {c: (round(t / speech_seconds, 4) if speech_seconds else 0.0) for c, t in time_by_label.items()}
-        ranked = sorted((e for e in evs if e["speech"] and e["label"] != "Neutral"),
-                        key=lambda e: e["confidence"], reverse=True)[:peaks]
-        channels[name] = {"windows": len(evs), "speech_windows": sum(1 for e in evs if e["speech"]),
-                          "speech_seconds": round(speech_seconds, 3), "shares": shares,
-                          "dominant": max(shares, key=shares.get) if speech_seconds else None,
-                          "peaks": [{k: e[k] for k in ("label", "confidence", "t_start", "t_end")} for e in ranked]}
+        ranked = sorted(
+            (e for e in evs if e["speech"] and e["label"] != "Neutral"), key=lambda e: e["confidence"], reverse=True
+        )[:peaks]
+        channels[name] = {
+            "windows": len(evs),
+            "speech_windows": sum(1 for e in evs if e["speech"]),
+            "speech_seconds": round(speech_seconds, 3),
+            "shares": shares,
+            "dominant": max(shares, key=shares.get) if speech_seconds else None,
+            "peaks": [{k: e[k] for k in ("label", "confidence", "t_start", "t_end")} for e in ranked],
+        }
     return {"type": "summary", "stream": timeline.stream, "duration": round(duration, 3), "channels": channels}
 
 
@@ -123,6 +141,8 @@ def test_running_summary_matches_all_events_while_keeping_few():
     assert all(7 <= len(v) <= 7 + 7 // 4 + 1 for v in kept.events.values())
     assert kept.events["a"][-1] is every["a"][-1]
     assert Timeline("s", ("a", "b"), 1.0, every).summary() == kept.summary()  # built from events (report)
+
+
 def test_peaks_do_not_overlap():
     """#42 item 7: Sad 0.82 at 28-34, 0.74 at 26-32 and 0.73 at 27-33 are one moment: the summary
     keeps its best window and the next peaks come from other moments."""
@@ -131,6 +151,10 @@ def test_peaks_do_not_overlap():
     for t in range(6, 80):
         tl.add(make_event("s", "a", t - 6, t, onehot("Sad", conf.get(t, 0.3))))
     peaks = tl.summary()["channels"]["a"]["peaks"]
-    assert [(p["confidence"], p["t_start"], p["t_end"]) for p in peaks] == [(0.82, 28, 34), (0.7, 44, 50), (0.65, 64, 70)]
+    assert [(p["confidence"], p["t_start"], p["t_end"]) for p in peaks] == [
+        (0.82, 28, 34),
+        (0.7, 44, 50),
+        (0.65, 64, 70),
+    ]
     for a, b in zip(peaks, peaks[1:]):
         assert a["t_end"] <= b["t_start"] or b["t_end"] <= a["t_start"]

@@ -1,4 +1,5 @@
 """Training pipeline: config loading, datasets, folds, metrics, tiny end-to-end fit and resume."""
+
 import json
 import shutil
 from dataclasses import replace
@@ -23,10 +24,17 @@ CONFIGS = ROOT / "train" / "configs"
 
 # --- config ------------------------------------------------------------------------------------------
 
+
 def test_seed_recipe_loads_as_is_with_pretrained_weights(tmp_path):
     cfg = load_config(RECIPE, pretrained_path=str(tmp_path / "w.pth"))
-    assert (cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.optimizer, cfg.schedule, cfg.loss) == \
-        (32, 1e-3, 5, "AdamW", "Cosine", "BCE")
+    assert (cfg.batch_size, cfg.learning_rate, cfg.epochs, cfg.optimizer, cfg.schedule, cfg.loss) == (
+        32,
+        1e-3,
+        5,
+        "AdamW",
+        "Cosine",
+        "BCE",
+    )
     assert (cfg.n_fft, cfg.hop_length, cfg.n_mels, cfg.f_min) == (2048, 512, 128, 50)
     assert cfg.f_max == 8000 and any("Nyquist" in n for n in cfg.notes)
     assert cfg.group_by == "audio" and any("leaks" not in n and "overstate" in n for n in cfg.notes)
@@ -49,42 +57,49 @@ def test_project_configs_load(name):
 
 def test_utterance_norm_config_reaches_the_model():
     from train.engine import build_model
+
     cfg = load_config(CONFIGS / "utterance_norm.yaml")
     assert cfg.normalize == "utterance" and cfg.epochs == 5
     assert build_model(cfg).frontend.config.normalize == "utterance"
 
 
-@pytest.mark.parametrize("patch,message", [
-    ({"training": {"warp_speed": 1}}, "training.warp_speed"),
-    ({"training": {"optimizer": "Lion"}}, "training.optimizer"),
-    ({"audio": {"sample_rate": 8000}}, "audio.sample_rate"),
-    ({"logging": {"logger": "Neptune"}}, "logging.logger"),
-    ({"dataset": {"test_dataframe": "x.pq"}}, "dataset.test_dataframe"),
-    ({"emostream": {"augment": {"wobble": 1}}}, "emostream.augment.wobble"),
-    ({"bogus": 1}, "bogus"),
-    ({"emostream": {"normalize": "global"}}, "emostream.normalize"),
-    ({"emostream": {"augment": {"vtlp_probability": 1.5}}}, "emostream.augment.vtlp_probability"),
-    ({"emostream": {"augment": {"telephone_probability": -0.1}}}, "emostream.augment.telephone_probability"),
-    ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
-    ({"emostream": {"ema_decay": 1.0}}, "emostream.ema_decay"),
-    ({"emostream": {"ema_decay": "slow"}}, "emostream.ema_decay"),
-    ({"emostream": {"drop_path": 1.0}}, "emostream.drop_path"),
-    ({"emostream": {"drop_path": "some"}}, "emostream.drop_path"),
-    ({"emostream": {"inference_positions": 0}}, "emostream.inference_positions"),
-    ({"emostream": {"inference_positions": 2.5}}, "emostream.inference_positions"),
-    ({"emostream": {"training_seed": -1}}, "emostream.training_seed"),
-    ({"emostream": {"training_seed": "lucky"}}, "emostream.training_seed"),
-    ({"emostream": {"augment": {"speed_factors": [0.9, 1.0]}}}, "emostream.augment.speed_factors"),
-    ({"emostream": {"augment": {"speed_factors": [0.9, 0.9]}}}, "emostream.augment.speed_factors"),
-    ({"emostream": {"augment": {"speed_factors": [3.0]}}}, "emostream.augment.speed_factors"),
-    ({"emostream": {"augment": {"speed_probability": 0.5}}}, "emostream.augment.speed_probability"),
-    ({"emostream": {"augment": {"phone_probability": 0.5}}}, "emostream.augment.phone_probability"),
-    ({"emostream": {"augment": {"phone_copies": -1}}}, "emostream.augment.phone_copies"),
-    ({"emostream": {"augment": {"speed_factors": [0.9, 1.1]}, "distill": {"speaker_centre": "heads"}}},
-     "emostream.distill.speaker_centre"),
-])
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        ({"training": {"warp_speed": 1}}, "training.warp_speed"),
+        ({"training": {"optimizer": "Lion"}}, "training.optimizer"),
+        ({"audio": {"sample_rate": 8000}}, "audio.sample_rate"),
+        ({"logging": {"logger": "Neptune"}}, "logging.logger"),
+        ({"dataset": {"test_dataframe": "x.pq"}}, "dataset.test_dataframe"),
+        ({"emostream": {"augment": {"wobble": 1}}}, "emostream.augment.wobble"),
+        ({"bogus": 1}, "bogus"),
+        ({"emostream": {"normalize": "global"}}, "emostream.normalize"),
+        ({"emostream": {"augment": {"vtlp_probability": 1.5}}}, "emostream.augment.vtlp_probability"),
+        ({"emostream": {"augment": {"telephone_probability": -0.1}}}, "emostream.augment.telephone_probability"),
+        ({"emostream": {"augment": {"vtlp_range": [1.1, 0.9]}}}, "emostream.augment.vtlp_range"),
+        ({"emostream": {"ema_decay": 1.0}}, "emostream.ema_decay"),
+        ({"emostream": {"ema_decay": "slow"}}, "emostream.ema_decay"),
+        ({"emostream": {"drop_path": 1.0}}, "emostream.drop_path"),
+        ({"emostream": {"drop_path": "some"}}, "emostream.drop_path"),
+        ({"emostream": {"inference_positions": 0}}, "emostream.inference_positions"),
+        ({"emostream": {"inference_positions": 2.5}}, "emostream.inference_positions"),
+        ({"emostream": {"training_seed": -1}}, "emostream.training_seed"),
+        ({"emostream": {"training_seed": "lucky"}}, "emostream.training_seed"),
+        ({"emostream": {"augment": {"speed_factors": [0.9, 1.0]}}}, "emostream.augment.speed_factors"),
+        ({"emostream": {"augment": {"speed_factors": [0.9, 0.9]}}}, "emostream.augment.speed_factors"),
+        ({"emostream": {"augment": {"speed_factors": [3.0]}}}, "emostream.augment.speed_factors"),
+        ({"emostream": {"augment": {"speed_probability": 0.5}}}, "emostream.augment.speed_probability"),
+        ({"emostream": {"augment": {"phone_probability": 0.5}}}, "emostream.augment.phone_probability"),
+        ({"emostream": {"augment": {"phone_copies": -1}}}, "emostream.augment.phone_copies"),
+        (
+            {"emostream": {"augment": {"speed_factors": [0.9, 1.1]}, "distill": {"speaker_centre": "heads"}}},
+            "emostream.distill.speaker_centre",
+        ),
+    ],
+)
 def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
     import yaml
+
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"base": str(RECIPE), "architecture": {"pretrained": False}, **patch}))
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -92,6 +107,7 @@ def test_unsupported_keys_are_rejected_by_name(tmp_path, patch, message):
 
 
 # --- datasets ----------------------------------------------------------------------------------------
+
 
 def write_clip(path: Path, seconds: float, seed: int, sr: int = 16000) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +131,7 @@ def test_folder_tree_layout(tmp_path):
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_hydrogen_torch_dataframe(tmp_path, fmt):
     import pandas as pd
+
     write_clip(tmp_path / "audio" / "a.wav", 1.0, 0, sr=22050)
     write_clip(tmp_path / "audio" / "b.wav", 1.0, 1)
     df = pd.DataFrame({"audio": ["a.wav", "b.wav"], "class": ["Happy", "Sad"]})
@@ -147,6 +164,7 @@ def test_shared_manifest_and_speaker_folds_never_share_a_speaker():
 
 # --- metrics -----------------------------------------------------------------------------------------
 
+
 def test_metrics_match_hand_computed_values():
     y = np.array([0, 0, 1, 1, 2, 2])
     probs = np.full((6, 7), 0.01)
@@ -177,9 +195,11 @@ def test_ece_and_temperature():
 
 # --- tiny end-to-end ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     import pandas as pd
+
     root = tmp_path_factory.mktemp("tiny")
     rows = []
     for spk in range(4):
@@ -195,9 +215,18 @@ def tiny(tmp_path_factory):
     # model's utterance normalisation, the floor-noise augmentation, VTLP, stochastic depth and the
     # weight average
     cfg = load_config(CONFIGS / "augmented.yaml")
-    cfg = replace(cfg, epochs=2, batch_size=4, exclude_speakers=(), normalize="utterance", ema_decay=0.9, drop_path=0.1,
-                  augment=replace(cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5,
-                                  vtlp_probability=0.5))
+    cfg = replace(
+        cfg,
+        epochs=2,
+        batch_size=4,
+        exclude_speakers=(),
+        normalize="utterance",
+        ema_decay=0.9,
+        drop_path=0.1,
+        augment=replace(
+            cfg.augment, floor_noise_dbfs=(-80.0, -50.0), floor_noise_probability=0.5, vtlp_probability=0.5
+        ),
+    )
     return root, clips, cache, cfg
 
 
@@ -213,49 +242,126 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     # training-time logits of those weights
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
     from train.engine import build_model
+
     model = build_model(cfg)
     model.load_state_dict(state["ema"])
     train_logits = predict_logits(model.eval(), [cache.clip(i) for i in val_idx], torch.device("cpu"), False)
     predictor = Predictor.from_checkpoint(res.checkpoint, device="cpu", mixed_precision=False)
     from emostream.stream import fixed_chunks
+
     served = np.stack([predictor.logits(fixed_chunks(cache.clip(i))).mean(0).numpy() for i in val_idx])
     assert np.abs(served - train_logits).max() < 0.05 * max(1.0, np.abs(train_logits).max())
     from emostream.cli import main
-    assert main(["classify", clips[val_idx[0]].path, "--json", "--checkpoint", str(res.checkpoint),
-                 "--vad", "off"]) == 0  # synthetic clips: no voice for the speech gate
+
+    assert (
+        main(["classify", clips[val_idx[0]].path, "--json", "--checkpoint", str(res.checkpoint), "--vad", "off"]) == 0
+    )  # synthetic clips: no voice for the speech gate
     assert json.loads(capsys.readouterr().out)["label"] in CLASSES
     # `python -m train evaluate` scores every clip as classify does by default (mean logit over 5
     # placements, calibrated softmax); its report says so and its UA is that of those logits
     from train.__main__ import main as train_main
-    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root),
-                       "--cache", str(root / "cache"), "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(res.checkpoint),
+                "--data",
+                str(root),
+                "--cache",
+                str(root / "cache"),
+                "--out",
+                str(tmp_path / "eval"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     ev = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert ev["positions"] == 5 and "5 placements" in (tmp_path / "eval" / "evaluation.md").read_text()
-    placed = predict_logits(load_checkpoint(res.checkpoint, "cpu"), [cache.clip(i) for i in range(len(clips))],
-                            torch.device("cpu"), False, positions=5)
+    placed = predict_logits(
+        load_checkpoint(res.checkpoint, "cpu"),
+        [cache.clip(i) for i in range(len(clips))],
+        torch.device("cpu"),
+        False,
+        positions=5,
+    )
     y = np.array([CLASSES.index(c.label) for c in clips])
     assert ev["metrics"]["overall"]["ua"] == pytest.approx(
-        classification_metrics(softmax(placed, ev["temperature"]), y)["ua"], abs=1e-6)
+        classification_metrics(softmax(placed, ev["temperature"]), y)["ua"], abs=1e-6
+    )
     # --speakers: only the clips of the voices listed (the held-out rule's protocol)
     (tmp_path / "voices.txt").write_text("spk1\nspk3\n")
-    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--speakers",
-                       str(tmp_path / "voices.txt"), "--cache", str(root / "cache"), "--out", str(tmp_path / "ev2"),
-                       "--device", "cpu"]) == 0
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(res.checkpoint),
+                "--data",
+                str(root),
+                "--speakers",
+                str(tmp_path / "voices.txt"),
+                "--cache",
+                str(root / "cache"),
+                "--out",
+                str(tmp_path / "ev2"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ev2 = json.loads((tmp_path / "ev2" / "evaluation.json").read_text())
     assert ev2["speakers"] == ["spk1", "spk3"] and ev2["clips"] == 8 and ev["clips"] == 16
     (tmp_path / "voices.txt").write_text("nobody\n")
-    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--speakers",
-                       str(tmp_path / "voices.txt"), "--out", str(tmp_path / "ev3")]) == 2
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(res.checkpoint),
+                "--data",
+                str(root),
+                "--speakers",
+                str(tmp_path / "voices.txt"),
+                "--out",
+                str(tmp_path / "ev3"),
+            ]
+        )
+        == 2
+    )
     assert "no clips of the speakers" in capsys.readouterr().err
     # --channels: one report per channel copy and one table; full band is the plain evaluation
-    assert train_main(["evaluate", "--checkpoint", str(res.checkpoint), "--data", str(root), "--cache",
-                       str(root / "cache"), "--out", str(tmp_path / "ch"), "--device", "cpu",
-                       "--channels", "full,g712,mulaw,g711_alaw"]) == 0
+    assert (
+        train_main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(res.checkpoint),
+                "--data",
+                str(root),
+                "--cache",
+                str(root / "cache"),
+                "--out",
+                str(tmp_path / "ch"),
+                "--device",
+                "cpu",
+                "--channels",
+                "full,g712,mulaw,g711_alaw",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "G.712 telephone" in table and "8 kHz μ-law only" in table and "| g711_alaw |" in table
-    by_channel = {c: json.loads((tmp_path / "ch" / c / "evaluation.json").read_text())["metrics"]["overall"]
-                  for c in ("full", "g712", "mulaw", "g711_alaw")}
+    by_channel = {
+        c: json.loads((tmp_path / "ch" / c / "evaluation.json").read_text())["metrics"]["overall"]
+        for c in ("full", "g712", "mulaw", "g711_alaw")
+    }
     assert by_channel["full"]["ua"] == pytest.approx(ev["metrics"]["overall"]["ua"], abs=1e-9)
     assert by_channel["g712"]["roc_auc"] != by_channel["full"]["roc_auc"]  # another copy of the audio
     with pytest.raises(SystemExit):
@@ -284,7 +390,9 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
 def test_prefetched_keeps_order_hands_on_errors_and_stops_with_the_consumer():
     import threading
     from contextlib import closing
+
     from train.engine import prefetched
+
     for depth in (0, 1, 3):
         assert list(prefetched(iter(range(20)), depth)) == list(range(20))
 
@@ -292,6 +400,7 @@ def test_prefetched_keeps_order_hands_on_errors_and_stops_with_the_consumer():
         yield 1
         yield 2
         raise ValueError("bad clip 3")
+
     got = []
     with pytest.raises(ValueError, match="bad clip 3"):
         for item in prefetched(failing(), 2):
@@ -303,6 +412,7 @@ def test_prefetched_keeps_order_hands_on_errors_and_stops_with_the_consumer():
         for i in range(1000):
             produced.append(i)
             yield i
+
     with closing(prefetched(counting(), 2)) as items:
         assert [next(items) for _ in range(3)] == [0, 1, 2]
     assert len(produced) <= 3 + 2 + 1  # the producer stopped at most depth + 1 items ahead
@@ -335,21 +445,25 @@ def test_training_seed_changes_the_student_only(tiny, tmp_path):
     assert all(torch.equal(runs["default"][k], runs["same"][k]) for k in runs["default"])
     assert not all(torch.equal(runs["default"][k], runs["other"][k]) for k in runs["default"])
     import yaml
+
     path = tmp_path / "reseeded.yaml"
-    path.write_text(yaml.safe_dump({"base": str(CONFIGS / "distill_embed_40ep.yaml"), "emostream": {"training_seed": 7}}))
+    path.write_text(
+        yaml.safe_dump({"base": str(CONFIGS / "distill_embed_40ep.yaml"), "emostream": {"training_seed": 7}})
+    )
     loaded = load_config(path)
     assert (loaded.seed, loaded.training_seed, loaded.student_seed) == (42, 7, 7)
 
 
 def test_update_ema_moves_floats_and_copies_counts():
     from train.engine import ema_decay_at, update_ema
+
     model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     with torch.no_grad():
         model.weight.fill_(3.0)
         model.running_mean.fill_(2.0)
     model.num_batches_tracked.fill_(7)
     update_ema(ema, model, 0.75)
-    assert torch.allclose(ema.weight, torch.full((3,), 1.5))        # 1 + 0.25 * (3 - 1)
+    assert torch.allclose(ema.weight, torch.full((3,), 1.5))  # 1 + 0.25 * (3 - 1)
     assert torch.allclose(ema.running_mean, torch.full((3,), 0.5))  # 0 + 0.25 * (2 - 0)
     assert int(ema.num_batches_tracked) == 7
     assert ema_decay_at(0.998, 0) == pytest.approx(0.1) and ema_decay_at(0.998, 10**6) == 0.998
@@ -392,6 +506,7 @@ def test_cv_split_across_runs_reports_like_one_run(tiny, tmp_path):
     (``cv --folds 0,1 --resume``), the report of one uninterrupted CV; a fold the config lacks is a
     clear error."""
     from train.config import ConfigError
+
     root, clips, cache, cfg = tiny
     cfg = replace(cfg, epochs=1, folds=2)
     folds = make_folds(clips, 2, "speaker", 0)
@@ -399,8 +514,9 @@ def test_cv_split_across_runs_reports_like_one_run(tiny, tmp_path):
     second = cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[1], show_progress=False)
     assert len(second["folds"]) == 1 and second["pooled"]["overall"]["n"] == int((folds == 1).sum())
     cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[0], resume=True, show_progress=False)
-    both = cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[1, 0], resume=True,
-                          show_progress=False)
+    both = cross_validate(
+        cfg, clips, cache, folds, tmp_path / "split", only_folds=[1, 0], resume=True, show_progress=False
+    )
     assert both["pooled"] == full["pooled"] and both["temperatures"] == full["temperatures"]
     with pytest.raises(ConfigError, match="fold 2: this config has folds 0-1"):
         cross_validate(cfg, clips, cache, folds, tmp_path / "split", only_folds=[0, 2], show_progress=False)
@@ -410,6 +526,7 @@ def test_ensemble_reports_the_mean_probabilities_of_kept_folds(tiny, tmp_path, c
     """``python -m train ensemble`` averages finished runs' kept fold logits (as probabilities) and
     reports them like a CV, without training; runs that lack a fold or another split are named."""
     from train.__main__ import main as train_main
+
     root, clips, cache, _ = tiny
     config = CONFIGS / "augmented.yaml"
     cfg = load_config(config, data=str(root))
@@ -421,20 +538,39 @@ def test_ensemble_reports_the_mean_probabilities_of_kept_folds(tiny, tmp_path, c
         for k in (0, 1):
             (run / f"fold{k}").mkdir(parents=True)
             for name in ("val_logits.npy", "val_telephone_logits.npy"):
-                np.save(run / f"fold{k}" / name, rng.normal(0, 2, ((folds == k).sum(), len(CLASSES))).astype(np.float32))
+                np.save(
+                    run / f"fold{k}" / name, rng.normal(0, 2, ((folds == k).sum(), len(CLASSES))).astype(np.float32)
+                )
+
     def ensemble(folds_arg="0,1", out=tmp_path / "ens"):
-        return ["ensemble", "--config", str(config), "--data", str(root), "--cache", str(root / "cache"),
-                "--folds", folds_arg, "--runs", *map(str, runs), "--out", str(out)]
+        return [
+            "ensemble",
+            "--config",
+            str(config),
+            "--data",
+            str(root),
+            "--cache",
+            str(root / "cache"),
+            "--folds",
+            folds_arg,
+            "--runs",
+            *map(str, runs),
+            "--out",
+            str(out),
+        ]
+
     args = ensemble()
     assert train_main(args) == 0
     assert "Cross-validation report" in capsys.readouterr().out
     assert not (tmp_path / "ens" / "fold0" / "checkpoint").exists()  # nothing trained
     report = json.loads((tmp_path / "ens" / "cv_report.json").read_text())
     idx = np.concatenate([np.where(folds == k)[0] for k in (0, 1)])
-    mean = np.concatenate([np.mean([softmax(np.load(r / f"fold{k}" / "val_logits.npy")) for r in runs], axis=0)
-                           for k in (0, 1)])
-    assert np.allclose(np.exp(np.load(tmp_path / "ens" / "fold0" / "val_logits.npy")), mean[: (folds == 0).sum()],
-                       atol=1e-5)
+    mean = np.concatenate(
+        [np.mean([softmax(np.load(r / f"fold{k}" / "val_logits.npy")) for r in runs], axis=0) for k in (0, 1)]
+    )
+    assert np.allclose(
+        np.exp(np.load(tmp_path / "ens" / "fold0" / "val_logits.npy")), mean[: (folds == 0).sum()], atol=1e-5
+    )
     assert report["pooled"]["overall"]["ua"] == pytest.approx(classification_metrics(mean, y[idx])["ua"])
     # a fold one run lacks, logits of another split, or --out among the runs: one clear error each
     assert train_main(ensemble("0,2", tmp_path / "e2")) == 2
@@ -451,6 +587,7 @@ def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
     the config's inference settings: with the same settings it gives the training-time logits (up to
     the checkpoint's fp16 weights), with ``inference_positions`` the averaged windows' logits."""
     from emostream.stream import placed_windows
+
     root, clips, cache, cfg = tiny
     cfg = replace(cfg, epochs=1, folds=2)
     folds = make_folds(clips, 2, "speaker", 0)
@@ -460,12 +597,21 @@ def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
     again = np.load(tmp_path / "cv" / "fold0" / "val_logits.npy")
     assert np.abs(again - stored).max() < 0.05 * max(1.0, np.abs(stored).max())
     assert same["pooled"]["overall"]["n"] == first["pooled"]["overall"]["n"]
-    placed = cross_validate(replace(cfg, inference_positions=3), clips, cache, folds, tmp_path / "cv", resume=True,
-                            reevaluate=True, show_progress=False)
+    placed = cross_validate(
+        replace(cfg, inference_positions=3),
+        clips,
+        cache,
+        folds,
+        tmp_path / "cv",
+        resume=True,
+        reevaluate=True,
+        show_progress=False,
+    )
     rescored = np.load(tmp_path / "cv" / "fold0" / "val_logits.npy")
     assert np.abs(rescored - again).max() > 1e-4
     # it is the mean over the clip's placed windows, from the saved model
     from emostream.model import load_checkpoint
+
     model = load_checkpoint(tmp_path / "cv" / "fold0" / "checkpoint", "cpu")
     i = int(np.where(folds == 0)[0][0])
     windows = placed_windows(cache.clip(i), 3)
@@ -474,15 +620,24 @@ def test_cv_reevaluate_rescores_saved_fold_models(tiny, tmp_path):
     np.testing.assert_allclose(rescored[0], expected, atol=1e-4)
     assert "mean of 3 placements" in placed["protocol"] and "placements" not in same["protocol"]
     # the channel grid: each fold's saved model scored on more channel copies, cached per fold
-    grid = cross_validate(replace(cfg, inference_positions=3), clips, cache, folds, tmp_path / "cv", resume=True,
-                          show_progress=False, channels=("g712", "mulaw", "g711_alaw"))
+    grid = cross_validate(
+        replace(cfg, inference_positions=3),
+        clips,
+        cache,
+        folds,
+        tmp_path / "cv",
+        resume=True,
+        show_progress=False,
+        channels=("g712", "mulaw", "g711_alaw"),
+    )
     assert set(grid["channels"]) == {"mulaw", "g711_alaw"} and "G.712" in grid["telephone_channel"]
     assert (tmp_path / "cv" / "fold1" / "val_g711_alaw_logits.npy").exists()
     md = (tmp_path / "cv" / "cv_report.md").read_text()
     assert "(G.712 telephone)" in md and "| 8 kHz μ-law only (no band-pass) |" in md and "| g711_alaw |" in md
     assert grid["channels"]["mulaw"]["overall"]["roc_auc"] != grid["pooled_telephone"]["overall"]["roc_auc"]
-    np.testing.assert_allclose(predict_logits(model, [cache.clip(i)], torch.device("cpu"), False, positions=3)[0],
-                               expected, atol=1e-4)
+    np.testing.assert_allclose(
+        predict_logits(model, [cache.clip(i)], torch.device("cpu"), False, positions=3)[0], expected, atol=1e-4
+    )
     # logits alone cannot be rescored
     shutil.rmtree(tmp_path / "cv" / "fold1" / "checkpoint")
     with pytest.raises(ConfigError, match="no saved model"):
@@ -497,13 +652,22 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
     from emostream.model import Predictor, clip_probabilities, scoring_temperature
     from emostream.stream import placed_windows
     from train.__main__ import main as train_main
+
     root, clips, cache, cfg = tiny
     cfg = replace(cfg, epochs=1, folds=2)
     folds = make_folds(clips, 2, "speaker", 0)
     window = cross_validate(cfg, clips, cache, folds, tmp_path / "cv", show_progress=False)
     shutil.copy(tmp_path / "cv" / "cv_report.json", tmp_path / "window.json")
-    clip = cross_validate(replace(cfg, inference_positions=3), clips, cache, folds, tmp_path / "cv", resume=True,
-                          reevaluate=True, show_progress=False)
+    clip = cross_validate(
+        replace(cfg, inference_positions=3),
+        clips,
+        cache,
+        folds,
+        tmp_path / "cv",
+        resume=True,
+        reevaluate=True,
+        show_progress=False,
+    )
     shutil.copy(tmp_path / "cv" / "cv_report.json", tmp_path / "clip.json")
     ckpt = tmp_path / "cv" / "fold0" / "checkpoint"
     weights = (ckpt / "model.safetensors").read_bytes()
@@ -512,7 +676,9 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
     assert train_main(args + ["--clip-cv-report", str(tmp_path / "clip.json")]) == 0
     capsys.readouterr()
     p = Predictor.from_checkpoint(ckpt, device="cpu", mixed_precision=False)
-    assert p.temperature == pytest.approx(window["temperature"]) and p.clip_temperature == pytest.approx(clip["temperature"])
+    assert p.temperature == pytest.approx(window["temperature"]) and p.clip_temperature == pytest.approx(
+        clip["temperature"]
+    )
     assert (ckpt / "model.safetensors").read_bytes() == weights
     meta = json.loads((ckpt / "model.json").read_text())["cv"]
     assert "3 placements" in meta["clip_protocol"] and meta["clip_temperature"] == p.clip_temperature
@@ -522,12 +688,18 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
     # classify's scoring: the softmax of the mean logit at the clip temperature for placements
     audio = cache.clip(0)
     mean = p.logits(placed_windows(audio, 3)).mean(0)
-    np.testing.assert_allclose(clip_probabilities(p, placed_windows(audio, 3), 3),
-                               torch.softmax(mean / p.clip_temperature, -1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        clip_probabilities(p, placed_windows(audio, 3), 3),
+        torch.softmax(mean / p.clip_temperature, -1).numpy(),
+        atol=1e-6,
+    )
     # evaluate uses the same rule and reports the temperature it used
     from train.engine import evaluate_checkpoint
+
     evaluate_checkpoint(ckpt, clips, cache, tmp_path / "ev", device="cpu", positions=3)
-    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["temperature"] == pytest.approx(p.clip_temperature)
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["temperature"] == pytest.approx(
+        p.clip_temperature
+    )
     # swapped reports, a missing report or checkpoint: one line, exit 2
     assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "clip.json")]) == 2
     assert "scored with 3 placements" in capsys.readouterr().err
@@ -542,11 +714,40 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
         assert train_main(["calibrate", "--checkpoint", str(ckpt), "--cv-report", str(tmp_path / "bad.json")]) == 2
         assert "not a cv_report.json" in capsys.readouterr().err
     # fit checks its reports before decoding any audio
-    assert train_main(["fit", "--config", str(CONFIGS / "augmented.yaml"), "--data", str(root), "--cache",
-                       str(tmp_path / "cache"), "--cv-report", str(tmp_path / "window.json")]) == 2
+    assert (
+        train_main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "augmented.yaml"),
+                "--data",
+                str(root),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--cv-report",
+                str(tmp_path / "window.json"),
+            ]
+        )
+        == 2
+    )
     assert "go with --all" in capsys.readouterr().err
-    assert train_main(["fit", "--config", str(CONFIGS / "augmented.yaml"), "--data", str(root), "--all", "--cache",
-                       str(tmp_path / "cache"), "--cv-report", str(tmp_path / "clip.json")]) == 2
+    assert (
+        train_main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "augmented.yaml"),
+                "--data",
+                str(root),
+                "--all",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--cv-report",
+                str(tmp_path / "clip.json"),
+            ]
+        )
+        == 2
+    )
     assert "scored with 3 placements" in capsys.readouterr().err and not (tmp_path / "cache").exists()
     # without a clip report the clip temperature is cleared: what is stored is what was asked for
     assert train_main(args) == 0
@@ -555,6 +756,7 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
 
 def test_train_cli_errors(tmp_path, capsys):
     from train.__main__ import main
+
     assert main(["fit", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config not found" in capsys.readouterr().err
     assert main(["fit", "--config", str(RECIPE)]) == 2
@@ -566,12 +768,13 @@ def test_train_cli_errors(tmp_path, capsys):
 def test_floor_noise_covers_padding_and_is_off_by_default():
     from train.config import Augment
     from train.engine import add_floor_noise
+
     waves = np.zeros((4, 1000), dtype=np.float32)
     cfg = load_config(CONFIGS / "speaker_cv.yaml")
     assert add_floor_noise(waves.copy(), cfg, np.random.default_rng(0)).max() == 0
     cfg = replace(cfg, augment=Augment(floor_noise_dbfs=(-60.0, -60.0), floor_noise_probability=1.0))
     out = add_floor_noise(waves.copy(), cfg, np.random.default_rng(0))
-    rms = np.sqrt((out ** 2).mean(axis=1))
+    rms = np.sqrt((out**2).mean(axis=1))
     assert np.allclose(20 * np.log10(rms), -60.0, atol=0.5)
 
 
@@ -580,6 +783,7 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
     is the clip, a pause, then partner audio, filling the window; targets stay the clip's label."""
     from train.config import Augment
     from train.engine import make_batch, partner_clips, turn_audio
+
     root, clips, cache, cfg = tiny
     idx = np.arange(len(clips))
     partners = partner_clips(clips, idx)
@@ -590,14 +794,15 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
     cfg = replace(cfg, augment=Augment(concat_probability=1.0, concat_gap_seconds=(0.5, 0.5)))
     turn = turn_audio(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0))
     n = len(cache.clip(short))
-    assert np.array_equal(turn[:n], cache.clip(short)) and not turn[n:n + 8000].any()
-    assert np.array_equal(turn[n + 8000:], cache.clip(int(partners[int(short)][0])))
+    assert np.array_equal(turn[:n], cache.clip(short)) and not turn[n : n + 8000].any()
+    assert np.array_equal(turn[n + 8000 :], cache.clip(int(partners[int(short)][0])))
     labels = np.array([CLASSES.index(c.label) for c in clips])
     x, y, *_ = make_batch(cache, np.array([short]), labels, cfg, np.random.default_rng(1), partners=partners)
     assert x.shape == (1, 96000) and (x[0].abs() > 0).float().mean() > 0.5  # mostly speech, not padding
     assert y[0].argmax() == labels[short]
     # the layout of a turn says which clip audio sits where in its window (the frame targets' map)
     from train.engine import crop_layout, turn_pieces, window_segments
+
     turn, layout = turn_pieces(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0))
     assert np.array_equal(turn, turn_audio(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0)))
     for seed in range(5):
@@ -607,15 +812,16 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
         if start == 0:  # the window opens with the whole first clip
             assert segs[0] == (int(short), 0, offset, len(cache.clip(short)))
         for clip, clip_start, at, n in segs:
-            assert np.array_equal(window[at:at + n], cache.clip(clip)[clip_start:clip_start + n])
+            assert np.array_equal(window[at : at + n], cache.clip(clip)[clip_start : clip_start + n])
         covered = np.zeros(len(window), bool)
         for _, _, at, n in segs:
-            covered[at:at + n] = True
+            covered[at : at + n] = True
         assert not window[~covered].any()  # everything else in the window is the pauses
 
 
 def test_vtlp_factors_off_by_default_and_in_range_when_on():
     from train.engine import vtlp_factors
+
     cfg = load_config(CONFIGS / "distill_embed_40ep.yaml")
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
@@ -633,8 +839,10 @@ def test_vtlp_factors_off_by_default_and_in_range_when_on():
 
 # --- speed-perturbed copies ----------------------------------------------------------------------------
 
+
 def test_speed_perturb_scales_tempo_and_pitch():
     from train.data import speed_perturb
+
     t = np.arange(16000) / 16000
     tone = np.sin(2 * np.pi * 200 * t).astype(np.float32)
     for factor in (0.9, 1.1):
@@ -648,6 +856,7 @@ def test_speed_perturb_scales_tempo_and_pitch():
 def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_path):
     from train.data import build_speed_copies, speed_perturb
     from train.engine import copy_partners, partner_clips, substitute_copies
+
     root, clips, cache, cfg = tiny
     n = len(clips)
     sc = build_speed_copies(clips, cache, (0.9, 1.1), tmp_path / "cache")
@@ -670,7 +879,7 @@ def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_pat
     assert 0.4 < is_copy.mean() < 0.6 and set(drawn[~is_copy]) == set(idx)
     origin = np.concatenate([idx, idx, idx])
     assert np.array_equal(origin[drawn], np.tile(idx, 50))  # a copy stands in for its own clip only
-    assert set(drawn[is_copy]) == set(range(n, 3 * n))     # both factors are used
+    assert set(drawn[is_copy]) == set(range(n, 3 * n))  # both factors are used
     # a copy's turn continues with its partners' copies at the same speed
     partners = copy_partners(partner_clips(clips, idx), sc.copies)
     for i in idx:
@@ -696,6 +905,7 @@ def test_phone_copies_are_random_lines_labelled_by_their_clean_source(tiny, tmp_
     from train.data import build_phone_copies, build_speed_copies, with_phone_copies
     from train.engine import fold_teacher, substitute_copies
     from train.teacher import TeacherFeatures
+
     root, clips, cache, cfg = tiny
     n = len(clips)
     pc = build_phone_copies(clips, cache, 2, 42, tmp_path / "cache")
@@ -735,15 +945,22 @@ def test_phone_copies_are_random_lines_labelled_by_their_clean_source(tiny, tmp_
     # a line's teacher features and targets are its clean source's
     frng = np.random.default_rng(0)
     lengths = frng.integers(2, 6, 3 * n)
-    feats = TeacherFeatures(frng.standard_normal((int(lengths.sum()), 3)).astype(np.float16),
-                            np.concatenate([[0], np.cumsum(lengths)]))
+    feats = TeacherFeatures(
+        frng.standard_normal((int(lengths.sum()), 3)).astype(np.float16), np.concatenate([[0], np.cumsum(lengths)])
+    )
     extended = feats.extended(feats.repeated(np.tile(np.arange(3 * n), 2)))
     for s in range(3 * n):
         for j in range(2):
             assert np.array_equal(extended.clip(int(both.phone[s, j])), feats.clip(s))
     train_idx = np.arange(n // 2)
-    teacher = fold_teacher(replace(cfg, distill=replace(cfg.distill, inner_folds=2)), both.clips, extended,
-                           train_idx, both.copies, both.phone)
+    teacher = fold_teacher(
+        replace(cfg, distill=replace(cfg.distill, inner_folds=2)),
+        both.clips,
+        extended,
+        train_idx,
+        both.copies,
+        both.phone,
+    )
     for i in train_idx:
         for s in (i, int(both.copies[i, 0])):
             assert teacher.head_of[int(both.phone[s, 1])] == teacher.head_of[i] >= 0
@@ -762,13 +979,16 @@ def test_table_paths_fall_back_to_the_tables_folder_when_the_data_folder_is_miss
     """The recipe names its own data_folder (data/anon/...); a table passed with --data whose paths are
     relative to itself still loads, with a note, while an existing data_folder keeps precedence."""
     import pandas as pd
+
     write_clip(tmp_path / "t" / "a.wav", 1.0, 0)
     write_clip(tmp_path / "audio" / "a.wav", 1.0, 1)
     pd.DataFrame({"path": ["a.wav"], "label": ["Sad"]}).to_csv(tmp_path / "t" / "m.csv", index=False)
     with caplog.at_level("WARNING"):
         clips = load_dataset(tmp_path / "t" / "m.csv", data_folder="data/anon/audio_emotion_detection/Emotions/")
     assert clips[0].path == str(tmp_path / "t" / "a.wav") and "data/anon" in caplog.text
-    assert load_dataset(tmp_path / "t" / "m.csv", data_folder=tmp_path / "audio")[0].path == str(tmp_path / "audio" / "a.wav")
+    assert load_dataset(tmp_path / "t" / "m.csv", data_folder=tmp_path / "audio")[0].path == str(
+        tmp_path / "audio" / "a.wav"
+    )
     (tmp_path / "c.yaml").write_text(f"base: {RECIPE}\narchitecture:\n  pretrained: false\n")
     cfg = load_config(tmp_path / "c.yaml", data=str(tmp_path / "t" / "m.csv"))
     assert cfg.data_folder and [c.path for c in config_clips(cfg)] == [str(tmp_path / "t" / "a.wav")]

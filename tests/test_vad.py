@@ -1,4 +1,5 @@
 """Speech gating: the streaming Silero VAD, the energy rule, the window gate and its CLI option."""
+
 from __future__ import annotations
 
 import csv
@@ -41,7 +42,7 @@ def test_streaming_equals_one_pass_for_any_pieces(stereo):
     stream, pos, rng = SileroStream(history=len(x)), 0, np.random.default_rng(0)
     while pos < len(x):
         n = int(rng.integers(1, 7000))
-        stream.feed(x[pos:pos + n])
+        stream.feed(x[pos : pos + n])
         pos += n
     np.testing.assert_allclose(stream.frames(0, len(x)), ref, atol=1e-5)
     assert stream.position == len(x)
@@ -56,8 +57,8 @@ def test_silero_hears_voices_not_silence_or_noise(stereo):
         for s in segments:
             if s["channel"] == name:
                 inside |= (t >= float(s["t_start"])) & (t < float(s["t_end"]))
-        assert p[inside].mean() > 0.3     # the acted clips hold ~1 s of silence at their edges
-        assert p[~inside].mean() < 0.02   # turns of the other party: this channel's line is quiet
+        assert p[inside].mean() > 0.3  # the acted clips hold ~1 s of silence at their edges
+        assert p[~inside].mean() < 0.02  # turns of the other party: this channel's line is quiet
     noise = (0.03 * np.random.default_rng(1).standard_normal(5 * SAMPLE_RATE)).astype(np.float32)  # -30 dBFS hiss
     assert (one_pass(noise) >= 0.5).mean() == 0
     assert speech_activity(noise)  # ... which the energy rule takes for sound
@@ -84,8 +85,13 @@ def test_silero_gate_skips_a_third_of_the_stereo_call_and_keeps_speech(stereo):
     assert len(picked) <= 0.7 * len(windows)  # the issue's target: >= 30 % fewer windows classified
     # every window whose newest second lies inside a ground-truth clip's middle is classified
     for i, w in enumerate(windows):
-        middle = [s for s in segments if s["channel"] == w.channel
-                  and float(s["t_start"]) + 1.0 <= w.t_end - 1.0 and w.t_end <= float(s["t_end"]) - 0.5]
+        middle = [
+            s
+            for s in segments
+            if s["channel"] == w.channel
+            and float(s["t_start"]) + 1.0 <= w.t_end - 1.0
+            and w.t_end <= float(s["t_end"]) - 0.5
+        ]
         if middle:
             assert i in picked, (w.channel, w.t_end)
 
@@ -109,7 +115,7 @@ def test_gap_longer_than_a_window_restarts_the_detector(stereo):
     gate = SpeechGate(VadConfig.named("silero"))
     n = 6 * SAMPLE_RATE
     for start in (0, 40 * SAMPLE_RATE):  # hop 40 s: the second window starts after a gap
-        w = Window("customer", start, start + n, x[start:start + n].copy())
+        w = Window("customer", start, start + n, x[start : start + n].copy())
         gate.is_speech(w)
     assert gate.silero["customer"].position >= 40 * SAMPLE_RATE + n - FRAME
 
@@ -143,8 +149,11 @@ def test_cli_vad_option_errors(monkeypatch, wav_file, capsys):
     assert "--vad" in capsys.readouterr().err
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(vad_module, "_session", None)
-    monkeypatch.setattr(vad_module.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "silero_vad" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        vad_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "silero_vad" else real_find_spec(name, *a),
+    )
     with pytest.raises(VadUnavailable, match="silero-vad"):
         SpeechGate(VadConfig.named("silero"))
     assert main(["replay", str(wav_file), "--fast", "--no-dashboard"]) == 2

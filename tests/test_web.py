@@ -16,6 +16,7 @@ page comes back by itself, marks the vanished call as ended, highlights the aler
 shows a hostile channel name as text. The screenshot goes to pytest's tmp dir, and to
 ``docs/supervisor.png`` with ``EMOSTREAM_UPDATE_SCREENSHOT=1``.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ CLASSES = {"Angry", "Disgusted", "Fearful", "Happy", "Neutral", "Sad", "Surprise
 LIVE_ID, FAST_ID, ALERT_ID = "support-live-1", "support-fast-2", "support-alert-3"
 HOSTILE = "<img src=x onerror=window.pwned=1>"  # a channel name is user input: must show as text
 LIVE_RULE, NOMODEL_RULE = "Angry>=0.6 for 3s", "Neutral>=0.6 for 2s"
-SKIP_REASON = ("supervisor page browser test: chromium/chromedriver not installed: run make test as root, "
-               "or apt-get install chromium chromium-driver")
+SKIP_REASON = (
+    "supervisor page browser test: chromium/chromedriver not installed: run make test as root, "
+    "or apt-get install chromium chromium-driver"
+)
 
 # Everything the test needs to know about the page in one round trip.
 SNAPSHOT_JS = """
@@ -78,12 +81,20 @@ class ServerProcess:
 
     def __init__(self, *args: str, port: int = 0):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(emostream_cmd("serve", "--port", str(port), "--token", TOKEN, *args),
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            emostream_cmd("serve", "--port", str(port), "--token", TOKEN, *args),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        line = wait_for(lambda: next((line for line in self.lines if "listening on" in line), None) or self._died(),
-                        120, "the server's listening line")
+        line = wait_for(
+            lambda: next((line for line in self.lines if "listening on" in line), None) or self._died(),
+            120,
+            "the server's listening line",
+        )
         match = re.search(r"listening on \S+?://[^\s:]+:(\d+)", line)
         assert match, f"cannot read the port from {line!r}"
         self.port = int(match.group(1))
@@ -107,6 +118,7 @@ class ServerProcess:
                     return json.load(response).get("ready")
             except OSError:
                 return False
+
         wait_for(ready, timeout, "GET /readyz to say ready", interval=0.3)
 
     def stop(self) -> None:
@@ -125,8 +137,13 @@ class Sender:
     def __init__(self, path: Path, url: str, call_id: str, names: str, fast: bool):
         args = [str(path), url, "--protocol", "pcm", "--token", TOKEN, "--call-id", call_id, "--channel-names", names]
         self.messages: list[dict] = []
-        self.proc = subprocess.Popen(emostream_cmd("send", *args, *(["--fast"] if fast else [])), cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            emostream_cmd("send", *args, *(["--fast"] if fast else [])),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -164,8 +181,9 @@ def clip(source: Path, out: Path, start: float, stop: float, names: int | None =
 
 def save_for_docs(driver, shot: Path, out: Path) -> None:
     """The screenshot cut below the last card (the page is mostly empty below), for README."""
-    bottom = driver.execute_script("return Math.ceil(document.getElementById('calls').getBoundingClientRect().bottom"
-                                   " * window.devicePixelRatio)")
+    bottom = driver.execute_script(
+        "return Math.ceil(document.getElementById('calls').getBoundingClientRect().bottom * window.devicePixelRatio)"
+    )
     try:
         from PIL import Image
     except ImportError:
@@ -181,8 +199,10 @@ def driver(tmp_path, monkeypatch):
     chromedriver = shutil.which("chromedriver")
     if not chromium or not chromedriver:
         pytest.skip(SKIP_REASON)
-    pytest.importorskip("selenium", reason="supervisor page browser test: selenium is not installed "
-                                           "(pip install -e '.[test]', or make test)")
+    pytest.importorskip(
+        "selenium",
+        reason="supervisor page browser test: selenium is not installed (pip install -e '.[test]', or make test)",
+    )
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -190,9 +210,17 @@ def driver(tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")  # belt and braces: Selenium Manager must not download
     options = Options()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
-                "--disable-gpu", "--no-first-run", "--disable-extensions", "--password-store=basic",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--password-store=basic",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
@@ -223,8 +251,11 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         wait_for(lambda: visible("#token-input"), 20, "the login form")
         assert not visible("#main")
         driver.find_element(By.ID, "token-input").send_keys("not-the-token", Keys.ENTER)
-        wait_for(lambda: visible("#login-error") and "did not accept" in driver.find_element(By.ID, "login-error").text,
-                 10, "the wrong token to be refused")
+        wait_for(
+            lambda: visible("#login-error") and "did not accept" in driver.find_element(By.ID, "login-error").text,
+            10,
+            "the wrong token to be refused",
+        )
         driver.find_element(By.ID, "token-input").send_keys(TOKEN, Keys.ENTER)
         wait_for(lambda: driver.find_element(By.ID, "conn").text.startswith("live"), 20, "the events feed")
         assert not visible("#login") and visible("#legend")
@@ -278,21 +309,32 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         assert sent > 0
         driver.find_element(By.CSS_SELECTOR, f'[data-call-id="{LIVE_ID}"]').click()
         wait_for(lambda: visible("#detail"), 10, "the timeline overlay")
-        wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#detail .tl .cell")) >= sent, 10,
-                 f"{sent} cells in the live call's timeline")
+        wait_for(
+            lambda: len(driver.find_elements(By.CSS_SELECTOR, "#detail .tl .cell")) >= sent,
+            10,
+            f"{sent} cells in the live call's timeline",
+        )
         driver.save_screenshot(str(tmp_path / "supervisor-timeline.png"))
         assert driver.find_element(By.ID, "detail-title").text == LIVE_ID
         # read in one script: the live call's overlay re-renders as events arrive (elements go stale)
-        channels = set(driver.execute_script(
-            "return [...document.querySelectorAll('#detail .tl-channel')].map(e => e.dataset.channel)"))
+        channels = set(
+            driver.execute_script(
+                "return [...document.querySelectorAll('#detail .tl-channel')].map(e => e.dataset.channel)"
+            )
+        )
         assert channels == {"agent", "customer"}
         driver.find_element(By.ID, "detail-close").click()
         wait_for(lambda: not visible("#detail"), 5, "the overlay to close")
 
         driver.find_element(By.CSS_SELECTOR, f'[data-call-id="{FAST_ID}"]').click()
-        wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#detail .tl .cell")) == len(fast_events)
-                 and "Summary" in driver.find_element(By.ID, "detail-summary").text, 10,
-                 f"the ended call's {len(fast_events)} cells and its summary")
+        wait_for(
+            lambda: (
+                len(driver.find_elements(By.CSS_SELECTOR, "#detail .tl .cell")) == len(fast_events)
+                and "Summary" in driver.find_element(By.ID, "detail-summary").text
+            ),
+            10,
+            f"the ended call's {len(fast_events)} cells and its summary",
+        )
         last = fast_events[-1]
         colour = f"e-{last['label']}" if last["speech"] else "e-silence"
         cells = driver.find_elements(By.CSS_SELECTOR, f"#detail .tl .cell.{colour}")
@@ -305,8 +347,11 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
 
         # --- the server goes away: the page says so and retries
         server.stop()
-        wait_for(lambda: visible("#conn-banner") and "reconnecting" in driver.find_element(By.ID, "conn-banner").text,
-                 15, "the reconnect banner")
+        wait_for(
+            lambda: visible("#conn-banner") and "reconnecting" in driver.find_element(By.ID, "conn-banner").text,
+            15,
+            "the reconnect banner",
+        )
         assert re.search(r"reconnecting in \d+ s", driver.find_element(By.ID, "conn-banner").text)
         driver.save_screenshot(str(tmp_path / "supervisor-reconnecting.png"))
         live.stop()
@@ -314,8 +359,11 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         # --- a server on the same port again: the page reconnects by itself and rebuilds its state
         server = ServerProcess("--no-model", "--alert", NOMODEL_RULE, port=server.port)
         processes.append(server)
-        wait_for(lambda: not visible("#conn-banner") and driver.find_element(By.ID, "conn").text.startswith("live"),
-                 45, "the page to reconnect")
+        wait_for(
+            lambda: not visible("#conn-banner") and driver.find_element(By.ID, "conn").text.startswith("live"),
+            45,
+            "the page to reconnect",
+        )
         cards = snapshot()
         assert "ended" in cards[LIVE_ID]["classes"], "a call the new server does not know must be shown as ended"
 
@@ -331,8 +379,11 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         driver.save_screenshot(str(tmp_path / "supervisor-after-restart.png"))
 
         assert TOKEN not in driver.current_url
-        problems = [entry["message"] for entry in driver.get_log("browser")
-                    if "Content Security Policy" in entry["message"] or "Uncaught" in entry["message"]]
+        problems = [
+            entry["message"]
+            for entry in driver.get_log("browser")
+            if "Content Security Policy" in entry["message"] or "Uncaught" in entry["message"]
+        ]
         assert not problems, problems
     finally:
         for process in reversed(processes):

@@ -1,4 +1,5 @@
 """A built wheel carries the shipped model and works outside the repository."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ from emostream.audio import load_audio
 
 from .conftest import ROOT
 
-MODEL_FILES = ("emostream/checkpoints/emostream-resnet50/model.safetensors",
-               "emostream/checkpoints/emostream-resnet50/model.json")
+MODEL_FILES = (
+    "emostream/checkpoints/emostream-resnet50/model.safetensors",
+    "emostream/checkpoints/emostream-resnet50/model.json",
+)
 
 
 def _setuptools_builds_here() -> bool:
@@ -32,8 +35,12 @@ def _build_wheel(source, out) -> subprocess.CompletedProcess:
     """``pip wheel`` of ``source``: with this interpreter's setuptools when it is new enough (offline),
     else in pip's isolated build environment (which fetches setuptools from the package index)."""
     isolation = ["--no-build-isolation"] if _setuptools_builds_here() else []
-    return subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet", str(source),
-                           "-w", str(out)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet", str(source), "-w", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,26 +78,50 @@ def test_the_installed_wheel_finds_its_model_outside_the_repository(wheel, tmp_p
     """Installed alone (``--target``, no dependencies: torch and the rest come from this interpreter)
     and run from elsewhere: the API and ``emostream classify`` use the packaged model."""
     target = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                           "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     clip = tmp_path / "clip.wav"  # real speech: classify labels only what its speech gate hears as speech
-    sf.write(clip, load_audio(ROOT / "examples" / "call_mono.flac")[0, 16000 * 2:16000 * 5], 16000, subtype="PCM_16")
+    sf.write(clip, load_audio(ROOT / "examples" / "call_mono.flac")[0, 16000 * 2 : 16000 * 5], 16000, subtype="PCM_16")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("EMOSTREAM_CHECKPOINT", "PYTHONPATH")}
     env["PYTHONPATH"] = str(target)
-    code = ("import json, emostream, emostream.model_files as m; "
-            "r = emostream.classify(%r, model=emostream.load_model(device='cpu')); "
-            "print(json.dumps({'file': emostream.__file__, 'checkpoint': str(m.default_checkpoint()), 'result': r}))"
-            % str(clip))
-    done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
-                          timeout=600)
+    code = (
+        "import json, emostream, emostream.model_files as m; "
+        "r = emostream.classify(%r, model=emostream.load_model(device='cpu')); "
+        "print(json.dumps({'file': emostream.__file__, 'checkpoint': str(m.default_checkpoint()), 'result': r}))"
+        % str(clip)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["file"].startswith(str(target))
     assert report["checkpoint"] == str(target / "emostream" / "checkpoints" / "emostream-resnet50")
-    done = subprocess.run([sys.executable, "-m", "emostream", "classify", str(clip), "--json", "--device", "cpu"],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "emostream", "classify", str(clip), "--json", "--device", "cpu"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == report["result"]

@@ -1,5 +1,6 @@
 """Whisper's encoder rebuilt in PyTorch from model.bin: the same output as CTranslate2, every layer
 exposed, the layer cache and its config key, and clear errors for files it cannot read."""
+
 import json
 import struct
 
@@ -31,25 +32,43 @@ def _model_bin(path, variables: dict[str, np.ndarray], spec: str = "WhisperSpec"
 def _tiny_encoder_variables(d: int = 8, n_mels: int = 80, layers: int = 2, frames: int = 20, heads: int = 2):
     rng = np.random.default_rng(0)
     w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float16)  # noqa: E731
-    v = {"encoder/conv1/weight": w(d, n_mels, 3), "encoder/conv1/bias": w(d), "encoder/conv2/weight": w(d, d, 3),
-         "encoder/conv2/bias": w(d), "encoder/position_encodings/encodings": w(frames, d),
-         "encoder/num_heads": np.array(heads, np.int16), "encoder/layer_norm/gamma": w(d) + 1,
-         "encoder/layer_norm/beta": w(d), "decoder/embeddings/weight": w(4, d)}
+    v = {
+        "encoder/conv1/weight": w(d, n_mels, 3),
+        "encoder/conv1/bias": w(d),
+        "encoder/conv2/weight": w(d, d, 3),
+        "encoder/conv2/bias": w(d),
+        "encoder/position_encodings/encodings": w(frames, d),
+        "encoder/num_heads": np.array(heads, np.int16),
+        "encoder/layer_norm/gamma": w(d) + 1,
+        "encoder/layer_norm/beta": w(d),
+        "decoder/embeddings/weight": w(4, d),
+    }
     for k in range(layers):
         p = f"encoder/layer_{k}"
-        v |= {f"{p}/self_attention/layer_norm/gamma": w(d) + 1, f"{p}/self_attention/layer_norm/beta": w(d),
-              f"{p}/self_attention/linear_0/weight": w(3 * d, d), f"{p}/self_attention/linear_0/bias": w(3 * d),
-              f"{p}/self_attention/linear_1/weight": w(d, d), f"{p}/self_attention/linear_1/bias": w(d),
-              f"{p}/ffn/layer_norm/gamma": w(d) + 1, f"{p}/ffn/layer_norm/beta": w(d),
-              f"{p}/ffn/linear_0/weight": w(4 * d, d), f"{p}/ffn/linear_0/bias": w(4 * d),
-              f"{p}/ffn/linear_1/weight": w(d, 4 * d), f"{p}/ffn/linear_1/bias": w(d)}
+        v |= {
+            f"{p}/self_attention/layer_norm/gamma": w(d) + 1,
+            f"{p}/self_attention/layer_norm/beta": w(d),
+            f"{p}/self_attention/linear_0/weight": w(3 * d, d),
+            f"{p}/self_attention/linear_0/bias": w(3 * d),
+            f"{p}/self_attention/linear_1/weight": w(d, d),
+            f"{p}/self_attention/linear_1/bias": w(d),
+            f"{p}/ffn/layer_norm/gamma": w(d) + 1,
+            f"{p}/ffn/layer_norm/beta": w(d),
+            f"{p}/ffn/linear_0/weight": w(4 * d, d),
+            f"{p}/ffn/linear_0/bias": w(4 * d),
+            f"{p}/ffn/linear_1/weight": w(d, 4 * d),
+            f"{p}/ffn/linear_1/bias": w(d),
+        }
     return v
 
 
 def _reference_encoder(v: dict[str, np.ndarray], mel: torch.Tensor) -> list[torch.Tensor]:
     """Whisper's AudioEncoder written out with torch.nn layers (openai/whisper's model.py), for comparison."""
-    t = {k[len("encoder/"):]: torch.from_numpy(x.astype(np.float32)) for k, x in v.items()
-         if k.startswith("encoder/") and x.dtype.kind == "f"}
+    t = {
+        k[len("encoder/") :]: torch.from_numpy(x.astype(np.float32))
+        for k, x in v.items()
+        if k.startswith("encoder/") and x.dtype.kind == "f"
+    }
     d = t["conv1/bias"].shape[0]
     heads = int(v["encoder/num_heads"])
     x = torch.nn.functional.gelu(torch.nn.functional.conv1d(mel, t["conv1/weight"], t["conv1/bias"], padding=1))
@@ -59,20 +78,27 @@ def _reference_encoder(v: dict[str, np.ndarray], mel: torch.Tensor) -> list[torc
     k = 0
     while f"layer_{k}/ffn/linear_0/weight" in t:
         attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
-        attn.in_proj_weight.data, attn.in_proj_bias.data = t[f"layer_{k}/self_attention/linear_0/weight"], \
-            t[f"layer_{k}/self_attention/linear_0/bias"]
-        attn.out_proj.weight.data, attn.out_proj.bias.data = t[f"layer_{k}/self_attention/linear_1/weight"], \
-            t[f"layer_{k}/self_attention/linear_1/bias"]
+        attn.in_proj_weight.data, attn.in_proj_bias.data = (
+            t[f"layer_{k}/self_attention/linear_0/weight"],
+            t[f"layer_{k}/self_attention/linear_0/bias"],
+        )
+        attn.out_proj.weight.data, attn.out_proj.bias.data = (
+            t[f"layer_{k}/self_attention/linear_1/weight"],
+            t[f"layer_{k}/self_attention/linear_1/bias"],
+        )
         ln1 = torch.nn.LayerNorm(d)
-        ln1.weight.data, ln1.bias.data = t[f"layer_{k}/self_attention/layer_norm/gamma"], \
-            t[f"layer_{k}/self_attention/layer_norm/beta"]
+        ln1.weight.data, ln1.bias.data = (
+            t[f"layer_{k}/self_attention/layer_norm/gamma"],
+            t[f"layer_{k}/self_attention/layer_norm/beta"],
+        )
         ln2 = torch.nn.LayerNorm(d)
         ln2.weight.data, ln2.bias.data = t[f"layer_{k}/ffn/layer_norm/gamma"], t[f"layer_{k}/ffn/layer_norm/beta"]
         h = ln1(x)
         x = x + attn(h, h, h, need_weights=False)[0]
         h = torch.nn.functional.linear(ln2(x), t[f"layer_{k}/ffn/linear_0/weight"], t[f"layer_{k}/ffn/linear_0/bias"])
-        x = x + torch.nn.functional.linear(torch.nn.functional.gelu(h), t[f"layer_{k}/ffn/linear_1/weight"],
-                                           t[f"layer_{k}/ffn/linear_1/bias"])
+        x = x + torch.nn.functional.linear(
+            torch.nn.functional.gelu(h), t[f"layer_{k}/ffn/linear_1/weight"], t[f"layer_{k}/ffn/linear_1/bias"]
+        )
         out.append(x)
         k += 1
     out[-1] = torch.nn.functional.layer_norm(x, (d,), t["layer_norm/gamma"], t["layer_norm/beta"])
@@ -97,10 +123,13 @@ def test_reads_the_encoder_of_a_model_bin_and_matches_whispers_encoder(tmp_path)
         assert torch.allclose(states[k], ref[k], atol=1e-4), k
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(version=5), "binary version 5"),
-    (dict(spec="TransformerSpec"), "not a Whisper model"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(version=5), "binary version 5"),
+        (dict(spec="TransformerSpec"), "not a Whisper model"),
+    ],
+)
 def test_unreadable_model_bin_is_a_clear_error_naming_the_file(tmp_path, change, message):
     _model_bin(tmp_path / "model.bin", _tiny_encoder_variables(), **change)
     with pytest.raises(ModelFileError, match=message) as err:
@@ -171,8 +200,11 @@ def test_layer_cache_averages_the_chosen_hidden_states(tmp_path):
     four = build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache", layers=(4,))
     both = build_teacher_cache(cache, TEACHER_DIR, tmp_path / "cache", layers=(3, 4))
     assert three.frames.shape == (sum(clip_frames(cache.clip_length(i)) for i in range(3)), 512)
-    assert np.allclose(both.frames.astype(np.float32),
-                       (three.frames.astype(np.float32) + four.frames.astype(np.float32)) / 2, atol=2e-2)
+    assert np.allclose(
+        both.frames.astype(np.float32),
+        (three.frames.astype(np.float32) + four.frames.astype(np.float32)) / 2,
+        atol=2e-2,
+    )
     assert list(both.offsets) == list(three.offsets)
     assert len(list((tmp_path / "cache").glob("teacher-*-L*.npy"))) == 3  # one derived file per choice
     with pytest.raises(TeacherError, match="layer 9 does not exist"):
@@ -198,10 +230,31 @@ def test_teacher_cli_compares_layer_choices(tmp_path):
 
     write_tiny_set(tmp_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\nemostream:\n  distill:\n    inner_folds: 2\n")
+    cfg.write_text(
+        f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\nemostream:\n  distill:\n    inner_folds: 2\n"
+    )
     out = tmp_path / "out"
-    assert main(["teacher", "--config", str(cfg), "--data", str(tmp_path), "--teacher", str(TEACHER_DIR),
-                 "--cache", str(tmp_path / "cache"), "--out", str(out), "--layers", "3", "4,3"]) == 0
+    assert (
+        main(
+            [
+                "teacher",
+                "--config",
+                str(cfg),
+                "--data",
+                str(tmp_path),
+                "--teacher",
+                str(TEACHER_DIR),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+                "--layers",
+                "3",
+                "4,3",
+            ]
+        )
+        == 0
+    )
     table = (out / "teacher_layers.md").read_text()
     assert "| 3 |" in table and "| 3, 4 |" in table
     results = json.loads((out / "teacher_layers.json").read_text())
@@ -235,7 +288,10 @@ def test_encoder_subset_keeps_the_hidden_states_up_to_its_last_block_exactly(tmp
     assert encoder_blocks_needed((2,)) == 2 and encoder_blocks_needed((1, 3)) == 3
     cut_dir = write_encoder_subset(full_dir, tmp_path / "cut", 2)
     assert (cut_dir / "model.bin").stat().st_size < (full_dir / "model.bin").stat().st_size
-    assert json.loads((cut_dir / "config.json").read_text())["emostream_encoder_subset"] == {"source": "full", "blocks": 2}
+    assert json.loads((cut_dir / "config.json").read_text())["emostream_encoder_subset"] == {
+        "source": "full",
+        "blocks": 2,
+    }
     read = read_ct2_variables(cut_dir / "model.bin")
     assert not any(k.startswith(("layer_2/", "layer_norm/")) for k in read)
     assert read_ct2_variables(cut_dir / "model.bin", prefix="decoder/") == {}

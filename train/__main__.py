@@ -1,4 +1,5 @@
 """``python -m train fit|cv|evaluate|prepare|...`` — see README "Training" and train/DATA.md."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
         sp.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
         sp.add_argument("--no-progress", action="store_true")
-        sp.add_argument("--teacher", metavar="DIR", help="distil from this faster-whisper model directory "
-                                                         "(e.g. ../shared/models/faster-whisper-base)")
+        sp.add_argument(
+            "--teacher",
+            metavar="DIR",
+            help="distil from this faster-whisper model directory (e.g. ../shared/models/faster-whisper-base)",
+        )
 
     fit = sub.add_parser("fit", help="train one fold (--fold K) or a final model on all data (--all)")
     common(fit)
@@ -49,61 +53,116 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fold", type=int, default=0)
     g.add_argument("--all", action="store_true", help="train on every clip (no validation): the shipped model")
     fit.add_argument("--cv-report", help="cv_report.json whose metrics and temperature go into the checkpoint")
-    fit.add_argument("--clip-cv-report", help="cv_report.json of the same recipe scored with several placements "
-                                              "(emostream.inference_positions > 1): its temperature becomes the "
-                                              "checkpoint's clip temperature (emostream classify)")
-    cal = sub.add_parser("calibrate", help="store CV-fitted temperatures in an existing checkpoint's model.json "
-                                           "(the weights are untouched)")
+    fit.add_argument(
+        "--clip-cv-report",
+        help="cv_report.json of the same recipe scored with several placements "
+        "(emostream.inference_positions > 1): its temperature becomes the "
+        "checkpoint's clip temperature (emostream classify)",
+    )
+    cal = sub.add_parser(
+        "calibrate",
+        help="store CV-fitted temperatures in an existing checkpoint's model.json (the weights are untouched)",
+    )
     cal.add_argument("--checkpoint", required=True)
-    cal.add_argument("--cv-report", required=True, help="cv_report.json scored with one placement: the window temperature")
+    cal.add_argument(
+        "--cv-report", required=True, help="cv_report.json scored with one placement: the window temperature"
+    )
     cal.add_argument("--clip-cv-report", help="cv_report.json scored with several placements: the clip temperature")
     cv = sub.add_parser("cv", help="all folds, then an aggregate report")
     common(cv)
-    cv.add_argument("--folds", type=_fold_list, metavar="K,K,...",
-                    help="only these folds (trained, or reused with --resume), and the report over them")
-    cv.add_argument("--leave-one-corpus-out", action="store_true",
-                    help="one fold per corpus, each holding out that whole corpus (as emostream.group_by: corpus); "
-                         "the report gets a table per held-out corpus")
-    cv.add_argument("--reevaluate", action="store_true",
-                    help="with --resume: predict finished folds again from their checkpoints with this config's "
-                         "inference settings (overwrites their logits) instead of reusing the stored logits")
-    cv.add_argument("--channels", type=_channel_list, metavar="C,C,...",
-                    help="beside full band and G.712, score each fold's model on these channel copies too: mulaw "
-                         "(8 kHz mu-law only), grid (every codec this build has, after the G.712 band) or codec names")
-    te = sub.add_parser("teacher", help="encode the clips with the Whisper teacher (cached) and cross-validate "
-                                         "the teacher alone on the student's folds")
+    cv.add_argument(
+        "--folds",
+        type=_fold_list,
+        metavar="K,K,...",
+        help="only these folds (trained, or reused with --resume), and the report over them",
+    )
+    cv.add_argument(
+        "--leave-one-corpus-out",
+        action="store_true",
+        help="one fold per corpus, each holding out that whole corpus (as emostream.group_by: corpus); "
+        "the report gets a table per held-out corpus",
+    )
+    cv.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="with --resume: predict finished folds again from their checkpoints with this config's "
+        "inference settings (overwrites their logits) instead of reusing the stored logits",
+    )
+    cv.add_argument(
+        "--channels",
+        type=_channel_list,
+        metavar="C,C,...",
+        help="beside full band and G.712, score each fold's model on these channel copies too: mulaw "
+        "(8 kHz mu-law only), grid (every codec this build has, after the G.712 band) or codec names",
+    )
+    te = sub.add_parser(
+        "teacher",
+        help="encode the clips with the Whisper teacher (cached) and cross-validate "
+        "the teacher alone on the student's folds",
+    )
     common(te)
-    te.add_argument("--layers", nargs="+", type=_layer_list, metavar="L[,L...]",
-                    help="compare teachers built on these encoder hidden states instead of the config's: each "
-                         "argument one layer or a comma list averaged (0 = after the stem, 6 = Whisper base's "
-                         "output); one report per choice and a table teacher_layers.md")
-    te.add_argument("--channels", type=_channel_list, metavar="C,C,...",
-                    help="also probe the teacher through these telephone channels (g712, mulaw, grid or codec "
-                         "names): heads fitted on clean (and clean + channel) clips, scored on each channel; "
-                         "teacher_channels.md")
-    en = sub.add_parser("ensemble", help="report the mean probabilities of finished CV runs on the same folds "
-                                         "(no training): what an ensemble of them would score")
+    te.add_argument(
+        "--layers",
+        nargs="+",
+        type=_layer_list,
+        metavar="L[,L...]",
+        help="compare teachers built on these encoder hidden states instead of the config's: each "
+        "argument one layer or a comma list averaged (0 = after the stem, 6 = Whisper base's "
+        "output); one report per choice and a table teacher_layers.md",
+    )
+    te.add_argument(
+        "--channels",
+        type=_channel_list,
+        metavar="C,C,...",
+        help="also probe the teacher through these telephone channels (g712, mulaw, grid or codec "
+        "names): heads fitted on clean (and clean + channel) clips, scored on each channel; "
+        "teacher_channels.md",
+    )
+    en = sub.add_parser(
+        "ensemble",
+        help="report the mean probabilities of finished CV runs on the same folds "
+        "(no training): what an ensemble of them would score",
+    )
     en.add_argument("--config", required=True, help="the runs' config (its seed fixes the folds)")
-    en.add_argument("--runs", nargs="+", required=True, metavar="DIR",
-                    help="cv output directories holding foldK/val_logits.npy (e.g. train/reports/folds/<run>)")
+    en.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="cv output directories holding foldK/val_logits.npy (e.g. train/reports/folds/<run>)",
+    )
     en.add_argument("--folds", type=_fold_list, required=True, metavar="K,K,...")
     en.add_argument("--data", help="manifest folder/CSV (default: the config's)")
     en.add_argument("--out", required=True, help="directory for the ensemble's folds and cv_report")
     en.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
-    pk = sub.add_parser("pack", help="copy a config's clips and its teacher (cut after the blocks it uses) into "
-                                     "parts small enough to carry to a lent GPU machine (train/gpu_fit.sh)")
+    pk = sub.add_parser(
+        "pack",
+        help="copy a config's clips and its teacher (cut after the blocks it uses) into "
+        "parts small enough to carry to a lent GPU machine (train/gpu_fit.sh)",
+    )
     pk.add_argument("--config", required=True, help="the config whose fit will read the pack")
     pk.add_argument("--data", help="manifest folder/CSV (default: the config's)")
     pk.add_argument("--teacher", metavar="DIR", help="faster-whisper model directory (default: the config's)")
     pk.add_argument("--out", required=True, help="a new folder for the parts (e.g. .devpack)")
-    pk.add_argument("--part-mb", type=_positive(float), default=50.0, metavar="MB",
-                    help="largest part, in MB (default 50: a call carries 64 MiB with the working tree)")
-    pr = sub.add_parser("prepare", help="convert an emotional-speech corpus to 16 kHz mono FLAC + manifest.csv "
-                                        "(train/DATA.md), or combine prepared folders into one manifest")
+    pk.add_argument(
+        "--part-mb",
+        type=_positive(float),
+        default=50.0,
+        metavar="MB",
+        help="largest part, in MB (default 50: a call carries 64 MiB with the working tree)",
+    )
+    pr = sub.add_parser(
+        "prepare",
+        help="convert an emotional-speech corpus to 16 kHz mono FLAC + manifest.csv "
+        "(train/DATA.md), or combine prepared folders into one manifest",
+    )
     from .prepare import CORPORA
 
-    pr.add_argument("corpus", choices=[*CORPORA, "combine"],
-                    help="the corpus layout at SRC, or combine: one manifest over the prepared folders SRC ...")
+    pr.add_argument(
+        "corpus",
+        choices=[*CORPORA, "combine"],
+        help="the corpus layout at SRC, or combine: one manifest over the prepared folders SRC ...",
+    )
     pr.add_argument("src", nargs="+", metavar="SRC", help="the corpus's folder (combine: prepared folders)")
     pr.add_argument("--out", required=True, help="output folder, outside any repository (e.g. /work/data-extra/tess)")
     ev = sub.add_parser("evaluate", help="metrics report of a checkpoint on a labelled set")
@@ -112,29 +171,43 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None)
     ev.add_argument("--cache", default=str(DEFAULT_CACHE))
     ev.add_argument("--device", default=None)
-    ev.add_argument("--speakers", metavar="FILE",
-                    help="only the clips of these speakers (one id per line, e.g. examples/reserved_speakers.txt: "
-                         "the held-out voices no shipped model trains on)")
+    ev.add_argument(
+        "--speakers",
+        metavar="FILE",
+        help="only the clips of these speakers (one id per line, e.g. examples/reserved_speakers.txt: "
+        "the held-out voices no shipped model trains on)",
+    )
     ev.add_argument("--telephone", action="store_true", help="evaluate on the G.712 telephone copy (--channels g712)")
-    ev.add_argument("--channels", type=_channel_list, default=None, metavar="C,C,...",
-                    help="score each channel copy, one report per channel under --out and one table: full (the "
-                         "files as they are), g712 (300-3400 Hz band-pass at 8 kHz + G.711 mu-law), mulaw (8 kHz "
-                         "mu-law only), grid (every codec of emostream.channel.CODECS this build has, after the "
-                         "G.712 band) or codec names; default full")
-    ev.add_argument("--positions", type=_positive(int), default=CLIP_POSITIONS, metavar="P",
-                    help="average each clip's logits over P placements in the window (default "
-                         f"{CLIP_POSITIONS}, as emostream classify; 1: the recipe's fixed chunks)")
+    ev.add_argument(
+        "--channels",
+        type=_channel_list,
+        default=None,
+        metavar="C,C,...",
+        help="score each channel copy, one report per channel under --out and one table: full (the "
+        "files as they are), g712 (300-3400 Hz band-pass at 8 kHz + G.711 mu-law), mulaw (8 kHz "
+        "mu-law only), grid (every codec of emostream.channel.CODECS this build has, after the "
+        "G.712 band) or codec names; default full",
+    )
+    ev.add_argument(
+        "--positions",
+        type=_positive(int),
+        default=CLIP_POSITIONS,
+        metavar="P",
+        help="average each clip's logits over P placements in the window (default "
+        f"{CLIP_POSITIONS}, as emostream classify; 1: the recipe's fixed chunks)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from emostream.model import CheckpointError
+
     from .config import ConfigError
     from .data import DataError
     from .pack import PackError
     from .teacher import TeacherError
     from .whisper_layers import ModelFileError
-    from emostream.model import CheckpointError
 
     try:
         return _run(args)
@@ -164,8 +237,10 @@ def _run(args) -> int:
         cv = _read_cv_report(args.cv_report, clip=False)
         clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
         _store_calibration(args.checkpoint, cv, clip_cv)
-        print(f"{args.checkpoint}: temperature {cv['temperature']:.4f}"
-              + (f", clip temperature {clip_cv['temperature']:.4f}" if clip_cv else ""))
+        print(
+            f"{args.checkpoint}: temperature {cv['temperature']:.4f}"
+            + (f", clip temperature {clip_cv['temperature']:.4f}" if clip_cv else "")
+        )
         return 0
     if args.command == "evaluate":
         out = Path(args.out or Path(args.checkpoint) / "evaluation")
@@ -181,8 +256,12 @@ def _run(args) -> int:
             clips = [c for c in clips if c.speaker in wanted]
             if not clips:
                 raise DataError(f"no clips of the speakers in {args.speakers} in {args.data}")
-        logging.getLogger("train").info("%d clips of %d speakers%s", len(clips), len({c.speaker for c in clips}),
-                                        f" (those of {args.speakers})" if args.speakers else "")
+        logging.getLogger("train").info(
+            "%d clips of %d speakers%s",
+            len(clips),
+            len({c.speaker for c in clips}),
+            f" (those of {args.speakers})" if args.speakers else "",
+        )
         cache = build_cache(clips, args.cache)
         channels = args.channels or (["g712"] if args.telephone else ["full"])
         if channels == ["full"]:
@@ -190,8 +269,11 @@ def _run(args) -> int:
         else:
             from .engine import evaluate_channels
 
-            print(evaluate_channels(args.checkpoint, clips, cache, channels, out, device=args.device,
-                                    positions=args.positions))
+            print(
+                evaluate_channels(
+                    args.checkpoint, clips, cache, channels, out, device=args.device, positions=args.positions
+                )
+            )
             return 0
         print((out / "evaluation.md").read_text())
         return 0
@@ -204,13 +286,19 @@ def _run(args) -> int:
             raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
         cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
         clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
-    cfg = load_config(args.config, pretrained_path=getattr(args, "pretrained", None), teacher=getattr(args, "teacher", None),
-                      epochs=getattr(args, "epochs", None), data=args.data,
-                      group_by="corpus" if getattr(args, "leave_one_corpus_out", False) else None)
+    cfg = load_config(
+        args.config,
+        pretrained_path=getattr(args, "pretrained", None),
+        teacher=getattr(args, "teacher", None),
+        epochs=getattr(args, "epochs", None),
+        data=args.data,
+        group_by="corpus" if getattr(args, "leave_one_corpus_out", False) else None,
+    )
     if args.command == "teacher" and not cfg.distill.teacher:
         raise ConfigError_("no teacher: pass --teacher DIR or set emostream.distill.teacher")
     if cfg.distill.teacher and args.command != "ensemble":
         from .teacher import check_teacher_dir
+
         check_teacher_dir(cfg.distill.teacher)  # fail before any decoding or training
     if args.command == "pack":
         from .pack import write_pack
@@ -218,8 +306,10 @@ def _run(args) -> int:
         if not cfg.data:
             raise ConfigError_("no data: pass --data or set dataset.train_dataframe")
         info = write_pack(cfg, args.out, args.part_mb)
-        print(f"{args.out}: {info['clips']} clips of {info['speakers']} speakers, teacher {info['teacher']}; "
-              + ", ".join(f"{k} {info['megabytes'][k]} MB" for k in info["files"]))
+        print(
+            f"{args.out}: {info['clips']} clips of {info['speakers']} speakers, teacher {info['teacher']}; "
+            + ", ".join(f"{k} {info['megabytes'][k]} MB" for k in info["files"])
+        )
         return 0
     out = Path(args.out or Path("runs") / cfg.experiment_name)
     _setup_logging(out)
@@ -233,8 +323,12 @@ def _run(args) -> int:
     clips = config_clips(cfg)
     cfg = fold_config(cfg, clips)  # leave-one-corpus-out: one fold per corpus
     cache = build_cache(clips, args.cache, cfg.max_inference_chunk_seconds)
-    log.info("%d clips, %d speakers, %.1f min of audio", len(clips), len({c.speaker for c in clips}),
-             cache.offsets[-1] / 16000 / 60)
+    log.info(
+        "%d clips, %d speakers, %.1f min of audio",
+        len(clips),
+        len({c.speaker for c in clips}),
+        cache.offsets[-1] / 16000 / 60,
+    )
     if args.command == "ensemble":
         from .engine import average_fold_logits
 
@@ -251,8 +345,9 @@ def _run(args) -> int:
     if cfg.distill.teacher:
         from .teacher import build_teacher_cache
 
-        features = build_teacher_cache(cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0,
-                                       layers=cfg.distill.layers)
+        features = build_teacher_cache(
+            cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0, layers=cfg.distill.layers
+        )
         log.info("teacher: %s, %d encoder frames cached", cfg.distill.teacher, len(features.frames))
     if args.command == "teacher":
         from .engine import teacher_cv
@@ -274,10 +369,20 @@ def _run(args) -> int:
         if features is not None:
             from .teacher import build_teacher_cache
 
-            features = features.extended(build_teacher_cache(speed.copies_cache, cfg.distill.teacher, args.cache,
-                                                             threads=cfg.threads or 0, layers=cfg.distill.layers))
-        log.info("speed copies at %s: %.1f min of audio more", ", ".join(f"{f:g}" for f in speed.factors),
-                 speed.copies_cache.offsets[-1] / 16000 / 60)
+            features = features.extended(
+                build_teacher_cache(
+                    speed.copies_cache,
+                    cfg.distill.teacher,
+                    args.cache,
+                    threads=cfg.threads or 0,
+                    layers=cfg.distill.layers,
+                )
+            )
+        log.info(
+            "speed copies at %s: %.1f min of audio more",
+            ", ".join(f"{f:g}" for f in speed.factors),
+            speed.copies_cache.offsets[-1] / 16000 / 60,
+        )
     if cfg.augment.phone_copies:
         from .data import with_phone_copies
 
@@ -286,48 +391,108 @@ def _run(args) -> int:
         if features is not None and cfg.distill.phone_targets == "copy":  # the teacher on the line itself
             from .teacher import build_teacher_cache
 
-            features = features.extended(build_teacher_cache(speed.phone_cache, cfg.distill.teacher, args.cache,
-                                                             threads=cfg.threads or 0, layers=cfg.distill.layers))
+            features = features.extended(
+                build_teacher_cache(
+                    speed.phone_cache,
+                    cfg.distill.teacher,
+                    args.cache,
+                    threads=cfg.threads or 0,
+                    layers=cfg.distill.layers,
+                )
+            )
         elif features is not None:  # a phone line is labelled by the teacher on its clean source
             features = features.extended(features.repeated(np.tile(np.arange(n_sources), cfg.augment.phone_copies)))
-        log.info("phone copies: %d random lines of each of %d clips, %.1f min of audio more",
-                 cfg.augment.phone_copies, n_sources, (speed.cache.offsets[-1] - speed.cache.offsets[n_sources]) / 16000 / 60)
+        log.info(
+            "phone copies: %d random lines of each of %d clips, %.1f min of audio more",
+            cfg.augment.phone_copies,
+            n_sources,
+            (speed.cache.offsets[-1] - speed.cache.offsets[n_sources]) / 16000 / 60,
+        )
     # from here on ``speed`` holds every copy training may draw from (SpeedCopies or CopySet)
     if args.command == "cv":
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-        cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                       only_folds=args.folds, device=args.device, show_progress=not args.no_progress,
-                       teacher_features=features, reevaluate=args.reevaluate, speed_copies=speed,
-                       channels=tuple(args.channels or ()))
+        cross_validate(
+            cfg,
+            clips,
+            cache,
+            folds,
+            out,
+            resume=args.resume,
+            pretrained_path=args.pretrained,
+            only_folds=args.folds,
+            device=args.device,
+            show_progress=not args.no_progress,
+            teacher_features=features,
+            reevaluate=args.reevaluate,
+            speed_copies=speed,
+            channels=tuple(args.channels or ()),
+        )
         print((out / "cv_report.md").read_text())
         return 0
     if args.all:
-        metadata = {"data": {"clips": len(clips), "speakers": sorted({c.speaker for c in clips}),
-                             "excluded_speakers": list(cfg.exclude_speakers)}}
+        metadata = {
+            "data": {
+                "clips": len(clips),
+                "speakers": sorted({c.speaker for c in clips}),
+                "excluded_speakers": list(cfg.exclude_speakers),
+            }
+        }
         if cv:
             metadata["cv"] = _cv_metadata(cv, clip_cv)
         teacher = None
         if features is not None:
             from .engine import fold_teacher
 
-            teacher = fold_teacher(cfg, speed.clips if speed else clips, features, np.arange(len(clips)),
-                                   speed.copies if speed else None, getattr(speed, "phone", None))
-            metadata["distillation"] = {"teacher": Path(cfg.distill.teacher).name, "alpha": cfg.distill.alpha,
-                                        "temperature": cfg.distill.temperature}
+            teacher = fold_teacher(
+                cfg,
+                speed.clips if speed else clips,
+                features,
+                np.arange(len(clips)),
+                speed.copies if speed else None,
+                getattr(speed, "phone", None),
+            )
+            metadata["distillation"] = {
+                "teacher": Path(cfg.distill.teacher).name,
+                "alpha": cfg.distill.alpha,
+                "temperature": cfg.distill.temperature,
+            }
             if cfg.distill.layers:
                 metadata["distillation"]["encoder_layers"] = list(cfg.distill.layers)
-        res = fit(cfg, speed.clips if speed else clips, speed.cache if speed else cache, np.arange(len(clips)), None,
-                  out, resume=args.resume, pretrained_path=args.pretrained, metadata=metadata, device=args.device,
-                  show_progress=not args.no_progress, teacher=teacher, copies=speed.copies if speed else None,
-                  phone=getattr(speed, "phone", None))
+        res = fit(
+            cfg,
+            speed.clips if speed else clips,
+            speed.cache if speed else cache,
+            np.arange(len(clips)),
+            None,
+            out,
+            resume=args.resume,
+            pretrained_path=args.pretrained,
+            metadata=metadata,
+            device=args.device,
+            show_progress=not args.no_progress,
+            teacher=teacher,
+            copies=speed.copies if speed else None,
+            phone=getattr(speed, "phone", None),
+        )
         if cv:
             _store_calibration(res.checkpoint, cv, clip_cv)
         print(f"checkpoint: {res.checkpoint}")
         return 0
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    cross_validate(cfg, clips, cache, folds, out, resume=args.resume, pretrained_path=args.pretrained,
-                   only_folds=[args.fold], device=args.device, show_progress=not args.no_progress,
-                   teacher_features=features, speed_copies=speed)
+    cross_validate(
+        cfg,
+        clips,
+        cache,
+        folds,
+        out,
+        resume=args.resume,
+        pretrained_path=args.pretrained,
+        only_folds=[args.fold],
+        device=args.device,
+        show_progress=not args.no_progress,
+        teacher_features=features,
+        speed_copies=speed,
+    )
     print((out / "cv_report.md").read_text())
     return 0
 
@@ -367,7 +532,12 @@ def probe_data(cfg, cache_dir: str | Path):
     clips = config_clips(cfg)
     cfg = fold_config(cfg, clips)
     cache = build_cache(clips, cache_dir, cfg.max_inference_chunk_seconds)
-    return clips, cache, make_folds(clips, cfg.folds, cfg.group_by, cfg.seed), np.array([CLASSES.index(c.label) for c in clips])
+    return (
+        clips,
+        cache,
+        make_folds(clips, cfg.folds, cfg.group_by, cfg.seed),
+        np.array([CLASSES.index(c.label) for c in clips]),
+    )
 
 
 def _fold_list(text: str) -> list[int]:
@@ -387,8 +557,9 @@ def _channel_list(text: str) -> list[str]:
         expanded = list(available_codecs()) if name == "grid" else [name]
         for n in expanded:
             if n not in ("full", "g712", "mulaw", *CODECS):
-                raise argparse.ArgumentTypeError(f"unknown channel {n!r}: full, g712, mulaw, grid or one of "
-                                                 f"{', '.join(CODECS)}")
+                raise argparse.ArgumentTypeError(
+                    f"unknown channel {n!r}: full, g712, mulaw, grid or one of {', '.join(CODECS)}"
+                )
             if n not in names:
                 names.append(n)
     if not names:
@@ -414,7 +585,7 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
     from dataclasses import replace
 
     from .data import make_folds
-    from .engine import SUMMARY_METRICS, summary_rows, nested_teacher_choice, teacher_cv
+    from .engine import SUMMARY_METRICS, nested_teacher_choice, summary_rows, teacher_cv
     from .metrics import summarize_folds
     from .teacher import build_teacher_cache
 
@@ -424,33 +595,45 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
     rows, results, built = [], {}, {}
     for layers in choices:
         name = "-".join(map(str, layers))
-        features = built[name] = build_teacher_cache(cache, cfg.distill.teacher, cache_dir,
-                                                     threads=cfg.threads or 0, layers=layers)
-        report = teacher_cv(replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds,
-                            out / f"layers_{name}")
+        features = built[name] = build_teacher_cache(
+            cache, cfg.distill.teacher, cache_dir, threads=cfg.threads or 0, layers=layers
+        )
+        report = teacher_cv(
+            replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds, out / f"layers_{name}"
+        )
         s = report["summary"]["overall"]
         results[name] = {k: s[k] for k in SUMMARY_METRICS}
-        row, = summary_rows({", ".join(map(str, layers)): s})
+        (row,) = summary_rows({", ".join(map(str, layers)): s})
         rows.append(row + " " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
-    table = ("| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
-             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    table = (
+        "| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
     nested = ""
     if len(built) > 1 and cfg.distill.speaker_centre == "none":
         picks = nested_teacher_choice(cfg, clips, built, folds)
         results["nested"] = picks
-        nested = (f"\nChosen inside each fold's training speakers ({cfg.folds} inner folds grouped by "
-                  f"{cfg.group_by}, best mean inner UA), then scored on the fold's validation speakers:\n\n"
-                  "| fold | chosen | inner UA of each choice | UA | ROC AUC |\n|---|---|---|---|---|\n"
-                  + "".join(f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
-                            + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
-                            + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n" for p in picks)
-                  + summary_rows({"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]},
-                                  nested_metrics)[0] + "\n")
+        nested = (
+            f"\nChosen inside each fold's training speakers ({cfg.folds} inner folds grouped by "
+            f"{cfg.group_by}, best mean inner UA), then scored on the fold's validation speakers:\n\n"
+            "| fold | chosen | inner UA of each choice | UA | ROC AUC |\n|---|---|---|---|---|\n"
+            + "".join(
+                f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
+                + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
+                + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n"
+                for p in picks
+            )
+            + summary_rows(
+                {"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]}, nested_metrics
+            )[0]
+            + "\n"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_layers.md").write_text(
         f"Teacher alone per choice of Whisper encoder hidden states ({cfg.folds}-fold CV grouped by "
         f"{cfg.group_by}, logistic regression C={cfg.distill.head_c}; 0 = after the stem, the last = the "
-        "encoder's output)\n\n" + table + nested)
+        "encoder's output)\n\n" + table + nested
+    )
     (out / "teacher_layers.json").write_text(json.dumps(results, indent=1))
     return table + nested
 
@@ -471,25 +654,41 @@ def _read_cv_report(path: str, clip: bool) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise ConfigError_(f"{path} is not a cv_report.json of python -m train cv") from None
     if clip and positions == 1:
-        raise ConfigError_(f"{path} was scored with one placement: a clip temperature needs a CV scored with "
-                           "emostream.inference_positions > 1 (pass it as --cv-report)")
+        raise ConfigError_(
+            f"{path} was scored with one placement: a clip temperature needs a CV scored with "
+            "emostream.inference_positions > 1 (pass it as --cv-report)"
+        )
     if not clip and positions > 1:
-        raise ConfigError_(f"{path} was scored with {positions} placements: the window temperature needs a CV "
-                           "scored with one (pass this one as --clip-cv-report)")
+        raise ConfigError_(
+            f"{path} was scored with {positions} placements: the window temperature needs a CV "
+            "scored with one (pass this one as --clip-cv-report)"
+        )
     return report
 
 
 def _cv_metadata(cv: dict, clip_cv: dict | None) -> dict:
     """What a checkpoint's ``model.json`` keeps of its CV reports: the experiment each comes from,
     protocol, summaries, temperatures."""
+
     def experiment(report: dict) -> str | None:
         return (report.get("config") or {}).get("experiment_name")
 
-    out = {"experiment": experiment(cv), "protocol": cv["protocol"], "summary": cv["summary"],
-           "summary_telephone": cv["summary_telephone"], "temperature": cv["temperature"]}
+    out = {
+        "experiment": experiment(cv),
+        "protocol": cv["protocol"],
+        "summary": cv["summary"],
+        "summary_telephone": cv["summary_telephone"],
+        "temperature": cv["temperature"],
+    }
     if clip_cv:
-        out.update({"clip_experiment": experiment(clip_cv), "clip_protocol": clip_cv["protocol"],
-                    "clip_summary": clip_cv["summary"], "clip_temperature": clip_cv["temperature"]})
+        out.update(
+            {
+                "clip_experiment": experiment(clip_cv),
+                "clip_protocol": clip_cv["protocol"],
+                "clip_summary": clip_cv["summary"],
+                "clip_temperature": clip_cv["temperature"],
+            }
+        )
     return out
 
 
@@ -508,6 +707,7 @@ def _store_calibration(checkpoint: str | Path, cv: dict, clip_cv: dict | None) -
 
 def ConfigError_(msg: str):
     from .config import ConfigError
+
     return ConfigError(msg)
 
 

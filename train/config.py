@@ -4,6 +4,7 @@ A config file is either a Hydrogen Torch YAML (the seed recipe loads as-is) or o
 ``train/configs/*.yaml`` that says ``base: recipe.yaml`` and overrides keys; ``emostream:``
 holds the settings that go beyond the recipe (documented in each config).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,52 +29,52 @@ class ConfigError(ValueError):
 class Augment:
     """Augmentations beyond the recipe (all off in the recipe)."""
 
-    random_offset: bool = False       # place short clips at a random offset in the 6 s window (else at 0)
-    gain_db: float = 0.0              # random gain in ±gain_db
+    random_offset: bool = False  # place short clips at a random offset in the 6 s window (else at 0)
+    gain_db: float = 0.0  # random gain in ±gain_db
     noise_snr_db: tuple[float, float] | None = None  # white noise at an SNR drawn from this range
     noise_probability: float = 0.0
     telephone_probability: float = 0.0  # 8 kHz μ-law round trip
     floor_noise_dbfs: tuple[float, float] | None = None  # white noise over the whole 6 s window
-    floor_noise_probability: float = 0.0                 # (padding included) at this absolute level
-    concat_probability: float = 0.0   # build the window from consecutive clips of the same speaker and
+    floor_noise_probability: float = 0.0  # (padding included) at this absolute level
+    concat_probability: float = 0.0  # build the window from consecutive clips of the same speaker and
     concat_gap_seconds: tuple[float, float] = (0.2, 1.0)  # emotion with pauses like a turn's (streaming)
     spec_time_masks: int = 0
-    spec_time_width: int = 0          # frames
+    spec_time_width: int = 0  # frames
     spec_freq_masks: int = 0
-    spec_freq_width: int = 0          # mel bins
-    vtlp_probability: float = 0.0     # vocal tract length perturbation: warp the frequency axis of this share
+    spec_freq_width: int = 0  # mel bins
+    vtlp_probability: float = 0.0  # vocal tract length perturbation: warp the frequency axis of this share
     vtlp_range: tuple[float, float] = (0.9, 1.1)  # of windows by a factor drawn uniformly from this range
     speed_factors: tuple[float, ...] = ()  # speed-perturbed copies of every clip (tempo, pitch and formants
-    speed_probability: float = 0.0    # scaled together); this share of training windows comes from a copy
-                                      # (factors equally likely), whose teacher targets are its own encoding
-    phone_copies: int = 0             # copies of every clip through random phone lines (emostream.channel), this
-    phone_probability: float = 0.0    # share of training windows from one (teacher targets: the clean original's)
+    speed_probability: float = 0.0  # scaled together); this share of training windows comes from a copy
+    # (factors equally likely), whose teacher targets are its own encoding
+    phone_copies: int = 0  # copies of every clip through random phone lines (emostream.channel), this
+    phone_probability: float = 0.0  # share of training windows from one (teacher targets: the clean original's)
 
 
-SPEAKER_CENTRE = ("none", "heads", "all")   # what the teacher subtracts speaker means from (train.teacher.FoldTeacher)
+SPEAKER_CENTRE = ("none", "heads", "all")  # what the teacher subtracts speaker means from (train.teacher.FoldTeacher)
 
 
 @dataclass(frozen=True)
 class Distill:
     """Knowledge distillation from a Whisper-base teacher (``train/teacher.py``); off when no teacher."""
 
-    teacher: str | None = None        # faster-whisper model directory (``--teacher DIR``)
-    alpha: float = 0.5                # loss = (1 - alpha) * recipe BCE on labels + alpha * KD term
-    temperature: float = 2.0          # softens teacher and student distributions in the KD term
-    head_c: float = 0.5               # inverse L2 strength of the teacher's logistic-regression heads
-    inner_folds: int = 4              # speaker-grouped splits giving out-of-speaker targets to training clips
-    embed_weight: float = 0.0         # + embed_weight * cosine distance between a projection of the student's
-                                      # pooled features and the teacher's standardised pooled embedding
-    frame_weight: float = 0.0         # + frame_weight * cosine distance, per ~1 s time cell of the student's last
-                                      # feature map (1x1 projection), to the teacher's frames pooled over that cell
-    speaker_centre: str = "none"      # subtract each speaker's mean pooled encoder output from the teacher's
-                                      # features: "none", before its heads ("heads"), or before the heads and
-                                      # the embedding and frame targets ("all"); training only
-    layers: tuple[int, ...] = ()      # encoder hidden states averaged into the teacher's features: () = the
-                                      # encoder output (CTranslate2); else 0 = after the stem, k = after block k
-                                      # (6 = the output of Whisper base), read by train.whisper_layers
-    phone_targets: str = "source"     # a phone line's targets: the teacher on its clean "source" clip, or on
-                                      # the line's own audio ("copy", as speed copies are; one more encoding each)
+    teacher: str | None = None  # faster-whisper model directory (``--teacher DIR``)
+    alpha: float = 0.5  # loss = (1 - alpha) * recipe BCE on labels + alpha * KD term
+    temperature: float = 2.0  # softens teacher and student distributions in the KD term
+    head_c: float = 0.5  # inverse L2 strength of the teacher's logistic-regression heads
+    inner_folds: int = 4  # speaker-grouped splits giving out-of-speaker targets to training clips
+    embed_weight: float = 0.0  # + embed_weight * cosine distance between a projection of the student's
+    # pooled features and the teacher's standardised pooled embedding
+    frame_weight: float = 0.0  # + frame_weight * cosine distance, per ~1 s time cell of the student's last
+    # feature map (1x1 projection), to the teacher's frames pooled over that cell
+    speaker_centre: str = "none"  # subtract each speaker's mean pooled encoder output from the teacher's
+    # features: "none", before its heads ("heads"), or before the heads and
+    # the embedding and frame targets ("all"); training only
+    layers: tuple[int, ...] = ()  # encoder hidden states averaged into the teacher's features: () = the
+    # encoder output (CTranslate2); else 0 = after the stem, k = after block k
+    # (6 = the output of Whisper base), read by train.whisper_layers
+    phone_targets: str = "source"  # a phone line's targets: the teacher on its clean "source" clip, or on
+    # the line's own audio ("copy", as speed copies are; one more encoding each)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class TrainConfig:
     # architecture
     backbone: str = "resnet50"
     dropout: float = 0.0
-    drop_path: float = 0.0            # stochastic depth (timm drop_path_rate), training only; emostream.drop_path
+    drop_path: float = 0.0  # stochastic depth (timm drop_path_rate), training only; emostream.drop_path
     pool: str = "avg"
     pretrained: bool = False
     # audio
@@ -94,7 +95,7 @@ class TrainConfig:
     n_mels: int = 128
     f_min: float = 50.0
     f_max: float = SAMPLE_RATE / 2
-    normalize: str = "none"           # spectrogram normalisation: "none" (recipe) or "utterance"
+    normalize: str = "none"  # spectrogram normalisation: "none" (recipe) or "utterance"
     chunk_seconds: float = WINDOW_SECONDS
     # mixing (recipe augmentation.mix_*)
     mix_audio: str = "Disabled"
@@ -107,23 +108,23 @@ class TrainConfig:
     data_folder: str | None = None
     data_sample: float = 1.0
     folds: int = 4
-    group_by: str = "speaker"         # "speaker" (honest), "corpus" (leave-one-corpus-out: one fold per
-                                      # corpus, cfg.folds set from the data) or "audio" (the recipe's; leaks speakers)
+    group_by: str = "speaker"  # "speaker" (honest), "corpus" (leave-one-corpus-out: one fold per
+    # corpus, cfg.folds set from the data) or "audio" (the recipe's; leaks speakers)
     validation_strategy: str = "kfold"
     validation_size: float = 0.2
     exclude_speakers: tuple[str, ...] = ()
     # environment
     mixed_precision_training: bool = True
     mixed_precision_inference: bool = False
-    seed: int = 42                    # folds, teacher heads and (unless training_seed) training randomness
+    seed: int = 42  # folds, teacher heads and (unless training_seed) training randomness
     training_seed: int | None = None  # emostream.training_seed: seeds only the student's training randomness
-                                      # (initial weights, crops, augmentation, batch order), folds unchanged
+    # (initial weights, crops, augmentation, batch order), folds unchanged
     threads: int | None = None
     # prediction
     inference_chunk_seconds: float = WINDOW_SECONDS
     max_inference_chunk_seconds: float = 600.0
-    inference_positions: int = 1      # > 1: test-time window averaging over this many placements of a
-                                      # clip in the window (emostream.stream.placed_windows); 1 = the recipe
+    inference_positions: int = 1  # > 1: test-time window averaging over this many placements of a
+    # clip in the window (emostream.stream.placed_windows); 1 = the recipe
     metric: str = "ROC_AUC"
     # training
     batch_size: int = 32
@@ -143,13 +144,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     save_best_checkpoint: bool = False
     calculate_train_metric: bool = False
-    calibrate: bool = True            # fit a softmax temperature on validation logits
-    ema_decay: float = 0.0            # > 0: also keep an exponential moving average of the weights (this
-                                      # decay per optimizer step); it is the model saved and reported, and
-                                      # the raw weights' figures are kept beside it (training trajectory unchanged)
+    calibrate: bool = True  # fit a softmax temperature on validation logits
+    ema_decay: float = 0.0  # > 0: also keep an exponential moving average of the weights (this
+    # decay per optimizer step); it is the model saved and reported, and
+    # the raw weights' figures are kept beside it (training trajectory unchanged)
     augment: Augment = field(default_factory=Augment)
     distill: Distill = field(default_factory=Distill)
-    notes: tuple[str, ...] = ()       # deviations applied while loading (logged and stored)
+    notes: tuple[str, ...] = ()  # deviations applied while loading (logged and stored)
 
     @property
     def student_seed(self) -> int:
@@ -160,7 +161,11 @@ class TrainConfig:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = dict(value.__dict__) if isinstance(value, (Augment, Distill)) else (list(value) if isinstance(value, tuple) else value)
+            out[f.name] = (
+                dict(value.__dict__)
+                if isinstance(value, (Augment, Distill))
+                else (list(value) if isinstance(value, tuple) else value)
+            )
         return out
 
 
@@ -184,6 +189,7 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
         def deco(fn):
             known[(section, key)] = fn
             return fn
+
         return deco
 
     # architecture ------------------------------------------------------------------------------
@@ -244,7 +250,9 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
     @handler("audio", "training_chunk_seconds")
     def _(v):
         if float(v) != WINDOW_SECONDS:
-            raise ConfigError(f"audio.training_chunk_seconds: {v} is not supported; the streaming window is {WINDOW_SECONDS} s")
+            raise ConfigError(
+                f"audio.training_chunk_seconds: {v} is not supported; the streaming window is {WINDOW_SECONDS} s"
+            )
         u["chunk_seconds"] = float(v)
 
     # augmentation ------------------------------------------------------------------------------
@@ -290,11 +298,14 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
         u["data"] = None if _none(v) else str(v)
 
     for key in ("data_folder_test", "test_dataframe", "unlabeled_dataframe", "validation_dataframe"):
+
         @handler("dataset", key)
         def _(v, key=key):
             if not _none(v):
-                raise ConfigError(f"dataset.{key}: separate dataframes are not supported; "
-                                  "use k-fold CV and `python -m train evaluate --data` for held-out sets")
+                raise ConfigError(
+                    f"dataset.{key}: separate dataframes are not supported; "
+                    "use k-fold CV and `python -m train evaluate --data` for held-out sets"
+                )
 
     @handler("dataset", "data_sample")
     def _(v):
@@ -313,11 +324,14 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
     @handler("dataset", "group_fold_column")
     def _(v):
-        u["group_by"] = _choice("dataset.group_fold_column", v, {"audio": "audio", "speaker": "speaker",
-                                                                  "corpus": "corpus"})
+        u["group_by"] = _choice(
+            "dataset.group_fold_column", v, {"audio": "audio", "speaker": "speaker", "corpus": "corpus"}
+        )
         if u["group_by"] == "audio":
-            notes.append("dataset.group_fold_column: audio groups folds by file: the same speakers appear "
-                         "in training and validation, so its scores overstate accuracy on unseen voices")
+            notes.append(
+                "dataset.group_fold_column: audio groups folds by file: the same speakers appear "
+                "in training and validation, so its scores overstate accuracy on unseen voices"
+            )
 
     @handler("dataset", "validation_size")
     def _(v):
@@ -374,7 +388,9 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
     @handler("prediction", "inference_chunk_seconds")
     def _(v):
         if float(v) != WINDOW_SECONDS:
-            raise ConfigError(f"prediction.inference_chunk_seconds: {v} is not supported (the window is {WINDOW_SECONDS} s)")
+            raise ConfigError(
+                f"prediction.inference_chunk_seconds: {v} is not supported (the window is {WINDOW_SECONDS} s)"
+            )
 
     @handler("prediction", "max_inference_chunk_seconds")
     def _(v):
@@ -382,7 +398,9 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
     @handler("prediction", "metric")
     def _(v):
-        u["metric"] = _choice("prediction.metric", v, {"ROC_AUC": "ROC_AUC", "UA": "UA", "F1": "F1", "Accuracy": "Accuracy"})
+        u["metric"] = _choice(
+            "prediction.metric", v, {"ROC_AUC": "ROC_AUC", "UA": "UA", "F1": "F1", "Accuracy": "Accuracy"}
+        )
 
     @handler("prediction", "probability_threshold")
     def _(v):
@@ -456,12 +474,16 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
 
     @handler("training", "schedule")
     def _(v):
-        u["schedule"] = _choice("training.schedule", v, {"Cosine": "Cosine", "Constant": "Constant", "Linear": "Linear"})
+        u["schedule"] = _choice(
+            "training.schedule", v, {"Cosine": "Cosine", "Constant": "Constant", "Linear": "Linear"}
+        )
 
     @handler("training", "train_validation_data")
     def _(v):
         if bool(v):
-            raise ConfigError("training.train_validation_data: true is not supported; use `fit --all` for a final model")
+            raise ConfigError(
+                "training.train_validation_data: true is not supported; use `fit --all` for a final model"
+            )
 
     @handler("training", "warmup_epochs")
     def _(v):
@@ -494,8 +516,22 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
     return TrainConfig(**u)
 
 
-_EXTENSION_KEYS = {"group_by", "seed", "label_smoothing", "calibrate", "exclude_speakers", "threads", "augment", "epochs",
-                   "normalize", "distill", "ema_decay", "inference_positions", "drop_path", "training_seed"}
+_EXTENSION_KEYS = {
+    "group_by",
+    "seed",
+    "label_smoothing",
+    "calibrate",
+    "exclude_speakers",
+    "threads",
+    "augment",
+    "epochs",
+    "normalize",
+    "distill",
+    "ema_decay",
+    "inference_positions",
+    "drop_path",
+    "training_seed",
+}
 
 
 def _fraction(name: str, value, what: str) -> float:
@@ -513,7 +549,9 @@ def _extensions(body: dict, u: dict) -> None:
             names = {f.name for f in fields(Augment)}
             bad = set(value) - names
             if bad:
-                raise ConfigError(f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})")
+                raise ConfigError(
+                    f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})"
+                )
             value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
             a = Augment(**value)
             for name in (f.name for f in fields(Augment) if f.name.endswith("_probability")):
@@ -521,12 +559,18 @@ def _extensions(body: dict, u: dict) -> None:
                     raise ConfigError(f"emostream.augment.{name}: {getattr(a, name)} is not in [0, 1]")
             lo, hi = a.vtlp_range
             if not 0.5 <= lo <= hi <= 2.0:
-                raise ConfigError(f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with "
-                                  "0.5 <= low <= high <= 2")
-            if any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1.0
-                   for f in a.speed_factors) or len(set(a.speed_factors)) != len(a.speed_factors):
-                raise ConfigError(f"emostream.augment.speed_factors: {list(a.speed_factors)} must be distinct factors "
-                                  "in [0.5, 2] other than 1")
+                raise ConfigError(
+                    f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with "
+                    "0.5 <= low <= high <= 2"
+                )
+            if any(
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1.0
+                for f in a.speed_factors
+            ) or len(set(a.speed_factors)) != len(a.speed_factors):
+                raise ConfigError(
+                    f"emostream.augment.speed_factors: {list(a.speed_factors)} must be distinct factors "
+                    "in [0.5, 2] other than 1"
+                )
             if a.speed_probability and not a.speed_factors:
                 raise ConfigError("emostream.augment.speed_probability needs emostream.augment.speed_factors")
             if not isinstance(a.phone_copies, int) or a.phone_copies < 0:
@@ -538,31 +582,47 @@ def _extensions(body: dict, u: dict) -> None:
             names = {f.name for f in fields(Distill)}
             bad = set(value or {}) - names
             if bad:
-                raise ConfigError(f"emostream.distill.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(names))})")
+                raise ConfigError(
+                    f"emostream.distill.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(names))})"
+                )
             value = dict(value or {})
             if "layers" in value:
                 layers = value["layers"]
-                if (not isinstance(layers, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
-                                                            for k in layers) or len(set(layers)) != len(layers)):
-                    raise ConfigError(f"emostream.distill.layers: {layers!r} must be a list of distinct layer "
-                                      "indices >= 0 (empty: the encoder output)")
+                if (
+                    not isinstance(layers, list)
+                    or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in layers)
+                    or len(set(layers)) != len(layers)
+                ):
+                    raise ConfigError(
+                        f"emostream.distill.layers: {layers!r} must be a list of distinct layer "
+                        "indices >= 0 (empty: the encoder output)"
+                    )
                 value["layers"] = tuple(sorted(layers))
             d = Distill(**value)
             if not 0.0 <= d.alpha <= 1.0:
                 raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
             if d.temperature <= 0 or d.head_c <= 0:
                 raise ConfigError("emostream.distill.temperature and head_c must be positive")
-            d = replace(d, speaker_centre=_choice("emostream.distill.speaker_centre", d.speaker_centre,
-                                                  {v: v for v in SPEAKER_CENTRE}))
-            d = replace(d, phone_targets=_choice("emostream.distill.phone_targets", d.phone_targets,
-                                                 {"source": "source", "copy": "copy"}))
+            d = replace(
+                d,
+                speaker_centre=_choice(
+                    "emostream.distill.speaker_centre", d.speaker_centre, {v: v for v in SPEAKER_CENTRE}
+                ),
+            )
+            d = replace(
+                d,
+                phone_targets=_choice(
+                    "emostream.distill.phone_targets", d.phone_targets, {"source": "source", "copy": "copy"}
+                ),
+            )
             for name in ("embed_weight", "frame_weight"):
                 if getattr(d, name) < 0:
                     raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")
             u["distill"] = d
         elif key == "group_by":
-            u["group_by"] = _choice("emostream.group_by", value, {"speaker": "speaker", "audio": "audio",
-                                                                  "corpus": "corpus"})
+            u["group_by"] = _choice(
+                "emostream.group_by", value, {"speaker": "speaker", "audio": "audio", "corpus": "corpus"}
+            )
         elif key == "normalize":
             u["normalize"] = _choice("emostream.normalize", value, {n: n for n in NORMALIZATIONS})
         elif key == "ema_decay":
@@ -571,7 +631,10 @@ def _extensions(body: dict, u: dict) -> None:
             u["drop_path"] = _fraction("emostream.drop_path", value, "stochastic depth")
         elif key == "inference_positions":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"emostream.inference_positions: {value} is not a whole number >= 1 (1 is the recipe's fixed chunks)")
+                raise ConfigError(
+                    f"emostream.inference_positions: {value} is not a whole number >= 1 "
+                    "(1 is the recipe's fixed chunks)"
+                )
             u["inference_positions"] = value
         elif key == "exclude_speakers":
             u["exclude_speakers"] = tuple(value or ())
@@ -610,8 +673,9 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_config(path: str | Path, pretrained_path: str | None = None, teacher: str | None = None,
-                **overrides: Any) -> TrainConfig:
+def load_config(
+    path: str | Path, pretrained_path: str | None = None, teacher: str | None = None, **overrides: Any
+) -> TrainConfig:
     """Load and validate a config; ``overrides`` replace resolved fields (CLI flags); ``teacher``
     turns distillation on (or points it at another model directory)."""
     cfg = _resolve(read_yaml(path), pretrained_path)
@@ -620,10 +684,14 @@ def load_config(path: str | Path, pretrained_path: str | None = None, teacher: s
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = replace(cfg, **overrides) if overrides else cfg
     if cfg.pretrained and not pretrained_path:
-        raise ConfigError("architecture.pretrained: true needs local weights: pass --pretrained PATH "
-                          "(a timm ResNet state_dict) or set pretrained: false; nothing is downloaded here")
+        raise ConfigError(
+            "architecture.pretrained: true needs local weights: pass --pretrained PATH "
+            "(a timm ResNet state_dict) or set pretrained: false; nothing is downloaded here"
+        )
     if cfg.augment.speed_factors and cfg.distill.speaker_centre != "none":
         # the speaker means would mix a voice with its own speed-shifted copies, which are other voices
-        raise ConfigError(f"emostream.distill.speaker_centre {cfg.distill.speaker_centre!r} with "
-                          "emostream.augment.speed_factors is not supported: use one or the other")
+        raise ConfigError(
+            f"emostream.distill.speaker_centre {cfg.distill.speaker_centre!r} with "
+            "emostream.augment.speed_factors is not supported: use one or the other"
+        )
     return cfg

@@ -1,4 +1,5 @@
 """Labelled datasets (manifest, Hydrogen Torch dataframe, folder-per-class), decode cache, folds."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,13 +17,27 @@ from emostream.model import CLASSES
 log = logging.getLogger("train")
 
 LABEL_ALIASES = {
-    "angry": "Angry", "anger": "Angry", "ang": "Angry",
-    "disgusted": "Disgusted", "disgust": "Disgusted", "dis": "Disgusted",
-    "fearful": "Fearful", "fear": "Fearful", "fea": "Fearful",
-    "happy": "Happy", "happiness": "Happy", "joy": "Happy", "hap": "Happy",
-    "neutral": "Neutral", "neu": "Neutral",
-    "sad": "Sad", "sadness": "Sad",
-    "surprised": "Surprised", "surprise": "Surprised", "suprised": "Surprised", "sur": "Surprised",
+    "angry": "Angry",
+    "anger": "Angry",
+    "ang": "Angry",
+    "disgusted": "Disgusted",
+    "disgust": "Disgusted",
+    "dis": "Disgusted",
+    "fearful": "Fearful",
+    "fear": "Fearful",
+    "fea": "Fearful",
+    "happy": "Happy",
+    "happiness": "Happy",
+    "joy": "Happy",
+    "hap": "Happy",
+    "neutral": "Neutral",
+    "neu": "Neutral",
+    "sad": "Sad",
+    "sadness": "Sad",
+    "surprised": "Surprised",
+    "surprise": "Surprised",
+    "suprised": "Surprised",
+    "sur": "Surprised",
 }
 
 
@@ -40,9 +55,9 @@ def canonical_label(label: str) -> str:
 
 @dataclass(frozen=True)
 class Clip:
-    path: str          # absolute path
+    path: str  # absolute path
     label: str
-    speaker: str       # falls back to the file path when unknown
+    speaker: str  # falls back to the file path when unknown
     corpus: str = ""
 
 
@@ -60,8 +75,9 @@ def _speaker_from_name(path: Path) -> str | None:
     return None
 
 
-def load_dataset(source: str | Path, data_folder: str | Path | None = None,
-                 audio_column: str = "audio", label_column: str = "class") -> list[Clip]:
+def load_dataset(
+    source: str | Path, data_folder: str | Path | None = None, audio_column: str = "audio", label_column: str = "class"
+) -> list[Clip]:
     """Load clips from a manifest CSV / folder with ``manifest.csv``, a Hydrogen Torch dataframe
     (parquet or CSV with ``audio``/``class`` columns) or a folder-per-class tree."""
     source = Path(source)
@@ -75,8 +91,12 @@ def load_dataset(source: str | Path, data_folder: str | Path | None = None,
     if data_folder and Path(data_folder).is_dir():
         base = Path(data_folder)
     elif data_folder:  # e.g. the recipe's own folder, with another table passed by --data
-        log.warning("note: data folder %s not found: the paths in %s are read relative to %s",
-                    data_folder, source, source.parent)
+        log.warning(
+            "note: data folder %s not found: the paths in %s are read relative to %s",
+            data_folder,
+            source,
+            source.parent,
+        )
     import pandas as pd
 
     head = pd.read_parquet(source) if source.suffix == ".parquet" or source.suffix == ".pq" else pd.read_csv(source)
@@ -98,7 +118,9 @@ def _load_table(table: Path, base: Path, path_col: str, label_col: str, frame=No
         path = Path(str(row[path_col]))
         path = path if path.is_absolute() else base / path
         speaker = row.get("speaker")
-        speaker = str(speaker) if speaker is not None and str(speaker) != "nan" else (_speaker_from_name(path) or str(path))
+        speaker = (
+            str(speaker) if speaker is not None and str(speaker) != "nan" else (_speaker_from_name(path) or str(path))
+        )
         clips.append(Clip(str(path), canonical_label(row[label_col]), speaker, str(row.get("corpus", "") or "")))
     if not clips:
         raise DataError(f"{table}: no rows")
@@ -121,16 +143,17 @@ def _load_tree(root: Path) -> list[Clip]:
 
 # --- decode cache --------------------------------------------------------------------------------
 
+
 @dataclass
 class AudioCache:
     """All clips decoded once to 16 kHz mono int16, concatenated in one (memmapped) array."""
 
-    samples: np.ndarray   # int16, all clips back to back
-    offsets: np.ndarray   # int64, len = clips + 1
+    samples: np.ndarray  # int16, all clips back to back
+    offsets: np.ndarray  # int64, len = clips + 1
 
     def clip(self, i: int) -> np.ndarray:
         """Float32 samples of clip ``i``."""
-        return self.samples[self.offsets[i]:self.offsets[i + 1]].astype(np.float32) / 32768.0
+        return self.samples[self.offsets[i] : self.offsets[i + 1]].astype(np.float32) / 32768.0
 
     def clip_length(self, i: int) -> int:
         """Samples in clip ``i`` (without decoding it)."""
@@ -148,8 +171,10 @@ class AudioCache:
 
     def extended(self, more: "AudioCache") -> "AudioCache":
         """These clips followed by ``more``'s (e.g. :class:`SpeedCopies`), in memory."""
-        return AudioCache(np.concatenate([np.asarray(self.samples), np.asarray(more.samples)]),
-                          np.concatenate([self.offsets, self.offsets[-1] + more.offsets[1:]]).astype(np.int64))
+        return AudioCache(
+            np.concatenate([np.asarray(self.samples), np.asarray(more.samples)]),
+            np.concatenate([self.offsets, self.offsets[-1] + more.offsets[1:]]).astype(np.int64),
+        )
 
 
 def build_cache(clips: list[Clip], cache_dir: str | Path, max_seconds: float = 600.0) -> AudioCache:
@@ -179,6 +204,7 @@ def build_cache(clips: list[Clip], cache_dir: str | Path, max_seconds: float = 6
 
 # --- speed-perturbed copies ------------------------------------------------------------------------
 
+
 def speed_perturb(x: np.ndarray, factor: float) -> np.ndarray:
     """``x`` played ``factor`` times faster (Kaldi's speed perturbation): tempo, pitch and formants all
     scale by ``factor``, the length by ``1 / factor``; a voice the recordings do not hold."""
@@ -195,17 +221,23 @@ class SpeedCopies:
     factors: tuple[float, ...]
     clips: list[Clip]
     cache: AudioCache
-    copies: np.ndarray         # int64 (n, len(factors))
+    copies: np.ndarray  # int64 (n, len(factors))
     copies_cache: AudioCache
 
 
-def build_speed_copies(clips: list[Clip], cache: AudioCache, factors: tuple[float, ...],
-                       cache_dir: str | Path) -> SpeedCopies:
+def build_speed_copies(
+    clips: list[Clip], cache: AudioCache, factors: tuple[float, ...], cache_dir: str | Path
+) -> SpeedCopies:
     """:class:`SpeedCopies` of ``clips`` (decoded in ``cache``), the copies computed once and cached
     beside the decode cache (keyed by the audio and the factors)."""
-    copies_cache = cached_copies(cache, "speed", repr(tuple(float(f) for f in factors)),
-                                  [lambda x, f=f: speed_perturb(x, f) for f in factors], cache_dir,
-                                  f"at factors {', '.join(f'{f:g}' for f in factors)}")
+    copies_cache = cached_copies(
+        cache,
+        "speed",
+        repr(tuple(float(f) for f in factors)),
+        [lambda x, f=f: speed_perturb(x, f) for f in factors],
+        cache_dir,
+        f"at factors {', '.join(f'{f:g}' for f in factors)}",
+    )
     n = len(clips)
     extended = clips + [replace(c, path=f"{c.path}#speed{f:g}") for f in factors for c in clips]
     copies = n + np.arange(n * len(factors), dtype=np.int64).reshape(len(factors), n).T
@@ -223,12 +255,13 @@ class PhoneCopies:
     seed: int
     clips: list[Clip]
     cache: AudioCache
-    copies: np.ndarray         # int64 (sources, count)
+    copies: np.ndarray  # int64 (sources, count)
     copies_cache: AudioCache
 
 
-def build_phone_copies(clips: list[Clip], cache: AudioCache, count: int, seed: int,
-                       cache_dir: str | Path) -> PhoneCopies:
+def build_phone_copies(
+    clips: list[Clip], cache: AudioCache, count: int, seed: int, cache_dir: str | Path
+) -> PhoneCopies:
     """:class:`PhoneCopies` of ``clips`` (decoded in ``cache``), computed once and cached (keyed by the
     audio, ``count``, ``seed`` and the channel's configuration). Babble comes from 8 clips of other
     speakers."""
@@ -243,11 +276,18 @@ def build_phone_copies(clips: list[Clip], cache: AudioCache, count: int, seed: i
             others = np.flatnonzero(speakers != speakers[i])
             sources = [cache.clip(int(k)) for k in rng.choice(others, size=min(8, len(others)), replace=False)]
             return channel.apply(x, rng, babble_sources=sources)[0]
+
         return apply
 
-    copies_cache = cached_copies(cache, "phone", f"{count}:{seed}:{channel.config}:{channel.codecs}",
-                                  [line(j) for j in range(count)], cache_dir, f"through {count} random phone lines",
-                                  with_index=True)
+    copies_cache = cached_copies(
+        cache,
+        "phone",
+        f"{count}:{seed}:{channel.config}:{channel.codecs}",
+        [line(j) for j in range(count)],
+        cache_dir,
+        f"through {count} random phone lines",
+        with_index=True,
+    )
     n = len(clips)
     extended = clips + [replace(c, path=f"{c.path}#phone{j}") for j in range(count) for c in clips]
     copies = n + np.arange(n * count, dtype=np.int64).reshape(count, n).T
@@ -265,20 +305,23 @@ class CopySet:
     cache: AudioCache
     copies: np.ndarray | None
     phone: np.ndarray | None = None
-    phone_cache: AudioCache | None = None   # the lines alone, in ``phone``'s order (for their own teacher targets)
+    phone_cache: AudioCache | None = None  # the lines alone, in ``phone``'s order (for their own teacher targets)
 
 
-def with_phone_copies(clips: list[Clip], cache: AudioCache, speed: SpeedCopies | None, count: int, seed: int,
-                      cache_dir: str | Path) -> CopySet:
+def with_phone_copies(
+    clips: list[Clip], cache: AudioCache, speed: SpeedCopies | None, count: int, seed: int, cache_dir: str | Path
+) -> CopySet:
     """:class:`CopySet` of ``clips`` with ``count`` phone lines of every original and speed copy."""
     sources, source_cache = (speed.clips, speed.cache) if speed is not None else (clips, cache)
     phone = build_phone_copies(sources, source_cache, count, seed, cache_dir)
-    return CopySet(phone.clips, phone.cache, speed.copies if speed is not None else None, phone.copies,
-                   phone.copies_cache)
+    return CopySet(
+        phone.clips, phone.cache, speed.copies if speed is not None else None, phone.copies, phone.copies_cache
+    )
 
 
-def cached_copies(cache: AudioCache, kind: str, key: str, transforms: list, cache_dir: str | Path, what: str,
-                   with_index: bool = False) -> AudioCache:
+def cached_copies(
+    cache: AudioCache, kind: str, key: str, transforms: list, cache_dir: str | Path, what: str, with_index: bool = False
+) -> AudioCache:
     """Every clip of ``cache`` through each of ``transforms`` in turn (``transform(x)``, or
     ``transform(x, i)`` ``with_index``), stored once as ``<kind>-<hash>.npy`` beside the decode cache."""
     cache_dir = Path(cache_dir)
@@ -304,6 +347,7 @@ def cached_copies(cache: AudioCache, kind: str, key: str, transforms: list, cach
 
 # --- folds ---------------------------------------------------------------------------------------
 
+
 def config_clips(cfg) -> list[Clip]:
     """The clips a config's folds are made from: its dataset (``cfg.data``) minus the speakers it
     reserves (``exclude_speakers``), subsampled by ``data_sample`` with its seed. ``cfg`` is a
@@ -324,11 +368,15 @@ def held_out_corpora(clips: list[Clip]) -> list[str]:
     """The corpora of leave-one-corpus-out folds, in fold order (fold ``k`` holds out the ``k``-th)."""
     corpora = sorted({c.corpus for c in clips})
     if "" in corpora:
-        raise DataError("leave-one-corpus-out needs a corpus for every clip (a manifest with a corpus column); "
-                        f"{sum(not c.corpus for c in clips)} clips have none")
+        raise DataError(
+            "leave-one-corpus-out needs a corpus for every clip (a manifest with a corpus column); "
+            f"{sum(not c.corpus for c in clips)} clips have none"
+        )
     if len(corpora) < 2:
-        raise DataError(f"leave-one-corpus-out needs at least 2 corpora, the data has {len(corpora)}: "
-                        f"{', '.join(corpora)} (combine prepared folders: python -m train prepare combine)")
+        raise DataError(
+            f"leave-one-corpus-out needs at least 2 corpora, the data has {len(corpora)}: "
+            f"{', '.join(corpora)} (combine prepared folders: python -m train prepare combine)"
+        )
     return corpora
 
 
@@ -355,8 +403,10 @@ def make_folds(clips: list[Clip], n_folds: int = 4, group_by: str = "speaker", s
     if group_by == "corpus":
         corpora = held_out_corpora(clips)
         if n_folds != len(corpora):
-            raise DataError(f"leave-one-corpus-out: {len(corpora)} corpora ({', '.join(corpora)}) make "
-                            f"{len(corpora)} folds, not {n_folds}")
+            raise DataError(
+                f"leave-one-corpus-out: {len(corpora)} corpora ({', '.join(corpora)}) make "
+                f"{len(corpora)} folds, not {n_folds}"
+            )
         return np.array([corpora.index(c.corpus) for c in clips], dtype=np.int64)
     if group_by == "speaker":
         groups = np.array([c.speaker for c in clips])

@@ -1,4 +1,5 @@
 """Training loop (fit), fixed-chunk evaluation, k-fold CV and reports."""
+
 from __future__ import annotations
 
 import copy
@@ -18,15 +19,31 @@ import torch
 import torch.nn.functional as F
 
 from emostream.audio import SAMPLE_RATE, WINDOW_SAMPLES, float32_to_int16, telephone_channel
-from emostream.stream import placed_windows
 from emostream.features import FeatureConfig
-from emostream.model import (CLASSES, EmotionNet, ModelConfig, autocast_for, load_pretrained_backbone, precision_name,
-                             save_checkpoint, select_device)
+from emostream.model import (
+    CLASSES,
+    EmotionNet,
+    ModelConfig,
+    autocast_for,
+    load_pretrained_backbone,
+    precision_name,
+    save_checkpoint,
+    select_device,
+)
+from emostream.stream import placed_windows
 
 from .config import ConfigError, TrainConfig
 from .data import AudioCache, Clip
-from .metrics import (classification_metrics, fit_temperature, grouped_metrics, markdown_table,
-                      plot_confusion, plot_curves, softmax, write_json)
+from .metrics import (
+    classification_metrics,
+    fit_temperature,
+    grouped_metrics,
+    markdown_table,
+    plot_confusion,
+    plot_curves,
+    softmax,
+    write_json,
+)
 
 log = logging.getLogger("train")
 STATE_FILE = "state.pt"
@@ -36,9 +53,17 @@ T = TypeVar("T")
 
 def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> EmotionNet:
     """The streaming model for a config (the same class `emostream` loads)."""
-    features = FeatureConfig(n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
-                             f_min=cfg.f_min, f_max=cfg.f_max, normalize=cfg.normalize)
-    model = EmotionNet(ModelConfig(backbone=cfg.backbone, dropout=cfg.dropout, drop_path=cfg.drop_path, pool=cfg.pool), features)
+    features = FeatureConfig(
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels,
+        f_min=cfg.f_min,
+        f_max=cfg.f_max,
+        normalize=cfg.normalize,
+    )
+    model = EmotionNet(
+        ModelConfig(backbone=cfg.backbone, dropout=cfg.dropout, drop_path=cfg.drop_path, pool=cfg.pool), features
+    )
     if pretrained_path:
         load_pretrained_backbone(model, pretrained_path)
         log.info("loaded pretrained backbone from %s", pretrained_path)
@@ -46,6 +71,7 @@ def build_model(cfg: TrainConfig, pretrained_path: str | None = None) -> Emotion
 
 
 # --- batches ---------------------------------------------------------------------------------------
+
 
 def crop_layout(x: np.ndarray, rng: np.random.Generator, random_offset: bool) -> tuple[np.ndarray, int, int, int]:
     """A random 6 s crop of a long clip, or a short clip zero-padded to 6 s (at a random offset
@@ -55,10 +81,10 @@ def crop_layout(x: np.ndarray, rng: np.random.Generator, random_offset: bool) ->
     out = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
     if len(x) >= WINDOW_SAMPLES:
         start = int(rng.integers(0, len(x) - WINDOW_SAMPLES + 1))
-        out[:] = x[start:start + WINDOW_SAMPLES]
+        out[:] = x[start : start + WINDOW_SAMPLES]
         return out, start, WINDOW_SAMPLES, 0
     offset = int(rng.integers(0, WINDOW_SAMPLES - len(x) + 1)) if random_offset else 0
-    out[offset:offset + len(x)] = x
+    out[offset : offset + len(x)] = x
     return out, 0, len(x), offset
 
 
@@ -80,7 +106,7 @@ def augment_wave(x: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> n
     if a.gain_db:
         x = x * np.float32(10 ** (rng.uniform(-a.gain_db, a.gain_db) / 20))
     if a.noise_snr_db and rng.random() < a.noise_probability:
-        rms = float(np.sqrt(np.mean(x ** 2) + 1e-12))
+        rms = float(np.sqrt(np.mean(x**2) + 1e-12))
         snr = rng.uniform(*a.noise_snr_db)
         x = x + rng.standard_normal(len(x)).astype(np.float32) * np.float32(rms / 10 ** (snr / 20))
     return np.clip(x, -1.0, 1.0).astype(np.float32)
@@ -104,8 +130,10 @@ def partner_clips(clips: list[Clip], train_idx: np.ndarray) -> dict[int, np.ndar
     groups: dict[tuple[str, str], list[int]] = {}
     for i in train_idx:
         groups.setdefault((clips[i].speaker, clips[i].label), []).append(int(i))
-    return {int(i): np.array([j for j in groups[(clips[i].speaker, clips[i].label)] if j != i], dtype=np.int64)
-            for i in train_idx}
+    return {
+        int(i): np.array([j for j in groups[(clips[i].speaker, clips[i].label)] if j != i], dtype=np.int64)
+        for i in train_idx
+    }
 
 
 def copy_partners(partners: dict[int, np.ndarray], copies: np.ndarray) -> dict[int, np.ndarray]:
@@ -126,14 +154,17 @@ def substitute_copies(idx: np.ndarray, copies: np.ndarray, probability: float, r
     return np.where(use, copies[idx, pick], idx)
 
 
-def turn_audio(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+def turn_audio(
+    cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
+) -> np.ndarray:
     """Clip ``i`` followed by random partners (same speaker, same emotion) with pauses between them,
     until the window is full: what a streaming window of one turn holds, unlike one padded clip."""
     return turn_pieces(cache, i, partners, cfg, rng)[0]
 
 
-def turn_pieces(cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig,
-                rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+def turn_pieces(
+    cache: AudioCache, i: int, partners: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """:func:`turn_audio` and its layout: ``(clip, position in the turn, length)`` per clip."""
     sr = SAMPLE_RATE  # the cache holds 16 kHz audio
     first = cache.clip(i)
@@ -178,9 +209,16 @@ class Batch(NamedTuple):
     teacher_frame_mask: torch.Tensor | None = None
 
 
-def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig,
-               rng: np.random.Generator, teacher=None,
-               partners: dict[int, np.ndarray] | None = None, frame_cells: int = 0) -> Batch:
+def make_batch(
+    cache: AudioCache,
+    idx: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    teacher=None,
+    partners: dict[int, np.ndarray] | None = None,
+    frame_cells: int = 0,
+) -> Batch:
     """Waveforms, targets and, with a ``teacher`` (:class:`train.teacher.FoldTeacher`), its logits
     (and with ``distill.embed_weight`` its embedding) for exactly the crops taken; with
     ``distill.frame_weight`` and ``frame_cells`` (the student's time cells per window), the
@@ -197,7 +235,9 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
             crops.append((wave, 0, cache.clip_length(int(i))))
             segments.append(window_segments(layout, start, offset))
         else:
-            wave, start, length, offset = crop_layout(augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset)
+            wave, start, length, offset = crop_layout(
+                augment_wave(cache.clip(i), cfg, rng), rng, cfg.augment.random_offset
+            )
             crops.append((wave, start, length))
             segments.append(window_segments([(int(i), 0, cache.clip_length(int(i)))], start, offset))
     waves = np.stack([c[0] for c in crops])
@@ -228,8 +268,14 @@ def make_batch(cache: AudioCache, idx: np.ndarray, labels: np.ndarray, cfg: Trai
     if cfg.label_smoothing:
         targets = targets * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(CLASSES)
     tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-    return Batch(torch.from_numpy(waves), torch.from_numpy(targets), tensor(soft), tensor(emb),
-                 tensor(frames), tensor(frame_mask))
+    return Batch(
+        torch.from_numpy(waves),
+        torch.from_numpy(targets),
+        tensor(soft),
+        tensor(emb),
+        tensor(frames),
+        tensor(frame_mask),
+    )
 
 
 _DONE = object()
@@ -297,11 +343,11 @@ class SpecAugment:
             for _ in range(a.spec_freq_masks):
                 w = int(torch.randint(0, a.spec_freq_width + 1, (1,), generator=self.g))
                 f0 = int(torch.randint(0, max(1, n_mels - w), (1,), generator=self.g))
-                spec[i, :, f0:f0 + w, :] = fill[i]
+                spec[i, :, f0 : f0 + w, :] = fill[i]
             for _ in range(a.spec_time_masks):
                 w = int(torch.randint(0, a.spec_time_width + 1, (1,), generator=self.g))
                 t0 = int(torch.randint(0, max(1, n_frames - w), (1,), generator=self.g))
-                spec[i, :, :, t0:t0 + w] = fill[i]
+                spec[i, :, :, t0 : t0 + w] = fill[i]
         return spec
 
 
@@ -318,8 +364,9 @@ def vtlp_factors(cfg: TrainConfig, n: int, generator: torch.Generator) -> torch.
     return torch.where(on, factor, torch.ones(n))
 
 
-def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor,
-            teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+def loss_fn(
+    cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """The recipe's loss on the labels; with teacher logits, ``(1 - alpha)`` of it plus ``alpha``
     times the temperature-scaled KL divergence to the teacher (Hinton et al., scaled by T²)."""
     if cfg.loss == "BCE":
@@ -329,8 +376,16 @@ def loss_fn(cfg: TrainConfig, logits: torch.Tensor, targets: torch.Tensor,
     if teacher_logits is None:
         return hard
     t, a = cfg.distill.temperature, cfg.distill.alpha
-    kd = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                  reduction="batchmean", log_target=True) * t * t
+    kd = (
+        F.kl_div(
+            F.log_softmax(logits / t, dim=-1),
+            F.log_softmax(teacher_logits / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
     return (1 - a) * hard + a * kd
 
 
@@ -370,7 +425,11 @@ def time_cells(model: EmotionNet, device: torch.device) -> int:
 
 
 def make_optimizer(cfg: TrainConfig, model: EmotionNet) -> torch.optim.Optimizer:
-    diff = [p for n, p in model.named_parameters() if any(n.startswith(f"backbone.{layer}") for layer in cfg.differential_learning_rate_layers)]
+    diff = [
+        p
+        for n, p in model.named_parameters()
+        if any(n.startswith(f"backbone.{layer}") for layer in cfg.differential_learning_rate_layers)
+    ]
     diff_ids = {id(p) for p in diff}
     rest = [p for p in model.parameters() if id(p) not in diff_ids]
     groups = [{"params": rest, "lr": cfg.learning_rate}]
@@ -416,9 +475,17 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 # --- evaluation ------------------------------------------------------------------------------------
 
+
 @torch.inference_mode()
-def predict_logits(model: EmotionNet, clips: list[np.ndarray], device: torch.device, mixed_precision: bool,
-                   batch_size: int = 32, max_seconds: float = 600.0, positions: int = 1) -> np.ndarray:
+def predict_logits(
+    model: EmotionNet,
+    clips: list[np.ndarray],
+    device: torch.device,
+    mixed_precision: bool,
+    batch_size: int = 32,
+    max_seconds: float = 600.0,
+    positions: int = 1,
+) -> np.ndarray:
     """Clip-level logits: per-window logits averaged over each clip's windows, the recipe's fixed 6 s
     chunks (``positions`` 1) or ``positions`` placements of the clip (:func:`placed_windows`)."""
     model.eval()
@@ -430,7 +497,7 @@ def predict_logits(model: EmotionNet, clips: list[np.ndarray], device: torch.dev
     windows_arr = np.concatenate(windows)
     out = []
     for s in range(0, len(windows_arr), batch_size):
-        xb = torch.from_numpy(windows_arr[s:s + batch_size]).to(device)
+        xb = torch.from_numpy(windows_arr[s : s + batch_size]).to(device)
         with autocast_for(device, mixed_precision):
             out.append(model(xb).float().cpu().numpy())
     logits = np.concatenate(out)
@@ -445,10 +512,18 @@ def clip_scoring(positions: int) -> str:
     return f"each clip scored as the mean of {positions} placements in the window"
 
 
-def predict_validation(cfg: TrainConfig, model: EmotionNet, clips: list[np.ndarray], device: torch.device) -> np.ndarray:
+def predict_validation(
+    cfg: TrainConfig, model: EmotionNet, clips: list[np.ndarray], device: torch.device
+) -> np.ndarray:
     """:func:`predict_logits` with the config's inference settings (precision, length cap, positions)."""
-    return predict_logits(model, clips, device, cfg.mixed_precision_inference,
-                          max_seconds=cfg.max_inference_chunk_seconds, positions=cfg.inference_positions)
+    return predict_logits(
+        model,
+        clips,
+        device,
+        cfg.mixed_precision_inference,
+        max_seconds=cfg.max_inference_chunk_seconds,
+        positions=cfg.inference_positions,
+    )
 
 
 def telephone_copies(clips: list[np.ndarray], channel: str = "g712") -> list[np.ndarray]:
@@ -467,9 +542,15 @@ def telephone_copies(clips: list[np.ndarray], channel: str = "g712") -> list[np.
     raise ValueError(f"unknown telephone channel {channel!r}: g712, mulaw or one of {', '.join(CODECS)}")
 
 
-def save_validation_logits(cfg: TrainConfig, model: EmotionNet, val_clips: list[np.ndarray],
-                           telephone_clips: list[np.ndarray] | None, device: torch.device, out_dir: Path,
-                           suffix: str = "") -> tuple[np.ndarray, np.ndarray | None]:
+def save_validation_logits(
+    cfg: TrainConfig,
+    model: EmotionNet,
+    val_clips: list[np.ndarray],
+    telephone_clips: list[np.ndarray] | None,
+    device: torch.device,
+    out_dir: Path,
+    suffix: str = "",
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Validation logits (and, given ``telephone_clips``, the telephone copy's) under ``cfg``'s
     inference settings, saved as ``val_logits{suffix}.npy`` / ``val_telephone_logits{suffix}.npy``."""
     vl = predict_validation(cfg, model, val_clips, device)
@@ -496,17 +577,44 @@ class FitResult:
 
 
 def _progress():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
 
 
-def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.ndarray, val_idx: np.ndarray | None,
-        out_dir: Path, resume: bool = False, pretrained_path: str | None = None,
-        metadata: dict | None = None, device: str | None = None, show_progress: bool = True,
-        telephone_eval: bool = True, stop_after: int | None = None, teacher=None,
-        copies: np.ndarray | None = None, prefetch: int = PREFETCH_BATCHES, phone: np.ndarray | None = None) -> FitResult:
+def fit(
+    cfg: TrainConfig,
+    clips: list[Clip],
+    cache: AudioCache,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    out_dir: Path,
+    resume: bool = False,
+    pretrained_path: str | None = None,
+    metadata: dict | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+    telephone_eval: bool = True,
+    stop_after: int | None = None,
+    teacher=None,
+    copies: np.ndarray | None = None,
+    prefetch: int = PREFETCH_BATCHES,
+    phone: np.ndarray | None = None,
+) -> FitResult:
     """Train one model; saves ``state.pt`` after every epoch (resumable) and the final checkpoint.
 
     ``stop_after`` ends this run once that many epochs are finished, leaving the same resumable state
@@ -524,8 +632,10 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     dev = select_device(device)
     precision = precision_name(dev, cfg.mixed_precision_training)
     if cfg.mixed_precision_training and precision == "fp32":
-        log.info("note: mixed precision off: this CPU has no fast bf16 kernels (oneDNN), where bf16 autocast "
-                 "is slower than fp32; training in fp32 + channels_last")
+        log.info(
+            "note: mixed precision off: this CPU has no fast bf16 kernels (oneDNN), where bf16 autocast "
+            "is slower than fp32; training in fp32 + channels_last"
+        )
     torch.manual_seed(cfg.student_seed)
     model = build_model(cfg, pretrained_path).to(dev)
     if dev.type == "cpu":
@@ -569,7 +679,9 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             frame_projector.load_state_dict(state["frame_projector"])
         if ema is not None:
             if state.get("ema") is None:
-                raise ConfigError(f"{state_path} was trained without emostream.ema_decay: resume it with its own config")
+                raise ConfigError(
+                    f"{state_path} was trained without emostream.ema_decay: resume it with its own config"
+                )
             ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         history, start_epoch, opt_step = state["history"], state["epoch"], state["opt_step"]
@@ -593,15 +705,17 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     def epoch_batches(order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, Batch]]:
         """One epoch's batches in ``order``, drawing crops and augmentation from ``rng``."""
         for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if drop_last and len(idx) < cfg.batch_size:
                 return
             if speed:
                 idx = substitute_copies(idx, copies, speed, rng)
             if line:
                 idx = substitute_copies(idx, phone, line, rng)
-            yield idx, make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners,
-                                  frame_cells=frame_cells)
+            yield (
+                idx,
+                make_batch(cache, idx, labels, cfg, rng, teacher=teacher, partners=partners, frame_cells=frame_cells),
+            )
 
     progress = _progress() if show_progress else None
     if progress:
@@ -617,7 +731,11 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
             spec_aug = SpecAugment(cfg, gen)
             order = rng.permutation(train_idx)
             losses = []
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="") if progress else None
+            task = (
+                progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
+                if progress
+                else None
+            )
             with closing(prefetched(epoch_batches(order, rng), prefetch)) as batches:
                 for step, (idx, batch) in enumerate(batches):
                     x, y = batch.waves.to(dev), batch.targets.to(dev)
@@ -626,18 +744,22 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                     soft = batch.teacher_logits.to(dev) if batch.teacher_logits is not None else None
                     with autocast_for(dev, cfg.mixed_precision_training):
                         if projector is not None or frame_projector is not None:
-                            logits, features, fmap = model(x, spec_augment=spec_aug, return_embedding=True,
-                                                           return_feature_map=True, warp=warp)
+                            logits, features, fmap = model(
+                                x, spec_augment=spec_aug, return_embedding=True, return_feature_map=True, warp=warp
+                            )
                         else:
                             logits = model(x, spec_augment=spec_aug, warp=warp)
                         projected = projector(features) if projector is not None else None
                         frames_projected = frame_projector(fmap) if frame_projector is not None else None
                     loss = loss_fn(cfg, logits.float(), y, soft)
                     if projector is not None:
-                        loss = loss + cfg.distill.embed_weight * embedding_loss(projected, batch.teacher_embedding.to(dev))
+                        loss = loss + cfg.distill.embed_weight * embedding_loss(
+                            projected, batch.teacher_embedding.to(dev)
+                        )
                     if frame_projector is not None:
                         loss = loss + cfg.distill.frame_weight * frame_embedding_loss(
-                            frames_projected, batch.teacher_frames.to(dev), batch.teacher_frame_mask.to(dev))
+                            frames_projected, batch.teacher_frames.to(dev), batch.teacher_frame_mask.to(dev)
+                        )
                     loss = loss / cfg.grad_accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(float(loss.detach()) * cfg.grad_accumulation)
@@ -648,7 +770,9 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                         if scaler:
                             scaler.unscale_(opt)
                         if cfg.gradient_clip > 0:
-                            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.gradient_clip)
+                            torch.nn.utils.clip_grad_norm_(
+                                [p for g in opt.param_groups for p in g["params"]], cfg.gradient_clip
+                            )
                         (scaler.step(opt), scaler.update()) if scaler else opt.step()
                         opt.zero_grad(set_to_none=True)
                         opt_step += 1
@@ -656,28 +780,48 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
                             update_ema(ema, model, ema_decay_at(cfg.ema_decay, opt_step))
                     if progress:
                         progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "precision": precision, "seconds": time.time() - t0,
-                      "samples_per_second": len(losses) * cfg.batch_size / (time.time() - t0)}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)),
+                "precision": precision,
+                "seconds": time.time() - t0,
+                "samples_per_second": len(losses) * cfg.batch_size / (time.time() - t0),
+            }
             if val_clips is not None and ((epoch + 1) % cfg.evaluation_epochs == 0 or epoch + 1 == cfg.epochs):
                 vl = predict_validation(cfg, model, val_clips, dev)
                 yv = labels[val_idx]
                 m = classification_metrics(softmax(vl), yv)
-                record.update({k: m[k] for k in EPOCH_METRICS}, val_loss=float(F.binary_cross_entropy_with_logits(
-                    torch.from_numpy(vl), torch.eye(len(CLASSES))[yv]).item()))
+                record.update(
+                    {k: m[k] for k in EPOCH_METRICS},
+                    val_loss=float(
+                        F.binary_cross_entropy_with_logits(torch.from_numpy(vl), torch.eye(len(CLASSES))[yv]).item()
+                    ),
+                )
                 if ema is not None:
                     el = predict_validation(cfg, ema, val_clips, dev)
                     me = classification_metrics(softmax(el), yv)
                     record.update({f"ema_{k}": me[k] for k in EPOCH_METRICS})
             history.append(record)
             if progress:
-                progress.update(task, info=" ".join(f"{k} {v:.3f}" for k, v in record.items() if k in ("train_loss", "ua", "roc_auc")))
+                progress.update(
+                    task,
+                    info=" ".join(f"{k} {v:.3f}" for k, v in record.items() if k in ("train_loss", "ua", "roc_auc")),
+                )
             log.info("epoch %s", json.dumps(record))
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch + 1, "opt_step": opt_step, "config": cfg.to_dict(),
-                        "projector": projector.state_dict() if projector is not None else None,
-                        "frame_projector": frame_projector.state_dict() if frame_projector is not None else None},
-                       state_path.with_suffix(".tmp"))
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "history": history,
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "epoch": epoch + 1,
+                    "opt_step": opt_step,
+                    "config": cfg.to_dict(),
+                    "projector": projector.state_dict() if projector is not None else None,
+                    "frame_projector": frame_projector.state_dict() if frame_projector is not None else None,
+                },
+                state_path.with_suffix(".tmp"),
+            )
             state_path.with_suffix(".tmp").replace(state_path)
             if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                 log.info("stopping after epoch %d as asked; resume with --resume", epoch + 1)
@@ -703,29 +847,55 @@ def fit(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, train_idx: np.nd
     return result
 
 
-def evaluate_checkpoint(checkpoint: str | Path, clips: list[Clip], cache: AudioCache, out_dir: Path,
-                        device: str | None = None, mixed_precision: bool = False, positions: int = 1) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    clips: list[Clip],
+    cache: AudioCache,
+    out_dir: Path,
+    device: str | None = None,
+    mixed_precision: bool = False,
+    positions: int = 1,
+) -> dict:
     """Metrics report (JSON + Markdown + confusion PNG) of a checkpoint on a labelled set; ``positions``
     as in :func:`predict_logits`."""
     from emostream.model import load_checkpoint, scoring_temperature
 
     dev = select_device(device)
     model = load_checkpoint(checkpoint, dev)
-    logits = predict_logits(model, [cache.clip(i) for i in range(len(clips))], dev, mixed_precision, positions=positions)
+    logits = predict_logits(
+        model, [cache.clip(i) for i in range(len(clips))], dev, mixed_precision, positions=positions
+    )
     temperature = scoring_temperature(model.model_config.temperature, model.model_config.clip_temperature, positions)
     y = np.array([CLASSES.index(c.label) for c in clips])
     report = grouped_metrics(softmax(logits, temperature), y, [c.corpus for c in clips])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "evaluation.json", {"checkpoint": str(checkpoint), "temperature": temperature,
-                                            "positions": positions, "clips": len(clips),
-                                            "speakers": sorted({c.speaker for c in clips}), "metrics": report})
-    (out_dir / "evaluation.md").write_text(markdown_table(report, f"Evaluation of {checkpoint} ({clip_scoring(positions)})"))
+    write_json(
+        out_dir / "evaluation.json",
+        {
+            "checkpoint": str(checkpoint),
+            "temperature": temperature,
+            "positions": positions,
+            "clips": len(clips),
+            "speakers": sorted({c.speaker for c in clips}),
+            "metrics": report,
+        },
+    )
+    (out_dir / "evaluation.md").write_text(
+        markdown_table(report, f"Evaluation of {checkpoint} ({clip_scoring(positions)})")
+    )
     plot_confusion(report["overall"]["confusion"], out_dir / "confusion.png", "evaluation")
     return report
 
 
-def evaluate_channels(checkpoint: str | Path, clips: list[Clip], cache: AudioCache, channels: list[str],
-                      out_dir: Path, device: str | None = None, positions: int = 1) -> str:
+def evaluate_channels(
+    checkpoint: str | Path,
+    clips: list[Clip],
+    cache: AudioCache,
+    channels: list[str],
+    out_dir: Path,
+    device: str | None = None,
+    positions: int = 1,
+) -> str:
     """:func:`evaluate_checkpoint` on each channel copy of the clips (``full``: as they are; else a
     :func:`telephone_copies` channel), reports under ``out_dir/<channel>``; returns a Markdown table
     (UA, macro-F1, accuracy, macro ROC AUC, Neutral recall per channel), also ``out_dir/channels.md``."""
@@ -738,25 +908,41 @@ def evaluate_channels(checkpoint: str | Path, clips: list[Clip], cache: AudioCac
             pieces = [float32_to_int16(x) for x in telephone_copies(originals, channel)]
             copy = AudioCache(np.concatenate(pieces), cache.offsets)
         log.info("evaluating the %s copy", channel)
-        overall = evaluate_checkpoint(checkpoint, clips, copy, out_dir / channel, device=device,
-                                      positions=positions)["overall"]
+        overall = evaluate_checkpoint(checkpoint, clips, copy, out_dir / channel, device=device, positions=positions)[
+            "overall"
+        ]
         neutral = overall["per_class_recall"].get("Neutral", float("nan"))
-        rows.append(f"| {CHANNEL_NAMES.get(channel, channel)} | {overall['ua']:.3f} | {overall['macro_f1']:.3f} | "
-                    f"{overall['accuracy']:.3f} | {overall['roc_auc']:.3f} | {neutral:.2f} |")
-    table = "\n".join([f"Evaluation of {checkpoint} by channel ({len(clips)} clips, {clip_scoring(positions)})", "",
-                       "| channel | UA | macro-F1 | accuracy | macro ROC AUC | Neutral recall |",
-                       "|---|---|---|---|---|---|", *rows]) + "\n"
+        rows.append(
+            f"| {CHANNEL_NAMES.get(channel, channel)} | {overall['ua']:.3f} | {overall['macro_f1']:.3f} | "
+            f"{overall['accuracy']:.3f} | {overall['roc_auc']:.3f} | {neutral:.2f} |"
+        )
+    table = (
+        "\n".join(
+            [
+                f"Evaluation of {checkpoint} by channel ({len(clips)} clips, {clip_scoring(positions)})",
+                "",
+                "| channel | UA | macro-F1 | accuracy | macro ROC AUC | Neutral recall |",
+                "|---|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+        + "\n"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "channels.md").write_text(table)
     return table
 
 
-CHANNEL_NAMES = {"full": "full band, 16 kHz", "g712": "G.712 telephone (300-3400 Hz, 8 kHz, G.711 μ-law)",
-                 "mulaw": "8 kHz μ-law only (no band-pass)"}
+CHANNEL_NAMES = {
+    "full": "full band, 16 kHz",
+    "g712": "G.712 telephone (300-3400 Hz, 8 kHz, G.711 μ-law)",
+    "mulaw": "8 kHz μ-law only (no band-pass)",
+}
 
 
-def channel_logits(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray], channel: str,
-                   device: str | None = None) -> np.ndarray:
+def channel_logits(
+    cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray], channel: str, device: str | None = None
+) -> np.ndarray:
     """A finished fold's validation logits on the ``channel`` copy of its clips (:func:`telephone_copies`),
     from its saved checkpoint; cached as ``val_<channel>_logits.npy`` in the fold's folder."""
     from emostream.model import load_checkpoint
@@ -768,26 +954,37 @@ def channel_logits(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray]
         raise ConfigError(f"{fold_dir / 'checkpoint'}: no saved model to score the {channel} channel with")
     dev = select_device(device)
     log.info("%s: scoring the %s copy of %d validation clips", fold_dir.name, channel, len(val_clips))
-    logits = predict_validation(cfg, load_checkpoint(fold_dir / "checkpoint", dev), telephone_copies(val_clips, channel), dev)
+    logits = predict_validation(
+        cfg, load_checkpoint(fold_dir / "checkpoint", dev), telephone_copies(val_clips, channel), dev
+    )
     np.save(path, logits)
     return logits
 
 
-def reevaluate_fold(cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray],
-                    device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def reevaluate_fold(
+    cfg: TrainConfig, fold_dir: Path, val_clips: list[np.ndarray], device: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Validation and telephone-channel logits of a finished fold's saved checkpoint under ``cfg``'s
     inference settings; written over the fold's ``val_logits.npy`` and ``val_telephone_logits.npy``."""
     from emostream.model import load_checkpoint
 
     if not (fold_dir / "checkpoint" / "model.safetensors").exists():
-        raise ConfigError(f"{fold_dir / 'checkpoint'}: no saved model to evaluate again (logits alone cannot be rescored)")
+        raise ConfigError(
+            f"{fold_dir / 'checkpoint'}: no saved model to evaluate again (logits alone cannot be rescored)"
+        )
     dev = select_device(device)
     model = load_checkpoint(fold_dir / "checkpoint", dev)
     return save_validation_logits(cfg, model, val_clips, telephone_copies(val_clips), dev, fold_dir)
 
 
-def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.ndarray,
-                 copies: np.ndarray | None = None, phone: np.ndarray | None = None):
+def fold_teacher(
+    cfg: TrainConfig,
+    clips: list[Clip],
+    features,
+    train_idx: np.ndarray,
+    copies: np.ndarray | None = None,
+    phone: np.ndarray | None = None,
+):
     """The distillation teacher of one training set: heads fitted on ``train_idx``'s speakers only.
     With speed ``copies`` (``clips`` and ``features`` then include them), the heads are fitted on the
     original clips alone and a copy's targets come from its original's head, on the copy's own features.
@@ -802,9 +999,17 @@ def fold_teacher(cfg: TrainConfig, clips: list[Clip], features, train_idx: np.nd
     fit_idx = train_idx
     if phone is not None and cfg.distill.phone_targets == "copy":
         fit_idx = np.concatenate([train_idx, phone[train_idx].ravel()])
-    teacher = FoldTeacher(features, labels, [c.speaker for c in clips], fit_idx, len(CLASSES),
-                          inner_folds=cfg.distill.inner_folds, c=cfg.distill.head_c, seed=cfg.seed,
-                          speaker_centre=cfg.distill.speaker_centre)
+    teacher = FoldTeacher(
+        features,
+        labels,
+        [c.speaker for c in clips],
+        fit_idx,
+        len(CLASSES),
+        inner_folds=cfg.distill.inner_folds,
+        c=cfg.distill.head_c,
+        seed=cfg.seed,
+        speaker_centre=cfg.distill.speaker_centre,
+    )
     sources = train_idx
     if copies is not None:
         teacher.head_of[copies[train_idx]] = teacher.head_of[train_idx, None]
@@ -828,17 +1033,24 @@ def teacher_cv(cfg: TrainConfig, clips: list[Clip], features, folds: np.ndarray,
         per_fold.append(_teacher_metrics(teacher, val_idx, labels, corpora))
     from .metrics import summarize_folds
 
-    report = {"protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}; teacher: Whisper base encoder "
-                          f"(frozen) + logistic regression (C={cfg.distill.head_c})"
-                          + (f", encoder hidden states {', '.join(map(str, cfg.distill.layers))} (mean)"
-                             if cfg.distill.layers else "")
-                          + (", features centred per speaker (a held-out speaker's mean from its own audio)"
-                             if cfg.distill.speaker_centre != "none" else ""),
-              "teacher": cfg.distill.teacher, "summary": summarize_folds(per_fold),
-              "pooled": grouped_metrics(oof, labels, corpora), "folds": per_fold}
+    report = {
+        "protocol": f"{cfg.folds}-fold CV grouped by {cfg.group_by}; teacher: Whisper base encoder "
+        f"(frozen) + logistic regression (C={cfg.distill.head_c})"
+        + (f", encoder hidden states {', '.join(map(str, cfg.distill.layers))} (mean)" if cfg.distill.layers else "")
+        + (
+            ", features centred per speaker (a held-out speaker's mean from its own audio)"
+            if cfg.distill.speaker_centre != "none"
+            else ""
+        ),
+        "teacher": cfg.distill.teacher,
+        "summary": summarize_folds(per_fold),
+        "pooled": grouped_metrics(oof, labels, corpora),
+        "folds": per_fold,
+    }
     write_json(out_dir / "teacher_report.json", report)
-    (out_dir / "teacher_report.md").write_text(markdown_table(report["pooled"], "Teacher, pooled out-of-fold") +
-                                               "\n" + _summary_lines(report["summary"]))
+    (out_dir / "teacher_report.md").write_text(
+        markdown_table(report["pooled"], "Teacher, pooled out-of-fold") + "\n" + _summary_lines(report["summary"])
+    )
     return report
 
 
@@ -865,10 +1077,15 @@ def nested_teacher_choice(cfg: TrainConfig, clips: list[Clip], choices: dict, fo
     for k in range(cfg.folds):
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
         n_inner = min(cfg.folds, len({clips[i].speaker for i in train_idx}))
-        inner = make_folds([clips[i] for i in train_idx], n_inner,
-                           "speaker" if cfg.group_by == "corpus" else cfg.group_by, cfg.seed)
-        inner_ua = {name: float(np.mean([score(name, train_idx[inner != j], train_idx[inner == j])["ua"]
-                                         for j in range(n_inner)])) for name in choices}
+        inner = make_folds(
+            [clips[i] for i in train_idx], n_inner, "speaker" if cfg.group_by == "corpus" else cfg.group_by, cfg.seed
+        )
+        inner_ua = {
+            name: float(
+                np.mean([score(name, train_idx[inner != j], train_idx[inner == j])["ua"] for j in range(n_inner)])
+            )
+            for name in choices
+        }
         chosen = max(inner_ua, key=inner_ua.get)
         m = score(chosen, train_idx, val_idx)
         out.append({"fold": k, "chosen": chosen, "inner_ua": inner_ua, "ua": m["ua"], "roc_auc": m["roc_auc"]})
@@ -880,8 +1097,10 @@ SUMMARY_METRICS = ("ua", "macro_f1", "accuracy", "roc_auc")
 
 def summary_rows(summary: dict, metrics: tuple[str, ...] = SUMMARY_METRICS, suffix: str = "") -> list[str]:
     """Markdown rows ``| group | mean ± std | ...`` of a :func:`summarize_folds` result."""
-    return [f"| {group}{suffix} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |"
-            for group, m in summary.items()]
+    return [
+        f"| {group}{suffix} | " + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in metrics) + " |"
+        for group, m in summary.items()
+    ]
 
 
 def _summary_lines(summary: dict) -> str:
@@ -901,10 +1120,22 @@ def check_fold_ids(fold_ids: list[int], n_folds: int) -> None:
         raise ConfigError(f"fold {', '.join(map(str, bad)) or '(none)'}: this config has folds 0-{n_folds - 1}")
 
 
-def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds: np.ndarray, out_dir: Path,
-                   resume: bool = False, pretrained_path: str | None = None, only_folds: list[int] | None = None,
-                   device: str | None = None, show_progress: bool = True, teacher_features=None,
-                   reevaluate: bool = False, speed_copies=None, channels: tuple[str, ...] = ()) -> dict:
+def cross_validate(
+    cfg: TrainConfig,
+    clips: list[Clip],
+    cache: AudioCache,
+    folds: np.ndarray,
+    out_dir: Path,
+    resume: bool = False,
+    pretrained_path: str | None = None,
+    only_folds: list[int] | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+    teacher_features=None,
+    reevaluate: bool = False,
+    speed_copies=None,
+    channels: tuple[str, ...] = (),
+) -> dict:
     """Train every fold (skipping finished ones on resume), then write the aggregate report.
 
     The report scores every fold full band and through the G.712 telephone channel; ``channels``
@@ -941,18 +1172,27 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         train_idx, val_idx = np.where(folds != k)[0], np.where(folds == k)[0]
         speakers_train = {clips[i].speaker for i in train_idx}
         assert not speakers_train & {clips[i].speaker for i in val_idx} or cfg.group_by == "audio"
-        fit_clips, fit_cache, copies = ((speed_copies.clips, speed_copies.cache, speed_copies.copies)
-                                        if speed_copies is not None else (clips, cache, None))
+        fit_clips, fit_cache, copies = (
+            (speed_copies.clips, speed_copies.cache, speed_copies.copies)
+            if speed_copies is not None
+            else (clips, cache, None)
+        )
         phone = getattr(speed_copies, "phone", None)
-        teacher = (fold_teacher(cfg, fit_clips, teacher_features, train_idx, copies, phone)
-                   if teacher_features is not None else None)
+        teacher = (
+            fold_teacher(cfg, fit_clips, teacher_features, train_idx, copies, phone)
+            if teacher_features is not None
+            else None
+        )
         if teacher is not None:
             teacher_folds.append(_teacher_metrics(teacher, val_idx, labels, corpora))
         done = fold_dir / "done.json"
         if resume and done.exists() and (fold_dir / "val_logits.npy").exists():
             if reevaluate:
-                log.info("fold %d already finished: predicting its validation clips again (positions %d)",
-                         k, cfg.inference_positions)
+                log.info(
+                    "fold %d already finished: predicting its validation clips again (positions %d)",
+                    k,
+                    cfg.inference_positions,
+                )
                 vl, vt = reevaluate_fold(cfg, fold_dir, [cache.clip(i) for i in val_idx], device)
             else:
                 log.info("fold %d already finished: reusing", k)
@@ -961,9 +1201,22 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
             history = json.loads(done.read_text()).get("history", [])
         else:
             log.info("fold %d: %d train / %d validation clips", k, len(train_idx), len(val_idx))
-            res = fit(cfg, fit_clips, fit_cache, train_idx, val_idx, fold_dir, resume=resume,
-                      pretrained_path=pretrained_path, metadata={"fold": k}, device=device,
-                      show_progress=show_progress, teacher=teacher, copies=copies, phone=phone)
+            res = fit(
+                cfg,
+                fit_clips,
+                fit_cache,
+                train_idx,
+                val_idx,
+                fold_dir,
+                resume=resume,
+                pretrained_path=pretrained_path,
+                metadata={"fold": k},
+                device=device,
+                show_progress=show_progress,
+                teacher=teacher,
+                copies=copies,
+                phone=phone,
+            )
             vl, vt, history = res.val_logits, res.val_telephone_logits, res.history
             write_json(done, {"fold": k, "history": history})
         train_seconds += sum(h.get("seconds", 0.0) for h in history)
@@ -998,7 +1251,7 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
     evaluated_corpora = [c for c, e in zip(corpora, evaluated) if e]
     report = {
         "protocol": _protocol(cfg)
-                    + (f"; {clip_scoring(cfg.inference_positions)}" if cfg.inference_positions > 1 else ""),
+        + (f"; {clip_scoring(cfg.inference_positions)}" if cfg.inference_positions > 1 else ""),
         "config": cfg.to_dict(),
         "temperatures": temps,
         "temperature": float(temperature),  # fitted on all out-of-fold logits: the shipped model's
@@ -1011,8 +1264,9 @@ def cross_validate(cfg: TrainConfig, clips: list[Clip], cache: AudioCache, folds
         "folds": per_fold,
     }
     if channels:
-        report["channels"] = {c: grouped_metrics(oof_channels[c][evaluated], labels[evaluated], evaluated_corpora)
-                              for c in channels}
+        report["channels"] = {
+            c: grouped_metrics(oof_channels[c][evaluated], labels[evaluated], evaluated_corpora) for c in channels
+        }
     if teacher_folds:
         report["teacher_summary"] = summarize_folds(teacher_folds)
     if cfg.group_by == "corpus":
@@ -1030,8 +1284,9 @@ def _protocol(cfg: TrainConfig) -> str:
     return f"{cfg.folds}-fold CV grouped by {cfg.group_by}" + (" (LEAKS SPEAKERS)" if cfg.group_by == "audio" else "")
 
 
-def held_out_table(folds: np.ndarray, corpora: list[str], fold_ids: list[int], per_fold: list[dict],
-                   per_fold_tel: list[dict]) -> list[dict]:
+def held_out_table(
+    folds: np.ndarray, corpora: list[str], fold_ids: list[int], per_fold: list[dict], per_fold_tel: list[dict]
+) -> list[dict]:
     """Leave-one-corpus-out rows: per fold, the corpus it holds out, its clips and classes, and the
     fold's metrics there (full band and telephone). A corpus lacking classes is scored over the classes
     it has (UA, macro-F1 and ROC AUC average over those)."""
@@ -1039,26 +1294,40 @@ def held_out_table(folds: np.ndarray, corpora: list[str], fold_ids: list[int], p
     for k, m, t in zip(fold_ids, per_fold, per_fold_tel):
         held = sorted({corpora[i] for i in np.where(folds == k)[0]})
         o, ot = m["overall"], t["overall"]
-        rows.append({"fold": int(k), "corpus": "+".join(held), "n": o["n"], "classes": list(o["per_class_recall"]),
-                     **{key: o[key] for key in SUMMARY_METRICS},
-                     "telephone": {key: ot[key] for key in SUMMARY_METRICS}})
+        rows.append(
+            {
+                "fold": int(k),
+                "corpus": "+".join(held),
+                "n": o["n"],
+                "classes": list(o["per_class_recall"]),
+                **{key: o[key] for key in SUMMARY_METRICS},
+                "telephone": {key: ot[key] for key in SUMMARY_METRICS},
+            }
+        )
     return rows
 
 
 def held_out_markdown(rows: list[dict]) -> str:
     """The leave-one-corpus-out table of a CV report, with the mean over held-out corpora."""
-    lines = ["Leave-one-corpus-out: each fold trains without one corpus and scores it (classes it lacks "
-             "are left out of its UA, macro-F1 and ROC AUC):", "",
-             "| held-out corpus | n | classes | UA | macro-F1 | accuracy | ROC AUC | UA (telephone) | "
-             "ROC AUC (telephone) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Leave-one-corpus-out: each fold trains without one corpus and scores it (classes it lacks "
+        "are left out of its UA, macro-F1 and ROC AUC):",
+        "",
+        "| held-out corpus | n | classes | UA | macro-F1 | accuracy | ROC AUC | UA (telephone) | ROC AUC (telephone) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['corpus']} | {r['n']} | {len(r['classes'])} | {r['ua']:.3f} | {r['macro_f1']:.3f} | "
-                     f"{r['accuracy']:.3f} | {r['roc_auc']:.3f} | {r['telephone']['ua']:.3f} | "
-                     f"{r['telephone']['roc_auc']:.3f} |")
+        lines.append(
+            f"| {r['corpus']} | {r['n']} | {len(r['classes'])} | {r['ua']:.3f} | {r['macro_f1']:.3f} | "
+            f"{r['accuracy']:.3f} | {r['roc_auc']:.3f} | {r['telephone']['ua']:.3f} | "
+            f"{r['telephone']['roc_auc']:.3f} |"
+        )
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_METRICS}
     tel = {k: float(np.nanmean([r["telephone"][k] for r in rows])) for k in ("ua", "roc_auc")}
-    lines.append(f"| mean of {len(rows)} | | | {mean['ua']:.3f} | {mean['macro_f1']:.3f} | {mean['accuracy']:.3f} | "
-                 f"{mean['roc_auc']:.3f} | {tel['ua']:.3f} | {tel['roc_auc']:.3f} |")
+    lines.append(
+        f"| mean of {len(rows)} | | | {mean['ua']:.3f} | {mean['macro_f1']:.3f} | {mean['accuracy']:.3f} | "
+        f"{mean['roc_auc']:.3f} | {tel['ua']:.3f} | {tel['roc_auc']:.3f} |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -1084,8 +1353,10 @@ def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[
                     raise ConfigError(f"{path}: missing (is fold {k} of {run} finished?)")
                 logits = np.load(path)
                 if logits.shape != (n, len(CLASSES)):
-                    raise ConfigError(f"{path}: logits of shape {logits.shape}, fold {k} has {n} validation clips "
-                                      "(runs must share the config's folds)")
+                    raise ConfigError(
+                        f"{path}: logits of shape {logits.shape}, fold {k} has {n} validation clips "
+                        "(runs must share the config's folds)"
+                    )
                 probs.append(softmax(logits))
             averaged[name] = np.log(np.clip(np.mean(probs, axis=0), 1e-12, None))
         fold_dir = out_dir / f"fold{k}"
@@ -1096,29 +1367,54 @@ def average_fold_logits(run_dirs: list[Path], folds: np.ndarray, fold_ids: list[
 
 
 def cv_markdown(report: dict) -> str:
-    lines = ["# Cross-validation report", "", f"Protocol: {report['protocol']}.", "",
-             "Mean ± std over folds (temperature-calibrated probabilities):", "",
-             "| set | UA | macro-F1 | accuracy | ROC AUC | ECE |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Cross-validation report",
+        "",
+        f"Protocol: {report['protocol']}.",
+        "",
+        "Mean ± std over folds (temperature-calibrated probabilities):",
+        "",
+        "| set | UA | macro-F1 | accuracy | ROC AUC | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
     # reports before 2026-12-06 called the 8 kHz μ-law round trip (no band-pass) "telephone"
     telephone = " (G.712 telephone)" if "telephone_channel" in report else " (8 kHz μ-law only)"
     for suffix, summary in (("", report["summary"]), (telephone, report["summary_telephone"])):
         lines += summary_rows(summary, SUMMARY_METRICS + ("ece",), suffix)
-    rows = [("full", report["pooled"]), ("g712" if "telephone_channel" in report else "mulaw", report["pooled_telephone"]),
-            *report.get("channels", {}).items()]
-    lines += ["", "By channel, pooled out-of-fold (codec rows: the G.712 band, then the codec):", "",
-              "| channel | UA | macro-F1 | accuracy | ROC AUC | Neutral recall |", "|---|---|---|---|---|---|"]
+    rows = [
+        ("full", report["pooled"]),
+        ("g712" if "telephone_channel" in report else "mulaw", report["pooled_telephone"]),
+        *report.get("channels", {}).items(),
+    ]
+    lines += [
+        "",
+        "By channel, pooled out-of-fold (codec rows: the G.712 band, then the codec):",
+        "",
+        "| channel | UA | macro-F1 | accuracy | ROC AUC | Neutral recall |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, pooled in rows:
         o = pooled["overall"]
-        lines.append(f"| {CHANNEL_NAMES.get(name, name)} | {o['ua']:.3f} | {o['macro_f1']:.3f} | {o['accuracy']:.3f} | "
-                     f"{o['roc_auc']:.3f} | {o['per_class_recall'].get('Neutral', float('nan')):.2f} |")
-    lines += ["", markdown_table(report["pooled"], "Pooled out-of-fold predictions"),
-              markdown_table(report["pooled_telephone"], "Pooled out-of-fold predictions," + telephone),
-              f"Temperatures per fold (cross-fitted on the other folds): {', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
-              f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
-              f"Training time, all folds: {report.get('train_seconds', 0) / 60:.1f} min.", ""]
+        lines.append(
+            f"| {CHANNEL_NAMES.get(name, name)} | {o['ua']:.3f} | {o['macro_f1']:.3f} | {o['accuracy']:.3f} | "
+            f"{o['roc_auc']:.3f} | {o['per_class_recall'].get('Neutral', float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        markdown_table(report["pooled"], "Pooled out-of-fold predictions"),
+        markdown_table(report["pooled_telephone"], "Pooled out-of-fold predictions," + telephone),
+        "Temperatures per fold (cross-fitted on the other folds): "
+        f"{', '.join(f'{t:.2f}' for t in report['temperatures'])}; "
+        f"shipped temperature (all out-of-fold logits): {report['temperature']:.2f}. "
+        f"Training time, all folds: {report.get('train_seconds', 0) / 60:.1f} min.",
+        "",
+    ]
     if "held_out_corpora" in report:
         lines += [held_out_markdown(report["held_out_corpora"])]
     if "teacher_summary" in report:
-        lines += ["Distillation teacher on the same folds (fitted on each fold's training speakers only):", "",
-                  _summary_lines(report["teacher_summary"])]
+        lines += [
+            "Distillation teacher on the same folds (fitted on each fold's training speakers only):",
+            "",
+            _summary_lines(report["teacher_summary"]),
+        ]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Classification metrics (scikit-learn), calibration and report writing (JSON, Markdown, PNG)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict:
     """UA (mean recall over classes present), macro-F1, accuracy, macro ROC AUC (one-vs-rest over
     classes present), per-class recall, ECE and the confusion matrix."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, recall_score,
-                                 roc_auc_score)
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
     probs = np.asarray(probs, dtype=np.float64)
     y = np.asarray(y)
@@ -107,18 +107,29 @@ def write_json(path: Path, obj) -> None:
 
 def markdown_table(metrics: dict, title: str) -> str:
     """Markdown table: one row per group (overall, corpora) with UA, F1, accuracy, AUC, ECE."""
-    lines = [f"### {title}", "", "| set | n | UA | macro-F1 | accuracy | ROC AUC | ECE |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| set | n | UA | macro-F1 | accuracy | ROC AUC | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for group, m in metrics.items():
-        lines.append(f"| {group} | {m['n']} | {m['ua']:.3f} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
-                     f"{m['roc_auc']:.3f} | {m['ece']:.3f} |")
+        lines.append(
+            f"| {group} | {m['n']} | {m['ua']:.3f} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
+            f"{m['roc_auc']:.3f} | {m['ece']:.3f} |"
+        )
     overall = metrics.get("overall")
     if overall:
-        lines += ["", "Per-class recall (overall): " + ", ".join(f"{k} {v:.2f}" for k, v in overall["per_class_recall"].items())]
+        lines += [
+            "",
+            "Per-class recall (overall): " + ", ".join(f"{k} {v:.2f}" for k, v in overall["per_class_recall"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def plot_confusion(confusion: list[list[int]], path: Path, title: str = "") -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -130,8 +141,15 @@ def plot_confusion(confusion: list[list[int]], path: Path, title: str = "") -> N
     ax.set_yticks(range(len(CLASSES)), CLASSES)
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -142,6 +160,7 @@ def plot_confusion(confusion: list[list[int]], path: Path, title: str = "") -> N
 
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -149,7 +168,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     a.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     if any("val_loss" in h for h in history):
-        a.plot([h["epoch"] for h in history if "val_loss" in h], [h["val_loss"] for h in history if "val_loss" in h], label="val loss")
+        a.plot(
+            [h["epoch"] for h in history if "val_loss" in h],
+            [h["val_loss"] for h in history if "val_loss" in h],
+            label="val loss",
+        )
     a.set_xlabel("epoch")
     a.legend()
     for key in ("ua", "roc_auc"):

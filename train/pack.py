@@ -14,6 +14,7 @@ config's ``fit`` reads into parts of at most ``--part-mb`` each, to be carried o
 ``python -m train.pack check OUT/part-1`` says whether every part has arrived (``train/gpu_fit.sh``
 runs it first). Training only; ``emostream`` never imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,10 @@ def _write(cfg, clips, out: Path, part_mb: float) -> dict:
     used = 0
     if cfg.distill.teacher:
         if not cfg.distill.layers:
-            raise PackError("pack carries the teacher as a cut encoder (train.whisper_layers), which needs "
-                            "emostream.distill.layers; the CTranslate2 output-layer teacher cannot travel cut")
+            raise PackError(
+                "pack carries the teacher as a cut encoder (train.whisper_layers), which needs "
+                "emostream.distill.layers; the CTranslate2 output-layer teacher cannot travel cut"
+            )
         blocks = encoder_blocks_needed(cfg.distill.layers)
         src = Path(cfg.distill.teacher)
         teacher = f"{src.name}-blocks{blocks}"
@@ -85,13 +88,27 @@ def _write(cfg, clips, out: Path, part_mb: float) -> dict:
         shutil.copyfile(src, out / rel)
         used += size
         counts[_part_name(part)] += 1
-        rows.append({"path": str(rel.relative_to(_part_name(1))) if part == 1 else f"../{rel}",
-                     "label": clip.label, "speaker": clip.speaker, "corpus": clip.corpus, "source": src.name})
+        rows.append(
+            {
+                "path": str(rel.relative_to(_part_name(1))) if part == 1 else f"../{rel}",
+                "label": clip.label,
+                "speaker": clip.speaker,
+                "corpus": clip.corpus,
+                "source": src.name,
+            }
+        )
     pd.DataFrame(rows).to_csv(first / MANIFEST, index=False)
-    info = {"experiment": cfg.experiment_name, "clips": len(rows), "speakers": len({c.speaker for c in clips}),
-            "teacher": teacher, "layers": list(cfg.distill.layers), "files": counts,
-            "megabytes": {p: round(sum(f.stat().st_size for f in (out / p).rglob("*") if f.is_file()) / 1e6, 1)
-                          for p in counts}}
+    info = {
+        "experiment": cfg.experiment_name,
+        "clips": len(rows),
+        "speakers": len({c.speaker for c in clips}),
+        "teacher": teacher,
+        "layers": list(cfg.distill.layers),
+        "files": counts,
+        "megabytes": {
+            p: round(sum(f.stat().st_size for f in (out / p).rglob("*") if f.is_file()) / 1e6, 1) for p in counts
+        },
+    }
     (first / PACK_FILE).write_text(json.dumps(info, indent=1) + "\n")
     return info
 
@@ -113,23 +130,30 @@ def check_pack(first: str | Path) -> dict:
     if info.get("teacher") and not (first / info["teacher"] / "model.bin").is_file():
         missing.append(f"{_part_name(1)}/{info['teacher']}")
     if missing:
-        raise PackError(f"pack {first.parent} is incomplete: {', '.join(missing)}; carry the missing parts "
-                        "(a machine that went cold between calls starts bare)")
+        raise PackError(
+            f"pack {first.parent} is incomplete: {', '.join(missing)}; carry the missing parts "
+            "(a machine that went cold between calls starts bare)"
+        )
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.pack", description="Check a pack made by python -m train pack.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("check", help="is every part of the pack here?").add_argument("first", help="the pack's part-1 folder")
+    sub.add_parser("check", help="is every part of the pack here?").add_argument(
+        "first", help="the pack's part-1 folder"
+    )
     args = p.parse_args(argv)
     try:
         info = check_pack(args.first)
     except PackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"pack {args.first}: {info['clips']} clips, {info['speakers']} speakers, parts "
-          + ", ".join(f"{k} ({v} files)" for k, v in info["files"].items()) + " all here")
+    print(
+        f"pack {args.first}: {info['clips']} clips, {info['speakers']} speakers, parts "
+        + ", ".join(f"{k} ({v} files)" for k, v in info["files"].items())
+        + " all here"
+    )
     return 0
 
 

@@ -2,6 +2,7 @@
 turned into 16 kHz mono 16-bit FLAC files plus a ``manifest.csv`` with the shared manifest's columns
 (see train/DATA.md). ``python -m train prepare combine DIR [DIR ...] --out DIR`` joins prepared
 folders (and the shared one) into one manifest whose paths are relative to itself, for ``--data``."""
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,7 @@ from .data import DataError
 
 log = logging.getLogger("train")
 
-MANIFEST_COLUMNS = ("path", "label", "corpus", "language", "speaker", "sex", "original_label", "duration_s",
-                    "license")
+MANIFEST_COLUMNS = ("path", "label", "corpus", "language", "speaker", "sex", "original_label", "duration_s", "license")
 AUDIO_SUFFIXES = (".wav", ".flac")
 
 
@@ -35,9 +35,9 @@ class Source:
     """One input file of a corpus, as its parser reads it."""
 
     path: Path
-    label: str            # one of emostream.model.CLASSES
-    speaker: str          # corpus-prefixed
-    sex: str              # "f", "m" or "" (unknown)
+    label: str  # one of emostream.model.CLASSES
+    speaker: str  # corpus-prefixed
+    sex: str  # "f", "m" or "" (unknown)
     original_label: str
 
 
@@ -49,7 +49,7 @@ class Corpus:
     name: str
     language: str
     license: str
-    expected: str         # the layout, for the error when nothing matches
+    expected: str  # the layout, for the error when nothing matches
     parse: Callable[[Path, "dict[str, str]"], "Source | None"]
     labels: dict[str, str]  # original label -> class
     dropped: tuple[str, ...] = ()  # original labels with no class (calm): skipped and counted
@@ -104,17 +104,54 @@ def _source(corpus: Corpus, rel: Path, original: str, speaker: str, sex: str) ->
     return Source(rel, corpus.labels[original], speaker, sex, original)
 
 
-TESS = Corpus("tess", "en", "CC BY-NC-ND 4.0",
-              "<any folders>/OAF_<word>_<emotion>.wav and YAF_...", _tess,
-              {"angry": "Angry", "disgust": "Disgusted", "fear": "Fearful", "happy": "Happy", "neutral": "Neutral",
-               "pleasant surprise": "Surprised", "sad": "Sad"})
-NEMO = Corpus("nemo", "pl", "CC BY-NC-SA 4.0", "samples/<speaker>_<emotion>_<n>.wav (and data.tsv)", _nemo,
-              {"anger": "Angry", "fear": "Fearful", "happiness": "Happy", "neutral": "Neutral", "sadness": "Sad",
-               "surprised": "Surprised"})
-TUREVDB = Corpus("turevdb", "tr", "CC BY-NC-ND 4.0", "Sound Source/<Angry|Calm|Happy|Sad>/<actor>_<xx>_<word>.wav",
-                 _turevdb, {"angry": "Angry", "happy": "Happy", "sad": "Sad"}, dropped=("calm",))
-URDU = Corpus("urdu", "ur", "research use only", "<Angry|Happy|Neutral|Sad>/S<M|F><n>_F<n>_<A|H|N|S><n>.wav",
-              _urdu, {"angry": "Angry", "happy": "Happy", "neutral": "Neutral", "sad": "Sad"})
+TESS = Corpus(
+    "tess",
+    "en",
+    "CC BY-NC-ND 4.0",
+    "<any folders>/OAF_<word>_<emotion>.wav and YAF_...",
+    _tess,
+    {
+        "angry": "Angry",
+        "disgust": "Disgusted",
+        "fear": "Fearful",
+        "happy": "Happy",
+        "neutral": "Neutral",
+        "pleasant surprise": "Surprised",
+        "sad": "Sad",
+    },
+)
+NEMO = Corpus(
+    "nemo",
+    "pl",
+    "CC BY-NC-SA 4.0",
+    "samples/<speaker>_<emotion>_<n>.wav (and data.tsv)",
+    _nemo,
+    {
+        "anger": "Angry",
+        "fear": "Fearful",
+        "happiness": "Happy",
+        "neutral": "Neutral",
+        "sadness": "Sad",
+        "surprised": "Surprised",
+    },
+)
+TUREVDB = Corpus(
+    "turevdb",
+    "tr",
+    "CC BY-NC-ND 4.0",
+    "Sound Source/<Angry|Calm|Happy|Sad>/<actor>_<xx>_<word>.wav",
+    _turevdb,
+    {"angry": "Angry", "happy": "Happy", "sad": "Sad"},
+    dropped=("calm",),
+)
+URDU = Corpus(
+    "urdu",
+    "ur",
+    "research use only",
+    "<Angry|Happy|Neutral|Sad>/S<M|F><n>_F<n>_<A|H|N|S><n>.wav",
+    _urdu,
+    {"angry": "Angry", "happy": "Happy", "neutral": "Neutral", "sad": "Sad"},
+)
 CORPORA = {c.name: c for c in (TESS, NEMO, TUREVDB, URDU)}
 
 
@@ -202,15 +239,30 @@ def prepare(name: str, src: str | Path, out: str | Path) -> dict:
     for i, s in enumerate(sources):
         rel = _flac_name(s.path)
         duration = convert(src / s.path, out / rel)
-        rows.append({"path": rel.as_posix(), "label": s.label, "corpus": corpus.name, "language": corpus.language,
-                     "speaker": s.speaker, "sex": s.sex, "original_label": s.original_label,
-                     "duration_s": f"{duration:.3f}", "license": corpus.license})
+        rows.append(
+            {
+                "path": rel.as_posix(),
+                "label": s.label,
+                "corpus": corpus.name,
+                "language": corpus.language,
+                "speaker": s.speaker,
+                "sex": s.sex,
+                "original_label": s.original_label,
+                "duration_s": f"{duration:.3f}",
+                "license": corpus.license,
+            }
+        )
         if (i + 1) % 500 == 0:
             log.info("%s: %d / %d files", corpus.name, i + 1, len(sources))
     write_manifest(out / "manifest.csv", rows)
-    return {"corpus": corpus.name, "clips": len(rows), "speakers": len({r["speaker"] for r in rows}),
-            "classes": sorted({r["label"] for r in rows}), "dropped": dropped,
-            "hours": sum(float(r["duration_s"]) for r in rows) / 3600}
+    return {
+        "corpus": corpus.name,
+        "clips": len(rows),
+        "speakers": len({r["speaker"] for r in rows}),
+        "classes": sorted({r["label"] for r in rows}),
+        "dropped": dropped,
+        "hours": sum(float(r["duration_s"]) for r in rows) / 3600,
+    }
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
@@ -252,13 +304,21 @@ def combine(folders: list[str | Path], out: str | Path) -> dict:
             rows.append({**r, "path": Path(path).as_posix()})
     write_manifest(out / "manifest.csv", rows)
     corpora = sorted({r["corpus"] for r in rows})
-    return {"corpus": "+".join(corpora), "clips": len(rows), "speakers": len(owner), "corpora": corpora,
-            "classes": sorted({r["label"] for r in rows}), "dropped": {},
-            "hours": sum(float(r["duration_s"]) for r in rows) / 3600}
+    return {
+        "corpus": "+".join(corpora),
+        "clips": len(rows),
+        "speakers": len(owner),
+        "corpora": corpora,
+        "classes": sorted({r["label"] for r in rows}),
+        "dropped": {},
+        "hours": sum(float(r["duration_s"]) for r in rows) / 3600,
+    }
 
 
 def summary_line(info: dict, out: str | Path) -> str:
     """What ``prepare`` prints: clips, speakers, hours, classes, dropped files."""
     dropped = ", ".join(f"{n} {why}" for why, n in info["dropped"].items())
-    return (f"{out}: {info['corpus']}: {info['clips']} clips, {info['speakers']} speakers, {info['hours']:.2f} h; "
-            f"classes {', '.join(info['classes'])}" + (f"; skipped {dropped}" if dropped else ""))
+    return (
+        f"{out}: {info['corpus']}: {info['clips']} clips, {info['speakers']} speakers, {info['hours']:.2f} h; "
+        f"classes {', '.join(info['classes'])}" + (f"; skipped {dropped}" if dropped else "")
+    )

@@ -20,6 +20,7 @@ Training embeddings come from a network that was fitted on those clips, so both 
 optimistic training features; compare the centred heads with the raw-embedding head, not with
 published figures.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,15 @@ SAME_EMOTION_SHARES = (1.0, 0.5)
 REPEATS = 5
 
 
-def context_indices(i: int, candidates: np.ndarray, speakers: np.ndarray, labels: np.ndarray, n: int,
-                    share: float | None, rng: np.random.Generator) -> np.ndarray:
+def context_indices(
+    i: int,
+    candidates: np.ndarray,
+    speakers: np.ndarray,
+    labels: np.ndarray,
+    n: int,
+    share: float | None,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """``n`` clips of clip ``i``'s speaker among ``candidates``, never ``i`` itself: drawn at random
     without replacement (``share`` None; fewer when the speaker has fewer), or with ``round(n * share)``
     of them (as many as exist) in clip ``i``'s emotion and the rest drawn from all of the speaker's
@@ -79,8 +87,16 @@ def embed_clips(checkpoint: Path, waves: list[np.ndarray], positions: int = 5) -
     return np.stack(embeddings), np.stack(logits)
 
 
-def probe_fold(emb: np.ndarray, logits: np.ndarray, labels: np.ndarray, speakers: np.ndarray,
-               train_idx: np.ndarray, val_idx: np.ndarray, c: float = 0.02, seed: int = 0) -> dict[str, tuple[float, float]]:
+def probe_fold(
+    emb: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    speakers: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    c: float = 0.02,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
     """UA and macro ROC AUC of each scoring of ``val_idx`` (see the module docstring)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -96,9 +112,14 @@ def probe_fold(emb: np.ndarray, logits: np.ndarray, labels: np.ndarray, speakers
         clf = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x), labels[train_idx])
         return lambda z: clf.predict_proba(scaler.transform(z))
 
-    out = {"own head": score(softmax(logits[val_idx])), "raw embedding, linear head": score(head(emb[train_idx])(emb[val_idx]))}
+    out = {
+        "own head": score(softmax(logits[val_idx])),
+        "raw embedding, linear head": score(head(emb[train_idx])(emb[val_idx])),
+    }
     centred_head = head(centre_by_speaker(emb[train_idx], speakers[train_idx]))
-    out["centred by all of the speaker's clips"] = score(centred_head(centre_by_speaker(emb[val_idx], speakers[val_idx])))
+    out["centred by all of the speaker's clips"] = score(
+        centred_head(centre_by_speaker(emb[val_idx], speakers[val_idx]))
+    )
     rng = np.random.default_rng(seed)
     scenarios = [(n, None) for n in CONTEXT_SIZES] + [(n, s) for n in CONTEXT_SIZES[1:] for s in SAME_EMOTION_SHARES]
     for n, share in scenarios:
@@ -109,7 +130,9 @@ def probe_fold(emb: np.ndarray, logits: np.ndarray, labels: np.ndarray, speakers
             runs.append(score(centred_head(z)))
             same += [np.mean(labels[ctx] == labels[i]) for i, ctx in zip(val_idx, contexts)]
         what = "random" if share is None else f"{share:.0%} asked in the clip's emotion"
-        out[f"centred by {n} other clips, {what} ({np.mean(same):.0%} got)"] = tuple(round(float(v), 4) for v in np.mean(runs, axis=0))
+        out[f"centred by {n} other clips, {what} ({np.mean(same):.0%} got)"] = tuple(
+            round(float(v), 4) for v in np.mean(runs, axis=0)
+        )
     return out
 
 

@@ -10,6 +10,7 @@ Deviation from Whisper's own use, measured in ``train/EXPERIMENTS.md``: the enco
 context; the encoder is 12x cheaper that way (caching the shared set takes minutes, not an hour, on
 two cores).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,13 +28,13 @@ from .teacher_dir import TeacherError, check_teacher_dir
 
 log = logging.getLogger("train")
 
-WHISPER_HOP = 160                                   # samples per Whisper mel frame (10 ms)
-ENCODER_FRAME_SAMPLES = 2 * WHISPER_HOP             # the encoder halves the frame rate: 20 ms per frame
+WHISPER_HOP = 160  # samples per Whisper mel frame (10 ms)
+ENCODER_FRAME_SAMPLES = 2 * WHISPER_HOP  # the encoder halves the frame rate: 20 ms per frame
 CONTEXT_SECONDS = 10
 CONTEXT_SAMPLES = CONTEXT_SECONDS * SAMPLE_RATE
 CONTEXT_FRAMES = CONTEXT_SAMPLES // ENCODER_FRAME_SAMPLES  # 500 encoder frames
 SHARD_CLIPS = 64
-CELL_MIN_AUDIO = 0.5    # a student time cell gets a frame target when clip audio fills at least half of it
+CELL_MIN_AUDIO = 0.5  # a student time cell gets a frame target when clip audio fills at least half of it
 
 
 def load_encoder(path: str | Path, threads: int = 0):
@@ -42,12 +43,14 @@ def load_encoder(path: str | Path, threads: int = 0):
     try:
         import ctranslate2
     except ImportError:
-        raise TeacherError("distillation needs the training extra: pip install 'emostream[train]' "
-                           "(ctranslate2, faster-whisper)") from None
+        raise TeacherError(
+            "distillation needs the training extra: pip install 'emostream[train]' (ctranslate2, faster-whisper)"
+        ) from None
     device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     try:
-        return ctranslate2.models.Whisper(str(path), device=device, compute_type="int8" if device == "cpu" else "float16",
-                                          intra_threads=threads)
+        return ctranslate2.models.Whisper(
+            str(path), device=device, compute_type="int8" if device == "cpu" else "float16", intra_threads=threads
+        )
     except (RuntimeError, ValueError) as exc:
         raise TeacherError(f"teacher {path} could not be loaded: {str(exc).splitlines()[0]}") from None
 
@@ -73,8 +76,8 @@ def context_mels(extractor, audio: np.ndarray):
     16 kHz clip (zero-padded), with the number of encoder frames that cover its real audio."""
     for s in range(0, max(1, len(audio)), CONTEXT_SAMPLES):
         seg = np.zeros(CONTEXT_SAMPLES, dtype=np.float32)
-        part = audio[s:s + CONTEXT_SAMPLES]
-        seg[:len(part)] = part
+        part = audio[s : s + CONTEXT_SAMPLES]
+        seg[: len(part)] = part
         mel = extractor(seg, padding=0)[:, : CONTEXT_FRAMES * 2]
         yield np.ascontiguousarray(mel[None], dtype=np.float32), clip_frames(len(part))
 
@@ -83,19 +86,23 @@ def encode_clip(model, extractor, audio: np.ndarray) -> np.ndarray:
     """Frame-level encoder outputs ``(clip_frames, d_model)`` (float16) for one 16 kHz clip."""
     import ctranslate2
 
-    return np.concatenate([np.asarray(model.encode(ctranslate2.StorageView.from_array(mel)))[0, :n].astype(np.float16)
-                           for mel, n in context_mels(extractor, audio)])
+    return np.concatenate(
+        [
+            np.asarray(model.encode(ctranslate2.StorageView.from_array(mel)))[0, :n].astype(np.float16)
+            for mel, n in context_mels(extractor, audio)
+        ]
+    )
 
 
 @dataclass
 class TeacherFeatures:
     """Frame-level encoder outputs of every clip, back to back (float16)."""
 
-    frames: np.ndarray     # (total_frames, d_model)
-    offsets: np.ndarray    # int64, len = clips + 1
+    frames: np.ndarray  # (total_frames, d_model)
+    offsets: np.ndarray  # int64, len = clips + 1
 
     def clip(self, i: int) -> np.ndarray:
-        return self.frames[self.offsets[i]:self.offsets[i + 1]]
+        return self.frames[self.offsets[i] : self.offsets[i + 1]]
 
     def span(self, i: int, start: int, length: int) -> np.ndarray:
         """The frames of clip ``i`` covering samples ``[start, start + length)`` (see :func:`frame_span`)."""
@@ -119,17 +126,23 @@ class TeacherFeatures:
         clips = np.asarray(clips, dtype=np.int64)
         lengths = self.offsets[clips + 1] - self.offsets[clips]
         rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in clips]) if len(clips) else []
-        return TeacherFeatures(np.asarray(self.frames)[rows], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return TeacherFeatures(
+            np.asarray(self.frames)[rows], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        )
 
     def extended(self, more: "TeacherFeatures") -> "TeacherFeatures":
         """These clips' features followed by ``more``'s (e.g. :class:`train.data.SpeedCopies`), in memory."""
-        return TeacherFeatures(np.concatenate([np.asarray(self.frames), np.asarray(more.frames)]),
-                               np.concatenate([self.offsets, self.offsets[-1] + more.offsets[1:]]).astype(np.int64))
+        return TeacherFeatures(
+            np.concatenate([np.asarray(self.frames), np.asarray(more.frames)]),
+            np.concatenate([self.offsets, self.offsets[-1] + more.offsets[1:]]).astype(np.int64),
+        )
 
 
 def _cache_key(cache: AudioCache, teacher_dir: Path, extra: str = "") -> str:
     digest = cache.digest()
-    digest.update(f"{teacher_dir.resolve()}:{(teacher_dir / 'model.bin').stat().st_size}:{CONTEXT_SECONDS}{extra}".encode())
+    digest.update(
+        f"{teacher_dir.resolve()}:{(teacher_dir / 'model.bin').stat().st_size}:{CONTEXT_SECONDS}{extra}".encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -170,9 +183,14 @@ def _encode_all(n: int, load_encode, frames_path: Path, index_path: Path, what: 
     return TeacherFeatures(np.load(frames_path, mmap_mode="r"), offsets)
 
 
-def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: str | Path,
-                        threads: int = 0, show_progress: bool = False,
-                        layers: tuple[int, ...] = ()) -> TeacherFeatures:
+def build_teacher_cache(
+    cache: AudioCache,
+    teacher_dir: str | Path,
+    cache_dir: str | Path,
+    threads: int = 0,
+    show_progress: bool = False,
+    layers: tuple[int, ...] = (),
+) -> TeacherFeatures:
     """Encode every clip of ``cache`` once (resumable in shards of ``SHARD_CLIPS``), then reuse.
 
     ``layers`` empty: the encoder's output (CTranslate2, int8 on CPU). Otherwise the mean of the
@@ -189,8 +207,13 @@ def build_teacher_cache(cache: AudioCache, teacher_dir: str | Path, cache_dir: s
         model, extractor = load_encoder(teacher_dir, threads), whisper_feature_extractor()
         return lambda i: encode_clip(model, extractor, cache.clip(i))
 
-    return _encode_all(len(cache), load_encode, cache_dir / f"teacher-{key}.npy",
-                       cache_dir / f"teacher-{key}.offsets.npy", "teacher cache")
+    return _encode_all(
+        len(cache),
+        load_encode,
+        cache_dir / f"teacher-{key}.npy",
+        cache_dir / f"teacher-{key}.offsets.npy",
+        "teacher cache",
+    )
 
 
 def whisper_feature_extractor():
@@ -204,11 +227,15 @@ def whisper_feature_extractor():
         import importlib.util
 
         spec = importlib.util.find_spec("faster_whisper")
-        module_file = spec and spec.submodule_search_locations and \
-            Path(list(spec.submodule_search_locations)[0]) / "feature_extractor.py"
+        module_file = (
+            spec
+            and spec.submodule_search_locations
+            and Path(list(spec.submodule_search_locations)[0]) / "feature_extractor.py"
+        )
         if not module_file or not module_file.is_file():
-            raise TeacherError("distillation needs the training extra: pip install 'emostream[train]' "
-                               f"(faster-whisper: {exc})") from None
+            raise TeacherError(
+                f"distillation needs the training extra: pip install 'emostream[train]' (faster-whisper: {exc})"
+            ) from None
         spec = importlib.util.spec_from_file_location("_faster_whisper_feature_extractor", module_file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -224,12 +251,22 @@ def encode_clip_layers(encoder, extractor, audio: np.ndarray) -> np.ndarray:
 
     device = next(encoder.parameters()).device
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        return np.concatenate([encoder(torch.from_numpy(mel).to(device))[:, 0, :n].transpose(0, 1).float().cpu()
-                               .numpy().astype(np.float16) for mel, n in context_mels(extractor, audio)])
+        return np.concatenate(
+            [
+                encoder(torch.from_numpy(mel).to(device))[:, 0, :n]
+                .transpose(0, 1)
+                .float()
+                .cpu()
+                .numpy()
+                .astype(np.float16)
+                for mel, n in context_mels(extractor, audio)
+            ]
+        )
 
 
-def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layers: tuple[int, ...],
-                    threads: int) -> TeacherFeatures:
+def _layer_features(
+    cache: AudioCache, teacher_dir: Path, cache_dir: Path, layers: tuple[int, ...], threads: int
+) -> TeacherFeatures:
     """The mean of hidden states ``layers`` per frame (cached), from a cache of hidden states: the
     all-layer one when it exists, else one of states ``0..max(layers)`` only (the encoder cut after the
     last block needed: the same values, fewer blocks to run)."""
@@ -266,7 +303,7 @@ def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layer
         raise TeacherError(f"teacher layer {bad[0]} does not exist: {teacher_dir} has hidden states 0-{n_states - 1}")
     out = np.empty((len(every.frames), every.frames.shape[2]), np.float16)
     for s in range(0, len(out), 65536):  # in blocks: the all-layer cache is several GB
-        out[s:s + 65536] = every.frames[s:s + 65536, list(layers)].astype(np.float32).mean(axis=1)
+        out[s : s + 65536] = every.frames[s : s + 65536, list(layers)].astype(np.float32).mean(axis=1)
     tmp = frames_path.with_suffix(".tmp.npy")
     np.save(tmp, out)
     tmp.replace(frames_path)
@@ -275,14 +312,15 @@ def _layer_features(cache: AudioCache, teacher_dir: Path, cache_dir: Path, layer
 
 # --- heads -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TeacherHead:
     """Standardise, then a linear layer: logits = ((x - mean) / scale) @ coef.T + intercept."""
 
     mean: np.ndarray
     scale: np.ndarray
-    coef: np.ndarray        # (classes, d_model)
-    intercept: np.ndarray   # (classes,)
+    coef: np.ndarray  # (classes, d_model)
+    intercept: np.ndarray  # (classes,)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
@@ -329,16 +367,25 @@ class FoldTeacher:
     reported teacher figures) comes from that speaker's audio alone, never from labels.
     """
 
-    def __init__(self, features: TeacherFeatures, labels: np.ndarray, speakers: list[str],
-                 train_idx: np.ndarray, n_classes: int, inner_folds: int = 4, c: float = 0.5, seed: int = 0,
-                 speaker_centre: str = "none"):
+    def __init__(
+        self,
+        features: TeacherFeatures,
+        labels: np.ndarray,
+        speakers: list[str],
+        train_idx: np.ndarray,
+        n_classes: int,
+        inner_folds: int = 4,
+        c: float = 0.5,
+        seed: int = 0,
+        speaker_centre: str = "none",
+    ):
         from sklearn.model_selection import StratifiedGroupKFold
 
         if speaker_centre not in SPEAKER_CENTRE:
             raise ValueError(f"speaker_centre {speaker_centre!r} is not one of {', '.join(SPEAKER_CENTRE)}")
         self.features = features
         centre = speaker_centres(features, speakers) if speaker_centre != "none" else None
-        self.head_centre = centre                                        # subtracted before the heads
+        self.head_centre = centre  # subtracted before the heads
         self.target_centre = centre if speaker_centre == "all" else None  # ... and from the regression targets
         raw = np.stack([features.pool(int(i)) for i in train_idx])
         pooled = raw if centre is None else raw - centre[train_idx]
@@ -386,11 +433,16 @@ class FoldTeacher:
     def embeddings(self, clip_ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The teacher's pooled encoder output for the same crops, standardised with the training
         speakers' statistics (the target of the student's embedding regression), float32."""
-        return np.stack([self._target(self.features.pool(int(i), int(s), int(n)), int(i))
-                         for i, s, n in zip(clip_ids, starts, lengths)])
+        return np.stack(
+            [
+                self._target(self.features.pool(int(i), int(s), int(n)), int(i))
+                for i, s, n in zip(clip_ids, starts, lengths)
+            ]
+        )
 
-    def cell_embeddings(self, segments: list[list[tuple[int, int, int, int]]],
-                        n_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    def cell_embeddings(
+        self, segments: list[list[tuple[int, int, int, int]]], n_cells: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The teacher's frames pooled per time cell of each window, standardised like
         :meth:`embeddings`: ``(windows, n_cells, D)`` float32 and a ``(windows, n_cells)`` mask.
 

@@ -3,6 +3,7 @@
 Its own module because both :mod:`train.teacher` (the cached frame outputs) and
 :mod:`train.whisper_layers` (the encoder's hidden states) check the directory they read.
 """
+
 from __future__ import annotations
 
 import json

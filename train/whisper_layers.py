@@ -8,6 +8,7 @@ serialisation) and returns all of its hidden states. Training only; ``emostream`
 
 Checked against CTranslate2's own ``encode`` in ``tests/test_whisper_layers.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,12 @@ def _ct2_records(path: Path):
                 shape = read("<" + "I" * rank) if rank else ()
                 (dtype_id,) = read("<B")
                 (nbytes,) = read("<I")
-                header = raw_name + struct.pack("<B", rank) + struct.pack("<" + "I" * rank, *shape) \
+                header = (
+                    raw_name
+                    + struct.pack("<B", rank)
+                    + struct.pack("<" + "I" * rank, *shape)
                     + struct.pack("<BI", dtype_id, nbytes)
+                )
                 taken = []
 
                 def read_data(n=nbytes, taken=taken) -> bytes:
@@ -97,10 +102,12 @@ def read_ct2_variables(path: str | Path, prefix: str = "encoder/") -> dict[str, 
             if not name.startswith(prefix):
                 continue
             if dtype_id not in _CT2_DTYPES:
-                raise ModelFileError(f"{path}: {name} has CTranslate2 type {dtype_id} (quantised?), "
-                                     "only float16/float32 weights are supported")
+                raise ModelFileError(
+                    f"{path}: {name} has CTranslate2 type {dtype_id} (quantised?), "
+                    "only float16/float32 weights are supported"
+                )
             data = np.frombuffer(read_data(), dtype=_CT2_DTYPES[dtype_id]).reshape(shape)
-            out[name[len(prefix):]] = data.astype(np.float32) if data.dtype.kind == "f" else data.copy()
+            out[name[len(prefix) :]] = data.astype(np.float32) if data.dtype.kind == "f" else data.copy()
     except OSError as exc:
         raise ModelFileError(f"{path}: {exc.strerror or exc}") from None
     return out
@@ -147,8 +154,12 @@ def write_encoder_subset(src: str | Path, dst: str | Path, blocks: int) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     spec_bytes = spec.encode() + b"\0"
     with (dst / "model.bin").open("wb") as f:
-        f.write(struct.pack("<I", version) + struct.pack("<H", len(spec_bytes)) + spec_bytes
-                + struct.pack("<II", revision, len(kept)))
+        f.write(
+            struct.pack("<I", version)
+            + struct.pack("<H", len(spec_bytes))
+            + spec_bytes
+            + struct.pack("<II", revision, len(kept))
+        )
         for record in kept:
             f.write(record)
         f.write(struct.pack("<I", 0))  # no aliases
@@ -172,8 +183,9 @@ class WhisperEncoderLayers(torch.nn.Module):
         t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in variables.items() if v.dtype.kind == "f"}
         self.n_heads = int(variables["num_heads"])
         self.n_layers = sum(1 for k in variables if k.endswith("self_attention/linear_0/weight"))
-        self.params = torch.nn.ParameterDict({k.replace("/", "__"): torch.nn.Parameter(v, requires_grad=False)
-                                              for k, v in t.items()})
+        self.params = torch.nn.ParameterDict(
+            {k.replace("/", "__"): torch.nn.Parameter(v, requires_grad=False) for k, v in t.items()}
+        )
 
     def _p(self, name: str) -> torch.Tensor:
         return self.params[name.replace("/", "__")]
@@ -217,7 +229,10 @@ def load_encoder_layers(teacher_dir: str | Path, blocks: int | None = None) -> W
     if blocks is not None and blocks < n_blocks:
         if blocks < 1:
             raise ValueError("blocks must be at least 1")
-        variables = {k: v for k, v in variables.items()
-                     if not k.startswith("layer_norm/")
-                     and not ((m := re.match(r"layer_(\d+)/", k)) and int(m.group(1)) >= blocks)}
+        variables = {
+            k: v
+            for k, v in variables.items()
+            if not k.startswith("layer_norm/")
+            and not ((m := re.match(r"layer_(\d+)/", k)) and int(m.group(1)) >= blocks)
+        }
     return WhisperEncoderLayers(variables).eval()

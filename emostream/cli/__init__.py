@@ -4,6 +4,7 @@ A thin layer over the library: :mod:`.parser` turns arguments into options, :mod
 :mod:`.live` run the commands, :mod:`.common` holds what they share. Bad input is one line on
 stderr and exit code 2 (:class:`UsageError`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,17 @@ from .parser import build_parser
 __all__ = ["UsageError", "build_parser", "main", "run"]
 
 
-COMMANDS = {"replay": cmd_replay, "classify": cmd_classify, "export": cmd_export, "serve": cmd_serve, "send": cmd_send,
-            "watch": cmd_watch, "mic": cmd_mic, "batch": cmd_batch, "report": cmd_report}
+COMMANDS = {
+    "replay": cmd_replay,
+    "classify": cmd_classify,
+    "export": cmd_export,
+    "serve": cmd_serve,
+    "send": cmd_send,
+    "watch": cmd_watch,
+    "mic": cmd_mic,
+    "batch": cmd_batch,
+    "report": cmd_report,
+}
 
 
 def _terminate_like_interrupt(signum, frame) -> None:
@@ -45,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
-    except (AudioError, CheckpointError, ModelOptionsError, VadUnavailable, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (
+        AudioError,
+        CheckpointError,
+        ModelOptionsError,
+        VadUnavailable,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+    ) as exc:
         print(f"emostream: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """What the commands share: the one-line usage error, option groups used by several commands, and
 the model, speech gate and webhook built from parsed options."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,30 +22,53 @@ class Parser(argparse.ArgumentParser):
 def model_device(text: str) -> str:
     """``--device``: the model's device in every command (mic's sound card is ``--input-device``)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a model device: auto, cpu, cuda or cuda:N "
-                                         "(mic's sound card is --input-device)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a model device: auto, cpu, cuda or cuda:N (mic's sound card is --input-device)"
+        )
     return text
 
 
 def backend_args(sp) -> None:
     """``--backend``/``--onnx``: which runtime runs the model."""
-    sp.add_argument("--backend", choices=("torch", "onnx"), default=None,
-                    help="torch (default) or onnx (ONNX Runtime, fp32; needs --onnx)")
-    sp.add_argument("--onnx", metavar="MODEL.onnx", default=None,
-                    help="ONNX model made by 'emostream export --onnx' (implies --backend onnx)")
+    sp.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="torch (default) or onnx (ONNX Runtime, fp32; needs --onnx)",
+    )
+    sp.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        default=None,
+        help="ONNX model made by 'emostream export --onnx' (implies --backend onnx)",
+    )
 
 
 def alert_args(sp) -> None:
     """``--alert RULE``: escalation rules, and ``--alert-webhook URL`` to POST them."""
-    sp.add_argument("--alert", action="append", default=[], metavar="RULE", type=alert_rule,
-                    help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable); it clears after 5 s '
-                         'below the threshold minus 0.1 (silence counts as below) unless the rule says, e.g. '
-                         '"Angry>=0.7 for 10s clear below 0.5 for 8s"')
-    sp.add_argument("--alert-webhook", metavar="URL", default=None,
-                    help="also POST every alert (raised and cleared) as JSON to this http(s) URL, in the background, "
-                         "retried with backoff; failures are logged and counted, never stop a call")
-    sp.add_argument("--alert-webhook-token", metavar="TOKEN", default=None,
-                    help="send 'Authorization: Bearer TOKEN' with each POST (default: $EMOSTREAM_WEBHOOK_TOKEN)")
+    sp.add_argument(
+        "--alert",
+        action="append",
+        default=[],
+        metavar="RULE",
+        type=alert_rule,
+        help='escalation rule per channel, e.g. "Angry>=0.7 for 10s" (repeatable); it clears after 5 s '
+        "below the threshold minus 0.1 (silence counts as below) unless the rule says, e.g. "
+        '"Angry>=0.7 for 10s clear below 0.5 for 8s"',
+    )
+    sp.add_argument(
+        "--alert-webhook",
+        metavar="URL",
+        default=None,
+        help="also POST every alert (raised and cleared) as JSON to this http(s) URL, in the background, "
+        "retried with backoff; failures are logged and counted, never stop a call",
+    )
+    sp.add_argument(
+        "--alert-webhook-token",
+        metavar="TOKEN",
+        default=None,
+        help="send 'Authorization: Bearer TOKEN' with each POST (default: $EMOSTREAM_WEBHOOK_TOKEN)",
+    )
 
 
 def alert_webhook_config(args):
@@ -66,8 +90,12 @@ def webhook_report(webhook) -> None:
     """One stderr line when some alert POSTs did not get through."""
     s = webhook.stats
     if s.failed or s.dropped:
-        print(f"emostream: alert webhook: {s.delivered} delivered, {s.failed} failed, {s.dropped} dropped"
-              f" (last error: {s.last_error})", file=sys.stderr, flush=True)
+        print(
+            f"emostream: alert webhook: {s.delivered} delivered, {s.failed} failed, {s.dropped} dropped"
+            f" (last error: {s.last_error})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def alert_rule(text: str):
@@ -81,9 +109,13 @@ def alert_rule(text: str):
 
 def vad_args(sp) -> None:
     """``--vad``: which windows are classified."""
-    sp.add_argument("--vad", choices=("silero", "energy", "off"), default="silero",
-                    help="speech gate: silero (neural voice activity detector, default), energy (any sound "
-                         "above -50 dBFS) or off (classify every window)")
+    sp.add_argument(
+        "--vad",
+        choices=("silero", "energy", "off"),
+        default="silero",
+        help="speech gate: silero (neural voice activity detector, default), energy (any sound "
+        "above -50 dBFS) or off (classify every window)",
+    )
 
 
 def port(text: str) -> int:
@@ -119,8 +151,13 @@ def load_command_predictor(args):
     from ..loading import ModelOptionsError, load_predictor
 
     try:
-        return load_predictor(args.checkpoint, device=args.device, fp32=getattr(args, "fp32", False),
-                              backend=getattr(args, "backend", None), onnx=getattr(args, "onnx", None))
+        return load_predictor(
+            args.checkpoint,
+            device=args.device,
+            fp32=getattr(args, "fp32", False),
+            backend=getattr(args, "backend", None),
+            onnx=getattr(args, "onnx", None),
+        )
     except ModelOptionsError as exc:
         raise UsageError(str(exc)) from None
 

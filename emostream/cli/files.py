@@ -1,4 +1,5 @@
 """The file commands: ``classify``, ``export``, ``replay``, ``batch`` and ``report``."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (WEBHOOK_CLOSE_SECONDS, UsageError, import_scale, load_command_predictor, require_model_files,
-                     vad_config, alert_webhook_config, webhook_report)
+from .common import (
+    WEBHOOK_CLOSE_SECONDS,
+    UsageError,
+    alert_webhook_config,
+    import_scale,
+    load_command_predictor,
+    require_model_files,
+    vad_config,
+    webhook_report,
+)
 
-PARITY_TOLERANCE = 1e-3     # export: largest accepted |logit difference| between ONNX Runtime and torch
-BATCH_SKIPPED_SHOWN = 10      # batch: skipped files named on stderr (the rest counted)
+PARITY_TOLERANCE = 1e-3  # export: largest accepted |logit difference| between ONNX Runtime and torch
+BATCH_SKIPPED_SHOWN = 10  # batch: skipped files named on stderr (the rest counted)
 
 
 def cmd_classify(args) -> int:
@@ -31,12 +40,20 @@ def cmd_classify(args) -> int:
             continue
         if not record["speech"]:
             failures += 1
-            print(f"emostream: {path}: no speech ({record['speech_seconds']:g} s found by --vad {args.vad}, "
-                  f"{vad.min_speech_seconds:g} s needed): not classified", file=sys.stderr, flush=True)
+            print(
+                f"emostream: {path}: no speech ({record['speech_seconds']:g} s found by --vad {args.vad}, "
+                f"{vad.min_speech_seconds:g} s needed): not classified",
+                file=sys.stderr,
+                flush=True,
+            )
         elif record["duration"] > LONG_FILE_SECONDS:
-            print(f"emostream: note: {path} is {record['duration'] / 60:.0f} min long; one label for a whole "
-                  f"recording hides how it changes: 'emostream replay --fast {path} --events OUT.jsonl' or "
-                  f"'emostream batch' give a timeline", file=sys.stderr, flush=True)
+            print(
+                f"emostream: note: {path} is {record['duration'] / 60:.0f} min long; one label for a whole "
+                f"recording hides how it changes: 'emostream replay --fast {path} --events OUT.jsonl' or "
+                f"'emostream batch' give a timeline",
+                file=sys.stderr,
+                flush=True,
+            )
         if args.json:
             print(json.dumps(record), flush=True)
         elif record["speech"]:
@@ -64,8 +81,11 @@ def cmd_export(args) -> int:
     windows = parity_windows()
     reference = Predictor.from_checkpoint(checkpoint, device="cpu", mixed_precision=False).logits(windows).numpy()
     diff = float(np.abs(OnnxPredictor.from_file(out).logits(windows) - reference).max())
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {seconds:.1f} s; max |logit difference| "
-          f"against torch fp32 on {len(windows)} windows: {diff:.2e}", flush=True)
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {seconds:.1f} s; max |logit difference| "
+        f"against torch fp32 on {len(windows)} windows: {diff:.2e}",
+        flush=True,
+    )
     if diff > PARITY_TOLERANCE:
         print(f"emostream: error: the ONNX model differs from torch by more than {PARITY_TOLERANCE}", file=sys.stderr)
         return 1
@@ -74,16 +94,18 @@ def cmd_export(args) -> int:
 
 def show_alert(display):
     """An alert sink that logs raised and cleared alerts on the display."""
+
     def show(alert: dict) -> None:
         verb = "ALERT" if alert["state"] == "raised" else "alert cleared"
         display.log(f"{verb}: {alert['channel']} {alert['rule']} at {alert['t']:.1f} s")
+
     return show
 
 
 def cmd_replay(args) -> int:
     from ..analyzer import AnalyzerConfig
-    from ..compliance import ChannelSelectionError, analysed_channels
     from ..audio import SAMPLE_RATE, audio_info, is_silent, stream_audio
+    from ..compliance import ChannelSelectionError, analysed_channels
     from ..dashboard import DashboardInfo
     from ..display import make_display
     from ..model_files import model_identity
@@ -104,7 +126,9 @@ def cmd_replay(args) -> int:
     try:
         names = channel_names(args.channel_names.split(",") if args.channel_names else None, n_channels)
     except ValueError:
-        raise UsageError(f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}") from None
+        raise UsageError(
+            f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}"
+        ) from None
     try:
         keep = analysed_channels(names, args.analyse)
     except ChannelSelectionError as exc:
@@ -114,14 +138,24 @@ def cmd_replay(args) -> int:
     stream = args.stream or Path(args.file).stem
     writer = JsonlWriter(args.events) if args.events else None
     webhook = AlertWebhook(webhook_config) if webhook_config else None
-    info = DashboardInfo(source=f"replay {args.file}", stream=stream, channels=names,
-                         device=str(predictor.device), hop_seconds=args.hop)
+    info = DashboardInfo(
+        source=f"replay {args.file}", stream=stream, channels=names, device=str(predictor.device), hop_seconds=args.hop
+    )
     display = make_display(info, enabled=not args.no_dashboard)
     sinks = [display.update] + ([writer.write] if writer else [])
-    alert_sinks = [show_alert(display)] + ([writer.write] if writer else []) + ([webhook.send] if webhook is not None else [])
-    pipeline = CallPipeline(predictor.predict, stream, names, stream_config=stream_cfg,
-                            analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=vad_config(args)), sinks=sinks,
-                            alert_rules=args.alert, alert_sinks=alert_sinks)
+    alert_sinks = (
+        [show_alert(display)] + ([writer.write] if writer else []) + ([webhook.send] if webhook is not None else [])
+    )
+    pipeline = CallPipeline(
+        predictor.predict,
+        stream,
+        names,
+        stream_config=stream_cfg,
+        analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=vad_config(args)),
+        sinks=sinks,
+        alert_rules=args.alert,
+        alert_sinks=alert_sinks,
+    )
     chunk = int(REPLAY_CHUNK_SECONDS * SAMPLE_RATE)
     interrupted = False
     with display:
@@ -135,7 +169,7 @@ def cmd_replay(args) -> int:
                         wait = t0 + pos / SAMPLE_RATE / args.speed - time.monotonic()
                         if wait > 0:
                             time.sleep(wait)
-                    piece = block[:, start:start + chunk]
+                    piece = block[:, start : start + chunk]
                     pipeline.push(piece)
                     pos += piece.shape[1]
                     display.set_clock(pipeline.seconds, time.monotonic() - t0)
@@ -145,9 +179,11 @@ def cmd_replay(args) -> int:
             interrupted = True
             display.log("interrupted: summary of the audio so far")
         summary = pipeline.summary()
-        summary.update(model=model_identity(args.checkpoint, args.onnx),
-                       started_at=file_start_time(args.file, pipeline.seconds),
-                       started_at_from=FILE_START_FROM)
+        summary.update(
+            model=model_identity(args.checkpoint, args.onnx),
+            started_at=file_start_time(args.file, pipeline.seconds),
+            started_at_from=FILE_START_FROM,
+        )
         if writer:
             writer.write(summary)
             writer.close()
@@ -160,13 +196,12 @@ def cmd_replay(args) -> int:
 
 def cmd_batch(args) -> int:
     import os
+    from importlib.util import find_spec
 
     from ..batch import BatchConfig, BatchError, find_inputs
     from ..batch_run import run_batch
     from ..webhook import AlertWebhook
     from ..worker import ModelSpec
-
-    from importlib.util import find_spec
 
     # checked, not imported: pyarrow is loaded for the summary table once the model is gone (issue #42)
     if find_spec("pyarrow") is None:
@@ -175,8 +210,15 @@ def cmd_batch(args) -> int:
         raise UsageError("--plots png needs matplotlib: pip install 'emostream[report]' (or use --plots html)")
     names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
     try:
-        config = BatchConfig(hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=vad_config(args),
-                             channel_names=names, analyse=args.analyse, alerts=tuple(args.alert))
+        config = BatchConfig(
+            hop_seconds=args.hop,
+            min_seconds=args.min_seconds,
+            smooth=args.smooth,
+            vad=vad_config(args),
+            channel_names=names,
+            analyse=args.analyse,
+            alerts=tuple(args.alert),
+        )
         skipped: list[tuple[str, str]] = []
         calls = find_inputs(args.input, skipped)
     except (ValueError, BatchError) as exc:
@@ -190,10 +232,15 @@ def cmd_batch(args) -> int:
     if args.ray is not None:
         scale = import_scale()
         gpu = args.ray_gpus > 0
-        spec = ModelSpec(**{**spec.__dict__, "device": args.device if args.device != "auto" else ("cuda" if gpu else "cpu"),
-                            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                            "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
-                            "threads": None if gpu else max(1, int(args.ray_cpus))})
+        spec = ModelSpec(
+            **{
+                **spec.__dict__,
+                "device": args.device if args.device != "auto" else ("cuda" if gpu else "cpu"),
+                "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
+                "threads": None if gpu else max(1, int(args.ray_cpus)),
+            }
+        )
         require_model_files(spec)
         try:
             started = scale.connect(args.ray)
@@ -210,9 +257,19 @@ def cmd_batch(args) -> int:
     show = BatchProgress(len(calls), args.quiet)
     try:
         with show:
-            report = run_batch(calls, out, spec, config, workers=args.workers, use_ray=args.ray is not None,
-                               cpus_per_worker=args.ray_cpus, gpus_per_worker=args.ray_gpus, plots=args.plots,
-                               webhook=webhook, progress=show.update)
+            report = run_batch(
+                calls,
+                out,
+                spec,
+                config,
+                workers=args.workers,
+                use_ray=args.ray is not None,
+                cpus_per_worker=args.ray_cpus,
+                gpus_per_worker=args.ray_gpus,
+                plots=args.plots,
+                webhook=webhook,
+                progress=show.update,
+            )
     finally:
         if started:
             from ..scale import shutdown
@@ -222,9 +279,12 @@ def cmd_batch(args) -> int:
             webhook.close(WEBHOOK_CLOSE_SECONDS)
     analysed = report.ok
     speed = report.audio_seconds / report.wall_seconds if report.wall_seconds else 0.0
-    print(f"batch: {report.total} call(s): {analysed} analysed ({report.audio_seconds:.1f} s of audio in "
-          f"{report.wall_seconds:.1f} s, {speed:.1f} s of audio per second), {report.skipped} already done, "
-          f"{len(report.failed)} failed; {report.table} ({report.rows} rows)", flush=True)
+    print(
+        f"batch: {report.total} call(s): {analysed} analysed ({report.audio_seconds:.1f} s of audio in "
+        f"{report.wall_seconds:.1f} s, {speed:.1f} s of audio per second), {report.skipped} already done, "
+        f"{len(report.failed)} failed; {report.table} ({report.rows} rows)",
+        flush=True,
+    )
     if webhook is not None:
         webhook_report(webhook)
     return 2 if report.failed else 0
@@ -241,8 +301,15 @@ class BatchProgress:
         if not quiet and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                                TimeElapsedColumn(), console=self.console, transient=True)
+            self.bar = Progress(
+                TextColumn("batch"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.task = self.bar.add_task("", total=total)
         self.quiet = quiet
         self.audio = 0.0

@@ -1,12 +1,21 @@
 """The live commands: ``serve``, ``send``, ``watch`` and ``mic``."""
+
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from .common import (UsageError, command_model_info, env_default, import_scale, load_command_predictor,
-                     require_model_files, vad_config, alert_webhook_config)
+from .common import (
+    UsageError,
+    alert_webhook_config,
+    command_model_info,
+    env_default,
+    import_scale,
+    load_command_predictor,
+    require_model_files,
+    vad_config,
+)
 
 
 def cmd_serve(args) -> int:
@@ -21,20 +30,34 @@ def cmd_serve(args) -> int:
     try:
         keys = tuple(AudioHookKey.parse(k) for k in args.audiohook_key)
         config = ServerConfig(
-            host=args.host, port=args.port, token=env_default(args.token, "EMOSTREAM_TOKEN"),
-            max_calls=args.max_calls, events_dir=Path(args.events_dir) if args.events_dir else None,
-            hop_seconds=args.hop, min_seconds=args.min_seconds, smooth=args.smooth, vad=vad_config(args),
-            idle_timeout=args.idle_timeout, start_timeout=args.start_timeout, max_unstarted=args.max_unstarted,
+            host=args.host,
+            port=args.port,
+            token=env_default(args.token, "EMOSTREAM_TOKEN"),
+            max_calls=args.max_calls,
+            events_dir=Path(args.events_dir) if args.events_dir else None,
+            hop_seconds=args.hop,
+            min_seconds=args.min_seconds,
+            smooth=args.smooth,
+            vad=vad_config(args),
+            idle_timeout=args.idle_timeout,
+            start_timeout=args.start_timeout,
+            max_unstarted=args.max_unstarted,
             max_call_seconds=args.max_call_minutes * 60,
             max_message_bytes=args.max_message_kb * 1024,
             twilio_auth_token=env_default(args.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
-            public_url=args.public_url, audiohook_keys=keys,
-            worker=WorkerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                max_pending=max(4096, args.max_batch)), warm_up=args.warm_up,
-            analyse=args.analyse, record_dir=Path(args.record) if args.record else None,
-            events_retention_days=args.events_retention_days, record_retention_days=args.record_retention_days,
+            public_url=args.public_url,
+            audiohook_keys=keys,
+            worker=WorkerConfig(
+                max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_pending=max(4096, args.max_batch)
+            ),
+            warm_up=args.warm_up,
+            analyse=args.analyse,
+            record_dir=Path(args.record) if args.record else None,
+            events_retention_days=args.events_retention_days,
+            record_retention_days=args.record_retention_days,
             alerts=tuple(args.alert),
-            alert_webhook=alert_webhook_config(args))
+            alert_webhook=alert_webhook_config(args),
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for flag, directory in (("--events-dir", config.events_dir), ("--record", config.record_dir)):
@@ -67,9 +90,12 @@ def cmd_serve(args) -> int:
         except OSError as exc:
             raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
         auth = "token required" if config.token else "no token (set --token or EMOSTREAM_TOKEN)"
-        print(f"emostream serve: listening on ws://{config.host}:{port} (/v1/pcm /v1/twilio /v1/audiohook "
-              f"/v1/events); model on {device}; {auth}; supervisor page http://{config.host}:{port}/",
-              file=sys.stderr, flush=True)
+        print(
+            f"emostream serve: listening on ws://{config.host}:{port} (/v1/pcm /v1/twilio /v1/audiohook "
+            f"/v1/events); model on {device}; {auth}; supervisor page http://{config.host}:{port}/",
+            file=sys.stderr,
+            flush=True,
+        )
         view = None
         if args.dashboard:
             from rich.console import Console
@@ -106,18 +132,30 @@ def ray_worker(args, config):
     scale = import_scale()
     try:
         low, high = scale.parse_replicas(args.ray_replicas)
-        serve_config = scale.ServeConfig(app_name=args.ray_app, min_replicas=low, max_replicas=high,
-                                         target_ongoing_requests=args.ray_target_requests, cpus=args.ray_cpus,
-                                         gpus=args.ray_gpus, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                         warm_up=args.warm_up)
+        serve_config = scale.ServeConfig(
+            app_name=args.ray_app,
+            min_replicas=low,
+            max_replicas=high,
+            target_ongoing_requests=args.ray_target_requests,
+            cpus=args.ray_cpus,
+            gpus=args.ray_gpus,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            warm_up=args.warm_up,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     device = args.device if args.device != "auto" else ("cuda" if args.ray_gpus > 0 else "cpu")
     spec = ModelSpec.from_args(args)
-    spec = ModelSpec(**{**spec.__dict__, "device": device,
-                        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-                        "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
-                        "threads": max(1, int(args.ray_cpus)) if args.ray_gpus == 0 else None})
+    spec = ModelSpec(
+        **{
+            **spec.__dict__,
+            "device": device,
+            "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+            "onnx": str(Path(args.onnx).resolve()) if args.onnx else None,
+            "threads": max(1, int(args.ray_cpus)) if args.ray_gpus == 0 else None,
+        }
+    )
     if spec.backend != "constant":
         require_model_files(spec)
     started = False
@@ -129,13 +167,19 @@ def ray_worker(args, config):
             scale.shutdown(started)
         raise UsageError(str(exc)) from None
     if deployed:
-        print(f"emostream serve: deployed Ray Serve application {serve_config.app_name!r} ({args.ray_replicas} "
-              f"replica(s), {serve_config.cpus:g} CPU / {serve_config.gpus:g} GPU each, model on {info.get('device')})",
-              file=sys.stderr, flush=True)
+        print(
+            f"emostream serve: deployed Ray Serve application {serve_config.app_name!r} ({args.ray_replicas} "
+            f"replica(s), {serve_config.cpus:g} CPU / {serve_config.gpus:g} GPU each, model on {info.get('device')})",
+            file=sys.stderr,
+            flush=True,
+        )
     else:
-        print(f"emostream serve: using the running Ray Serve application {serve_config.app_name!r} (model on "
-              f"{info.get('device')}; its replica settings stay as deployed, --ray-redeploy replaces them)",
-              file=sys.stderr, flush=True)
+        print(
+            f"emostream serve: using the running Ray Serve application {serve_config.app_name!r} (model on "
+            f"{info.get('device')}; its replica settings stay as deployed, --ray-redeploy replaces them)",
+            file=sys.stderr,
+            flush=True,
+        )
     model_info = {k: v for k, v in info.items() if k != "device"}
     return scale.RayWorker(handle, config.worker), f"ray:{info.get('device')}", model_info, started
 
@@ -162,13 +206,22 @@ def cmd_send(args) -> int:
 
         try:
             if audio_info(args.file).channels == 1:
-                hint = (f"; {args.file} is mono, sent as channel 'ch0' and serve analyses the customer by default: "
-                        "add --channel-names customer")
+                hint = (
+                    f"; {args.file} is mono, sent as channel 'ch0' and serve analyses the customer by default: "
+                    "add --channel-names customer"
+                )
         except AudioError:
             pass  # send_file says why the file cannot be read
-    options = SendOptions(protocol=args.protocol, fast=args.fast, token=env_default(args.token, "EMOSTREAM_TOKEN"),
-                          call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
-                          channel_names=names, audiohook_key=key)
+    options = SendOptions(
+        protocol=args.protocol,
+        fast=args.fast,
+        token=env_default(args.token, "EMOSTREAM_TOKEN"),
+        call_id=args.call_id,
+        encoding=args.encoding,
+        sample_rate=args.rate,
+        channel_names=names,
+        audiohook_key=key,
+    )
 
     def show(message: dict) -> None:
         if not args.quiet or message.get("type") == "summary":
@@ -181,8 +234,11 @@ def cmd_send(args) -> int:
     if result.summary is None:
         reason = result.close_reason or "connection closed"
         errors = [m.get("message") for m in result.messages if m.get("type") == "error"]
-        print(f"emostream: error: call ended without a summary (close {result.close_code}: "
-              f"{errors[0] if errors else reason}){hint}", file=sys.stderr)
+        print(
+            f"emostream: error: call ended without a summary (close {result.close_code}: "
+            f"{errors[0] if errors else reason}){hint}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
