@@ -1,7 +1,7 @@
 """How well the replayed timelines of the bundled example calls agree with their ground truth.
 
 Runs ``emostream replay FILE --fast --no-dashboard --events ...`` (the real CLI path) on every call
-in ``examples/index.json`` and scores the events with :func:`emostream.timeline.agreement`: for each
+in ``examples/index.json`` and scores the events with :func:`train.metrics.segment_agreement`: for each
 classified window, the share of the labelled speech inside it whose label equals the window's label,
 weighted by that speech time. Windows flagged as silence are not scored.
 
@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Sequence
 
 from emostream.cli import main as emostream_main
-from emostream.timeline import agreement, read_events
+from emostream.timeline import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `train` is a top-level package of the repository
+from train.metrics import segment_agreement  # noqa: E402
+
 EXAMPLES = ROOT / "examples"
 
 
@@ -56,7 +59,7 @@ def score_example(
     if rc != 0:
         raise SystemExit(f"replay of {entry['file']} failed with exit code {rc}")
     events = read_events(events_path)
-    result = agreement(events, read_segments(EXAMPLES / entry["segments"]))
+    result = segment_agreement(events, read_segments(EXAMPLES / entry["segments"]))
     result["windows"] = len(events)
     result["silence_windows"] = sum(1 for e in events if not e.get("speech"))
     result["events"] = events

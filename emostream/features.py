@@ -12,10 +12,6 @@ from .audio import SAMPLE_RATE, WINDOW_SAMPLES
 
 NORMALIZATIONS = ("none", "utterance", "utterance_bins")
 UTTERANCE_FLOOR_DB = 80.0
-# Vocal tract length perturbation (training only): frequencies below this fraction of Nyquist
-# (times min(1, 1/alpha)) scale by alpha, the rest map linearly onto the band up to Nyquist,
-# so that no energy leaves the spectrum and no band is left empty (Kaldi's VTLN warp).
-VTLP_CUTOFF = 0.85
 
 
 @dataclass(frozen=True)
@@ -65,16 +61,17 @@ class MelFrontEnd(nn.Module):
         )
         self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=config.top_db)
 
-    def forward(self, waveform: torch.Tensor, warp: torch.Tensor | None = None) -> torch.Tensor:
-        """``warp`` (training only): one VTLP factor per item (1 = unchanged), see :func:`vtlp_filterbanks`."""
+    def forward(self, waveform: torch.Tensor, filterbanks: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel spectrograms ``(batch, 1, mels, frames)``. ``filterbanks`` ``(batch, freqs, mels)``:
+        per-item mel filterbanks in place of the fixed one (training's vocal tract length
+        perturbation, :func:`train.forward.vtlp_filterbanks`)."""
         # The STFT runs in float32 even under autocast: bf16/fp16 power spectra lose the quiet bins.
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            if warp is None:
+            if filterbanks is None:
                 power = self.mel(waveform.float())
             else:
                 spec = self.mel.spectrogram(waveform.float())  # (B, freqs, frames)
-                banks = vtlp_filterbanks(self.mel.mel_scale.fb, warp.float())  # (B, freqs, mels)
-                power = torch.einsum("bft,bfm->bmt", spec, banks)
+                power = torch.einsum("bft,bfm->bmt", spec, filterbanks.float())
             spec = self.to_db(power)
             if self.config.normalize == "utterance":
                 spec = normalize_utterance(spec)
@@ -92,21 +89,3 @@ def normalize_utterance(spec: torch.Tensor, per_band: bool = False) -> torch.Ten
     mean = spec.mean(dim=-1, keepdim=True) if per_band else spec.mean(dim=(-2, -1), keepdim=True)
     std = spec.std(dim=(-2, -1), keepdim=True)
     return (spec - mean) / (std + 1e-5)
-
-
-def vtlp_filterbanks(fb: torch.Tensor, alpha: torch.Tensor, cutoff: float = VTLP_CUTOFF) -> torch.Tensor:
-    """Mel filterbanks ``(B, freqs, mels)`` that warp the spectrum's frequency axis by ``alpha``
-    ``(B,)`` before the mel bands are taken (vocal tract length perturbation, Jaitly & Hinton 2013):
-    the energy of linear bin ``g`` goes to the mel bands at frequency ``w(g)``, with ``w(g) = alpha g``
-    below ``cutoff * Nyquist * min(1, 1 / alpha)`` and linear from there to Nyquist. ``alpha > 1``
-    raises formants and pitch (a shorter vocal tract), ``alpha < 1`` lowers them; ``alpha = 1`` gives
-    ``fb`` itself. Works in bin units on ``fb`` ``(freqs, mels)``, interpolating between its rows."""
-    top = fb.shape[0] - 1
-    g = torch.arange(fb.shape[0], dtype=fb.dtype, device=fb.device)[None, :]  # (1, freqs)
-    a = alpha.to(fb.device, fb.dtype)[:, None]  # (B, 1)
-    knee = cutoff * top * torch.clamp(1.0 / a, max=1.0)
-    upper = a * knee + (top - a * knee) * (g - knee) / (top - knee)
-    pos = torch.where(g <= knee, a * g, upper).clamp(0, top)  # (B, freqs)
-    lo = pos.floor().long().clamp(max=top - 1)
-    frac = (pos - lo.to(fb.dtype)).unsqueeze(-1)
-    return fb[lo] * (1 - frac) + fb[lo + 1] * frac

@@ -57,34 +57,19 @@ class EmotionNet(nn.Module):
             drop_path_rate=model_config.drop_path,
         )
 
-    def forward(
-        self,
-        waveform: torch.Tensor,
-        spec_augment=None,
-        return_embedding: bool = False,
-        return_feature_map: bool = False,
-        warp: torch.Tensor | None = None,
-    ):
-        """Logits for waveforms; ``spec_augment`` (training only) transforms the log-mel batch and
-        ``warp`` (training only) gives each item a VTLP factor (:func:`emostream.features.vtlp_filterbanks`).
-        Training only: with ``return_embedding`` also the pooled backbone features ``(B, C)``, with
-        ``return_feature_map`` also the last feature map ``(B, C, F, T)``, after the logits in that
-        order."""
-        spec = self.frontend(waveform, warp=warp)
-        if spec_augment is not None:
-            spec = spec_augment(spec)
-        if spec.device.type == "cpu":
-            spec = spec.contiguous(memory_format=torch.channels_last)
-        if not (return_embedding or return_feature_map):
-            return self.backbone(spec).float()
-        feature_map = self.backbone.forward_features(spec)
-        embedding = self.backbone.forward_head(feature_map, pre_logits=True)
-        out = (self.backbone.get_classifier()(embedding).float(),)
-        if return_embedding:
-            out += (embedding.float(),)
-        if return_feature_map:
-            out += (feature_map,)
-        return out
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, 7)`` for waveform windows ``(batch, samples)``: the front end, then
+        :meth:`classify_spectrogram` (training adds its augmentations between the two:
+        :func:`train.forward.training_forward`)."""
+        return self.classify_spectrogram(self.frontend(waveform))
+
+    def backbone_input(self, spec: torch.Tensor) -> torch.Tensor:
+        """Front-end output as the backbone takes it (channels_last on a CPU: oneDNN's fast layout)."""
+        return spec.contiguous(memory_format=torch.channels_last) if spec.device.type == "cpu" else spec
+
+    def classify_spectrogram(self, spec: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) for log-mel spectrograms ``(batch, 1, mels, frames)``."""
+        return self.backbone(self.backbone_input(spec)).float()
 
 
 def select_device(requested: str | None = None) -> torch.device:

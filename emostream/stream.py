@@ -289,23 +289,6 @@ def _ceil_to(x: int, step: int) -> int:
     return -(-x // step) * step
 
 
-def speech_activity(
-    samples: np.ndarray,
-    threshold_db: float = -50.0,
-    frame: int = 512,
-    min_active_seconds: float = 0.1,
-    sample_rate: int = SAMPLE_RATE,
-) -> bool:
-    """Energy check: at least ``min_active_seconds`` of 32 ms frames above ``threshold_db`` dBFS.
-
-    This only separates near-silence (line hiss, pauses) from sound; it is not a voice detector.
-    """
-    rms_db = frame_levels_db(samples, frame)
-    if len(rms_db) == 0:
-        return False
-    return bool((rms_db > threshold_db).sum() * frame >= min_active_seconds * sample_rate)
-
-
 def frame_levels_db(samples: np.ndarray, frame: int = 512) -> np.ndarray:
     """Level in dBFS (RMS) of each whole ``frame``-sample frame; a trailing partial frame is dropped."""
     n = len(samples) // frame

@@ -215,32 +215,3 @@ def read_events(path: str | Path) -> list[dict]:
             if kind == "event" or (kind != "gap" and "t_start" in obj):  # gap records are not events
                 out.append(obj)
     return out
-
-
-def agreement(events: Iterable[dict], segments: list[dict]) -> dict:
-    """Agreement of window labels with ground-truth segments, over speech time.
-
-    Each classified window is compared with the ground truth it covers: of the speech time inside
-    ``[t_start, t_end)``, the share whose segment label equals the window's label counts as agreeing.
-    Windows weigh by their speech time; returns agreement and scored seconds per channel and overall.
-    """
-    per_channel: dict[str, list[float]] = {}
-    for e in events:
-        if not e.get("speech") or e.get("label") is None:
-            continue
-        acc = per_channel.setdefault(e["channel"], [0.0, 0.0])
-        for s in segments:
-            if s["channel"] != e["channel"]:
-                continue
-            overlap = min(e["t_end"], float(s["t_end"])) - max(e["t_start"], float(s["t_start"]))
-            if overlap > 0:
-                acc[1] += overlap
-                if s["label"] == e["label"]:
-                    acc[0] += overlap
-    out = {
-        ch: {"agreement": (a / t if t else float("nan")), "seconds": round(t, 3)} for ch, (a, t) in per_channel.items()
-    }
-    total_a = sum(a for a, _ in per_channel.values())
-    total_t = sum(t for _, t in per_channel.values())
-    out["overall"] = {"agreement": total_a / total_t if total_t else float("nan"), "seconds": round(total_t, 3)}
-    return out

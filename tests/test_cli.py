@@ -282,7 +282,7 @@ def test_replay_bundled_stereo_example_matches_ground_truth_format(shipped_check
     import csv
 
     from emostream.audio import load_audio
-    from emostream.timeline import agreement
+    from train.metrics import segment_agreement as agreement
 
     wav = ROOT / "examples" / "call_stereo.flac"
     out = tmp_path / "e.jsonl"

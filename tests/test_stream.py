@@ -11,7 +11,6 @@ from emostream.stream import (
     StreamWindower,
     fixed_chunks,
     placed_windows,
-    speech_activity,
 )
 
 
@@ -170,14 +169,6 @@ def test_placed_windows_read_a_long_clip_from_inside():
     assert np.diff(starts).max() <= WINDOW_SAMPLES / 4 and len(w) >= 5
     for row, s in zip(w, starts):  # every window lies wholly inside the clip
         np.testing.assert_array_equal(row, x[s : s + WINDOW_SAMPLES])
-
-
-def test_speech_activity():
-    assert not speech_activity(np.zeros(SAMPLE_RATE))
-    assert not speech_activity(np.full(SAMPLE_RATE, 1e-4))  # -80 dBFS hiss
-    x = np.zeros(SAMPLE_RATE, dtype=np.float32)
-    x[:4000] = 0.1 * np.sin(np.arange(4000))
-    assert speech_activity(x)
 
 
 def test_skip_collapses_a_gap_and_restarts_the_schedule():

@@ -20,6 +20,7 @@ from train.engine import (
     time_cells,
     window_segments,
 )
+from train.forward import training_forward
 from train.teacher import (
     CELL_MIN_AUDIO,
     ENCODER_FRAME_SAMPLES,
@@ -195,7 +196,9 @@ def test_frame_loss_ignores_masked_cells_and_the_projector_keeps_the_cells():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no statistics moved
     model.eval()
     with torch.no_grad():
-        logits, pooled, fmap = model(torch.randn(2, 96_000), return_embedding=True, return_feature_map=True)
+        logits, pooled, fmap = training_forward(
+            model, torch.randn(2, 96_000), return_embedding=True, return_feature_map=True
+        )
     assert fmap.shape == (2, model.backbone.num_features, 4, 6)
     assert torch.allclose(pooled, fmap.float().mean(dim=(2, 3)), atol=1e-4)
     assert FrameProjector(model.backbone.num_features, 512)(fmap).shape == (2, 6, 512)
@@ -505,7 +508,7 @@ def test_embedding_regression_loss_and_the_models_pooled_features():
     model = EmotionNet(ModelConfig()).eval()
     x = torch.randn(2, 16000)
     with torch.no_grad():
-        logits, features = model(x, return_embedding=True)
+        logits, features = training_forward(model, x, return_embedding=True)
         assert torch.allclose(logits, model(x), atol=1e-5) and features.shape == (2, model.backbone.num_features)
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from emostream.timeline import CLASSES, JsonlWriter, Smoother, Timeline, agreement, make_event, read_events
+from emostream.timeline import CLASSES, JsonlWriter, Smoother, Timeline, make_event, read_events
 
 
 def onehot(label: str, p: float = 0.9) -> np.ndarray:
@@ -78,20 +78,6 @@ def test_jsonl_writer_flushes_each_event(tmp_path):
     assert len(read_events(path)) == 1
     with pytest.raises(FileNotFoundError):
         JsonlWriter(tmp_path / "missing" / "e.jsonl")
-
-
-def test_agreement_over_speech_time():
-    segs = [
-        {"channel": "a", "t_start": 0.0, "t_end": 4.0, "label": "Angry"},
-        {"channel": "a", "t_start": 6.0, "t_end": 10.0, "label": "Sad"},
-    ]
-    events = [
-        make_event("s", "a", 0, 6, onehot("Angry")),  # 4 s speech, all agree
-        make_event("s", "a", 4, 10, onehot("Angry")),  # 4 s speech, none agree
-        make_event("s", "a", 4, 6, None),
-    ]  # silence: not scored
-    r = agreement(events, segs)
-    assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0
 
 
 def _summary_from_all_events(timeline: Timeline, events: dict, peaks: int = 3) -> dict:

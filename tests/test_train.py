@@ -992,3 +992,25 @@ def test_table_paths_fall_back_to_the_tables_folder_when_the_data_folder_is_miss
     (tmp_path / "c.yaml").write_text(f"base: {RECIPE}\narchitecture:\n  pretrained: false\n")
     cfg = load_config(tmp_path / "c.yaml", data=str(tmp_path / "t" / "m.csv"))
     assert cfg.data_folder and [c.path for c in config_clips(cfg)] == [str(tmp_path / "t" / "a.wav")]
+
+
+def test_segment_agreement_over_speech_time():
+    from emostream.timeline import make_event
+    from train.metrics import segment_agreement
+
+    def onehot(label: str) -> np.ndarray:
+        p = np.full(len(CLASSES), 0.1 / (len(CLASSES) - 1))
+        p[CLASSES.index(label)] = 0.9
+        return p
+
+    segs = [
+        {"channel": "a", "t_start": 0.0, "t_end": 4.0, "label": "Angry"},
+        {"channel": "a", "t_start": 6.0, "t_end": 10.0, "label": "Sad"},
+    ]
+    events = [
+        make_event("s", "a", 0, 6, onehot("Angry")),  # 4 s speech, all agree
+        make_event("s", "a", 4, 10, onehot("Angry")),  # 4 s speech, none agree
+        make_event("s", "a", 4, 6, None),  # silence: not scored
+    ]
+    r = segment_agreement(events, segs)
+    assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0

@@ -12,11 +12,29 @@ from emostream import vad as vad_module
 from emostream.analyzer import Analyzer, AnalyzerConfig
 from emostream.audio import SAMPLE_RATE, load_audio
 from emostream.cli import main
-from emostream.stream import StreamConfig, StreamWindower, Window, speech_activity
+from emostream.stream import StreamConfig, StreamWindower, Window, frame_levels_db
 from emostream.vad import FRAME, SileroStream, SpeechGate, VadConfig, VadUnavailable
 from emostream.worker import constant_predictor
 
 from .conftest import EXAMPLES
+
+
+def speech_activity(
+    samples: np.ndarray,
+    threshold_db: float = -50.0,
+    frame: int = 512,
+    min_active_seconds: float = 0.1,
+    sample_rate: int = SAMPLE_RATE,
+) -> bool:
+    """The original energy rule, the reference of the energy gate: at least ``min_active_seconds`` of
+    32 ms frames above ``threshold_db`` dBFS.
+
+    This only separates near-silence (line hiss, pauses) from sound; it is not a voice detector.
+    """
+    rms_db = frame_levels_db(samples, frame)
+    if len(rms_db) == 0:
+        return False
+    return bool((rms_db > threshold_db).sum() * frame >= min_active_seconds * sample_rate)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +80,14 @@ def test_silero_hears_voices_not_silence_or_noise(stereo):
     noise = (0.03 * np.random.default_rng(1).standard_normal(5 * SAMPLE_RATE)).astype(np.float32)  # -30 dBFS hiss
     assert (one_pass(noise) >= 0.5).mean() == 0
     assert speech_activity(noise)  # ... which the energy rule takes for sound
+
+
+def test_the_reference_energy_rule():
+    assert not speech_activity(np.zeros(SAMPLE_RATE))
+    assert not speech_activity(np.full(SAMPLE_RATE, 1e-4))  # -80 dBFS hiss
+    x = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    x[:4000] = 0.1 * np.sin(np.arange(4000))
+    assert speech_activity(x)
 
 
 def windows_of(audio: np.ndarray, names=("agent", "customer"), hop: float = 1.0) -> list[Window]:

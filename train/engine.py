@@ -34,6 +34,7 @@ from emostream.stream import placed_windows
 
 from .config import ConfigError, TrainConfig
 from .data import AudioCache, Clip
+from .forward import training_forward
 from .metrics import (
     classification_metrics,
     fit_temperature,
@@ -419,7 +420,7 @@ def time_cells(model: EmotionNet, device: torch.device) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        _, fmap = model(torch.zeros(1, WINDOW_SAMPLES, device=device), return_feature_map=True)
+        _, fmap = training_forward(model, torch.zeros(1, WINDOW_SAMPLES, device=device), return_feature_map=True)
     model.train(was_training)
     return int(fmap.shape[-1])
 
@@ -744,11 +745,11 @@ def fit(
                     soft = batch.teacher_logits.to(dev) if batch.teacher_logits is not None else None
                     with autocast_for(dev, cfg.mixed_precision_training):
                         if projector is not None or frame_projector is not None:
-                            logits, features, fmap = model(
-                                x, spec_augment=spec_aug, return_embedding=True, return_feature_map=True, warp=warp
+                            logits, features, fmap = training_forward(
+                                model, x, spec_aug, warp, return_embedding=True, return_feature_map=True
                             )
                         else:
-                            logits = model(x, spec_augment=spec_aug, warp=warp)
+                            logits = training_forward(model, x, spec_aug, warp)
                         projected = projector(features) if projector is not None else None
                         frames_projected = frame_projector(fmap) if frame_projector is not None else None
                     loss = loss_fn(cfg, logits.float(), y, soft)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -188,3 +189,33 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def segment_agreement(events: Iterable[dict], segments: list[dict]) -> dict:
+    """Agreement of a timeline's window labels with ground-truth segments, over speech time (the
+    example calls' score in the shipping rule, ``bench/agreement.py``).
+
+    Each classified window is compared with the ground truth it covers: of the speech time inside
+    ``[t_start, t_end)``, the share whose segment label equals the window's label counts as agreeing.
+    Windows weigh by their speech time; returns agreement and scored seconds per channel and overall.
+    """
+    per_channel: dict[str, list[float]] = {}
+    for e in events:
+        if not e.get("speech") or e.get("label") is None:
+            continue
+        acc = per_channel.setdefault(e["channel"], [0.0, 0.0])
+        for s in segments:
+            if s["channel"] != e["channel"]:
+                continue
+            overlap = min(e["t_end"], float(s["t_end"])) - max(e["t_start"], float(s["t_start"]))
+            if overlap > 0:
+                acc[1] += overlap
+                if s["label"] == e["label"]:
+                    acc[0] += overlap
+    out = {
+        ch: {"agreement": (a / t if t else float("nan")), "seconds": round(t, 3)} for ch, (a, t) in per_channel.items()
+    }
+    total_a = sum(a for a, _ in per_channel.values())
+    total_t = sum(t for _, t in per_channel.values())
+    out["overall"] = {"agreement": total_a / total_t if total_t else float("nan"), "seconds": round(total_t, 3)}
+    return out

@@ -74,6 +74,8 @@ def embed_clips(checkpoint: Path, waves: list[np.ndarray], positions: int = 5) -
     from emostream.model import autocast_for, load_checkpoint
     from emostream.stream import placed_windows
 
+    from .forward import training_forward
+
     model = load_checkpoint(checkpoint, "cpu").eval()
     device = torch.device("cpu")
     embeddings, logits = [], []
@@ -81,7 +83,7 @@ def embed_clips(checkpoint: Path, waves: list[np.ndarray], positions: int = 5) -
         for x in waves:
             windows = torch.from_numpy(placed_windows(x, positions))
             with autocast_for(device, True):
-                lg, emb = model(windows, return_embedding=True)
+                lg, emb = training_forward(model, windows, return_embedding=True)
             embeddings.append(emb.float().mean(0).numpy())
             logits.append(lg.float().mean(0).numpy())
     return np.stack(embeddings), np.stack(logits)
