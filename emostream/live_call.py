@@ -1,6 +1,7 @@
-"""One live call on the server: :class:`LiveCall` (the channels chosen by ``analyse`` -> per-channel
-streaming resampler -> windower -> speech gate and model through the shared worker -> sinks: the
-call's JSONL file, the :class:`~emostream.hub.EventsHub`, metrics, alerts) and :class:`EndedCall`,
+"""One live call on the server: :class:`LiveCall` (the channels chosen by ``analyse`` -> the call
+pipeline of every source, :class:`~emostream.pipeline.CallPipeline`: per-channel streaming resampler
+-> windower -> speech gate and model, here through the shared worker -> sinks: the call's JSONL
+file, the :class:`~emostream.hub.EventsHub`, metrics, alerts) and :class:`EndedCall`,
 what the page keeps of it once it has ended."""
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from typing import IO, Callable
 
 import numpy as np
 
-from .alerts import AlertTracker
-from .analyzer import Analyzer, AnalyzerConfig
-from .audio import SAMPLE_RATE, StreamResampler
+from .analyzer import AnalyzerConfig
 from .compliance import CallRecorder, analysed_channels
 from .hub import EventsHub
 from .metrics import ServerMetrics, call_outcome
+from .pipeline import CallPipeline
 from .protocols import CLOSE_POLICY, ProtocolError, Start
 from .server_config import ServerConfig
-from .stream import StreamConfig, StreamWindower
+from .stream import StreamConfig
 from .timeline import JsonlWriter, iso_utc
 from .webhook import AlertWebhook
 from .worker import InferenceWorker
@@ -101,11 +101,6 @@ class LiveCall:
             self.recorder = CallRecorder(
                 Path(config.record_dir) / f"{start.call_id}.wav", start.sample_rate, len(start.channels)
             )
-        self.resamplers = [StreamResampler(start.sample_rate, SAMPLE_RATE) for _ in analysed]
-        self.windower = StreamWindower(
-            start.call_id, self.analysed, StreamConfig(hop_seconds=config.hop_seconds, min_seconds=config.min_seconds)
-        )
-        self.alerts = AlertTracker(config.alerts, start.call_id)
         sinks: list[Callable[[dict], None]] = []
         if self._writer:
             sinks.append(self._writer.write)
@@ -113,18 +108,19 @@ class LiveCall:
             sinks.append(lambda e: hub.publish({"type": "event", **e}))
         if metrics is not None:
             sinks.append(metrics.count_event)
-        if config.alerts:
-            sinks.append(self._check_alerts)
-        self.analyzer = Analyzer(
+        self.pipeline = CallPipeline(
             worker.infer,
             start.call_id,
             self.analysed,
-            AnalyzerConfig(smooth=config.smooth, vad=config.vad),
-            config.hop_seconds,
-            sinks,
+            stream_config=StreamConfig(hop_seconds=config.hop_seconds, min_seconds=config.min_seconds),
+            analyzer_config=AnalyzerConfig(smooth=config.smooth, vad=config.vad),
+            sinks=sinks,
+            alert_rules=config.alerts,
+            alert_sinks=[self._on_alert],
+            sample_rate=start.sample_rate,
             source_channels=dict(zip(start.channels, start.source_channels)),
         )
-        self.analyzer.timeline.max_events = config.max_events_kept  # memory: the file has every event
+        self.pipeline.timeline.max_events = config.max_events_kept  # memory: the file has every event
         self._input = [0] * len(analysed)  # samples per analysed channel at the protocol rate, gaps included
         if hub is not None:
             hub.publish(self.started_message())
@@ -153,21 +149,26 @@ class LiveCall:
     def detail(self) -> dict:
         """Everything of this call so far, for ``GET /v1/calls/<id>``."""
         order = {ch: k for k, ch in enumerate(self.analysed)}
-        events = [e for ch in self.analysed for e in self.analyzer.timeline.events.get(ch, [])]
+        events = [e for ch in self.analysed for e in self.pipeline.timeline.events.get(ch, [])]
         events.sort(key=lambda e: (e["t_end"], order[e["channel"]]))
-        return {"call": self.listing(), "events": events, "alerts": list(self.alerts.history), "summary": self.summary}
+        return {
+            "call": self.listing(),
+            "events": events,
+            "alerts": list(self.pipeline.alerts.history),
+            "summary": self.summary,
+        }
 
-    def _check_alerts(self, event: dict) -> None:
-        for alert in self.alerts.update(event):
-            log.info("alert %s on %s: %s at %.1f s", alert["state"], alert["channel"], alert["rule"], alert["t"])
-            if self.metrics is not None and alert["state"] == "raised":
-                self.metrics.alerts.labels(alert["rule"]).inc()
-            if self._writer:
-                self._writer.write(alert)
-            if self.hub is not None:
-                self.hub.publish(alert)
-            if self.webhook is not None:  # queued: never waits for the endpoint
-                self.webhook.send(alert)
+    def _on_alert(self, alert: dict) -> None:
+        """A raised or cleared alert: logged, counted, and to the file, the hub and the webhook."""
+        log.info("alert %s on %s: %s at %.1f s", alert["state"], alert["channel"], alert["rule"], alert["t"])
+        if self.metrics is not None and alert["state"] == "raised":
+            self.metrics.alerts.labels(alert["rule"]).inc()
+        if self._writer:
+            self._writer.write(alert)
+        if self.hub is not None:
+            self.hub.publish(alert)
+        if self.webhook is not None:  # queued: never waits for the endpoint
+            self.webhook.send(alert)
 
     def _order(self, window) -> tuple[float, int]:
         return window.end, self.analysed.index(window.channel)
@@ -175,7 +176,7 @@ class LiveCall:
     async def push(self, audio: list[tuple[int, np.ndarray]]) -> list[dict]:
         """``(channel, samples)`` pieces at the protocol's rate (one frame of every channel);
         the windows they complete are classified in one request. Returns their events."""
-        rate = self.resamplers[0].orig_rate
+        rate = self.pipeline.sample_rate
         self._check_length(max(len(samples) for _, samples in audio) / rate)
         windows = []
         for channel, samples in audio:
@@ -185,12 +186,10 @@ class LiveCall:
             if local is None:  # not analysed: dropped here, never resampled, windowed or classified
                 continue
             self._input[local] += len(samples)
-            x = self.resamplers[local].push(samples)
-            if len(x):
-                windows += self.windower.push(local, x)
+            windows += self.pipeline.channel_windows(local, samples)
         if len(windows) > 1:
             windows.sort(key=self._order)
-        return await self.analyzer.process_async(windows, self.worker.infer)
+        return await self.pipeline.classify_async(windows, self.worker.infer)
 
     async def silence(self, channel: int | None, samples: int) -> list[dict]:
         """A gap of ``samples`` (protocol rate) on one or every channel: up to ``GAP_FILL_SECONDS``
@@ -199,7 +198,7 @@ class LiveCall:
             channels = list(range(len(self.analysed)))
         else:
             channels = [self._local[channel]] if channel in self._local else []
-        rate = self.resamplers[0].orig_rate
+        rate = self.pipeline.sample_rate
         self._check_length(samples / rate)
         if self.recorder is not None:
             self.recorder.silence(channel, samples)
@@ -213,38 +212,31 @@ class LiveCall:
             n = min(piece, samples - pos)
             windows = []
             for ch in channels:
-                x = self.resamplers[ch].push(np.zeros(n, dtype=np.float32))
-                windows += self.windower.push(ch, x) if len(x) else []
+                windows += self.pipeline.channel_windows(ch, np.zeros(n, dtype=np.float32))
             windows.sort(key=self._order)
-            events += await self.analyzer.process_async(windows, self.worker.infer)
+            events += await self.pipeline.classify_async(windows, self.worker.infer)
         return events
 
     async def _collapse_gap(self, channels: list[int], samples: int) -> list[dict]:
         """A long gap in O(1): each channel's audio before it gets its final window (as at the end of a
         stream), one ``gap`` record per channel goes to the timeline file and ``/v1/events``, and the
         window schedule restarts at the gap's end (on the same clock). Returns the final windows' events."""
-        rate = self.resamplers[0].orig_rate
         windows, records = [], []
         for ch in channels:
-            x = self.resamplers[ch].flush()
-            windows += self.windower.push(ch, x) if len(x) else []
-            windower = self.windower.windowers[self.analysed[ch]]
-            gap_start = windower.samples_seen
             self._input[ch] += samples
-            gap_end = max(gap_start, round(self._input[ch] * SAMPLE_RATE / rate))
-            windows += self.windower.skip(ch, gap_end - gap_start)
-            self.resamplers[ch] = StreamResampler(rate, SAMPLE_RATE)  # fresh: silence before the new audio
+            final, gap_start, gap_end = self.pipeline.collapse_gap(ch, self._input[ch])
+            windows += final
             records.append(
                 {
                     "type": "gap",
                     "stream": self.call_id,
                     "channel": self.analysed[ch],
-                    "t_start": round(gap_start / SAMPLE_RATE, 6),
-                    "t_end": round(gap_end / SAMPLE_RATE, 6),
+                    "t_start": round(gap_start, 6),
+                    "t_end": round(gap_end, 6),
                 }
             )
         windows.sort(key=self._order)
-        events = await self.analyzer.process_async(windows, self.worker.infer)
+        events = await self.pipeline.classify_async(windows, self.worker.infer)
         for record in records:
             log.info(
                 "call %s: gap of %.1f s on %s collapsed",
@@ -259,13 +251,13 @@ class LiveCall:
         return events
 
     def _check_length(self, more_seconds: float) -> None:
-        if self.windower.seconds + more_seconds > self.max_seconds:
+        if self.pipeline.seconds + more_seconds > self.max_seconds:
             raise ProtocolError(f"call longer than the limit of {self.max_seconds:g} s", CLOSE_POLICY)
 
     async def finish(self, reason: str) -> dict:
         """End of the call: last windows, summary to the file and the hub; idempotent."""
         if self.finished:
-            return self.summary or self.analyzer.timeline.summary()
+            return self.summary or self.pipeline.summary()
         self.finished = True
         self.ended_at = time.time()
         self.end_reason = reason
@@ -276,19 +268,15 @@ class LiveCall:
                 log.error("call %s: recording not completed: %s", self.call_id, exc)
         events: list[dict] = []
         try:
-            windows = []
-            for ch, resampler in enumerate(self.resamplers):
-                x = resampler.flush()
-                windows += self.windower.push(ch, x) if len(x) else []
-            windows += self.windower.flush()
+            windows = self.pipeline.final_windows()
             windows.sort(key=self._order)
-            events = await self.analyzer.process_async(windows, self.worker.infer)
+            events = await self.pipeline.classify_async(windows, self.worker.infer)
         except Exception as exc:  # the summary of what we have still gets written
             log.warning("call %s: last windows not classified: %s", self.call_id, exc)
         self.tail_events = events
         if self.metrics is not None:
             self.metrics.calls.labels(self.protocol, call_outcome(reason)).inc()
-        summary = self.analyzer.timeline.summary()
+        summary = self.pipeline.summary()
         summary["call_id"] = self.call_id
         summary["protocol"] = self.protocol
         summary["end_reason"] = reason

@@ -1,20 +1,26 @@
 """One call's analysis path: audio frames → resample → windows → speech gate → model → events → sinks,
 alerts and summary.
 
-``emostream replay``, ``emostream mic`` and the Python API (:func:`emostream.analyze`,
-:class:`emostream.Stream`) run a call through :class:`CallPipeline`, so a file gives the same events
-from any of them.
+``emostream replay``, ``emostream mic``, the Python API (:func:`emostream.analyze`,
+:class:`emostream.Stream`) and the server's calls (:class:`emostream.live_call.LiveCall`) run a call
+through :class:`CallPipeline`, so a file gives the same events from any of them. A recording or a
+microphone pushes frames of every channel at once and classifies in this thread (:meth:`CallPipeline.push`);
+the server, whose channels arrive in separate pieces and whose model is a shared awaitable worker,
+cuts each channel's windows (:meth:`CallPipeline.channel_windows`) and classifies them with
+:meth:`CallPipeline.classify_async`: the same resamplers, windows, gate, model call, smoothing,
+events, sinks and alerts.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import numpy as np
 
+from .alerts import AlertTracker
 from .analyzer import Analyzer, AnalyzerConfig
 from .audio import SAMPLE_RATE, StreamResampler
-from .stream import StreamConfig, StreamWindower
+from .stream import StreamConfig, StreamWindower, Window
 
 REPLAY_CHUNK_SECONDS = 0.1  # a recorded call is fed in chunks of this size (replay, emostream.analyze)
 
@@ -39,7 +45,8 @@ class CallPipeline:
     chunk by chunk as if whole); every window that completes is gated, classified
     and turned into an event, which goes to each of ``sinks`` in order, then through the alert rules:
     each raised or cleared alert goes to each of ``alert_sinks``. ``flush`` ends the stream (the final
-    partial window); :meth:`summary` is the end-of-call summary line.
+    partial window); :meth:`summary` is the end-of-call summary line. ``source_channels`` names each
+    channel as the bridge did (events carry it beside the common name).
     """
 
     def __init__(
@@ -54,20 +61,18 @@ class CallPipeline:
         alert_rules: Iterable = (),
         alert_sinks: Iterable[Sink] = (),
         sample_rate: int = SAMPLE_RATE,
+        source_channels: dict[str, str] | None = None,
     ):
         self.stream = stream
         self.channels = tuple(channels)
-        self.resamplers = (
-            None if sample_rate == SAMPLE_RATE else [StreamResampler(sample_rate, SAMPLE_RATE) for _ in self.channels]
-        )
+        self.sample_rate = int(sample_rate)
+        # passthrough at 16 kHz
+        self.resamplers = [StreamResampler(self.sample_rate, SAMPLE_RATE) for _ in self.channels]
         self.windower = StreamWindower(stream, self.channels, stream_config)
         sinks = list(sinks)
-        self.alerts = None
         rules = tuple(alert_rules)
+        self.alerts = AlertTracker(rules, stream)
         if rules:
-            from .alerts import AlertTracker
-
-            self.alerts = AlertTracker(rules, stream)
             alert_sinks = list(alert_sinks)
 
             def alert_sink(event: dict) -> None:
@@ -76,20 +81,70 @@ class CallPipeline:
                         sink(alert)
 
             sinks.append(alert_sink)
-        self.analyzer = Analyzer(predict, stream, self.channels, analyzer_config, stream_config.hop_seconds, sinks)
+        self.analyzer = Analyzer(
+            predict,
+            stream,
+            self.channels,
+            analyzer_config,
+            stream_config.hop_seconds,
+            sinks,
+            source_channels=source_channels,
+        )
 
     def push(self, frames: np.ndarray) -> list[dict]:
         """Float32 samples ``(channels, n)`` (or ``(n,)`` for one channel); the events of the windows they complete."""
-        if self.resamplers is not None:
+        if self.sample_rate != SAMPLE_RATE:
             frames = np.stack([r.push(x) for r, x in zip(self.resamplers, np.atleast_2d(frames))])
         return self.analyzer.process(self.windower.push_frames(frames))
 
     def flush(self) -> list[dict]:
         """End of the audio: the events of the final partial windows."""
         events = []
-        if self.resamplers is not None:
+        if self.sample_rate != SAMPLE_RATE:
             events = self.analyzer.process(self.windower.push_frames(np.stack([r.flush() for r in self.resamplers])))
         return events + self.analyzer.process(self.windower.flush())
+
+    # -- one channel at a time, classified by an awaitable model (the server)
+
+    def channel_windows(self, channel: int, samples: np.ndarray) -> list[Window]:
+        """Samples of channel ``channel`` (index) at ``sample_rate``: the windows they complete (not
+        classified yet: :meth:`classify_async`)."""
+        x = self.resamplers[channel].push(samples)
+        return self.windower.push(channel, x) if len(x) else []
+
+    def final_windows(self) -> list[Window]:
+        """End of the audio: every channel's final windows (not classified yet)."""
+        windows = []
+        for ch, resampler in enumerate(self.resamplers):
+            x = resampler.flush()
+            windows += self.windower.push(ch, x) if len(x) else []
+        return windows + self.windower.flush()
+
+    def collapse_gap(self, channel: int, input_samples: int) -> tuple[list[Window], float, float]:
+        """A long gap on channel ``channel`` in O(1): its audio before the gap gets its final window
+        (as at the end of a stream) and the window schedule restarts where the channel's input now
+        ends, ``input_samples`` at ``sample_rate`` counted from the start, the gap included (on the
+        same clock). Returns those windows (not classified yet) and the gap's start and end (s)."""
+        x = self.resamplers[channel].flush()
+        windows = self.windower.push(channel, x) if len(x) else []
+        gap_start = self.windower.windowers[self.channels[channel]].samples_seen
+        gap_end = max(gap_start, round(input_samples * SAMPLE_RATE / self.sample_rate))
+        windows += self.windower.skip(channel, gap_end - gap_start)
+        self.resamplers[channel] = StreamResampler(self.sample_rate, SAMPLE_RATE)  # silence before new audio
+        return windows, gap_start / SAMPLE_RATE, gap_end / SAMPLE_RATE
+
+    async def classify_async(
+        self, windows: list[Window], infer: Callable[[np.ndarray], Awaitable[np.ndarray]]
+    ) -> list[dict]:
+        """Gate, classify (one awaited ``infer`` call) and emit ``windows`` (any channels, in time order)."""
+        return await self.analyzer.process_async(windows, infer)
+
+    # -- state
+
+    @property
+    def timeline(self):
+        """The call's :class:`~emostream.timeline.Timeline` (events so far, running summary)."""
+        return self.analyzer.timeline
 
     def summary(self) -> dict:
         """The end-of-call summary (:meth:`emostream.timeline.Timeline.summary`)."""
