@@ -32,13 +32,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .alerts import AlertRule, AlertTracker
-from .analyzer import Analyzer, AnalyzerConfig
+from .alerts import AlertRule
+from .analyzer import AnalyzerConfig
 from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, audio_info, stream_audio
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
-from .stream import StreamConfig, StreamWindower, Window
+from .pipeline import CallPipeline
+from .stream import StreamConfig, Window
 from .timeline import CLASSES, FILE_START_FROM, JsonlWriter, file_start_time
-from .vad import SpeechGate, VadConfig
+from .vad import VadConfig
 from .worker import ModelSpec, PredictFn
 
 log = logging.getLogger("emostream.batch")
@@ -219,13 +220,15 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
         return
     names = tuple(names[i] for i in keep)
     seconds = info.frames_at(SAMPLE_RATE) / SAMPLE_RATE
-    windower = StreamWindower(call.call_id, names, StreamConfig(config.hop_seconds, config.min_seconds))
-    gate = SpeechGate(config.vad)
-    hop = windower.config.hop_samples
+    stream_config = StreamConfig(config.hop_seconds, config.min_seconds)
+    pipeline = CallPipeline(
+        None, call.call_id, names, stream_config=stream_config, analyzer_config=AnalyzerConfig(vad=config.vad)
+    )
+    hop = stream_config.hop_samples
     index, pending = 0, []
 
     def chunk(windows: list[Window], last: bool) -> Chunk:
-        picked = set(gate.select(windows))
+        picked = set(pipeline.speech_indices(windows))
         rows = [(names.index(w.channel), w.start, w.end, w.final, i in picked) for i, w in enumerate(windows)]
         samples = (
             np.stack([windows[i].samples for i in sorted(picked)])
@@ -242,7 +245,7 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
             audio = block[list(keep)]
             sound = sound or bool(np.any(block))
             for pos in range(0, audio.shape[1], hop):
-                windows = windower.push_frames(audio[:, pos : pos + hop])
+                windows = pipeline.frame_windows(audio[:, pos : pos + hop])
                 if not windows:
                     continue
                 if pending and len(pending) + len(windows) > config.chunk_windows:
@@ -256,7 +259,7 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
     if not sound:
         yield Chunk(call.call_id, call.path, index, True, error=f"audio is empty or silent: {call.path}")
         return
-    pending += windower.flush()
+    pending += pipeline.final_windows()
     yield chunk(pending, True)
 
 
@@ -281,30 +284,27 @@ def assemble_call(chunks: list[Chunk], config: BatchConfig) -> CallResult:
         return CallResult(first.call_id, first.path, error=error)
     names = first.channels
     lines: list[dict] = []
-    tracker = AlertTracker(config.alerts, first.call_id)
-
-    def alert_sink(event: dict) -> None:
-        lines.extend(tracker.update(event))
-
-    analyzer = Analyzer(
+    pipeline = CallPipeline(
         None,
         first.call_id,
         names,
-        AnalyzerConfig(smooth=config.smooth, vad=VadConfig.named("off")),
-        config.hop_seconds,
-        [lines.append] + ([alert_sink] if config.alerts else []),
+        stream_config=StreamConfig(config.hop_seconds, config.min_seconds),
+        analyzer_config=AnalyzerConfig(smooth=config.smooth, vad=VadConfig.named("off")),
+        sinks=[lines.append],
+        alert_rules=config.alerts,
+        alert_sinks=[lines.append],
     )
     for c in chunks:
         windows = [
             Window(names[ch], start, end, np.zeros(0, np.float32), final) for ch, start, end, final, _ in c.windows
         ]
         speech = [i for i, row in enumerate(c.windows) if row[4]]
-        analyzer.emit(windows, dict(zip(speech, c.probs if c.probs is not None else [])))
-    summary = analyzer.timeline.summary()
+        pipeline.emit(windows, dict(zip(speech, c.probs if c.probs is not None else [])))
+    summary = pipeline.summary()
     summary.update(
         call_id=first.call_id,
         path=first.path,
-        alerts=[a for a in tracker.history if a["state"] == "raised"],
+        alerts=[a for a in pipeline.alerts.history if a["state"] == "raised"],
         started_at=file_start_time(first.path, first.audio_seconds),
         started_at_from=FILE_START_FROM,
     )

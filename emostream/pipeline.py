@@ -2,13 +2,15 @@
 alerts and summary.
 
 ``emostream replay``, ``emostream mic``, the Python API (:func:`emostream.analyze`,
-:class:`emostream.Stream`) and the server's calls (:class:`emostream.live_call.LiveCall`) run a call
-through :class:`CallPipeline`, so a file gives the same events from any of them. A recording or a
+:class:`emostream.Stream`), the server's calls (:class:`emostream.live_call.LiveCall`) and
+``emostream batch`` run a call through :class:`CallPipeline`, so a file gives the same events from
+any of them. A recording or a
 microphone pushes frames of every channel at once and classifies in this thread (:meth:`CallPipeline.push`);
 the server, whose channels arrive in separate pieces and whose model is a shared awaitable worker,
 cuts each channel's windows (:meth:`CallPipeline.channel_windows`) and classifies them with
-:meth:`CallPipeline.classify_async`: the same resamplers, windows, gate, model call, smoothing,
-events, sinks and alerts.
+:meth:`CallPipeline.classify_async`; batch cuts and gates windows in a model worker and emits their
+events in the driver (:meth:`CallPipeline.emit`): the same resamplers, windows, gate, model call,
+smoothing, events, sinks and alerts.
 """
 
 from __future__ import annotations
@@ -93,9 +95,13 @@ class CallPipeline:
 
     def push(self, frames: np.ndarray) -> list[dict]:
         """Float32 samples ``(channels, n)`` (or ``(n,)`` for one channel); the events of the windows they complete."""
+        return self.analyzer.process(self.frame_windows(frames))
+
+    def frame_windows(self, frames: np.ndarray) -> list[Window]:
+        """The windows that ``frames`` (as :meth:`push` takes them) complete, not classified yet."""
         if self.sample_rate != SAMPLE_RATE:
             frames = np.stack([r.push(x) for r, x in zip(self.resamplers, np.atleast_2d(frames))])
-        return self.analyzer.process(self.windower.push_frames(frames))
+        return self.windower.push_frames(frames)
 
     def flush(self) -> list[dict]:
         """End of the audio: the events of the final partial windows."""
@@ -104,7 +110,8 @@ class CallPipeline:
             events = self.analyzer.process(self.windower.push_frames(np.stack([r.flush() for r in self.resamplers])))
         return events + self.analyzer.process(self.windower.flush())
 
-    # -- one channel at a time, classified by an awaitable model (the server)
+    # -- windows cut here, classified elsewhere: by an awaitable model (the server, one channel at a
+    #    time) or in another process (batch: windows and gate in a model worker, events in the driver)
 
     def channel_windows(self, channel: int, samples: np.ndarray) -> list[Window]:
         """Samples of channel ``channel`` (index) at ``sample_rate``: the windows they complete (not
@@ -138,6 +145,15 @@ class CallPipeline:
     ) -> list[dict]:
         """Gate, classify (one awaited ``infer`` call) and emit ``windows`` (any channels, in time order)."""
         return await self.analyzer.process_async(windows, infer)
+
+    def speech_indices(self, windows: list[Window]) -> list[int]:
+        """Indices of the windows the speech gate passes to the model."""
+        return self.analyzer.speech_indices(windows)
+
+    def emit(self, windows: list[Window], probs: dict[int, np.ndarray]) -> list[dict]:
+        """Events for windows classified elsewhere (``probs`` by window index; missing = silence):
+        smoothed, to the timeline, the sinks and the alert rules."""
+        return self.analyzer.emit(windows, probs)
 
     # -- state
 
