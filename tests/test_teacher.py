@@ -670,10 +670,17 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert shipped == backbone  # the checkpoint is the ResNet50 alone, no projection
 
 
+def one_epoch_cv(cfg, data, out) -> int:
+    """``python -m train cv`` of config ``cfg`` on the clips in ``data`` with the test teacher, one epoch."""
+    from train.__main__ import main
+
+    argv = ["cv", "--config", str(cfg), "--data", str(data), "--teacher", str(TEACHER_DIR), "--epochs", "1"]
+    return main(argv + ["--cache", str(data / "cache"), "--out", str(out), "--no-progress"])
+
+
 @requires_teacher
 def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tmp_path, capsys):
     pytest.importorskip("ctranslate2")
-    from train.__main__ import main
 
     write_tiny_set(tmp_path)
     cfg = tmp_path / "c.yaml"
@@ -683,27 +690,7 @@ def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tm
         "  augment:\n    speed_factors: [0.9, 1.1]\n    speed_probability: 0.5\n"
     )
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "cv",
-                "--config",
-                str(cfg),
-                "--data",
-                str(tmp_path),
-                "--teacher",
-                str(TEACHER_DIR),
-                "--epochs",
-                "1",
-                "--cache",
-                str(tmp_path / "cache"),
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert one_epoch_cv(cfg, tmp_path, out) == 0
     capsys.readouterr()
     report = json.loads((out / "cv_report.json").read_text())
     assert report["pooled"]["overall"]["n"] == 8  # the original clips only
@@ -716,7 +703,6 @@ def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tm
 @requires_teacher
 def test_cv_cli_labels_phone_lines_by_the_teacher_on_the_line_itself(tmp_path, capsys):
     pytest.importorskip("ctranslate2")
-    from train.__main__ import main
 
     write_tiny_set(tmp_path)
     cfg = tmp_path / "c.yaml"
@@ -726,27 +712,7 @@ def test_cv_cli_labels_phone_lines_by_the_teacher_on_the_line_itself(tmp_path, c
         "    phone_targets: copy\n  augment:\n    phone_copies: 1\n    phone_probability: 0.5\n"
     )
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "cv",
-                "--config",
-                str(cfg),
-                "--data",
-                str(tmp_path),
-                "--teacher",
-                str(TEACHER_DIR),
-                "--epochs",
-                "1",
-                "--cache",
-                str(tmp_path / "cache"),
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert one_epoch_cv(cfg, tmp_path, out) == 0
     capsys.readouterr()
     report = json.loads((out / "cv_report.json").read_text())
     assert report["pooled"]["overall"]["n"] == 8  # the original clips only
