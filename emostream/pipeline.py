@@ -4,13 +4,13 @@ alerts and summary.
 ``emostream replay``, ``emostream mic``, the Python API (:func:`emostream.analyze`,
 :class:`emostream.Stream`), the server's calls (:class:`emostream.live_call.LiveCall`) and
 ``emostream batch`` run a call through :class:`CallPipeline`, so a file gives the same events from
-any of them. A recording or a
-microphone pushes frames of every channel at once and classifies in this thread (:meth:`CallPipeline.push`);
-the server, whose channels arrive in separate pieces and whose model is a shared awaitable worker,
-cuts each channel's windows (:meth:`CallPipeline.channel_windows`) and classifies them with
-:meth:`CallPipeline.classify_async`; batch cuts and gates windows in a model worker and emits their
-events in the driver (:meth:`CallPipeline.emit`): the same resamplers, windows, gate, model call,
-smoothing, events, sinks and alerts.
+any of them. A recording or a microphone pushes frames of every channel at once and classifies in
+this thread (:meth:`CallPipeline.push`); the server, whose channels arrive in separate pieces and
+whose model is a shared awaitable worker, cuts each channel's windows
+(:meth:`CallPipeline.channel_windows`) and classifies them with :meth:`CallPipeline.classify_async`;
+batch cuts and gates windows in a model worker and emits their events in the driver
+(:meth:`CallPipeline.emit`): the same resamplers, windows, gate, model call, smoothing, events,
+sinks and alerts.
 """
 
 from __future__ import annotations
@@ -122,18 +122,21 @@ class CallPipeline:
     def final_windows(self) -> list[Window]:
         """End of the audio: every channel's final windows (not classified yet)."""
         windows = []
-        for ch, resampler in enumerate(self.resamplers):
-            x = resampler.flush()
-            windows += self.windower.push(ch, x) if len(x) else []
+        for ch in range(len(self.channels)):
+            windows += self._flush_resampler(ch)
         return windows + self.windower.flush()
+
+    def _flush_resampler(self, channel: int) -> list[Window]:
+        """The windows completed by the rest of ``channel``'s resampler output (at a stream's end or a gap)."""
+        x = self.resamplers[channel].flush()
+        return self.windower.push(channel, x) if len(x) else []
 
     def collapse_gap(self, channel: int, input_samples: int) -> tuple[list[Window], float, float]:
         """A long gap on channel ``channel`` in O(1): its audio before the gap gets its final window
         (as at the end of a stream) and the window schedule restarts where the channel's input now
         ends, ``input_samples`` at ``sample_rate`` counted from the start, the gap included (on the
         same clock). Returns those windows (not classified yet) and the gap's start and end (s)."""
-        x = self.resamplers[channel].flush()
-        windows = self.windower.push(channel, x) if len(x) else []
+        windows = self._flush_resampler(channel)
         gap_start = self.windower.windowers[self.channels[channel]].samples_seen
         gap_end = max(gap_start, round(input_samples * SAMPLE_RATE / self.sample_rate))
         windows += self.windower.skip(channel, gap_end - gap_start)

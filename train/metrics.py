@@ -9,6 +9,7 @@ from typing import Iterable
 import numpy as np
 
 from emostream.model import CLASSES
+from emostream.scoring import softmax as scoring_softmax
 
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
@@ -82,10 +83,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Row softmax of ``logits / temperature`` in float64 (:func:`emostream.scoring.softmax`)."""
+    return scoring_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 def summarize_folds(per_fold: list[dict], keys=("ua", "macro_f1", "accuracy", "roc_auc", "ece")) -> dict:
