@@ -119,7 +119,11 @@ def autocast_for(device: torch.device, enabled: bool = True):
 
 
 def load_pretrained_backbone(model: EmotionNet, path: str | Path) -> list[str]:
-    """Load a local timm-format ResNet state_dict: conv1 summed to one channel, head dropped."""
+    """Start ``model`` from local weights: a timm-format ResNet state_dict (conv1 summed to one
+    channel, head dropped) or an emostream checkpoint directory (every weight, head included; its
+    features and backbone must be the model's: fine-tuning a trained model)."""
+    if Path(path).is_dir():
+        return _load_emostream_weights(model, Path(path))
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -133,6 +137,17 @@ def load_pretrained_backbone(model: EmotionNet, path: str | Path) -> list[str]:
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return missing
+
+
+def _load_emostream_weights(model: EmotionNet, directory: Path) -> list[str]:
+    source = load_checkpoint(directory, "cpu")
+    if source.feature_config != model.feature_config or source.model_config.backbone != model.model_config.backbone:
+        raise CheckpointError(
+            f"{directory} was trained with other features or backbone ({source.model_config.backbone}, "
+            f"{source.feature_config}) than this config's ({model.model_config.backbone}, {model.feature_config})"
+        )
+    model.load_state_dict(source.state_dict())
+    return []
 
 
 # --- checkpoints ---------------------------------------------------------------------------

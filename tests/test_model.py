@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emostream.audio import WINDOW_SAMPLES
-from emostream.features import MelFrontEnd
+from emostream.features import FeatureConfig, MelFrontEnd
 from emostream.model import (
     CLASSES,
     CheckpointError,
@@ -210,6 +210,22 @@ def test_pretrained_loader_adapts_conv1_and_drops_head(tmp_path):
     torch.save({"bogus.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError):
         load_pretrained_backbone(EmotionNet(), tmp_path / "bad.pth")
+
+
+def test_pretrained_emostream_checkpoint_starts_every_weight(tmp_path):
+    """Fine-tuning: an emostream checkpoint directory loads every weight, head included, and one
+    trained with other features is refused."""
+    torch.manual_seed(1)
+    source = EmotionNet().eval()
+    save_checkpoint(source, tmp_path / "ck", half=False)
+    net = EmotionNet().eval()
+    assert not torch.equal(net.backbone.fc.weight, source.backbone.fc.weight)
+    load_pretrained_backbone(net, tmp_path / "ck")
+    for (name, a), b in zip(source.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = EmotionNet(feature_config=FeatureConfig(n_mels=64))
+    with pytest.raises(CheckpointError, match="other features"):
+        load_pretrained_backbone(other, tmp_path / "ck")
 
 
 def test_device_selection():

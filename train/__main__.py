@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="output directory (default runs/<experiment>)")
         sp.add_argument("--epochs", type=int)
         sp.add_argument("--resume", action="store_true", help="continue from the last finished epoch / fold")
-        sp.add_argument("--pretrained", metavar="PATH", help="local timm ResNet state_dict to start from")
+        sp.add_argument("--pretrained", metavar="PATH", help="local weights to start from: a timm ResNet state_dict, or an emostream checkpoint directory (fine-tuning)")
         sp.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
         sp.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
         sp.add_argument("--no-progress", action="store_true")
