@@ -18,9 +18,11 @@ the table also marks the issue's target (p99 < 300 ms). Sweeps stop at the first
 Backend ``torch-bf16`` is the torch model with mixed precision, as ``serve`` runs it by default: bf16
 on a CPU with fast bf16 kernels, fp32 on one without (each row's ``precision`` says which ran).
 
-    python bench/capacity.py [--modes inproc,ws] [--backends torch-bf16,torch-fp32,onnx] [--hops 1.0,0.5]
+    python bench/capacity.py [--modes inproc,ws] [--backends torch-bf16,torch-fp32,onnx,onnx-int8] [--hops 1.0,0.5]
                              [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--device cpu|cuda]
-                             [--json OUT] [--quick]
+                             [--onnx MODEL.onnx] [--int8 INT8.onnx] [--json OUT] [--quick]
+
+Backend ``onnx-int8`` is ONNX Runtime on an export with int8 convolutions (``emostream export --int8``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from emostream.worker import InferenceWorker, WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "examples" / "call_mono.flac"
-BACKENDS = ("torch-bf16", "torch-fp32", "onnx")
+BACKENDS = ("torch-bf16", "torch-fp32", "onnx", "onnx-int8")
 TARGET_P99_MS = 300.0
 
 
@@ -61,7 +63,7 @@ class RunConfig:
     """One measurement: a mode, a backend, a hop and a number of calls."""
 
     mode: str = "inproc"  # inproc | ws
-    backend: str = "torch-bf16"  # torch-bf16 | torch-fp32 | onnx
+    backend: str = "torch-bf16"  # torch-bf16 | torch-fp32 | onnx | onnx-int8 (onnx_path: the int8 export)
     hop: float = 1.0
     calls: int = 1
     seconds: float = 30.0  # audio per call
@@ -237,7 +239,7 @@ class ServerProcess(ServeProcess):
         ]
         if cfg.backend == "torch-fp32":
             cmd.append("--fp32")
-        elif cfg.backend == "onnx":
+        elif cfg.backend in ("onnx", "onnx-int8"):
             cmd += ["--backend", "onnx", "--onnx", str(onnx_path)]
         super().__init__(cmd)
         port = self.port
@@ -327,7 +329,7 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
 
 
 def load_predict(backend: str, onnx_path: str | None, device: str = "cpu"):
-    if backend == "onnx":
+    if backend in ("onnx", "onnx-int8"):
         from emostream.onnx_model import OnnxPredictor
 
         return OnnxPredictor.from_file(onnx_path, device=device).predict
@@ -434,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (serve's --device)")
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
+    p.add_argument("--int8", default=None, help="int8 export for the onnx-int8 backend (emostream export --int8)")
     p.add_argument("--keep-going", action="store_true", help="do not stop a sweep at the first N that is not real time")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="bf16, hop 1, 1 and 4 calls of 4 s, both modes (< 1 min)")
@@ -445,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in backends:
         if b not in BACKENDS:
             p.error(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if "onnx-int8" in backends and not args.int8:
+        p.error("--backends onnx-int8 needs --int8 INT8.onnx (emostream export --onnx ... --int8 --calibrate DIR)")
     calls = sorted(int(n) for n in args.calls.split(","))
     source = load_mono(SOURCE)
     onnx_path, tmp = args.onnx, None
@@ -469,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                     max_wait_ms=args.max_wait_ms,
                     device=args.device,
                 )
-                rows += sweep(base, calls, source, onnx_path, args.keep_going, show)
+                model_file = args.int8 if backend == "onnx-int8" else onnx_path
+                rows += sweep(base, calls, source, model_file, args.keep_going, show)
     summary = capacity_summary(rows)
     print("\n" + markdown(rows) + "\n")
     print("| mode | backend | hop s | largest N real time | largest N with p99 < 300 ms | single call p50 ms |")

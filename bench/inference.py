@@ -5,14 +5,16 @@ softmax) on random 6 s windows, for fp32 and for mixed precision as ``emostream`
 autocast on CUDA; bf16 autocast + channels_last on a CPU with fast bf16 kernels, fp32 on one
 without: :func:`emostream.model.mixed_precision_dtype`; each row names what ran), optionally bf16
 forced on such a CPU (``--forced-bf16``: the cost that choice avoids), and optionally the same
-pipeline exported to ONNX on ONNX Runtime (fp32). The work per window is counted with
+pipeline exported to ONNX on ONNX Runtime (fp32, and int8 from ``emostream export --int8``: ``--int8 PATH``,
+its rate compared with ONNX Runtime's own int8 matmul rate, ``MatMulInteger``). The work per window is counted with
 ``torch.utils.flop_counter`` (GMAC = 1e9 multiply-accumulates = FLOPs / 2); the achieved GMAC/s is
 compared with the best dense matmul rate torch reaches on this machine in the same precision (the
 measured matmul peak: the practical compute limit; on CPUs whose BLAS does not use every vector
 unit, the model's oneDNN convolutions can exceed it: see BENCHMARKS.md).
 
     python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10]
-                              [--backends torch,onnx] [--onnx MODEL.onnx] [--forced-bf16] [--json OUT] [--quick]
+                              [--backends torch,onnx,onnx-int8] [--onnx MODEL.onnx] [--int8 INT8.onnx]
+                              [--forced-bf16] [--json OUT] [--quick]
 """
 
 from __future__ import annotations
@@ -104,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4,8,16,32")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per batch size")
     p.add_argument(
-        "--backends", default="torch", help="torch (fp32 and mixed precision) and/or onnx (ONNX Runtime fp32)"
+        "--backends",
+        default="torch",
+        help="torch (fp32 and mixed precision), onnx (ONNX Runtime fp32), onnx-int8 (needs --int8)",
     )
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
+    p.add_argument("--int8", default=None, help="int8 export for the onnx-int8 backend (emostream export --int8)")
     p.add_argument(
         "--forced-bf16",
         action="store_true",
@@ -129,11 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     ):
         variants.append(("torch", True, True))
     variants += [("onnx", False, False)] if "onnx" in backends else []
+    if "onnx-int8" in backends:
+        if not args.int8:
+            p.error("--backends onnx-int8 needs --int8 INT8.onnx (emostream export --onnx ... --int8 --calibrate DIR)")
+        variants.append(("onnx-int8", False, False))
     rows, peaks = [], {}
     for backend, mixed, forced in variants:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, mixed_precision=mixed)
         gmac = gmac_per_window(predictor)
-        precision = "bf16" if forced else predictor.precision
+        precision = "bf16" if forced else ("int8" if backend == "onnx-int8" else predictor.precision)
+        if precision == "int8" and (predictor.device.type, precision) not in peaks:
+            peaks[predictor.device.type, precision] = onnx_int8_matmul_peak(gemm_seconds, gemm_sizes)
         if (predictor.device.type, precision) not in peaks:
             # bf16 matmul without fast kernels runs at ~1 GFLOP/s: one 4096^3 product would take minutes
             sizes = gemm_sizes[:1] if forced else gemm_sizes
@@ -144,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = predictor
         if backend == "onnx":
             runner = onnx_predictor(args.checkpoint, args.onnx, predictor.device.type)
+        elif backend == "onnx-int8":
+            runner = onnx_predictor(args.checkpoint, args.int8, predictor.device.type)
         for batch in batches:
             with forced_cpu_bf16() if forced else contextlib.nullcontext():
                 wps, ms = windows_per_second(runner, batch, args.seconds)
@@ -204,6 +217,33 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def onnx_int8_matmul_peak(seconds: float, sizes: tuple[int, ...]) -> float:
+    """Best int8 matmul rate (GOP/s, 2 per multiply-add) ONNX Runtime's CPU kernels reach here:
+    ``MatMulInteger`` of uint8 by int8 square matrices (the kernel family of the int8 convolutions)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    best = 0.0
+    for n in sizes:
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["a", "b"], ["c"])],
+            "int8_matmul",
+            [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+            [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
+            [helper.make_tensor("b", TensorProto.INT8, [n, n], np.ones(n * n, dtype=np.int8).tolist())],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        a = np.ones((n, n), dtype=np.uint8)
+        session.run(None, {"a": a})
+        runs, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            session.run(None, {"a": a})
+            runs += 1
+        best = max(best, 2 * n**3 * runs / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def onnx_predictor(checkpoint: str, path: str | None, device: str):

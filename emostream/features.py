@@ -89,3 +89,48 @@ def normalize_utterance(spec: torch.Tensor, per_band: bool = False) -> torch.Ten
     mean = spec.mean(dim=-1, keepdim=True) if per_band else spec.mean(dim=(-2, -1), keepdim=True)
     std = spec.std(dim=(-2, -1), keepdim=True)
     return (spec - mean) / (std + 1e-5)
+
+
+class MatmulSpectrogram(nn.Module):
+    """The power spectrogram ``(batch, n_fft // 2 + 1, frames)`` that :class:`MelFrontEnd`'s
+    ``torchaudio.transforms.Spectrogram`` computes (centred, reflect-padded, periodic Hann window,
+    power 2), made of matrix products only: a two-stage Cooley-Tukey DFT (``n_fft = N1 * N2``), about
+    75 M multiply-adds a 6 s window. The ONNX export swaps it in for the STFT, whose ONNX Runtime
+    kernel is several times slower than these products (issue #43); torch keeps its own FFT."""
+
+    def __init__(self, n_fft: int, hop_length: int):
+        super().__init__()
+        if n_fft % hop_length:
+            raise ValueError(f"n_fft {n_fft} must be a multiple of hop_length {hop_length}")
+        n1 = 1 << (n_fft.bit_length() // 2)  # 2048 = 64 x 32
+        if n_fft % n1:
+            raise ValueError(f"n_fft {n_fft} must be a power of two")
+        n2, self.n_fft, self.hop = n_fft // n1, n_fft, hop_length
+        self.n_freqs = n_fft // 2 + 1
+        k2_count = -(-self.n_freqs // n1)  # output bins k = k1 + n1 * k2 up to n_fft / 2
+        i1 = torch.arange(n1, dtype=torch.float64)
+        i2 = torch.arange(n2, dtype=torch.float64)
+        stage1 = -2 * torch.pi * torch.outer(i1, i1) / n1  # (k1, n1)
+        twiddle = -2 * torch.pi * torch.outer(i1, i2) / n_fft  # (k1, n2)
+        stage2 = -2 * torch.pi * torch.outer(i2, torch.arange(k2_count, dtype=torch.float64)) / n2  # (n2, k2)
+        for name, angle in (("stage1", stage1), ("twiddle", twiddle), ("stage2", stage2)):
+            self.register_buffer(name + "_re", torch.cos(angle).float(), persistent=False)
+            self.register_buffer(name + "_im", torch.sin(angle).float(), persistent=False)
+        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+        self.n1, self.n2 = n1, n2
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        pad = self.n_fft // 2
+        x = torch.nn.functional.pad(waveform[:, None], (pad, pad), mode="reflect")[:, 0]
+        frames_count = 1 + waveform.shape[-1] // self.hop
+        per_frame = self.n_fft // self.hop
+        blocks = x[:, : (frames_count + per_frame - 1) * self.hop].reshape(x.shape[0], -1, self.hop)
+        frames = torch.cat([blocks[:, i : i + frames_count] for i in range(per_frame)], dim=-1) * self.window
+        x = frames.reshape(frames.shape[0], frames_count, self.n1, self.n2)  # sample n = n2_size * i1 + i2
+        a_re, a_im = self.stage1_re @ x, self.stage1_im @ x  # DFT over i1: (batch, frames, k1, i2)
+        b_re = a_re * self.twiddle_re - a_im * self.twiddle_im
+        b_im = a_re * self.twiddle_im + a_im * self.twiddle_re
+        re = b_re @ self.stage2_re - b_im @ self.stage2_im  # DFT over i2: (batch, frames, k1, k2)
+        im = b_re @ self.stage2_im + b_im @ self.stage2_re
+        power = (re * re + im * im).transpose(-1, -2).reshape(frames.shape[0], frames_count, -1)
+        return power[..., : self.n_freqs].transpose(1, 2)

@@ -94,7 +94,7 @@ def model_info(
         "experiment": str(config.get("experiment_name", "")),
         "backbone": str((meta.get("model") or {}).get("backbone", "")),
         "backend": "onnx" if onnx else "torch",
-        "precision": "fp32" if onnx else getattr(predictor, "precision", "fp32"),
+        "precision": getattr(predictor, "precision", "fp32"),
         "temperature": f"{float(predictor.temperature):g}",
     }
 

@@ -11,7 +11,11 @@ rate and window length travel as ONNX metadata, so the file is all a runtime nee
     emostream replay call.flac --backend onnx --onnx emostream.onnx
 
 Export needs ``torch.onnx.export(dynamo=True)`` and thus the ``onnx``/``onnxscript`` packages
-(``pip install 'emostream[onnx]'``); running needs only ``onnxruntime``. ONNX Runtime runs in fp32.
+(``pip install 'emostream[onnx]'``); running needs only ``onnxruntime``. The graph runs in fp32, or,
+exported with ``--int8 --calibrate DIR``, with its convolutions in int8 (static post-training
+quantisation calibrated on windows of DIR's audio; the mel front end stays float):
+
+    emostream export --onnx emostream-int8.onnx --int8 --calibrate ../shared/data/emotion-speech
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASSES
-from .audio import SAMPLE_RATE, WINDOW_SAMPLES
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, load_mono
 from .model_files import CheckpointError, default_checkpoint
 
 METADATA_PREFIX = "emostream."
@@ -60,8 +64,11 @@ def _exportable(model, temperature: float):
     return Pipeline().eval()
 
 
-def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostream.onnx") -> Path:
-    """Export the checkpoint's full pipeline (front end included) to a single ``.onnx`` file."""
+def export_onnx(
+    checkpoint: str | Path | None = None, out: str | Path = "emostream.onnx", calibration: np.ndarray | None = None
+) -> Path:
+    """Export the checkpoint's full pipeline (front end included) to a single ``.onnx`` file; with
+    ``calibration`` windows, its convolutions quantised to int8 (:func:`quantize_int8`)."""
     try:
         import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
         import onnxscript  # noqa: F401
@@ -71,6 +78,7 @@ def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostre
         ) from None
     import torch
 
+    from .features import MatmulSpectrogram
     from .model import load_checkpoint
 
     out = Path(out)
@@ -78,6 +86,10 @@ def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostre
         raise FileNotFoundError(f"directory for the ONNX file does not exist: {out.parent}")
     checkpoint = default_checkpoint() if checkpoint is None else checkpoint
     model = load_checkpoint(checkpoint, "cpu")
+    features = model.feature_config
+    # the same power spectrogram from matrix products: ONNX Runtime's STFT kernel took ~40 % of a
+    # window's time (issue #43); the export's parity check holds it to torch's FFT
+    model.frontend.mel.spectrogram = MatmulSpectrogram(features.n_fft, features.hop_length)
     wrapper = _exportable(model, model.model_config.temperature)
     example = torch.zeros(2, WINDOW_SAMPLES)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
@@ -107,10 +119,97 @@ def export_onnx(checkpoint: str | Path | None = None, out: str | Path = "emostre
         "checkpoint": str(Path(checkpoint).name),
         "code_version": str(meta.get("code_version", "")),
     }
+    if calibration is not None:
+        props["precision"] = "int8"
     program.model.metadata_props.update({METADATA_PREFIX + k: v for k, v in props.items()})
     tmp = out.with_name(out.name + ".tmp")
     program.save(tmp, external_data=False)
+    if calibration is not None:
+        try:
+            quantize_int8(tmp, tmp, calibration)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, out)
+    return out
+
+
+def quantize_int8(source: str | Path, out: str | Path, calibration: np.ndarray, batch: int = 8) -> Path:
+    """Post-training static int8 quantisation (ONNX Runtime, QDQ) of an exported model's convolutions:
+    weights per output channel (int8), activations per tensor (uint8, 7-bit range where the CPU lacks
+    VNNI), ranges from ``calibration`` windows ``(n, WINDOW_SAMPLES)``. The mel front end, the
+    classifier and the softmax stay float32. ``out`` keeps ``source``'s metadata."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source, out = Path(source), Path(out)
+    props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    windows = np.ascontiguousarray(calibration, dtype=np.float32)
+
+    class Windows(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{INPUT_NAME: windows[i : i + batch]} for i in range(0, len(windows), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = out.with_name(out.name + ".prep.onnx")
+    chatter = io.StringIO()
+    try:
+        with warnings.catch_warnings(), redirect_stdout(chatter), redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(out),
+                Windows(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv"],
+                per_channel=True,
+                reduce_range=not cpu_has_vnni(),
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+    finally:
+        prepared.unlink(missing_ok=True)
+    model = onnx.load(str(out))
+    del model.metadata_props[:]
+    model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in props.items())
+    onnx.save(model, str(out))
+    return out
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI dot products (AVX512-VNNI or AVX-VNNI): int8 kernels then use the full
+    8-bit range; without, ONNX Runtime's AVX2 kernels can saturate and want 7-bit weights."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def calibration_windows(folder: str | Path, count: int = 64, seed: int = 0) -> np.ndarray:
+    """``count`` windows ``(count, WINDOW_SAMPLES)`` for int8 calibration from the audio files under
+    ``folder`` (recursively): files drawn with ``seed``, one window each, placed as ``classify`` places
+    them; every second window goes through the G.712 telephone channel, as most calls arrive."""
+    from .channel import g712_telephone
+    from .stream import placed_windows
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no audio files ({', '.join(s[1:] for s in AUDIO_SUFFIXES)}) under {folder}")
+    rng = np.random.default_rng(seed)
+    picked = [files[i] for i in rng.choice(len(files), size=count, replace=len(files) < count)]
+    out = np.zeros((count, WINDOW_SAMPLES), dtype=np.float32)
+    for k, path in enumerate(picked):
+        samples = load_mono(path)
+        if k % 2:
+            samples = g712_telephone(samples)
+        placed = placed_windows(samples, positions=5)
+        out[k] = placed[rng.integers(len(placed))]
     return out
 
 
@@ -138,6 +237,7 @@ class OnnxPredictor:
     temperature: float
     clip_temperature: float | None = None  # for the mean logit of several placements (classify)
     device: str = "cpu (onnxruntime)"
+    precision: str = "fp32"  # "int8": convolutions quantised at export (--int8)
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | None = None, threads: int | None = None) -> "OnnxPredictor":
@@ -186,6 +286,7 @@ class OnnxPredictor:
             temperature=float(get("temperature")),
             clip_temperature=float(clip_t) if clip_t not in (None, "None") else None,
             device=label,
+            precision=get("precision") or "fp32",
         )
 
     def _run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,21 @@ def onnx_file(shipped_checkpoint, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def int8_file(onnx_file, tmp_path_factory) -> Path:
+    """``onnx_file`` with its convolutions quantised to int8 (``emostream export --int8``'s step),
+    calibrated on 8 windows of the example calls (a real export draws 64 from a speech corpus)."""
+    import numpy as np
+
+    from emostream.audio import WINDOW_SAMPLES, load_mono
+    from emostream.onnx_model import quantize_int8
+
+    calls = [load_mono(EXAMPLES / name) for name in ("call_mono.flac", "call_telephone.flac")]
+    starts = range(5 * 16000, 45 * 16000, 10 * 16000)
+    windows = np.stack([x[s : s + WINDOW_SAMPLES] for x in calls for s in starts]).astype(np.float32)
+    return quantize_int8(onnx_file, tmp_path_factory.mktemp("int8") / "emostream-int8.onnx", windows, batch=4)
+
+
 @pytest.fixture
 def wav_file(tmp_path) -> Path:
     path = tmp_path / "speech.wav"

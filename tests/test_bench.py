@@ -51,8 +51,18 @@ def test_capacity_quick(shipped_checkpoint, tmp_path):
     assert {s["mode"] for s in result["summary"]} == {"inproc", "ws"}
 
 
-def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
-    result = run_bench("inference", tmp_path, "--backends", "torch,onnx", "--onnx", str(onnx_file), "--forced-bf16")
+def test_inference_quick(shipped_checkpoint, onnx_file, int8_file, tmp_path):
+    result = run_bench(
+        "inference",
+        tmp_path,
+        "--backends",
+        "torch,onnx,onnx-int8",
+        "--onnx",
+        str(onnx_file),
+        "--int8",
+        str(int8_file),
+        "--forced-bf16",
+    )
     rows = result["rows"]
     mixed = precision_name(torch.device("cpu"))  # bf16 on a CPU with fast bf16 kernels, else fp32
     forced = (
@@ -64,6 +74,7 @@ def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
             ("torch", False, "fp32", False),
             ("torch", True, mixed, False),
             ("onnx", False, "fp32", False),
+            ("onnx-int8", False, "int8", False),
         ]
         + forced
         for n in (1, 8)
@@ -74,6 +85,17 @@ def test_inference_quick(shipped_checkpoint, onnx_file, tmp_path):
         # bf16 forced on a CPU without bf16 kernels is below 1 GMAC/s, where coarser rounding alone is 1 %)
         assert r["achieved_gmacs"] == pytest.approx(r["gmac_per_window"] * r["windows_per_s"], rel=0.01, abs=0.1)
         assert r["fraction_of_peak"] == pytest.approx(r["achieved_gmacs"] / r["peak_gmacs"], rel=0.01, abs=0.002)
+
+
+def test_frontend_quick(tmp_path):
+    """bench/frontend.py: calls' front ends with a constant model, gate on and off (issue #44)."""
+    rows = run_bench("frontend", tmp_path)["rows"]
+    assert [(r["vad"], r["calls"], r["rate"]) for r in rows] == [("silero", 5, 8000), ("off", 5, 8000)]
+    for r in rows:
+        assert r["audio_seconds"] == 5 * 4.0 and r["cpu_s"] > 0
+        assert r["call_seconds_per_cpu_second"] == pytest.approx(r["audio_seconds"] / r["cpu_s"], rel=0.02)
+    off = rows[1]
+    assert off["events"] == 5 * 3  # windows ending at 1, 2, 3 s of each 4 s call; the 4 s one comes with the end
 
 
 def test_train_throughput_quick(tmp_path):

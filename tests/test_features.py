@@ -92,3 +92,24 @@ def test_vtlp_warps_each_item_alone():
     assert torch.allclose(both[0], warped(x[:1], [0.9])[0], atol=1e-5)
     assert torch.allclose(both[1], fe(x[1:])[0], atol=1e-5)
     assert not torch.allclose(both[0], fe(x[:1])[0], atol=1e-2)
+
+
+def test_matmul_spectrogram_equals_torchaudio():
+    """The export's matrix-product STFT (issue #43) is torchaudio's power spectrogram: same shape,
+    centring, reflect padding and window, to float32 rounding, for odd lengths, silence and a 2 s clip."""
+    import torchaudio
+
+    from emostream.features import MatmulSpectrogram
+
+    torch.manual_seed(0)
+    x = 0.1 * torch.randn(3, 96000)
+    x[1, 32000:] = 0
+    x[2] = 0
+    for length in (96000, 30001):
+        ref = torchaudio.transforms.Spectrogram(n_fft=2048, hop_length=512, power=2.0)(x[:, :length])
+        got = MatmulSpectrogram(2048, 512)(x[:, :length])
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert MatmulSpectrogram(512, 128)(x[:1]).shape == (1, 257, 751)
+    with pytest.raises(ValueError, match="multiple"):
+        MatmulSpectrogram(2048, 500)

@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export the model, mel front end included, to one ONNX file")
     e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="file to write")
     e.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
+    e.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantise the convolutions to int8 (static, calibrated on --calibrate's audio; faster on CPUs)",
+    )
+    e.add_argument("--calibrate", metavar="DIR", help="folder of speech audio for --int8's calibration windows")
+    e.add_argument(
+        "--calibration-windows", type=_positive(int), default=64, metavar="N", help="windows drawn (default 64)"
+    )
     add_live_commands(sub, model_args, stream_args)
     for name, sp in sub.choices.items():
         sp.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -166,7 +175,11 @@ HELP_EXAMPLES: dict[str, tuple[str, ...]] = {
         "emostream report timeline.jsonl --out timeline.html",
         "emostream report results/call-7.jsonl --out call-7.png",
     ),
-    "export": ("emostream export --onnx emostream.onnx", "emostream classify clip.wav --onnx emostream.onnx"),
+    "export": (
+        "emostream export --onnx emostream.onnx",
+        "emostream export --onnx emostream-int8.onnx --int8 --calibrate ../shared/data/emotion-speech",
+        "emostream classify clip.wav --onnx emostream.onnx",
+    ),
     "serve": (
         'emostream serve --events-dir calls/ --token "$TOKEN"',
         "emostream serve --port 8765 --dashboard --no-model",
