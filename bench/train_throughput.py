@@ -1,6 +1,6 @@
 """Training throughput: samples per second of the real training loop, fp32 against mixed precision.
 
-Runs :func:`train.engine.fit` itself (batch making with the config's augmentation, forward with
+Runs :func:`train.fit.fit` itself (batch making with the config's augmentation, forward with
 SpecAugment, loss, backward, AdamW step, per-epoch state saving) on synthetic clips of 2-5 s, so
 no data set is needed, for two epochs, and reports the second epoch's ``samples_per_second`` (the
 first one pays for one-off kernel set-up). ``fit`` always lays the CPU model out channels_last; the
@@ -8,7 +8,7 @@ variants differ in ``mixed_precision_training``: ``fp32``, or ``mixed`` as train
 autocast on CUDA; bf16 on a CPU with fast bf16 kernels, fp32 on one without: each row names what
 ran), and on request ``bf16``: bf16 autocast forced on such a CPU (the cost that choice avoids).
 ``--prefetch 0,2`` measures each precision with batches made serially and made ahead on a thread
-(``fit``'s default is :data:`train.engine.PREFETCH_BATCHES`; the trained weights are the same).
+(``fit``'s default is :data:`train.batches.PREFETCH_BATCHES`; the trained weights are the same).
 
     python bench/train_throughput.py [--config train/configs/utterance_norm.yaml] [--steps 8]
                                      [--batch-size 32] [--precisions fp32,mixed,bf16] [--prefetch 0,2]
@@ -36,9 +36,10 @@ from inference import forced_cpu_bf16  # noqa: E402  (bench/ is on sys.path when
 
 from emostream.audio import SAMPLE_RATE, float32_to_int16  # noqa: E402
 from emostream.model import CLASSES, select_device  # noqa: E402
+from train.batches import PREFETCH_BATCHES  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import AudioCache, Clip  # noqa: E402
-from train.engine import PREFETCH_BATCHES, fit  # noqa: E402
+from train.fit import FitOptions, fit  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "utterance_norm.yaml"
 
@@ -80,10 +81,7 @@ def measure(
             np.arange(len(clips)),
             None,
             Path(tmp),
-            device=device,
-            show_progress=False,
-            telephone_eval=False,
-            prefetch=prefetch,
+            FitOptions(device=device, show_progress=False, telephone_eval=False, prefetch=prefetch),
         )
         total = time.perf_counter() - t0
     warm = result.history[-1]

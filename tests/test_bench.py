@@ -104,7 +104,7 @@ def test_train_throughput_quick(tmp_path):
     assert [r["requested"] for r in rows] == ["fp32", "mixed"]
     assert [r["precision"] for r in rows] == ["fp32", precision_name(torch.device("cpu"))]
     assert all(r["samples_per_s"] > 0 and r["batch_size"] == 8 for r in rows)
-    from train.engine import PREFETCH_BATCHES
+    from train.batches import PREFETCH_BATCHES
 
     assert all(r["prefetch"] == PREFETCH_BATCHES for r in rows)  # what fit does by default
 

@@ -290,8 +290,8 @@ def test_tiny_leave_one_corpus_out_cv_trains_each_fold_without_its_corpus(tmp_pa
     only, and the report has one row per held-out corpus."""
     import pandas as pd
 
+    from train.cv import cross_validate
     from train.data import build_cache
-    from train.engine import cross_validate
 
     root = tmp_path / "data"
     rows = []

@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from emostream.model import CLASSES
+from train.batches import crop_layout, crop_span, make_batch, window_segments
 from train.config import ConfigError, load_config
-from train.engine import (
-    FrameProjector,
-    crop_layout,
-    crop_span,
-    embedding_loss,
-    frame_embedding_loss,
-    loss_fn,
-    make_batch,
-    time_cells,
-    window_segments,
-)
+from train.fit import time_cells
 from train.forward import training_forward
+from train.losses import FrameProjector, embedding_loss, frame_embedding_loss, loss_fn
 from train.teacher import (
     CELL_MIN_AUDIO,
     ENCODER_FRAME_SAMPLES,
@@ -228,7 +220,7 @@ def test_nested_teacher_choice_picks_the_informative_features_without_validation
     """Each fold picks the teacher features from its training speakers alone: the informative
     choice over noise, and the same pick and inner scores whatever the validation labels are."""
     from train.data import Clip, make_folds
-    from train.engine import nested_teacher_choice
+    from train.distill import nested_teacher_choice
 
     feats, labels, speakers = _synthetic()
     noise = TeacherFeatures(np.random.default_rng(1).normal(size=feats.frames.shape).astype(np.float16), feats.offsets)
@@ -369,7 +361,7 @@ def test_speed_copies_get_their_originals_heads_on_their_own_features():
     and a copy's target comes from its original's (out-of-speaker) head applied to the copy's own
     encoding, not the original's."""
     from train.data import Clip
-    from train.engine import fold_teacher
+    from train.distill import fold_teacher
 
     feats, labels, speakers = _synthetic()
     n = len(labels)
@@ -406,7 +398,7 @@ def test_phone_lines_labelled_by_their_own_encoding_join_the_heads_fit():
     from dataclasses import replace
 
     from train.data import Clip
-    from train.engine import fold_teacher
+    from train.distill import fold_teacher
 
     feats, labels, speakers = _synthetic()
     n = len(labels)
@@ -540,8 +532,8 @@ def write_tiny_set(folder, long_first_speaker: bool = False) -> None:
 @requires_teacher
 def test_tiny_distillation_run_end_to_end(tmp_path):
     pytest.importorskip("ctranslate2")
+    from train.cv import cross_validate
     from train.data import build_cache, load_dataset, make_folds
-    from train.engine import cross_validate
     from train.teacher import build_teacher_cache
 
     write_tiny_set(tmp_path, long_first_speaker=True)
@@ -564,7 +556,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     )
     folds = make_folds(clips, 2, "speaker", 0)
     # the batch carries teacher logits for its crops
-    from train.engine import fold_teacher
+    from train.distill import fold_teacher
 
     teacher = fold_teacher(cfg, clips, feats, np.where(folds == 1)[0])
     batch = make_batch(
@@ -601,7 +593,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     one = teacher.embeddings(np.array([i]), np.array([0]), np.array([cache.clip_length(i)]))
     assert np.allclose(one[0], whole, atol=1e-4)
     # the teacher alone on the same folds (`python -m train teacher`), plain and speaker-centred
-    from train.engine import teacher_cv
+    from train.distill import teacher_cv
 
     plain_report = teacher_cv(cfg, clips, feats, folds, tmp_path / "teacher")
     assert (tmp_path / "teacher" / "teacher_report.md").exists() and "centred" not in plain_report["protocol"]
@@ -615,13 +607,31 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     meta = json.loads((tmp_path / "cv" / "fold0" / "checkpoint" / "model.json").read_text())
     assert meta["training"]["config"]["distill"]["alpha"] == 0.5
     # with the embedding term, resuming (model, optimizer and the training-only projection) is exact
-    from train.engine import fit
+    from train.fit import FitOptions, fit
 
     cfg = replace(cfg, epochs=2)
     train_idx = np.where(folds == 1)[0]
-    fit(cfg, clips, cache, train_idx, None, tmp_path / "full", show_progress=False, teacher=teacher)
-    fit(cfg, clips, cache, train_idx, None, tmp_path / "part", show_progress=False, teacher=teacher, stop_after=1)
-    fit(cfg, clips, cache, train_idx, None, tmp_path / "part", show_progress=False, teacher=teacher, resume=True)
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "full", FitOptions(show_progress=False), teacher=teacher)
+    fit(
+        cfg,
+        clips,
+        cache,
+        train_idx,
+        None,
+        tmp_path / "part",
+        FitOptions(show_progress=False, stop_after=1),
+        teacher=teacher,
+    )
+    fit(
+        cfg,
+        clips,
+        cache,
+        train_idx,
+        None,
+        tmp_path / "part",
+        FitOptions(show_progress=False, resume=True),
+        teacher=teacher,
+    )
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "part"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert a["projector"] is not None and all(torch.equal(a["projector"][k], b["projector"][k]) for k in a["projector"])
@@ -649,9 +659,27 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert torch.equal(fb.waves, eb.waves) and eb.teacher_frames is None
     assert fb.teacher_frames.shape == (2, 6, feats.frames.shape[1]) and fb.teacher_frame_mask.any()
     assert torch.isfinite(fb.teacher_frames).all() and not fb.teacher_frames[~fb.teacher_frame_mask].any()
-    fit(cfg, clips, cache, train_idx, None, tmp_path / "ffull", show_progress=False, teacher=teacher)
-    fit(cfg, clips, cache, train_idx, None, tmp_path / "fpart", show_progress=False, teacher=teacher, stop_after=1)
-    fit(cfg, clips, cache, train_idx, None, tmp_path / "fpart", show_progress=False, teacher=teacher, resume=True)
+    fit(cfg, clips, cache, train_idx, None, tmp_path / "ffull", FitOptions(show_progress=False), teacher=teacher)
+    fit(
+        cfg,
+        clips,
+        cache,
+        train_idx,
+        None,
+        tmp_path / "fpart",
+        FitOptions(show_progress=False, stop_after=1),
+        teacher=teacher,
+    )
+    fit(
+        cfg,
+        clips,
+        cache,
+        train_idx,
+        None,
+        tmp_path / "fpart",
+        FitOptions(show_progress=False, resume=True),
+        teacher=teacher,
+    )
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("ffull", "fpart"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     fp = a["frame_projector"]

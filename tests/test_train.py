@@ -12,8 +12,10 @@ import torch
 
 from emostream.model import CLASSES, Predictor, load_checkpoint
 from train.config import ConfigError, load_config
+from train.cv import cross_validate
 from train.data import DataError, build_cache, canonical_label, config_clips, load_dataset, make_folds
-from train.engine import cross_validate, fit, predict_logits
+from train.evaluate import predict_logits
+from train.fit import FitOptions, fit
 from train.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
 
 from .conftest import ROOT, SHARED_DATA, requires_shared, speechlike
@@ -56,7 +58,7 @@ def test_project_configs_load(name):
 
 
 def test_utterance_norm_config_reaches_the_model():
-    from train.engine import build_model
+    from train.fit import build_model
 
     cfg = load_config(CONFIGS / "utterance_norm.yaml")
     assert cfg.normalize == "utterance" and cfg.epochs == 5
@@ -234,14 +236,14 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
     root, clips, cache, cfg = tiny
     folds = make_folds(clips, 2, "speaker", 0)
     train_idx, val_idx = np.where(folds == 1)[0], np.where(folds == 0)[0]
-    res = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "run", show_progress=False)
+    res = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "run", FitOptions(show_progress=False))
     assert len(res.history) == 2 and "ua" in res.history[-1]
     assert (tmp_path / "run" / "curves.png").exists()
     assert {"ema_ua", "ema_roc_auc"} <= set(res.history[-1])
     # the saved weights (the weight average), loaded the way `emostream` loads them, give the
     # training-time logits of those weights
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
-    from train.engine import build_model
+    from train.fit import build_model
 
     model = build_model(cfg)
     model.load_state_dict(state["ema"])
@@ -372,12 +374,12 @@ def test_tiny_fit_checkpoint_loads_in_emostream_with_same_logits(tiny, tmp_path,
 def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
     root, clips, cache, cfg = tiny
     idx = np.arange(len(clips))
-    fit(cfg, clips, cache, idx, None, tmp_path / "full", show_progress=False)
-    part = fit(cfg, clips, cache, idx, None, tmp_path / "part", show_progress=False, stop_after=1)
+    fit(cfg, clips, cache, idx, None, tmp_path / "full", FitOptions(show_progress=False))
+    part = fit(cfg, clips, cache, idx, None, tmp_path / "part", FitOptions(show_progress=False, stop_after=1))
     assert part.stopped and not (tmp_path / "part" / "checkpoint").exists()
     state = torch.load(tmp_path / "part" / "state.pt", weights_only=False)
     assert state["epoch"] == 1
-    fit(cfg, clips, cache, idx, None, tmp_path / "part", resume=True, show_progress=False)
+    fit(cfg, clips, cache, idx, None, tmp_path / "part", FitOptions(resume=True, show_progress=False))
     a = torch.load(tmp_path / "full" / "state.pt", weights_only=False)
     b = torch.load(tmp_path / "part" / "state.pt", weights_only=False)
     assert b["epoch"] == 2
@@ -391,7 +393,7 @@ def test_prefetched_keeps_order_hands_on_errors_and_stops_with_the_consumer():
     import threading
     from contextlib import closing
 
-    from train.engine import prefetched
+    from train.batches import prefetched
 
     for depth in (0, 1, 3):
         assert list(prefetched(iter(range(20)), depth)) == list(range(20))
@@ -424,8 +426,8 @@ def test_prefetching_batches_leaves_the_run_unchanged(tiny, tmp_path):
     root, clips, cache, cfg = tiny
     cfg = replace(cfg, epochs=1)
     idx = np.arange(len(clips))
-    fit(cfg, clips, cache, idx, None, tmp_path / "serial", show_progress=False, prefetch=0)
-    fit(cfg, clips, cache, idx, None, tmp_path / "ahead", show_progress=False, prefetch=2)
+    fit(cfg, clips, cache, idx, None, tmp_path / "serial", FitOptions(show_progress=False, prefetch=0))
+    fit(cfg, clips, cache, idx, None, tmp_path / "ahead", FitOptions(show_progress=False, prefetch=2))
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("serial", "ahead"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for k in a["model"]:
@@ -440,7 +442,7 @@ def test_training_seed_changes_the_student_only(tiny, tmp_path):
     idx = np.arange(len(clips))
     runs = {}
     for name, seed in (("default", None), ("same", cfg.seed), ("other", cfg.seed + 1)):
-        fit(replace(cfg, training_seed=seed), clips, cache, idx, None, tmp_path / name, show_progress=False)
+        fit(replace(cfg, training_seed=seed), clips, cache, idx, None, tmp_path / name, FitOptions(show_progress=False))
         runs[name] = torch.load(tmp_path / name / "state.pt", weights_only=False)["model"]
     assert all(torch.equal(runs["default"][k], runs["same"][k]) for k in runs["default"])
     assert not all(torch.equal(runs["default"][k], runs["other"][k]) for k in runs["default"])
@@ -455,7 +457,7 @@ def test_training_seed_changes_the_student_only(tiny, tmp_path):
 
 
 def test_update_ema_moves_floats_and_copies_counts():
-    from train.engine import ema_decay_at, update_ema
+    from train.fit import ema_decay_at, update_ema
 
     model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     with torch.no_grad():
@@ -475,8 +477,10 @@ def test_weight_average_leaves_the_training_trajectory_unchanged(tiny, tmp_path)
     root, clips, cache, cfg = tiny
     folds = make_folds(clips, 2, "speaker", 0)
     train_idx, val_idx = np.where(folds == 1)[0], np.where(folds == 0)[0]
-    on = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "on", show_progress=False)
-    off = fit(replace(cfg, ema_decay=0.0), clips, cache, train_idx, val_idx, tmp_path / "off", show_progress=False)
+    on = fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "on", FitOptions(show_progress=False))
+    off = fit(
+        replace(cfg, ema_decay=0.0), clips, cache, train_idx, val_idx, tmp_path / "off", FitOptions(show_progress=False)
+    )
     raw_keys = ("train_loss", "ua", "roc_auc", "val_loss")
     assert [[h[k] for k in raw_keys] for h in on.history] == [[h[k] for k in raw_keys] for h in off.history]
     assert "ema_ua" not in off.history[-1] and not (tmp_path / "off" / "val_logits_raw.npy").exists()
@@ -485,7 +489,7 @@ def test_weight_average_leaves_the_training_trajectory_unchanged(tiny, tmp_path)
     np.testing.assert_array_equal(np.load(tmp_path / "on" / "val_logits.npy"), on.val_logits)
     assert np.abs(on.val_logits - off.val_logits).max() > 1e-4  # the average is another model
     with pytest.raises(ConfigError, match="without emostream.ema_decay"):
-        fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "off", resume=True, show_progress=False)
+        fit(cfg, clips, cache, train_idx, val_idx, tmp_path / "off", FitOptions(resume=True, show_progress=False))
 
 
 def test_cv_report_and_cli(tiny, tmp_path):
@@ -694,7 +698,7 @@ def test_calibrate_stores_window_and_clip_temperatures(tiny, tmp_path, capsys):
         atol=1e-6,
     )
     # evaluate uses the same rule and reports the temperature it used
-    from train.engine import evaluate_checkpoint
+    from train.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(ckpt, clips, cache, tmp_path / "ev", device="cpu", positions=3)
     assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["temperature"] == pytest.approx(
@@ -766,8 +770,8 @@ def test_train_cli_errors(tmp_path, capsys):
 
 
 def test_floor_noise_covers_padding_and_is_off_by_default():
+    from train.batches import add_floor_noise
     from train.config import Augment
-    from train.engine import add_floor_noise
 
     waves = np.zeros((4, 1000), dtype=np.float32)
     cfg = load_config(CONFIGS / "speaker_cv.yaml")
@@ -781,8 +785,8 @@ def test_floor_noise_covers_padding_and_is_off_by_default():
 def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
     """concat augmentation: partners share speaker and label, never the clip itself; a turn window
     is the clip, a pause, then partner audio, filling the window; targets stay the clip's label."""
+    from train.batches import make_batch, partner_clips, turn_audio
     from train.config import Augment
-    from train.engine import make_batch, partner_clips, turn_audio
 
     root, clips, cache, cfg = tiny
     idx = np.arange(len(clips))
@@ -801,7 +805,7 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
     assert x.shape == (1, 96000) and (x[0].abs() > 0).float().mean() > 0.5  # mostly speech, not padding
     assert y[0].argmax() == labels[short]
     # the layout of a turn says which clip audio sits where in its window (the frame targets' map)
-    from train.engine import crop_layout, turn_pieces, window_segments
+    from train.batches import crop_layout, turn_pieces, window_segments
 
     turn, layout = turn_pieces(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0))
     assert np.array_equal(turn, turn_audio(cache, int(short), partners[int(short)], cfg, np.random.default_rng(0)))
@@ -820,7 +824,7 @@ def test_turn_windows_join_clips_of_one_speaker_and_emotion(tiny):
 
 
 def test_vtlp_factors_off_by_default_and_in_range_when_on():
-    from train.engine import vtlp_factors
+    from train.batches import vtlp_factors
 
     cfg = load_config(CONFIGS / "distill_embed_40ep.yaml")
     gen = torch.Generator().manual_seed(0)
@@ -854,8 +858,8 @@ def test_speed_perturb_scales_tempo_and_pitch():
 
 
 def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_path):
+    from train.batches import copy_partners, partner_clips, substitute_copies
     from train.data import build_speed_copies, speed_perturb
-    from train.engine import copy_partners, partner_clips, substitute_copies
 
     root, clips, cache, cfg = tiny
     n = len(clips)
@@ -888,22 +892,41 @@ def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_pat
     # in training: at probability 1 every window is a copy; the run is reproducible and resumable
     cfg = replace(cfg, epochs=2, augment=replace(cfg.augment, speed_factors=(0.9, 1.1), speed_probability=1.0))
     with pytest.raises(ConfigError, match="speed_probability"):
-        fit(cfg, clips, cache, idx, None, tmp_path / "none", show_progress=False)
-    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "full", show_progress=False, copies=sc.copies)
-    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "part", show_progress=False, copies=sc.copies, stop_after=1)
-    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "part", show_progress=False, copies=sc.copies, resume=True)
+        fit(cfg, clips, cache, idx, None, tmp_path / "none", FitOptions(show_progress=False))
+    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "full", FitOptions(show_progress=False), copies=sc.copies)
+    fit(
+        cfg,
+        sc.clips,
+        sc.cache,
+        idx,
+        None,
+        tmp_path / "part",
+        FitOptions(show_progress=False, stop_after=1),
+        copies=sc.copies,
+    )
+    fit(
+        cfg,
+        sc.clips,
+        sc.cache,
+        idx,
+        None,
+        tmp_path / "part",
+        FitOptions(show_progress=False, resume=True),
+        copies=sc.copies,
+    )
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "part"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     plain = replace(cfg, augment=replace(cfg.augment, speed_factors=(), speed_probability=0.0))
-    fit(plain, clips, cache, idx, None, tmp_path / "plain", show_progress=False)
+    fit(plain, clips, cache, idx, None, tmp_path / "plain", FitOptions(show_progress=False))
     c = torch.load(tmp_path / "plain" / "state.pt", weights_only=False)
     assert [h["train_loss"] for h in a["history"]] != [h["train_loss"] for h in c["history"]]
 
 
 def test_phone_copies_are_random_lines_labelled_by_their_clean_source(tiny, tmp_path):
     from emostream.channel import rms
+    from train.batches import substitute_copies
     from train.data import build_phone_copies, build_speed_copies, with_phone_copies
-    from train.engine import fold_teacher, substitute_copies
+    from train.distill import fold_teacher
     from train.teacher import TeacherFeatures
 
     root, clips, cache, cfg = tiny
@@ -967,10 +990,19 @@ def test_phone_copies_are_random_lines_labelled_by_their_clean_source(tiny, tmp_
     # in training: at probability 1 every window is a line; runs differ from plain ones
     cfg = replace(cfg, epochs=1, augment=replace(cfg.augment, phone_copies=2, phone_probability=1.0))
     with pytest.raises(ConfigError, match="phone_probability"):
-        fit(cfg, clips, cache, np.arange(n), None, tmp_path / "none", show_progress=False)
-    fit(cfg, pc.clips, pc.cache, np.arange(n), None, tmp_path / "phone", show_progress=False, phone=pc.copies)
+        fit(cfg, clips, cache, np.arange(n), None, tmp_path / "none", FitOptions(show_progress=False))
+    fit(
+        cfg,
+        pc.clips,
+        pc.cache,
+        np.arange(n),
+        None,
+        tmp_path / "phone",
+        FitOptions(show_progress=False),
+        phone=pc.copies,
+    )
     plain = replace(cfg, augment=replace(cfg.augment, phone_copies=0, phone_probability=0.0))
-    fit(plain, clips, cache, np.arange(n), None, tmp_path / "plain", show_progress=False)
+    fit(plain, clips, cache, np.arange(n), None, tmp_path / "plain", FitOptions(show_progress=False))
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("phone", "plain"))
     assert a["history"][0]["train_loss"] != b["history"][0]["train_loss"]
 

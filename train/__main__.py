@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="output directory (default runs/<experiment>)")
         sp.add_argument("--epochs", type=int)
         sp.add_argument("--resume", action="store_true", help="continue from the last finished epoch / fold")
-        sp.add_argument("--pretrained", metavar="PATH", help="local weights to start from: a timm ResNet state_dict, or an emostream checkpoint directory (fine-tuning)")
+        sp.add_argument(
+            "--pretrained",
+            metavar="PATH",
+            help="local weights to start from: a timm ResNet state_dict, or an emostream checkpoint directory "
+            "(fine-tuning)",
+        )
         sp.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
         sp.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
         sp.add_argument("--no-progress", action="store_true")
@@ -223,8 +228,10 @@ def _run(args) -> int:
     import torch
 
     from .config import load_config
+    from .cv import cross_validate
     from .data import build_cache, config_clips, fold_config, load_dataset, make_folds
-    from .engine import cross_validate, evaluate_checkpoint, fit
+    from .evaluate import evaluate_checkpoint
+    from .fit import FitOptions, fit
 
     if args.command == "prepare":
         return _prepare(args)
@@ -267,7 +274,7 @@ def _run(args) -> int:
         if channels == ["full"]:
             evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
         else:
-            from .engine import evaluate_channels
+            from .evaluate import evaluate_channels
 
             print(
                 evaluate_channels(
@@ -330,7 +337,7 @@ def _run(args) -> int:
         cache.offsets[-1] / 16000 / 60,
     )
     if args.command == "ensemble":
-        from .engine import average_fold_logits
+        from .cv import average_fold_logits
 
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         average_fold_logits([Path(r) for r in args.runs], folds, args.folds, out)
@@ -350,7 +357,7 @@ def _run(args) -> int:
         )
         log.info("teacher: %s, %d encoder frames cached", cfg.distill.teacher, len(features.frames))
     if args.command == "teacher":
-        from .engine import teacher_cv
+        from .distill import teacher_cv
 
         folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
         teacher_cv(cfg, clips, features, folds, out)
@@ -441,7 +448,7 @@ def _run(args) -> int:
             metadata["cv"] = _cv_metadata(cv, clip_cv)
         teacher = None
         if features is not None:
-            from .engine import fold_teacher
+            from .distill import fold_teacher
 
             teacher = fold_teacher(
                 cfg,
@@ -465,11 +472,13 @@ def _run(args) -> int:
             np.arange(len(clips)),
             None,
             out,
-            resume=args.resume,
-            pretrained_path=args.pretrained,
-            metadata=metadata,
-            device=args.device,
-            show_progress=not args.no_progress,
+            FitOptions(
+                resume=args.resume,
+                pretrained_path=args.pretrained,
+                metadata=metadata,
+                device=args.device,
+                show_progress=not args.no_progress,
+            ),
             teacher=teacher,
             copies=speed.copies if speed else None,
             phone=getattr(speed, "phone", None),
@@ -584,8 +593,9 @@ def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir
     import json
     from dataclasses import replace
 
+    from .cv_report import SUMMARY_METRICS, summary_rows
     from .data import make_folds
-    from .engine import SUMMARY_METRICS, nested_teacher_choice, summary_rows, teacher_cv
+    from .distill import nested_teacher_choice, teacher_cv
     from .metrics import summarize_folds
     from .teacher import build_teacher_cache
 

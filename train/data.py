@@ -299,7 +299,7 @@ class CopySet:
     """The clips training draws windows from: originals, their speed copies, then phone lines of
     both. ``copies[i]`` names original ``i``'s speed copies (None without any); ``phone[s]`` names
     source ``s``'s phone lines (an original or a speed copy; None without any), as
-    :func:`train.engine.fit` takes them."""
+    :func:`train.fit.fit` takes them."""
 
     clips: list[Clip]
     cache: AudioCache

@@ -23,9 +23,9 @@ from .teacher import TeacherFeatures, build_teacher_cache, fit_head
 
 
 def channel_copies(cache: AudioCache, channel: str, cache_dir: str | Path) -> AudioCache:
-    """Every clip of ``cache`` through ``channel`` (a :func:`train.engine.telephone_copies` name:
+    """Every clip of ``cache`` through ``channel`` (a :func:`train.evaluate.telephone_copies` name:
     ``g712``, ``mulaw`` or a codec), at 16 kHz and its own length; computed once and cached."""
-    from .engine import telephone_copies
+    from .evaluate import telephone_copies
 
     return cached_copies(
         cache,

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from emostream.model import load_checkpoint
 
     from .config import load_config
-    from .engine import fold_teacher, predict_logits
+    from .distill import fold_teacher
+    from .evaluate import predict_logits
     from .teacher import build_teacher_cache
 
     cfg = load_config(args.config)
