@@ -179,151 +179,106 @@ def _none(value: Any) -> bool:
     return value is None or str(value) in ("None", "", "null")
 
 
-# Each recipe key maps to a handler (section, key) -> function(value, updates, notes).
-def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
-    u: dict[str, Any] = {}
-    notes: list[str] = []
-    known: dict[tuple[str, str], Any] = {}
+# Each recipe section has its function: ``(key, value, updates, notes)`` applies one key of that
+# section to the resolved fields ``updates`` (notes: deviations applied while loading) and returns
+# False for a key it does not know.
 
-    def handler(section: str, key: str):
-        def deco(fn):
-            known[(section, key)] = fn
-            return fn
 
-        return deco
-
-    # architecture ------------------------------------------------------------------------------
-    @handler("architecture", "backbone")
-    def _(v):
+def _architecture(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "backbone":
         u["backbone"] = str(v)
-
-    @handler("architecture", "dropout")
-    def _(v):
+    elif key == "dropout":
         u["dropout"] = float(v)
-
-    @handler("architecture", "pool")
-    def _(v):
+    elif key == "pool":
         u["pool"] = _choice("architecture.pool", v, {"Average": "avg", "Max": "max", "avg": "avg", "max": "max"})
-
-    @handler("architecture", "pretrained")
-    def _(v):
+    elif key == "pretrained":
         u["pretrained"] = bool(v)
+    else:
+        return False
+    return True
 
-    # audio -------------------------------------------------------------------------------------
-    @handler("audio", "audio_parameters")
-    def _(v):
+
+def _audio(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "audio_parameters":
         _choice("audio.audio_parameters", v, {"Auto": None, "Manual": None})
-
-    @handler("audio", "sample_rate")
-    def _(v):
+    elif key == "sample_rate":
         if int(v) != SAMPLE_RATE:
             raise ConfigError(f"audio.sample_rate: {v} is not supported; emostream streams at {SAMPLE_RATE} Hz")
-
-    @handler("audio", "hop_size")
-    def _(v):
+    elif key == "hop_size":
         u["hop_length"] = int(v)
-
-    @handler("audio", "stft_window_size")
-    def _(v):
+    elif key == "stft_window_size":
         u["n_fft"] = int(v)
-
-    @handler("audio", "mel_frequency_bins")
-    def _(v):
+    elif key == "mel_frequency_bins":
         u["n_mels"] = int(v)
-
-    @handler("audio", "minimum_frequency")
-    def _(v):
+    elif key == "minimum_frequency":
         u["f_min"] = float(v)
-
-    @handler("audio", "maximum_frequency")
-    def _(v):
+    elif key == "maximum_frequency":
         nyquist = SAMPLE_RATE / 2
         if float(v) > nyquist:
             notes.append(f"audio.maximum_frequency {v} Hz clamped to the Nyquist frequency {nyquist:.0f} Hz")
             v = nyquist
         u["f_max"] = float(v)
-
-    @handler("audio", "spectrogram_normalization")
-    def _(v):
+    elif key == "spectrogram_normalization":
         _choice("audio.spectrogram_normalization", v, {"No": None, "False": None})
-
-    @handler("audio", "training_chunk_seconds")
-    def _(v):
+    elif key == "training_chunk_seconds":
         if float(v) != WINDOW_SECONDS:
             raise ConfigError(
                 f"audio.training_chunk_seconds: {v} is not supported; the streaming window is {WINDOW_SECONDS} s"
             )
         u["chunk_seconds"] = float(v)
+    else:
+        return False
+    return True
 
-    # augmentation ------------------------------------------------------------------------------
-    @handler("augmentation", "mix_audio")
-    def _(v):
+
+def _augmentation(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "mix_audio":
         u["mix_audio"] = _choice("augmentation.mix_audio", v, {"Disabled": "Disabled", "Mixup": "Mixup"})
-
-    @handler("augmentation", "mix_concentration")
-    def _(v):
+    elif key == "mix_concentration":
         u["mix_concentration"] = float(v)
-
-    @handler("augmentation", "mix_iterations")
-    def _(v):
+    elif key == "mix_iterations":
         if int(v) != 1:
             raise ConfigError(f"augmentation.mix_iterations: {v} is not supported (only 1)")
-
-    @handler("augmentation", "mix_probability")
-    def _(v):
+    elif key == "mix_probability":
         u["mix_probability"] = float(v)
-
-    @handler("augmentation", "mix_target")
-    def _(v):
+    elif key == "mix_target":
         _choice("augmentation.mix_target", v, {"Ratio": None})
+    else:
+        return False
+    return True
 
-    # dataset -----------------------------------------------------------------------------------
-    @handler("dataset", "audio_column")
-    def _(v):
+
+SEPARATE_DATAFRAMES = ("data_folder_test", "test_dataframe", "unlabeled_dataframe", "validation_dataframe")
+
+
+def _dataset(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "audio_column":
         u["audio_column"] = str(v)
-
-    @handler("dataset", "label_columns")
-    def _(v):
+    elif key == "label_columns":
         cols = list(v) if isinstance(v, (list, tuple)) else [v]
         if len(cols) != 1:
             raise ConfigError(f"dataset.label_columns: {cols} — exactly one label column is supported")
         u["label_column"] = str(cols[0])
-
-    @handler("dataset", "data_folder")
-    def _(v):
+    elif key == "data_folder":
         u["data_folder"] = None if _none(v) else str(v)
-
-    @handler("dataset", "train_dataframe")
-    def _(v):
+    elif key == "train_dataframe":
         u["data"] = None if _none(v) else str(v)
-
-    for key in ("data_folder_test", "test_dataframe", "unlabeled_dataframe", "validation_dataframe"):
-
-        @handler("dataset", key)
-        def _(v, key=key):
-            if not _none(v):
-                raise ConfigError(
-                    f"dataset.{key}: separate dataframes are not supported; "
-                    "use k-fold CV and `python -m train evaluate --data` for held-out sets"
-                )
-
-    @handler("dataset", "data_sample")
-    def _(v):
+    elif key in SEPARATE_DATAFRAMES:
+        if not _none(v):
+            raise ConfigError(
+                f"dataset.{key}: separate dataframes are not supported; "
+                "use k-fold CV and `python -m train evaluate --data` for held-out sets"
+            )
+    elif key == "data_sample":
         if not 0 < float(v) <= 1:
             raise ConfigError(f"dataset.data_sample: {v} must be in (0, 1]")
         u["data_sample"] = float(v)
-
-    @handler("dataset", "data_sample_choice")
-    def _(v):
+    elif key == "data_sample_choice":
         pass  # data_sample applies to train and validation alike, as the recipe lists both
-
-    @handler("dataset", "folds")
-    def _(v):
+    elif key == "folds":
         vals = list(v) if isinstance(v, (list, tuple)) else [v]
         u["folds"] = int(vals[0])
-
-    @handler("dataset", "group_fold_column")
-    def _(v):
+    elif key == "group_fold_column":
         u["group_by"] = _choice(
             "dataset.group_fold_column", v, {"audio": "audio", "speaker": "speaker", "corpus": "corpus"}
         )
@@ -332,168 +287,138 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
                 "dataset.group_fold_column: audio groups folds by file: the same speakers appear "
                 "in training and validation, so its scores overstate accuracy on unseen voices"
             )
-
-    @handler("dataset", "validation_size")
-    def _(v):
+    elif key == "validation_size":
         u["validation_size"] = float(v)
-
-    @handler("dataset", "validation_strategy")
-    def _(v):
+    elif key == "validation_strategy":
         u["validation_strategy"] = _choice("dataset.validation_strategy", v, {"kfold": "kfold"})
+    else:
+        return False
+    return True
 
-    # environment -------------------------------------------------------------------------------
-    @handler("environment", "gpus")
-    def _(v):
+
+def _environment(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "gpus":
         pass  # device is auto-selected: CUDA when present, CPU otherwise
-
-    @handler("environment", "mixed_precision_inference")
-    def _(v):
+    elif key == "mixed_precision_inference":
         u["mixed_precision_inference"] = bool(v)
-
-    @handler("environment", "mixed_precision_training")
-    def _(v):
+    elif key == "mixed_precision_training":
         u["mixed_precision_training"] = bool(v)
-
-    @handler("environment", "number_of_workers")
-    def _(v):
+    elif key == "number_of_workers":
         pass  # audio is decoded once into an in-memory cache; batches need no loader workers
-
-    @handler("environment", "seed")
-    def _(v):
+    elif key == "seed":
         if int(v) < 0:
             notes.append("environment.seed: -1 (random) replaced by seed 42 so runs and --resume are reproducible")
             v = 42
         u["seed"] = int(v)
+    else:
+        return False
+    return True
 
-    # logging -----------------------------------------------------------------------------------
-    @handler("logging", "logger")
-    def _(v):
+
+def _logging(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "logger":
         if not _none(v):
             raise ConfigError(f"logging.logger: {v!r} is not supported (logs go to a file beside the outputs)")
-
-    @handler("logging", "neptune_project")
-    def _(v):
+    elif key == "neptune_project":
         if str(v):
             raise ConfigError("logging.neptune_project: Neptune logging is not supported")
-
-    @handler("logging", "number_of_audios")
-    def _(v):
+    elif key == "number_of_audios":
         pass  # only used by external loggers, which are not supported
+    else:
+        return False
+    return True
 
-    # prediction --------------------------------------------------------------------------------
-    @handler("prediction", "inference_chunk_method")
-    def _(v):
+
+def _prediction(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "inference_chunk_method":
         _choice("prediction.inference_chunk_method", v, {"Fix": None})
-
-    @handler("prediction", "inference_chunk_seconds")
-    def _(v):
+    elif key == "inference_chunk_seconds":
         if float(v) != WINDOW_SECONDS:
             raise ConfigError(
                 f"prediction.inference_chunk_seconds: {v} is not supported (the window is {WINDOW_SECONDS} s)"
             )
-
-    @handler("prediction", "max_inference_chunk_seconds")
-    def _(v):
+    elif key == "max_inference_chunk_seconds":
         u["max_inference_chunk_seconds"] = float(v)
-
-    @handler("prediction", "metric")
-    def _(v):
+    elif key == "metric":
         u["metric"] = _choice(
             "prediction.metric", v, {"ROC_AUC": "ROC_AUC", "UA": "UA", "F1": "F1", "Accuracy": "Accuracy"}
         )
-
-    @handler("prediction", "probability_threshold")
-    def _(v):
+    elif key == "probability_threshold":
         pass  # single-label task: the predicted class is the argmax; the threshold has no effect
+    else:
+        return False
+    return True
 
-    # training ----------------------------------------------------------------------------------
-    @handler("training", "automatically_adjust_batch_size")
-    def _(v):
+
+def _training(key: str, v: Any, u: dict[str, Any], notes: list[str]) -> bool:
+    if key == "automatically_adjust_batch_size":
         if bool(v):
             raise ConfigError("training.automatically_adjust_batch_size: true is not supported")
-
-    @handler("training", "batch_size")
-    def _(v):
+    elif key == "batch_size":
         u["batch_size"] = int(v)
-
-    @handler("training", "build_scoring_pipelines")
-    def _(v):
+    elif key == "build_scoring_pipelines":
         pass  # every run saves an emostream checkpoint, which is the scoring pipeline
-
-    @handler("training", "calculate_train_metric")
-    def _(v):
+    elif key == "calculate_train_metric":
         u["calculate_train_metric"] = bool(v)
-
-    @handler("training", "differential_learning_rate")
-    def _(v):
+    elif key == "differential_learning_rate":
         u["differential_learning_rate"] = float(v)
-
-    @handler("training", "differential_learning_rate_layers")
-    def _(v):
+    elif key == "differential_learning_rate_layers":
         u["differential_learning_rate_layers"] = tuple(v or ())
-
-    @handler("training", "drop_last_batch")
-    def _(v):
+    elif key == "drop_last_batch":
         u["drop_last"] = bool(v)
-
-    @handler("training", "epochs")
-    def _(v):
+    elif key == "epochs":
         u["epochs"] = int(v)
-
-    @handler("training", "evaluation_epochs")
-    def _(v):
+    elif key == "evaluation_epochs":
         u["evaluation_epochs"] = max(1, int(v))
-
-    @handler("training", "grad_accumulation")
-    def _(v):
+    elif key == "grad_accumulation":
         u["grad_accumulation"] = max(1, int(v))
-
-    @handler("training", "gradient_clip")
-    def _(v):
+    elif key == "gradient_clip":
         u["gradient_clip"] = float(v)
-
-    @handler("training", "learning_rate")
-    def _(v):
+    elif key == "learning_rate":
         u["learning_rate"] = float(v)
-
-    @handler("training", "loss_function")
-    def _(v):
+    elif key == "loss_function":
         u["loss"] = _choice("training.loss_function", v, {"BCE": "BCE", "CrossEntropy": "CrossEntropy"})
-
-    @handler("training", "optimizer")
-    def _(v):
+    elif key == "optimizer":
         u["optimizer"] = _choice("training.optimizer", v, {"AdamW": "AdamW", "Adam": "Adam", "SGD": "SGD"})
-
-    @handler("training", "run_interpretations")
-    def _(v):
+    elif key == "run_interpretations":
         pass  # interpretations = the report's confusion matrix and training curves, always written
-
-    @handler("training", "save_best_checkpoint")
-    def _(v):
+    elif key == "save_best_checkpoint":
         u["save_best_checkpoint"] = bool(v)
-
-    @handler("training", "schedule")
-    def _(v):
+    elif key == "schedule":
         u["schedule"] = _choice(
             "training.schedule", v, {"Cosine": "Cosine", "Constant": "Constant", "Linear": "Linear"}
         )
-
-    @handler("training", "train_validation_data")
-    def _(v):
+    elif key == "train_validation_data":
         if bool(v):
             raise ConfigError(
                 "training.train_validation_data: true is not supported; use `fit --all` for a final model"
             )
-
-    @handler("training", "warmup_epochs")
-    def _(v):
+    elif key == "warmup_epochs":
         u["warmup_epochs"] = float(v)
-
-    @handler("training", "weight_decay")
-    def _(v):
+    elif key == "weight_decay":
         u["weight_decay"] = float(v)
+    else:
+        return False
+    return True
 
-    # walk the YAML -----------------------------------------------------------------------------
+
+RECIPE_SECTIONS = {
+    "architecture": _architecture,
+    "audio": _audio,
+    "augmentation": _augmentation,
+    "dataset": _dataset,
+    "environment": _environment,
+    "logging": _logging,
+    "prediction": _prediction,
+    "training": _training,
+}
+
+
+def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
+    """The config of a YAML mapping (``base:`` links followed): each recipe key through its section's
+    function, ``emostream:`` through :func:`_extensions`, in the file's order."""
+    u: dict[str, Any] = {}
+    notes: list[str] = []
     for section, body in raw.items():
         if section in ("experiment_name",):
             u["experiment_name"] = str(body)
@@ -505,11 +430,10 @@ def _resolve(raw: dict, pretrained_path: str | None) -> TrainConfig:
             continue
         if not isinstance(body, dict):
             raise ConfigError(f"{section}: unknown top-level key")
+        apply = RECIPE_SECTIONS.get(section)
         for key, value in body.items():
-            fn = known.get((section, key))
-            if fn is None:
+            if apply is None or not apply(key, value, u, notes):
                 raise ConfigError(f"{section}.{key}: unknown recipe key")
-            fn(value)
     if pretrained_path:
         u["pretrained"] = True
     u["notes"] = tuple(notes)
@@ -541,84 +465,88 @@ def _fraction(name: str, value, what: str) -> float:
     return float(value)
 
 
+def _augment_section(value: dict) -> Augment:
+    """``emostream.augment``: the augmentations beyond the recipe, checked."""
+    names = {f.name for f in fields(Augment)}
+    bad = set(value) - names
+    if bad:
+        raise ConfigError(
+            f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})"
+        )
+    value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+    a = Augment(**value)
+    for name in (f.name for f in fields(Augment) if f.name.endswith("_probability")):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            raise ConfigError(f"emostream.augment.{name}: {getattr(a, name)} is not in [0, 1]")
+    lo, hi = a.vtlp_range
+    if not 0.5 <= lo <= hi <= 2.0:
+        raise ConfigError(
+            f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with 0.5 <= low <= high <= 2"
+        )
+    if any(
+        isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1.0
+        for f in a.speed_factors
+    ) or len(set(a.speed_factors)) != len(a.speed_factors):
+        raise ConfigError(
+            f"emostream.augment.speed_factors: {list(a.speed_factors)} must be distinct factors "
+            "in [0.5, 2] other than 1"
+        )
+    if a.speed_probability and not a.speed_factors:
+        raise ConfigError("emostream.augment.speed_probability needs emostream.augment.speed_factors")
+    if not isinstance(a.phone_copies, int) or a.phone_copies < 0:
+        raise ConfigError(f"emostream.augment.phone_copies: {a.phone_copies!r} must be a whole number >= 0")
+    if a.phone_probability and not a.phone_copies:
+        raise ConfigError("emostream.augment.phone_probability needs emostream.augment.phone_copies")
+    return replace(a, speed_factors=tuple(float(f) for f in a.speed_factors))
+
+
+def _distill_section(value: dict | None) -> Distill:
+    """``emostream.distill``: the distillation settings, checked."""
+    names = {f.name for f in fields(Distill)}
+    bad = set(value or {}) - names
+    if bad:
+        raise ConfigError(f"emostream.distill.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(names))})")
+    value = dict(value or {})
+    if "layers" in value:
+        layers = value["layers"]
+        if (
+            not isinstance(layers, list)
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in layers)
+            or len(set(layers)) != len(layers)
+        ):
+            raise ConfigError(
+                f"emostream.distill.layers: {layers!r} must be a list of distinct layer "
+                "indices >= 0 (empty: the encoder output)"
+            )
+        value["layers"] = tuple(sorted(layers))
+    d = Distill(**value)
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
+    if d.temperature <= 0 or d.head_c <= 0:
+        raise ConfigError("emostream.distill.temperature and head_c must be positive")
+    d = replace(
+        d,
+        speaker_centre=_choice("emostream.distill.speaker_centre", d.speaker_centre, {v: v for v in SPEAKER_CENTRE}),
+    )
+    d = replace(
+        d,
+        phone_targets=_choice("emostream.distill.phone_targets", d.phone_targets, {"source": "source", "copy": "copy"}),
+    )
+    for name in ("embed_weight", "frame_weight"):
+        if getattr(d, name) < 0:
+            raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")
+    return d
+
+
 def _extensions(body: dict, u: dict) -> None:
+    """The ``emostream:`` section: the settings beyond the recipe."""
     for key, value in body.items():
         if key not in _EXTENSION_KEYS:
             raise ConfigError(f"emostream.{key}: unknown key (known: {', '.join(sorted(_EXTENSION_KEYS))})")
         if key == "augment":
-            names = {f.name for f in fields(Augment)}
-            bad = set(value) - names
-            if bad:
-                raise ConfigError(
-                    f"emostream.augment.{sorted(bad)[0]}: unknown augmentation (known: {', '.join(sorted(names))})"
-                )
-            value = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
-            a = Augment(**value)
-            for name in (f.name for f in fields(Augment) if f.name.endswith("_probability")):
-                if not 0.0 <= getattr(a, name) <= 1.0:
-                    raise ConfigError(f"emostream.augment.{name}: {getattr(a, name)} is not in [0, 1]")
-            lo, hi = a.vtlp_range
-            if not 0.5 <= lo <= hi <= 2.0:
-                raise ConfigError(
-                    f"emostream.augment.vtlp_range: {list(a.vtlp_range)} must be [low, high] with "
-                    "0.5 <= low <= high <= 2"
-                )
-            if any(
-                isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.5 <= f <= 2.0 or f == 1.0
-                for f in a.speed_factors
-            ) or len(set(a.speed_factors)) != len(a.speed_factors):
-                raise ConfigError(
-                    f"emostream.augment.speed_factors: {list(a.speed_factors)} must be distinct factors "
-                    "in [0.5, 2] other than 1"
-                )
-            if a.speed_probability and not a.speed_factors:
-                raise ConfigError("emostream.augment.speed_probability needs emostream.augment.speed_factors")
-            if not isinstance(a.phone_copies, int) or a.phone_copies < 0:
-                raise ConfigError(f"emostream.augment.phone_copies: {a.phone_copies!r} must be a whole number >= 0")
-            if a.phone_probability and not a.phone_copies:
-                raise ConfigError("emostream.augment.phone_probability needs emostream.augment.phone_copies")
-            u["augment"] = replace(a, speed_factors=tuple(float(f) for f in a.speed_factors))
+            u["augment"] = _augment_section(value)
         elif key == "distill":
-            names = {f.name for f in fields(Distill)}
-            bad = set(value or {}) - names
-            if bad:
-                raise ConfigError(
-                    f"emostream.distill.{sorted(bad)[0]}: unknown key (known: {', '.join(sorted(names))})"
-                )
-            value = dict(value or {})
-            if "layers" in value:
-                layers = value["layers"]
-                if (
-                    not isinstance(layers, list)
-                    or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in layers)
-                    or len(set(layers)) != len(layers)
-                ):
-                    raise ConfigError(
-                        f"emostream.distill.layers: {layers!r} must be a list of distinct layer "
-                        "indices >= 0 (empty: the encoder output)"
-                    )
-                value["layers"] = tuple(sorted(layers))
-            d = Distill(**value)
-            if not 0.0 <= d.alpha <= 1.0:
-                raise ConfigError(f"emostream.distill.alpha: {d.alpha} is not in [0, 1]")
-            if d.temperature <= 0 or d.head_c <= 0:
-                raise ConfigError("emostream.distill.temperature and head_c must be positive")
-            d = replace(
-                d,
-                speaker_centre=_choice(
-                    "emostream.distill.speaker_centre", d.speaker_centre, {v: v for v in SPEAKER_CENTRE}
-                ),
-            )
-            d = replace(
-                d,
-                phone_targets=_choice(
-                    "emostream.distill.phone_targets", d.phone_targets, {"source": "source", "copy": "copy"}
-                ),
-            )
-            for name in ("embed_weight", "frame_weight"):
-                if getattr(d, name) < 0:
-                    raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")
-            u["distill"] = d
+            u["distill"] = _distill_section(value)
         elif key == "group_by":
             u["group_by"] = _choice(
                 "emostream.group_by", value, {"speaker": "speaker", "audio": "audio", "corpus": "corpus"}
