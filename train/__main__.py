@@ -225,74 +225,108 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    import torch
-
-    from .config import load_config
-    from .cv import cross_validate
-    from .data import build_cache, config_clips, fold_config, load_dataset, make_folds
-    from .evaluate import evaluate_checkpoint
-    from .fit import FitOptions, fit
-
+    """One sub-command: those that need no config first, then the config's, in the order their data
+    is prepared (clips, teacher encodings, speed and phone copies)."""
     if args.command == "prepare":
         return _prepare(args)
     if getattr(args, "reevaluate", False) and not args.resume:
         raise ConfigError_("--reevaluate rescores finished folds: use it with --resume")
     if args.command == "calibrate":
-        from emostream.model import load_checkpoint
-
-        load_checkpoint(args.checkpoint, "cpu")  # a clear error for a path that is not a checkpoint
-        cv = _read_cv_report(args.cv_report, clip=False)
-        clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
-        _store_calibration(args.checkpoint, cv, clip_cv)
-        print(
-            f"{args.checkpoint}: temperature {cv['temperature']:.4f}"
-            + (f", clip temperature {clip_cv['temperature']:.4f}" if clip_cv else "")
-        )
-        return 0
+        return _calibrate(args)
     if args.command == "evaluate":
-        out = Path(args.out or Path(args.checkpoint) / "evaluation")
-        _setup_logging(out)
-        clips = load_dataset(args.data)
-        if args.speakers:
-            from .data import DataError
-
-            try:
-                wanted = set(Path(args.speakers).read_text().split())
-            except OSError as exc:
-                raise DataError(f"speakers file {args.speakers}: {exc.strerror or exc}") from None
-            clips = [c for c in clips if c.speaker in wanted]
-            if not clips:
-                raise DataError(f"no clips of the speakers in {args.speakers} in {args.data}")
-        logging.getLogger("train").info(
-            "%d clips of %d speakers%s",
-            len(clips),
-            len({c.speaker for c in clips}),
-            f" (those of {args.speakers})" if args.speakers else "",
-        )
-        cache = build_cache(clips, args.cache)
-        channels = args.channels or (["g712"] if args.telephone else ["full"])
-        if channels == ["full"]:
-            evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
-        else:
-            from .evaluate import evaluate_channels
-
-            print(
-                evaluate_channels(
-                    args.checkpoint, clips, cache, channels, out, device=args.device, positions=args.positions
-                )
-            )
-            return 0
-        print((out / "evaluation.md").read_text())
-        return 0
-
+        return _evaluate(args)
     cv = clip_cv = None
     if args.command == "fit":  # read the reports before any decoding or training
-        if (args.cv_report or args.clip_cv_report) and not args.all:
-            raise ConfigError_("--cv-report and --clip-cv-report go with --all (the shipped model)")
-        if args.clip_cv_report and not args.cv_report:
-            raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
-        cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
-        clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+        cv, clip_cv = _fit_reports(args)
+    cfg = _run_config(args)
+    if args.command == "pack":
+        return _pack(args, cfg)
+    cfg, clips, cache, out = _run_data(args, cfg)
+    if args.command == "ensemble":
+        return _ensemble(args, cfg, clips, cache, out)
+    if args.command == "teacher" and args.layers:
+        table = _teacher_layers(cfg, clips, cache, args.layers, args.cache, out)
+        print(table)
+        return 0
+    features = _teacher_features(args, cfg, cache)
+    if args.command == "teacher":
+        return _teacher(args, cfg, clips, cache, features, out)
+    speed, features = _copies(args, cfg, clips, cache, features)
+    # from here on ``speed`` holds every copy training may draw from (SpeedCopies or CopySet)
+    if args.command == "cv":
+        return _cv(args, cfg, clips, cache, out, features, speed)
+    if args.all:
+        return _fit_all(args, cfg, clips, cache, out, features, speed, cv, clip_cv)
+    return _fit_fold(args, cfg, clips, cache, out, features, speed)
+
+
+def _calibrate(args) -> int:
+    """``calibrate``: the CV reports' temperatures into an existing checkpoint."""
+    from emostream.model import load_checkpoint
+
+    load_checkpoint(args.checkpoint, "cpu")  # a clear error for a path that is not a checkpoint
+    cv = _read_cv_report(args.cv_report, clip=False)
+    clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+    _store_calibration(args.checkpoint, cv, clip_cv)
+    print(
+        f"{args.checkpoint}: temperature {cv['temperature']:.4f}"
+        + (f", clip temperature {clip_cv['temperature']:.4f}" if clip_cv else "")
+    )
+    return 0
+
+
+def _evaluate(args) -> int:
+    """``evaluate``: a checkpoint's report on a labelled set (per channel copy with ``--channels``)."""
+    from .data import DataError, build_cache, load_dataset
+    from .evaluate import evaluate_channels, evaluate_checkpoint
+
+    out = Path(args.out or Path(args.checkpoint) / "evaluation")
+    _setup_logging(out)
+    clips = load_dataset(args.data)
+    if args.speakers:
+        try:
+            wanted = set(Path(args.speakers).read_text().split())
+        except OSError as exc:
+            raise DataError(f"speakers file {args.speakers}: {exc.strerror or exc}") from None
+        clips = [c for c in clips if c.speaker in wanted]
+        if not clips:
+            raise DataError(f"no clips of the speakers in {args.speakers} in {args.data}")
+    logging.getLogger("train").info(
+        "%d clips of %d speakers%s",
+        len(clips),
+        len({c.speaker for c in clips}),
+        f" (those of {args.speakers})" if args.speakers else "",
+    )
+    cache = build_cache(clips, args.cache)
+    channels = args.channels or (["g712"] if args.telephone else ["full"])
+    if channels != ["full"]:
+        print(
+            evaluate_channels(
+                args.checkpoint, clips, cache, channels, out, device=args.device, positions=args.positions
+            )
+        )
+        return 0
+    evaluate_checkpoint(args.checkpoint, clips, cache, out, device=args.device, positions=args.positions)
+    print((out / "evaluation.md").read_text())
+    return 0
+
+
+def _fit_reports(args) -> tuple[dict | None, dict | None]:
+    """``fit``'s ``--cv-report`` and ``--clip-cv-report``, read and checked (None where not given)."""
+    if (args.cv_report or args.clip_cv_report) and not args.all:
+        raise ConfigError_("--cv-report and --clip-cv-report go with --all (the shipped model)")
+    if args.clip_cv_report and not args.cv_report:
+        raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
+    cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
+    clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+    return cv, clip_cv
+
+
+def _run_config(args):
+    """The config of a command that trains or reads training data, with its command-line overrides;
+    its teacher directory checked before any decoding or training."""
+    from .config import load_config
+
     cfg = load_config(
         args.config,
         pretrained_path=getattr(args, "pretrained", None),
@@ -307,17 +341,31 @@ def _run(args) -> int:
         from .teacher import check_teacher_dir
 
         check_teacher_dir(cfg.distill.teacher)  # fail before any decoding or training
-    if args.command == "pack":
-        from .pack import write_pack
+    return cfg
 
-        if not cfg.data:
-            raise ConfigError_("no data: pass --data or set dataset.train_dataframe")
-        info = write_pack(cfg, args.out, args.part_mb)
-        print(
-            f"{args.out}: {info['clips']} clips of {info['speakers']} speakers, teacher {info['teacher']}; "
-            + ", ".join(f"{k} {info['megabytes'][k]} MB" for k in info["files"])
-        )
-        return 0
+
+def _pack(args, cfg) -> int:
+    """``pack``: the config's clips and teacher in parts for a lent GPU machine."""
+    from .pack import write_pack
+
+    if not cfg.data:
+        raise ConfigError_("no data: pass --data or set dataset.train_dataframe")
+    info = write_pack(cfg, args.out, args.part_mb)
+    print(
+        f"{args.out}: {info['clips']} clips of {info['speakers']} speakers, teacher {info['teacher']}; "
+        + ", ".join(f"{k} {info['megabytes'][k]} MB" for k in info["files"])
+    )
+    return 0
+
+
+def _run_data(args, cfg):
+    """The run's output folder (logging to it), its clips and their decoded audio; returns the config
+    with its folds set from the clips (leave-one-corpus-out: one per corpus), the clips, the cache and
+    the folder."""
+    import torch
+
+    from .data import build_cache, config_clips, fold_config
+
     out = Path(args.out or Path("runs") / cfg.experiment_name)
     _setup_logging(out)
     log = logging.getLogger("train")
@@ -336,38 +384,54 @@ def _run(args) -> int:
         len({c.speaker for c in clips}),
         cache.offsets[-1] / 16000 / 60,
     )
-    if args.command == "ensemble":
-        from .cv import average_fold_logits
+    return cfg, clips, cache, out
 
-        folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-        average_fold_logits([Path(r) for r in args.runs], folds, args.folds, out)
-        cross_validate(cfg, clips, cache, folds, out, resume=True, only_folds=args.folds, show_progress=False)
-        print((out / "cv_report.md").read_text())
-        return 0
-    if args.command == "teacher" and args.layers:
-        table = _teacher_layers(cfg, clips, cache, args.layers, args.cache, out)
-        print(table)
-        return 0
-    features = None
-    if cfg.distill.teacher:
-        from .teacher import build_teacher_cache
 
-        features = build_teacher_cache(
-            cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0, layers=cfg.distill.layers
-        )
-        log.info("teacher: %s, %d encoder frames cached", cfg.distill.teacher, len(features.frames))
-    if args.command == "teacher":
-        from .distill import teacher_cv
+def _ensemble(args, cfg, clips, cache, out: Path) -> int:
+    """``ensemble``: finished CV runs' mean probabilities written as folds, then reported."""
+    from .cv import average_fold_logits, cross_validate
+    from .data import make_folds
 
-        folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-        teacher_cv(cfg, clips, features, folds, out)
-        print((out / "teacher_report.md").read_text())
-        channels = [c for c in args.channels or () if c != "full"]
-        if channels:
-            from .teacher_channels import teacher_channel_probe
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    average_fold_logits([Path(r) for r in args.runs], folds, args.folds, out)
+    cross_validate(cfg, clips, cache, folds, out, resume=True, only_folds=args.folds, show_progress=False)
+    print((out / "cv_report.md").read_text())
+    return 0
 
-            print(teacher_channel_probe(cfg, clips, cache, features, channels, folds, args.cache, out))
-        return 0
+
+def _teacher_features(args, cfg, cache):
+    """The teacher's encodings of the clips (cached), or None without a teacher."""
+    if not cfg.distill.teacher:
+        return None
+    from .teacher import build_teacher_cache
+
+    features = build_teacher_cache(
+        cache, cfg.distill.teacher, args.cache, threads=cfg.threads or 0, layers=cfg.distill.layers
+    )
+    logging.getLogger("train").info("teacher: %s, %d encoder frames cached", cfg.distill.teacher, len(features.frames))
+    return features
+
+
+def _teacher(args, cfg, clips, cache, features, out: Path) -> int:
+    """``teacher``: the teacher alone cross-validated, and with ``--channels`` probed through them."""
+    from .data import make_folds
+    from .distill import teacher_cv
+
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    teacher_cv(cfg, clips, features, folds, out)
+    print((out / "teacher_report.md").read_text())
+    channels = [c for c in args.channels or () if c != "full"]
+    if channels:
+        from .teacher_channels import teacher_channel_probe
+
+        print(teacher_channel_probe(cfg, clips, cache, features, channels, folds, args.cache, out))
+    return 0
+
+
+def _copies(args, cfg, clips, cache, features):
+    """The speed and phone copies training may draw from (None without them), and the teacher's
+    features extended to them; returns both."""
+    log = logging.getLogger("train")
     speed = None
     if cfg.augment.speed_factors:
         from .data import build_speed_copies
@@ -415,78 +479,96 @@ def _run(args) -> int:
             n_sources,
             (speed.cache.offsets[-1] - speed.cache.offsets[n_sources]) / 16000 / 60,
         )
-    # from here on ``speed`` holds every copy training may draw from (SpeedCopies or CopySet)
-    if args.command == "cv":
-        folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-        cross_validate(
-            cfg,
-            clips,
-            cache,
-            folds,
-            out,
-            resume=args.resume,
-            pretrained_path=args.pretrained,
-            only_folds=args.folds,
-            device=args.device,
-            show_progress=not args.no_progress,
-            teacher_features=features,
-            reevaluate=args.reevaluate,
-            speed_copies=speed,
-            channels=tuple(args.channels or ()),
-        )
-        print((out / "cv_report.md").read_text())
-        return 0
-    if args.all:
-        metadata = {
-            "data": {
-                "clips": len(clips),
-                "speakers": sorted({c.speaker for c in clips}),
-                "excluded_speakers": list(cfg.exclude_speakers),
-            }
-        }
-        if cv:
-            metadata["cv"] = _cv_metadata(cv, clip_cv)
-        teacher = None
-        if features is not None:
-            from .distill import fold_teacher
+    return speed, features
 
-            teacher = fold_teacher(
-                cfg,
-                speed.clips if speed else clips,
-                features,
-                np.arange(len(clips)),
-                speed.copies if speed else None,
-                getattr(speed, "phone", None),
-            )
-            metadata["distillation"] = {
-                "teacher": Path(cfg.distill.teacher).name,
-                "alpha": cfg.distill.alpha,
-                "temperature": cfg.distill.temperature,
-            }
-            if cfg.distill.layers:
-                metadata["distillation"]["encoder_layers"] = list(cfg.distill.layers)
-        res = fit(
+
+def _cv(args, cfg, clips, cache, out: Path, features, speed) -> int:
+    """``cv``: every fold (or ``--folds``), then the report."""
+    from .cv import cross_validate
+    from .data import make_folds
+
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    cross_validate(
+        cfg,
+        clips,
+        cache,
+        folds,
+        out,
+        resume=args.resume,
+        pretrained_path=args.pretrained,
+        only_folds=args.folds,
+        device=args.device,
+        show_progress=not args.no_progress,
+        teacher_features=features,
+        reevaluate=args.reevaluate,
+        speed_copies=speed,
+        channels=tuple(args.channels or ()),
+    )
+    print((out / "cv_report.md").read_text())
+    return 0
+
+
+def _fit_all(args, cfg, clips, cache, out: Path, features, speed, cv: dict | None, clip_cv: dict | None) -> int:
+    """``fit --all``: the shipped model, trained on every clip, calibrated from ``--cv-report``."""
+    from .fit import FitOptions, fit
+
+    metadata = {
+        "data": {
+            "clips": len(clips),
+            "speakers": sorted({c.speaker for c in clips}),
+            "excluded_speakers": list(cfg.exclude_speakers),
+        }
+    }
+    if cv:
+        metadata["cv"] = _cv_metadata(cv, clip_cv)
+    teacher = None
+    if features is not None:
+        from .distill import fold_teacher
+
+        teacher = fold_teacher(
             cfg,
             speed.clips if speed else clips,
-            speed.cache if speed else cache,
+            features,
             np.arange(len(clips)),
-            None,
-            out,
-            FitOptions(
-                resume=args.resume,
-                pretrained_path=args.pretrained,
-                metadata=metadata,
-                device=args.device,
-                show_progress=not args.no_progress,
-            ),
-            teacher=teacher,
-            copies=speed.copies if speed else None,
-            phone=getattr(speed, "phone", None),
+            speed.copies if speed else None,
+            getattr(speed, "phone", None),
         )
-        if cv:
-            _store_calibration(res.checkpoint, cv, clip_cv)
-        print(f"checkpoint: {res.checkpoint}")
-        return 0
+        metadata["distillation"] = {
+            "teacher": Path(cfg.distill.teacher).name,
+            "alpha": cfg.distill.alpha,
+            "temperature": cfg.distill.temperature,
+        }
+        if cfg.distill.layers:
+            metadata["distillation"]["encoder_layers"] = list(cfg.distill.layers)
+    res = fit(
+        cfg,
+        speed.clips if speed else clips,
+        speed.cache if speed else cache,
+        np.arange(len(clips)),
+        None,
+        out,
+        FitOptions(
+            resume=args.resume,
+            pretrained_path=args.pretrained,
+            metadata=metadata,
+            device=args.device,
+            show_progress=not args.no_progress,
+        ),
+        teacher=teacher,
+        copies=speed.copies if speed else None,
+        phone=getattr(speed, "phone", None),
+    )
+    if cv:
+        _store_calibration(res.checkpoint, cv, clip_cv)
+    print(f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def _fit_fold(args, cfg, clips, cache, out: Path, features, speed) -> int:
+    """``fit --fold K``: one fold of the CV, trained (or reused with ``--resume``) and reported."""
+    from .cv import cross_validate
+    from .data import make_folds
+
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     cross_validate(
         cfg,
