@@ -1,8 +1,8 @@
-"""The speaker-centring probe (train/speaker_centring.py): context sampling and the scorings."""
+"""The speaker-centring probe (train/probes/speaker_centring.py): context sampling and the scorings."""
 
 import numpy as np
 
-from train.speaker_centring import context_indices, probe_fold
+from train.probes.speaker_centring import context_indices, probe_fold
 
 
 def synthetic(n_speakers=8, per_class=6, classes=7, dim=16, seed=0):

@@ -1,4 +1,4 @@
-"""The teacher's probe through telephone channels (train/teacher_channels.py)."""
+"""The teacher's probe through telephone channels (train/probes/teacher_channels.py)."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from .test_teacher import CONFIGS, _synthetic
 
 def test_probe_scores_each_channel_with_heads_fitted_on_clean_and_on_clean_plus_channel():
     from train.data import Clip
-    from train.teacher_channels import probe_channels, probe_markdown
+    from train.probes.teacher_channels import probe_channels, probe_markdown
 
     clean, labels, speakers = _synthetic(n_speakers=8, per_class=3, dim=16)
     rng = np.random.default_rng(1)
@@ -31,7 +31,7 @@ def test_probe_scores_each_channel_with_heads_fitted_on_clean_and_on_clean_plus_
 
 def test_channel_copies_are_g712_and_computed_once(tmp_path):
     from train.data import AudioCache
-    from train.teacher_channels import channel_copies
+    from train.probes.teacher_channels import channel_copies
 
     rng = np.random.default_rng(0)
     clips = [rng.normal(size=n).astype(np.float32) * 0.1 for n in (16000, 24000)]

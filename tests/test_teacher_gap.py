@@ -1,11 +1,11 @@
-"""The student-teacher gap probe (train/teacher_gap.py): its figures and the teacher's targets."""
+"""The student-teacher gap probe (train/probes/teacher_gap.py): its figures and the teacher's targets."""
 
 import numpy as np
 import pytest
 
 from emostream.model import CLASSES
+from train.probes.teacher_gap import gap_metrics, main, teacher_targets
 from train.teacher import FoldTeacher
-from train.teacher_gap import gap_metrics, main, teacher_targets
 
 from .test_teacher import _synthetic
 

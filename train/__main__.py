@@ -12,7 +12,7 @@ import numpy as np
 from emostream.argtypes import positive as _positive  # the positive-number argument type of emostream's CLI
 from emostream.stream import CLIP_POSITIONS
 
-DEFAULT_CACHE = Path(".cache/emostream")
+from .argtypes import DEFAULT_CACHE, channel_list, fold_list, layer_list
 
 
 def _setup_logging(out_dir: Path) -> None:
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     common(cv)
     cv.add_argument(
         "--folds",
-        type=_fold_list,
+        type=fold_list,
         metavar="K,K,...",
         help="only these folds (trained, or reused with --resume), and the report over them",
     )
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cv.add_argument(
         "--channels",
-        type=_channel_list,
+        type=channel_list,
         metavar="C,C,...",
         help="beside full band and G.712, score each fold's model on these channel copies too: mulaw "
         "(8 kHz mu-law only), grid (every codec this build has, after the G.712 band) or codec names",
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     te.add_argument(
         "--layers",
         nargs="+",
-        type=_layer_list,
+        type=layer_list,
         metavar="L[,L...]",
         help="compare teachers built on these encoder hidden states instead of the config's: each "
         "argument one layer or a comma list averaged (0 = after the stem, 6 = Whisper base's "
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     te.add_argument(
         "--channels",
-        type=_channel_list,
+        type=channel_list,
         metavar="C,C,...",
         help="also probe the teacher through these telephone channels (g712, mulaw, grid or codec "
         "names): heads fitted on clean (and clean + channel) clips, scored on each channel; "
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="cv output directories holding foldK/val_logits.npy (e.g. train/reports/folds/<run>)",
     )
-    en.add_argument("--folds", type=_fold_list, required=True, metavar="K,K,...")
+    en.add_argument("--folds", type=fold_list, required=True, metavar="K,K,...")
     en.add_argument("--data", help="manifest folder/CSV (default: the config's)")
     en.add_argument("--out", required=True, help="directory for the ensemble's folds and cv_report")
     en.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio cache directory")
@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--telephone", action="store_true", help="evaluate on the G.712 telephone copy (--channels g712)")
     ev.add_argument(
         "--channels",
-        type=_channel_list,
+        type=channel_list,
         default=None,
         metavar="C,C,...",
         help="score each channel copy, one report per channel under --out and one table: full (the "
@@ -422,7 +422,7 @@ def _teacher(args, cfg, clips, cache, features, out: Path) -> int:
     print((out / "teacher_report.md").read_text())
     channels = [c for c in args.channels or () if c != "full"]
     if channels:
-        from .teacher_channels import teacher_channel_probe
+        from .probes.teacher_channels import teacher_channel_probe
 
         print(teacher_channel_probe(cfg, clips, cache, features, channels, folds, args.cache, out))
     return 0
@@ -602,71 +602,6 @@ def _prepare(args) -> int:
         info = prepare(args.corpus, args.src[0], args.out)
     print(summary_line(info, args.out))
     return 0
-
-
-def probe_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The arguments of every probe of finished CV folds (``train.speaker_centring``, ``train.teacher_gap``)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", required=True, help="the run's config (its seed fixes the folds)")
-    p.add_argument("--run", required=True, help="cv output directory with foldK/checkpoint")
-    p.add_argument("--folds", type=_fold_list, default=[1, 3], metavar="K,K,...")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="decoded-audio (and teacher) cache directory")
-    return p
-
-
-def probe_data(cfg, cache_dir: str | Path):
-    """A config's clips, their decode cache, the CV's folds and the class index of each clip."""
-    from emostream.model import CLASSES
-
-    from .data import build_cache, config_clips, fold_config, make_folds
-
-    clips = config_clips(cfg)
-    cfg = fold_config(cfg, clips)
-    cache = build_cache(clips, cache_dir, cfg.max_inference_chunk_seconds)
-    return (
-        clips,
-        cache,
-        make_folds(clips, cfg.folds, cfg.group_by, cfg.seed),
-        np.array([CLASSES.index(c.label) for c in clips]),
-    )
-
-
-def _fold_list(text: str) -> list[int]:
-    """``--folds 1,3`` as a list of fold numbers."""
-    try:
-        return [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fold numbers separated by commas, got {text!r}") from None
-
-
-def _channel_list(text: str) -> list[str]:
-    """``--channels full,g712,grid`` as channel names (``grid``: every codec this build encodes)."""
-    from emostream.channel import CODECS, available_codecs
-
-    names: list[str] = []
-    for name in (t.strip() for t in text.split(",") if t.strip()):
-        expanded = list(available_codecs()) if name == "grid" else [name]
-        for n in expanded:
-            if n not in ("full", "g712", "mulaw", *CODECS):
-                raise argparse.ArgumentTypeError(
-                    f"unknown channel {n!r}: full, g712, mulaw, grid or one of {', '.join(CODECS)}"
-                )
-            if n not in names:
-                names.append(n)
-    if not names:
-        raise argparse.ArgumentTypeError("expected channel names separated by commas")
-    return names
-
-
-def _layer_list(text: str) -> tuple[int, ...]:
-    """``--layers 3,4`` as a sorted tuple of distinct hidden-state indices."""
-    try:
-        layers = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
-    except ValueError:
-        layers = ()
-    if not layers or min(layers) < 0:
-        raise argparse.ArgumentTypeError(f"expected layer numbers >= 0 separated by commas, got {text!r}")
-    return layers
 
 
 def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir: str, out: Path) -> str:

@@ -1,6 +1,6 @@
 """Probe: how closely does a distilled student follow its teacher, on its training voices and on new ones?
 
-    python -m train.teacher_gap --config CONFIG --run DIR --folds 1,3
+    python -m train.probes.teacher_gap --config CONFIG --run DIR --folds 1,3
 
 For each fold it scores every clip with the fold's student (``DIR/foldK/checkpoint``, whole clips,
 ``--positions`` placements; cached as ``DIR/foldK/gap_logits_p<positions>.npy``) and with the fold's teacher as
@@ -26,14 +26,14 @@ import numpy as np
 
 from emostream.argtypes import positive as _positive  # the positive-number argument type of emostream's CLI
 
-from .__main__ import probe_data, probe_parser
+from .common import probe_data, probe_parser
 
 
 def gap_metrics(student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict:
     """Student and teacher figures on one set of clips: ``student_ua``/``student_auc``,
     ``teacher_ua``/``teacher_auc``, ``agreement`` (share of clips with the same top class) and ``kl``
     (mean KL(teacher || student) of the softmaxes at ``temperature``, in nats)."""
-    from .metrics import classification_metrics, softmax
+    from ..metrics import classification_metrics, softmax
 
     s, t = (
         classification_metrics(softmax(student_logits), labels),
@@ -62,7 +62,7 @@ def teacher_targets(teacher, train_idx: np.ndarray, val_idx: np.ndarray, n: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = probe_parser("python -m train.teacher_gap", __doc__.split("\n\n")[0])
+    p = probe_parser("python -m train.probes.teacher_gap", __doc__.split("\n\n")[0])
     p.add_argument(
         "--positions",
         type=_positive(int),
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from emostream.model import load_checkpoint
 
-    from .config import load_config
-    from .distill import fold_teacher
-    from .evaluate import predict_logits
-    from .teacher import build_teacher_cache
+    from ..config import load_config
+    from ..distill import fold_teacher
+    from ..evaluate import predict_logits
+    from ..teacher import build_teacher_cache
 
     cfg = load_config(args.config)
     if not cfg.distill.teacher:

@@ -4,7 +4,7 @@ A live call could keep, per channel, the mean of the model's pooled embedding ov
 so far, and classify each window's embedding *minus* that mean with a head fitted on speaker-centred
 training embeddings. This probe measures that on finished CV folds, without training a network:
 
-    python -m train.speaker_centring --config CONFIG --run DIR --folds 1,3
+    python -m train.probes.speaker_centring --config CONFIG --run DIR --folds 1,3
 
 For each fold it embeds every clip with the fold's checkpoint (``DIR/foldK/checkpoint``; pooled
 penultimate features, mean over 5 placements; cached as ``DIR/foldK/embeddings.npz``), then scores
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .__main__ import probe_data, probe_parser
+from .common import probe_data, probe_parser
 
 CONTEXT_SIZES = (3, 8, 20)
 SAME_EMOTION_SHARES = (1.0, 0.5)
@@ -74,7 +74,7 @@ def embed_clips(checkpoint: Path, waves: list[np.ndarray], positions: int = 5) -
     from emostream.model import autocast_for, load_checkpoint
     from emostream.stream import placed_windows
 
-    from .forward import training_forward
+    from ..forward import training_forward
 
     model = load_checkpoint(checkpoint, "cpu").eval()
     device = torch.device("cpu")
@@ -103,7 +103,7 @@ def probe_fold(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from .metrics import classification_metrics, softmax
+    from ..metrics import classification_metrics, softmax
 
     def score(p: np.ndarray) -> tuple[float, float]:
         m = classification_metrics(p, labels[val_idx])
@@ -139,11 +139,11 @@ def probe_fold(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = probe_parser("python -m train.speaker_centring", __doc__.splitlines()[0])
+    p = probe_parser("python -m train.probes.speaker_centring", __doc__.splitlines()[0])
     p.add_argument("--c", type=float, default=0.02, help="inverse L2 strength of the linear heads")
     args = p.parse_args(argv)
 
-    from .config import load_config
+    from ..config import load_config
 
     clips, cache, folds, labels = probe_data(load_config(args.config), args.cache)
     speakers = np.array([c.speaker for c in clips])

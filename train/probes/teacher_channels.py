@@ -16,16 +16,16 @@ import numpy as np
 
 from emostream.model import CLASSES
 
-from .config import TrainConfig
-from .data import AudioCache, Clip, cached_copies
-from .metrics import classification_metrics, softmax
-from .teacher import TeacherFeatures, build_teacher_cache, fit_head
+from ..config import TrainConfig
+from ..data import AudioCache, Clip, cached_copies
+from ..metrics import classification_metrics, softmax
+from ..teacher import TeacherFeatures, build_teacher_cache, fit_head
 
 
 def channel_copies(cache: AudioCache, channel: str, cache_dir: str | Path) -> AudioCache:
     """Every clip of ``cache`` through ``channel`` (a :func:`train.evaluate.telephone_copies` name:
     ``g712``, ``mulaw`` or a codec), at 16 kHz and its own length; computed once and cached."""
-    from .evaluate import telephone_copies
+    from ..evaluate import telephone_copies
 
     return cached_copies(
         cache,
