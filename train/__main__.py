@@ -245,7 +245,9 @@ def _run(args) -> int:
     if args.command == "ensemble":
         return _ensemble(args, cfg, clips, cache, out)
     if args.command == "teacher" and args.layers:
-        table = _teacher_layers(cfg, clips, cache, args.layers, args.cache, out)
+        from .distill import teacher_layers_report
+
+        table = teacher_layers_report(cfg, clips, cache, args.layers, args.cache, out)
         print(table)
         return 0
     features = _teacher_features(args, cfg, cache)
@@ -264,10 +266,12 @@ def _calibrate(args) -> int:
     """``calibrate``: the CV reports' temperatures into an existing checkpoint."""
     from emostream.model import load_checkpoint
 
+    from .calibration import read_cv_report, store_calibration
+
     load_checkpoint(args.checkpoint, "cpu")  # a clear error for a path that is not a checkpoint
-    cv = _read_cv_report(args.cv_report, clip=False)
-    clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
-    _store_calibration(args.checkpoint, cv, clip_cv)
+    cv = read_cv_report(args.cv_report, clip=False)
+    clip_cv = read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+    store_calibration(args.checkpoint, cv, clip_cv)
     print(
         f"{args.checkpoint}: temperature {cv['temperature']:.4f}"
         + (f", clip temperature {clip_cv['temperature']:.4f}" if clip_cv else "")
@@ -313,12 +317,14 @@ def _evaluate(args) -> int:
 
 def _fit_reports(args) -> tuple[dict | None, dict | None]:
     """``fit``'s ``--cv-report`` and ``--clip-cv-report``, read and checked (None where not given)."""
+    from .calibration import read_cv_report
+
     if (args.cv_report or args.clip_cv_report) and not args.all:
         raise ConfigError_("--cv-report and --clip-cv-report go with --all (the shipped model)")
     if args.clip_cv_report and not args.cv_report:
         raise ConfigError_("--clip-cv-report goes with --cv-report (the single-window temperature)")
-    cv = _read_cv_report(args.cv_report, clip=False) if args.cv_report else None
-    clip_cv = _read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
+    cv = read_cv_report(args.cv_report, clip=False) if args.cv_report else None
+    clip_cv = read_cv_report(args.clip_cv_report, clip=True) if args.clip_cv_report else None
     return cv, clip_cv
 
 
@@ -510,6 +516,7 @@ def _cv(args, cfg, clips, cache, out: Path, features, speed) -> int:
 
 def _fit_all(args, cfg, clips, cache, out: Path, features, speed, cv: dict | None, clip_cv: dict | None) -> int:
     """``fit --all``: the shipped model, trained on every clip, calibrated from ``--cv-report``."""
+    from .calibration import cv_metadata, store_calibration
     from .fit import FitOptions, fit
 
     metadata = {
@@ -520,7 +527,7 @@ def _fit_all(args, cfg, clips, cache, out: Path, features, speed, cv: dict | Non
         }
     }
     if cv:
-        metadata["cv"] = _cv_metadata(cv, clip_cv)
+        metadata["cv"] = cv_metadata(cv, clip_cv)
     teacher = None
     if features is not None:
         from .distill import fold_teacher
@@ -559,7 +566,7 @@ def _fit_all(args, cfg, clips, cache, out: Path, features, speed, cv: dict | Non
         phone=getattr(speed, "phone", None),
     )
     if cv:
-        _store_calibration(res.checkpoint, cv, clip_cv)
+        store_calibration(res.checkpoint, cv, clip_cv)
     print(f"checkpoint: {res.checkpoint}")
     return 0
 
@@ -602,134 +609,6 @@ def _prepare(args) -> int:
         info = prepare(args.corpus, args.src[0], args.out)
     print(summary_line(info, args.out))
     return 0
-
-
-def _teacher_layers(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir: str, out: Path) -> str:
-    """The teacher cross-validated on each choice of encoder hidden states (``teacher --layers``):
-    one ``teacher_report`` per choice under ``out/layers_<L>`` and a table ``out/teacher_layers.md``."""
-    import json
-    from dataclasses import replace
-
-    from .cv_report import SUMMARY_METRICS, summary_rows
-    from .data import make_folds
-    from .distill import nested_teacher_choice, teacher_cv
-    from .metrics import summarize_folds
-    from .teacher import build_teacher_cache
-
-    nested_metrics = ("ua", "roc_auc")
-
-    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    rows, results, built = [], {}, {}
-    for layers in choices:
-        name = "-".join(map(str, layers))
-        features = built[name] = build_teacher_cache(
-            cache, cfg.distill.teacher, cache_dir, threads=cfg.threads or 0, layers=layers
-        )
-        report = teacher_cv(
-            replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds, out / f"layers_{name}"
-        )
-        s = report["summary"]["overall"]
-        results[name] = {k: s[k] for k in SUMMARY_METRICS}
-        (row,) = summary_rows({", ".join(map(str, layers)): s})
-        rows.append(row + " " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
-    table = (
-        "| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
-    )
-    nested = ""
-    if len(built) > 1 and cfg.distill.speaker_centre == "none":
-        picks = nested_teacher_choice(cfg, clips, built, folds)
-        results["nested"] = picks
-        nested = (
-            f"\nChosen inside each fold's training speakers ({cfg.folds} inner folds grouped by "
-            f"{cfg.group_by}, best mean inner UA), then scored on the fold's validation speakers:\n\n"
-            "| fold | chosen | inner UA of each choice | UA | ROC AUC |\n|---|---|---|---|---|\n"
-            + "".join(
-                f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
-                + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
-                + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n"
-                for p in picks
-            )
-            + summary_rows(
-                {"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]}, nested_metrics
-            )[0]
-            + "\n"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "teacher_layers.md").write_text(
-        f"Teacher alone per choice of Whisper encoder hidden states ({cfg.folds}-fold CV grouped by "
-        f"{cfg.group_by}, logistic regression C={cfg.distill.head_c}; 0 = after the stem, the last = the "
-        "encoder's output)\n\n" + table + nested
-    )
-    (out / "teacher_layers.json").write_text(json.dumps(results, indent=1))
-    return table + nested
-
-
-def _read_cv_report(path: str, clip: bool) -> dict:
-    """A ``cv_report.json``, checked to be scored the way its temperature will be used: one placement
-    per chunk for the window temperature (``clip`` False), several for the clip temperature."""
-    import json
-
-    try:
-        report = json.loads(Path(path).read_text())
-        positions = int((report.get("config") or {}).get("inference_positions") or 1)
-        report["temperature"] = float(report["temperature"])
-        if not {"protocol", "summary", "summary_telephone"} <= set(report):
-            raise KeyError("summary")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no CV report at {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        raise ConfigError_(f"{path} is not a cv_report.json of python -m train cv") from None
-    if clip and positions == 1:
-        raise ConfigError_(
-            f"{path} was scored with one placement: a clip temperature needs a CV scored with "
-            "emostream.inference_positions > 1 (pass it as --cv-report)"
-        )
-    if not clip and positions > 1:
-        raise ConfigError_(
-            f"{path} was scored with {positions} placements: the window temperature needs a CV "
-            "scored with one (pass this one as --clip-cv-report)"
-        )
-    return report
-
-
-def _cv_metadata(cv: dict, clip_cv: dict | None) -> dict:
-    """What a checkpoint's ``model.json`` keeps of its CV reports: the experiment each comes from,
-    protocol, summaries, temperatures."""
-
-    def experiment(report: dict) -> str | None:
-        return (report.get("config") or {}).get("experiment_name")
-
-    out = {
-        "experiment": experiment(cv),
-        "protocol": cv["protocol"],
-        "summary": cv["summary"],
-        "summary_telephone": cv["summary_telephone"],
-        "temperature": cv["temperature"],
-    }
-    if clip_cv:
-        out.update(
-            {
-                "clip_experiment": experiment(clip_cv),
-                "clip_protocol": clip_cv["protocol"],
-                "clip_summary": clip_cv["summary"],
-                "clip_temperature": clip_cv["temperature"],
-            }
-        )
-    return out
-
-
-def _store_calibration(checkpoint: str | Path, cv: dict, clip_cv: dict | None) -> None:
-    """Store the CV-fitted softmax temperatures (single window; clip, or none) in the checkpoint's
-    model config, and the reports' figures in its CV metadata."""
-    import json
-
-    meta_path = Path(checkpoint) / "model.json"
-    meta = json.loads(meta_path.read_text())
-    meta["model"]["temperature"] = cv["temperature"]
-    meta["model"]["clip_temperature"] = clip_cv["temperature"] if clip_cv else None
-    meta["cv"] = _cv_metadata(cv, clip_cv)
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def ConfigError_(msg: str):

@@ -3,6 +3,8 @@ cross-validated alone on the student's folds (per choice of encoder layers too, 
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import numpy as np
 from emostream.model import CLASSES
 
 from .config import TrainConfig
-from .cv_report import summary_lines
+from .cv_report import SUMMARY_METRICS, summary_lines, summary_rows
 from .data import Clip
 from .metrics import classification_metrics, grouped_metrics, markdown_table, softmax, write_json
 
@@ -133,3 +135,59 @@ def nested_teacher_choice(cfg: TrainConfig, clips: list[Clip], choices: dict, fo
 def teacher_metrics(teacher, val_idx: np.ndarray, labels: np.ndarray, corpora: list[str]) -> dict:
     """A fold teacher's metrics on its validation clips (whole-clip pooling)."""
     return grouped_metrics(softmax(teacher.clip_logits(val_idx)), labels[val_idx], [corpora[i] for i in val_idx])
+
+
+def teacher_layers_report(cfg, clips, cache, choices: list[tuple[int, ...]], cache_dir: str, out: Path) -> str:
+    """The teacher cross-validated on each choice of encoder hidden states (``teacher --layers``):
+    one ``teacher_report`` per choice under ``out/layers_<L>`` and a table ``out/teacher_layers.md``."""
+    from .data import make_folds
+    from .metrics import summarize_folds
+    from .teacher import build_teacher_cache
+
+    nested_metrics = ("ua", "roc_auc")
+
+    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
+    rows, results, built = [], {}, {}
+    for layers in choices:
+        name = "-".join(map(str, layers))
+        features = built[name] = build_teacher_cache(
+            cache, cfg.distill.teacher, cache_dir, threads=cfg.threads or 0, layers=layers
+        )
+        report = teacher_cv(
+            replace(cfg, distill=replace(cfg.distill, layers=layers)), clips, features, folds, out / f"layers_{name}"
+        )
+        s = report["summary"]["overall"]
+        results[name] = {k: s[k] for k in SUMMARY_METRICS}
+        (row,) = summary_rows({", ".join(map(str, layers)): s})
+        rows.append(row + " " + " / ".join(f"{f['overall']['ua']:.3f}" for f in report["folds"]) + " |")
+    table = (
+        "| hidden states (mean) | UA | macro-F1 | accuracy | ROC AUC | UA per fold |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    nested = ""
+    if len(built) > 1 and cfg.distill.speaker_centre == "none":
+        picks = nested_teacher_choice(cfg, clips, built, folds)
+        results["nested"] = picks
+        nested = (
+            f"\nChosen inside each fold's training speakers ({cfg.folds} inner folds grouped by "
+            f"{cfg.group_by}, best mean inner UA), then scored on the fold's validation speakers:\n\n"
+            "| fold | chosen | inner UA of each choice | UA | ROC AUC |\n|---|---|---|---|---|\n"
+            + "".join(
+                f"| {p['fold']} | {p['chosen'].replace('-', ', ')} | "
+                + ", ".join(f"{n}: {u:.3f}" for n, u in p["inner_ua"].items())
+                + f" | {p['ua']:.3f} | {p['roc_auc']:.3f} |\n"
+                for p in picks
+            )
+            + summary_rows(
+                {"nested CV | |": summarize_folds([{"all": p} for p in picks], nested_metrics)["all"]}, nested_metrics
+            )[0]
+            + "\n"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teacher_layers.md").write_text(
+        f"Teacher alone per choice of Whisper encoder hidden states ({cfg.folds}-fold CV grouped by "
+        f"{cfg.group_by}, logistic regression C={cfg.distill.head_c}; 0 = after the stem, the last = the "
+        "encoder's output)\n\n" + table + nested
+    )
+    (out / "teacher_layers.json").write_text(json.dumps(results, indent=1))
+    return table + nested
