@@ -1,5 +1,5 @@
 """The import graph of emostream/ and train/: no cycles, no CLI imported by the library, no private
-names taken from another module, no module over 500 lines.
+names taken from another module, no module over 500 lines (600 in train/).
 
 An AST walk, so nothing is imported. Function-level (lazy) imports count like module-level ones: a
 lazy import only postpones a cycle to the first call, and the layering it hides is the same. Edges
@@ -179,3 +179,16 @@ def test_no_module_of_the_package_is_over_500_lines():
     assert len(sizes) > 20
     too_long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
     assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {too_long}"
+
+
+MAX_TRAIN_MODULE_LINES = 600  # issue #41: train/ split by job (train.engine went into seven modules)
+# Still over it, held where they are: the CLI's argument parser and sub-commands, and the recipe's
+# key table (one function per section); the next to split.
+LONG_TRAIN_MODULES = {"train.__main__": 650, "train.config": 650}
+
+
+def test_no_module_of_train_is_over_600_lines():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules("train").items()}
+    assert len(sizes) > 20
+    too_long = {name: n for name, n in sizes.items() if n > LONG_TRAIN_MODULES.get(name, MAX_TRAIN_MODULE_LINES)}
+    assert not too_long, f"train/ modules over {MAX_TRAIN_MODULE_LINES} lines (split them by job): {too_long}"
