@@ -19,7 +19,9 @@ the held-out voices instead (they are what the shipping rule scores).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -67,9 +69,9 @@ def replay_labels(extra: list[str], workdir: Path, tag: str) -> dict[str, str]:
     labels = {}
     for entry in json.loads((ROOT / "examples" / "index.json").read_text()):
         out = workdir / f"{tag}_{Path(entry['file']).stem}.jsonl"
-        code = emostream_main(
-            ["replay", str(ROOT / "examples" / entry["file"]), "--fast", "--no-dashboard", "--events", str(out)] + extra
-        )
+        command = ["replay", str(ROOT / "examples" / entry["file"]), "--fast", "--no-dashboard", "--events", str(out)]
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # replay prints every event
+            code = emostream_main(command + extra)
         if code:
             raise SystemExit(f"replay failed ({code}) for {entry['file']} with {extra}")
         for e in read_events(out):

@@ -54,7 +54,7 @@ def onnx_file(shipped_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def int8_file(onnx_file, tmp_path_factory) -> Path:
     """``onnx_file`` with its convolutions quantised to int8 (``emostream export --int8``'s step),
-    calibrated on 8 windows of the example calls (a real export draws 64 from a speech corpus)."""
+    calibrated on 8 windows of the example calls (a real export draws 256 from a speech corpus)."""
     import numpy as np
 
     from emostream.audio import WINDOW_SAMPLES, load_mono

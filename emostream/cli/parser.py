@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--calibrate", metavar="DIR", help="folder of speech audio for --int8's calibration windows")
     e.add_argument(
-        "--calibration-windows", type=_positive(int), default=64, metavar="N", help="windows drawn (default 64)"
+        "--calibration-windows", type=_positive(int), default=256, metavar="N", help="windows drawn (default 256)"
     )
     add_live_commands(sub, model_args, stream_args)
     for name, sp in sub.choices.items():
