@@ -488,8 +488,8 @@ def _copies(args, cfg, clips, cache, features):
     return speed, features
 
 
-def _cv(args, cfg, clips, cache, out: Path, features, speed) -> int:
-    """``cv``: every fold (or ``--folds``), then the report."""
+def _cross_validate(args, cfg, clips, cache, out: Path, features, speed, only_folds, **extra) -> int:
+    """The folds ``only_folds`` of the CV (trained, or reused with ``--resume``), then its report."""
     from .cv import cross_validate
     from .data import make_folds
 
@@ -502,16 +502,31 @@ def _cv(args, cfg, clips, cache, out: Path, features, speed) -> int:
         out,
         resume=args.resume,
         pretrained_path=args.pretrained,
-        only_folds=args.folds,
+        only_folds=only_folds,
         device=args.device,
         show_progress=not args.no_progress,
         teacher_features=features,
-        reevaluate=args.reevaluate,
         speed_copies=speed,
-        channels=tuple(args.channels or ()),
+        **extra,
     )
     print((out / "cv_report.md").read_text())
     return 0
+
+
+def _cv(args, cfg, clips, cache, out: Path, features, speed) -> int:
+    """``cv``: every fold (or ``--folds``), then the report."""
+    return _cross_validate(
+        args,
+        cfg,
+        clips,
+        cache,
+        out,
+        features,
+        speed,
+        args.folds,
+        reevaluate=args.reevaluate,
+        channels=tuple(args.channels or ()),
+    )
 
 
 def _fit_all(args, cfg, clips, cache, out: Path, features, speed, cv: dict | None, clip_cv: dict | None) -> int:
@@ -573,26 +588,7 @@ def _fit_all(args, cfg, clips, cache, out: Path, features, speed, cv: dict | Non
 
 def _fit_fold(args, cfg, clips, cache, out: Path, features, speed) -> int:
     """``fit --fold K``: one fold of the CV, trained (or reused with ``--resume``) and reported."""
-    from .cv import cross_validate
-    from .data import make_folds
-
-    folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
-    cross_validate(
-        cfg,
-        clips,
-        cache,
-        folds,
-        out,
-        resume=args.resume,
-        pretrained_path=args.pretrained,
-        only_folds=[args.fold],
-        device=args.device,
-        show_progress=not args.no_progress,
-        teacher_features=features,
-        speed_copies=speed,
-    )
-    print((out / "cv_report.md").read_text())
-    return 0
+    return _cross_validate(args, cfg, clips, cache, out, features, speed, [args.fold])
 
 
 def _prepare(args) -> int:
