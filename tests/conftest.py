@@ -85,3 +85,13 @@ def requires_shared():
     return pytest.mark.skipif(
         not (SHARED_DATA / "manifest.csv").exists(), reason=f"shared data not found at {SHARED_DATA}"
     )
+
+
+def fit_whole_and_resumed(cfg, clips, cache, train_idx, whole: Path, halves: Path, **fit_kwargs) -> None:
+    """Train ``cfg`` once straight through into ``whole`` and once stopped after epoch 1 and resumed
+    into ``halves`` (``fit_kwargs``: teacher, copies, ...): resuming must reproduce the uninterrupted run."""
+    from train.fit import FitOptions, fit
+
+    fit(cfg, clips, cache, train_idx, None, whole, FitOptions(show_progress=False), **fit_kwargs)
+    fit(cfg, clips, cache, train_idx, None, halves, FitOptions(show_progress=False, stop_after=1), **fit_kwargs)
+    fit(cfg, clips, cache, train_idx, None, halves, FitOptions(show_progress=False, resume=True), **fit_kwargs)

@@ -24,7 +24,7 @@ from train.teacher import (
     frame_span,
 )
 
-from .conftest import ROOT
+from .conftest import ROOT, fit_whole_and_resumed
 
 CONFIGS = ROOT / "train" / "configs"
 TEACHER_DIR = ROOT.parent / "shared" / "models" / "faster-whisper-base"
@@ -610,7 +610,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
 
     cfg = replace(cfg, epochs=2)
     train_idx = np.where(folds == 1)[0]
-    fit_whole_and_resumed(cfg, clips, cache, train_idx, teacher, tmp_path / "full", tmp_path / "part")
+    fit_whole_and_resumed(cfg, clips, cache, train_idx, tmp_path / "full", tmp_path / "part", teacher=teacher)
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "part"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert a["projector"] is not None and all(torch.equal(a["projector"][k], b["projector"][k]) for k in a["projector"])
@@ -638,7 +638,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     assert torch.equal(fb.waves, eb.waves) and eb.teacher_frames is None
     assert fb.teacher_frames.shape == (2, 6, feats.frames.shape[1]) and fb.teacher_frame_mask.any()
     assert torch.isfinite(fb.teacher_frames).all() and not fb.teacher_frames[~fb.teacher_frame_mask].any()
-    fit_whole_and_resumed(cfg, clips, cache, train_idx, teacher, tmp_path / "ffull", tmp_path / "fpart")
+    fit_whole_and_resumed(cfg, clips, cache, train_idx, tmp_path / "ffull", tmp_path / "fpart", teacher=teacher)
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("ffull", "fpart"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     fp = a["frame_projector"]
@@ -708,13 +708,3 @@ def test_cv_cli_labels_phone_lines_by_the_teacher_on_the_line_itself(tmp_path, c
     # the originals' and the lines' own encodings, each through the encoder cut after block 1
     assert len(list((tmp_path / "cache").glob("teacher-*-B1.npy"))) == 2
     assert len(list((tmp_path / "cache").glob("teacher-*-L1.npy"))) == 2
-
-
-def fit_whole_and_resumed(cfg, clips, cache, train_idx, teacher, whole, halves) -> None:
-    """Train ``cfg`` once straight through into ``whole`` and once stopped after epoch 1 and resumed
-    into ``halves``: resuming must reproduce the uninterrupted run."""
-    from train.fit import FitOptions, fit
-
-    fit(cfg, clips, cache, train_idx, None, whole, FitOptions(show_progress=False), teacher=teacher)
-    fit(cfg, clips, cache, train_idx, None, halves, FitOptions(show_progress=False, stop_after=1), teacher=teacher)
-    fit(cfg, clips, cache, train_idx, None, halves, FitOptions(show_progress=False, resume=True), teacher=teacher)

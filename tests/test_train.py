@@ -18,7 +18,7 @@ from train.evaluate import predict_logits
 from train.fit import FitOptions, fit
 from train.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
 
-from .conftest import ROOT, SHARED_DATA, requires_shared, speechlike
+from .conftest import ROOT, SHARED_DATA, fit_whole_and_resumed, requires_shared, speechlike
 
 RECIPE = ROOT / "train" / "configs" / "recipe.yaml"
 CONFIGS = ROOT / "train" / "configs"
@@ -893,27 +893,7 @@ def test_speed_copies_follow_the_originals_and_training_draws_them(tiny, tmp_pat
     cfg = replace(cfg, epochs=2, augment=replace(cfg.augment, speed_factors=(0.9, 1.1), speed_probability=1.0))
     with pytest.raises(ConfigError, match="speed_probability"):
         fit(cfg, clips, cache, idx, None, tmp_path / "none", FitOptions(show_progress=False))
-    fit(cfg, sc.clips, sc.cache, idx, None, tmp_path / "full", FitOptions(show_progress=False), copies=sc.copies)
-    fit(
-        cfg,
-        sc.clips,
-        sc.cache,
-        idx,
-        None,
-        tmp_path / "part",
-        FitOptions(show_progress=False, stop_after=1),
-        copies=sc.copies,
-    )
-    fit(
-        cfg,
-        sc.clips,
-        sc.cache,
-        idx,
-        None,
-        tmp_path / "part",
-        FitOptions(show_progress=False, resume=True),
-        copies=sc.copies,
-    )
+    fit_whole_and_resumed(cfg, sc.clips, sc.cache, idx, tmp_path / "full", tmp_path / "part", copies=sc.copies)
     a, b = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "part"))
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     plain = replace(cfg, augment=replace(cfg.augment, speed_factors=(), speed_probability=0.0))

@@ -65,6 +65,7 @@ def cmd_classify(args) -> int:
 
 def cmd_export(args) -> int:
     from ..audio import AudioError
+    from ..batch import BatchError
     from ..loading import checkpoint_path
     from ..model import Predictor
     from ..onnx_model import OnnxExportError, OnnxPredictor, calibration_windows, export_onnx, parity_windows
@@ -79,7 +80,7 @@ def cmd_export(args) -> int:
     if args.int8:
         try:
             calibration = calibration_windows(args.calibrate, args.calibration_windows)
-        except (FileNotFoundError, AudioError) as exc:
+        except (BatchError, AudioError) as exc:
             raise UsageError(f"--calibrate: {exc}") from None
     t0 = time.monotonic()
     try:
@@ -92,7 +93,7 @@ def cmd_export(args) -> int:
     exported = OnnxPredictor.from_file(out)
     if calibration is not None:
         # int8 cannot meet the fp32 tolerance: report its agreement with fp32 torch on the parity windows
-        # and on calibration-like windows (the accuracy guard on real data is bench/inference.py --guard)
+        # and on calibration-like windows (the accuracy guard on real data is bench/precision_guard.py)
         check = np.concatenate([windows[:1], calibration_windows(args.calibrate, 16, seed=1)])
         ref, got = torch_model.predict(check), exported.predict(check)
         print(
