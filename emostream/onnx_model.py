@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASSES
-from .audio import SAMPLE_RATE, WINDOW_SAMPLES, load_mono
+from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, load_mono
 from .model_files import CheckpointError, default_checkpoint
 
 METADATA_PREFIX = "emostream."
@@ -194,16 +194,16 @@ def cpu_has_vnni() -> bool:
 
 
 def calibration_windows(folder: str | Path, count: int = 256, seed: int = 0) -> np.ndarray:
-    """``count`` windows ``(count, WINDOW_SAMPLES)`` for int8 calibration from the audio files of
-    ``folder`` (found as ``emostream batch`` finds its inputs: recursively, or a glob; a folder without
-    audio raises :class:`emostream.batch.BatchError`): files drawn with ``seed``, one window each,
-    placed as ``classify`` places them; every second window goes through the G.712 telephone channel,
-    as most calls arrive."""
-    from .batch import find_inputs
+    """``count`` windows ``(count, WINDOW_SAMPLES)`` for int8 calibration from the audio files under
+    ``folder`` (recursively): files drawn with ``seed``, one window each, placed as ``classify`` places
+    them; every second window goes through the G.712 telephone channel, as most calls arrive."""
     from .channel import g712_telephone
     from .stream import placed_windows
 
-    files = [Path(call.path) for call in find_inputs(str(folder))]
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no audio files ({', '.join(s[1:] for s in AUDIO_SUFFIXES)}) under {folder}")
     rng = np.random.default_rng(seed)
     picked = [files[i] for i in rng.choice(len(files), size=count, replace=len(files) < count)]
     out = np.zeros((count, WINDOW_SAMPLES), dtype=np.float32)

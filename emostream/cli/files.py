@@ -65,7 +65,6 @@ def cmd_classify(args) -> int:
 
 def cmd_export(args) -> int:
     from ..audio import AudioError
-    from ..batch import BatchError
     from ..loading import checkpoint_path
     from ..model import Predictor
     from ..onnx_model import OnnxExportError, OnnxPredictor, calibration_windows, export_onnx, parity_windows
@@ -80,7 +79,7 @@ def cmd_export(args) -> int:
     if args.int8:
         try:
             calibration = calibration_windows(args.calibrate, args.calibration_windows)
-        except (BatchError, AudioError) as exc:
+        except (FileNotFoundError, AudioError) as exc:
             raise UsageError(f"--calibrate: {exc}") from None
     t0 = time.monotonic()
     try:
