@@ -45,28 +45,24 @@ class Analyzer:
 
     def process(self, windows: list[Window]) -> list[dict]:
         """Classify ``windows`` (any channels, in time order) and emit one event each."""
-        if not windows:
-            return []
         idx = self.speech_indices(windows)
-        probs: dict[int, np.ndarray] = {}
-        for b in range(0, len(idx), self.config.max_batch):
-            chunk = idx[b : b + self.config.max_batch]
-            out = self.predict(np.stack([windows[i].samples for i in chunk]))
-            probs.update(zip(chunk, out))
-        return self.emit(windows, probs)
+        step = self.config.max_batch
+        out = [p for b in range(0, len(idx), step) for p in self.predict(self.model_input(windows, idx[b : b + step]))]
+        return self.emit(windows, dict(zip(idx, out)))
 
     async def process_async(
         self, windows: list[Window], infer: Callable[[np.ndarray], Awaitable[np.ndarray]]
     ) -> list[dict]:
-        """:meth:`process` with an awaitable model call (the server's shared inference worker)."""
-        if not windows:
-            return []
+        """:meth:`process` with an awaitable model call (the server's shared inference worker, which
+        batches across calls itself: one request per call of this method)."""
         idx = self.speech_indices(windows)
-        probs: dict[int, np.ndarray] = {}
-        if idx:
-            out = await infer(np.stack([windows[i].samples for i in idx]))
-            probs.update(zip(idx, out))
-        return self.emit(windows, probs)
+        out = await infer(self.model_input(windows, idx)) if idx else ()
+        return self.emit(windows, dict(zip(idx, out)))
+
+    @staticmethod
+    def model_input(windows: list[Window], indices: list[int]) -> np.ndarray:
+        """The samples of ``windows[indices]`` stacked as one model batch ``(n, WINDOW_SAMPLES)``."""
+        return np.stack([windows[i].samples for i in indices])
 
     def speech_indices(self, windows: list[Window]) -> list[int]:
         """Indices of the windows that hold speech (the ones the model classifies)."""

@@ -221,9 +221,9 @@ def analyze(
     customer or agent (by channel name: only those channels are read); ``stream``: the stream id in
     events (default: the file name without suffix); the rest as :class:`Stream`."""
     from .audio import SAMPLE_RATE, AudioError, audio_info, is_silent, stream_audio
+    from .audio import channel_names as resolve_names
     from .compliance import analysed_channels
     from .pipeline import REPLAY_CHUNK_SECONDS
-    from .pipeline import channel_names as resolve_names
     from .timeline import FILE_START_FROM, file_start_time
 
     info = audio_info(path)

@@ -32,3 +32,11 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text!r}")
     return value
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names (``agent,customer``), stripped, distinct and non-empty."""
+    names = tuple(n.strip() for n in text.split(","))
+    if len(set(names)) != len(names) or not all(names):
+        raise argparse.ArgumentTypeError(f"need distinct non-empty names, comma-separated: {text!r}")
+    return names

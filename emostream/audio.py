@@ -9,7 +9,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -23,8 +23,25 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
 DECODE_BLOCK_SECONDS = 30.0  # stream_audio: seconds of the file decoded at a time (bounded memory)
 
 
+STEREO_NAMES = ("agent", "customer")  # a call centre's stereo recording: agent left, customer right
+
+
 class AudioError(ValueError):
     """Raised for audio that cannot be read or used (one-line message)."""
+
+
+def channel_names(
+    names: Iterable[str] | None, n_channels: int, stereo: tuple[str, str] | None = None
+) -> tuple[str, ...]:
+    """The names of a recording's ``n_channels`` channels: ``names`` (stripped) when given, else
+    ``stereo`` for a two-channel file when given (batch and send: :data:`STEREO_NAMES`), else ch0,
+    ch1, ...; raises ValueError unless there are ``n_channels`` distinct non-empty names."""
+    if names is None:
+        return tuple(stereo) if stereo and n_channels == 2 else tuple(f"ch{i}" for i in range(n_channels))
+    out = tuple(str(n).strip() for n in names)
+    if len(out) != n_channels or len(set(out)) != len(out) or not all(out):
+        raise ValueError(f"need {n_channels} distinct channel names, got {','.join(out) or 'none'}")
+    return out
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:

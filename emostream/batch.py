@@ -34,7 +34,16 @@ import numpy as np
 
 from .alerts import AlertRule
 from .analyzer import AnalyzerConfig
-from .audio import AUDIO_SUFFIXES, SAMPLE_RATE, WINDOW_SAMPLES, AudioError, audio_info, stream_audio
+from .audio import (
+    AUDIO_SUFFIXES,
+    SAMPLE_RATE,
+    STEREO_NAMES,
+    WINDOW_SAMPLES,
+    AudioError,
+    audio_info,
+    channel_names,
+    stream_audio,
+)
 from .compliance import ANALYSE_CHOICES, ChannelSelectionError, analysed_channels
 from .pipeline import CallPipeline
 from .stream import StreamConfig, Window
@@ -45,7 +54,6 @@ from .worker import ModelSpec, PredictFn
 log = logging.getLogger("emostream.batch")
 
 SUMMARY_FILE = "summary.parquet"
-STEREO_NAMES = ("agent", "customer")  # as emostream send names a stereo file's channels
 
 
 class BatchError(ValueError):
@@ -70,10 +78,8 @@ class BatchConfig:
         StreamConfig(hop_seconds=self.hop_seconds, min_seconds=self.min_seconds)  # validates
         if self.analyse not in ANALYSE_CHOICES:
             raise ValueError(f"analyse must be one of {', '.join(ANALYSE_CHOICES)}, got {self.analyse!r}")
-        if self.channel_names is not None and (
-            len(set(self.channel_names)) != len(self.channel_names) or not all(self.channel_names)
-        ):
-            raise ValueError(f"channel names must be distinct and non-empty: {','.join(self.channel_names)}")
+        if self.channel_names is not None:
+            channel_names(self.channel_names, len(self.channel_names))  # distinct and non-empty, or ValueError
         if self.chunk_windows < 2 or self.max_batch < 1:
             raise ValueError("chunk windows must be >= 2 and max batch >= 1")
 
@@ -189,13 +195,12 @@ def find_inputs(spec: str, skipped: list[tuple[str, str]] | None = None) -> list
     return [CallInput(i + p.suffix if counts[i] > 1 else i, str(p)) for i, p in zip(ids, paths)]
 
 
-def channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> tuple[str, ...]:
+def file_channel_names(n_channels: int, given: tuple[str, ...] | None, name: str) -> tuple[str, ...]:
     """Names of a file's channels: ``given``, else ``ch0`` for mono and ``agent,customer`` for stereo."""
-    if given is None:
-        return STEREO_NAMES if n_channels == 2 else tuple(f"ch{i}" for i in range(n_channels))
-    if len(given) != n_channels:
-        raise AudioError(f"{name} has {n_channels} channel(s) but --channel-names gives {len(given)}")
-    return given
+    try:
+        return channel_names(given, n_channels, stereo=STEREO_NAMES)
+    except ValueError:
+        raise AudioError(f"{name} has {n_channels} channel(s) but --channel-names gives {len(given or ())}") from None
 
 
 # --- the three steps ------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def prepare_call(call: CallInput, config: BatchConfig, source: str | bytes | Non
     source = call.path if source is None else source
     try:
         info = audio_info(source, call.path)
-        names = channel_names(info.channels, config.channel_names, call.path)
+        names = file_channel_names(info.channels, config.channel_names, call.path)
         keep = analysed_channels(names, config.analyse)
         if info.frames == 0:
             raise AudioError(f"audio file is empty: {call.path}")

@@ -28,7 +28,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .audio import TELEPHONE_RATE, alaw_encode, float32_to_int16, load_audio, mulaw_encode
+from .audio import STEREO_NAMES, TELEPHONE_RATE, alaw_encode, channel_names, float32_to_int16, load_audio, mulaw_encode
 from .auth import AudioHookKey, sign_audiohook_request
 from .keepalive import KeepaliveClientConnection
 from .protocols import format_duration
@@ -150,19 +150,13 @@ def _abort(ws) -> None:
     ws.transport.abort()  # vanish: no close frame, no stop message
 
 
-STEREO_NAMES = ("agent", "customer")  # a call centre's stereo recording: agent left, customer right
-
-
 def file_channel_names(path: Path, channels: int, names: tuple[str, ...] | None) -> list[str]:
     """Names of a file's channels: given, or ``ch0`` for mono and ``agent,customer`` for stereo
     (as ``replay --channel-names`` names them in the examples)."""
-    if names is None:
-        names = STEREO_NAMES if channels == 2 else tuple(f"ch{i}" for i in range(channels))
-    if len(names) != channels or len(set(names)) != len(names) or not all(names):
-        raise SendError(
-            f"{path} has {channels} channel(s): need {channels} distinct channel names, got {','.join(names)}"
-        )
-    return list(names)
+    try:
+        return list(channel_names(names, channels, stereo=STEREO_NAMES))
+    except ValueError as exc:
+        raise SendError(f"{path} has {channels} channel(s): {exc}") from None
 
 
 def customer_first(path: Path, audio: np.ndarray, names: tuple[str, ...] | None, protocol: str) -> np.ndarray:

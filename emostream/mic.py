@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .analyzer import AnalyzerConfig
 from .audio import SAMPLE_RATE
+from .stream import StreamConfig
 
 MIC_BLOCK_SECONDS = 0.1
 MAX_QUEUE_SECONDS = 10.0
@@ -191,57 +193,72 @@ def run_capture(
     return summary
 
 
-def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Callable[..., Any] | None = None) -> int:
-    """``emostream mic``: list devices, or capture and show the dashboard until Ctrl-C."""
+@dataclass(frozen=True)
+class MicOptions:
+    """What ``emostream mic`` does: which input, how much, and where events go."""
+
+    input_device: str | None = None  # index or part of the name; None: the system default input
+    rate: int | None = None  # capture rate; None: the device's own
+    channels: int = 1
+    seconds: float | None = None  # stop after this much audio; None: until Ctrl-C or a stalled device
+    stream: StreamConfig = StreamConfig()
+    analyzer: AnalyzerConfig = AnalyzerConfig()
+    events: str | None = None  # JSONL file of events and the summary
+    dashboard: bool = True
+    model: dict[str, str] | None = None  # the summary's model identity (name, sha256)
+
+
+def list_input_devices(sd=None) -> list[dict]:
+    """The input devices ``emostream mic --list-devices`` prints (MicError when there is none)."""
+    devices = input_devices(sd or import_sounddevice())
+    if not devices:
+        raise MicError("no audio input device found (check the microphone, or the ALSA/PulseAudio setup)")
+    return devices
+
+
+def run_mic(
+    options: MicOptions, load_predictor: Callable[[], Any], open_stream: Callable[..., Any] | None = None
+) -> int:
+    """Capture from a sound card through the dashboard until Ctrl-C, ``options.seconds`` of audio or a
+    stalled device; the exit status (130 after Ctrl-C). ``open_stream``: ``sounddevice.InputStream``
+    by default (tests pass a fake, then ``input_device`` is handed to it as is)."""
     import sys
 
-    from .analyzer import AnalyzerConfig
     from .dashboard import DashboardInfo
     from .display import make_display
-    from .model_files import model_identity
     from .pipeline import CallPipeline
-    from .stream import StreamConfig
     from .timeline import JsonlWriter, iso_utc
-    from .vad import VadConfig
 
-    sd = import_sounddevice() if open_stream is None or args.list_devices else None
-    if args.list_devices:
-        devices = input_devices(sd)
-        if not devices:
-            raise MicError("no audio input device found (check the microphone, or the ALSA/PulseAudio setup)")
-        for d in devices:
-            print(f"{d['index']}\t{d['name']}\t{d['channels']} ch\t{d['rate']} Hz")
-        return 0
-    try:
-        stream_cfg = StreamConfig(hop_seconds=args.hop, min_seconds=args.min_seconds)
-    except ValueError as exc:
-        raise MicError(str(exc)) from None
-    if sd is not None:
-        device = resolve_device(sd, args.input_device)
-        if args.channels > device["channels"]:
+    if open_stream is None:
+        sd = import_sounddevice()
+        device = resolve_device(sd, options.input_device)
+        if options.channels > device["channels"]:
             raise MicError(
-                f"device {device['name']!r} has {device['channels']} input channel(s), asked for {args.channels}"
+                f"device {device['name']!r} has {device['channels']} input channel(s), asked for {options.channels}"
             )
-        config = MicConfig(device["index"], args.rate or device["rate"], args.channels)
+        config = MicConfig(device["index"], options.rate or device["rate"], options.channels)
         open_stream, source = sd.InputStream, f"mic: {device['name']}"
     else:
-        config = MicConfig(args.input_device, args.rate or SAMPLE_RATE, args.channels)
-        source = f"mic: {args.input_device or 'default'}"
-    predictor = load_predictor(args)
-    names = ("mic",) if args.channels == 1 else ("left", "right")
-    writer = JsonlWriter(args.events) if args.events else None
+        config = MicConfig(options.input_device, options.rate or SAMPLE_RATE, options.channels)
+        source = f"mic: {options.input_device or 'default'}"
+    predictor = load_predictor()
+    names = ("mic",) if options.channels == 1 else ("left", "right")
+    writer = JsonlWriter(options.events) if options.events else None
     info = DashboardInfo(
-        source=source, stream="mic", channels=names, device=str(predictor.device), hop_seconds=args.hop
+        source=source,
+        stream="mic",
+        channels=names,
+        device=str(predictor.device),
+        hop_seconds=options.stream.hop_seconds,
     )
-    display = make_display(info, enabled=not args.no_dashboard)
-    sinks = [display.update] + ([writer.write] if writer else [])
+    display = make_display(info, enabled=options.dashboard)
     pipeline = CallPipeline(
         predictor.predict,
         "mic",
         names,
-        stream_config=stream_cfg,
-        analyzer_config=AnalyzerConfig(smooth=args.smooth, vad=VadConfig.named(args.vad)),
-        sinks=sinks,
+        stream_config=options.stream,
+        analyzer_config=options.analyzer,
+        sinks=[display.update] + ([writer.write] if writer else []),
         sample_rate=config.sample_rate,
     )
     interrupted = False
@@ -250,18 +267,16 @@ def run_mic_command(args, load_predictor: Callable[[Any], Any], open_stream: Cal
         try:
             with MicCapture(open_stream, config) as capture:
                 try:
-                    summary = run_capture(capture, pipeline, display, args.seconds)
+                    summary = run_capture(capture, pipeline, display, options.seconds)
                 except KeyboardInterrupt:
                     interrupted = True
                     summary = pipeline.summary()
         except KeyboardInterrupt:
             interrupted = True
             summary = pipeline.summary()
-        summary.update(
-            model=model_identity(args.checkpoint, getattr(args, "onnx", None)),
-            started_at=iso_utc(started),
-            started_at_from="capture start",
-        )
+        if options.model is not None:
+            summary["model"] = options.model
+        summary.update(started_at=iso_utc(started), started_at_from="capture start")
         if writer:
             writer.write(summary)
             writer.close()

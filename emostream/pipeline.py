@@ -29,17 +29,6 @@ REPLAY_CHUNK_SECONDS = 0.1  # a recorded call is fed in chunks of this size (rep
 Sink = Callable[[dict], None]
 
 
-def channel_names(names: Iterable[str] | None, n_channels: int) -> tuple[str, ...]:
-    """The names of a recording's channels: ``names`` (stripped) when given, else ch0, ch1, ...;
-    raises ValueError unless there are ``n_channels`` distinct non-empty names."""
-    if names is None:
-        return tuple(f"ch{i}" for i in range(n_channels))
-    out = tuple(str(n).strip() for n in names)
-    if len(out) != n_channels or len(set(out)) != len(out) or not all(out):
-        raise ValueError(f"need {n_channels} distinct channel names, got {list(out)}")
-    return out
-
-
 class CallPipeline:
     """The per-call path of a recording or a live stream.
 

@@ -156,3 +156,14 @@ def test_stream_audio_equals_load_audio(tmp_path, rate, channels, fmt, subtype):
     assert audio_info(path).frames_at() == whole.shape[1] and not is_silent(path)
     sf.write(tmp_path / "z.wav", np.zeros(4000), 16000)
     assert is_silent(tmp_path / "z.wav")
+
+
+def test_channel_names_default_given_and_refused():
+    assert audio.channel_names(None, 1) == ("ch0",)
+    assert audio.channel_names(None, 2) == ("ch0", "ch1")
+    assert audio.channel_names(None, 2, stereo=audio.STEREO_NAMES) == ("agent", "customer")
+    assert audio.channel_names(None, 3, stereo=audio.STEREO_NAMES) == ("ch0", "ch1", "ch2")
+    assert audio.channel_names([" agent", "customer "], 2) == ("agent", "customer")
+    for names, n in ((["a"], 2), (["a", "a"], 2), (["a", ""], 2), (["a", "b"], 1)):
+        with pytest.raises(ValueError, match=f"need {n} distinct channel names"):
+            audio.channel_names(names, n)

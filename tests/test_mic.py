@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from emostream import mic
+from emostream.analyzer import AnalyzerConfig
 from emostream.cli import main
+from emostream.vad import VadConfig
 from emostream.worker import constant_predictor
 
 from .conftest import ROOT, speechlike
@@ -55,25 +57,16 @@ class FakePredictor:
     predict = staticmethod(constant_predictor())
 
 
-def mic_args(tmp_path, **kw):
+def mic_options(tmp_path, **kw):
     base = dict(
-        list_devices=False,
-        input_device=None,
         rate=44100,
-        channels=1,
         seconds=3.3,
-        hop=1.0,
-        min_seconds=1.0,
-        smooth=1.0,
+        analyzer=AnalyzerConfig(vad=VadConfig.named("energy")),  # the test tone is sound, not a voice
         events=str(tmp_path / "mic.jsonl"),
-        no_dashboard=True,
-        checkpoint=None,
-        device="cpu",
-        fp32=False,
-        vad="energy",
-    )  # the test tone is sound, not a voice
+        dashboard=False,
+    )
     base.update(kw)
-    return argparse.Namespace(**base)
+    return mic.MicOptions(**base)
 
 
 def test_callback_path_resamples_and_windows(tmp_path, capsys):
@@ -83,7 +76,7 @@ def test_callback_path_resamples_and_windows(tmp_path, capsys):
         streams.append(FakeStream(**kw))
         return streams[-1]
 
-    rc = mic.run_mic_command(mic_args(tmp_path), lambda args: FakePredictor(), open_stream)
+    rc = mic.run_mic(mic_options(tmp_path), FakePredictor, open_stream)
     assert rc == 0 and streams[0].started and streams[0].closed
     assert streams[0].blocksize == 4410  # 0.1 s blocks at the device rate
     lines = [json.loads(line) for line in (tmp_path / "mic.jsonl").read_text().splitlines()]
@@ -94,9 +87,9 @@ def test_callback_path_resamples_and_windows(tmp_path, capsys):
 
 
 def test_stereo_capture_names_channels(tmp_path):
-    rc = mic.run_mic_command(
-        mic_args(tmp_path, channels=2, rate=16000, seconds=1.5),
-        lambda args: FakePredictor(),
+    rc = mic.run_mic(
+        mic_options(tmp_path, channels=2, rate=16000, seconds=1.5),
+        FakePredictor,
         lambda **kw: FakeStream(**kw),
     )
     assert rc == 0
@@ -236,3 +229,16 @@ def test_real_portaudio_path_on_alsa_virtual_device(tmp_path, shipped_checkpoint
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [e["t_end"] for e in lines[:-1]] == [1.0, 2.0, 2.5]
     assert lines[-1]["type"] == "summary" and lines[-1]["channels"]["mic"]["speech_windows"] == 3
+
+
+def test_cli_flags_reach_the_capture(monkeypatch, tmp_path, shipped_checkpoint):
+    """``emostream mic`` through a fake sound card: device, rate, seconds, events and the model's identity."""
+    monkeypatch.setattr(mic, "import_sounddevice", lambda: FakeSd(DEVICES))
+    out = tmp_path / "mic.jsonl"
+    args = ["mic", "--input-device", "headset", "--seconds", "1.5", "--no-dashboard", "--events", str(out)]
+    assert main(args + ["--device", "cpu", "--vad", "energy", "--hop", "0.5"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["t_end"] for e in lines[:-1]] == [1.0, 1.5]
+    summary = lines[-1]
+    assert summary["type"] == "summary" and summary["model"]["name"] == "emostream-resnet50"
+    assert set(summary["channels"]) == {"mic"} and summary["started_at_from"] == "capture start"

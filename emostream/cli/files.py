@@ -126,12 +126,12 @@ def show_alert(display):
 
 def cmd_replay(args) -> int:
     from ..analyzer import AnalyzerConfig
-    from ..audio import SAMPLE_RATE, audio_info, is_silent, stream_audio
+    from ..audio import SAMPLE_RATE, audio_info, channel_names, is_silent, stream_audio
     from ..compliance import ChannelSelectionError, analysed_channels
     from ..dashboard import DashboardInfo
     from ..display import make_display
     from ..model_files import model_identity
-    from ..pipeline import REPLAY_CHUNK_SECONDS, CallPipeline, channel_names
+    from ..pipeline import REPLAY_CHUNK_SECONDS, CallPipeline
     from ..stream import StreamConfig
     from ..timeline import FILE_START_FROM, JsonlWriter, file_start_time
     from ..webhook import AlertWebhook
@@ -146,10 +146,10 @@ def cmd_replay(args) -> int:
         raise UsageError(f"audio is empty or silent: {args.file}")
     n_channels = info.channels
     try:
-        names = channel_names(args.channel_names.split(",") if args.channel_names else None, n_channels)
+        names = channel_names(args.channel_names, n_channels)
     except ValueError:
         raise UsageError(
-            f"--channel-names needs {n_channels} distinct names for {args.file}, got {args.channel_names!r}"
+            f"--channel-names needs {n_channels} names for {args.file}, got {','.join(args.channel_names)!r}"
         ) from None
     try:
         keep = analysed_channels(names, args.analyse)
@@ -230,14 +230,13 @@ def cmd_batch(args) -> int:
         raise UsageError("batch writes its summary table with pyarrow: pip install 'emostream[scale]'")
     if args.plots == "png" and find_spec("matplotlib") is None:
         raise UsageError("--plots png needs matplotlib: pip install 'emostream[report]' (or use --plots html)")
-    names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
     try:
         config = BatchConfig(
             hop_seconds=args.hop,
             min_seconds=args.min_seconds,
             smooth=args.smooth,
             vad=vad_config(args),
-            channel_names=names,
+            channel_names=args.channel_names,
             analyse=args.analyse,
             alerts=tuple(args.alert),
         )

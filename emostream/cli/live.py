@@ -195,9 +195,7 @@ def cmd_send(args) -> int:
         key = AudioHookKey.parse(args.audiohook_key) if args.audiohook_key else None
     except (SendError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    names = tuple(n.strip() for n in args.channel_names.split(",")) if args.channel_names else None
-    if names is not None and (len(set(names)) != len(names) or not all(names)):
-        raise UsageError(f"--channel-names must be distinct non-empty names, got {args.channel_names!r}")
+    names = args.channel_names
     if not Path(args.file).exists():
         raise UsageError(f"no such file: {args.file}")
     hint = ""
@@ -272,9 +270,35 @@ def cmd_watch(args) -> int:
 
 
 def cmd_mic(args) -> int:
-    from ..mic import MicError, run_mic_command
+    from ..analyzer import AnalyzerConfig
+    from ..mic import MicError, MicOptions, list_input_devices, run_mic
+    from ..model_files import model_identity
+    from ..stream import StreamConfig
 
     try:
-        return run_mic_command(args, load_command_predictor)
+        if args.list_devices:
+            for d in list_input_devices():
+                print(f"{d['index']}\t{d['name']}\t{d['channels']} ch\t{d['rate']} Hz")
+            return 0
+        try:
+            stream = StreamConfig(hop_seconds=args.hop, min_seconds=args.min_seconds)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            model = model_identity(args.checkpoint, getattr(args, "onnx", None))
+        except OSError:
+            model = None  # no weights there: loading the model says so
+        options = MicOptions(
+            input_device=args.input_device,
+            rate=args.rate,
+            channels=args.channels,
+            seconds=args.seconds,
+            stream=stream,
+            analyzer=AnalyzerConfig(smooth=args.smooth, vad=vad_config(args)),
+            events=args.events,
+            dashboard=not args.no_dashboard,
+            model=model,
+        )
+        return run_mic(options, lambda: load_command_predictor(args))  # says why a model cannot load
     except MicError as exc:
         raise UsageError(str(exc)) from None

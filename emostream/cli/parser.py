@@ -6,6 +6,7 @@ import argparse
 
 from .. import __version__
 from ..argtypes import fraction as _fraction
+from ..argtypes import name_list
 from ..argtypes import positive as _positive
 from ..compliance import ANALYSE_CHOICES
 from ..stream import CLIP_POSITIONS
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     pace = r.add_mutually_exclusive_group()
     pace.add_argument("--speed", type=_positive(float), default=1.0, help="playback speed (1.0 = real time)")
     pace.add_argument("--fast", action="store_true", help="as fast as the model goes")
-    r.add_argument("--channel-names", help="comma-separated names, one per channel (e.g. agent,customer)")
+    r.add_argument(
+        "--channel-names", type=name_list, help="comma-separated names, one per channel (e.g. agent,customer)"
+    )
     r.add_argument("--stream", help="stream id in events (default: file name)")
     r.add_argument(
         "--analyse",
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray Data model actor (default 0)")
     b.add_argument(
         "--channel-names",
+        type=name_list,
         help="the files' channels, comma-separated (default: ch0 for mono, "
         "agent,customer for stereo, as emostream send names them)",
     )
@@ -379,6 +383,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     )
     sd.add_argument(
         "--channel-names",
+        type=name_list,
         help="the file's channels, comma-separated (default: ch0 for mono, agent,customer for stereo); "
         "pcm sends them as names, twilio/audiohook send the customer as inbound/external",
     )
