@@ -987,6 +987,42 @@ def test_phone_copies_are_random_lines_labelled_by_their_clean_source(tiny, tmp_
     assert a["history"][0]["train_loss"] != b["history"][0]["train_loss"]
 
 
+def test_anchor_term_keeps_the_start_model_and_resumes_exactly(tiny, tmp_path):
+    """``emostream.distill.anchor_weight``: T² KL to the frozen start model over the full-band rows; it
+    needs --pretrained, changes the run, and a resumed run equals an uninterrupted one (the anchor is
+    the start model, not the weights a resume restores)."""
+    from train.losses import anchor_loss
+
+    root, clips, cache, cfg = tiny
+    torch.manual_seed(0)
+    logits, other = torch.randn(4, 7), torch.randn(2, 7)
+    keep = torch.tensor([True, False, True, False])
+    assert anchor_loss(cfg, logits, logits[keep], keep).item() == pytest.approx(0.0, abs=1e-6)
+    assert anchor_loss(cfg, logits, other, keep).item() > 0
+    moved = logits.clone()
+    moved[~keep] += 5.0  # rows outside the mask (phone lines) do not count
+    assert torch.equal(anchor_loss(cfg, moved, other, keep), anchor_loss(cfg, logits, other, keep))
+    assert anchor_loss(cfg, logits, other[:0], torch.zeros(4, dtype=torch.bool)).item() == 0.0
+    idx = np.arange(len(clips))
+    quiet = FitOptions(show_progress=False)
+    start = fit(replace(cfg, epochs=1), clips, cache, idx, None, tmp_path / "start", quiet).checkpoint
+    anchored = replace(cfg, distill=replace(cfg.distill, anchor_weight=1.0))
+    with pytest.raises(ConfigError, match="--pretrained"):
+        fit(anchored, clips, cache, idx, None, tmp_path / "none", quiet)
+    fine = replace(quiet, pretrained_path=str(start))
+    fit(anchored, clips, cache, idx, None, tmp_path / "whole", fine)
+    fit(anchored, clips, cache, idx, None, tmp_path / "halves", replace(fine, stop_after=1))
+    fit(anchored, clips, cache, idx, None, tmp_path / "halves", replace(fine, resume=True))
+    fit(cfg, clips, cache, idx, None, tmp_path / "free", fine)
+    whole, halves, free = (
+        torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("whole", "halves", "free")
+    )
+    assert [h["train_loss"] for h in whole["history"]] == [h["train_loss"] for h in halves["history"]]
+    for k in whole["model"]:
+        assert torch.equal(whole["model"][k], halves["model"][k]), k
+    assert whole["history"][-1]["train_loss"] != free["history"][-1]["train_loss"]
+
+
 def test_table_paths_fall_back_to_the_tables_folder_when_the_data_folder_is_missing(tmp_path, caplog):
     """The recipe names its own data_folder (data/anon/...); a table passed with --data whose paths are
     relative to itself still loads, with a note, while an existing data_folder keeps precedence."""

@@ -75,6 +75,9 @@ class Distill:
     # (6 = the output of Whisper base), read by train.whisper_layers
     phone_targets: str = "source"  # a phone line's targets: the teacher on its clean "source" clip, or on
     # the line's own audio ("copy", as speed copies are; one more encoding each)
+    anchor_weight: float = 0.0  # + anchor_weight * T^2 * KL(start || student) on the full-band windows of a
+    # batch: "start" is the model the run began from (--pretrained), frozen, so a fine-tune keeps what it
+    # knew where the new data does not ask it to change (learning without forgetting); works without a teacher
 
 
 @dataclass(frozen=True)
@@ -532,7 +535,7 @@ def _distill_section(value: dict | None) -> Distill:
         d,
         phone_targets=_choice("emostream.distill.phone_targets", d.phone_targets, {"source": "source", "copy": "copy"}),
     )
-    for name in ("embed_weight", "frame_weight"):
+    for name in ("embed_weight", "frame_weight", "anchor_weight"):
         if getattr(d, name) < 0:
             raise ConfigError(f"emostream.distill.{name}: {getattr(d, name)} is negative")
     return d

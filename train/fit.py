@@ -45,7 +45,7 @@ from .config import ConfigError, TrainConfig
 from .data import AudioCache, Clip
 from .evaluate import predict_validation, save_validation_logits, telephone_copies
 from .forward import training_forward
-from .losses import FrameProjector, embedding_loss, frame_embedding_loss, loss_fn
+from .losses import FrameProjector, anchor_loss, embedding_loss, frame_embedding_loss, loss_fn
 from .metrics import classification_metrics, plot_curves, softmax
 
 log = logging.getLogger("train")
@@ -243,8 +243,11 @@ def _batch_loss(
     spec_aug: SpecAugment,
     projector,
     frame_projector,
+    anchor=None,
+    full_band: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """The training loss of one batch of ``n`` windows (before gradient accumulation's scaling)."""
+    """The training loss of one batch of ``n`` windows (before gradient accumulation's scaling);
+    with an ``anchor`` model, its term on the windows marked in ``full_band``."""
     x, y = batch.waves.to(dev), batch.targets.to(dev)
     warp = vtlp_factors(cfg, n, gen)
     warp = warp.to(dev) if warp is not None else None
@@ -265,6 +268,12 @@ def _batch_loss(
         loss = loss + cfg.distill.frame_weight * frame_embedding_loss(
             frames_projected, batch.teacher_frames.to(dev), batch.teacher_frame_mask.to(dev)
         )
+    if anchor is not None:
+        keep = torch.from_numpy(np.ones(n, bool) if full_band is None else full_band).to(dev)
+        with torch.no_grad(), autocast_for(dev, cfg.mixed_precision_training):
+            anchor_logits = anchor(x[keep]).float() if bool(keep.any()) else None
+        if anchor_logits is not None:
+            loss = loss + cfg.distill.anchor_weight * anchor_loss(cfg, logits.float(), anchor_logits, keep)
     return loss
 
 
@@ -333,6 +342,12 @@ def fit(
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
+    # anchor: the starting weights, frozen (taken before a resume restores the trained ones)
+    anchor = None
+    if cfg.distill.anchor_weight:
+        if not options.pretrained_path:
+            raise ConfigError("emostream.distill.anchor_weight needs --pretrained: the model the run keeps close to")
+        anchor = copy.deepcopy(model).eval().requires_grad_(False)
     # weight average: a shadow copy, updated after each optimizer step; it changes nothing in training
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
     # embedding regression: a linear map from the student's pooled features to the teacher's space,
@@ -380,6 +395,7 @@ def fit(
         partners = copy_partners(partners, copies)
     if line and partners is not None:
         partners = copy_partners(partners, phone)
+    phone_ids = np.unique(phone) if phone is not None else np.zeros(0, np.int64)  # clips that are phone lines
 
     def epoch_batches(order: np.ndarray, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, Batch]]:
         """One epoch's batches in ``order``, drawing crops and augmentation from ``rng``."""
@@ -417,7 +433,19 @@ def fit(
             )
             with closing(prefetched(epoch_batches(order, rng), options.prefetch)) as batches:
                 for step, (idx, batch) in enumerate(batches):
-                    loss = _batch_loss(cfg, model, batch, len(idx), dev, gen, spec_aug, projector, frame_projector)
+                    loss = _batch_loss(
+                        cfg,
+                        model,
+                        batch,
+                        len(idx),
+                        dev,
+                        gen,
+                        spec_aug,
+                        projector,
+                        frame_projector,
+                        anchor,
+                        ~np.isin(idx, phone_ids),
+                    )
                     loss = loss / cfg.grad_accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(float(loss.detach()) * cfg.grad_accumulation)

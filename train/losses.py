@@ -34,6 +34,26 @@ def loss_fn(
     return (1 - a) * hard + a * kd
 
 
+def anchor_loss(
+    cfg: TrainConfig, logits: torch.Tensor, anchor_logits: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """``T² KL(anchor || student)`` over the rows ``keep`` (a boolean mask) of the batch, at the
+    distillation temperature; zero when no row is kept."""
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    t = cfg.distill.temperature
+    return (
+        F.kl_div(
+            F.log_softmax(logits[keep] / t, dim=-1),
+            F.log_softmax(anchor_logits / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
+
+
 def embedding_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance between the projected student features and the teacher's embedding."""
     return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean()
