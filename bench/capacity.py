@@ -223,6 +223,8 @@ class ServerProcess(ServeProcess):
             "0",
             "--max-calls",
             str(max_calls),
+            "--max-unstarted",  # every call connects before any starts: above serve's default 32, 503s
+            str(max(32, max_calls)),
             "--hop",
             str(cfg.hop),
             "--vad",
