@@ -1,7 +1,7 @@
 """``emostream`` command line: replay, classify, batch, report and the live sources (serve, send, watch, mic).
 
-A thin layer over the library: :mod:`.parser` turns arguments into options, :mod:`.files` and
-:mod:`.live` run the commands, :mod:`.common` holds what they share. Bad input is one line on
+A thin layer over the library: :mod:`.parser` turns arguments into options, :mod:`.files`,
+:mod:`.batch` and :mod:`.live` run the commands, :mod:`.common` holds what they share. Bad input is one line on
 stderr and exit code 2 (:class:`UsageError`).
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from .batch import cmd_batch, cmd_report
 from .common import UsageError
-from .files import cmd_batch, cmd_classify, cmd_export, cmd_replay, cmd_report
+from .files import cmd_classify, cmd_export, cmd_replay
 from .live import cmd_mic, cmd_send, cmd_serve, cmd_watch
 from .parser import build_parser
 
