@@ -1062,3 +1062,44 @@ def test_segment_agreement_over_speech_time():
     ]
     r = segment_agreement(events, segs)
     assert r["overall"]["agreement"] == pytest.approx(0.5) and r["overall"]["seconds"] == 8.0
+
+
+def test_soup_is_the_weight_mean_of_its_checkpoints(tmp_path):
+    """train soup: the uniform mean of two fine-tunes' weights (BatchNorm statistics included),
+    named in model.json; a different model or a single checkpoint is refused."""
+    from emostream.model import CheckpointError, EmotionNet, ModelConfig, save_checkpoint
+    from train.__main__ import main as train_main
+
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = EmotionNet(ModelConfig(backbone="resnet18")).eval()
+        for name, buf in net.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_()
+        save_checkpoint(net, tmp_path / f"ck{seed}", {"training": {"seed": seed}})
+        nets.append(load_checkpoint(tmp_path / f"ck{seed}"))  # as stored: fp16
+    assert (
+        train_main(
+            ["soup", "--checkpoints", str(tmp_path / "ck0"), str(tmp_path / "ck1"), "--out", str(tmp_path / "soup")]
+        )
+        == 0
+    )
+    soup = load_checkpoint(tmp_path / "soup")
+    a, b, s = (m.state_dict() for m in (*nets, soup))
+    checked = 0
+    for key, value in s.items():
+        if value.is_floating_point() and not key.startswith("frontend."):
+            torch.testing.assert_close(value, (a[key] + b[key]) / 2, atol=2e-3, rtol=2e-3)  # stored in fp16
+            checked += 1
+    assert checked > 50 and not torch.equal(a["backbone.fc.weight"], s["backbone.fc.weight"])
+    meta = json.loads((tmp_path / "soup" / "model.json").read_text())
+    assert [Path(i["checkpoint"]).name for i in meta["soup"]["of"]] == ["ck0", "ck1"]
+    assert meta["training"] == {"seed": 0} and meta["model"]["backbone"] == "resnet18"
+    save_checkpoint(EmotionNet(ModelConfig(backbone="resnet34")), tmp_path / "other")
+    from train.soup import soup as make_soup
+
+    with pytest.raises(CheckpointError, match="not the same model"):
+        make_soup([tmp_path / "ck0", tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="at least two"):
+        make_soup([tmp_path / "ck0"], tmp_path / "bad")

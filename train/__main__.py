@@ -170,6 +170,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("src", nargs="+", metavar="SRC", help="the corpus's folder (combine: prepared folders)")
     pr.add_argument("--out", required=True, help="output folder, outside any repository (e.g. /work/data-extra/tess)")
+    so = sub.add_parser(
+        "soup",
+        help="the uniform weight mean of checkpoints fine-tuned from the same start (a model soup), "
+        "saved as a checkpoint",
+    )
+    so.add_argument("--checkpoints", nargs="+", required=True, metavar="DIR")
+    so.add_argument("--out", required=True, metavar="DIR")
     ev = sub.add_parser("evaluate", help="metrics report of a checkpoint on a labelled set")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True)
@@ -233,6 +240,11 @@ def _run(args) -> int:
         raise ConfigError_("--reevaluate rescores finished folds: use it with --resume")
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "soup":
+        from .soup import soup
+
+        print(f"checkpoint: {soup([Path(c) for c in args.checkpoints], Path(args.out))}")
+        return 0
     if args.command == "evaluate":
         return _evaluate(args)
     cv = clip_cv = None
