@@ -2,14 +2,15 @@
 
 Everything ``emostream serve`` does for a call except the model: N server calls
 (:class:`~emostream.live_call.LiveCall`: resampler, windower, speech gate, analyzer, metrics) fed
-20 ms frames (Twilio's size) as fast as the event loop takes them, all calls in lockstep, with a
-constant model (the :class:`~emostream.worker.InferenceWorker` answers every window at once with fixed
-probabilities, so no inference cost is counted). The figure is call-seconds of audio processed per
-CPU-second of this process: the real-time calls one core could carry if the model cost nothing.
-Run with the speech gate on (Silero, serve's default) and off.
+20 ms frames (Twilio's size) as fast as the event loop takes them, one task per call (as the
+server's connection handlers), with a constant model (the :class:`~emostream.worker.InferenceWorker`
+answers every window at once with fixed probabilities, so no inference cost is counted). The figure
+is call-seconds of audio processed per CPU-second of this process: the real-time calls one core
+could carry if the model cost nothing. Run with the speech gate on (Silero, serve's default) and off.
+At 8 kHz (``--rate``, the default: a phone bridge) the gate runs Silero's 8 kHz network.
 
     python bench/frontend.py [--calls 50] [--seconds 20] [--frame-ms 20] [--vads silero,off]
-                             [--rate 8000] [--json OUT] [--quick]
+                             [--rate 8000] [--driver tasks|gather] [--json OUT] [--quick]
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ def call_audio(source: np.ndarray, seconds: float, offset: int, rate: int) -> np
     return x
 
 
-async def run(calls: int, seconds: float, frame_ms: float, vad: str, rate: int, hop: float) -> dict:
-    """Feed ``calls`` calls of ``seconds`` each, frame by frame in lockstep; CPU time of this process."""
+async def run(
+    calls: int, seconds: float, frame_ms: float, vad: str, rate: int, hop: float, driver: str = "tasks"
+) -> dict:
+    """Feed ``calls`` calls of ``seconds`` each, frame by frame; CPU time of this process. ``driver``:
+    ``tasks`` (one task per call, as the server) or ``gather`` (issue #44's baseline: every frame
+    step gathers all calls' pushes, a new task per frame and call)."""
     worker = InferenceWorker(constant_model, WorkerConfig(max_batch=64, max_wait_ms=1.0, max_pending=1 << 16))
     await worker.start()
     cfg = ServerConfig(hop_seconds=hop, vad=VadConfig.named(vad), worker=worker.config)
@@ -69,11 +74,22 @@ async def run(calls: int, seconds: float, frame_ms: float, vad: str, rate: int, 
         for i in range(calls)
     ]
     n_frames = min(len(a) for a in audio) // frame
-    events = 0
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    for k in range(n_frames):
-        pushed = await asyncio.gather(*(c.push([(0, a[k * frame : (k + 1) * frame])]) for c, a in zip(live, audio)))
-        events += sum(len(e) for e in pushed)
+    if driver == "gather":  # all calls' next frames gathered at once: a task per frame and call
+        events = 0
+        for k in range(n_frames):
+            frames = (c.push([(0, a[k * frame : (k + 1) * frame])]) for c, a in zip(live, audio))
+            events += sum(len(e) for e in await asyncio.gather(*frames))
+    else:  # one task per call, as serve's connection handlers; each frame one turn of the loop
+
+        async def feed(call: LiveCall, x: np.ndarray) -> int:
+            n = 0
+            for k in range(n_frames):
+                n += len(await call.push([(0, x[k * frame : (k + 1) * frame])]))
+                await asyncio.sleep(0)  # as if the next frame came from the socket
+            return n
+
+        events = sum(await asyncio.gather(*(feed(c, a) for c, a in zip(live, audio))))
     for c in live:
         await c.finish("completed")
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -85,6 +101,7 @@ async def run(calls: int, seconds: float, frame_ms: float, vad: str, rate: int, 
         "rate": rate,
         "frame_ms": frame_ms,
         "hop": hop,
+        "driver": driver,
         "audio_seconds": round(audio_seconds, 1),
         "events": events,
         "wall_s": round(wall, 3),
@@ -102,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vads", default="silero,off")
     p.add_argument("--rate", type=int, default=8000, help="the calls' sample rate (8000: Twilio, most bridges)")
     p.add_argument("--hop", type=float, default=1.0)
+    p.add_argument(
+        "--driver",
+        choices=("tasks", "gather"),
+        default="tasks",
+        help="tasks: one task per call, each frame a turn of the event loop (as serve); gather: a new task "
+        "per frame and call (the first baseline's harness)",
+    )
     p.add_argument("--json", dest="json_out")
     p.add_argument("--quick", action="store_true", help="5 calls of 4 s (seconds)")
     args = p.parse_args(argv)
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         args.calls, args.seconds = 5, 4.0
     rows = []
     for vad in args.vads.split(","):
-        rows.append(asyncio.run(run(args.calls, args.seconds, args.frame_ms, vad, args.rate, args.hop)))
+        rows.append(asyncio.run(run(args.calls, args.seconds, args.frame_ms, vad, args.rate, args.hop, args.driver)))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| speech gate | calls | rate | frame | call-seconds per CPU-second (real-time calls per core) |")
     print("|---|---|---|---|---|")

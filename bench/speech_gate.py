@@ -12,9 +12,12 @@ and, without the model, per detector and channel: the share of 32 ms frames insi
 segments that it calls speech (the acted clips hold about 1 s of silence at their edges, so 100 %
 is not expected) and the share outside segments (pauses, the other party's turns: false alarms).
 ``--noisy DB`` repeats everything on a copy of the stereo call with white noise at DB dBFS over
-both channels, a noisy line.
+both channels, a noisy line. ``--phone`` repeats every call through the G.712 telephone channel as
+an 8 kHz file, the way a phone bridge delivers it: its calls are gated by Silero's 8 kHz network,
+and the frame table adds that network (``silero_8k``, on the 8 kHz samples) beside the 16 kHz one
+(on the same audio resampled to 16 kHz, as the gate saw phone calls before).
 
-    python bench/speech_gate.py [--calls call_stereo.flac,...] [--noisy -45] [--json OUT] [--quick]
+    python bench/speech_gate.py [--calls call_stereo.flac,...] [--noisy -45] [--phone] [--json OUT] [--quick]
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agreement import EXAMPLES, read_segments, score_example  # noqa: E402
 
-from emostream.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from emostream.audio import SAMPLE_RATE, StreamResampler, load_audio  # noqa: E402
+from emostream.channel import G712_HIGH_HZ, G712_LOW_HZ, TELEPHONE_RATE, butter_bandpass, g711  # noqa: E402
+from emostream.channel import resample as resample_channel  # noqa: E402
 from emostream.stream import frame_levels_db  # noqa: E402
 from emostream.vad import FRAME, SileroStream, VadConfig  # noqa: E402
 
@@ -58,14 +63,33 @@ def covered_seconds(events: list[dict], segments: list[dict], hop: float) -> tup
     return covered, total
 
 
-def frame_detection(audio: np.ndarray, channels: list[str], segments: list[dict]) -> dict:
-    """Per detector: share of frames called speech inside and outside the ground-truth segments."""
+def phone_line(audio: np.ndarray) -> np.ndarray:
+    """Channels ``(c, n)`` at 16 kHz through the G.712 telephone channel, kept at 8 kHz."""
+    narrow = [
+        g711(
+            butter_bandpass(resample_channel(x, SAMPLE_RATE, TELEPHONE_RATE), TELEPHONE_RATE, G712_LOW_HZ, G712_HIGH_HZ)
+        )
+        for x in audio
+    ]
+    return np.stack(narrow).astype(np.float32)
+
+
+def frame_detection(
+    audio: np.ndarray, channels: list[str], segments: list[dict], narrowband: np.ndarray | None = None
+) -> dict:
+    """Per detector: share of frames called speech inside and outside the ground-truth segments
+    (``narrowband``: the same call at 8 kHz, for Silero's 8 kHz network)."""
     out = {}
-    for kind in ("energy", "silero"):
+    for kind in ("energy", "silero") + (("silero_8k",) if narrowband is not None else ()):
         inside_hits = inside_n = outside_hits = outside_n = 0
         for ch, name in enumerate(channels):
             x = audio[ch]
-            if kind == "silero":
+            if kind == "silero_8k":
+                vad = SileroStream(history=narrowband.shape[1], rate=TELEPHONE_RATE)
+                vad.feed(narrowband[ch])
+                speech = vad.frames(0, narrowband.shape[1]) >= VadConfig.named("silero").threshold
+                speech = speech[: len(x) // FRAME]
+            elif kind == "silero":
                 vad = SileroStream(history=len(x))
                 vad.feed(x)
                 speech = vad.frames(0, len(x)) >= VadConfig.named("silero").threshold
@@ -137,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DBFS",
         help="also run the stereo call with white noise at this level (e.g. -45)",
     )
+    p.add_argument("--phone", action="store_true", help="also every call through G.712 as an 8 kHz file")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="the stereo call only, gates off and silero (< 1 min)")
     args = p.parse_args(argv)
@@ -166,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             label = f"call_stereo.flac + noise {args.noisy:g} dBFS"
             detection[label] = frame_detection(noisy, stereo["channels"], read_segments(EXAMPLES / stereo["segments"]))
             rows += run_call(stereo, gates, args.hop, args.checkpoint, Path(tmp), path, label)
+        for entry in entries if args.phone else ():
+            narrow = phone_line(load_audio(EXAMPLES / entry["file"]))
+            path = Path(tmp) / f"{Path(entry['file']).stem}_g712.flac"
+            sf.write(path, narrow.T, TELEPHONE_RATE)
+            wide = np.stack(
+                [np.concatenate([(r := StreamResampler(TELEPHONE_RATE)).push(x), r.flush()]) for x in narrow]
+            )
+            label = f"{entry['file']} through G.712, 8 kHz"
+            segments = read_segments(EXAMPLES / entry["segments"])
+            detection[label] = frame_detection(wide, entry["channels"], segments, narrow)
+            rows += run_call(entry, gates, args.hop, args.checkpoint, Path(tmp), path, label)
     print("\n| call | vad | windows | classified | skipped vs off | agreement | speech covered |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

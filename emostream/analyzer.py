@@ -33,6 +33,7 @@ class Analyzer:
         hop_seconds: float = 1.0,
         sinks: Iterable[Callable[[dict], None]] = (),
         source_channels: dict[str, str] | None = None,
+        source_rate: int | None = None,
     ):
         self.predict = predict
         self.stream = stream
@@ -40,7 +41,7 @@ class Analyzer:
         self.smoother = Smoother(config.smooth)
         self.timeline = Timeline(stream, tuple(channels), hop_seconds)
         self.sinks = list(sinks)
-        self.gate = SpeechGate(config.vad)
+        self.gate = SpeechGate(config.vad, source_rate=source_rate)  # the audio's rate before resampling
         self.source_channels = dict(source_channels or {})  # channel -> the bridge's own name for it
 
     def process(self, windows: list[Window]) -> list[dict]:

@@ -357,6 +357,18 @@ class StreamResampler:
         n = ready // self._down * self._down
         return self._run(n)
 
+    def input_needed(self, n_out: int) -> int:
+        """How many more input samples :meth:`push` must get before at least ``n_out`` more output
+        samples are final (and returned). Lets a caller hold small frames and push them at once."""
+        if self.passthrough:
+            return max(0, n_out)
+        if n_out <= 0:
+            return 0
+        step = self._down
+        n_in = -(-n_out * self._down // self._up)  # input samples to process ...
+        n_in = max(self._block, -(-n_in // step) * step)  # ... whole steps, at least one block
+        return max(0, n_in + 2 * self._context - len(self._pending))  # with look-ahead
+
     def flush(self) -> np.ndarray:
         """End of stream: the remaining output (the signal is taken as zero after its end)."""
         if self.passthrough:

@@ -187,6 +187,8 @@ class LiveCall:
                 continue
             self._input[local] += len(samples)
             windows += self.pipeline.channel_windows(local, samples)
+        if not windows:  # most frames: held until a hop completes a window
+            return []
         if len(windows) > 1:
             windows.sort(key=self._order)
         return await self.pipeline.classify_async(windows, self.worker.infer)
@@ -251,7 +253,7 @@ class LiveCall:
         return events
 
     def _check_length(self, more_seconds: float) -> None:
-        if self.pipeline.seconds + more_seconds > self.max_seconds:
+        if max(self._input, default=0) / self.pipeline.sample_rate + more_seconds > self.max_seconds:
             raise ProtocolError(f"call longer than the limit of {self.max_seconds:g} s", CLOSE_POLICY)
 
     async def finish(self, reason: str) -> dict:

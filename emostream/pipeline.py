@@ -60,6 +60,10 @@ class CallPipeline:
         # passthrough at 16 kHz
         self.resamplers = [StreamResampler(self.sample_rate, SAMPLE_RATE) for _ in self.channels]
         self.windower = StreamWindower(stream, self.channels, stream_config)
+        # channel_windows: each channel's frames held until they can complete a window (see there)
+        self._held: list[list[np.ndarray]] = [[] for _ in self.channels]
+        self._held_samples = [0] * len(self.channels)
+        self._due = [0] * len(self.channels)  # input samples that complete the channel's next window
         sinks = list(sinks)
         rules = tuple(alert_rules)
         self.alerts = AlertTracker(rules, stream)
@@ -80,6 +84,7 @@ class CallPipeline:
             stream_config.hop_seconds,
             sinks,
             source_channels=source_channels,
+            source_rate=self.sample_rate,
         )
 
     def push(self, frames: np.ndarray) -> list[dict]:
@@ -104,8 +109,29 @@ class CallPipeline:
 
     def channel_windows(self, channel: int, samples: np.ndarray) -> list[Window]:
         """Samples of channel ``channel`` (index) at ``sample_rate``: the windows they complete (not
-        classified yet: :meth:`classify_async`)."""
-        x = self.resamplers[channel].push(samples)
+        classified yet: :meth:`classify_async`).
+
+        A live call sends small frames (20 ms from Twilio) and completes a window once a hop, so the
+        frames are only held here (a list append) until they hold enough input to complete the
+        channel's next window, then resampled and windowed in one piece: the same windows, each
+        returned by the same frame that would complete it if every frame were resampled at once.
+        """
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self._held[channel].append(samples)
+        self._held_samples[channel] += len(samples)
+        if self._held_samples[channel] < self._due[channel]:
+            return []
+        windows = self._release(channel)
+        windower = self.windower.windowers[self.channels[channel]]
+        self._due[channel] = self.resamplers[channel].input_needed(windower.next_end - windower.samples_seen)
+        return windows
+
+    def _release(self, channel: int) -> list[Window]:
+        """Resample and window the frames held for ``channel``."""
+        held = self._held[channel]
+        x = held[0] if len(held) == 1 else np.concatenate(held)
+        self._held[channel], self._held_samples[channel] = [], 0
+        x = self.resamplers[channel].push(x)
         return self.windower.push(channel, x) if len(x) else []
 
     def final_windows(self) -> list[Window]:
@@ -116,9 +142,12 @@ class CallPipeline:
         return windows + self.windower.flush()
 
     def _flush_resampler(self, channel: int) -> list[Window]:
-        """The windows completed by the rest of ``channel``'s resampler output (at a stream's end or a gap)."""
+        """The windows completed by the rest of ``channel``'s held frames and resampler output (at a
+        stream's end or a gap)."""
+        windows = self._release(channel) if self._held[channel] else []
+        self._due[channel] = 0
         x = self.resamplers[channel].flush()
-        return self.windower.push(channel, x) if len(x) else []
+        return windows + (self.windower.push(channel, x) if len(x) else [])
 
     def collapse_gap(self, channel: int, input_samples: int) -> tuple[list[Window], float, float]:
         """A long gap on channel ``channel`` in O(1): its audio before the gap gets its final window
@@ -160,5 +189,6 @@ class CallPipeline:
 
     @property
     def seconds(self) -> float:
-        """Audio received so far (the longest channel)."""
+        """Audio that reached the windows so far (the longest channel; frames still held by
+        :meth:`channel_windows` not counted)."""
         return self.windower.seconds

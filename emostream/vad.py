@@ -3,10 +3,14 @@
 A window is classified when at least ``min_speech_seconds`` of its newest ``recent_seconds`` are
 speech, according to one of two frame detectors (32 ms frames, 512 samples at 16 kHz):
 
-- ``silero``: the Silero VAD neural voice activity detector (the ``silero-vad`` package ships the
-  model; it runs offline on CPU through onnxruntime). It is streaming and stateful: each channel's
-  audio goes through it once, in order, whatever the hop, so its cost is about 1 ms of CPU per
-  second of audio per channel. Frame speech probability >= ``threshold`` (0.5) is speech.
+- ``silero``: the Silero VAD neural voice activity detector (MIT licence; its network, built into
+  ``emostream/vad_models/`` by :mod:`emostream.vad_export`, runs offline on CPU through
+  onnxruntime). It is streaming and stateful: each channel's audio goes through it once, in order,
+  whatever the hop, one ONNX call per block of frames. Frame speech probability >= ``threshold``
+  (0.5) is speech. A call whose audio arrives at 8 kHz or less (a phone line) is gated by Silero's
+  8 kHz network on the window's samples taken at 8 kHz (every other sample of the 16 kHz window,
+  which holds nothing above 4 kHz): the network made for that band, at about half the cost
+  (``bench/frontend.py``). Other rates use the 16 kHz network. Frames are 32 ms either way.
 - ``energy``: frame level above ``threshold`` dBFS (-50). Cheap, but any sound counts (line noise,
   music, a door), so it only separates near-silence from sound.
 - ``off``: every window is classified.
@@ -20,7 +24,6 @@ example calls. ``bench/speech_gate.py`` measures the gates on the example calls.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,10 +34,22 @@ from .audio import SAMPLE_RATE
 from .stream import Window, frame_levels_db
 
 VAD_KINDS = ("silero", "energy", "off")
-FRAME = 512  # samples per detector frame (32 ms at 16 kHz)
-SILERO_CONTEXT = 64  # samples of the previous frame the Silero model sees
-SILERO_MODEL = "silero_vad_16k_sequence.onnx"  # one ONNX call for a block of frames, LSTM state in/out
+FRAME = 512  # samples per detector frame at 16 kHz (32 ms)
+SILERO_RATES = {16000: (512, 64), 8000: (256, 32)}  # Silero's networks: samples per frame, context samples
+SILERO_CONTEXT = SILERO_RATES[SAMPLE_RATE][1]  # samples of the previous frame the 16 kHz network sees
+NARROWBAND_RATE = 8000  # calls at this rate or less are gated by the 8 kHz network
+VAD_MODELS = Path(__file__).resolve().parent / "vad_models"  # one ONNX call per block of frames, LSTM state in/out
 HISTORY_FRAMES = 256  # frame probabilities kept per channel (8 s, more than one window)
+
+
+def silero_graph_name(rate: int) -> str:
+    """File name of the Silero sequence graph for ``rate`` (see :mod:`emostream.vad_export`)."""
+    return f"silero_vad_{rate // 1000}k_sequence.onnx"
+
+
+def silero_rate(source_rate: int | None) -> int:
+    """The Silero network that gates a call whose audio arrives at ``source_rate`` (None: 16 kHz)."""
+    return NARROWBAND_RATE if source_rate is not None and source_rate <= NARROWBAND_RATE else SAMPLE_RATE
 
 
 class VadUnavailable(RuntimeError):
@@ -71,27 +86,27 @@ class VadConfig:
         return replace(base[kind], **overrides)
 
 
-def silero_model_path() -> Path:
-    """The Silero model file inside the installed ``silero-vad`` package (found without importing
-    the package: its ``__init__`` sets torch to one thread for the whole process)."""
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise VadUnavailable("--vad silero needs the silero-vad package: pip install silero-vad (or use --vad energy)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / SILERO_MODEL
+def silero_model_path(rate: int = SAMPLE_RATE) -> Path:
+    """The Silero sequence graph for ``rate`` shipped with emostream."""
+    path = VAD_MODELS / silero_graph_name(rate)
     if not path.is_file():
-        raise VadUnavailable(f"the installed silero-vad has no {SILERO_MODEL} (need silero-vad >= 6.2)")
+        raise VadUnavailable(
+            f"--vad silero: the speech gate's model {path.name} is missing from this install "
+            "(reinstall emostream, or use --vad energy)"
+        )
     return path
 
 
-_session = None
+_sessions: dict[int, object] = {}
 _session_lock = threading.Lock()
 
 
-def silero_session():
-    """One shared single-threaded onnxruntime session of the Silero model (thread-safe to run)."""
-    global _session
+def silero_session(rate: int = SAMPLE_RATE):
+    """One shared single-threaded onnxruntime session of the Silero network for ``rate``
+    (thread-safe to run)."""
     with _session_lock:
-        if _session is None:
+        if rate not in _sessions:
+            path = silero_model_path(rate)
             try:
                 import onnxruntime as ort
             except ImportError:
@@ -99,24 +114,29 @@ def silero_session():
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
-            _session = ort.InferenceSession(str(silero_model_path()), options, providers=["CPUExecutionProvider"])
-        return _session
+            _sessions[rate] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return _sessions[rate]
 
 
 class SileroStream:
-    """Streaming Silero VAD for one channel: feed samples in order, read per-frame probabilities.
+    """Streaming Silero VAD for one channel at ``rate`` (16000 or 8000): feed samples in order,
+    read per-frame probabilities.
 
-    Frame ``f`` covers absolute samples ``[512 f, 512 (f + 1))``; the LSTM state and the 64-sample
-    context carry across calls, so feeding audio in any pieces gives the same probabilities as one
-    pass over the whole channel.
+    Frame ``f`` covers absolute samples ``[F f, F (f + 1))`` (F = 512 at 16 kHz, 256 at 8 kHz: 32 ms);
+    the LSTM state and the context samples carry across calls, so feeding audio in any pieces gives
+    the same probabilities as one pass over the whole channel.
     """
 
-    def __init__(self, session=None, history: int = HISTORY_FRAMES):
-        self.session = session or silero_session()
+    def __init__(self, session=None, history: int = HISTORY_FRAMES, rate: int = SAMPLE_RATE):
+        if rate not in SILERO_RATES:
+            raise ValueError(f"Silero VAD runs at {' or '.join(map(str, SILERO_RATES))} Hz, not {rate}")
+        self.rate = rate
+        self.frame, context = SILERO_RATES[rate]
+        self.session = session or silero_session(rate)
         self.history = history  # frame probabilities kept
         self.h = np.zeros((1, 1, 128), np.float32)
         self.c = np.zeros((1, 1, 128), np.float32)
-        self.context = np.zeros(SILERO_CONTEXT, np.float32)
+        self.context = np.zeros(context, np.float32)
         self.pending = np.zeros(0, np.float32)  # samples after the last whole frame
         self.next_frame = 0  # index of the first frame not yet computed
         self.probs = np.zeros(0, np.float32)  # probabilities of frames [first_frame, next_frame)
@@ -125,27 +145,28 @@ class SileroStream:
     @property
     def position(self) -> int:
         """Absolute sample index up to which audio has been fed."""
-        return self.next_frame * FRAME + len(self.pending)
+        return self.next_frame * self.frame + len(self.pending)
 
     def reset_to(self, sample: int) -> None:
         """Restart at ``sample`` (a gap in the audio): fresh state; audio is then fed from the first
         frame boundary at or after ``sample`` (:attr:`position`)."""
-        self.__init__(self.session, self.history)
-        self.next_frame = self.first_frame = -(-sample // FRAME)
+        self.__init__(self.session, self.history, self.rate)
+        self.next_frame = self.first_frame = -(-sample // self.frame)
 
     def feed(self, samples: np.ndarray) -> None:
         """Append audio that starts at :attr:`position`."""
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         x = np.concatenate([self.pending, x]) if len(self.pending) else x
-        n = len(x) // FRAME
-        self.pending = x[n * FRAME :].copy()
+        frame, context = self.frame, len(self.context)
+        n = len(x) // frame
+        self.pending = x[n * frame :].copy()
         if n == 0:
             return
-        frames = x[: n * FRAME].reshape(n, FRAME)
-        contexts = np.empty((n, SILERO_CONTEXT), np.float32)
+        frames = x[: n * frame].reshape(n, frame)
+        contexts = np.empty((n, context), np.float32)
         contexts[0] = self.context
-        contexts[1:] = frames[:-1, -SILERO_CONTEXT:]
-        self.context = frames[-1, -SILERO_CONTEXT:].copy()
+        contexts[1:] = frames[:-1, -context:]
+        self.context = frames[-1, -context:].copy()
         p, self.h, self.c = self.session.run(
             ["speech_probs", "hn", "cn"],
             {"input": np.concatenate([contexts, frames], axis=1), "h": self.h, "c": self.c},
@@ -156,8 +177,8 @@ class SileroStream:
 
     def frames(self, start: int, end: int) -> np.ndarray:
         """Probabilities of the computed frames that lie inside samples ``[start, end)``."""
-        lo = max(-(-start // FRAME), self.first_frame)
-        hi = min(end // FRAME, self.next_frame)
+        lo = max(-(-start // self.frame), self.first_frame)
+        hi = min(end // self.frame, self.next_frame)
         if hi <= lo:
             return np.zeros(0, np.float32)
         return self.probs[lo - self.first_frame : hi - self.first_frame]
@@ -166,12 +187,13 @@ class SileroStream:
 class SpeechGate:
     """Per stream: decides for each window whether it is classified (see the module docstring)."""
 
-    def __init__(self, config: VadConfig = VadConfig(), sample_rate: int = SAMPLE_RATE):
+    def __init__(self, config: VadConfig = VadConfig(), sample_rate: int = SAMPLE_RATE, source_rate: int | None = None):
         self.config = config
-        self.sample_rate = sample_rate
+        self.sample_rate = sample_rate  # of the windows
+        self.silero_rate = silero_rate(source_rate)  # of the network: 8 kHz for a call that arrived at 8 kHz
         self.silero: dict[str, SileroStream] = {}
         if config.kind == "silero":
-            silero_session()  # fail early (missing package) rather than at the first window
+            silero_session(self.silero_rate)  # fail early (missing model) rather than at the first window
 
     def speech_seconds(self, window: Window) -> float:
         """Seconds of speech in the newest ``recent_seconds`` of ``window``."""
@@ -183,19 +205,23 @@ class SpeechGate:
             return float((db > cfg.threshold).sum() * frame_seconds)
         if cfg.kind == "off":
             return float((window.end - lo) / self.sample_rate)
+        # Silero, on the clock of its network: every ``step``-th sample of the window
+        step = max(1, self.sample_rate // self.silero_rate)
+        skip = -window.start % step
+        samples = window.samples[skip : window.end - window.start : step]
+        start, end = (window.start + skip) // step, (window.start + skip) // step + len(samples)
         vad = self.silero.get(window.channel)
         if vad is None:
-            vad = self.silero[window.channel] = SileroStream()
-            vad.reset_to(window.start)
-        if window.end > vad.position:
-            if window.start > vad.position:  # a gap (hop longer than the window): start afresh
-                vad.reset_to(window.start)
-            vad.feed(window.samples[vad.position - window.start : window.end - window.start])
+            vad = self.silero[window.channel] = SileroStream(rate=self.silero_rate)
+            vad.reset_to(start)
+        if end > vad.position:
+            if start > vad.position:  # a gap (hop longer than the window): start afresh
+                vad.reset_to(start)
+            vad.feed(samples[vad.position - start :])
             if window.final and vad.pending.size:  # end of stream: the last partial frame, zero-padded
-                vad.feed(np.zeros(FRAME - len(vad.pending), np.float32))
-        return float(
-            (vad.frames(lo, window.end + (FRAME if window.final else 0)) >= cfg.threshold).sum() * frame_seconds
-        )
+                vad.feed(np.zeros(vad.frame - len(vad.pending), np.float32))
+        frames = vad.frames(-(-lo // step), end + (vad.frame if window.final else 0))
+        return float((frames >= cfg.threshold).sum() * frame_seconds)
 
     def is_speech(self, window: Window) -> bool:
         """Whether ``window`` is classified."""

@@ -98,6 +98,14 @@ def test_frontend_quick(tmp_path):
     assert off["events"] == 5 * 3  # windows ending at 1, 2, 3 s of each 4 s call; the 4 s one comes with the end
 
 
+def test_silero_graphs_quick(tmp_path):
+    """bench/silero_graphs.py: the gate's graphs timed; ours give the silero-vad package's probabilities."""
+    pytest.importorskip("silero_vad")
+    rows = run_bench("silero_graphs", tmp_path)["rows"]
+    assert [r["rate"] for r in rows] == [16000, 16000, 8000] and all(r["ms_per_second"] > 0 for r in rows)
+    assert rows[1]["max_difference_to_package"] < 1e-4
+
+
 def test_train_throughput_quick(tmp_path):
     pytest.importorskip("sklearn")
     rows = run_bench("train_throughput", tmp_path)["rows"]

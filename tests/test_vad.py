@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from emostream.analyzer import Analyzer, AnalyzerConfig
 from emostream.audio import SAMPLE_RATE, load_audio
 from emostream.cli import main
 from emostream.stream import StreamConfig, StreamWindower, Window, frame_levels_db
-from emostream.vad import FRAME, SileroStream, SpeechGate, VadConfig, VadUnavailable
+from emostream.vad import FRAME, SILERO_RATES, SileroStream, SpeechGate, VadConfig, VadUnavailable
 from emostream.worker import constant_predictor
 
 from .conftest import EXAMPLES
@@ -64,6 +63,53 @@ def test_streaming_equals_one_pass_for_any_pieces(stereo):
         pos += n
     np.testing.assert_allclose(stream.frames(0, len(x)), ref, atol=1e-5)
     assert stream.position == len(x)
+
+
+@pytest.mark.parametrize("rate", sorted(SILERO_RATES))
+def test_shipped_graphs_equal_the_silero_package_streamed_frame_by_frame(stereo, rate):
+    """emostream/vad_models/ (built by emostream.vad_export) against silero-vad's own TorchScript
+    model fed one frame at a time, at 16 kHz and 8 kHz: the same probabilities, the same decisions."""
+    torch = pytest.importorskip("torch")
+    silero_vad = pytest.importorskip("silero_vad")
+    from scipy.signal import resample_poly
+
+    audio, _ = stereo
+    x = audio[1, : 20 * SAMPLE_RATE]
+    if rate != SAMPLE_RATE:
+        x = resample_poly(x, rate, SAMPLE_RATE).astype(np.float32)
+    stream = SileroStream(history=len(x), rate=rate)
+    stream.feed(x)
+    ours = stream.frames(0, len(x))
+    model = silero_vad.load_silero_vad()  # TorchScript, both networks, its own streaming state
+    frame = SILERO_RATES[rate][0]
+    with torch.no_grad():
+        ref = np.array(
+            [float(model(torch.from_numpy(x[i : i + frame])[None], rate)) for i in range(0, len(ours) * frame, frame)]
+        )
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert ((ours >= 0.5) == (ref >= 0.5)).all() and 0.1 < (ours >= 0.5).mean() < 0.9
+
+
+def test_phone_calls_are_gated_by_the_8k_network_on_the_same_frames(stereo):
+    """A call that arrived at 8 kHz: its 16 kHz windows are gated by Silero's 8 kHz network on every
+    other sample; speech is found where the 16 kHz network finds it (the stereo call through 8 kHz)."""
+    from scipy.signal import resample_poly
+
+    from emostream.audio import StreamResampler
+
+    audio, _ = stereo
+    narrow = np.stack([resample_poly(ch, 1, 2).astype(np.float32) for ch in audio[:, : 60 * SAMPLE_RATE]])
+    wide = np.stack([np.concatenate([(r := StreamResampler(8000)).push(ch), r.flush()]) for ch in narrow])
+    windows = windows_of(wide)
+    phone = SpeechGate(VadConfig.named("silero"), source_rate=8000)
+    full = SpeechGate(VadConfig.named("silero"))
+    assert phone.silero_rate == 8000 and full.silero_rate == 16000
+    a = [phone.speech_seconds(w) for w in windows]
+    b = [full.speech_seconds(w) for w in windows]
+    assert phone.silero["agent"].rate == 8000 and phone.silero["agent"].position == windows[-1].end // 2
+    decisions = np.array([x >= 0.5 for x in a]) == np.array([x >= 0.5 for x in b])
+    assert decisions.mean() >= 0.9 and np.corrcoef(a, b)[0, 1] > 0.9
+    assert 0.2 < np.mean([x >= 0.5 for x in a]) < 0.9
 
 
 def test_silero_hears_voices_not_silence_or_noise(stereo):
@@ -173,15 +219,10 @@ def test_config_validation():
 def test_cli_vad_option_errors(monkeypatch, wav_file, capsys):
     assert main(["replay", str(wav_file), "--vad", "webrtc"]) == 2
     assert "--vad" in capsys.readouterr().err
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(vad_module, "_session", None)
-    monkeypatch.setattr(
-        vad_module.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "silero_vad" else real_find_spec(name, *a),
-    )
-    with pytest.raises(VadUnavailable, match="silero-vad"):
+    monkeypatch.setattr(vad_module, "_sessions", {})
+    monkeypatch.setattr(vad_module, "VAD_MODELS", wav_file.parent)  # an install without the gate's model
+    with pytest.raises(VadUnavailable, match="silero_vad_16k_sequence.onnx is missing"):
         SpeechGate(VadConfig.named("silero"))
     assert main(["replay", str(wav_file), "--fast", "--no-dashboard"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "silero-vad" in err[0]
+    assert len(err) == 1 and "--vad energy" in err[0]

@@ -68,6 +68,10 @@ def test_the_wheel_carries_the_shipped_model(wheel, shipped_checkpoint):
         assert set(MODEL_FILES) <= names
         assert z.getinfo(MODEL_FILES[0]).file_size == (shipped_checkpoint / "model.safetensors").stat().st_size
         assert "emostream/web/index.html" in names
+        assert {
+            "emostream/vad_models/silero_vad_16k_sequence.onnx",
+            "emostream/vad_models/silero_vad_8k_sequence.onnx",
+        } <= names
         assert not any("/evaluation/" in n for n in names)
         meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
         requires = [line for line in z.read(meta).decode().splitlines() if line.startswith("Requires-Dist: torch")]
