@@ -12,7 +12,6 @@ ran before). Also checks that each of ours gives the package's probabilities.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from emostream.audio import SAMPLE_RATE, load_mono, resample
-from emostream.vad import SILERO_RATES, VAD_MODELS, silero_graph_name
+from emostream.vad import SILERO_RATES, VAD_MODELS, silero_graph_name, silero_rows
+from emostream.vad_export import silero_package_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 31  # one second of audio in 32 ms frames
@@ -40,10 +40,7 @@ def blocks(x: np.ndarray, rate: int) -> np.ndarray:
     """``x`` as the graph's input rows: each frame after the previous frame's last context samples."""
     frame, context = SILERO_RATES[rate]
     n = len(x) // frame
-    frames = x[: n * frame].reshape(n, frame)
-    contexts = np.zeros((n, context), np.float32)
-    contexts[1:] = frames[:-1, -context:]
-    return np.concatenate([contexts, frames], axis=1)
+    return silero_rows(x[: n * frame].reshape(n, frame), np.zeros(context, np.float32))
 
 
 def time_graph(path: Path, rows: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
@@ -77,14 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     audio = {16000: x16, 8000: resample(x16, SAMPLE_RATE, 8000)}
     rows = []
     reference = None
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is not None and spec.submodule_search_locations:
-        package = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad_16k_sequence.onnx"
-        if package.is_file():
-            ms, reference = time_graph(package, blocks(audio[16000], 16000), args.repeats)
-            rows.append(
-                {"graph": "silero-vad's silero_vad_16k_sequence.onnx", "rate": 16000, "ms_per_second": round(ms, 3)}
-            )
+    package = silero_package_file("silero_vad_16k_sequence.onnx")
+    if package is not None:
+        ms, reference = time_graph(package, blocks(audio[16000], 16000), args.repeats)
+        rows.append(
+            {"graph": "silero-vad's silero_vad_16k_sequence.onnx", "rate": 16000, "ms_per_second": round(ms, 3)}
+        )
     for rate in sorted(SILERO_RATES, reverse=True):
         ms, probs = time_graph(VAD_MODELS / silero_graph_name(rate), blocks(audio[rate], rate), args.repeats)
         row = {"graph": f"emostream/vad_models/{silero_graph_name(rate)}", "rate": rate, "ms_per_second": round(ms, 3)}

@@ -34,9 +34,8 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agreement import EXAMPLES, read_segments, score_example  # noqa: E402
 
-from emostream.audio import SAMPLE_RATE, StreamResampler, load_audio  # noqa: E402
-from emostream.channel import G712_HIGH_HZ, G712_LOW_HZ, TELEPHONE_RATE, butter_bandpass, g711  # noqa: E402
-from emostream.channel import resample as resample_channel  # noqa: E402
+from emostream.audio import SAMPLE_RATE, load_audio, resample  # noqa: E402
+from emostream.channel import TELEPHONE_RATE, g712_narrowband  # noqa: E402
 from emostream.stream import frame_levels_db  # noqa: E402
 from emostream.vad import FRAME, SileroStream, VadConfig  # noqa: E402
 
@@ -61,17 +60,6 @@ def covered_seconds(events: list[dict], segments: list[dict], hop: float) -> tup
                 covered += hi - lo
                 end = hi
     return covered, total
-
-
-def phone_line(audio: np.ndarray) -> np.ndarray:
-    """Channels ``(c, n)`` at 16 kHz through the G.712 telephone channel, kept at 8 kHz."""
-    narrow = [
-        g711(
-            butter_bandpass(resample_channel(x, SAMPLE_RATE, TELEPHONE_RATE), TELEPHONE_RATE, G712_LOW_HZ, G712_HIGH_HZ)
-        )
-        for x in audio
-    ]
-    return np.stack(narrow).astype(np.float32)
 
 
 def frame_detection(
@@ -192,12 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             detection[label] = frame_detection(noisy, stereo["channels"], read_segments(EXAMPLES / stereo["segments"]))
             rows += run_call(stereo, gates, args.hop, args.checkpoint, Path(tmp), path, label)
         for entry in entries if args.phone else ():
-            narrow = phone_line(load_audio(EXAMPLES / entry["file"]))
+            narrow = np.stack([g712_narrowband(x) for x in load_audio(EXAMPLES / entry["file"])])
             path = Path(tmp) / f"{Path(entry['file']).stem}_g712.flac"
             sf.write(path, narrow.T, TELEPHONE_RATE)
-            wide = np.stack(
-                [np.concatenate([(r := StreamResampler(TELEPHONE_RATE)).push(x), r.flush()]) for x in narrow]
-            )
+            wide = np.stack([resample(x, TELEPHONE_RATE, SAMPLE_RATE) for x in narrow])  # as replay resamples it
             label = f"{entry['file']} through G.712, 8 kHz"
             segments = read_segments(EXAMPLES / entry["segments"])
             detection[label] = frame_detection(wide, entry["channels"], segments, narrow)

@@ -110,19 +110,28 @@ def g711(samples: np.ndarray, law: str = "mulaw") -> np.ndarray:
     raise ValueError(f"unknown G.711 law {law!r}: mulaw or alaw")
 
 
+def g712_band(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples`` at 8 kHz through G.712's 300-3400 Hz band-pass (6th-order Butterworth), not coded."""
+    narrow = resample(np.asarray(samples, dtype=np.float32), sample_rate, TELEPHONE_RATE)
+    return butter_bandpass(narrow, TELEPHONE_RATE, G712_LOW_HZ, G712_HIGH_HZ)
+
+
+def g712_narrowband(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The G.712 telephone channel as a phone bridge delivers it: 8 kHz samples, band-passed and
+    G.711 μ-law coded (:func:`g712_telephone` without the way back to ``sample_rate``)."""
+    return g711(g712_band(samples, sample_rate))
+
+
 def g712_telephone(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """The reference telephone channel ("G.712 telephone"): 8 kHz, 6th-order Butterworth band-pass
     300-3400 Hz, G.711 μ-law, back to ``sample_rate``; the same length as ``samples``."""
-    narrow = resample(np.asarray(samples, dtype=np.float32), sample_rate, TELEPHONE_RATE)
-    coded = g711(butter_bandpass(narrow, TELEPHONE_RATE, G712_LOW_HZ, G712_HIGH_HZ))
-    return _fit(resample(coded, TELEPHONE_RATE, sample_rate), len(samples))
+    return _fit(resample(g712_narrowband(samples, sample_rate), TELEPHONE_RATE, sample_rate), len(samples))
 
 
 def codec_channel(samples: np.ndarray, codec: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """``samples`` through the G.712 band at 8 kHz and then ``codec`` (a :data:`CODECS` name; G.722
     is wideband, so it codes at 16 kHz after the band-pass): one row of the codec grid."""
-    narrow = resample(np.asarray(samples, dtype=np.float32), sample_rate, TELEPHONE_RATE)
-    banded = butter_bandpass(narrow, TELEPHONE_RATE, G712_LOW_HZ, G712_HIGH_HZ)
+    banded = g712_band(samples, sample_rate)
     return _fit(resample(_coded(banded, codec), TELEPHONE_RATE, sample_rate), len(samples))
 
 

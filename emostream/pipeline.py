@@ -114,7 +114,8 @@ class CallPipeline:
         A live call sends small frames (20 ms from Twilio) and completes a window once a hop, so the
         frames are only held here (a list append) until they hold enough input to complete the
         channel's next window, then resampled and windowed in one piece: the same windows, each
-        returned by the same frame that would complete it if every frame were resampled at once.
+        returned by the frame that completes it (never later than if every frame were resampled on
+        arrival, where output comes in 100 ms blocks).
         """
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self._held[channel].append(samples)

@@ -9,8 +9,8 @@ speech, according to one of two frame detectors (32 ms frames, 512 samples at 16
   whatever the hop, one ONNX call per block of frames. Frame speech probability >= ``threshold``
   (0.5) is speech. A call whose audio arrives at 8 kHz or less (a phone line) is gated by Silero's
   8 kHz network on the window's samples taken at 8 kHz (every other sample of the 16 kHz window,
-  which holds nothing above 4 kHz): the network made for that band, at about half the cost
-  (``bench/frontend.py``). Other rates use the 16 kHz network. Frames are 32 ms either way.
+  which holds nothing above 4 kHz): the network made for that band, at about two thirds of the
+  cost (``bench/silero_graphs.py``). Other rates use the 16 kHz network. Frames are 32 ms either way.
 - ``energy``: frame level above ``threshold`` dBFS (-50). Cheap, but any sound counts (line noise,
   music, a door), so it only separates near-silence from sound.
 - ``off``: every window is classified.
@@ -36,7 +36,6 @@ from .stream import Window, frame_levels_db
 VAD_KINDS = ("silero", "energy", "off")
 FRAME = 512  # samples per detector frame at 16 kHz (32 ms)
 SILERO_RATES = {16000: (512, 64), 8000: (256, 32)}  # Silero's networks: samples per frame, context samples
-SILERO_CONTEXT = SILERO_RATES[SAMPLE_RATE][1]  # samples of the previous frame the 16 kHz network sees
 NARROWBAND_RATE = 8000  # calls at this rate or less are gated by the 8 kHz network
 VAD_MODELS = Path(__file__).resolve().parent / "vad_models"  # one ONNX call per block of frames, LSTM state in/out
 HISTORY_FRAMES = 256  # frame probabilities kept per channel (8 s, more than one window)
@@ -50,6 +49,16 @@ def silero_graph_name(rate: int) -> str:
 def silero_rate(source_rate: int | None) -> int:
     """The Silero network that gates a call whose audio arrives at ``source_rate`` (None: 16 kHz)."""
     return NARROWBAND_RATE if source_rate is not None and source_rate <= NARROWBAND_RATE else SAMPLE_RATE
+
+
+def silero_rows(frames: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """The sequence graph's input for ``frames`` ``(n, frame)``: each frame prefixed with the last
+    ``len(context)`` samples of the frame before it (``context`` for the first)."""
+    width = len(context)
+    contexts = np.empty((len(frames), width), np.float32)
+    contexts[0] = context
+    contexts[1:] = frames[:-1, -width:]
+    return np.concatenate([contexts, frames], axis=1)
 
 
 class VadUnavailable(RuntimeError):
@@ -157,20 +166,15 @@ class SileroStream:
         """Append audio that starts at :attr:`position`."""
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         x = np.concatenate([self.pending, x]) if len(self.pending) else x
-        frame, context = self.frame, len(self.context)
+        frame = self.frame
         n = len(x) // frame
         self.pending = x[n * frame :].copy()
         if n == 0:
             return
         frames = x[: n * frame].reshape(n, frame)
-        contexts = np.empty((n, context), np.float32)
-        contexts[0] = self.context
-        contexts[1:] = frames[:-1, -context:]
-        self.context = frames[-1, -context:].copy()
-        p, self.h, self.c = self.session.run(
-            ["speech_probs", "hn", "cn"],
-            {"input": np.concatenate([contexts, frames], axis=1), "h": self.h, "c": self.c},
-        )
+        rows = silero_rows(frames, self.context)
+        self.context = frames[-1, -len(self.context) :].copy()
+        p, self.h, self.c = self.session.run(["speech_probs", "hn", "cn"], {"input": rows, "h": self.h, "c": self.c})
         self.probs = np.concatenate([self.probs, np.asarray(p, np.float32).reshape(-1)])[-self.history :]
         self.next_frame += n
         self.first_frame = self.next_frame - len(self.probs)
@@ -191,6 +195,7 @@ class SpeechGate:
         self.config = config
         self.sample_rate = sample_rate  # of the windows
         self.silero_rate = silero_rate(source_rate)  # of the network: 8 kHz for a call that arrived at 8 kHz
+        self._step = max(1, sample_rate // self.silero_rate)  # the network reads every step-th window sample
         self.silero: dict[str, SileroStream] = {}
         if config.kind == "silero":
             silero_session(self.silero_rate)  # fail early (missing model) rather than at the first window
@@ -206,7 +211,7 @@ class SpeechGate:
         if cfg.kind == "off":
             return float((window.end - lo) / self.sample_rate)
         # Silero, on the clock of its network: every ``step``-th sample of the window
-        step = max(1, self.sample_rate // self.silero_rate)
+        step = self._step
         skip = -window.start % step
         samples = window.samples[skip : window.end - window.start : step]
         start, end = (window.start + skip) // step, (window.start + skip) // step + len(samples)

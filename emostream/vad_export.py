@@ -35,17 +35,26 @@ HIDDEN = 128
 ENCODER_STRIDES = (1, 2, 2, 1)
 
 
-def silero_weights(rate: int) -> dict[str, np.ndarray]:
-    """The Silero VAD network for ``rate`` (8000 or 16000) as numpy arrays, from the installed
-    silero-vad package's TorchScript model."""
+def silero_package_file(name: str) -> Path | None:
+    """A model file of the installed silero-vad package (``silero_vad/data/NAME``), found without
+    importing the package; None when the package or the file is missing."""
     import importlib.util
-
-    import torch
 
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("needs the silero-vad package")
-    jit = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.jit"
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    return path if path.is_file() else None
+
+
+def silero_weights(rate: int) -> dict[str, np.ndarray]:
+    """The Silero VAD network for ``rate`` (8000 or 16000) as numpy arrays, from the installed
+    silero-vad package's TorchScript model."""
+    import torch
+
+    jit = silero_package_file("silero_vad.jit")
+    if jit is None:
+        raise RuntimeError("needs the silero-vad package (pip install emostream[onnx])")
     prefix = {16000: "_model.", 8000: "_model_8k."}[rate]
     state = torch.jit.load(str(jit), map_location="cpu").state_dict()
     return {k[len(prefix) :]: v.float().numpy() for k, v in state.items() if k.startswith(prefix)}

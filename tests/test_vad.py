@@ -95,11 +95,11 @@ def test_phone_calls_are_gated_by_the_8k_network_on_the_same_frames(stereo):
     other sample; speech is found where the 16 kHz network finds it (the stereo call through 8 kHz)."""
     from scipy.signal import resample_poly
 
-    from emostream.audio import StreamResampler
+    from emostream.audio import resample
 
     audio, _ = stereo
     narrow = np.stack([resample_poly(ch, 1, 2).astype(np.float32) for ch in audio[:, : 60 * SAMPLE_RATE]])
-    wide = np.stack([np.concatenate([(r := StreamResampler(8000)).push(ch), r.flush()]) for ch in narrow])
+    wide = np.stack([resample(ch, 8000, SAMPLE_RATE) for ch in narrow])  # as the call's resampler gives it
     windows = windows_of(wide)
     phone = SpeechGate(VadConfig.named("silero"), source_rate=8000)
     full = SpeechGate(VadConfig.named("silero"))
