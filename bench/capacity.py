@@ -23,6 +23,11 @@ on a CPU with fast bf16 kernels, fp32 on one without (each row's ``precision`` s
                              [--onnx MODEL.onnx] [--int8 INT8.onnx] [--json OUT] [--quick]
 
 Backend ``onnx-int8`` is ONNX Runtime on an export with int8 convolutions (``emostream export --int8``).
+Backend ``none`` is ``serve --no-model`` (a fixed Neutral answer: the front end alone; ``ws`` only).
+``--workers N`` runs ``serve --workers N`` (a fleet of N front-end processes on the port, issue #44);
+the server's CPU is then that of its whole process tree (front ends, supervisor, Ray). ``--frame-ms``
+sets the frame length the calls send (20 ms as Twilio; AudioHook and many bridges send 100 ms or more),
+``--compression none`` makes them send raw frames instead of offering permessage-deflate.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from emostream.worker import InferenceWorker, WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "examples" / "call_mono.flac"
-BACKENDS = ("torch-bf16", "torch-fp32", "onnx", "onnx-int8")
+BACKENDS = ("torch-bf16", "torch-fp32", "onnx", "onnx-int8", "none")
 TARGET_P99_MS = 300.0
 
 
@@ -73,6 +78,8 @@ class RunConfig:
     max_wait_ms: float = 10.0
     seed: int = 0
     device: str = "cpu"  # cpu | cuda (torch backends; torch-bf16 is fp16 autocast there)
+    workers: int = 1  # serve --workers (ws mode)
+    compression: str = "deflate"  # the calls' websocket compression offer: deflate (the library's default) | none
 
 
 def call_audio(source: np.ndarray, seconds: float, offset: int) -> np.ndarray:
@@ -97,11 +104,13 @@ class Tracker:
     def __init__(self, cfg: RunConfig, t0s: np.ndarray, windows_per_call: int):
         self.cfg, self.t0s, self.total = cfg, t0s, windows_per_call
         self.latencies: list[float] = []
+        self.t_ends: list[float] = []  # the window's end in its call (seconds of audio)
         self.delivered = np.zeros(len(t0s), dtype=np.int64)
         self.max_backlog = 0
 
     def event(self, call: int, t_end: float, now: float) -> None:
         self.latencies.append(now - (self.t0s[call] + t_end))
+        self.t_ends.append(t_end)
         self.delivered[call] += 1
 
     def backlog(self, now: float) -> int:
@@ -120,6 +129,8 @@ class Tracker:
 def run_precision(backend: str, device: str = "cpu") -> str:
     """What a backend computes in on ``device``: ONNX Runtime and torch-fp32 in fp32, torch-bf16 in
     what mixed precision chooses there (:func:`emostream.model.precision_name`: fp16 on CUDA)."""
+    if backend == "none":
+        return "none"
     return precision_name(torch.device(device), backend == "torch-bf16")
 
 
@@ -135,6 +146,7 @@ def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: 
         "p95_ms": round(p95, 1),
         "p99_ms": round(p99, 1),
         "max_ms": round(float(np.nanmax(lat)), 1),
+        **late_profile(tracker),
         "cpu_cores": round(cpu / wall, 2),
         "max_backlog": tracker.max_backlog,
         "precision": run_precision(cfg.backend, cfg.device),
@@ -143,6 +155,22 @@ def summarize(cfg: RunConfig, tracker: Tracker, wall: float, cpu: float, extra: 
     row["realtime"] = bool(len(tracker.latencies) >= 0.98 * expected and p99 < 1000 * cfg.hop)
     row["meets_target"] = bool(row["realtime"] and p99 < TARGET_P99_MS)
     return row
+
+
+def late_profile(tracker: Tracker, bucket: float = 5.0) -> dict:
+    """When late events happened: events over the 300 ms target per ``bucket`` seconds of call time
+    (the first bucket holds the start, when every call begins within one hop), and p99 without the
+    first bucket (the steady state)."""
+    if not tracker.latencies:
+        return {}
+    lat = np.array(tracker.latencies) * 1000
+    t = np.array(tracker.t_ends)
+    late = np.bincount((t[lat > TARGET_P99_MS] // bucket).astype(int), minlength=int(t.max() // bucket) + 1)
+    steady = lat[t >= bucket]
+    return {
+        "late_per_5s": [int(x) for x in late],
+        "p99_after_5s_ms": round(float(np.percentile(steady, 99)), 1) if len(steady) else None,
+    }
 
 
 def schedule(cfg: RunConfig, loop: asyncio.AbstractEventLoop, lead: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -203,9 +231,20 @@ async def run_inproc(cfg: RunConfig, predict, source: np.ndarray, worker: Infere
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and its live descendants (Linux /proc): a fleet's front ends and
+    Ray's processes count with the server."""
+    total = 0.0
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return total
 
 
 class ServerProcess(ServeProcess):
@@ -238,8 +277,12 @@ class ServerProcess(ServeProcess):
             cfg.device,
             "--idle-timeout",
             "120",
+            "--workers",
+            str(cfg.workers),
         ]
-        if cfg.backend == "torch-fp32":
+        if cfg.backend == "none":
+            cmd.append("--no-model")
+        elif cfg.backend == "torch-fp32":
             cmd.append("--fp32")
         elif cfg.backend in ("onnx", "onnx-int8"):
             cmd += ["--backend", "onnx", "--onnx", str(onnx_path)]
@@ -262,7 +305,8 @@ async def run_ws(cfg: RunConfig, server: ServerProcess, source: np.ndarray) -> d
     loop = asyncio.get_running_loop()
     frame = int(round(cfg.frame_ms / 1000 * SAMPLE_RATE))
     n_frames = int(cfg.seconds * SAMPLE_RATE) // frame
-    sockets = [await connect(server.url, max_size=2**22) for _ in range(cfg.calls)]
+    compression = "deflate" if cfg.compression == "deflate" else None
+    sockets = [await connect(server.url, max_size=2**22, compression=compression) for _ in range(cfg.calls)]
     t0s, offsets = schedule(cfg, loop, lead=0.5)
     tracker = Tracker(cfg, t0s, windows_due(n_frames * frame / SAMPLE_RATE, cfg.hop, 10**9))
     errors: list[str] = []
@@ -387,15 +431,16 @@ def machine() -> str:
 
 def markdown(rows: list[dict]) -> str:
     out = [
-        "| mode | backend | hop s | calls | p50 ms | p95 ms | p99 ms | CPU cores (client) | max backlog | "
+        "| mode | backend | workers | hop s | calls | p50 ms | p95 ms | p99 ms | CPU cores (client) | max backlog | "
         "mean batch | real time | p99 < 300 ms |",
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
     ]
     for r in rows:
         client = f" ({r['client_cpu_cores']:.2f})" if r.get("client_cpu_cores") is not None else ""
         mean_batch = "" if r.get("mean_batch") is None else f"{r['mean_batch']:.1f}"
         out.append(
-            f"| {r['mode']} | {r['backend']} ({r['precision']}) | {r['hop']:g} | {r['calls']} | {r['p50_ms']:.0f} | "
+            f"| {r['mode']} | {r['backend']} ({r['precision']}) | {r.get('workers', 1)} | {r['hop']:g} | "
+            f"{r['calls']} | {r['p50_ms']:.0f} | "
             f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['cpu_cores']:.2f}{client} | {r['max_backlog']} | "
             f"{mean_batch} | {'yes' if r['realtime'] else 'no'} | {'yes' if r['meets_target'] else 'no'} |"
         )
@@ -439,6 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (serve's --device)")
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
     p.add_argument("--int8", default=None, help="int8 export for the onnx-int8 backend (emostream export --int8)")
+    p.add_argument("--workers", type=int, default=1, help="serve --workers N (ws mode; default 1)")
+    p.add_argument("--frame-ms", type=float, default=20.0, help="frame length the calls send (default 20)")
+    p.add_argument(
+        "--compression",
+        default="deflate",
+        choices=("deflate", "none"),
+        help="websocket permessage-deflate offered by the calls (default deflate, the websockets default; "
+        "none: raw frames, cheaper for both sides)",
+    )
     p.add_argument("--keep-going", action="store_true", help="do not stop a sweep at the first N that is not real time")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--quick", action="store_true", help="bf16, hop 1, 1 and 4 calls of 4 s, both modes (< 1 min)")
@@ -475,7 +529,12 @@ def main(argv: list[str] | None = None) -> int:
                     max_batch=args.max_batch,
                     max_wait_ms=args.max_wait_ms,
                     device=args.device,
+                    workers=args.workers,
+                    frame_ms=args.frame_ms,
+                    compression=args.compression,
                 )
+                if backend == "none" and mode != "ws":
+                    p.error("backend none (serve --no-model) is measured from outside: --modes ws")
                 model_file = args.int8 if backend == "onnx-int8" else onnx_path
                 rows += sweep(base, calls, source, model_file, args.keep_going, show)
     summary = capacity_summary(rows)

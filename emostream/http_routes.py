@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import secrets
 import time
 from http import HTTPStatus
@@ -130,7 +131,12 @@ def http_route(server: Any, request: Request, path: str) -> Response:
     elif path == "/healthz":
         return json_response(
             HTTPStatus.OK,
-            {"status": "ok", "version": __version__, "uptime_seconds": round(time.time() - server.started_at, 1)},
+            {
+                "status": "ok",
+                "version": __version__,
+                "uptime_seconds": round(time.time() - server.started_at, 1),
+                **({} if server.front_end is None else {"worker": server.front_end, "pid": os.getpid()}),
+            },
         )
     elif path == "/readyz":
         reason = None if server.ready else (server.ready_error or "warming up the model")
@@ -148,13 +154,14 @@ def http_route(server: Any, request: Request, path: str) -> Response:
             return response(HTTPStatus.OK, server.metrics.render(), METRICS_CONTENT_TYPE)
         if path == TICKET_PATH:
             return json_response(HTTPStatus.OK, {"ticket": server.tickets.issue(), "expires_in": TICKET_SECONDS})
-        server.prune_ended()
         if path == CALLS_PATH:
-            calls = [c.listing() for c in server.calls.values() if c.hub is not None]
-            calls += [c.listing() for c in server.ended.values() if c.call_id not in server.calls]
-            return json_response(HTTPStatus.OK, {"calls": calls})
+            body = {"calls": [c.listing() for c in server.listed_calls()]}
+            if server.front_end is not None:
+                body["worker"] = server.front_end
+            return json_response(HTTPStatus.OK, body)
+        server.prune_ended()
         call_id = unquote(path[len(CALLS_PATH) + 1 :])
-        call = server.calls.get(call_id) or server.ended.get(call_id)
+        call = server.find_call(call_id)
         if call is None or (call.hub is None):
             return json_response(HTTPStatus.NOT_FOUND, {"error": f"no live or recent call {call_id[:80]!r}"})
         return json_response(HTTPStatus.OK, call.detail())

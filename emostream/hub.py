@@ -31,6 +31,7 @@ class EventsHub:
         self.calls: dict[str, dict] = {}
         self._queues: dict[asyncio.Queue, str | None] = {}
         self.listeners: list[Callable[[dict], None]] = []
+        self.forward: Callable[[dict], None] | None = None  # this server's own messages, to the fleet
         self.dropped_subscribers = 0
 
     def subscribe(self, call_id: str | None = None) -> asyncio.Queue:
@@ -45,12 +46,16 @@ class EventsHub:
     def subscribers(self) -> int:
         return len(self._queues)
 
-    def publish(self, message: dict) -> None:
+    def publish(self, message: dict, local: bool = True) -> None:
+        """One message to every subscriber and listener; ``local`` (a call of this server) also to
+        the fleet (``forward``, see :mod:`emostream.fleet`)."""
         call = message.get("call_id") or message.get("stream")
         if message.get("type") == "call_started":
             self.calls[call] = message
         elif message.get("type") == "call_ended":
             self.calls.pop(call, None)
+        if local and self.forward is not None:
+            self.forward(message)
         for listener in self.listeners:
             try:
                 listener(message)
@@ -69,10 +74,11 @@ class EventsHub:
                 queue.put_nowait(None)  # tells the subscriber's task to close: too slow
 
 
-async def serve_subscriber(hub: EventsHub, ws: ServerConnection, device: str) -> None:
+async def serve_subscriber(hub: EventsHub, ws: ServerConnection, device: str, worker: int | None = None) -> None:
     """One ``/v1/events`` connection: a ``hello`` with the live calls (``?call_id=`` picks one), then
     every message of the hub until the peer leaves or falls behind (close 1013). Read-only: anything
-    the peer sends closes it (1008)."""
+    the peer sends closes it (1008). In a fleet the hello names the front end (``worker``) and lists
+    every front end's calls."""
     wanted = parse_qs(urlsplit(ws.request.path).query).get("call_id", [None])[0]
     queue = hub.subscribe(wanted)
 
@@ -86,7 +92,10 @@ async def serve_subscriber(hub: EventsHub, ws: ServerConnection, device: str) ->
     read_task = asyncio.create_task(reader())
     try:
         calls = [c for c in hub.calls.values() if wanted is None or c["call_id"] == wanted]
-        await ws.send(json.dumps({"type": "hello", "calls": calls, "device": device}))
+        hello = {"type": "hello", "calls": calls, "device": device}
+        if worker is not None:
+            hello["worker"] = worker
+        await ws.send(json.dumps(hello))
         while not read_task.done():
             get = asyncio.create_task(queue.get())
             done, _ = await asyncio.wait({get, read_task}, return_when=asyncio.FIRST_COMPLETED)

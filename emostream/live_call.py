@@ -67,8 +67,12 @@ class LiveCall:
         metrics: ServerMetrics | None = None,
         webhook: AlertWebhook | None = None,
         model: dict[str, str] | None = None,
+        front_end: int | None = None,
     ):
+        """``front_end``: this server's number in a fleet (``serve --workers``), named in the call's
+        ``call_started`` message and listing."""
         self.call_id = start.call_id
+        self.front_end = front_end
         self.model = {k: v for k, v in (model or {}).items() if k in ("name", "sha256")}  # named in the summary
         self.protocol = protocol
         self.channels = start.channels
@@ -136,6 +140,7 @@ class LiveCall:
             "hop_seconds": self.hop_seconds,
             "started_at": round(self.started_at, 3),
             "info": self.info,
+            **({} if self.front_end is None else {"worker": self.front_end}),
         }
 
     def listing(self) -> dict:
@@ -291,5 +296,7 @@ class LiveCall:
                 self._file.close()
         if self.hub is not None:
             self.hub.publish(summary)
-            self.hub.publish({"type": "call_ended", "call_id": self.call_id, "reason": reason})
+            self.hub.publish(
+                {"type": "call_ended", "call_id": self.call_id, "reason": reason, "ended_at": round(self.ended_at, 3)}
+            )
         return summary

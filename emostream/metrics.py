@@ -3,13 +3,20 @@
 Counters and histograms are updated where things happen (calls, windows, batches, events, rejected
 connections); gauges that mirror live state (calls by protocol, queue depth, subscribers, readiness)
 are read at scrape time by :class:`_LiveState`, so they can never drift from the server.
+
+In a fleet (``serve --workers N``) each front end is a process: the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for all of them, so counters and histograms are prometheus-client's
+multiprocess values and any front end's ``/metrics`` sums every front end's (dead ones included:
+totals never go down); the live gauges are the fleet's, from the statuses the front ends exchange
+through the fleet registry (:meth:`emostream.fleet.FleetLink.fleet_state`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -77,6 +84,10 @@ class _LiveState:
             value=state["dropped"],
         )
         yield GaugeMetricFamily("emostream_ready", "1 once the model is loaded and warmed up", value=state["ready"])
+        if "front_ends" in state:
+            yield GaugeMetricFamily(
+                "emostream_front_ends", "Front ends of the fleet reporting (serve --workers)", value=state["front_ends"]
+            )
         yield InfoMetricFamily("emostream_build", "Package and model versions", value=self.info)
 
 
@@ -131,7 +142,9 @@ class ServerMetrics:
             for outcome in CALL_OUTCOMES:
                 self.calls.labels(protocol, outcome)
         info = {"version": __version__, **{f"model_{k}": str(v) for k, v in (model or {}).items()}}
-        r.register(_LiveState(read_state, info))
+        self.live = _LiveState(read_state, info)
+        r.register(self.live)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
     def observe_batch(self, size: int, seconds: float) -> None:
         """One model call of ``size`` windows that took ``seconds``."""
@@ -154,5 +167,11 @@ class ServerMetrics:
             self.late.inc(events)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition (a fleet's counters and histograms summed over its
+        processes in multiprocess mode)."""
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        registry.register(self.live)
+        return generate_latest(registry)

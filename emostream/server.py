@@ -17,7 +17,8 @@ Each call gets a :class:`~emostream.live_call.LiveCall`: the channels chosen by 
 vanishes) and the :class:`~emostream.hub.EventsHub`; alerts also go to the optional webhook (:mod:`emostream.webhook`,
 queued, never waited for). One call's bad input closes that call only. Audio is written to disk only
 with ``record_dir``. With a ``worker`` given (``serve --ray``: :class:`emostream.scale.RayWorker`)
-the model runs on a Ray Serve deployment instead; nothing else changes.
+the model runs on a Ray Serve deployment instead; nothing else changes. With a ``fleet``
+(``serve --workers N``) it is one of several front ends on the port (:mod:`emostream.fleet`).
 
 This module is the connection handling; the configuration is :mod:`emostream.server_config`, the
 plain HTTP routes :mod:`emostream.http_routes`, one call :mod:`emostream.live_call` and the fan-out
@@ -41,6 +42,7 @@ from websockets.http11 import Request, Response
 from .audiohook import AudioHookSession
 from .auth import NonceCache
 from .compliance import ROLE_CHANNELS, ChannelSelectionError, expire_recordings, expire_timelines
+from .fleet import FleetLink
 from .http_routes import CALL_PATHS, EVENTS_PATH, Tickets, close_reason_text, closed_reason, upgrade_response
 from .hub import EventsHub, serve_subscriber
 from .keepalive import KeepaliveServerConnection
@@ -90,9 +92,12 @@ class EmoServer:
         device: str = "cpu",
         model_info: dict[str, str] | None = None,
         worker: InferenceWorker | None = None,
+        fleet: FleetLink | None = None,
     ):
         """``predict`` runs in the shared in-process worker; or pass a ready ``worker`` with the same
-        interface (``emostream.scale.RayWorker``: inference on a Ray Serve deployment)."""
+        interface (``emostream.scale.RayWorker``: inference on a Ray Serve deployment). With a
+        ``fleet`` (``serve --workers``), this server is one front end of several: its events, call
+        listings and metrics cover every front end's calls (:mod:`emostream.fleet`)."""
         if worker is None and predict is None:
             raise ValueError("EmoServer needs a predict function or a worker")
         self.config = config
@@ -100,6 +105,8 @@ class EmoServer:
         self.worker = worker if worker is not None else InferenceWorker(predict, config.worker)
         self.webhook: AlertWebhook | None = None
         self.hub = EventsHub()
+        self.fleet = fleet
+        self.front_end = None if fleet is None else fleet.worker
         self.calls: dict[str, LiveCall] = {}
         self.ended: dict[str, EndedCall] = {}  # calls that ended less than ENDED_CALL_SECONDS ago
         self.connections = 0
@@ -145,7 +152,11 @@ class EmoServer:
             close_timeout=5,
             server_header="emostream",
             create_connection=KeepaliveServerConnection,
+            reuse_port=self.config.reuse_port or None,
         )
+        if self.fleet is not None:
+            self.hub.forward = self.fleet.forward
+            await self.fleet.start(self.hub, self._own_state)
         self._tasks.append(asyncio.create_task(self._warm_up(), name="emostream-warm-up"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="emostream-prune-ended"))
         sock = next(iter(self._server.sockets))
@@ -188,6 +199,8 @@ class EmoServer:
             self._server = None
         for call in list(self.calls.values()):
             await call.finish("server stopped")
+        if self.fleet is not None:  # the summaries reach the other front ends
+            await self.fleet.stop()
         await self.worker.stop()
         if self.webhook is not None:  # alerts still queued get a few seconds, off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.webhook.close, WEBHOOK_CLOSE_SECONDS)
@@ -221,6 +234,23 @@ class EmoServer:
                 del self.ended[call_id]
         while len(self.ended) > self.config.max_ended_calls:
             del self.ended[next(iter(self.ended))]  # insertion order: the oldest first
+        if self.fleet is not None:
+            self.fleet.prune()
+
+    def listed_calls(self) -> list:
+        """``GET /v1/calls``: live calls, recently ended ones, then (in a fleet) the other front ends'."""
+        self.prune_ended()
+        calls = [c for c in self.calls.values() if c.hub is not None]
+        calls += [c for c in self.ended.values() if c.call_id not in self.calls]
+        remote = self.fleet.remote.values() if self.fleet is not None else ()
+        return calls + [c for c in remote if c.call_id not in self.calls and c.call_id not in self.ended]
+
+    def find_call(self, call_id: str):
+        """A live, recently ended or (in a fleet) remote call by id, or None."""
+        call = self.calls.get(call_id) or self.ended.get(call_id)
+        if call is None and self.fleet is not None:
+            call = self.fleet.remote.get(call_id)
+        return call
 
     async def _prune_loop(self) -> None:
         while True:
@@ -228,6 +258,11 @@ class EmoServer:
             self.prune_ended()
 
     def _metrics_state(self) -> dict:
+        own = self._own_state()
+        return own if self.fleet is None else self.fleet.fleet_state(own)
+
+    def _own_state(self) -> dict:
+        """This process's share of the live gauges (a fleet's front ends report it to each other)."""
         live: dict[str, int] = {}
         for call in self.calls.values():
             live[call.protocol] = live.get(call.protocol, 0) + 1
@@ -259,7 +294,7 @@ class EmoServer:
         self.connections += 1
         try:
             if path == EVENTS_PATH:
-                await serve_subscriber(self.hub, ws, self.device)
+                await serve_subscriber(self.hub, ws, self.device, self.front_end)
             else:
                 await self._handle_call(ws, CALL_PATHS[path], authenticated)
         except Exception:  # never let one connection take the server down
@@ -425,7 +460,8 @@ class EmoServer:
         await ws.close(CLOSE_NORMAL, "error")
 
     def _open_call(self, start: Start, protocol: str) -> LiveCall:
-        if start.call_id in self.calls:
+        remote = self.fleet.remote.get(start.call_id) if self.fleet is not None else None
+        if start.call_id in self.calls or (remote is not None and remote.live):  # here or on another front end
             raise ProtocolError(f"call_id {start.call_id} is already streaming", CLOSE_POLICY)
         if len(self.calls) >= self.config.max_calls:
             raise ProtocolError("server is at its call limit", CLOSE_TRY_LATER)
@@ -439,6 +475,7 @@ class EmoServer:
                 self.metrics,
                 self.webhook,
                 model=self.model_info,
+                front_end=self.front_end,
             )
         except ChannelSelectionError as exc:
             raise ProtocolError(str(exc), CLOSE_POLICY) from None

@@ -49,6 +49,7 @@ class ServerConfig:
     record_retention_days: float | None = None  # delete recordings in record_dir older than this
     alerts: tuple[AlertRule, ...] = ()  # escalation rules applied to every analysed channel
     alert_webhook: WebhookConfig | None = None  # also POST every alert message there
+    reuse_port: bool = False  # SO_REUSEPORT: several front ends on one port (serve --workers)
 
     def __post_init__(self):
         if self.max_calls < 1:

@@ -268,11 +268,12 @@ def test_missing_ray_extra_is_one_line(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setitem(sys.modules, "emostream.scale", None)  # as if ray were not importable
     monkeypatch.delattr(emostream, "scale", raising=False)
-    for argv in (
-        ["serve", "--ray", "--no-model", "--port", "0"],
-        ["batch", str(tmp_path), "--ray", "--out", str(tmp_path / "out")],
+    for argv, flag in (
+        (["serve", "--ray", "--no-model", "--port", "0"], "--ray"),
+        (["batch", str(tmp_path), "--ray", "--out", str(tmp_path / "out")], "--ray"),
+        (["serve", "--workers", "2", "--no-model", "--port", "0"], "--workers"),
     ):
         (tmp_path / "a.wav").write_bytes(b"")
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "--ray needs emostream[scale]" in err and len(err.strip().splitlines()) == 1
+        assert f"{flag} needs emostream[scale]" in err and len(err.strip().splitlines()) == 1

@@ -11,9 +11,10 @@ real-time pace that stays live, and the mono example call sent ``--fast`` that e
 in through the page's form (a wrong token first), then reads what the page shows: both calls, their
 channels, the customer's label changing, the ended call greyed out, the full timeline of each call
 (one cell per event sent so far). Then it stops the server (the page must say it is reconnecting),
-starts another one on the same port (``--no-model`` with an alert rule that fires) and checks that the
-page comes back by itself, marks the vanished call as ended, highlights the alert of a new call and
-shows a hostile channel name as text. The screenshot goes to pytest's tmp dir, and to
+starts another one on the same port, a fleet this time (``--no-model --workers 2`` with an alert rule
+that fires), and checks that the page comes back by itself, marks the vanished call as ended,
+highlights the alert of a new call, shows a hostile channel name as text, and shows the calls of both
+front ends (the page is connected to one of them) with their labels. The screenshot goes to pytest's tmp dir, and to
 ``docs/supervisor.png`` with ``EMOSTREAM_UPDATE_SCREENSHOT=1``.
 """
 
@@ -125,7 +126,7 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # as a service manager stops it: calls get their summaries
             try:
-                self.proc.wait(20)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -356,12 +357,13 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         driver.save_screenshot(str(tmp_path / "supervisor-reconnecting.png"))
         live.stop()
 
-        # --- a server on the same port again: the page reconnects by itself and rebuilds its state
-        server = ServerProcess("--no-model", "--alert", NOMODEL_RULE, port=server.port)
+        # --- a server on the same port again, a fleet this time (serve --workers 2: two front ends on
+        # the port, one view): the page reconnects by itself and rebuilds its state
+        server = ServerProcess("--no-model", "--workers", "2", "--alert", NOMODEL_RULE, port=server.port)
         processes.append(server)
         wait_for(
             lambda: not visible("#conn-banner") and driver.find_element(By.ID, "conn").text.startswith("live"),
-            45,
+            90,
             "the page to reconnect",
         )
         cards = snapshot()
@@ -377,6 +379,28 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         assert set(card["channels"]) == {HOSTILE, "customer"}
         assert driver.execute_script("return window.pwned === undefined && !document.querySelector('#calls img')")
         driver.save_screenshot(str(tmp_path / "supervisor-after-restart.png"))
+
+        # --- calls on both front ends of the fleet: the page (connected to one of them) shows them all
+        def live_calls() -> dict:
+            request = urllib.request.Request(server.url + "v1/calls", headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return {c["call_id"]: c["worker"] for c in json.load(response)["calls"] if c["ended_at"] is None}
+
+        for k in range(10):
+            if len(set(live_calls().values())) == 2:
+                break
+            processes.append(Sender(alert_audio, server.ws_url, f"fleet-{k}", "agent,customer", fast=False))
+            wait_for(lambda: f"fleet-{k}" in live_calls(), 20, f"call fleet-{k} to be listed")
+        holders = live_calls()
+        assert len(set(holders.values())) == 2, f"calls landed on one front end only: {holders}"
+        wait_for(
+            lambda: all(
+                snapshot().get(c, {}).get("channels", {}).get("customer") in CLASSES or c == ALERT_ID for c in holders
+            ),
+            30,
+            f"every call of both front ends ({holders}) on the page, with a label",
+        )
+        driver.save_screenshot(str(tmp_path / "supervisor-fleet.png"))
 
         assert TOKEN not in driver.current_url
         problems = [

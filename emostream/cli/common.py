@@ -169,11 +169,11 @@ def command_model_info(predictor, args) -> dict[str, str]:
     return model_info(predictor, checkpoint=args.checkpoint, onnx=getattr(args, "onnx", None))
 
 
-def import_scale():
+def import_scale(flag: str = "--ray"):
     try:
         from .. import scale
     except ImportError as exc:
-        raise UsageError(f"--ray needs emostream[scale] (pip install 'emostream[scale]'): {exc}") from None
+        raise UsageError(f"{flag} needs emostream[scale] (pip install 'emostream[scale]'): {exc}") from None
     return scale
 
 

@@ -9,6 +9,25 @@ from ..compliance import ANALYSE_CHOICES
 from .common import alert_args, backend_args, model_device, port, vad_args
 
 
+def workers_arg(text: str) -> int:
+    """``--workers``: a count >= 1 or ``auto`` (the cores this process may run on)."""
+    import argparse
+    import os
+
+    if text == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or auto, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def ray_args(sv) -> None:
     """``serve --ray``: inference on a Ray Serve deployment (emostream[scale])."""
     g = sv.add_argument_group("Ray Serve (emostream[scale])")
@@ -55,6 +74,15 @@ def add_live_commands(sub, model_args, stream_args) -> None:
         help="required token (Bearer, X-API-KEY or ?token=); default: $EMOSTREAM_TOKEN, else none",
     )
     sv.add_argument("--max-calls", type=_positive(int), default=100, help="concurrent calls (default 100)")
+    sv.add_argument(
+        "--workers",
+        type=workers_arg,
+        default=1,
+        metavar="N|auto",
+        help="front-end processes on the one port (default 1; auto = this machine's cores). More than one "
+        "starts a fleet: one model on a Ray Serve deployment and one view of every call on every front "
+        "end (needs emostream[scale]; --ray ADDRESS joins a cluster instead of starting a local one)",
+    )
     sv.add_argument("--events-dir", metavar="DIR", help="append each call's timeline to DIR/<call_id>.jsonl")
     sv.add_argument("--dashboard", action="store_true", help="show the supervisor dashboard of all calls")
     sv.add_argument("--hop", type=_positive(float), default=1.0, help="seconds between windows (default 1.0)")
