@@ -101,9 +101,7 @@ class MirroredCall:
         }
 
     def detail(self) -> dict:
-        order = {ch: k for k, ch in enumerate(self.timeline.channels)}
-        events = [e for ch in self.timeline.channels for e in self.timeline.events.get(ch, [])]
-        events.sort(key=lambda e: (e["t_end"], order.get(e["channel"], 0)))
+        events = self.timeline.ordered_events()
         return {"call": self.listing(), "events": events, "alerts": list(self.alerts), "summary": self.summary}
 
     def lost_summary(self, model: dict | None = None) -> dict:

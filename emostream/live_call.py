@@ -153,12 +153,9 @@ class LiveCall:
 
     def detail(self) -> dict:
         """Everything of this call so far, for ``GET /v1/calls/<id>``."""
-        order = {ch: k for k, ch in enumerate(self.analysed)}
-        events = [e for ch in self.analysed for e in self.pipeline.timeline.events.get(ch, [])]
-        events.sort(key=lambda e: (e["t_end"], order[e["channel"]]))
         return {
             "call": self.listing(),
-            "events": events,
+            "events": self.pipeline.timeline.ordered_events(),
             "alerts": list(self.pipeline.alerts.history),
             "summary": self.summary,
         }

@@ -153,6 +153,13 @@ class Timeline:
             del kept[: len(kept) - self.max_events]  # amortised O(1) per event
         self._tallies.setdefault(event["channel"], ChannelTally()).add(event)
 
+    def ordered_events(self) -> list[dict]:
+        """The kept events of every channel in time order (by window end, then channel order)."""
+        order = {ch: k for k, ch in enumerate(self.channels)}
+        events = [e for ch in self.channels for e in self.events.get(ch, [])]
+        events.sort(key=lambda e: (e["t_end"], order[e["channel"]]))
+        return events
+
     def summary(self, peaks: int = 3) -> dict:
         """Per channel: windows, speech time, share of speech time per emotion, dominant emotion and
         the most confident non-neutral moments (windows that do not overlap). Each window stands for the

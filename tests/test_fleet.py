@@ -256,10 +256,19 @@ def test_serve_workers_two_front_ends_one_view_and_a_killed_one(tmp_path):
                 if len(set(holder.values())) == 2:
                     break
             assert len(set(holder.values())) == 2, holder
-            # each front end lists every live call, and its hello names them
-            answers = await asyncio.to_thread(from_each_front_end, f"{base}/v1/calls")
-            for worker, body in answers.items():
-                live = {c["call_id"]: c["worker"] for c in body["calls"] if c["ended_at"] is None}
+            # each front end lists every live call (news of another front end's call takes 100-200 ms
+            # to arrive: asked again until then, for 10 s at most), and its hello names them
+            deadline = time.monotonic() + 10
+            while True:
+                answers = await asyncio.to_thread(from_each_front_end, f"{base}/v1/calls")
+                lives = {
+                    w: {c["call_id"]: c["worker"] for c in body["calls"] if c["ended_at"] is None}
+                    for w, body in answers.items()
+                }
+                if all(live == holder for live in lives.values()) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            for worker, live in lives.items():
                 assert live == holder, (worker, live, holder)
             hellos = {}
             subs = []

@@ -18,7 +18,6 @@ end with summaries, as ``serve`` alone does), then the registry and the local Ra
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -169,6 +168,8 @@ class Fleet:
         """The registry ends the live calls of a front end that died; their summaries go to the files."""
         import ray
 
+        from ..timeline import JsonlWriter
+
         try:
             summaries = ray.get(self.registry.worker_lost.remote(worker, self.model_info), timeout=30)
         except Exception as exc:
@@ -179,7 +180,7 @@ class Fleet:
                 path = Path(self.config.events_dir) / f"{summary['call_id']}.jsonl"
                 try:
                     with open(path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(summary, separators=(", ", ": ")) + "\n")
+                        JsonlWriter(f).write(summary)
                 except OSError as exc:
                     log.error("call %s: summary not written: %s", summary["call_id"], exc)
         return len(summaries)
