@@ -127,10 +127,11 @@ class Tracker:
 
 
 def run_precision(backend: str, device: str = "cpu") -> str:
-    """What a backend computes in on ``device``: ONNX Runtime and torch-fp32 in fp32, torch-bf16 in
-    what mixed precision chooses there (:func:`emostream.model.precision_name`: fp16 on CUDA)."""
-    if backend == "none":
-        return "none"
+    """What a backend computes in on ``device``: ONNX Runtime and torch-fp32 in fp32, onnx-int8's
+    convolutions in int8, torch-bf16 in what mixed precision chooses there
+    (:func:`emostream.model.precision_name`: fp16 on CUDA)."""
+    if backend in ("none", "onnx-int8"):
+        return backend.removeprefix("onnx-")
     return precision_name(torch.device(device), backend == "torch-bf16")
 
 
@@ -495,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep-going", action="store_true", help="do not stop a sweep at the first N that is not real time")
     p.add_argument("--json", dest="json_out", default=None)
-    p.add_argument("--quick", action="store_true", help="bf16, hop 1, 1 and 4 calls of 4 s, both modes (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="bf16, hop 1, 1 and 3 calls of 3 s, both modes (< 30 s)")
     args = p.parse_args(argv)
     if args.quick:
-        args.backends, args.hops, args.calls, args.seconds, args.max_batch = "torch-bf16", "1.0", "1,4", 4.0, 8
+        args.backends, args.hops, args.calls, args.seconds, args.max_batch = "torch-bf16", "1.0", "1,3", 3.0, 4
     modes = args.modes.split(",")
     backends = args.backends.split(",")
     for b in backends:

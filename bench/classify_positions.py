@@ -8,6 +8,7 @@ for ``examples/`` (never trained on) for each ``P``, and reports windows, wall t
 the real-time factor (audio seconds per wall second) and accuracy / UA.
 
     python bench/classify_positions.py [--positions 1 3 5] [--checkpoint DIR] [--data ../shared/data/emotion-speech]
+                                      [--limit N]
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     add_heldout_args(p)
     p.add_argument("--positions", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N clips (a quick check of the script)")
     args = p.parse_args(argv)
     clips, y, speakers = load_heldout(args)
+    if args.limit is not None:
+        clips, y = clips[: args.limit], y[: args.limit]
     audio_seconds = sum(len(c) for c in clips) / SAMPLE_RATE
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     clip_probabilities(predictor, placed_windows(clips[0], 5))  # warm-up (allocator, oneDNN kernels)

@@ -11,7 +11,7 @@ from train.config import load_config
 from train.data import config_clips, load_dataset
 from train.pack import PackError, check_pack, write_pack
 
-from .conftest import ROOT
+from .conftest import ROOT, TEST_BACKBONE
 from .test_teacher import CONFIGS, write_tiny_set
 from .test_whisper_layers import _teacher_dir
 
@@ -21,6 +21,7 @@ def _config(tmp_path, teacher, layers="[1]", epochs=1):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(
         f"base: {CONFIGS / 'distill_layer3_speed.yaml'}\nexperiment_name: tiny_pack\n"
+        f"architecture:\n  backbone: {TEST_BACKBONE}\n"
         f"training:\n  epochs: {epochs}\n  batch_size: 4\n"
         f"emostream:\n  exclude_speakers: [spk3]\n"
         f"  distill:\n    teacher: {teacher}\n    layers: {layers}\n    inner_folds: 2\n"

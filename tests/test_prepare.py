@@ -16,7 +16,7 @@ from train.config import load_config
 from train.data import Clip, DataError, fold_config, load_dataset, make_folds
 from train.prepare import CORPORA, MANIFEST_COLUMNS, PrepareError, combine, mono, prepare
 
-from .conftest import ROOT, SHARED_DATA, requires_shared, speechlike
+from .conftest import ROOT, SHARED_DATA, TEST_BACKBONE, requires_shared, speechlike
 
 CONFIGS = ROOT / "train" / "configs"
 
@@ -304,7 +304,8 @@ def test_tiny_leave_one_corpus_out_cv_trains_each_fold_without_its_corpus(tmp_pa
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     clips = load_dataset(root)
     cfg = load_config(CONFIGS / "augmented.yaml")
-    cfg = fold_config(replace(cfg, epochs=1, batch_size=2, exclude_speakers=(), group_by="corpus"), clips)
+    cfg = replace(cfg, backbone=TEST_BACKBONE, epochs=1, batch_size=2, exclude_speakers=(), group_by="corpus")
+    cfg = fold_config(cfg, clips)
     folds = make_folds(clips, cfg.folds, cfg.group_by, cfg.seed)
     report = cross_validate(
         cfg, clips, build_cache(clips, tmp_path / "cache"), folds, tmp_path / "cv", show_progress=False

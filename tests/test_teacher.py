@@ -24,7 +24,7 @@ from train.teacher import (
     frame_span,
 )
 
-from .conftest import ROOT, fit_whole_and_resumed
+from .conftest import ROOT, TEST_BACKBONE, fit_whole_and_resumed
 
 CONFIGS = ROOT / "train" / "configs"
 TEACHER_DIR = ROOT.parent / "shared" / "models" / "faster-whisper-base"
@@ -548,6 +548,7 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
     cfg = load_config(CONFIGS / "distill.yaml")
     cfg = replace(
         cfg,
+        backbone=TEST_BACKBONE,
         epochs=1,
         batch_size=2,
         folds=2,
@@ -650,11 +651,12 @@ def test_tiny_distillation_run_end_to_end(tmp_path):
         load_file(tmp_path / "full" / "checkpoint" / "model.safetensors")
     )  # no frame projector shipped
 
-    from emostream.model import EmotionNet
+    from emostream.model import EmotionNet, ModelConfig
 
     shipped = set(load_file(tmp_path / "cv" / "fold0" / "checkpoint" / "model.safetensors"))
-    backbone = {k for k in EmotionNet().state_dict() if k.startswith("backbone.")}  # the front end has no weights
-    assert shipped == backbone  # the checkpoint is the ResNet50 alone, no projection
+    net = EmotionNet(ModelConfig(backbone=TEST_BACKBONE))
+    backbone = {k for k in net.state_dict() if k.startswith("backbone.")}  # the front end has no weights
+    assert shipped == backbone  # the checkpoint is the backbone alone, no projection
 
 
 def one_epoch_cv(cfg, data, out) -> int:
@@ -673,6 +675,7 @@ def test_cv_cli_with_speed_copies_encodes_them_and_reports_the_original_clips(tm
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
+        f"architecture:\n  backbone: {TEST_BACKBONE}\n"
         "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n"
         "  augment:\n    speed_factors: [0.9, 1.1]\n    speed_probability: 0.5\n"
     )
@@ -695,6 +698,7 @@ def test_cv_cli_labels_phone_lines_by_the_teacher_on_the_line_itself(tmp_path, c
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"base: {CONFIGS / 'distill.yaml'}\ndataset:\n  folds: ['2']\ntraining:\n  batch_size: 2\n"
+        f"architecture:\n  backbone: {TEST_BACKBONE}\n"
         "emostream:\n  exclude_speakers: []\n  distill:\n    inner_folds: 2\n    layers: [1]\n"
         "    phone_targets: copy\n  augment:\n    phone_copies: 1\n    phone_probability: 0.5\n"
     )

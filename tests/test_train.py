@@ -18,7 +18,7 @@ from train.evaluate import predict_logits
 from train.fit import FitOptions, fit
 from train.metrics import classification_metrics, expected_calibration_error, fit_temperature, softmax
 
-from .conftest import ROOT, SHARED_DATA, fit_whole_and_resumed, requires_shared, speechlike
+from .conftest import ROOT, SHARED_DATA, TEST_BACKBONE, fit_whole_and_resumed, requires_shared, speechlike
 
 RECIPE = ROOT / "train" / "configs" / "recipe.yaml"
 CONFIGS = ROOT / "train" / "configs"
@@ -219,6 +219,7 @@ def tiny(tmp_path_factory):
     cfg = load_config(CONFIGS / "augmented.yaml")
     cfg = replace(
         cfg,
+        backbone=TEST_BACKBONE,
         epochs=2,
         batch_size=4,
         exclude_speakers=(),
