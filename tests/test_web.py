@@ -361,11 +361,16 @@ def test_supervisor_page_in_chromium(driver, shipped_checkpoint, tmp_path):
         # the port, one view): the page reconnects by itself and rebuilds its state
         server = ServerProcess("--no-model", "--workers", "2", "--alert", NOMODEL_RULE, port=server.port)
         processes.append(server)
-        wait_for(
-            lambda: not visible("#conn-banner") and driver.find_element(By.ID, "conn").text.startswith("live"),
-            90,
-            "the page to reconnect",
-        )
+        try:
+            wait_for(
+                lambda: not visible("#conn-banner") and driver.find_element(By.ID, "conn").text.startswith("live"),
+                90,
+                "the page to reconnect",
+            )
+        except AssertionError as exc:  # say what the page and the fleet were doing
+            page = driver.find_element(By.ID, "conn").text, driver.find_element(By.ID, "conn-banner").text
+            console = [entry["message"] for entry in driver.get_log("browser")][-10:]
+            raise AssertionError(f"{exc}; page {page}; console {console}; serve:\n" + "\n".join(server.lines[-30:]))
         cards = snapshot()
         assert "ended" in cards[LIVE_ID]["classes"], "a call the new server does not know must be shown as ended"
 

@@ -8,7 +8,8 @@
  * Auth: the token lives in sessionStorage only (this tab), goes out as an Authorization header, and
  * the websocket, which cannot carry headers, gets a single-use ticket from GET /v1/ticket first.
  * When the socket drops, a banner says so and the page retries with exponential backoff (1 s
- * doubling to 30 s, with jitter), then rebuilds its state from `hello` + GET /v1/calls.
+ * doubling to 30 s, with jitter), then rebuilds its state from `hello` + GET /v1/calls. A request
+ * or socket left unanswered for 10 s counts as a lost connection.
  */
 'use strict';
 
@@ -23,6 +24,9 @@
   const STRIP_CELLS = 120;          // windows shown per channel on a card (2 min at a 1 s hop)
   const ENDED_KEEP_MS = 60000;      // ended calls stay, greyed out, this long
   const BACKOFF_MAX_S = 30;
+  // A request or a socket that gets no answer is given up after this long and retried as a lost
+  // connection (a load balancer or a front end that accepts the TCP connection and then hangs).
+  const ANSWER_TIMEOUT_MS = 10000;
   const HISTORY_CONCURRENCY = 4;    // parallel GET /v1/calls/<id> when (re)building the state
   const DETAIL_RENDER_MS = 500;     // the open timeline redraws at most this often
 
@@ -71,6 +75,7 @@
     attempt: 0,            // failed attempts since the last good connection
     retryAt: 0,            // Date.now() of the next attempt (0 = none planned)
     retryTimer: null,
+    helloTimer: null,      // gives up a socket that sends no hello within ANSWER_TIMEOUT_MS
     connected: false,
     everConnected: false,
     skewMs: 0,             // browser clock minus server clock, when they differ by more than 2 s
@@ -91,10 +96,12 @@
 
   // ------------------------------------------------------------------ HTTP
 
-  async function api(path) {
+  async function api(path, timeoutMs = 3 * ANSWER_TIMEOUT_MS) {
     const headers = { Accept: 'application/json' };
     if (state.token) headers.Authorization = 'Bearer ' + state.token;
-    const response = await fetch(path, { headers, cache: 'no-store', credentials: 'omit' });
+    const response = await fetch(path, {
+      headers, cache: 'no-store', credentials: 'omit', signal: AbortSignal.timeout(timeoutMs),
+    });
     noteSkew(response);
     if (response.status === 401) throw new AuthError('unauthorized');
     if (!response.ok) throw new HttpError(response.status);
@@ -121,7 +128,7 @@
     setConn('connecting…', 'conn-off');
     let ticket;
     try {
-      const body = await api('v1/ticket');
+      const body = await api('v1/ticket', ANSWER_TIMEOUT_MS);
       ticket = body && body.ticket;
       if (typeof ticket !== 'string' || !ticket) throw new Error('no ticket in the answer');
     } catch (err) {
@@ -143,6 +150,11 @@
       return;
     }
     state.ws = ws;
+    state.helloTimer = setTimeout(() => {
+      if (state.ws !== ws || state.connected) return;
+      closeSocket();
+      connectionLost();
+    }, ANSWER_TIMEOUT_MS);
     ws.onmessage = (e) => {
       if (state.ws !== ws || typeof e.data !== 'string') return;
       let message;
@@ -160,6 +172,8 @@
     const ws = state.ws;
     state.ws = null;
     state.connected = false;
+    clearTimeout(state.helloTimer);
+    state.helloTimer = null;
     if (ws) {
       ws.onmessage = null;
       ws.onclose = null;
@@ -273,6 +287,8 @@
   }
 
   async function onHello(m, generation) {
+    clearTimeout(state.helloTimer);
+    state.helloTimer = null;
     state.connected = true;
     state.everConnected = true;
     state.attempt = 0;
