@@ -14,6 +14,12 @@ mirror's running tally (the same :class:`~emostream.timeline.Timeline` as the ca
 event that reached the registry) and ``call_ended``, sent to the rest of the fleet; the supervisor
 appends the summary to the call's JSONL file.
 
+The registry is restarted by Ray when its process dies (``max_restarts``), empty and with a new
+``epoch``. A front end that sees the epoch change joins again with the details of its own live
+calls, so the new registry lists them (and can end them with a summary) from then on; the other
+front ends learn of them by their ``call_started``. Messages sent while the registry was away are
+not replayed: a remote call's mirror has what reached the registry.
+
 This module does not import Ray: the registry is a plain class that :mod:`emostream.supervisor`
 turns into an actor, and :class:`FleetLink` only awaits the ``ObjectRef`` s of its handle.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -161,6 +168,7 @@ class FleetRegistry:
         self.status: dict[int, tuple[float, dict]] = {}  # worker -> (time, status)
         self.max_events = max_events
         self.next_worker = 0
+        self.epoch = uuid.uuid4().hex  # new on every (re)start: front ends that see it change join again
         self._new = asyncio.Event()
 
     async def claim(self, n: int) -> int:
@@ -177,13 +185,28 @@ class FleetRegistry:
         self._new.set()
         self._new = asyncio.Event()
 
-    async def join(self, worker: int, status: dict | None = None) -> dict:
-        """A front end (re)joining: the cursor to poll from and every live or recently ended call
-        (``detail()`` each; its own live ones it skips)."""
+    async def join(self, worker: int, status: dict | None = None, own: list[dict] | None = None) -> dict:
+        """A front end (re)joining: the cursor to poll from, the epoch, and every live or recently
+        ended call (``detail()`` each; its own live ones it skips). ``own``: the details of the front
+        end's live calls; those this registry does not know (it restarted) are taken in, and their
+        ``call_started`` goes to the other front ends."""
         if status is not None:
             self.status[worker] = (time.time(), status)
+        self.next_worker = max(self.next_worker, worker + 1)  # numbers stay unique after a restart
+        restored = 0
+        for detail in own or ():
+            call = MirroredCall.from_detail(detail, self.max_events)
+            if call.call_id in self.calls or not call.live:
+                continue
+            self.calls[call.call_id] = call
+            self.seq += 1  # the others get the start, not the history (their mirrors begin there)
+            started = {k: v for k, v in call.started.items() if k not in ("ended_at", "end_reason")}
+            self.log.append((self.seq, worker, started))
+            restored += 1
+        if restored:
+            self._wake()
         self.calls.prune()
-        return {"cursor": self.seq, "calls": [c.detail() for c in self.calls.values()]}
+        return {"cursor": self.seq, "epoch": self.epoch, "calls": [c.detail() for c in self.calls.values()]}
 
     async def publish(self, worker: int, messages: list[dict]) -> int:
         for message in messages:
@@ -205,7 +228,13 @@ class FleetRegistry:
                 pass
         self.calls.prune()
         if self.log and cursor < self.log[0][0] - 1:
-            return {"resync": True, "cursor": self.seq, "messages": [], "status": self.fleet_status()}
+            return {
+                "resync": True,
+                "epoch": self.epoch,
+                "cursor": self.seq,
+                "messages": [],
+                "status": self.fleet_status(),
+            }
         messages = []
         for seq, origin, m in reversed(self.log):  # the newest first: O(new messages), not O(backlog)
             if seq <= cursor:
@@ -213,7 +242,13 @@ class FleetRegistry:
             if origin != worker:
                 messages.append((origin, m))
         messages.reverse()
-        return {"resync": False, "cursor": self.seq, "messages": messages, "status": self.fleet_status()}
+        return {
+            "resync": False,
+            "epoch": self.epoch,
+            "cursor": self.seq,
+            "messages": messages,
+            "status": self.fleet_status(),
+        }
 
     def fleet_status(self) -> dict[int, dict]:
         now = time.time()
@@ -254,18 +289,23 @@ class FleetLink:
         self._tasks: list[asyncio.Task] = []
         self._hub = None
         self._read_status = lambda: {}
+        self._own_calls = lambda: []
         self.cursor = 0
+        self.epoch: str | None = None
         self.errors = 0
 
     def forward(self, message: dict) -> None:
         """The hub's hook for its own messages (never blocks: sent by the next batch)."""
         self._outbox.append(message)
 
-    async def start(self, hub, read_status) -> None:
+    async def start(self, hub, read_status, own_calls=None) -> None:
         """Join the registry and start sending and polling; ``read_status() -> dict`` is this
-        front end's status (summed into the fleet's ``/metrics``)."""
+        front end's status (summed into the fleet's ``/metrics``), ``own_calls() -> list[dict]`` the
+        details of its live calls (given to a registry that restarted)."""
         self._hub = hub
         self._read_status = read_status
+        if own_calls is not None:
+            self._own_calls = own_calls
         await self._resync()
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="emostream-fleet-send"),
@@ -273,8 +313,9 @@ class FleetLink:
         ]
 
     async def _resync(self) -> None:
-        joined = await self.registry.join.remote(self.worker, self._read_status())
+        joined = await self.registry.join.remote(self.worker, self._read_status(), self._own_calls())
         self.cursor = joined["cursor"]
+        self.epoch = joined["epoch"]
         for call_id in [c for c in self.remote]:  # calls that ended while this front end was away
             self._drop(call_id)
         for detail in joined["calls"]:
@@ -313,17 +354,21 @@ class FleetLink:
             polled = loop.time()
             try:
                 answer = await self.registry.poll.remote(self.worker, self.cursor, POLL_SECONDS, self._read_status())
+                self.status = {int(w): s for w, s in answer["status"].items() if int(w) != self.worker}
+                if answer["epoch"] != self.epoch:
+                    log.warning("fleet: the registry restarted; joining it again with this front end's live calls")
+                    await self._resync()
+                    continue
+                if answer["resync"]:
+                    log.warning("fleet: fell behind the registry's backlog; resynchronising")
+                    await self._resync()
+                    continue
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the registry is gone or restarting: retried
                 self.errors += 1
                 log.warning("fleet: cannot poll the registry: %s", str(exc).splitlines()[0] if str(exc) else exc)
                 await asyncio.sleep(POLL_SECONDS)
-                continue
-            self.status = {int(w): s for w, s in answer["status"].items() if int(w) != self.worker}
-            if answer["resync"]:
-                log.warning("fleet: fell behind the registry's backlog; resynchronising")
-                await self._resync()
                 continue
             self.cursor = answer["cursor"]
             for _, message in answer["messages"]:

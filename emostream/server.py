@@ -156,7 +156,8 @@ class EmoServer:
         )
         if self.fleet is not None:
             self.hub.forward = self.fleet.forward
-            await self.fleet.start(self.hub, self._own_state)
+            own = lambda: [c.detail() for c in self.calls.values() if c.hub is not None]  # noqa: E731
+            await self.fleet.start(self.hub, self._own_state, own)  # own: for a registry that restarted
         self._tasks.append(asyncio.create_task(self._warm_up(), name="emostream-warm-up"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="emostream-prune-ended"))
         sock = next(iter(self._server.sockets))

@@ -26,7 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from emostream.client import SendOptions, send_file
-from emostream.fleet import LOST_REASON, FleetLink, FleetRegistry, MirroredCall
+from emostream.fleet import LOST_REASON, POLL_SECONDS, FleetLink, FleetRegistry, MirroredCall
 from emostream.server import EmoServer, ServerConfig
 from emostream.vad import VadConfig
 from emostream.worker import constant_predictor
@@ -107,6 +107,43 @@ def test_two_front_ends_share_calls_events_and_summaries(tmp_path):
             await slow
             await wait_until(lambda: not a.find_call("c-b").live)
             assert a.find_call("c-b").summary["call_id"] == "c-b"
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_front_ends_join_a_restarted_registry_with_their_live_calls(tmp_path):
+    """The registry's process dies and Ray starts it again, empty (a new epoch): each front end joins
+    it again with its live calls, so the other front end lists them again, their events flow, and the
+    new registry can end them with a summary."""
+    path = write_call(tmp_path / "call.wav", 12.0)
+
+    async def scenario():
+        registry = LocalActor(FleetRegistry(max_events=900))
+        a = EmoServer(config(), constant_predictor(), fleet=FleetLink(registry, 0))
+        b = EmoServer(config(), constant_predictor(), fleet=FleetLink(registry, 1))
+        port_a = await a.start()
+        await b.start()
+        try:
+            call = asyncio.create_task(send_file(path, f"ws://127.0.0.1:{port_a}", SendOptions(call_id="c-a")))
+            events = lambda c: len(c.detail()["events"])  # noqa: E731
+            await wait_until(lambda: b.find_call("c-a") is not None and events(b.find_call("c-a")) >= 1)
+            old_epoch = a.fleet.epoch
+            registry.obj = FleetRegistry(max_events=900)  # what a restart leaves: no calls, a new epoch
+            await wait_until(lambda: a.fleet.epoch == b.fleet.epoch == registry.obj.epoch != old_epoch)
+            await wait_until(lambda: "c-a" in registry.obj.calls and b.find_call("c-a") is not None)
+            assert registry.obj.calls["c-a"].live and registry.obj.calls["c-a"].worker == 0
+            assert events(registry.obj.calls["c-a"]) >= 1  # the new registry has the call's history from a's detail
+            seen = events(b.find_call("c-a"))
+            await wait_until(lambda: events(b.find_call("c-a")) > seen)  # events flow again
+            assert "c-a" in b.hub.calls  # in b's hello
+            assert await registry.obj.claim(1) == 2  # front-end numbers stay unique after the restart
+            result = await call
+            assert result.close_code == 1000
+            await wait_until(lambda: not b.find_call("c-a").live)
+            assert b.find_call("c-a").summary == result.summary
         finally:
             await a.stop()
             await b.stop()
@@ -220,6 +257,19 @@ def start_fleet(tmp_path, *extra):
     raise AssertionError("fleet did not start:\n" + "".join(lines)[-3000:])
 
 
+def registry_pids() -> set[int]:
+    """Pids of the processes running the fleet registry actor (Ray names them ``ray::FleetRegistry...``)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::FleetRegistry"):
+                    pids.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
 def from_each_front_end(url: str, tries: int = 60) -> dict[int, dict]:
     """GET ``url`` on fresh connections until both front ends have answered (the kernel picks one per
     connection): front end -> its answer."""
@@ -291,6 +341,15 @@ def test_serve_workers_two_front_ends_one_view_and_a_killed_one(tmp_path):
                 m = json.loads(await asyncio.wait_for(subs[0].recv(), 10))
                 if m["type"] == "event":
                     streams.add(m["stream"])
+            # the registry's process dies: Ray starts it again, empty; both front ends join it again
+            # with their live calls (the lost-call summaries below come from the new one)
+            (old,) = registry_pids()
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while registry_pids() in (set(), {old}):
+                assert time.monotonic() < deadline, "the registry was not restarted"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2 * POLL_SECONDS + 0.5)  # a poll's wait, then the join
             # kill the front end of one call (SIGKILL: no chance to write anything)
             victim = holder["call-0"]
             health = await asyncio.to_thread(from_each_front_end, f"{base}/healthz")
@@ -341,6 +400,7 @@ def test_serve_workers_two_front_ends_one_view_and_a_killed_one(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert re.search(rf"front end {victim} \(pid \d+\) exited with code -9 .* {len(lost)} call\(s\) ended", err), err
     assert "emostream serve: stopped" in err
+    assert err.count("the registry restarted; joining it again") == 2, err[-3000:]
 
 
 def test_serve_workers_refuses_the_dashboard_and_bad_counts(capsys):

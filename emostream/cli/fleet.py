@@ -269,6 +269,7 @@ def run_fleet(args, config) -> int:
                 lifetime=None if started else "detached",
                 num_cpus=0,
                 max_concurrency=1000,
+                max_restarts=-1,  # Ray starts it again if its process dies; front ends join it again
             )
             .remote(config.max_events_kept)
         )
