@@ -4,16 +4,20 @@ Times the full inference path of :class:`emostream.model.Predictor` (mel front e
 softmax) on random 6 s windows, for fp32 and for mixed precision as ``emostream`` runs it (fp16
 autocast on CUDA; bf16 autocast + channels_last on a CPU with fast bf16 kernels, fp32 on one
 without: :func:`emostream.model.mixed_precision_dtype`; each row names what ran), optionally bf16
-forced on such a CPU (``--forced-bf16``: the cost that choice avoids), and optionally the same
-pipeline exported to ONNX on ONNX Runtime (fp32, and int8 from ``emostream export --int8``: ``--int8 PATH``,
-its rate compared with ONNX Runtime's own int8 matmul rate, ``MatMulInteger``). The work per window is counted with
-``torch.utils.flop_counter`` (GMAC = 1e9 multiply-accumulates = FLOPs / 2); the achieved GMAC/s is
-compared with the best dense matmul rate torch reaches on this machine in the same precision (the
-measured matmul peak: the practical compute limit; on CPUs whose BLAS does not use every vector
-unit, the model's oneDNN convolutions can exceed it: see BENCHMARKS.md).
+forced on such a CPU (``--forced-bf16``: the cost that choice avoids), optionally the default path
+compiled by ``torch.compile`` (``--backends torch-compile``: inductor, weights frozen into the graph
+on a CPU, one graph per batch size; each row has its compile time and its largest logit difference
+from eager), and optionally the same pipeline exported to ONNX on ONNX Runtime (fp32, and int8 from
+``emostream export --int8``: ``--int8 PATH``, its rate compared with ONNX Runtime's own int8 matmul
+rate, ``MatMulInteger``). The work per window is counted with ``torch.utils.flop_counter`` (GMAC =
+1e9 multiply-accumulates = FLOPs / 2); the achieved GMAC/s is compared with the best dense matmul
+rate torch reaches on this machine in the same precision (the measured matmul peak: the practical
+compute limit; on CPUs whose BLAS does not use every vector unit, the model's oneDNN convolutions
+can exceed it: see BENCHMARKS.md).
 
     python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10]
-                              [--backends torch,onnx,onnx-int8] [--onnx MODEL.onnx] [--int8 INT8.onnx]
+                              [--backends torch,torch-compile,onnx,onnx-int8] [--onnx MODEL.onnx]
+                              [--int8 INT8.onnx] [--compile-mode default|max-autotune|reduce-overhead]
                               [--forced-bf16] [--json OUT] [--quick]
 """
 
@@ -47,6 +51,36 @@ def gmac_per_window(predictor: Predictor) -> float:
     ):
         predictor.model(x)  # under the predictor's autocast: its weights may be stored in bf16
     return counter.get_total_flops() / 2 / 1e9
+
+
+class CompiledPredictor:
+    """``predictor`` with its model compiled by ``torch.compile`` (inductor; on a CPU the weights are
+    frozen into the graph as constants, which lets oneDNN pre-pack them). ``dynamic=False``: one graph
+    per batch size, compiled on its first call (:attr:`compile_seconds`)."""
+
+    def __init__(self, predictor: Predictor, mode: str = "default"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = predictor.device.type == "cpu"
+        self.eager = predictor
+        self.compiled = Predictor(
+            model=torch.compile(predictor.model, dynamic=False, mode=None if mode == "default" else mode),
+            device=predictor.device,
+            mixed_precision=predictor.mixed_precision,
+        )
+        self.compile_seconds: dict[int, float] = {}
+
+    def predict(self, windows: np.ndarray) -> np.ndarray:
+        if len(windows) not in self.compile_seconds:
+            t0 = time.perf_counter()
+            self.compiled.logits(windows)
+            self.compile_seconds[len(windows)] = time.perf_counter() - t0
+        return self.compiled.predict(windows)
+
+    def max_logit_difference(self, windows: np.ndarray) -> float:
+        """Largest |logit difference| between the compiled and the eager model on ``windows``."""
+        self.predict(windows)
+        return float((self.compiled.logits(windows) - self.eager.logits(windows)).abs().max())
 
 
 @contextlib.contextmanager
@@ -108,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backends",
         default="torch",
-        help="torch (fp32 and mixed precision), onnx (ONNX Runtime fp32), onnx-int8 (needs --int8)",
+        help="torch (fp32 and mixed precision), torch-compile (mixed precision, torch.compile), "
+        "onnx (ONNX Runtime fp32), onnx-int8 (needs --int8)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "max-autotune", "reduce-overhead"),
+        help="torch.compile mode of the torch-compile rows (reduce-overhead: CUDA graphs)",
     )
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
     p.add_argument("--int8", default=None, help="int8 export for the onnx-int8 backend (emostream export --int8)")
@@ -118,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         help="on a CPU without fast bf16 kernels (where mixed precision runs fp32), also time bf16 autocast",
     )
     p.add_argument("--json", dest="json_out", default=None)
-    p.add_argument("--quick", action="store_true", help="batches 1 and 8, short timings (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="batches 1 and 2, short timings (< 30 s)")
     args = p.parse_args(argv)
     gemm_seconds, gemm_sizes = 2.0, (1024, 2048, 4096)
     if args.quick:
-        args.batches, args.seconds, gemm_seconds, gemm_sizes = "1,8", 0.5, 0.3, (1024,)
+        args.batches, args.seconds, gemm_seconds, gemm_sizes = "1,2", 0.5, 0.3, (1024,)
     batches = [int(b) for b in args.batches.split(",")]
     backends = args.backends.split(",")
     # (backend, mixed precision, bf16 forced)
@@ -133,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         and emostream.model.precision_name(select_device(args.device)) == "fp32"
     ):
         variants.append(("torch", True, True))
+    variants += [("torch-compile", True, False)] if "torch-compile" in backends else []
     variants += [("onnx", False, False)] if "onnx" in backends else []
     if "onnx-int8" in backends:
         if not args.int8:
@@ -157,10 +199,19 @@ def main(argv: list[str] | None = None) -> int:
             runner = onnx_predictor(args.checkpoint, args.onnx, predictor.device.type)
         elif backend == "onnx-int8":
             runner = onnx_predictor(args.checkpoint, args.int8, predictor.device.type)
+        elif backend == "torch-compile":
+            runner = CompiledPredictor(predictor, args.compile_mode)
         for batch in batches:
             with forced_cpu_bf16() if forced else contextlib.nullcontext():
                 wps, ms = windows_per_second(runner, batch, args.seconds)
             achieved = gmac * wps  # GMAC/s
+            extra = {}
+            if backend == "torch-compile":
+                check = (0.1 * np.random.default_rng(1).standard_normal((batch, WINDOW_SAMPLES))).astype(np.float32)
+                extra = {
+                    "compile_s": round(runner.compile_seconds[batch], 1),
+                    "max_logit_difference": float(f"{runner.max_logit_difference(check):.3g}"),
+                }
             rows.append(
                 {
                     "backend": backend,
@@ -177,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                     # the same in FLOP units (earlier versions of this script)
                     "achieved_gflops": round(2 * achieved, 1),
                     "gemm_gflops": round(peak, 3),
+                    **extra,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
