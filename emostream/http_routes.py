@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import hashlib
+import hmac
 import json
 import logging
 import os
 import secrets
+import struct
 import time
 from http import HTTPStatus
 from importlib import resources
@@ -99,24 +103,41 @@ def close_reason_text(text: str) -> str:
 
 
 class Tickets:
-    """Single-use ``/v1/events`` tickets for the page (browsers cannot send headers on a websocket,
-    and a token must not travel in a URL), each valid ``TICKET_SECONDS``."""
+    """``/v1/events`` tickets for the page (browsers cannot send headers on a websocket, and a token
+    must not travel in a URL), each valid ``TICKET_SECONDS`` and redeemed once per process.
 
-    def __init__(self):
-        self._expiry: dict[str, float] = {}  # ticket -> expiry (monotonic)
+    A ticket is signed (HMAC-SHA256) with a key derived from ``secret``, the server's token, so any
+    process that has the token accepts it: the page gets its ticket from one front end of a fleet
+    (``serve --workers``) or host behind a load balancer and its socket may land on another. Without
+    a secret the key is random (this process only)."""
+
+    def __init__(self, secret: str | None = None):
+        material = secret.encode() if secret is not None else secrets.token_bytes(32)
+        self._key = hmac.new(material, b"emostream /v1/events ticket", hashlib.sha256).digest()
+        self._used: dict[bytes, float] = {}  # nonce -> expiry (wall clock), redeemed here
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._key, body, hashlib.sha256).digest()[:16]
 
     def issue(self) -> str:
-        now = time.monotonic()
-        for ticket, expiry in list(self._expiry.items()):
-            if expiry < now:
-                del self._expiry[ticket]
-        ticket = secrets.token_urlsafe(24)
-        self._expiry[ticket] = now + TICKET_SECONDS
-        return ticket
+        body = struct.pack(">d", time.time() + TICKET_SECONDS) + secrets.token_bytes(16)
+        return base64.urlsafe_b64encode(body + self._mac(body)).decode().rstrip("=")
 
     def redeem(self, ticket: str) -> bool:
-        expiry = self._expiry.pop(ticket, None)
-        return expiry is not None and expiry >= time.monotonic()
+        try:
+            raw = base64.urlsafe_b64decode(ticket + "=" * (-len(ticket) % 4))
+        except (ValueError, TypeError):
+            return False
+        if len(raw) != 40 or not hmac.compare_digest(raw[24:], self._mac(raw[:24])):
+            return False
+        (expiry,), nonce, now = struct.unpack(">d", raw[:8]), raw[8:24], time.time()
+        for old, until in list(self._used.items()):
+            if until < now:
+                del self._used[old]
+        if expiry < now or nonce in self._used:
+            return False
+        self._used[nonce] = expiry
+        return True
 
 
 def http_route(server: Any, request: Request, path: str) -> Response:

@@ -117,7 +117,7 @@ class EmoServer:
         self.started_at = time.time()
         self._server = None
         self._tasks: list[asyncio.Task] = []
-        self.tickets = Tickets()  # single-use /v1/events tickets
+        self.tickets = Tickets(config.token)  # /v1/events tickets, good on every front end with the token
         self.audiohook_keys = {k.key: k.secret for k in config.audiohook_keys}
         self.nonces = NonceCache()  # AudioHook signatures already accepted: replays are refused
         self.unstarted: set[ServerConnection] = set()  # call connections accepted, call not started yet

@@ -349,7 +349,8 @@ def test_serve_workers_two_front_ends_one_view_and_a_killed_one(tmp_path):
             while registry_pids() in (set(), {old}):
                 assert time.monotonic() < deadline, "the registry was not restarted"
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(2 * POLL_SECONDS + 0.5)  # a poll's wait, then the join
+            # a failed poll, its pause, a poll that sees the new epoch, then the join
+            await asyncio.sleep(3 * POLL_SECONDS + 1)
             # kill the front end of one call (SIGKILL: no chance to write anything)
             victim = holder["call-0"]
             health = await asyncio.to_thread(from_each_front_end, f"{base}/healthz")

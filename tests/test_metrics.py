@@ -141,6 +141,26 @@ def test_metrics_count_rejected_connections_and_need_the_token():
         assert rejected["unauthorized"] == 3 and rejected["unknown_path"] == 1 and rejected["at_capacity"] == 1
 
 
+def test_tickets_are_good_on_every_process_with_the_token_once_each(monkeypatch):
+    """A ticket issued by one front end (or host) is redeemed by another that has the same token (the
+    page's socket may land on either: SO_REUSEPORT, a load balancer); once per process, until it
+    expires; never with another token, altered or made up."""
+    import emostream.http_routes as routes
+
+    a, b, other = routes.Tickets("tok"), routes.Tickets("tok"), routes.Tickets("not-tok")
+    ticket = a.issue()
+    assert b.redeem(ticket) and not b.redeem(ticket)  # another process with the token, once
+    assert a.redeem(ticket) and not a.redeem(ticket)
+    assert not other.redeem(a.issue())
+    fresh = a.issue()
+    flipped = fresh[:-2] + ("A" if fresh[-2] != "A" else "B") + fresh[-1]
+    assert not b.redeem(flipped) and not b.redeem("") and not b.redeem("not a ticket!") and not b.redeem("AAAA")
+    assert not routes.Tickets().redeem(routes.Tickets().issue())  # no token: this process's own key
+    late = a.issue()
+    monkeypatch.setattr(routes.time, "time", lambda: 1e12)
+    assert not b.redeem(late)  # expired
+
+
 def test_page_ticket_and_call_listing():
     """The supervisor page's HTTP side: static files with a strict CSP, tickets for /v1/events
     (single use, never the token in a URL), the call list and a call's timeline so far."""
