@@ -1,5 +1,5 @@
 """The server's plain HTTP side, on the websocket port: response helpers, the supervisor page's files
-(package data ``emostream/web``), single-use ``/v1/events`` tickets and the GET routes
+(package data ``emostream/web``), signed ``/v1/events`` tickets and the GET routes
 (:func:`http_route`: ``/``, ``/static/*``, ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/ticket``,
 ``/v1/calls``, ``/v1/calls/<id>``)."""
 
@@ -27,7 +27,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import __version__
-from .auth import token_ok, twilio_signature_ok, verify_audiohook_request
+from .auth import NonceCache, token_ok, twilio_signature_ok, verify_audiohook_request
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("emostream.server")
@@ -114,7 +114,7 @@ class Tickets:
     def __init__(self, secret: str | None = None):
         material = secret.encode() if secret is not None else secrets.token_bytes(32)
         self._key = hmac.new(material, b"emostream /v1/events ticket", hashlib.sha256).digest()
-        self._used: dict[bytes, float] = {}  # nonce -> expiry (wall clock), redeemed here
+        self._used = NonceCache()  # nonces redeemed here, until their tickets expire
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:16]
@@ -130,14 +130,8 @@ class Tickets:
             return False
         if len(raw) != 40 or not hmac.compare_digest(raw[24:], self._mac(raw[:24])):
             return False
-        (expiry,), nonce, now = struct.unpack(">d", raw[:8]), raw[8:24], time.time()
-        for old, until in list(self._used.items()):
-            if until < now:
-                del self._used[old]
-        if expiry < now or nonce in self._used:
-            return False
-        self._used[nonce] = expiry
-        return True
+        (expiry,), now = struct.unpack(">d", raw[:8]), time.time()
+        return expiry >= now and self._used.add(raw[8:24].hex(), expiry, now)
 
 
 def http_route(server: Any, request: Request, path: str) -> Response:

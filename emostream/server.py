@@ -6,7 +6,7 @@ are authenticated before the handshake (HTTP 401, or 404 for unknown paths, 503 
 
 Plain HTTP routes on the same port (no second server): ``/`` and ``/static/*`` (the supervisor page,
 package data in ``emostream/web``), ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), and for the
-page ``/v1/ticket`` (a single-use ticket for ``/v1/events``: browsers cannot send headers on a
+page ``/v1/ticket`` (a short-lived ticket for ``/v1/events``: browsers cannot send headers on a
 websocket, and a token must not travel in a URL), ``/v1/calls`` and ``/v1/calls/<id>``.
 
 Each call gets a :class:`~emostream.live_call.LiveCall`: the channels chosen by ``analyse`` (see

@@ -6,7 +6,7 @@
  * textContent / setAttribute, never as HTML.
  *
  * Auth: the token lives in sessionStorage only (this tab), goes out as an Authorization header, and
- * the websocket, which cannot carry headers, gets a single-use ticket from GET /v1/ticket first.
+ * the websocket, which cannot carry headers, gets a short-lived ticket from GET /v1/ticket first.
  * When the socket drops, a banner says so and the page retries with exponential backoff (1 s
  * doubling to 30 s, with jitter), then rebuilds its state from `hello` + GET /v1/calls. A request
  * or socket left unanswered for 10 s counts as a lost connection.
