@@ -15,8 +15,9 @@ due, p50/p95/p99; CPU use of the analysing process in cores (2 = both cores of t
 backlog = windows due but not yet delivered (the largest seen); model batches. A run is real time
 when p99 latency stays below the hop (every event arrives before the call's next window is due);
 the table also marks the issue's target (p99 < 300 ms). Sweeps stop at the first N that is not real time.
-Backend ``torch-bf16`` is the torch model with mixed precision, as ``serve`` runs it by default: bf16
-on a CPU with fast bf16 kernels, fp32 on one without (each row's ``precision`` says which ran).
+Backend ``torch-bf16`` is the torch model with mixed precision (``serve --backend torch``; ``serve``'s
+default until the int8 model, ``onnx-int8``, became a CPU's default): bf16 on a CPU with fast bf16
+kernels, fp32 on one without (each row's ``precision`` says which ran).
 
     python bench/capacity.py [--modes inproc,ws] [--backends torch-bf16,torch-fp32,onnx,onnx-int8] [--hops 1.0,0.5]
                              [--calls 1,10,20,40,60,80] [--seconds 30] [--vad off] [--device cpu|cuda]
@@ -285,6 +286,8 @@ class ServerProcess(ServeProcess):
             cmd.append("--no-model")
         elif cfg.backend == "torch-fp32":
             cmd.append("--fp32")
+        elif cfg.backend == "torch-bf16":
+            cmd += ["--backend", "torch"]  # serve's default on a CPU is the int8 model (emostream.int8)
         elif cfg.backend in ("onnx", "onnx-int8"):
             cmd += ["--backend", "onnx", "--onnx", str(onnx_path)]
         super().__init__(cmd)

@@ -64,7 +64,7 @@ def make_call(path: Path, minutes: float, gated: bool = False) -> float:
 
 def command(mode: str, call: Path, out: Path, onnx: Path | None = None) -> list[str]:
     """The user's command for ``mode`` on ``call`` (outputs under ``out``; ``onnx``: that exported
-    model on ONNX Runtime instead of the checkpoint on torch)."""
+    model instead of the default one: on a CPU the int8 model, emostream.int8)."""
     model = ["--onnx", str(onnx)] if onnx else []
     if mode == "batch":
         return ["batch", str(call), "--out", str(out / "batch"), "--quiet", *model]

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     default = Predictor.from_checkpoint(device="cpu")
     if default.precision != "fp32":
-        backends.append((f"torch {default.precision}", default, ["--device", "cpu"]))
+        backends.append((f"torch {default.precision}", default, ["--backend", "torch", "--device", "cpu"]))
     for label, path in (("onnx fp32", args.onnx), ("onnx int8", args.int8)):
         if path:
             backends.append((label, OnnxPredictor.from_file(path), ["--onnx", path]))

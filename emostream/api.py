@@ -28,12 +28,14 @@ Model = Any  # a loaded predictor: emostream.model.Predictor (torch) or emostrea
 
 
 def load_model(
-    path: str | Path | None = None, *, device: str = "auto", backend: str = "torch", fp32: bool = False
+    path: str | Path | None = None, *, device: str = "auto", backend: str = "auto", fp32: bool = False
 ) -> Model:
-    """The model at ``path``: a checkpoint directory (backend torch; None: the shipped model, or
-    ``$EMOSTREAM_CHECKPOINT``) or an ONNX file made by ``emostream export --onnx`` (backend onnx).
-    ``device``: auto (CUDA when present), cpu or cuda[:N]; ``fp32``: no mixed precision. Raises
-    :class:`~emostream.model.CheckpointError` (a ValueError) for a missing or foreign model."""
+    """The model at ``path``: a checkpoint directory (backend auto or torch; None: the shipped model,
+    or ``$EMOSTREAM_CHECKPOINT``) or an ONNX file made by ``emostream export --onnx`` (backend onnx).
+    Backend auto runs the checkpoint's int8 model on a CPU (built at first use: :mod:`emostream.int8`)
+    and torch on CUDA. ``device``: auto (CUDA when present), cpu or cuda[:N]; ``fp32``: no reduced
+    precision (torch fp32). Raises :class:`~emostream.model.CheckpointError` (a ValueError) for a
+    missing or foreign model."""
     from .loading import load_predictor
     from .model_files import model_identity
 

@@ -6,12 +6,19 @@ API) loads it through :func:`load_predictor`, so a model option means the same t
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .model_files import default_checkpoint, missing_model_message
 
-BACKENDS = ("torch", "onnx")
+# auto: on a CPU the checkpoint's int8 ONNX model (emostream.int8, built at first use), else torch
+BACKENDS = ("auto", "torch", "onnx")
+log = logging.getLogger("emostream.model")
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, AMD ROCm, WSL: torch.cuda may find a GPU
 
 
 class ModelOptionsError(ValueError):
@@ -19,9 +26,9 @@ class ModelOptionsError(ValueError):
 
 
 def resolve_backend(backend: str | None, onnx: str | Path | None) -> str:
-    """The runtime for these options: ``backend`` when given, else onnx when an ONNX file is named, else torch."""
+    """The runtime for these options: ``backend`` when given, else onnx when an ONNX file is named, else auto."""
     if backend is None:
-        return "onnx" if onnx else "torch"
+        return "onnx" if onnx else "auto"
     if backend not in BACKENDS:
         raise ModelOptionsError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
@@ -40,12 +47,17 @@ def load_predictor(
     fp32: bool = False,
     backend: str | None = None,
     onnx: str | Path | None = None,
+    notify: Callable[[str], None] = log.warning,
+    threads: int | None = None,
 ):
     """A loaded predictor (:class:`~emostream.model.Predictor` or :class:`~emostream.onnx_model.OnnxPredictor`).
 
     ``checkpoint``: a checkpoint directory (None: the shipped model); ``device``: auto (CUDA when
-    present), cpu or cuda[:N]; ``fp32``: no mixed precision; ``backend``: torch or onnx (None: onnx
-    when ``onnx`` names a file); ``onnx``: the file made by ``emostream export --onnx``.
+    present), cpu or cuda[:N]; ``fp32``: no reduced precision (torch fp32); ``backend``: auto (None,
+    the default: on a CPU the checkpoint's int8 model, :mod:`emostream.int8`, else torch), torch or
+    onnx (None with ``onnx`` naming a file); ``onnx``: the file made by ``emostream export --onnx``;
+    ``notify``: told when the int8 model is built or cannot be had (torch runs then); ``threads``:
+    ONNX Runtime's intra-op threads (None: one per core; torch's are set by the caller).
     Raises :class:`ModelOptionsError` for options that do not fit and
     :class:`~emostream.model.CheckpointError` for a missing or foreign model.
     """
@@ -62,20 +74,51 @@ def load_predictor(
             )
         if checkpoint:
             raise ModelOptionsError("--checkpoint does not apply to --backend onnx: the ONNX file holds the model")
-        return OnnxPredictor.from_file(onnx, device=requested)
+        return OnnxPredictor.from_file(onnx, device=requested, threads=threads)
     if onnx:
         raise ModelOptionsError("--onnx is only used with --backend onnx")
     path = checkpoint_path(checkpoint)
     if checkpoint is None and not (path / "model.safetensors").is_file():
         raise CheckpointError(missing_model_message(path))
-    if requested and requested.startswith("cuda"):
-        import torch
+    if backend == "auto" and not fp32 and _runs_on_cpu(requested) and (path / "model.safetensors").is_file():
+        predictor = _int8_predictor(path, notify, threads)  # torch is not imported when it is cached
+        if predictor is not None:
+            return predictor
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ModelOptionsError(f"--device {requested}: no CUDA device is available")
-    from .model import Predictor  # torch: imported only for the torch backend
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelOptionsError(f"--device {requested}: no CUDA device is available")
+    from .model import Predictor
 
     return Predictor.from_checkpoint(path, device=requested, mixed_precision=not fp32)
+
+
+def _runs_on_cpu(requested: str | None) -> bool:
+    """Whether the model runs on the CPU: ``--device cpu``, or auto without a GPU (no GPU device node
+    here: decided without importing torch, which would cost a CPU process ~0.5 GB)."""
+    if requested:
+        return requested == "cpu"
+    if not any(Path(node).exists() for node in GPU_DEVICE_NODES):
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _int8_predictor(checkpoint: Path, notify: Callable[[str], None], threads: int | None = None):
+    """The checkpoint's int8 ONNX model (built at first use), or None (``notify`` says why) where it
+    cannot be had here: then torch runs."""
+    from .int8 import Int8Unavailable, int8_model
+    from .model_files import CheckpointError
+
+    try:
+        from .onnx_model import OnnxPredictor
+
+        return OnnxPredictor.from_file(int8_model(checkpoint, notify), threads=threads)
+    except (Int8Unavailable, CheckpointError, ImportError) as exc:
+        if (checkpoint / "int8_ranges.json").is_file():  # a checkpoint without ranges runs torch, as it always did
+            notify(f"running the torch model instead of int8: {exc}")
+        return None
 
 
 def model_info(
@@ -88,12 +131,17 @@ def model_info(
     from .model_files import model_identity
 
     meta = getattr(getattr(predictor, "model", None), "metadata", None) or {}
+    if not meta and not onnx:  # the int8 model of a checkpoint: its metadata is the checkpoint's
+        from .model_files import META_FILE
+
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((checkpoint_path(checkpoint) / META_FILE).read_text())
     config = (meta.get("training") or {}).get("config") or {}
     return {
         **model_identity(None if onnx else checkpoint_path(checkpoint), onnx),
         "experiment": str(config.get("experiment_name", "")),
         "backbone": str((meta.get("model") or {}).get("backbone", "")),
-        "backend": "onnx" if onnx else "torch",
+        "backend": "onnx" if hasattr(predictor, "session") else "torch",
         "precision": getattr(predictor, "precision", "fp32"),
         "temperature": f"{float(predictor.temperature):g}",
     }

@@ -11,7 +11,8 @@ rate and window length travel as ONNX metadata, so the file is all a runtime nee
     emostream replay call.flac --backend onnx --onnx emostream.onnx
 
 Export needs ``torch.onnx.export(dynamo=True)`` and thus the ``onnx``/``onnxscript`` packages
-(``pip install 'emostream[onnx]'``); running needs only ``onnxruntime``. The graph runs in fp32, or,
+(dependencies of emostream: a CPU's default int8 model is exported at first use, :mod:`emostream.int8`);
+running needs only ``onnxruntime``. The graph runs in fp32, or,
 exported with ``--int8 --calibrate DIR``, with its convolutions in int8 (static post-training
 quantisation calibrated on windows of DIR's audio; the mel front end stays float):
 
@@ -65,16 +66,20 @@ def _exportable(model, temperature: float):
 
 
 def export_onnx(
-    checkpoint: str | Path | None = None, out: str | Path = "emostream.onnx", calibration: np.ndarray | None = None
+    checkpoint: str | Path | None = None,
+    out: str | Path = "emostream.onnx",
+    calibration: np.ndarray | None = None,
+    ranges: str | Path | None = None,
 ) -> Path:
     """Export the checkpoint's full pipeline (front end included) to a single ``.onnx`` file; with
-    ``calibration`` windows, its convolutions quantised to int8 (:func:`quantize_int8`)."""
+    ``calibration`` windows, its convolutions quantised to int8 (:func:`quantize_int8`, which writes the
+    ranges it took to ``ranges`` when given)."""
     try:
         import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise OnnxExportError(
-            f"ONNX export needs the onnx extra ({exc.name} is missing): pip install 'emostream[onnx]'"
+            f"ONNX export needs the onnx and onnxscript packages ({exc.name} is missing): pip install onnx onnxscript"
         ) from None
     import torch
 
@@ -124,7 +129,7 @@ def export_onnx(
     program.save(tmp, external_data=False)
     if calibration is not None:
         try:
-            quantize_int8(tmp, tmp, calibration)
+            quantize_int8(tmp, tmp, calibration, ranges=ranges)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -132,13 +137,21 @@ def export_onnx(
     return out
 
 
-def quantize_int8(source: str | Path, out: str | Path, calibration: np.ndarray, batch: int = 8) -> Path:
+def quantize_int8(
+    source: str | Path,
+    out: str | Path,
+    calibration: np.ndarray | None = None,
+    batch: int = 8,
+    ranges: str | Path | None = None,
+) -> Path:
     """Post-training static int8 quantisation (ONNX Runtime, QDQ) of an exported model's convolutions
     but the first: weights per output channel (int8), activations per tensor (uint8, 7-bit range where
     the CPU lacks VNNI), min-max ranges from ``calibration`` windows ``(n, WINDOW_SAMPLES)``. The mel
     front end, the stem convolution, the classifier and the softmax stay float32 (BENCHMARKS.md, issue
     #43: with the stem in int8, or from 64 windows, 4-8 % of the example calls' windows change label).
-    ``out`` keeps ``source``'s metadata."""
+    ``ranges``: ONNX Runtime's calibration cache (JSON); read instead of calibrating when it exists
+    (:mod:`emostream.int8`), written after calibrating when it does not. ``out`` keeps ``source``'s
+    metadata."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -146,7 +159,9 @@ def quantize_int8(source: str | Path, out: str | Path, calibration: np.ndarray, 
     source, out = Path(source), Path(out)
     props = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
     props[METADATA_PREFIX + "precision"] = "int8"
-    windows = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration is None and not (ranges and Path(ranges).is_file()):
+        raise ValueError("int8 quantisation needs calibration windows or a calibration cache")
+    windows = np.ascontiguousarray(calibration if calibration is not None else [], dtype=np.float32)
 
     class Windows(CalibrationDataReader):
         def __init__(self):
@@ -154,6 +169,8 @@ def quantize_int8(source: str | Path, out: str | Path, calibration: np.ndarray, 
 
         def get_next(self):
             return next(self.batches, None)
+
+    cache = {"calibration_cache_path": str(ranges)} if ranges else {}
 
     prepared = out.with_name(out.name + ".prep.onnx")
     chatter = io.StringIO()
@@ -165,7 +182,7 @@ def quantize_int8(source: str | Path, out: str | Path, calibration: np.ndarray, 
             quantize_static(
                 str(prepared),
                 str(out),
-                Windows(),
+                Windows() if calibration is not None else None,
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["Conv"],
                 nodes_to_exclude=[stem],  # the first convolution reads the spectrogram: int8 there flips labels
@@ -173,6 +190,7 @@ def quantize_int8(source: str | Path, out: str | Path, calibration: np.ndarray, 
                 reduce_range=not cpu_has_vnni(),
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                **cache,
             )
     finally:
         prepared.unlink(missing_ok=True)
@@ -248,7 +266,7 @@ class OnnxPredictor:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise CheckpointError("the onnx backend needs onnxruntime: pip install 'emostream[onnx]'") from None
+            raise CheckpointError("the onnx backend needs onnxruntime: pip install onnxruntime") from None
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"no ONNX model at {path} (make one with: emostream export --onnx {path})")

@@ -238,16 +238,16 @@ class ModelSpec:
     checkpoint: str | None = None  # checkpoint directory; None = the shipped model
     device: str = "auto"  # auto | cpu | cuda[:N]
     fp32: bool = False  # no bf16/fp16 autocast
-    backend: str = "torch"  # torch | onnx | constant (no model: the fixed Neutral answer)
+    backend: str = "auto"  # auto (int8 on a CPU: emostream.int8) | torch | onnx | constant (the fixed Neutral answer)
     onnx: str | None = None  # the ONNX file for backend onnx
-    threads: int | None = None  # torch intra-op threads in the loading process (None: leave as is)
+    threads: int | None = None  # intra-op threads (torch and ONNX Runtime) in the loading process (None: all cores)
 
     @classmethod
     def from_args(cls, args, threads: int | None = None) -> "ModelSpec":
         """From the command line's model options (``--no-model`` gives the constant predictor)."""
         if getattr(args, "no_model", False):
             return cls(backend="constant", threads=threads)
-        backend = getattr(args, "backend", None) or ("onnx" if getattr(args, "onnx", None) else "torch")
+        backend = getattr(args, "backend", None) or ("onnx" if getattr(args, "onnx", None) else "auto")
         return cls(
             checkpoint=args.checkpoint,
             device=args.device,
@@ -269,7 +269,12 @@ class ModelSpec:
         from .loading import load_predictor, model_info
 
         predictor = load_predictor(
-            self.checkpoint, device=self.device, fp32=self.fp32, backend=self.backend, onnx=self.onnx
+            self.checkpoint,
+            device=self.device,
+            fp32=self.fp32,
+            backend=self.backend,
+            onnx=self.onnx,
+            threads=self.threads,
         )
         return (
             predictor.predict,

@@ -54,7 +54,7 @@ def test_classify_positions_average_the_placed_windows(shipped_checkpoint, tmp_p
         (4, placed_windows(audio, 4)),
         (None, placed_windows(audio, 5)),
     ):
-        args = ["classify", str(path), "--json", "--device", "cpu", "--vad", "energy"] + (
+        args = ["classify", str(path), "--json", "--device", "cpu", "--backend", "torch", "--vad", "energy"] + (
             ["--positions", str(positions)] if positions else []
         )
         assert main(args) == 0

@@ -10,7 +10,7 @@ from emostream.model_files import CHECKPOINT_ENV, default_checkpoint
 
 
 def test_backend_follows_the_onnx_file_unless_named():
-    assert resolve_backend(None, None) == "torch"
+    assert resolve_backend(None, None) == "auto"  # int8 on a CPU (tests/test_int8.py), torch elsewhere
     assert resolve_backend(None, "m.onnx") == "onnx"
     assert resolve_backend("torch", None) == "torch"
     with pytest.raises(ModelOptionsError, match="backend must be one of"):
@@ -53,7 +53,8 @@ def test_the_environment_variable_picks_the_model(shipped_checkpoint, monkeypatc
     monkeypatch.setenv(CHECKPOINT_ENV, str(shipped_checkpoint))
     predictor = load_predictor(device="cpu")
     info = model_info(predictor)
-    assert info["name"] == shipped_checkpoint.name and info["backend"] == "torch" and len(info["sha256"]) == 12
+    assert info["name"] == shipped_checkpoint.name and len(info["sha256"]) == 12
+    assert (info["backend"], info["precision"]) == ("onnx", "int8")  # a CPU's default: the checkpoint's int8 model
 
 
 def test_model_spec_loads_through_the_library(shipped_checkpoint):
@@ -61,6 +62,8 @@ def test_model_spec_loads_through_the_library(shipped_checkpoint):
     from emostream.worker import ModelSpec
 
     predict, device, info = ModelSpec(checkpoint=str(shipped_checkpoint), device="cpu").load()
-    assert device == "cpu" and info["name"] == shipped_checkpoint.name
+    assert device == "cpu (onnxruntime)" and info["name"] == shipped_checkpoint.name and info["precision"] == "int8"
+    predict, device, info = ModelSpec(checkpoint=str(shipped_checkpoint), device="cpu", backend="torch").load()
+    assert device == "cpu" and info["backend"] == "torch"
     with pytest.raises(ModelOptionsError):
         ModelSpec(backend="onnx").load()

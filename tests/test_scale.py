@@ -97,7 +97,7 @@ def test_serve_deployment_answers_concurrent_calls_like_the_in_process_server(
     with ServerThread(config, predict=predictor.predict) as srv:
         srv.call(srv.server.wait_ready(60))
         local = asyncio.run(send_all(srv.url, paths))
-    spec = ModelSpec(device="cpu", threads=1)
+    spec = ModelSpec(device="cpu", threads=1, backend="torch")  # the local server's model
     # a long batch wait, so that concurrent requests are batched even on a loaded machine
     handle, info, deployed = deploy(spec, ServeConfig(app_name="emostream-test", cpus=1, max_batch=8, max_wait_ms=200))
     try:

@@ -32,9 +32,10 @@ def backend_args(sp) -> None:
     """``--backend``/``--onnx``: which runtime runs the model."""
     sp.add_argument(
         "--backend",
-        choices=("torch", "onnx"),
+        choices=("auto", "torch", "onnx"),
         default=None,
-        help="torch (default) or onnx (ONNX Runtime, fp32; needs --onnx)",
+        help="auto (default: on a CPU the checkpoint's int8 model, built once at first use, else torch), "
+        "torch, or onnx (the ONNX Runtime file given by --onnx)",
     )
     sp.add_argument(
         "--onnx",

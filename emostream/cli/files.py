@@ -70,8 +70,12 @@ def cmd_export(args) -> int:
     out = Path(args.onnx)
     if out.is_dir():
         raise UsageError(f"--onnx is a directory: {out}")
-    if bool(args.int8) != bool(args.calibrate):
-        raise UsageError("--int8 and --calibrate DIR go together (int8 ranges come from DIR's speech)")
+    if args.calibrate and not args.int8:
+        raise UsageError("--calibrate DIR is for --int8 (int8 ranges come from DIR's speech)")
+    if args.save_ranges and not args.calibrate:
+        raise UsageError("--save-ranges keeps the ranges that --calibrate DIR takes")
+    if args.int8 and not args.calibrate:
+        return _export_int8_from_ranges(checkpoint, out)
     calibration = None
     if args.int8:
         try:
@@ -79,10 +83,20 @@ def cmd_export(args) -> int:
         except (FileNotFoundError, AudioError) as exc:
             raise UsageError(f"--calibrate: {exc}") from None
     t0 = time.monotonic()
+    ranges = out.with_name(out.name + ".ranges.json") if args.save_ranges else None
+    if ranges:
+        ranges.unlink(missing_ok=True)  # onnxruntime would read a stale one instead of calibrating
     try:
-        export_onnx(checkpoint, out, calibration)
+        export_onnx(checkpoint, out, calibration, ranges=ranges)
+        if ranges:
+            from ..int8 import write_ranges
+
+            print(f"kept the int8 ranges in {write_ranges(checkpoint, ranges, len(calibration))}", flush=True)
     except OnnxExportError as exc:
         raise UsageError(str(exc)) from None
+    finally:
+        if ranges:
+            ranges.unlink(missing_ok=True)
     seconds = time.monotonic() - t0
     windows = parity_windows()
     torch_model = Predictor.from_checkpoint(checkpoint, device="cpu", mixed_precision=False)
@@ -108,6 +122,23 @@ def cmd_export(args) -> int:
     if diff > PARITY_TOLERANCE:
         print(f"emostream: error: the ONNX model differs from torch by more than {PARITY_TOLERANCE}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _export_int8_from_ranges(checkpoint: Path, out: Path) -> int:
+    """``export --int8`` without --calibrate: the model a CPU runs by default (:mod:`emostream.int8`)."""
+    from ..int8 import Int8Unavailable, build_int8
+
+    t0 = time.monotonic()
+    try:
+        build_int8(checkpoint, out)
+    except Int8Unavailable as exc:
+        raise UsageError(f"{exc} (give --calibrate DIR to calibrate on speech)") from None
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB, int8 from {checkpoint.name}'s ranges) in "
+        f"{time.monotonic() - t0:.1f} s; checked against torch fp32",
+        flush=True,
+    )
     return 0
 
 

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--fp32",
             action="store_true",
-            help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)",
+            help="no reduced precision: torch in fp32 (default: int8 on a CPU, see --backend; fp16 autocast on CUDA; "
+            "--backend torch: bf16 on a CPU with fast bf16 kernels, else fp32)",
         )
         backend_args(sp)
 
@@ -152,11 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--int8",
         action="store_true",
-        help="quantise the convolutions to int8 (static, calibrated on --calibrate's audio; faster on CPUs)",
+        help="quantise the convolutions to int8 (static; ranges from the checkpoint's int8_ranges.json, or "
+        "calibrated on --calibrate's audio): the model a CPU runs by default",
     )
     e.add_argument("--calibrate", metavar="DIR", help="folder of speech audio for --int8's calibration windows")
     e.add_argument(
         "--calibration-windows", type=_positive(int), default=256, metavar="N", help="windows drawn (default 256)"
+    )
+    e.add_argument(
+        "--save-ranges",
+        action="store_true",
+        help="with --calibrate: keep the ranges in the checkpoint (int8_ranges.json), for the CPU's default int8 model",
     )
     add_live_commands(sub, model_args, stream_args)
     for name, sp in sub.choices.items():
@@ -183,7 +190,7 @@ HELP_EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "export": (
         "emostream export --onnx emostream.onnx",
-        "emostream export --onnx emostream-int8.onnx --int8 --calibrate ../shared/data/emotion-speech",
+        "emostream export --onnx emostream-int8.onnx --int8",
         "emostream classify clip.wav --onnx emostream.onnx",
     ),
     "serve": (

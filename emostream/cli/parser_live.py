@@ -254,6 +254,7 @@ def add_live_commands(sub, model_args, stream_args) -> None:
     m.add_argument(
         "--fp32",
         action="store_true",
-        help="no mixed precision (default: fp16 autocast on CUDA, bf16 on a CPU with fast bf16 kernels, else fp32)",
+        help="no reduced precision: torch in fp32 (default: int8 on a CPU, see --backend; fp16 autocast on CUDA; "
+        "--backend torch: bf16 on a CPU with fast bf16 kernels, else fp32)",
     )
     backend_args(m)
