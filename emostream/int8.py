@@ -177,16 +177,21 @@ def build_int8(checkpoint: str | Path, out: str | Path) -> Path:
             export_onnx(checkpoint, fp32)
         except OnnxExportError as exc:
             raise Int8Unavailable(str(exc)) from None
+        except Exception as exc:  # torch.onnx's exporter fails in many ways (another torch, another model)
+            raise Int8Unavailable(f"ONNX export failed: {_first_line(exc)}") from None
         _check_names(fp32, ranges["ort_calibration_cache"].get("data", {}))
         built = Path(tmp) / out.name
         try:
             quantize_int8(fp32, built, ranges=cache)
         except Exception as exc:  # onnxruntime.quantization raises plain exceptions of many kinds
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise Int8Unavailable(f"int8 quantisation failed: {first[:200]}") from None
+            raise Int8Unavailable(f"int8 quantisation failed: {_first_line(exc)}") from None
         _check(checkpoint, built)
         os.replace(built, out)
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _check_names(exported: Path, ranges: dict) -> None:

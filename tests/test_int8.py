@@ -197,3 +197,16 @@ def test_build_ahead_command(shipped_checkpoint, built, tmp_path, capsys):
     assert int8.main([str(copy_checkpoint(shipped_checkpoint, tmp_path / "plain"))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no int8 calibration ranges" in err[0]
+
+
+def test_a_failing_export_is_one_line(shipped_checkpoint, tmp_path, monkeypatch):
+    """An exporter that breaks (another torch) gives Int8Unavailable, so torch runs: never a traceback."""
+
+    def broken(checkpoint, out):
+        raise RuntimeError("Failed to export the model with torch.export.\nlong trace ...")
+
+    monkeypatch.setattr("emostream.onnx_model.export_onnx", broken)
+    with pytest.raises(
+        int8.Int8Unavailable, match="^ONNX export failed: Failed to export the model with torch.export.$"
+    ):
+        int8.build_int8(shipped_checkpoint, tmp_path / "out.onnx")
