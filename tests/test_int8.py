@@ -143,7 +143,8 @@ def test_ranges_of_another_graph_are_refused(shipped_checkpoint, onnx_file, tmp_
 
 
 def test_export_int8_writes_the_default_model(built, tmp_path, capsys):
-    """``emostream export --int8`` without --calibrate writes the model a CPU runs by default."""
+    """``emostream export --int8`` without --calibrate writes the model a CPU runs by default (a copy of
+    the cached file: the build itself is the ``built`` fixture's)."""
     import onnx
 
     out = tmp_path / "m.onnx"

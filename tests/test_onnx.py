@@ -157,8 +157,11 @@ def test_bad_onnx_input_is_one_line_and_exit_2(
 
 
 def test_export_errors(tmp_path, capsys):
-    assert main(["export", "--onnx", str(tmp_path / "no" / "dir" / "m.onnx")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    for int8 in ([], ["--int8"]):
+        assert main(["export", "--onnx", str(tmp_path / "no" / "dir" / "m.onnx"), *int8]) == 2
+        assert "directory for the ONNX file does not exist" in capsys.readouterr().err
+        assert main(["export", "--onnx", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "nock"), *int8]) == 2
+        assert "no checkpoint" in capsys.readouterr().err
     assert main(["export", "--onnx", str(tmp_path)]) == 2
     assert "directory" in capsys.readouterr().err
     assert main(["export", "--onnx", str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "nock")]) == 2
