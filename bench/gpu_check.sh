@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The checks of a lent GPU machine, in one run (about 6 minutes on an H200): the CUDA branches of the
-# model tests, model throughput (fp32 and fp16 autocast, batch 1-256), the training loop's throughput,
+# The checks of a lent GPU machine, in one run (about 6 minutes on an H200, plus up to 5 for the tuned
+# rows; split it where a call's time limit binds): the CUDA branches of the model tests, model
+# throughput (fp32 and fp16 autocast, batch 1-256; then fp16 with channels_last, cuDNN benchmark mode
+# and CUDA graphs beside it, issue #43), the training loop's throughput,
 # in-process serve capacity on one GPU, and `emostream replay` of a bundled call on CUDA against CPU
 # fp32 (same events, probabilities within fp16 error). Results go to $OUT (default /tmp/gpu-check).
 #
@@ -31,6 +33,10 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/t
 
 step "model throughput"
 timeout 240 python3 bench/inference.py --device cuda --batches 1,8,32,128,256 --seconds 4 --json "$OUT/inference_cuda.json" 2>&1 | grep -v '^{'
+
+step "model throughput, tuned (issue #43): fp16 + channels_last + cuDNN benchmark + CUDA graphs, beside today's path"
+timeout 300 python3 bench/inference.py --device cuda --batches 64,256 --seconds 4 --backends torch,torch-compile \
+    --compile-mode reduce-overhead --tuned-layout --json "$OUT/inference_cuda_tuned.json" 2>&1 | grep -v '^{'
 
 step "training throughput"
 timeout 180 python3 bench/train_throughput.py --device cuda --precisions fp32,mixed --steps 24 --json "$OUT/train_cuda.json" 2>&1 | grep -v '^{'

@@ -18,6 +18,7 @@ can exceed it: see BENCHMARKS.md).
     python bench/inference.py [--device cpu|cuda] [--batches 1,4,8,16,32] [--seconds 10]
                               [--backends torch,torch-compile,onnx,onnx-int8] [--onnx MODEL.onnx]
                               [--int8 INT8.onnx] [--compile-mode default|max-autotune|reduce-overhead]
+                              [--tuned-layout]
                               [--forced-bf16] [--json OUT] [--quick]
 """
 
@@ -58,10 +59,14 @@ class CompiledPredictor:
     frozen into the graph as constants, which lets oneDNN pre-pack them). ``dynamic=False``: one graph
     per batch size, compiled on its first call (:attr:`compile_seconds`)."""
 
-    def __init__(self, predictor: Predictor, mode: str = "default"):
+    def __init__(self, predictor: Predictor, mode: str = "default", tuned_layout: bool = False):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = predictor.device.type == "cpu"
+        if tuned_layout:  # channels_last on any device (emostream uses it on a CPU only) + cuDNN's autotuner
+            predictor.model.to(memory_format=torch.channels_last)
+            predictor.model.backbone_input = lambda spec: spec.contiguous(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
         self.eager = predictor
         self.compiled = Predictor(
             model=torch.compile(predictor.model, dynamic=False, mode=None if mode == "default" else mode),
@@ -151,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("default", "max-autotune", "reduce-overhead"),
         help="torch.compile mode of the torch-compile rows (reduce-overhead: CUDA graphs)",
     )
+    p.add_argument(
+        "--tuned-layout",
+        action="store_true",
+        help="the torch-compile rows also run channels_last and set cuDNN's benchmark mode (for a GPU: issue "
+        "#43; the torch rows before them stay as emostream runs them)",
+    )
     p.add_argument("--onnx", default=None, help="exported model for the onnx backend (default: export one now)")
     p.add_argument("--int8", default=None, help="int8 export for the onnx-int8 backend (emostream export --int8)")
     p.add_argument(
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         elif backend == "onnx-int8":
             runner = onnx_predictor(args.checkpoint, args.int8, predictor.device.type)
         elif backend == "torch-compile":
-            runner = CompiledPredictor(predictor, args.compile_mode)
+            runner = CompiledPredictor(predictor, args.compile_mode, args.tuned_layout)
         for batch in batches:
             with forced_cpu_bf16() if forced else contextlib.nullcontext():
                 wps, ms = windows_per_second(runner, batch, args.seconds)
@@ -210,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 check = (0.1 * np.random.default_rng(1).standard_normal((batch, WINDOW_SAMPLES))).astype(np.float32)
                 extra = {
                     "compile_s": round(runner.compile_seconds[batch], 1),
+                    "compile_mode": args.compile_mode,
+                    "tuned_layout": args.tuned_layout,
                     "max_logit_difference": float(f"{runner.max_logit_difference(check):.3g}"),
                 }
             rows.append(
