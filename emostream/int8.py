@@ -124,37 +124,48 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def int8_model(checkpoint: str | Path, notify: Callable[[str], None] = lambda message: None) -> Path:
-    """The path of ``checkpoint``'s int8 ONNX model, built and cached at first use (``notify`` is told
-    before a build starts). Raises :class:`Int8Unavailable` when it cannot be had here."""
+def int8_predictor(
+    checkpoint: str | Path, notify: Callable[[str], None] = lambda message: None, threads: int | None = None
+):
+    """``checkpoint``'s int8 model opened on ONNX Runtime (:class:`~emostream.onnx_model.OnnxPredictor`,
+    ``threads`` intra-op threads), built and cached at first use (``notify`` is told before a build
+    starts). Raises :class:`Int8Unavailable` when it cannot be had here."""
+    from .onnx_model import OnnxPredictor
+
     checkpoint = Path(checkpoint)
     _read_ranges(checkpoint)
     try:
         path = built_model_path(checkpoint)
         with _locked(path):
-            if not _loads(path):
+            predictor = _loads(path, threads)
+            if predictor is None:
                 notify(
                     f"building the int8 model of {checkpoint.name} for this CPU (once, ~25 s; kept in {path.parent})"
                 )
                 build_int8(checkpoint, path)
+                predictor = OnnxPredictor.from_file(path, threads=threads)
     except OSError as exc:  # an unwritable cache: say where
         raise Int8Unavailable(f"cannot build the int8 model in {cache_dir()}: {exc.strerror or exc}") from None
-    return path
+    return predictor
 
 
-def _loads(path: Path) -> bool:
-    """A cached model that ONNX Runtime opens as an emostream model (a damaged one is removed)."""
+def int8_model(checkpoint: str | Path, notify: Callable[[str], None] = lambda message: None) -> Path:
+    """The path of ``checkpoint``'s int8 ONNX model (:func:`int8_predictor`'s file)."""
+    return int8_predictor(checkpoint, notify).path
+
+
+def _loads(path: Path, threads: int | None = None):
+    """The cached model opened as an emostream model, or None (missing; a damaged one is removed)."""
     if not path.is_file():
-        return False
+        return None
     from .model_files import CheckpointError
     from .onnx_model import OnnxPredictor
 
     try:
-        OnnxPredictor.from_file(path)
-        return True
+        return OnnxPredictor.from_file(path, threads=threads)
     except CheckpointError:
         path.unlink(missing_ok=True)
-        return False
+        return None
 
 
 def build_int8(checkpoint: str | Path, out: str | Path) -> Path:

@@ -108,13 +108,11 @@ def _runs_on_cpu(requested: str | None) -> bool:
 def _int8_predictor(checkpoint: Path, notify: Callable[[str], None], threads: int | None = None):
     """The checkpoint's int8 ONNX model (built at first use), or None (``notify`` says why) where it
     cannot be had here: then torch runs."""
-    from .int8 import Int8Unavailable, int8_model, ranges_path
+    from .int8 import Int8Unavailable, int8_predictor, ranges_path
     from .model_files import CheckpointError
 
     try:
-        from .onnx_model import OnnxPredictor
-
-        return OnnxPredictor.from_file(int8_model(checkpoint, notify), threads=threads)
+        return int8_predictor(checkpoint, notify, threads)
     except (Int8Unavailable, CheckpointError, ImportError) as exc:
         if ranges_path(checkpoint).is_file():  # a checkpoint without ranges runs torch, as it always did
             notify(f"running the torch model instead of int8: {exc}")

@@ -133,9 +133,9 @@ def _export_int8_from_ranges(checkpoint: Path, out: Path) -> int:
     import shutil
 
     from ..int8 import Int8Unavailable, int8_model
+    from ..loading import check_model_files
 
-    if not (checkpoint / "model.safetensors").is_file():
-        raise UsageError(f"no checkpoint at {checkpoint} (model.safetensors missing)")
+    check_model_files(backend="torch", checkpoint=checkpoint)  # a missing checkpoint: one line
     t0 = time.monotonic()
     try:
         built = int8_model(checkpoint, lambda message: print(message, file=sys.stderr, flush=True))
